@@ -1,0 +1,79 @@
+"""The one keypoint format every pose backend produces and every consumer (renderer, face
+cropper, retargeting, eval metrics) reads.
+
+Per frame: 20 body points in OpenPose order, two hands of 21 points, 68 face landmarks. Each point
+is ``(x, y, score)`` with x, y in **pixels** of the frame the keypoints belong to and score in
+[0, 1]; a point that was not detected has score 0 (its x, y are then meaningless).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NUM_BODY = 20
+NUM_HAND = 21
+NUM_FACE = 68
+
+# OpenPose body order used by Wan-Animate's renderer (18 COCO-style points + 2 toes).
+BODY_NAMES = (
+    "nose", "neck", "r_shoulder", "r_elbow", "r_wrist", "l_shoulder", "l_elbow", "l_wrist",
+    "r_hip", "r_knee", "r_ankle", "l_hip", "l_knee", "l_ankle", "r_eye", "l_eye", "r_ear",
+    "l_ear", "l_toe", "r_toe",
+)
+
+
+@dataclass
+class PoseSequence:
+    """Keypoints of T frames of one video. Arrays are float32 ``[T, N, 3]`` = (x, y, score)."""
+
+    body: np.ndarray  # [T, 20, 3]
+    left_hand: np.ndarray  # [T, 21, 3]
+    right_hand: np.ndarray  # [T, 21, 3]
+    face: np.ndarray  # [T, 68, 3]
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        for name, n in (("body", NUM_BODY), ("left_hand", NUM_HAND), ("right_hand", NUM_HAND), ("face", NUM_FACE)):
+            a = np.asarray(getattr(self, name), dtype=np.float32)
+            if a.ndim != 3 or a.shape[1:] != (n, 3):
+                raise ValueError(f"PoseSequence.{name} must be [T, {n}, 3], got {a.shape}")
+            setattr(self, name, a)
+        lengths = {len(self.body), len(self.left_hand), len(self.right_hand), len(self.face)}
+        if len(lengths) != 1:
+            raise ValueError(f"PoseSequence streams have different frame counts: {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    @classmethod
+    def empty(cls, num_frames: int, height: int, width: int) -> "PoseSequence":
+        z = lambda n: np.zeros((num_frames, n, 3), np.float32)  # noqa: E731
+        return cls(z(NUM_BODY), z(NUM_HAND), z(NUM_HAND), z(NUM_FACE), height, width)
+
+    def select(self, indices) -> "PoseSequence":
+        idx = np.asarray(indices)
+        return PoseSequence(self.body[idx], self.left_hand[idx], self.right_hand[idx], self.face[idx], self.height, self.width)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (rounded to 0.01 px / 0.001 score) stored in shard metadata."""
+        r = lambda a: np.round(a, 3).tolist()  # noqa: E731
+        return {"height": self.height, "width": self.width, "body": r(self.body),
+                "left_hand": r(self.left_hand), "right_hand": r(self.right_hand), "face": r(self.face)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PoseSequence":
+        return cls(np.asarray(d["body"]), np.asarray(d["left_hand"]), np.asarray(d["right_hand"]),
+                   np.asarray(d["face"]), int(d["height"]), int(d["width"]))
+
+    def save_npz(self, path) -> None:
+        np.savez_compressed(path, body=self.body, left_hand=self.left_hand, right_hand=self.right_hand,
+                            face=self.face, size=np.array([self.height, self.width]))
+
+    @classmethod
+    def load_npz(cls, path) -> "PoseSequence":
+        with np.load(path, allow_pickle=False) as z:
+            h, w = (int(v) for v in z["size"])
+            return cls(z["body"], z["left_hand"], z["right_hand"], z["face"], h, w)

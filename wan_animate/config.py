@@ -1,0 +1,302 @@
+"""Typed configuration of the Wan-Animate DiT.
+
+One dataclass describes every size of the model (DiT, pose embedding, face encoder, face adapter,
+LIA-style motion encoder) so that tiny variants of every part can be built for tests. It converts
+to and from the two public ``config.json`` flavours: the official ``WanAnimateModel`` one and the
+diffusers ``WanAnimateTransformer3DModel`` one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Motion-encoder channel count at each feature-map resolution (LIA appearance encoder).
+# Keys are resolutions as strings because that is how the diffusers config serialises them.
+DEFAULT_MOTION_ENCODER_CHANNELS: dict[str, int] = {
+    "4": 512,
+    "8": 512,
+    "16": 512,
+    "32": 512,
+    "64": 256,
+    "128": 128,
+    "256": 64,
+    "512": 32,
+    "1024": 16,
+}
+
+
+@dataclass
+class WanAnimateConfig:
+    # ---------------------------------------------------------------- DiT trunk
+    dim: int = 5120
+    ffn_dim: int = 13824
+    num_heads: int = 40
+    num_layers: int = 40
+    freq_dim: int = 256
+    text_dim: int = 4096
+    image_dim: int = 1280
+    in_dim: int = 36
+    out_dim: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    num_image_tokens: int = 257
+    window_size: tuple[int, int] = (-1, -1)
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_seq_len: int = 1024
+    # ---------------------------------------------------------------- motion encoder (LIA)
+    motion_encoder_size: int = 512
+    motion_style_dim: int = 512
+    motion_dim: int = 20
+    motion_encoder_dim: int = 512
+    motion_encoder_channel_sizes: dict[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_MOTION_ENCODER_CHANNELS)
+    )
+    # Face frames pushed through the motion encoder at once; bounds activation memory.
+    motion_encoder_batch_size: int = 8
+    # ---------------------------------------------------------------- face encoder / adapter
+    face_encoder_hidden_dim: int = 1024
+    face_encoder_num_heads: int = 4
+    # A face block follows every `face_adapter_period`-th DiT block (0, 5, 10, ...).
+    face_adapter_period: int = 5
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def latent_channels(self) -> int:
+        return self.out_dim
+
+    @property
+    def num_face_blocks(self) -> int:
+        return self.num_layers // self.face_adapter_period
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of head_dim given to the (t, h, w) RoPE axes."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    # ---------------------------------------------------------------- validation
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        self.window_size = tuple(int(w) for w in self.window_size)  # type: ignore[assignment]
+        self.motion_encoder_channel_sizes = {
+            str(k): int(v) for k, v in dict(self.motion_encoder_channel_sizes).items()
+        }
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}.")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(
+                f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
+                "choose dim = num_heads * head_dim."
+            )
+        if self.head_dim % 2 != 0 or any(c % 2 for c in self.rope_split):
+            raise ValueError(
+                f"head_dim={self.head_dim} gives RoPE split {self.rope_split}; every part must be "
+                "even. Use a head_dim that is a multiple of 12 or 32 (e.g. 32, 64, 128)."
+            )
+        if self.in_dim != 2 * self.out_dim + 4:
+            raise ValueError(
+                f"in_dim={self.in_dim} must equal 2 * out_dim + 4 = {2 * self.out_dim + 4} "
+                "(noisy latent + 4 mask channels + condition latent)."
+            )
+        if self.face_adapter_period < 1 or self.num_layers < self.face_adapter_period:
+            raise ValueError(
+                f"face_adapter_period={self.face_adapter_period} must be in [1, num_layers="
+                f"{self.num_layers}] so at least one face block exists."
+            )
+        size = self.motion_encoder_size
+        if size < 8 or 2 ** int(round(math.log2(size))) != size:
+            raise ValueError(f"motion_encoder_size={size} must be a power of two >= 8.")
+        needed = [str(2**i) for i in range(2, int(math.log2(size)) + 1)]
+        missing = [k for k in needed if k not in self.motion_encoder_channel_sizes]
+        if missing:
+            raise ValueError(
+                f"motion_encoder_channel_sizes lacks resolutions {missing} needed for "
+                f"motion_encoder_size={size}; add them (resolution -> channels)."
+            )
+        if self.motion_encoder_batch_size < 1:
+            raise ValueError("motion_encoder_batch_size must be >= 1.")
+
+    # ---------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "WanAnimateConfig":
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        values = dataclasses.asdict(PRESETS[name])
+        values.update(overrides)
+        return cls(**values)
+
+    # ---------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        d["window_size"] = list(self.window_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WanAnimateConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown WanAnimateConfig fields {unknown}; known: {sorted(names)}.")
+        return cls(**d)
+
+    def to_official_config(self) -> dict[str, Any]:
+        """The official ``config.json`` (``_class_name: WanAnimateModel``) plus our extra sizes.
+
+        The official file only carries the trunk sizes; the sub-module sizes we add under keys
+        the official loader ignores, so tiny variants round-trip through the official layout.
+        """
+        return {
+            "_class_name": "WanAnimateModel",
+            "patch_size": list(self.patch_size),
+            "text_len": self.text_len,
+            "in_dim": self.in_dim,
+            "dim": self.dim,
+            "ffn_dim": self.ffn_dim,
+            "freq_dim": self.freq_dim,
+            "text_dim": self.text_dim,
+            "out_dim": self.out_dim,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "window_size": list(self.window_size),
+            "qk_norm": self.qk_norm,
+            "cross_attn_norm": self.cross_attn_norm,
+            "eps": self.eps,
+            "motion_encoder_dim": self.motion_encoder_dim,
+            "use_img_emb": True,
+            # --- sizes the official file leaves implicit (defaults of the 14B model)
+            "image_dim": self.image_dim,
+            "motion_encoder_size": self.motion_encoder_size,
+            "motion_style_dim": self.motion_style_dim,
+            "motion_dim": self.motion_dim,
+            "motion_encoder_channel_sizes": dict(self.motion_encoder_channel_sizes),
+            "face_encoder_hidden_dim": self.face_encoder_hidden_dim,
+            "face_encoder_num_heads": self.face_encoder_num_heads,
+            "face_adapter_period": self.face_adapter_period,
+            "motion_encoder_batch_size": self.motion_encoder_batch_size,
+        }
+
+    @classmethod
+    def from_official_config(cls, cfg: dict[str, Any]) -> "WanAnimateConfig":
+        kw: dict[str, Any] = {}
+        for key in (
+            "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
+            "out_dim", "num_heads", "num_layers", "window_size", "qk_norm", "cross_attn_norm",
+            "eps", "motion_encoder_dim", "image_dim", "motion_encoder_size", "motion_style_dim",
+            "motion_dim", "motion_encoder_channel_sizes", "face_encoder_hidden_dim",
+            "face_encoder_num_heads", "face_adapter_period", "motion_encoder_batch_size",
+        ):
+            if key in cfg and cfg[key] is not None:
+                kw[key] = cfg[key]
+        if cfg.get("use_img_emb") is False:
+            raise ValueError("use_img_emb=false is not a Wan-Animate checkpoint (it needs CLIP image tokens).")
+        return cls(**kw)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """Keyword arguments of diffusers' ``WanAnimateTransformer3DModel``."""
+        return {
+            "_class_name": "WanAnimateTransformer3DModel",
+            "patch_size": list(self.patch_size),
+            "num_attention_heads": self.num_heads,
+            "attention_head_dim": self.head_dim,
+            "in_channels": self.in_dim,
+            "latent_channels": self.out_dim,
+            "out_channels": self.out_dim,
+            "text_dim": self.text_dim,
+            "freq_dim": self.freq_dim,
+            "ffn_dim": self.ffn_dim,
+            "num_layers": self.num_layers,
+            "cross_attn_norm": self.cross_attn_norm,
+            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
+            "eps": self.eps,
+            "image_dim": self.image_dim,
+            "added_kv_proj_dim": self.dim,
+            "rope_max_seq_len": self.rope_max_seq_len,
+            "pos_embed_seq_len": None,
+            "motion_encoder_channel_sizes": dict(self.motion_encoder_channel_sizes),
+            "motion_encoder_size": self.motion_encoder_size,
+            "motion_style_dim": self.motion_style_dim,
+            "motion_dim": self.motion_dim,
+            "motion_encoder_dim": self.motion_encoder_dim,
+            "face_encoder_hidden_dim": self.face_encoder_hidden_dim,
+            "face_encoder_num_heads": self.face_encoder_num_heads,
+            "inject_face_latents_blocks": self.face_adapter_period,
+            "motion_encoder_batch_size": self.motion_encoder_batch_size,
+        }
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict[str, Any]) -> "WanAnimateConfig":
+        heads = int(cfg.get("num_attention_heads", 40))
+        head_dim = int(cfg.get("attention_head_dim", 128))
+        dim = heads * head_dim
+        if cfg.get("added_kv_proj_dim") not in (None, dim):
+            raise ValueError(
+                f"added_kv_proj_dim={cfg.get('added_kv_proj_dim')} differs from the model width {dim}; "
+                "Wan-Animate projects image tokens at full width."
+            )
+        if cfg.get("added_kv_proj_dim") is None:
+            raise ValueError(
+                "diffusers config has added_kv_proj_dim=None, i.e. no image cross-attention; "
+                f"set added_kv_proj_dim={dim} (Wan-Animate uses CLIP image tokens)."
+            )
+        latent = cfg.get("latent_channels") or (int(cfg.get("in_channels", 36)) - 4) // 2
+        channels = cfg.get("motion_encoder_channel_sizes") or DEFAULT_MOTION_ENCODER_CHANNELS
+        qk = cfg.get("qk_norm", "rms_norm_across_heads")
+        if qk not in (None, "rms_norm_across_heads"):
+            raise ValueError(f"qk_norm={qk!r} is not supported; Wan-Animate uses 'rms_norm_across_heads'.")
+        return cls(
+            dim=dim,
+            ffn_dim=int(cfg.get("ffn_dim", 13824)),
+            num_heads=heads,
+            num_layers=int(cfg.get("num_layers", 40)),
+            freq_dim=int(cfg.get("freq_dim", 256)),
+            text_dim=int(cfg.get("text_dim", 4096)),
+            image_dim=int(cfg.get("image_dim") or 1280),
+            in_dim=2 * int(latent) + 4,
+            out_dim=int(cfg.get("out_channels") or latent),
+            patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
+            qk_norm=qk is not None,
+            cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+            eps=float(cfg.get("eps", 1e-6)),
+            rope_max_seq_len=int(cfg.get("rope_max_seq_len", 1024)),
+            motion_encoder_size=int(cfg.get("motion_encoder_size", 512)),
+            motion_style_dim=int(cfg.get("motion_style_dim", 512)),
+            motion_dim=int(cfg.get("motion_dim", 20)),
+            motion_encoder_dim=int(cfg.get("motion_encoder_dim", 512)),
+            motion_encoder_channel_sizes=dict(channels),
+            motion_encoder_batch_size=int(cfg.get("motion_encoder_batch_size", 8)),
+            face_encoder_hidden_dim=int(cfg.get("face_encoder_hidden_dim", 1024)),
+            face_encoder_num_heads=int(cfg.get("face_encoder_num_heads", 4)),
+            face_adapter_period=int(cfg.get("inject_face_latents_blocks", 5)),
+        )
+
+
+_TINY_CHANNELS = {"4": 32, "8": 32, "16": 16, "32": 8}
+
+PRESETS: dict[str, WanAnimateConfig] = {
+    "14b": WanAnimateConfig(),
+    # Seconds on a CPU; every sub-module present at toy width.
+    "tiny": WanAnimateConfig(
+        dim=64, ffn_dim=128, num_heads=2, num_layers=4, freq_dim=32, text_dim=32, image_dim=32,
+        motion_encoder_size=32, motion_style_dim=32, motion_dim=8, motion_encoder_dim=32,
+        motion_encoder_channel_sizes=dict(_TINY_CHANNELS), motion_encoder_batch_size=4,
+        face_encoder_hidden_dim=16, face_encoder_num_heads=4, face_adapter_period=2,
+    ),
+    # A second tiny shape for parity tests: other heads, layers and encoder sizes.
+    "tiny_b": WanAnimateConfig(
+        dim=96, ffn_dim=160, num_heads=4, num_layers=3, freq_dim=16, text_dim=24, image_dim=40,
+        motion_encoder_size=16, motion_style_dim=24, motion_dim=6, motion_encoder_dim=20,
+        motion_encoder_channel_sizes={"4": 24, "8": 16, "16": 8}, motion_encoder_batch_size=3,
+        face_encoder_hidden_dim=12, face_encoder_num_heads=2, face_adapter_period=1,
+    ),
+}
