@@ -1,0 +1,356 @@
+"""Parameter-name maps between the official Wan-Animate layout and the diffusers one.
+
+The official ``WanAnimateModel`` names (facts section 5) are the names of our ``WanAnimateDiT``.
+Diffusers' ``WanAnimateTransformer3DModel`` stores the same numbers under other names, with four
+structural differences that the maps below undo exactly (so a round trip is bit-identical):
+
+* ``face_adapter.fuser_blocks.K.linear1_kv`` packs key and value rows ``[k; v]``; diffusers keeps
+  them as two projections ``face_adapter.K.to_k`` / ``to_v``  -> split / concatenate on dim 0.
+* fused leaky-ReLU biases of the motion encoder are ``(1, C, 1, 1)`` officially and ``(C,)`` in
+  diffusers  -> squeeze / unsqueeze.
+* the 14 LIA blur kernels are persistent buffers officially (``...conv2.0.kernel``,
+  ``...skip.0.kernel``) but non-persistent in diffusers  -> dropped / re-created from the config.
+* the cross-attention norm is ``norm3`` officially and ``norm2`` in diffusers (and the
+  parameter-free FFN norm the other way round)  -> swapped.
+
+Both functions work on any tensors, meta tensors included, so a checkpoint's key set and shapes
+can be checked from its headers before a byte of weights is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+
+from wan_animate.config import WanAnimateConfig
+
+__all__ = [
+    "KeyMapError",
+    "official_to_diffusers",
+    "diffusers_to_official",
+    "lia_blur_kernel",
+    "blur_kernel_keys",
+    "num_motion_res_blocks",
+]
+
+
+class KeyMapError(ValueError):
+    """A state dict holds names the map does not know, or a split pair is incomplete."""
+
+    def __init__(self, message: str, unknown: list[str] | None = None):
+        super().__init__(message)
+        self.unknown = list(unknown or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# LIA blur kernel (the only tensor the diffusers layout does not store)
+# ------------------------------------------------------------------------------------------------
+
+LIA_BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
+
+
+def lia_blur_kernel(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 4x4 FIR kernel of the LIA down-sampling blur: outer product of [1,3,3,1], summing to 1.
+
+    Computed in float32 (as the official model builds it) and then cast; every entry (k/64 with
+    k in {1,3,9}) is exact in bf16/fp16 too, so the cast never rounds.
+    """
+    taps = torch.tensor(LIA_BLUR_TAPS, dtype=torch.float32)
+    kernel = taps[None, :] * taps[:, None]
+    kernel = kernel / kernel.sum()
+    return kernel.to(device=device, dtype=dtype)
+
+
+def num_motion_res_blocks(config: WanAnimateConfig) -> int:
+    """Down-sampling residual blocks of the LIA encoder: motion_encoder_size -> 4 px."""
+    return int(round(math.log2(config.motion_encoder_size))) - 2
+
+
+def blur_kernel_keys(config: WanAnimateConfig) -> list[str]:
+    """Official names of the persistent blur-kernel buffers (2 per residual block)."""
+    keys = []
+    for r in range(1, num_motion_res_blocks(config) + 1):
+        keys.append(f"{_ME_APP}.convs.{r}.conv2.0.kernel")
+        keys.append(f"{_ME_APP}.convs.{r}.skip.0.kernel")
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------
+# Rename table: (official prefix, diffusers prefix). `{n}` is a block index kept as is.
+# A key matches a row when it starts with the prefix (prefixes ending without "." are full names).
+# ------------------------------------------------------------------------------------------------
+
+_RENAMES: list[tuple[str, str]] = [
+    # embeddings
+    ("patch_embedding.", "patch_embedding."),
+    ("pose_patch_embedding.", "pose_patch_embedding."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("img_emb.proj.0.", "condition_embedder.image_embedder.norm1."),
+    ("img_emb.proj.1.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    ("img_emb.proj.3.", "condition_embedder.image_embedder.ff.net.2."),
+    ("img_emb.proj.4.", "condition_embedder.image_embedder.norm2."),
+    # head
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+    # transformer blocks
+    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+    ("blocks.{n}.self_attn.q.", "blocks.{n}.attn1.to_q."),
+    ("blocks.{n}.self_attn.k.", "blocks.{n}.attn1.to_k."),
+    ("blocks.{n}.self_attn.v.", "blocks.{n}.attn1.to_v."),
+    ("blocks.{n}.self_attn.o.", "blocks.{n}.attn1.to_out.0."),
+    ("blocks.{n}.self_attn.norm_q.", "blocks.{n}.attn1.norm_q."),
+    ("blocks.{n}.self_attn.norm_k.", "blocks.{n}.attn1.norm_k."),
+    ("blocks.{n}.cross_attn.q.", "blocks.{n}.attn2.to_q."),
+    ("blocks.{n}.cross_attn.k.", "blocks.{n}.attn2.to_k."),
+    ("blocks.{n}.cross_attn.v.", "blocks.{n}.attn2.to_v."),
+    ("blocks.{n}.cross_attn.o.", "blocks.{n}.attn2.to_out.0."),
+    ("blocks.{n}.cross_attn.k_img.", "blocks.{n}.attn2.add_k_proj."),
+    ("blocks.{n}.cross_attn.v_img.", "blocks.{n}.attn2.add_v_proj."),
+    ("blocks.{n}.cross_attn.norm_q.", "blocks.{n}.attn2.norm_q."),
+    ("blocks.{n}.cross_attn.norm_k.", "blocks.{n}.attn2.norm_k."),
+    ("blocks.{n}.cross_attn.norm_k_img.", "blocks.{n}.attn2.norm_added_k."),
+    # the affine cross-attention norm is norm3 officially and norm2 in diffusers (and vice versa
+    # for the parameter-free FFN norm, listed so a non-standard file with its affine still maps)
+    ("blocks.{n}.norm3.", "blocks.{n}.norm2."),
+    ("blocks.{n}.norm2.", "blocks.{n}.norm3."),
+    ("blocks.{n}.ffn.0.", "blocks.{n}.ffn.net.0.proj."),
+    ("blocks.{n}.ffn.2.", "blocks.{n}.ffn.net.2."),
+    # face encoder: the causal convs wrap an nn.Conv1d under `.conv` officially
+    ("face_encoder.conv1_local.conv.", "face_encoder.conv1_local."),
+    ("face_encoder.conv2.conv.", "face_encoder.conv2."),
+    ("face_encoder.conv3.conv.", "face_encoder.conv3."),
+    ("face_encoder.out_proj.", "face_encoder.out_proj."),
+    ("face_encoder.padding_tokens", "face_encoder.padding_tokens"),
+    # face adapter (linear1_kv is handled separately: it splits in two)
+    ("face_adapter.fuser_blocks.{n}.linear1_q.", "face_adapter.{n}.to_q."),
+    ("face_adapter.fuser_blocks.{n}.linear2.", "face_adapter.{n}.to_out."),
+    ("face_adapter.fuser_blocks.{n}.q_norm.", "face_adapter.{n}.norm_q."),
+    ("face_adapter.fuser_blocks.{n}.k_norm.", "face_adapter.{n}.norm_k."),
+    # motion encoder: fully connected part and direction matrix
+    ("motion_encoder.enc.fc.{n}.", "motion_encoder.motion_network.{n}."),
+    ("motion_encoder.dec.direction.weight", "motion_encoder.motion_synthesis_weight"),
+]
+
+_ME_APP = "motion_encoder.enc.net_app"
+
+
+def _compile(prefix: str) -> re.Pattern[str]:
+    pattern = re.escape(prefix).replace(re.escape("{n}"), r"(?P<n>\d+)")
+    # a prefix ending in "." is followed by a parameter name; otherwise it is the full key
+    return re.compile("^" + pattern + ("(?P<rest>.+)$" if prefix.endswith(".") else "(?P<rest>)$"))
+
+
+_OFFICIAL_TO_DIFFUSERS = [(_compile(o), d) for o, d in _RENAMES]
+_DIFFUSERS_TO_OFFICIAL = [(_compile(d), o) for o, d in _RENAMES]
+
+
+def _apply_table(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, target in table:
+        m = pattern.match(key)
+        if m:
+            out = target.replace("{n}", m.group("n")) if "{n}" in target else target
+            return out + m.group("rest")
+    return None
+
+
+# Per-key transforms (both directions are written out so each is obviously the other's inverse).
+_Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _squeeze_bias(t: torch.Tensor) -> torch.Tensor:
+    # (1, C, 1, 1) -> (C,); reshape of a contiguous tensor is a view, no copy
+    return t.reshape(-1)
+
+
+def _unsqueeze_bias(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Motion encoder convs: official convs.0 / convs.1..R / convs.R+1 <-> conv_in / res_blocks.0..R-1 / conv_out
+# ------------------------------------------------------------------------------------------------
+
+_RE_ME_OFFICIAL = re.compile(r"^motion_encoder\.enc\.net_app\.convs\.(\d+)\.(.+)$")
+_RE_ME_DIFFUSERS = re.compile(r"^motion_encoder\.(conv_in|conv_out|res_blocks\.(\d+))\.(.+)$")
+
+_RES_OFFICIAL_TO_DIFFUSERS = {
+    "conv1.0.weight": ("conv1.weight", _keep),
+    "conv1.1.bias": ("conv1.act_fn.bias", _squeeze_bias),
+    "conv2.1.weight": ("conv2.weight", _keep),
+    "conv2.2.bias": ("conv2.act_fn.bias", _squeeze_bias),
+    "skip.1.weight": ("conv_skip.weight", _keep),
+}
+_RES_DIFFUSERS_TO_OFFICIAL = {d: (o, _unsqueeze_bias if op is _squeeze_bias else _keep)
+                              for o, (d, op) in _RES_OFFICIAL_TO_DIFFUSERS.items()}
+_BLUR_SUFFIXES = ("conv2.0.kernel", "skip.0.kernel")
+
+
+def _motion_conv_to_diffusers(key: str, num_res: int) -> tuple[str | None, _Op] | None:
+    """(diffusers key or None to drop, transform) for an official motion-encoder conv key."""
+    m = _RE_ME_OFFICIAL.match(key)
+    if not m:
+        return None
+    idx, rest = int(m.group(1)), m.group(2)
+    if idx == 0:
+        return {
+            "0.weight": ("motion_encoder.conv_in.weight", _keep),
+            "1.bias": ("motion_encoder.conv_in.act_fn.bias", _squeeze_bias),
+        }.get(rest)
+    if idx == num_res + 1:
+        return ("motion_encoder.conv_out.weight", _keep) if rest == "weight" else None
+    if 1 <= idx <= num_res:
+        if rest in _BLUR_SUFFIXES:
+            return None, _keep
+        hit = _RES_OFFICIAL_TO_DIFFUSERS.get(rest)
+        if hit:
+            return f"motion_encoder.res_blocks.{idx - 1}.{hit[0]}", hit[1]
+    return None
+
+
+def _motion_conv_to_official(key: str, num_res: int) -> tuple[str, _Op] | None:
+    m = _RE_ME_DIFFUSERS.match(key)
+    if not m:
+        return None
+    block, rest = m.group(1), m.group(3)
+    if block == "conv_in":
+        return {
+            "weight": (f"{_ME_APP}.convs.0.0.weight", _keep),
+            "act_fn.bias": (f"{_ME_APP}.convs.0.1.bias", _unsqueeze_bias),
+        }.get(rest)
+    if block == "conv_out":
+        return (f"{_ME_APP}.convs.{num_res + 1}.weight", _keep) if rest == "weight" else None
+    r = int(m.group(2))
+    hit = _RES_DIFFUSERS_TO_OFFICIAL.get(rest)
+    if hit and r < num_res:
+        return f"{_ME_APP}.convs.{r + 1}.{hit[0]}", hit[1]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Face adapter key/value packing
+# ------------------------------------------------------------------------------------------------
+
+_RE_KV_OFFICIAL = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.linear1_kv\.(weight|bias)$")
+_RE_KV_DIFFUSERS = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
+
+
+def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if t.shape[0] % 2:
+        raise KeyMapError(f"linear1_kv has an odd first dimension {tuple(t.shape)}; cannot split into k and v.")
+    half = t.shape[0] // 2
+    # clone so the halves own their storage (safetensors refuses tensors that share memory)
+    if t.device.type == "meta":
+        return t[:half], t[half:]
+    return t[:half].clone(), t[half:].clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# Public maps
+# ------------------------------------------------------------------------------------------------
+
+
+def _raise_unknown(unknown: list[str], direction: str) -> None:
+    shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+    raise KeyMapError(
+        f"{len(unknown)} key(s) have no {direction} name: {shown}. The state dict is not a "
+        "Wan-Animate DiT in the expected layout (or the config does not match it).",
+        unknown,
+    )
+
+
+def official_to_diffusers(
+    state_dict: Mapping[str, torch.Tensor], config: WanAnimateConfig, *, strict: bool = True
+) -> dict[str, torch.Tensor]:
+    """Official names -> diffusers ``WanAnimateTransformer3DModel`` names.
+
+    Blur kernels are dropped (diffusers re-creates them). With ``strict=False`` keys without a
+    diffusers name are passed through unchanged (so a later key-set check reports them).
+    """
+    num_res = num_motion_res_blocks(config)
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        m = _RE_KV_OFFICIAL.match(key)
+        if m:
+            k, v = _split_rows(tensor)
+            out[f"face_adapter.{m.group(1)}.to_k.{m.group(2)}"] = k
+            out[f"face_adapter.{m.group(1)}.to_v.{m.group(2)}"] = v
+            continue
+        hit = _motion_conv_to_diffusers(key, num_res)
+        if hit is not None:
+            new_key, op = hit
+            if new_key is not None:
+                out[new_key] = op(tensor)
+            continue
+        new_key = _apply_table(key, _OFFICIAL_TO_DIFFUSERS)
+        if new_key is None:
+            unknown.append(key)
+            new_key = key
+        out[new_key] = tensor
+    if unknown and strict:
+        _raise_unknown(unknown, "diffusers")
+    return out
+
+
+def diffusers_to_official(
+    state_dict: Mapping[str, torch.Tensor],
+    config: WanAnimateConfig,
+    *,
+    strict: bool = True,
+    add_blur_kernels: bool = True,
+    blur_kernel_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diffusers names -> official names, re-creating the persistent blur-kernel buffers.
+
+    The kernels get ``blur_kernel_dtype`` or, by default, the dtype of the conv weight they blur
+    (an official file stores the whole model in one dtype). ``face_adapter.K.to_k`` and ``to_v``
+    must both be present; they are concatenated into ``linear1_kv``.
+    """
+    num_res = num_motion_res_blocks(config)
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    kv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        m = _RE_KV_DIFFUSERS.match(key)
+        if m:
+            kv_parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
+            continue
+        hit = _motion_conv_to_official(key, num_res)
+        if hit is not None:
+            out[hit[0]] = hit[1](tensor)
+            continue
+        new_key = _apply_table(key, _DIFFUSERS_TO_OFFICIAL)
+        if new_key is None:
+            unknown.append(key)
+            new_key = key
+        out[new_key] = tensor
+    for (block, param), parts in kv_parts.items():
+        if set(parts) != {"k", "v"}:
+            lacking = "to_v" if "k" in parts else "to_k"
+            raise KeyMapError(
+                f"face_adapter.{block}.{lacking}.{param} is missing while its partner is present; "
+                "both halves are needed to build linear1_kv (truncated or partial checkpoint?)."
+            )
+        out[f"face_adapter.fuser_blocks.{block}.linear1_kv.{param}"] = torch.cat([parts["k"], parts["v"]], dim=0)
+    if unknown and strict:
+        _raise_unknown(unknown, "official")
+    if add_blur_kernels:
+        for r in range(1, num_res + 1):
+            sibling = out.get(f"{_ME_APP}.convs.{r}.conv2.1.weight")
+            if sibling is None:
+                continue  # the missing weight itself will be reported by the caller's key check
+            dtype = blur_kernel_dtype or sibling.dtype
+            for suffix in _BLUR_SUFFIXES:
+                out[f"{_ME_APP}.convs.{r}.{suffix}"] = lia_blur_kernel(dtype, sibling.device)
+    return out
