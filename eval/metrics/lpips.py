@@ -1,0 +1,186 @@
+"""LPIPS (Zhang et al. 2018) from user-given weight files.
+
+Two files, in the formats the public ``lpips`` package and torchvision use:
+
+* ``backbone``: a torchvision ``vgg16`` or ``alexnet`` state dict (``features.<i>.weight`` /
+  ``.bias``; ``classifier.*`` keys are ignored), e.g. ``vgg16-397923af.pth`` or
+  ``alexnet-owt-7be5be79.pth``.
+* ``linear``: the LPIPS linear-head file of the same net, e.g. ``lpips/weights/v0.1/vgg.pth``:
+  keys ``lin<k>.model.1.weight`` of shape ``[1, C_k, 1, 1]`` for the 5 tapped layers.
+
+The feature net is rebuilt from the shapes in the file, so a smaller network saved with the same
+keys (as the tests do) loads the same way. Distance per image: inputs in [-1, 1] are shifted and
+scaled per channel, features at the 5 taps are unit-normalised over channels, squared
+differences are weighted by the linear heads, averaged over space and summed over taps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+# Indices of the torchvision ``features`` Sequential that end each LPIPS tap (exclusive).
+# vgg16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. alexnet: relu1 .. relu5.
+TAP_ENDS = {"vgg": (4, 9, 16, 23, 30), "alex": (2, 5, 8, 10, 12)}
+# Layer kinds of torchvision's ``features`` up to the last tap: conv (C), relu (R), max-pool (M).
+LAYOUT = {
+    "vgg": "CRCRM" "CRCRM" "CRCRCRM" "CRCRCRM" "CRCRCR",
+    "alex": "CRM" "CRM" "CR" "CR" "CR",
+}
+# AlexNet's convs have their own kernel / stride / padding; VGG uses 3x3, stride 1, pad 1.
+ALEX_CONV = {0: (11, 4, 2), 3: (5, 1, 2), 6: (3, 1, 1), 8: (3, 1, 1), 10: (3, 1, 1)}
+ALEX_POOL = (3, 2)
+# The lpips package's ScalingLayer constants (ImageNet statistics in [-1, 1] units).
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+
+class LPIPSError(ValueError):
+    """An LPIPS weight file is missing or does not match the expected format."""
+
+
+def _load_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    if not path or not os.path.isfile(path):
+        raise LPIPSError(f"LPIPS {what} weights file {str(path)!r} does not exist; pass an existing path")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise LPIPSError(f"{path}: expected a state dict of tensors for the LPIPS {what}")
+    return sd
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+class LPIPS(nn.Module):
+    def __init__(self, net: str, features: nn.Sequential, lins: nn.ModuleList):
+        super().__init__()
+        self.net = net
+        self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1))
+        self.features = features
+        self.lins = lins
+        self.tap_ends = TAP_ENDS[net]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_files(cls, backbone_path, linear_path, net: str = "vgg") -> "LPIPS":
+        if net not in TAP_ENDS:
+            raise LPIPSError(f"LPIPS net {net!r} is not supported; choose 'vgg' or 'alex'")
+        backbone = _load_state_dict(backbone_path, "backbone")
+        if any(k.startswith("features.") for k in backbone):
+            backbone = _strip_prefix(backbone, "features.")
+        layout = LAYOUT[net]
+        layers: list[nn.Module] = []
+        for i, kind in enumerate(layout):
+            if kind == "R":
+                layers.append(nn.ReLU(inplace=False))
+            elif kind == "M":
+                layers.append(nn.MaxPool2d(*ALEX_POOL) if net == "alex" else nn.MaxPool2d(2, 2))
+            else:
+                if f"{i}.weight" not in backbone:
+                    raise LPIPSError(
+                        f"{backbone_path}: missing 'features.{i}.weight'; expected a torchvision "
+                        f"{'vgg16' if net == 'vgg' else 'alexnet'} state dict (net={net!r})"
+                    )
+                w = backbone[f"{i}.weight"]
+                k, stride, pad = ALEX_CONV[i] if net == "alex" else (3, 1, 1)
+                if w.ndim != 4 or w.shape[-1] != k:
+                    raise LPIPSError(f"{backbone_path}: features.{i}.weight has shape {tuple(w.shape)}, "
+                                     f"expected [out, in, {k}, {k}] for net={net!r}")
+                conv = nn.Conv2d(w.shape[1], w.shape[0], k, stride=stride, padding=pad)
+                conv.weight.data.copy_(w)
+                conv.bias.data.copy_(backbone[f"{i}.bias"])
+                layers.append(conv)
+        features = nn.Sequential(*layers)
+
+        linear = _load_state_dict(linear_path, "linear")
+        channels = [_tap_channels(features, end) for end in TAP_ENDS[net]]
+        lins = nn.ModuleList()
+        for k, ch in enumerate(channels):
+            key = f"lin{k}.model.1.weight"
+            if key not in linear:
+                raise LPIPSError(
+                    f"{linear_path}: missing {key!r}; expected the lpips package's linear-head file "
+                    f"(keys lin0..lin4.model.1.weight), found {sorted(linear)[:6]}"
+                )
+            w = linear[key]
+            if tuple(w.shape) != (1, ch, 1, 1):
+                raise LPIPSError(f"{linear_path}: {key} has shape {tuple(w.shape)} but the backbone's tap "
+                                 f"{k} has {ch} channels; the two files belong to different nets")
+            lin = nn.Conv2d(ch, 1, 1, bias=False)
+            lin.weight.data.copy_(w)
+            lins.append(lin)
+        return cls(net, features, lins).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a``, ``b``: ``[N, 3, H, W]`` in [-1, 1] -> distances ``[N]``."""
+        fa, fb = self._taps((a - self.shift) / self.scale), self._taps((b - self.shift) / self.scale)
+        total = 0.0
+        for lin, x, y in zip(self.lins, fa, fb):
+            diff = (_unit(x) - _unit(y)) ** 2
+            total = total + lin(diff).mean(dim=(2, 3))  # [N, 1]
+        return total[:, 0]
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps, start = [], 0
+        for end in self.tap_ends:
+            for layer in self.features[start:end]:
+                x = layer(x)
+            taps.append(x)
+            start = end
+        return taps
+
+    @torch.no_grad()
+    def video_distance(self, generated, target, *, batch_size: int = 8) -> float:
+        """Mean LPIPS over frames of two uint8 videos ``[T, H, W, 3]``."""
+        g, t = np.asarray(generated), np.asarray(target)
+        if g.shape != t.shape:
+            raise ValueError(f"lpips: video shapes differ {g.shape} vs {t.shape}")
+        dev = self.shift.device
+        out = []
+        for i in range(0, len(g), batch_size):
+            a = torch.from_numpy(g[i : i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            b = torch.from_numpy(t[i : i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            out.append(self(a, b).cpu())
+        return float(torch.cat(out).mean())
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (torch.sqrt((x * x).sum(dim=1, keepdim=True)) + eps)
+
+
+def _tap_channels(features: nn.Sequential, end: int) -> int:
+    convs = [m for m in list(features)[:end] if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def save_tiny_lpips_files(dst_dir, net: str = "vgg", width: int = 4, seed: int = 0) -> tuple[str, str]:
+    """Write a tiny random backbone + linear-head pair in the real file formats (for tests/benches)."""
+    g = torch.Generator().manual_seed(seed)
+    backbone, in_ch, conv_idx = {}, 3, 0
+    for i, kind in enumerate(LAYOUT[net]):
+        if kind != "C":
+            continue
+        out_ch = width * (2 ** min(conv_idx // 2, 3))
+        k = ALEX_CONV[i][0] if net == "alex" else 3
+        backbone[f"features.{i}.weight"] = torch.randn(out_ch, in_ch, k, k, generator=g) * (2 / (in_ch * k * k)) ** 0.5
+        backbone[f"features.{i}.bias"] = torch.zeros(out_ch)
+        in_ch, conv_idx = out_ch, conv_idx + 1
+    backbone["classifier.0.weight"] = torch.zeros(2, 2)  # ignored, as in the real file
+    os.makedirs(dst_dir, exist_ok=True)
+    bpath, lpath = os.path.join(dst_dir, f"{net}_backbone.pth"), os.path.join(dst_dir, f"{net}_lin.pth")
+    torch.save(backbone, bpath)
+    # Tap channel counts follow from the backbone just written.
+    chans, convs = [], [i for i, kind in enumerate(LAYOUT[net]) if kind == "C"]
+    for end in TAP_ENDS[net]:
+        last = max(i for i in convs if i < end)
+        chans.append(backbone[f"features.{last}.weight"].shape[0])
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(chans)}, lpath)
+    return bpath, lpath
