@@ -57,6 +57,44 @@ class PoseSequence:
         idx = np.asarray(indices)
         return PoseSequence(self.body[idx], self.left_hand[idx], self.right_hand[idx], self.face[idx], self.height, self.width)
 
+    # ---- geometry -------------------------------------------------------------------------
+    def _map_xy(self, fn) -> "PoseSequence":
+        out = []
+        for a in (self.body, self.left_hand, self.right_hand, self.face):
+            a = a.copy()
+            a[..., 0], a[..., 1] = fn(a[..., 0], a[..., 1])
+            out.append(a)
+        return out
+
+    def resized(self, height: int, width: int) -> "PoseSequence":
+        """The same keypoints expressed in pixels of a frame resized to ``height x width``."""
+        if (height, width) == (self.height, self.width):
+            return self
+        sx, sy = width / self.width, height / self.height
+        arrays = self._map_xy(lambda x, y: (x * sx, y * sy))
+        return PoseSequence(*arrays, int(height), int(width))
+
+    def transformed(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float,
+                    height: int, width: int) -> "PoseSequence":
+        """Keypoints after ``x' = x * scale_x + offset_x`` (same for y) into a new frame size."""
+        arrays = self._map_xy(lambda x, y: (x * scale_x + offset_x, y * scale_y + offset_y))
+        return PoseSequence(*arrays, int(height), int(width))
+
+    def concat(self, other: "PoseSequence") -> "PoseSequence":
+        if (other.height, other.width) != (self.height, self.width):
+            other = other.resized(self.height, self.width)
+        return PoseSequence(*(np.concatenate([a, b]) for a, b in zip(
+            (self.body, self.left_hand, self.right_hand, self.face),
+            (other.body, other.left_hand, other.right_hand, other.face))), self.height, self.width)
+
+    def person_detected(self, threshold: float = 0.5, min_points: int = 4) -> np.ndarray:
+        """bool [T]: frames with at least ``min_points`` confident body points."""
+        return (self.body[..., 2] >= threshold).sum(-1) >= min_points
+
+    def face_detected(self, threshold: float = 0.5, min_points: int = 34) -> np.ndarray:
+        """bool [T]: frames with at least half of the 68 face landmarks confident."""
+        return (self.face[..., 2] >= threshold).sum(-1) >= min_points
+
     def to_dict(self) -> dict:
         """JSON-friendly form (rounded to 0.01 px / 0.001 score) stored in shard metadata."""
         r = lambda a: np.round(a, 3).tolist()  # noqa: E731

@@ -1,0 +1,172 @@
+"""Typed configs of the data_tools commands (Hydra primary configs in ``conf/``).
+
+Each dataclass is registered in Hydra's ConfigStore under ``<name>_schema`` and validated in
+``__post_init__`` with messages saying what to change.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
+REFERENCE_POLICIES = ("outside", "first", "image")
+RESIZE_MODES = ("crop", "letterbox")
+
+
+def _check_clip_len(clip_len: int, what: str = "clip_len") -> None:
+    if clip_len < 1 or (clip_len - 1) % 4:
+        raise ValueError(f"{what}={clip_len} must be 4n+1 (e.g. 17, 33, 77) so the VAE's 4x temporal stride fits")
+
+
+@dataclass
+class PrepareConfig:
+    """``python -m data_tools.prepare input=PATH output=DIR [options]``."""
+
+    input: Optional[str] = None  # a video, a folder of videos (recursive), or a .txt list of paths
+    output: Optional[str] = None
+    fps: float = 30.0  # -1 keeps the source frame rate
+    clip_len: int = 77  # 4n+1
+    clip_stride: Optional[int] = None  # frames between clip starts; default clip_len (no overlap)
+    max_clips_per_video: int = 0  # 0 = all
+    target_area: int = 1280 * 720  # pixels of a clip; h = sqrt(area/aspect), w = area/h, floored to 16
+    buckets: list[Any] = field(default_factory=list)  # optional [[h, w], ...]: nearest-aspect bucket wins
+    resize_mode: str = "crop"  # crop (fill the bucket) or letterbox (fit, black bars)
+    pose_backend: str = "mediapipe"
+    pose_options: dict[str, Any] = field(default_factory=dict)  # e.g. {max_side: 640} or vitpose paths
+    face_size: int = 512
+    face_smooth_window: int = 5
+    reference_policy: str = "outside"  # outside | first | image
+    reference_image: Optional[str] = None  # for policy "image": one image for all, else <video stem>.{png,jpg}
+    replace: bool = False  # also write bg.mp4 + mask.mp4 (replace mode)
+    mask_threshold: float = 0.5
+    caption: str = "视频中的人在做动作"  # default prompt; a <video>.txt next to a video overrides it
+    min_person_fraction: float = 0.9  # a clip needs a person on at least this share of frames
+    shard_size: int = 32
+    workers: int = 1  # 0 = in the main process
+    crf: int = 18
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input is None or self.output is None:
+            raise ValueError("prepare needs input=PATH (video, folder or list file) and output=DIR")
+        _check_clip_len(self.clip_len)
+        if self.fps != -1 and self.fps <= 0:
+            raise ValueError(f"fps={self.fps}: use a positive frame rate or -1 to keep the source rate")
+        if self.clip_stride is not None and self.clip_stride < 1:
+            raise ValueError(f"clip_stride={self.clip_stride} must be >= 1 (or null for clip_len)")
+        if self.target_area < 256:
+            raise ValueError(f"target_area={self.target_area} is too small; e.g. 1280*720=921600 or 832*480")
+        for b in self.buckets:
+            if len(b) != 2 or b[0] % 16 or b[1] % 16 or b[0] <= 0 or b[1] <= 0:
+                raise ValueError(f"bucket {list(b)} must be [height, width], both positive multiples of 16")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}")
+        if self.pose_backend not in POSE_BACKENDS:
+            raise ValueError(f"pose_backend={self.pose_backend!r}: choose one of {POSE_BACKENDS}")
+        if self.reference_policy not in REFERENCE_POLICIES:
+            raise ValueError(f"reference_policy={self.reference_policy!r}: choose one of {REFERENCE_POLICIES}")
+        if self.face_size < 16 or self.face_size % 2:
+            raise ValueError(f"face_size={self.face_size} must be an even number >= 16 (512 for Wan-Animate)")
+        if not 0.0 <= self.min_person_fraction <= 1.0:
+            raise ValueError(f"min_person_fraction={self.min_person_fraction} must be in [0, 1]")
+        if self.shard_size < 1 or self.workers < 0:
+            raise ValueError(f"shard_size ({self.shard_size}) must be >= 1 and workers ({self.workers}) >= 0")
+
+    @property
+    def stride(self) -> int:
+        return self.clip_stride or self.clip_len
+
+
+@dataclass
+class SyntheticConfig:
+    """``python -m data_tools.synthetic output=DIR [num_clips=8 ...]``."""
+
+    output: Optional[str] = None
+    num_clips: int = 8
+    clip_len: int = 17
+    height: int = 64
+    width: int = 64
+    seed: int = 0
+    shard_size: int = 4
+    face_size: int = 64
+    fps: float = 30.0
+    replace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            raise ValueError("synthetic needs output=DIR")
+        _check_clip_len(self.clip_len)
+        if self.height % 16 or self.width % 16 or self.height < 32 or self.width < 32:
+            raise ValueError(f"height x width = {self.height}x{self.width} must be multiples of 16, at least 32")
+        if self.num_clips < 1 or self.shard_size < 1:
+            raise ValueError(f"num_clips ({self.num_clips}) and shard_size ({self.shard_size}) must be >= 1")
+        if self.face_size < 16 or self.face_size % 2:
+            raise ValueError(f"face_size={self.face_size} must be an even number >= 16")
+
+
+@dataclass
+class CacheLatentsConfig:
+    """``python -m data_tools.cache_latents input=DIR output=DIR model=MODEL_DIR``."""
+
+    input: Optional[str] = None
+    output: Optional[str] = None
+    model: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "bf16"  # storage dtype of the latents: bf16 | fp16 | fp32
+    compute_dtype: str = "auto"  # encoder dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    refert_nums: list[int] = field(default_factory=lambda: [0, 1, 5])
+    shard_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not (self.input and self.output and self.model):
+            raise ValueError("cache_latents needs input=DIR (raw shards) output=DIR model=MODEL_DIR")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype={self.dtype!r}: choose bf16, fp16 or fp32")
+        if self.compute_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: choose auto, bf16 or fp32")
+        if any(r < 0 for r in self.refert_nums):
+            raise ValueError(f"refert_nums={list(self.refert_nums)} must be >= 0")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size} must be >= 1")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="synthetic_schema", node=SyntheticConfig)
+    cs.store(name="cache_latents_schema", node=CacheLatentsConfig)
+
+
+def to_dataclass(cfg, cls):
+    """Hydra DictConfig -> the validated dataclass (``__post_init__`` runs)."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    return cls(**data)
+
+
+def run_hydra(config_name: str, cls, fn) -> None:
+    """Run ``fn(config)`` as a Hydra app reading ``conf/<config_name>.yaml``; validation errors
+    print one line and exit 2 instead of a traceback."""
+    import hydra
+
+    register_configs()
+
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base="1.3", config_path=conf_dir, config_name=config_name)
+    def _main(cfg) -> None:
+        try:
+            config = to_dataclass(cfg, cls)
+        except (ValueError, TypeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        fn(config)
+
+    _main()

@@ -1,0 +1,183 @@
+"""Shard schema v1: encoding one sample into webdataset fields, and an atomic tar shard writer.
+
+A sample is a group of tar members sharing a key: ``<key>.mp4`` (target clip), ``<key>.pose.mp4``,
+``<key>.face.mp4``, ``<key>.ref.png``, optional ``<key>.bg.mp4`` / ``<key>.mask.mp4``,
+``<key>.json`` and ``<key>.txt``. See docs/data.md for every field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wan_animate.video_io import encode_video_bytes
+
+SCHEMA_VERSION = 1
+DEFAULT_CAPTION = "视频中的人在做动作"
+SHARD_PATTERN = "shard-{:06d}.tar"
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def safe_key(text: str) -> str:
+    """A webdataset key: no dots (webdataset splits the member name at the first dot) or slashes."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
+
+
+def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.ndarray, ref: np.ndarray,
+                  meta: dict, caption: str, fps: float, bg: np.ndarray | None = None,
+                  mask: np.ndarray | None = None, crf: int = 18) -> dict[str, bytes]:
+    """One schema-v1 sample as ``{field: bytes}`` (plus ``__key__``). Checks the streams line up.
+
+    target/pose/bg uint8 [T, H, W, 3]; face uint8 [T, S, S, 3]; ref uint8 [H, W, 3];
+    mask uint8 or bool [T, H, W] (nonzero = character).
+    """
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'; use safe_key()")
+    t, h, w, _ = target.shape
+    if h % 16 or w % 16:
+        raise ValueError(f"{key}: target size {h}x{w} must be multiples of 16")
+    if pose.shape != target.shape:
+        raise ValueError(f"{key}: pose video {pose.shape} differs from target {target.shape}")
+    if len(face) != t or face.shape[1] != face.shape[2]:
+        raise ValueError(f"{key}: face crops {face.shape} must be [T={t}, S, S, 3]")
+    if ref.shape != (h, w, 3):
+        raise ValueError(f"{key}: reference {ref.shape} must be {(h, w, 3)}")
+    if (bg is None) != (mask is None):
+        raise ValueError(f"{key}: replace mode needs both bg and mask")
+    meta = dict(meta)
+    meta.update(schema_version=SCHEMA_VERSION, num_frames=int(t), height=int(h), width=int(w),
+                face_size=int(face.shape[1]), fps=float(fps), caption=caption, replace=bg is not None)
+    sample = {
+        "__key__": key,
+        "mp4": encode_video_bytes(target, fps, crf=crf),
+        "pose.mp4": encode_video_bytes(pose, fps, crf=crf),
+        "face.mp4": encode_video_bytes(face, fps, crf=crf),
+        "ref.png": png_bytes(ref),
+        "json": json.dumps(meta, ensure_ascii=False).encode(),
+        "txt": caption.encode(),
+    }
+    if bg is not None:
+        if bg.shape != target.shape or mask.shape[:3] != (t, h, w):
+            raise ValueError(f"{key}: bg {bg.shape} / mask {mask.shape} must match target {target.shape}")
+        m = (np.asarray(mask) > 0).astype(np.uint8) * 255
+        sample["bg.mp4"] = encode_video_bytes(bg, fps, crf=crf)
+        sample["mask.mp4"] = encode_video_bytes(np.repeat(m[..., None], 3, -1), fps, crf=crf)
+    return sample
+
+
+class ShardWriter:
+    """Writes samples into ``shard-NNNNNN.tar`` files of ``shard_size`` samples each.
+
+    A shard is written as ``shard-NNNNNN.tar.tmp`` and renamed only when it is complete, so a
+    killed job never leaves a partial ``.tar``. ``on_shard_done(path, keys)`` runs after each
+    rename (prepare uses it to record progress for resuming).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, shard_size: int = 64, start_index: int = 0,
+                 on_shard_done=None, mtime: float | None = None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.index = start_index
+        self.on_shard_done = on_shard_done
+        self.mtime = mtime  # a fixed member mtime makes shards byte-reproducible
+        self._tar: tarfile.TarFile | None = None
+        self._keys: list[str] = []
+        self.shards_written: list[Path] = []
+
+    def _open(self) -> None:
+        self._tmp = self.output_dir / (SHARD_PATTERN.format(self.index) + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w")
+        self._keys = []
+
+    def write(self, sample: dict[str, bytes]) -> None:
+        if self._tar is None:
+            self._open()
+        key = sample["__key__"]
+        now = time.time() if self.mtime is None else self.mtime
+        for field, data in sample.items():
+            if field.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size = len(data)
+            info.mtime = now
+            self._tar.addfile(info, io.BytesIO(data))
+        self._keys.append(key)
+        if len(self._keys) >= self.shard_size:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        final = self._tmp.with_suffix("")  # drop ".tmp"
+        os.replace(self._tmp, final)
+        self.shards_written.append(final)
+        keys, self._tar, self._keys = self._keys, None, []
+        self.index += 1
+        if self.on_shard_done is not None:
+            self.on_shard_done(final, keys)
+
+    def close(self) -> None:
+        """Finish the last (possibly short) shard."""
+        if self._tar is not None and self._keys:
+            self._finish()
+        elif self._tar is not None:
+            self._tar.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    """Completed shards (``shard-NNNNNN.tar``) in index order."""
+    return sorted(p for p in Path(directory).glob("shard-*.tar") if _SHARD_RE.match(p.name))
+
+
+def shard_index(path: Path) -> int:
+    return int(_SHARD_RE.match(Path(path).name).group(1))
+
+
+def read_shard(path: str | os.PathLike) -> list[dict[str, bytes]]:
+    """All samples of one tar shard as ``{"__key__": key, field: bytes}`` dicts, in tar order."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, field = name.partition(".")
+            sample = samples.setdefault(key, {"__key__": key})
+            sample[field] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    keys: dict[str, None] = {}
+    with tarfile.open(path, "r") as tar:
+        for name in tar.getnames():
+            keys.setdefault(name.rsplit("/", 1)[-1].partition(".")[0], None)
+    return list(keys)
