@@ -337,6 +337,10 @@ def diffusers_to_official(
         out[new_key] = tensor
     for (block, param), parts in kv_parts.items():
         if set(parts) != {"k", "v"}:
+            if not strict:  # pass the lone half through; the caller's key check reports it
+                for which, tensor in parts.items():
+                    out[f"face_adapter.{block}.to_{which}.{param}"] = tensor
+                continue
             lacking = "to_v" if "k" in parts else "to_k"
             raise KeyMapError(
                 f"face_adapter.{block}.{lacking}.{param} is missing while its partner is present; "
