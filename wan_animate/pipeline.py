@@ -1,0 +1,431 @@
+"""The one generation path: reference image + driving streams -> video.
+
+Training validation, eval sweeps and ``python -m eval.generate`` all call
+:meth:`AnimatePipeline.generate`. One call:
+
+1. checks the inputs (sizes multiple of 16, equal stream lengths, ...);
+2. mirror-pads the driving streams to ``n * (clip_len - refert_num) + refert_num`` frames;
+3. encodes the prompt(s) (umT5), the letterboxed reference (VAE + CLIP);
+4. per segment of ``clip_len`` frames: VAE-encodes the pose clip and the temporal reference
+   (previous segment's last ``refert_num`` generated frames; none on the first segment),
+   builds ``y`` with :mod:`wan_animate.conditioning`, samples with :mod:`wan_animate.sampling`,
+   decodes the target slots and drops the ``refert_num`` overlap frames;
+5. cuts the result back to the driving length and returns ``uint8 [T, H, W, 3]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
+from wan_animate.config import WanAnimateConfig
+from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
+from wan_animate.sampling import SOLVERS, sample
+
+DEFAULT_PROMPT = "视频中的人在做动作"
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+SIZE_MULTIPLE = 16
+
+
+class InputError(ValueError):
+    """Bad generation input (raised before any model work)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment arithmetic and padding (facts section 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def padded_length(num_frames: int, clip_len: int, refert_num: int) -> int:
+    """Smallest ``n * (clip_len - refert_num) + refert_num >= num_frames``."""
+    step = clip_len - refert_num
+    rest = (num_frames - refert_num) % step
+    return num_frames + (0 if rest == 0 else step - rest)
+
+
+def num_segments(num_frames: int, clip_len: int, refert_num: int) -> int:
+    return (padded_length(num_frames, clip_len, refert_num) - refert_num) // (clip_len - refert_num)
+
+
+def mirror_indices(num_frames: int, target: int) -> np.ndarray:
+    """Indices walking forward and back over ``num_frames``: 5 -> 10 gives 0 1 2 3 4 3 2 1 0 1."""
+    if num_frames == 1:
+        return np.zeros(target, dtype=np.int64)
+    period = 2 * (num_frames - 1)
+    k = np.arange(target) % period
+    return np.where(k < num_frames, k, period - k).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and preprocessing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DrivingInputs:
+    pose: np.ndarray  # uint8 [T, H, W, 3]
+    face: np.ndarray  # uint8 [T, h, w, 3]
+    bg: np.ndarray | None  # uint8 [T, H, W, 3]
+    mask: np.ndarray | None  # float32 [T, H, W] in [0, 1], 1 on the character
+
+    @property
+    def mode(self) -> str:
+        return "replace" if self.bg is not None else "animate"
+
+
+def _as_video(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise InputError(f"{name} must be a uint8 array [T, H, W, 3], got shape {x.shape}.")
+    if x.dtype != np.uint8:
+        raise InputError(f"{name} must be uint8 (0..255), got {x.dtype}.")
+    return x
+
+
+def _as_mask(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 4:  # a decoded mask video: first channel, as the official reader does
+        x = x[..., 0]
+    if x.ndim != 3:
+        raise InputError(f"mask_video must be [T, H, W] or [T, H, W, 3], got shape {x.shape}.")
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def check_inputs(
+    pose_video: Any,
+    face_video: Any,
+    bg_video: Any = None,
+    mask_video: Any = None,
+    *,
+    clip_len: int = 77,
+    refert_num: int = 1,
+) -> DrivingInputs:
+    """Validate driving streams; raises :class:`InputError` naming the problem and the fix."""
+    try:
+        check_clip_len(clip_len)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not 1 <= refert_num < clip_len:
+        raise InputError(f"refert_num={refert_num} must be in [1, clip_len) (official: 1 or 5).")
+    pose = _as_video(pose_video, "pose_video")
+    face = _as_video(face_video, "face_video")
+    t, h, w = pose.shape[:3]
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise InputError(
+            f"pose video is {w}x{h}; width and height must be multiples of {SIZE_MULTIPLE} "
+            f"(e.g. {w // SIZE_MULTIPLE * SIZE_MULTIPLE}x{h // SIZE_MULTIPLE * SIZE_MULTIPLE})."
+        )
+    if face.shape[0] != t:
+        raise InputError(f"pose video has {t} frames but face video has {face.shape[0]}; they must match.")
+    if t <= refert_num:
+        raise InputError(f"driving video has {t} frames; it needs more than refert_num={refert_num}.")
+    if (bg_video is None) != (mask_video is None):
+        raise InputError("replace mode needs both bg_video and mask_video (or neither for animate mode).")
+    bg = mask = None
+    if bg_video is not None:
+        bg = _as_video(bg_video, "bg_video")
+        mask = _as_mask(mask_video)
+        for name, arr in (("bg_video", bg), ("mask_video", mask)):
+            if arr.shape[0] != t or tuple(arr.shape[1:3]) != (h, w):
+                raise InputError(
+                    f"{name} is {arr.shape[0]} frames of {arr.shape[2]}x{arr.shape[1]}; it must match the "
+                    f"pose video ({t} frames of {w}x{h})."
+                )
+    return DrivingInputs(pose, face, bg, mask)
+
+
+def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fit ``image`` inside ``height x width`` keeping its aspect, centred on black (official
+    reference preprocessing; bilinear resize)."""
+    import cv2
+
+    ih, iw = image.shape[:2]
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    if ih / iw > height / width:
+        nw = int(height / ih * iw)
+        resized = cv2.resize(image, (nw, height), interpolation=cv2.INTER_LINEAR)
+        x0 = (width - nw) // 2
+        out[:, x0:x0 + nw] = resized
+    else:
+        nh = int(width / iw * ih)
+        resized = cv2.resize(image, (width, nh), interpolation=cv2.INTER_LINEAR)
+        y0 = (height - nh) // 2
+        out[y0:y0 + nh] = resized
+    return out
+
+
+def load_image(path_or_array: Any) -> np.ndarray:
+    if isinstance(path_or_array, (str, Path)):
+        from PIL import Image
+
+        p = Path(path_or_array)
+        if not p.exists():
+            raise InputError(f"{p}: reference image does not exist.")
+        try:
+            return np.asarray(Image.open(p).convert("RGB"))
+        except Exception as e:  # PIL raises several types for broken files
+            raise InputError(f"{p}: not a readable image ({e}).") from e
+    if isinstance(path_or_array, torch.Tensor):
+        path_or_array = path_or_array.detach().cpu().numpy()
+    arr = np.asarray(path_or_array)
+    if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise InputError(f"ref_image must be uint8 [H, W, 3] or a path, got {arr.dtype} {arr.shape}.")
+    return arr
+
+
+def _to_tensor_video(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
+    return x.permute(3, 0, 1, 2).unsqueeze(0)
+
+
+def _resize_video(video: torch.Tensor, size: int) -> torch.Tensor:
+    b, c, t, h, w = video.shape
+    if (h, w) == (size, size):
+        return video
+    flat = video.transpose(1, 2).reshape(b * t, c, h, w)
+    flat = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return flat.reshape(b, t, c, size, size).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers transformer behind our DiT's forward contract (peer checks, diffusers-only setups)
+# ---------------------------------------------------------------------------------------------
+
+
+class DiffusersDiT(nn.Module):
+    """Wraps diffusers' ``WanAnimateTransformer3DModel`` with ``WanAnimateDiT.forward``'s signature."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        cfg = dict(transformer.config)
+        self.config = WanAnimateConfig.from_diffusers_config(cfg)
+
+    def forward(self, x, t, context, clip_fea, y, pose_latents, face_pixel_values):
+        dtype = self.transformer.dtype
+        out = self.transformer(
+            hidden_states=torch.cat([x, y], dim=1).to(dtype), timestep=t,
+            encoder_hidden_states=context.to(dtype), encoder_hidden_states_image=clip_fea.to(dtype),
+            pose_hidden_states=pose_latents.to(dtype), face_pixel_values=face_pixel_values.to(dtype),
+            return_dict=False,
+        )[0]
+        return out.float()
+
+
+def _dit_dtype(dit: nn.Module) -> torch.dtype:
+    pe = getattr(dit, "patch_embedding", None)
+    if pe is not None and hasattr(pe, "weight"):
+        return pe.weight.dtype
+    return next(dit.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+class AnimatePipeline:
+    """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components."""
+
+    def __init__(
+        self,
+        dit: nn.Module,
+        vae: WanVAE,
+        text_encoder: TextEncoder,
+        image_encoder: ImageEncoder,
+        *,
+        device: torch.device | str | None = None,
+    ):
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+        self.device = torch.device(device) if device is not None else next(dit.parameters()).device
+        self.config: WanAnimateConfig = getattr(dit, "config")
+        if not isinstance(self.config, WanAnimateConfig):
+            raise TypeError("dit.config must be a WanAnimateConfig (use WanAnimateDiT or DiffusersDiT).")
+        if text_encoder.dim != self.config.text_dim:
+            raise ValueError(f"text encoder width {text_encoder.dim} != DiT text_dim {self.config.text_dim}.")
+        if image_encoder.dim != self.config.image_dim:
+            raise ValueError(f"image encoder width {image_encoder.dim} != DiT image_dim {self.config.image_dim}.")
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def detect_layout(path: str | Path) -> str:
+        from wan_animate.official_encoders import CLIP_FILE, T5_FILE, VAE_FILE
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: model folder does not exist.")
+        if (path / "model_index.json").exists():
+            missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder")
+                       if not (path / d).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"{path}: diffusers layout lacks folders {missing}.")
+            return "diffusers"
+        if (path / VAE_FILE).exists():
+            missing = [f for f in (T5_FILE, CLIP_FILE, "config.json") if not (path / f).exists()]
+            if missing:
+                raise FileNotFoundError(f"{path}: official layout lacks {missing}.")
+            return "official"
+        raise FileNotFoundError(
+            f"{path}: neither a diffusers layout (model_index.json) nor an official layout "
+            f"({VAE_FILE}); make a tiny one with `python -m wan_animate.checkpoint make-tiny DST`."
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        dit: nn.Module | None = None,
+        encoder_dtype: torch.dtype | None = None,
+        vae_dtype: torch.dtype = torch.float32,
+        offload: bool = False,
+        vae_tiling: bool = False,
+    ) -> "AnimatePipeline":
+        """Load a diffusers-layout or official-layout folder. ``dit`` replaces the folder's DiT
+        (e.g. a live training model). Encoders run in ``encoder_dtype`` (default ``dtype``), the
+        VAE in ``vae_dtype``; ``offload`` parks the encoders on the CPU between uses."""
+        from transformers import AutoTokenizer
+
+        from wan_animate import official_encoders as oe
+
+        path = Path(path)
+        layout = cls.detect_layout(path)
+        enc_kw = dict(dtype=encoder_dtype or dtype, device=device, offload=offload)
+        if dit is None:
+            from wan_animate.checkpoint import load_dit
+
+            dit = load_dit(path / "transformer" if layout == "diffusers" else path, dtype=dtype, device=device)
+        dit.eval()
+        text_len = dit.config.text_len
+        if layout == "diffusers":
+            vae = WanVAE.from_pretrained(path / "vae", dtype=vae_dtype, device=device, offload=offload,
+                                         tiling=vae_tiling)
+            text = TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer", text_len=text_len, **enc_kw)
+            image = ImageEncoder.from_pretrained(path / "image_encoder", path / "image_processor", **enc_kw)
+        else:
+            tok_dir = path / oe.T5_TOKENIZER_DIR
+            if not tok_dir.is_dir():
+                raise FileNotFoundError(f"{tok_dir}: the umT5 tokenizer folder of the official layout is missing.")
+            vae = WanVAE(oe.vae_from_official(oe.load_torch_file(path / oe.VAE_FILE)), dtype=vae_dtype,
+                         device=device, offload=offload, tiling=vae_tiling)
+            text = TextEncoder(oe.t5_from_official(oe.load_torch_file(path / oe.T5_FILE)),
+                               AutoTokenizer.from_pretrained(str(tok_dir)), text_len=text_len, **enc_kw)
+            image = ImageEncoder(oe.clip_from_official(oe.load_torch_file(path / oe.CLIP_FILE)), **enc_kw)
+        return cls(dit, vae, text, image, device=device)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
+        """Merge a LoRA file (community layout, see ``wan_animate.lora``) into the DiT with ``scale``."""
+        from wan_animate.lora import apply_lora
+
+        return apply_lora(self.dit, path, scale=scale)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        ref_image: Any,
+        pose_video: Any,
+        face_video: Any,
+        bg_video: Any = None,
+        mask_video: Any = None,
+        *,
+        prompt: str = DEFAULT_PROMPT,
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        steps: int = 20,
+        shift: float = 5.0,
+        guide_scale: float = 1.0,
+        seed: int = 0,
+        solver: str = "unipc",
+        clip_len: int = 77,
+        refert_num: int = 1,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Animate ``ref_image`` (uint8 [H, W, 3] or path) with driving ``pose_video`` /
+        ``face_video`` (uint8 [T, H, W, 3]); replace mode with ``bg_video`` + ``mask_video``
+        (1/white on the character). Returns uint8 ``[T, H, W, 3]`` with T = driving length."""
+        from tqdm.auto import tqdm
+
+        if solver not in SOLVERS:
+            raise InputError(f"solver={solver!r} is not one of {SOLVERS}.")
+        if steps < 1:
+            raise InputError(f"steps={steps} must be >= 1.")
+        inputs = check_inputs(pose_video, face_video, bg_video, mask_video, clip_len=clip_len,
+                              refert_num=refert_num)
+        ref = load_image(ref_image)
+        real_len, height, width = inputs.pose.shape[:3]
+        target = padded_length(real_len, clip_len, refert_num)
+        idx = mirror_indices(real_len, target)
+        n_seg = num_segments(real_len, clip_len, refert_num)
+        mode = inputs.mode
+        dev = self.device
+        dit_dtype = _dit_dtype(self.dit)
+        face_size = self.config.motion_encoder_size
+        cfg_on = guide_scale != 1.0
+
+        # ---- per-call constants: text, reference latent, CLIP tokens
+        context = self.text_encoder.encode([prompt]).to(dev, dit_dtype)
+        context_null = self.text_encoder.encode([negative_prompt]).to(dev, dit_dtype) if cfg_on else None
+        ref_pixels = _to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
+        clip_fea = self.image_encoder.encode(ref_pixels).to(dev, dit_dtype)
+        ref_latent = self.vae.encode(ref_pixels.unsqueeze(2))
+
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
+                     height // self.vae.spatial_stride, width // self.vae.spatial_stride)
+        outputs: list[torch.Tensor] = []
+        prev: torch.Tensor | None = None
+        seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
+        step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
+        for s in range(n_seg):
+            sel = idx[s * (clip_len - refert_num): s * (clip_len - refert_num) + clip_len]
+            pose = _to_tensor_video(inputs.pose[sel]).to(dev)
+            face = _resize_video(_to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
+            bg = _to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
+            char = (torch.from_numpy(inputs.mask[sel])[None, None].to(dev) if mode == "replace" else None)
+            pose_latents = self.vae.encode(pose).to(dit_dtype)
+            y = encode_condition(
+                self.vae, ref_pixels, clip_len=clip_len, mode=mode,
+                prev_frames=None if prev is None else prev[:, :, -refert_num:],
+                bg_video=bg, character_mask=char, ref_latent=ref_latent,
+            ).to(dit_dtype)
+            face_null = torch.full_like(face, -1.0) if cfg_on else None
+
+            def denoise(x: torch.Tensor, t: torch.Tensor, uncond: bool) -> torch.Tensor:
+                return self.dit(
+                    x.to(dit_dtype), t, context_null if uncond else context, clip_fea, y, pose_latents,
+                    face_null if uncond else face,
+                )
+
+            noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(dev)
+            latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
+                             progress=step_bar.update)
+            frames = self.vae.decode(latents[:, :, 1:])  # drop the reference slot
+            prev = frames
+            outputs.append(frames if s == 0 else frames[:, :, refert_num:])
+            seg_bar.update(1)
+        step_bar.close()
+        seg_bar.close()
+        video = torch.cat(outputs, dim=2)[:, :, :real_len]  # [1, 3, T, H, W]
+        out = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1.0) * 127.5).round()
+        return out.to(torch.uint8).cpu().numpy()

@@ -1,0 +1,218 @@
+"""Complete tiny random model folders (DiT, VAE, umT5 + offline tokenizer, CLIP vision) for tests,
+the quick start and demos. Built in a few seconds on a CPU, no network.
+
+``make_tiny_model_folder(dst, layout="diffusers")`` writes the ``Wan2.2-Animate-14B-Diffusers``
+layout (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``image_encoder/``, ``image_processor/``, ``scheduler/``), which diffusers' own
+``WanAnimatePipeline.from_pretrained`` also loads; ``layout="official"`` writes the
+``Wan2.2-Animate-14B`` layout (DiT ``config.json`` + safetensors, ``Wan2.1_VAE.pth``,
+``models_t5_umt5-xxl-enc-bf16.pth``, ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``,
+``google/umt5-xxl/`` tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from wan_animate.config import WanAnimateConfig
+from wan_animate.encoders import CLIP_MEAN, CLIP_STD
+from wan_animate.official_encoders import (
+    CLIP_FILE,
+    T5_FILE,
+    T5_TOKENIZER_DIR,
+    VAE_FILE,
+    clip_to_official,
+    t5_to_official,
+    vae_to_official,
+)
+
+DEFAULT_PROMPT = "视频中的人在做动作"
+# Official default negative prompt (Chinese), kept so the tiny tokenizer covers its characters.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True])
+TINY_CLIP_IMAGE_SIZE, TINY_CLIP_PATCH = 224, 14  # (224 / 14)^2 + 1 = 257 image tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tiny_tokenizer():
+    """A character-level unigram tokenizer built in code (T5 special ids: pad 0, eos 1, unk 2)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation
+                       + DEFAULT_PROMPT + DEFAULT_NEGATIVE_PROMPT + "，。"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in string.ascii_lowercase]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=512)
+
+
+def build_tiny_text_encoder(text_dim: int, vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    heads = 4 if text_dim % 4 == 0 else 1
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=text_dim, d_kv=text_dim // heads, d_ff=2 * text_dim,
+                     num_layers=2, num_heads=heads, relative_attention_num_buckets=32,
+                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                     tie_word_embeddings=False)
+    return UMT5EncoderModel(cfg)
+
+
+def build_tiny_image_encoder(image_dim: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    heads = image_dim // 16 if image_dim % 16 == 0 else 1  # matches official_encoders._clip_heads
+    cfg = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim, num_hidden_layers=2,
+                           num_attention_heads=heads, image_size=TINY_CLIP_IMAGE_SIZE,
+                           patch_size=TINY_CLIP_PATCH, hidden_act="gelu", layer_norm_eps=1e-5)
+    return CLIPVisionModel(cfg)
+
+
+def build_tiny_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(**TINY_VAE)
+
+
+def _save_dit(dst: Path, cfg: WanAnimateConfig, layout: str) -> None:
+    """Random tiny DiT, written by the checkpoint module in the requested layout."""
+    try:
+        from wan_animate.checkpoint import save_dit
+        from wan_animate.model import WanAnimateDiT
+    except ImportError:  # transitional: DiT/checkpoint modules not in this checkout yet
+        _save_dit_via_diffusers(dst, cfg, layout)
+        return
+    model = WanAnimateDiT(cfg)
+    _randomize_zero_init(model)
+    save_dit(model, dst, layout=layout)
+
+
+def _save_dit_via_diffusers(dst: Path, cfg: WanAnimateConfig, layout: str) -> None:
+    from diffusers import WanAnimateTransformer3DModel
+    from safetensors.torch import save_file
+
+    from wan_animate.checkpoint import diffusers_to_official
+
+    kw = cfg.to_diffusers_config()
+    kw.pop("_class_name")
+    model = WanAnimateTransformer3DModel(**kw)
+    _randomize_zero_init(model)
+    if layout == "diffusers":
+        model.save_pretrained(dst)
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = diffusers_to_official({k: v.contiguous() for k, v in model.state_dict().items()}, cfg)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
+    _write_json(dst / "config.json", cfg.to_official_config())
+
+
+@torch.no_grad()
+def _randomize_zero_init(model: torch.nn.Module) -> None:
+    """Zero-initialised output layers would make every tiny output identical; give them small noise
+    so tests can tell inputs apart."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.numel() > 1 and torch.count_nonzero(p) == 0:
+            p.normal_(0.0, 0.02)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder writer
+# ---------------------------------------------------------------------------------------------
+
+
+def make_tiny_model_folder(
+    dst: str | Path,
+    layout: Literal["diffusers", "official"] = "diffusers",
+    seed: int = 0,
+    config_preset: str = "tiny",
+) -> Path:
+    """Write a complete tiny random Wan-Animate model folder; returns its path."""
+    if layout not in ("diffusers", "official"):
+        raise ValueError(f"layout={layout!r} must be 'diffusers' or 'official'.")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder.")
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = WanAnimateConfig.preset(config_preset)
+
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        tokenizer = build_tiny_tokenizer()
+        text_encoder = build_tiny_text_encoder(cfg.text_dim, len(tokenizer))
+        image_encoder = build_tiny_image_encoder(cfg.image_dim)
+        vae = build_tiny_vae()
+        if layout == "diffusers":
+            _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae)
+        else:
+            _write_official(dst, cfg, tokenizer, text_encoder, image_encoder, vae)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    return dst
+
+
+def _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
+    import diffusers
+    from diffusers import UniPCMultistepScheduler
+    from transformers import CLIPImageProcessor
+
+    _save_dit(dst / "transformer", cfg, "diffusers")
+    vae.save_pretrained(dst / "vae")
+    text_encoder.save_pretrained(dst / "text_encoder")
+    tokenizer.save_pretrained(dst / "tokenizer")
+    image_encoder.save_pretrained(dst / "image_encoder")
+    CLIPImageProcessor(
+        size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+        crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3,
+    ).save_pretrained(dst / "image_processor")
+    UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000,
+    ).save_pretrained(dst / "scheduler")
+    _write_json(dst / "model_index.json", {
+        "_class_name": "WanAnimatePipeline",
+        "_diffusers_version": diffusers.__version__,
+        "image_encoder": ["transformers", "CLIPVisionModel"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanAnimateTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    })
+
+
+def _write_official(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
+    _save_dit(dst, cfg, "official")
+    torch.save(vae_to_official(vae), dst / VAE_FILE)
+    # fp32 despite the file name so both layouts of one seed hold bit-identical weights
+    torch.save(t5_to_official(text_encoder), dst / T5_FILE)
+    torch.save(clip_to_official(image_encoder), dst / CLIP_FILE)
+    tokenizer.save_pretrained(dst / T5_TOKENIZER_DIR)
