@@ -242,7 +242,9 @@ _SHARD_OF = re.compile(r"-(\d+)-of-(\d+)\.(safetensors|bin)$")
 
 def _find_weight_files(folder: Path) -> list[Path]:
     """The weight files of a model folder: from the index if there is one, else by name."""
-    indexes = sorted(folder.glob("*.safetensors.index.json")) + sorted(folder.glob("*.bin.index.json"))
+    indexes = [folder / f"{WEIGHTS_NAME}.safetensors.index.json", folder / f"{WEIGHTS_NAME}.bin.index.json"]
+    indexes = [p for p in indexes if p.is_file()] or (
+        sorted(folder.glob("*.safetensors.index.json")) + sorted(folder.glob("*.bin.index.json")))
     if indexes:
         index_path = indexes[0]
         try:
@@ -286,7 +288,8 @@ def _resolve(path: str | os.PathLike) -> _Source:
         raise CheckpointError(f"{root} does not exist.", cause="wrong path")
     folder_config = None
     if root.is_dir():
-        if (root / "transformer" / "config.json").is_file() and not any(root.glob("*.safetensors")):
+        if (root / "transformer" / "config.json").is_file() and (
+            (root / "model_index.json").is_file() or not any(root.glob("*.safetensors"))):
             root = root / "transformer"  # a diffusers pipeline folder
         if (root / "config.json").is_file():
             folder_config = json.loads((root / "config.json").read_text())
@@ -377,6 +380,8 @@ def _infer_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     if "face_adapter.fuser_blocks.0.q_norm.weight" in sd and "dim" in sizes:
         sizes["num_heads"] = sizes["dim"] // sd["face_adapter.fuser_blocks.0.q_norm.weight"].shape[0]
     res = {int(m.group(1)) for k in sd if (m := re.match(r"motion_encoder\.enc\.net_app\.convs\.(\d+)\.conv1", k))}
+    # residual blocks beyond the config's count keep their diffusers names (0-based)
+    res |= {int(m.group(1)) + 1 for k in sd if (m := re.match(r"motion_encoder\.res_blocks\.(\d+)\.conv1", k))}
     if res:
         sizes["motion_encoder_size"] = 2 ** (max(res) + 2)
     return sizes
