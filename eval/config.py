@@ -1,0 +1,148 @@
+"""Typed configuration of ``python eval/main.py`` (registered in Hydra's ConfigStore).
+
+Sweepable values sit at the top level so a sweep reads naturally::
+
+    python eval/main.py -m model_dir=M eval_set=S guide_scale=1,2 seed=0,1 steps=20 \
+        checkpoint=runs/a/checkpoints/step-1000,runs/a/checkpoints/step-2000
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker")
+# Metrics that compare against the ground-truth video (self-reconstruction sets only).
+NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd")
+SOLVERS = ("unipc", "dpm++", "euler")
+EVAL_SET_KINDS = ("auto", "shards", "pairs")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MetricsConfig:
+    # Which metrics to compute. lpips / fvd also need their weight files below.
+    names: list[str] = field(default_factory=lambda: ["psnr", "ssim", "flicker", "identity", "motion", "expression"])
+    # LPIPS: a torchvision vgg16/alexnet state dict + the lpips package's linear-head file.
+    lpips_net: str = "vgg"
+    lpips_backbone: Optional[str] = None
+    lpips_linear: Optional[str] = None
+    # FVD: the i3d_torchscript.pt detector (StyleGAN-V convention); clips of this many frames.
+    fvd_detector: Optional[str] = None
+    fvd_clip_frames: int = 16
+    # Motion / expression: a data_tools pose backend run on generated and driving frames.
+    pose_backend: str = "mediapipe"
+    pose_backend_args: dict = field(default_factory=dict)
+    keypoint_threshold: float = 0.5
+    pck_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
+    # Identity: frames sampled per video for the CLIP cosine.
+    identity_max_frames: int = 16
+
+    def __post_init__(self) -> None:
+        self.names = list(self.names)
+        unknown = [n for n in self.names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"metrics.names has unknown metrics {unknown}; choose from {list(METRICS)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"metrics.names lists a metric twice: {self.names}")
+        if "lpips" in self.names and not (self.lpips_backbone and self.lpips_linear):
+            raise ValueError(
+                "metrics.names includes 'lpips' but no weights were given: set metrics.lpips_backbone "
+                "(torchvision vgg16/alexnet state dict, e.g. vgg16-397923af.pth) and metrics.lpips_linear "
+                "(the lpips package's weights/v0.1/vgg.pth), or drop 'lpips' from metrics.names"
+            )
+        if "fvd" in self.names and not self.fvd_detector:
+            raise ValueError(
+                "metrics.names includes 'fvd' but metrics.fvd_detector is not set: give the path of "
+                "i3d_torchscript.pt, or drop 'fvd' from metrics.names"
+            )
+        if self.lpips_net not in ("vgg", "alex"):
+            raise ValueError(f"metrics.lpips_net={self.lpips_net!r}; choose 'vgg' or 'alex'")
+        if self.fvd_clip_frames < 0:
+            raise ValueError("metrics.fvd_clip_frames must be >= 0 (0 = whole videos)")
+        if not 0 <= self.keypoint_threshold <= 1:
+            raise ValueError("metrics.keypoint_threshold must be in [0, 1]")
+        self.pck_thresholds = [float(a) for a in self.pck_thresholds]
+        if not self.pck_thresholds or any(a <= 0 for a in self.pck_thresholds):
+            raise ValueError(f"metrics.pck_thresholds must be positive fractions, got {self.pck_thresholds}")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "wan-animate-eval"
+    mode: str = "offline"  # "offline" | "online" | "disabled"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb.mode={self.mode!r}; choose offline, online or disabled")
+
+
+@dataclass
+class EvalConfig:
+    # ------------------------------------------------------------------ model
+    model_dir: str = "???"  # a Wan-Animate model folder (official or diffusers layout)
+    checkpoint: Optional[str] = None  # trained DiT: checkpoints/step-N/, export/, or a .safetensors file
+    lora: Optional[str] = None  # a LoRA file (community layout)
+    lora_scale: float = 1.0
+    dtype: str = "bfloat16"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    # ------------------------------------------------------------------ eval set
+    eval_set: str = "???"  # shard folder / .tar (self-reconstruction) or a folder of pairs (cross-identity)
+    eval_set_kind: str = "auto"  # "auto" | "shards" | "pairs"
+    max_samples: int = 8  # first N usable samples (sorted by key); 0 = all
+    max_frames: int = 0  # cut every clip to its first N frames (4n+1); 0 = whole clips
+    mode: str = "animate"  # "animate" | "replace" (replace needs bg/mask streams)
+    # ------------------------------------------------------------------ sampling (the swept values)
+    steps: int = 20
+    shift: float = 5.0
+    guide_scale: float = 1.0
+    seed: int = 0
+    solver: str = "unipc"
+    clip_len: int = 77
+    refert_num: int = 1
+    prompt: Optional[str] = None  # None = the sample's caption, else the model's default prompt
+    negative_prompt: Optional[str] = None
+    # ------------------------------------------------------------------ outputs
+    out_dir: str = "eval_runs/default"  # sweep root; each cell is a subfolder named by its overrides
+    save_videos: bool = True
+    fps: float = 30.0
+    skip_finished: bool = True
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if self.model_dir in ("", "???"):
+            raise ValueError("model_dir is required: python eval/main.py model_dir=PATH eval_set=PATH")
+        if self.eval_set in ("", "???"):
+            raise ValueError("eval_set is required: a shard folder / .tar file or a folder of (image, video) pairs")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        if self.eval_set_kind not in EVAL_SET_KINDS:
+            raise ValueError(f"eval_set_kind={self.eval_set_kind!r}; choose one of {list(EVAL_SET_KINDS)}")
+        if self.mode not in ("animate", "replace"):
+            raise ValueError(f"mode={self.mode!r}; choose 'animate' or 'replace'")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver={self.solver!r}; choose one of {list(SOLVERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.shift <= 0:
+            raise ValueError(f"shift={self.shift} must be > 0 (Wan uses 5.0)")
+        if self.guide_scale < 1.0:
+            raise ValueError(f"guide_scale={self.guide_scale} must be >= 1 (1 = no classifier-free guidance)")
+        if self.max_samples < 0:
+            raise ValueError("max_samples must be >= 0 (0 = all samples)")
+        if self.max_frames < 0 or (self.max_frames and (self.max_frames - 1) % 4):
+            raise ValueError(f"max_frames={self.max_frames} must be 0 (whole clips) or 4n+1 (5, 9, ..., 77)")
+        if self.clip_len < 5 or (self.clip_len - 1) % 4:
+            raise ValueError(f"clip_len={self.clip_len} must be 4n+1 >= 5 (77 in the official model)")
+        if self.refert_num not in (1, 5):
+            raise ValueError(f"refert_num={self.refert_num} must be 1 or 5")
+        if self.fps <= 0:
+            raise ValueError("fps must be > 0")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

@@ -1,0 +1,205 @@
+"""Eval sets: what a cell generates from and compares against.
+
+* **shards** (self-reconstruction, the paper's protocol): schema-v1 shards (a folder of
+  ``shard-*.tar`` or one ``.tar``). Each sample gives its reference frame, its own pose and face
+  streams, and its video as ground truth (which is also the "driving" video for keypoints).
+* **pairs** (cross-identity, no ground truth): a folder with one subfolder per pair holding either
+  preprocessed streams ``src_ref.png``, ``src_pose.mp4``, ``src_face.mp4`` (+ ``src_bg.mp4`` /
+  ``src_mask.mp4`` for replace mode; + the driving RGB video as ``driving.mp4`` for motion and
+  expression metrics), or a raw reference image + driving video that
+  ``data_tools.preprocess_driving`` turns into those streams.
+
+Bad samples are skipped, counted and reported by key, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.pose.format import PoseSequence
+from wan_animate.video_io import VideoDecodeError, read_video, to_uint8
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+
+
+class EvalSetError(ValueError):
+    """The eval set path or layout is unusable as a whole."""
+
+
+@dataclass
+class EvalSample:
+    key: str
+    ref: np.ndarray  # uint8 [H, W, 3]
+    pose: np.ndarray  # uint8 [T, H, W, 3] rendered skeleton video
+    face: np.ndarray  # uint8 [T, S, S, 3] face crops
+    target: np.ndarray | None = None  # uint8 [T, H, W, 3] ground truth (self-reconstruction)
+    driving: np.ndarray | None = None  # uint8 [T, h, w, 3] driving RGB video (keypoint source)
+    bg: np.ndarray | None = None
+    mask: np.ndarray | None = None  # uint8 [T, H, W, 3], 255 = character
+    caption: str = ""
+    stored_keypoints: PoseSequence | None = None  # keypoints stored with the sample, if any
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.pose)
+
+
+@dataclass
+class EvalSet:
+    kind: str  # "shards" | "pairs"
+    samples: list[EvalSample]
+    skipped: list[dict]  # {"key": ..., "reason": ...}
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return bool(self.samples) and all(s.target is not None for s in self.samples)
+
+
+def _video_uint8(x) -> np.ndarray:
+    """decode_sample's float [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return to_uint8(x.permute(1, 2, 3, 0))
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file() and path.suffix == ".tar":
+        return "shards"
+    if not path.is_dir():
+        raise EvalSetError(f"eval_set {str(path)!r} is neither a .tar shard nor a folder")
+    if any(path.glob("shard-*.tar")):
+        return "shards"
+    if any(p.is_dir() for p in path.iterdir()):
+        return "pairs"
+    raise EvalSetError(f"eval_set {str(path)!r} holds no shard-*.tar files and no pair subfolders")
+
+
+def _cut(sample: EvalSample, max_frames: int) -> EvalSample:
+    if max_frames <= 0 or sample.num_frames <= max_frames:
+        return sample
+    for name in ("pose", "face", "target", "driving", "bg", "mask"):
+        v = getattr(sample, name)
+        if v is not None:
+            setattr(sample, name, v[:max_frames])
+    if sample.stored_keypoints is not None:
+        sample.stored_keypoints = sample.stored_keypoints.select(np.arange(max_frames))
+    return sample
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -> list[EvalSample]:
+    from data_tools.dataset import SampleDecodeError, decode_sample
+    from data_tools.shards import list_shards, read_shard
+
+    shards = [path] if path.is_file() else list_shards(path)
+    if not shards:
+        raise EvalSetError(f"{path}: no shard-*.tar files")
+    out: list[EvalSample] = []
+    for shard in shards:
+        for raw in sorted(read_shard(shard), key=lambda r: r["__key__"]):
+            if limit and len(out) >= limit:
+                return out
+            try:
+                d = decode_sample(raw)
+            except SampleDecodeError as e:
+                skipped.append({"key": raw.get("__key__", "?"), "reason": str(e)})
+                continue
+            video = _video_uint8(d["video"])
+            kp = d["meta"].get("keypoints")
+            s = EvalSample(
+                key=d["key"], ref=_video_uint8(d["ref"][:, None])[0], pose=_video_uint8(d["pose"]),
+                face=_video_uint8(d["face"]), target=video, driving=video, caption=d.get("caption", ""),
+                stored_keypoints=PoseSequence.from_dict(kp) if kp else None, meta=d["meta"],
+            )
+            if "bg" in d:
+                s.bg = _video_uint8(d["bg"])
+                s.mask = np.repeat((d["mask"][0].numpy() > 0.5)[..., None] * np.uint8(255), 3, axis=-1)
+            out.append(_cut(s, max_frames))
+    return out
+
+
+# ---------------------------------------------------------------------------- pairs
+
+
+def _read(path: Path) -> np.ndarray:
+    return read_video(path)[0]
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def load_pair(folder: Path, preprocess_args: dict) -> EvalSample:
+    if (folder / "src_ref.png").exists():
+        for need in ("src_pose.mp4", "src_face.mp4"):
+            if not (folder / need).exists():
+                raise EvalSetError(f"{folder}: has src_ref.png but no {need}")
+        s = EvalSample(key=folder.name, ref=_read_image(folder / "src_ref.png"),
+                       pose=_read(folder / "src_pose.mp4"), face=_read(folder / "src_face.mp4"))
+        if (folder / "src_bg.mp4").exists() and (folder / "src_mask.mp4").exists():
+            s.bg, s.mask = _read(folder / "src_bg.mp4"), _read(folder / "src_mask.mp4")
+        if (folder / "driving.mp4").exists():
+            s.driving = _read(folder / "driving.mp4")
+        if (folder / "src_keypoints.npz").exists():
+            s.stored_keypoints = PoseSequence.load_npz(folder / "src_keypoints.npz")
+        return s
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTS)
+    if len(images) != 1 or len(videos) != 1:
+        raise EvalSetError(
+            f"{folder}: a raw pair needs exactly one image and one video, found {len(images)} images and "
+            f"{len(videos)} videos (or give preprocessed src_ref.png / src_pose.mp4 / src_face.mp4)"
+        )
+    try:
+        from data_tools import preprocess_driving
+    except ImportError as e:
+        raise EvalSetError(
+            f"{folder}: raw (image, video) pairs need data_tools.preprocess_driving, which failed to import "
+            f"({e}); preprocess the pairs into src_* files first"
+        ) from e
+    out_dir = folder / "preprocessed"
+    preprocess_driving.preprocess(str(images[0]), str(videos[0]), str(out_dir), **preprocess_args)
+    s = load_pair(out_dir, preprocess_args)
+    s.key = folder.name
+    if s.driving is None:
+        s.driving = _read(videos[0])
+    return s
+
+
+def load_pairs(path: Path, limit: int, max_frames: int, skipped: list, preprocess_args: dict) -> list[EvalSample]:
+    out = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        if limit and len(out) >= limit:
+            break
+        try:
+            out.append(_cut(load_pair(folder, preprocess_args), max_frames))
+        except (EvalSetError, VideoDecodeError, OSError) as e:
+            skipped.append({"key": folder.name, "reason": str(e)})
+    return out
+
+
+def load_eval_set(path: str | os.PathLike, *, kind: str = "auto", max_samples: int = 0, max_frames: int = 0,
+                  preprocess_args: dict | None = None) -> EvalSet:
+    path = Path(path)
+    if not path.exists():
+        raise EvalSetError(f"eval_set {str(path)!r} does not exist")
+    kind = detect_kind(path) if kind == "auto" else kind
+    skipped: list[dict] = []
+    if kind == "shards":
+        samples = load_shard_samples(path, max_samples, max_frames, skipped)
+    elif kind == "pairs":
+        samples = load_pairs(path, max_samples, max_frames, skipped, preprocess_args or {})
+    else:
+        raise EvalSetError(f"eval_set_kind {kind!r}; choose shards or pairs")
+    if not samples:
+        detail = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:3])
+        raise EvalSetError(f"eval_set {str(path)!r}: no usable samples ({len(skipped)} skipped{': ' + detail if detail else ''})")
+    return EvalSet(kind=kind, samples=samples, skipped=skipped)

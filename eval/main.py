@@ -1,0 +1,68 @@
+"""Evaluate a Wan-Animate model (plus optional trained checkpoint / LoRA) on an eval set.
+
+    python eval/main.py model_dir=MODEL eval_set=SHARDS out_dir=runs/eval steps=20
+    python eval/main.py -m model_dir=MODEL eval_set=SHARDS out_dir=runs/sweep \
+        guide_scale=1,2 seed=0,1 checkpoint=ckpts/step-1000,ckpts/step-2000
+
+Every cell (one combination of overrides) writes ``OUT_DIR/<cell>/`` with ``videos/``,
+``frames/`` and ``metrics.json``; finished cells are skipped on a rerun, a failed cell is recorded
+and the sweep goes on. At the end ``OUT_DIR/report.{md,html}`` and ``results.jsonl`` are (re)built
+(also by hand: ``python -m eval.report OUT_DIR``). The exit status is 1 when any cell failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+
+# `python eval/main.py` puts eval/ first on sys.path, where config.py / data.py would shadow
+# top-level modules of the same name; use the repository root instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from eval.config import register_configs  # noqa: E402
+from eval.runner import run_cell  # noqa: E402
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")
+
+
+def cell_name(override_dirname: str) -> str:
+    """A short, filesystem-safe, deterministic folder name for a cell's overrides."""
+    if not override_dirname:
+        return "default"
+    parts = []
+    for item in override_dirname.split(","):
+        key, eq, value = item.partition("=")
+        if "/" in value or "\\" in value:  # a path: keep its tail, disambiguate with a hash
+            tail = "_".join(p for p in re.split(r"[\\/]", value.rstrip("/\\"))[-2:] if p)
+            value = f"{tail}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+        parts.append(key + eq + value)
+    name = _SAFE.sub("_", ",".join(parts))
+    if len(name) > 120:
+        name = name[:110] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+if not OmegaConf.has_resolver("eval_cell_name"):
+    OmegaConf.register_new_resolver("eval_cell_name", cell_name)
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    hc = HydraConfig.get()
+    record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    status = "skipped (finished before)" if record.get("skipped") else record["status"]
+    print(f"[eval] cell {record['cell']}: {status}" + (f" - {record['error']}" if record.get("error") else ""))
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Aggregate a sweep folder into ``results.jsonl``, ``report.md`` and a self-contained
+``report.html`` (tables, metric-vs-swept-value plots, reference | driving | generated frames; all
+images inline as base64, no external files or scripts).
+
+    python -m eval.report SWEEP_DIR [--wandb] [--wandb-project P] [--wandb-mode offline]
+
+``python eval/main.py`` runs this automatically at the end of a run / multirun (Hydra callback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import math
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from eval.config import METRICS
+from eval.runner import METRICS_FILE, json_safe
+
+log = logging.getLogger("eval.report")
+
+# Headline metrics first, in this order; True = higher is better.
+HEADLINE = {
+    "psnr": True, "ssim": True, "lpips": False, "fvd": False,
+    "body_error": False, "body_pck@0.05": True, "body_pck@0.1": True,
+    "hands_error": False, "hands_pck@0.05": True, "hands_pck@0.1": True,
+    "face_nme": False, "identity": True, "flicker": False, "temporal_error": False,
+    "heldout_loss": False,
+}
+MAX_FRAME_STRIPS = 2  # per cell in the HTML
+
+
+# ---------------------------------------------------------------------------- collect
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    key, _, value = item.partition("=")
+    return key.lstrip("+~"), value
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted(Path(sweep_dir).rglob(METRICS_FILE)):
+        if ".hydra" in path.parts:
+            continue
+        try:
+            rec = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            rec = {"status": "failed", "error": f"unreadable metrics.json ({e})", "overrides": []}
+        rec["cell"] = str(path.parent.relative_to(sweep_dir)) if path.parent != Path(sweep_dir) else "."
+        rec["_dir"] = path.parent
+        rec["params"] = dict(parse_override(o) for o in rec.get("overrides", []))
+        records.append(rec)
+    return records
+
+
+def swept_keys(records: list[dict]) -> list[str]:
+    keys = sorted({k for r in records for k in r["params"]})
+    return [k for k in keys if len({r["params"].get(k) for r in records}) > 1]
+
+
+def metric_columns(records: list[dict]) -> list[str]:
+    present = {k for r in records for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    cols = [m for m in HEADLINE if m in present]
+    extra = sorted(k for k in present - set(cols)
+                   if not k.endswith(("_points", "_frames", "_without_person", "_detected", "_clips", "_samples")))
+    return cols + extra
+
+
+def not_computed(records: list[dict]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for r in records:
+        for k, v in (r.get("not_computed") or {}).items():
+            out.setdefault(k, v)
+    computed = {k for r in records for k in (r.get("metrics") or {})}
+    return {k: v for k, v in out.items() if k not in computed and k in METRICS}
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def arrow(metric: str) -> str:
+    if metric not in HEADLINE:
+        return ""
+    return " ↑" if HEADLINE[metric] else " ↓"
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def results_rows(records: list[dict], swept: list[str], cols: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["cell", "status", *swept, *[c + arrow(c) for c in cols], "s/sample"]
+    rows = []
+    for r in records:
+        status = r.get("status", "?") + (" (cached)" if r.get("skipped") else "")
+        per = r.get("seconds_per_sample") or {}
+        rows.append([r["cell"], status, *[r["params"].get(k, "") for k in swept],
+                     *[fmt((r.get("metrics") or {}).get(c)) for c in cols],
+                     fmt(sum(per.values())) if per else "n/a"])
+    return header, rows
+
+
+def timing_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    names = sorted({k for r in records for k in (r.get("seconds_per_sample") or {})})
+    header = ["cell", *names, "cell total (s)"]
+    rows = [[r["cell"], *[fmt((r.get("seconds_per_sample") or {}).get(n)) for n in names], fmt(r.get("seconds_total"))]
+            for r in records if r.get("status") == "ok"]
+    return header, rows
+
+
+def md_table(header, rows) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header, rows) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _as_number(v: str):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str]) -> bytes | None:
+    """One figure per swept parameter: a panel per metric, a line per combination of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    metrics = [c for c in cols if any(_finite((r.get("metrics") or {}).get(c)) for r in ok)]
+    if not ok or not metrics:
+        return None
+    values = sorted({r["params"].get(param, "") for r in ok},
+                    key=lambda v: (_as_number(v) is None, _as_number(v) or 0.0, v))
+    numeric = all(_as_number(v) is not None for v in values)
+    xpos = {v: (_as_number(v) if numeric else i) for i, v in enumerate(values)}
+    others = [k for k in swept if k != param]
+    groups: dict[str, list[dict]] = {}
+    for r in ok:
+        label = ", ".join(f"{k}={r['params'].get(k, '')}" for k in others) or "all"
+        groups.setdefault(label, []).append(r)
+    ncols = min(4, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for label, rs in sorted(groups.items()):
+            pts = sorted((xpos[r["params"].get(param, "")], (r.get("metrics") or {}).get(metric)) for r in rs)
+            pts = [(x, y) for x, y in pts if _finite(y)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_title(metric + arrow(metric), fontsize=9)
+        ax.set_xlabel(param, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if not numeric:
+            ax.set_xticks(list(xpos.values()), [str(v)[:18] for v in values], rotation=20)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(labels) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+    else:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def b64_img(data: bytes, alt: str, style: str = "") -> str:
+    return (f'<img alt="{html.escape(alt)}" style="{style}" '
+            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+
+
+# ---------------------------------------------------------------------------- report
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}
+.failed{color:#b00020}.note{color:#555;font-size:13px}
+.cells{display:flex;flex-wrap:wrap;gap:16px}.cell{border:1px solid #ddd;padding:8px;border-radius:6px}
+.cell h3{font-size:13px;margin:0 0 6px 0}.strip-label{font-size:11px;color:#555}
+"""
+
+
+def build_report(sweep_dir, *, wandb_cfg=None) -> dict:
+    """Write results.jsonl, report.md and report.html into ``sweep_dir``; returns a summary."""
+    sweep_dir = Path(sweep_dir)
+    records = collect(sweep_dir)
+    swept = swept_keys(records)
+    cols = metric_columns(records)
+    skipped_metrics = not_computed(records)
+    n_ok = sum(r.get("status") == "ok" for r in records)
+    failed = [r for r in records if r.get("status") != "ok"]
+    summary = {"cells": len(records), "ok": n_ok, "failed": len(failed),
+               "cached": sum(bool(r.get("skipped")) for r in records), "swept": swept}
+
+    # results.jsonl: one line per cell
+    with open(sweep_dir / "results.jsonl", "w") as f:
+        for r in records:
+            line = {"cell": r["cell"], "status": r.get("status"), "params": r["params"],
+                    "metrics": r.get("metrics") or {}, "not_computed": r.get("not_computed") or {},
+                    "seconds_per_sample": r.get("seconds_per_sample") or {},
+                    "seconds_total": r.get("seconds_total"), "error": r.get("error")}
+            f.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
+
+    header, rows = results_rows(records, swept, cols)
+    theader, trows = timing_rows(records)
+
+    # report.md
+    md = [f"# Eval report: {sweep_dir.name}", "",
+          f"{len(records)} cells: {n_ok} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}.",
+          "↑ higher is better, ↓ lower is better; n/a = undefined for these samples.", "",
+          "## Results", "", md_table(header, rows), ""]
+    if skipped_metrics:
+        md += ["## Not computed", ""] + [f"- **{k}**: {v}" for k, v in sorted(skipped_metrics.items())] + [""]
+    if failed:
+        md += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error', 'unknown error')}" for r in failed] + [""]
+    if trows:
+        md += ["## Seconds per sample", "", md_table(theader, trows), ""]
+    (sweep_dir / "report.md").write_text("\n".join(md))
+
+    # report.html
+    parts = [f"<h1>Eval report: {html.escape(sweep_dir.name)}</h1>",
+             f"<p>{len(records)} cells: {n_ok} ok, <span class='{'failed' if failed else ''}'>{len(failed)} failed</span>;"
+             f" swept: {html.escape(', '.join(swept) or 'nothing')}. ↑ higher is better, ↓ lower is better.</p>",
+             "<h2>Results</h2>", html_table(header, rows)]
+    if skipped_metrics:
+        parts.append("<h2>Not computed</h2><ul>" + "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in sorted(skipped_metrics.items())) + "</ul>")
+    if failed:
+        parts.append("<h2>Failed cells</h2><ul>" + "".join(
+            f"<li class='failed'><code>{html.escape(r['cell'])}</code>: {html.escape(str(r.get('error')))}</li>"
+            for r in failed) + "</ul>")
+    plots = [(p, plot_png(records, p, swept, cols)) for p in swept]
+    plots = [(p, png) for p, png in plots if png]
+    if plots:
+        parts.append("<h2>Metrics against swept values</h2>")
+        parts += [f"<h3>{html.escape(p)}</h3>" + b64_img(png, f"metrics vs {p}", "max-width:100%") for p, png in plots]
+    strips = []
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        pngs = sorted((r["_dir"] / "frames").glob("*.png"))[:MAX_FRAME_STRIPS]
+        if pngs:
+            imgs = "".join(f"<div class='strip-label'>{html.escape(p.stem)}</div>" + b64_img(p.read_bytes(), p.stem)
+                           for p in pngs)
+            strips.append(f"<div class='cell'><h3>{html.escape(r['cell'])}</h3>"
+                          "<div class='strip-label'>reference | driving | generated (middle frame)</div>"
+                          f"{imgs}</div>")
+    if strips:
+        parts.append("<h2>Frames</h2><div class='cells'>" + "".join(strips) + "</div>")
+    if trows:
+        parts += ["<h2>Seconds per sample</h2>", html_table(theader, trows)]
+    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           f"<title>Eval report: {html.escape(sweep_dir.name)}</title><style>{CSS}</style></head>"
+           f"<body>{''.join(parts)}</body></html>")
+    (sweep_dir / "report.html").write_text(doc, encoding="utf-8")
+
+    if wandb_cfg is not None and wandb_cfg.get("enabled"):
+        log_wandb(sweep_dir, header, rows, wandb_cfg)
+    return summary
+
+
+def log_wandb(sweep_dir: Path, header, rows, wandb_cfg) -> None:
+    import wandb
+
+    run = wandb.init(project=wandb_cfg.get("project", "wan-animate-eval"), mode=wandb_cfg.get("mode", "offline"),
+                     dir=str(sweep_dir), name=f"eval-{sweep_dir.name}", job_type="eval", reinit=True)
+    run.log({"eval/results": wandb.Table(columns=[str(h) for h in header], data=rows)})
+    run.finish()
+
+
+class ReportCallback(Callback):
+    """Builds the report after ``python eval/main.py`` (single run or multirun)."""
+
+    def on_run_end(self, config, **kwargs) -> None:
+        self._report(config.out_dir, config)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        self._report(config.hydra.sweep.dir, config)
+
+    @staticmethod
+    def _report(sweep_dir, config) -> None:
+        from omegaconf import OmegaConf
+
+        wandb_cfg = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else None
+        summary = build_report(sweep_dir, wandb_cfg=wandb_cfg)
+        print(f"[eval] {summary['cells']} cells: {summary['ok']} ok ({summary['cached']} cached), "
+              f"{summary['failed']} failed; report: {Path(sweep_dir) / 'report.html'}")
+        if summary["failed"]:
+            raise SystemExit(1)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--wandb", action="store_true", help="also log a wandb table")
+    ap.add_argument("--wandb-project", default="wan-animate-eval")
+    ap.add_argument("--wandb-mode", default="offline", choices=["offline", "online", "disabled"])
+    a = ap.parse_args(argv)
+    if not Path(a.sweep_dir).is_dir():
+        raise SystemExit(f"{a.sweep_dir}: not a folder")
+    summary = build_report(a.sweep_dir, wandb_cfg={"enabled": a.wandb, "project": a.wandb_project,
+                                                   "mode": a.wandb_mode})
+    print(json.dumps(summary))
+    print(f"wrote {Path(a.sweep_dir) / 'report.md'}, report.html, results.jsonl")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
