@@ -131,11 +131,13 @@ def flow_matching_loss(
     x0 = batch["latents"]
     b = x0.shape[0]
     device = x0.device
+    # draws happen on the generator's device (CPU generators keep CPU and GPU runs identical)
+    draw_device = generator.device if generator is not None else device
     if timesteps is None:
-        timesteps = sample_timesteps(b, cfg, generator=generator, device=device)
+        timesteps = sample_timesteps(b, cfg, generator=generator, device=draw_device)
     timesteps = timesteps.to(device=device, dtype=torch.float32)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=torch.float32)
     noise = noise.to(device)
 
     x_t = add_noise(x0.float(), noise, timesteps)  # [B, 16, T+1, h, w]

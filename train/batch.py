@@ -1,0 +1,107 @@
+"""Training examples -> DiT inputs, with the frozen encoders (no gradients) and the one shared
+conditioning builder (``wan_animate.conditioning``).
+
+Raw examples carry pixels and are encoded here on the fly; cached examples carry latents and
+embeddings and skip every encoder. Both end as the batch ``train.loss.flow_matching_loss`` takes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+
+from wan_animate import conditioning
+
+
+@torch.no_grad()
+def build_dit_inputs(examples: list[dict], encoders: Any, device: torch.device, dtype: torch.dtype,
+                     clip_len: int) -> dict[str, torch.Tensor]:
+    """``examples`` (one micro-batch, same bucket) -> ``{latents, context, clip_fea, y,
+    pose_latents, face_pixel_values[, face_region], noise_seeds}`` on ``device``.
+
+    ``encoders`` has ``vae`` / ``text_encoder`` / ``image_encoder`` (``AnimatePipeline`` or any
+    object with those attributes); it may be ``None`` for cached examples.
+    """
+    if examples[0].get("cached"):
+        return _build_cached(examples, device, dtype)
+    vae = encoders.vae
+    video = torch.stack([e["video"] for e in examples]).to(device)  # [B, 3, F, H, W]
+    pose = torch.stack([e["pose"] for e in examples]).to(device)
+    ref = torch.stack([e["ref"] for e in examples]).to(device)  # [B, 3, H, W]
+    face = torch.stack([e["face"] for e in examples]).to(device)  # [B, 3, F, S, S]
+
+    target_latents = vae.encode(video)  # [B, 16, T, h, w]
+    ref_latent = vae.encode(ref.unsqueeze(2))  # [B, 16, 1, h, w]
+    pose_latents = vae.encode(pose)
+    ys = []
+    for i, e in enumerate(examples):
+        n = e["num_given"]
+        ys.append(conditioning.encode_condition(
+            vae, ref[i: i + 1], clip_len=clip_len, mode=e["mode"],
+            prev_frames=video[i: i + 1, :, :n] if n else None,
+            bg_video=e["bg"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
+            character_mask=e["mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
+            ref_latent=ref_latent[i: i + 1],
+        ))
+    y = torch.cat(ys)
+    context = encoders.text_encoder.encode([e["caption"] for e in examples]).to(device)
+    clip_fea = encoders.image_encoder.encode(ref).to(device)
+    batch = {
+        "latents": torch.cat([ref_latent, target_latents], dim=2).to(dtype),  # [B, 16, T+1, h, w]
+        "context": context.to(dtype),
+        "clip_fea": clip_fea.to(dtype),
+        "y": y.to(dtype),
+        "pose_latents": pose_latents.to(dtype),
+        "face_pixel_values": face.to(dtype),
+    }
+    _add_common(batch, examples, device)
+    return batch
+
+
+def _build_cached(examples: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    ys = []
+    for e in examples:
+        ref = e["ref_latent"].unsqueeze(0).to(device)
+        if ref.ndim == 4:
+            ref = ref.unsqueeze(2)
+        ys.append(conditioning.build_condition(
+            ref, e["temporal_latent"].unsqueeze(0).to(device), num_given=e["num_given"], mode=e["mode"],
+            character_mask=e["char_mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
+        ))
+    refs = []
+    for e in examples:
+        r = e["ref_latent"]
+        refs.append(r if r.ndim == 4 else r.unsqueeze(1))
+    batch = {
+        "latents": torch.cat([torch.stack(refs), torch.stack([e["latents_target"] for e in examples])], dim=2)
+        .to(device, dtype),
+        "context": torch.stack([e["context"] for e in examples]).to(device, dtype),
+        "clip_fea": torch.stack([e["clip_fea"] for e in examples]).to(device, dtype),
+        "y": torch.cat(ys).to(dtype),
+        "pose_latents": torch.stack([e["pose_latents"] for e in examples]).to(device, dtype),
+        "face_pixel_values": torch.stack([e["face"] for e in examples]).to(device, dtype),
+    }
+    _add_common(batch, examples, device)
+    return batch
+
+
+def _add_common(batch: dict, examples: list[dict], device: torch.device) -> None:
+    if all("face_region" in e for e in examples):
+        batch["face_region"] = torch.stack([e["face_region"] for e in examples]).to(device)
+    batch["noise_seeds"] = [int(e["noise_seed"]) for e in examples]
+    batch["keys"] = [e["key"] for e in examples]
+
+
+def fixed_draw(batch: dict, loss_cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timestep + noise per sample from its key (``train.fixed_noise_per_sample``)."""
+    from train.loss import sample_timesteps
+
+    ts, noises = [], []
+    shape = batch["latents"].shape[1:]
+    for key in batch["keys"]:
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        ts.append(sample_timesteps(1, loss_cfg, generator=g))
+        noises.append(torch.randn(shape, generator=g))
+    return torch.cat(ts).to(device), torch.stack(noises).to(device)

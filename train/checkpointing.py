@@ -1,0 +1,126 @@
+"""Training checkpoints that are never half-loaded.
+
+Layout: ``<output_dir>/checkpoints/step-<N>/`` holding accelerate's state (model, optimizer,
+scheduler, per-rank RNG; DeepSpeed engines write their partitions), ``trainer_state.json``
+(step, data position, counters), ``rng-rank<R>.safetensors`` (our noise generator per rank) and
+``ema.safetensors`` (if EMA is on). Everything is written into ``.tmp-step-<N>``; rank 0 renames it
+and writes ``COMPLETE`` last. Folders without ``COMPLETE`` are ignored (and cleaned up); only the
+newest ``keep_last`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMPLETE = "COMPLETE"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_complete(output_dir: str | Path) -> list[tuple[int, Path]]:
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_complete(output_dir: str | Path) -> tuple[int, Path] | None:
+    found = list_complete(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(acc, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
+                    generator: torch.Generator, ema: dict[str, torch.Tensor] | None, keep_last: int,
+                    rank_state: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    from safetensors.torch import save_file
+
+    root = checkpoints_dir(output_dir)
+    tmp = root / f".tmp-step-{step}"
+    final = root / f"step-{step}"
+    if acc.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    save_file({"state": generator.get_state()}, str(tmp / f"rng-rank{acc.process_index}.safetensors"))
+    (tmp / f"rank{acc.process_index}.json").write_text(json.dumps(rank_state or {}))
+    if acc.is_main_process:
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if final.exists():  # an older, incomplete or superseded copy of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        (final / COMPLETE).write_text(json.dumps({"step": step}))
+        _fsync_dir(final)
+        prune(output_dir, keep_last)
+    acc.wait_for_everyone()
+    return final
+
+
+def prune(output_dir: str | Path, keep_last: int) -> None:
+    complete = list_complete(output_dir)
+    for _, path in complete[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoints_dir(output_dir)
+    newest = complete[-1][0] if complete else -1
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        # incomplete folders older than the newest complete one are leftovers of killed runs
+        if m and not (p / COMPLETE).is_file() and int(m.group(1)) <= newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(acc, path: Path, generator: torch.Generator
+                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Collective. Restores accelerate state + our generator; returns (trainer_state, this rank's
+    state (data position), ema or None)."""
+    from safetensors.torch import load_file
+
+    if not (path / COMPLETE).is_file():
+        raise RuntimeError(f"{path} has no {COMPLETE} mark; refusing to load a half-written checkpoint.")
+    acc.load_state(str(path))
+    rng_file = path / f"rng-rank{acc.process_index}.safetensors"
+    if not rng_file.is_file():
+        raise RuntimeError(
+            f"{rng_file} missing: the checkpoint was written by a run with fewer ranks; exact resume needs "
+            "the same number of processes."
+        )
+    generator.set_state(load_file(str(rng_file))["state"])
+    state = json.loads((path / "trainer_state.json").read_text())
+    rank_state = json.loads((path / f"rank{acc.process_index}.json").read_text())
+    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
+    return state, rank_state, ema
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

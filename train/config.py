@@ -1,0 +1,319 @@
+"""Typed training configuration, registered in Hydra's ConfigStore.
+
+Every group of ``conf/`` (model, data, optim, lora, train, loss) maps to one dataclass here.
+Hydra composes YAML + command-line overrides against these schemas (type errors are caught by
+OmegaConf); ``to_config`` then builds the dataclasses, whose ``__post_init__`` checks values and
+cross-field combinations **before any model is loaded**, with messages that say what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from train.loss import LossConfig
+
+MODES = ("full", "adapters_only", "lora")
+PRECISIONS = ("fp32", "bf16")
+DATA_SOURCES = ("synthetic", "shards", "cached")
+SCHEDULERS = ("constant", "cosine", "linear")
+DISTRIBUTED = ("auto", "ddp", "deepspeed", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message says what to change."""
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+@dataclass
+class ModelConfig:
+    # Model folder (official or diffusers layout, with VAE/text/image encoders). Empty -> the
+    # quick-start tiny random model folder, written on first use.
+    path: Optional[str] = None
+    # Size used when ``path`` is empty (a WanAnimateConfig preset: tiny, tiny_b, 14b) and by the
+    # benchmark's reduced-layer builds.
+    preset: str = "tiny"
+    num_layers: Optional[int] = None  # override the preset's depth (benchmarks, smoke tests)
+    activation_checkpointing: bool = False  # per DiT block, applied from outside the model
+    init_seed: int = 0  # seed of the quick-start random model
+
+    def __post_init__(self) -> None:
+        from wan_animate.config import PRESETS
+
+        if self.path is None and self.preset not in PRESETS:
+            _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)} or set model.path.")
+        if self.num_layers is not None and self.num_layers < 1:
+            _fail(f"model.num_layers={self.num_layers} must be >= 1 (or null for the preset's depth).")
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | shards (raw, encoded on the fly) | cached (latents)
+    # Shard locations: directories, globs, brace patterns, files, or ``pipe:`` commands.
+    urls: list[str] = field(default_factory=list)
+    # Synthetic quick-start dataset (written under train.cache_dir on first use).
+    synthetic_clips: int = 4
+    synthetic_frames: int = 13
+    synthetic_height: int = 32
+    synthetic_width: int = 32
+    clip_len: int = 9  # pixel frames per training clip, 4n+1 (77 for the real model)
+    # Resolution buckets [[H, W], ...]; each sample goes to the bucket nearest its aspect ratio
+    # and is resized/centre-cropped to it. Empty -> one bucket at synthetic size / sample size.
+    buckets: list[list[int]] = field(default_factory=list)
+    face_size: int = 0  # face crop side fed to the DiT; 0 -> the model's motion_encoder_size
+    shuffle_buffer: int = 16
+    num_workers: int = 0
+    # Conditioning recipe
+    temporal_ref_prob: float = 0.5  # probability of giving ground-truth first frames
+    refert_nums: list[int] = field(default_factory=lambda: [1, 5])
+    text_dropout: float = 0.1  # -> empty prompt
+    face_dropout: float = 0.1  # -> face pixels all -1
+    replace_prob: float = 0.5  # replace-mode probability for samples that carry bg+mask
+    default_caption: str = "视频中的人在做动作"
+    max_skipped_fraction: float = 0.5  # stop when more than this share of samples fails to decode
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            _fail(f"data.source={self.source!r}; choose one of {DATA_SOURCES}.")
+        if self.source in ("shards", "cached") and not self.urls:
+            _fail(f"data.source={self.source} needs data.urls=[...] (shard directories, globs or pipe: URLs).")
+        if self.clip_len < 5 or (self.clip_len - 1) % 4:
+            _fail(f"data.clip_len={self.clip_len} must be 4n+1 and >= 5 (e.g. 5, 9, ..., 77).")
+        if self.source == "synthetic":
+            if self.synthetic_clips < 1:
+                _fail("data.synthetic_clips must be >= 1.")
+            if self.synthetic_frames < self.clip_len:
+                _fail(f"data.synthetic_frames={self.synthetic_frames} < data.clip_len={self.clip_len}; raise it.")
+            if self.synthetic_height % 16 or self.synthetic_width % 16:
+                _fail("data.synthetic_height/width must be multiples of 16.")
+        for b in self.buckets:
+            if len(b) != 2 or b[0] % 16 or b[1] % 16 or min(b) < 16:
+                _fail(f"data.buckets entry {b} must be [H, W] with multiples of 16.")
+        for name in ("temporal_ref_prob", "text_dropout", "face_dropout", "replace_prob", "max_skipped_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                _fail(f"data.{name}={v} must be in [0, 1].")
+        if not self.refert_nums or any(n < 1 or n >= self.clip_len for n in self.refert_nums):
+            _fail(f"data.refert_nums={self.refert_nums} must be non-empty with 1 <= n < clip_len={self.clip_len}.")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            _fail("data.num_workers and data.shuffle_buffer must be >= 0.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # DiT trunk (full mode) / LoRA factors (lora mode)
+    adapter_lr: Optional[float] = None  # pose/face adapters; null -> lr
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear floor as a fraction of lr
+    ema_decay: float = 0.0  # 0 disables the EMA of trained weights
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            _fail(f"optim.lr={self.lr} must be >= 0.")
+        if self.adapter_lr is not None and self.adapter_lr < 0:
+            _fail(f"optim.adapter_lr={self.adapter_lr} must be >= 0.")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail(f"optim.betas={self.betas} must be two values in [0, 1).")
+        if self.scheduler not in SCHEDULERS:
+            _fail(f"optim.scheduler={self.scheduler!r}; choose one of {SCHEDULERS}.")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            _fail("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0.")
+        if not 0 <= self.ema_decay < 1:
+            _fail(f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0 disables EMA).")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 16
+    alpha: Optional[float] = None  # null -> rank (scale 1)
+    dropout: float = 0.0
+    # Official module names or regexes over them; empty -> every block linear except face and
+    # modulation layers (the official relighting LoRA's targets).
+    targets: list[str] = field(default_factory=list)
+    train_adapters: bool = True  # also train pose/face adapters fully (at optim.adapter_lr)
+    init_from: Optional[str] = None  # community-layout file to continue from
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            _fail(f"lora.rank={self.rank} must be >= 1.")
+        if self.alpha is not None and self.alpha <= 0:
+            _fail(f"lora.alpha={self.alpha} must be > 0 (or null for alpha = rank).")
+        if not 0 <= self.dropout < 1:
+            _fail(f"lora.dropout={self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class TrainSettings:
+    mode: str = "full"  # full | adapters_only | lora
+    max_steps: int = 60
+    output_dir: str = "outputs/quickstart"
+    cache_dir: Optional[str] = None  # quick-start model + synthetic data; null -> <output_dir>/cache
+    checkpoint_every: int = 30
+    keep_last: int = 2
+    seed: int = 0
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (mixed precision through accelerate / DeepSpeed)
+    distributed: str = "auto"  # auto (from `accelerate launch`) | ddp | deepspeed | none
+    log_every: int = 1
+    validate_every: int = 0  # 0 -> only at the end
+    validation: bool = True
+    validation_steps: int = 4  # sampler steps of the validation video
+    max_consecutive_nonfinite: int = 5
+    resume: bool = True  # rerunning the same command continues from the newest complete checkpoint
+    wandb: bool = False  # on -> online; off -> offline run files under output_dir/wandb
+    wandb_project: str = "wan-animate"
+    export: bool = True  # write output_dir/export/ at the end
+    export_layouts: list[str] = field(default_factory=lambda: ["official", "diffusers"])
+    progress: bool = True
+    # Debug / overfit checks: one fixed noise + timestep draw per sample (keyed by its index), so
+    # the loss of a memorised set can go to ~0 instead of plateauing at the flow-matching noise floor.
+    fixed_noise_per_sample: bool = False
+    # Flop-count basis of the MFU figure (peak TFLOP/s per device); 0 -> guess from the device.
+    peak_tflops: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            _fail(f"train.mode={self.mode!r}; choose one of {MODES}.")
+        if self.max_steps < 1:
+            _fail(f"train.max_steps={self.max_steps} must be >= 1.")
+        if not self.output_dir:
+            _fail("train.output_dir must be a folder path.")
+        if self.checkpoint_every < 0:
+            _fail(f"train.checkpoint_every={self.checkpoint_every} must be >= 0 (0 -> only at the end).")
+        if self.keep_last < 1:
+            _fail(f"train.keep_last={self.keep_last} must be >= 1.")
+        if self.micro_batch_size < 1:
+            _fail(f"train.micro_batch_size={self.micro_batch_size} must be >= 1.")
+        if self.grad_accum < 1:
+            _fail(f"train.grad_accum={self.grad_accum} must be >= 1.")
+        if self.precision not in PRECISIONS:
+            _fail(f"train.precision={self.precision!r}; choose one of {PRECISIONS}.")
+        if self.distributed not in DISTRIBUTED:
+            _fail(f"train.distributed={self.distributed!r}; choose one of {DISTRIBUTED}.")
+        if self.log_every < 1 or self.validate_every < 0 or self.validation_steps < 1:
+            _fail("train.log_every >= 1, train.validate_every >= 0 and train.validation_steps >= 1 are required.")
+        if self.max_consecutive_nonfinite < 1:
+            _fail("train.max_consecutive_nonfinite must be >= 1.")
+        bad = [x for x in self.export_layouts if x not in ("official", "diffusers")]
+        if bad:
+            _fail(f"train.export_layouts has {bad}; allowed: official, diffusers.")
+
+
+# ---------------------------------------------------------------------------- root
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
+    experiment_name: Optional[str] = None  # the preset that composed this config (informational)
+
+    def __post_init__(self) -> None:
+        t, d = self.train, self.data
+        if t.checkpoint_every and t.checkpoint_every > t.max_steps:
+            _fail(
+                f"train.checkpoint_every={t.checkpoint_every} > train.max_steps={t.max_steps}: no "
+                "intermediate checkpoint would be written; lower it or set 0 (end only)."
+            )
+        if t.mode == "lora" and self.lora.init_from is not None and not self.lora.init_from.endswith(".safetensors"):
+            _fail(f"lora.init_from={self.lora.init_from} must be a .safetensors LoRA file.")
+        if t.mode != "lora" and self.lora.init_from:
+            _fail(f"lora.init_from is set but train.mode={t.mode}; set train.mode=lora or drop lora.init_from.")
+        if t.mode == "adapters_only" and self.optim.adapter_lr == 0:
+            _fail("train.mode=adapters_only with optim.adapter_lr=0 trains nothing; raise optim.adapter_lr.")
+        if d.source == "synthetic" and d.buckets:
+            for b in d.buckets:
+                if b[0] > d.synthetic_height * 4 or b[1] > d.synthetic_width * 4:
+                    _fail(f"data.buckets {b} is far larger than the synthetic clips; drop data.buckets.")
+        if self.model.path is None and self.model.preset == "14b" and d.source == "synthetic" and t.max_steps > 0:
+            # A 14B random model is never what a quick start wants; guard against half-edited presets.
+            _fail(
+                "model.preset=14b without model.path would build a random 14B model; set model.path to the "
+                "Wan2.2-Animate-14B folder (or model=tiny for the quick start)."
+            )
+
+    @property
+    def cache_dir(self) -> str:
+        import os
+
+        return self.train.cache_dir or os.path.join(self.train.output_dir, "cache")
+
+
+# ---------------------------------------------------------------------------- Hydra glue
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/train.yaml`` composes against it (``- base_config`` default)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
+    """Composed Hydra config -> validated dataclasses (raises ``ConfigError`` with the fix)."""
+    if isinstance(cfg, DictConfig):
+        container = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        container = dict(cfg)
+    container.pop("hydra", None)
+    sections = {
+        "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "lora": LoraSettings,
+        "train": TrainSettings, "loss": LossConfig,
+    }
+    kwargs: dict[str, Any] = {}
+    for name, cls in sections.items():
+        values = dict(container.pop(name, {}) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            _fail(f"Unknown key(s) {[f'{name}.{u}' for u in unknown]}; known {name}.* keys: {sorted(known)}.")
+        try:
+            kwargs[name] = cls(**values)
+        except TypeError as e:  # pragma: no cover - OmegaConf normally catches types first
+            _fail(f"{name}: {e}")
+    kwargs["experiment_name"] = container.pop("experiment_name", None)
+    if container:
+        _fail(f"Unknown top-level key(s) {sorted(container)}; groups are {sorted(sections)}.")
+    return Config(**kwargs)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> Config:
+    """Compose ``conf/train.yaml`` with overrides outside of ``@hydra.main`` (tests, notebooks)."""
+    import os
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = hydra_compose(config_name="train", overrides=list(overrides or []))
+    return to_config(cfg)

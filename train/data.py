@@ -1,0 +1,431 @@
+"""Training data: webdataset shards -> resolution-bucketed, deterministic, resumable batches.
+
+Design (what makes exact resume and multi-rank splitting work):
+
+* The stream is infinite: epoch ``e`` visits the shard list in an order shuffled by ``(seed, e)``.
+  With at least ``world * workers`` shards each (rank, worker) reads its own shards; with fewer
+  (small data sets, the quick start) every reader sees all shards and keeps the samples whose
+  running index falls to it, so ranks never train on the same sample in one epoch.
+* A small seeded shuffle buffer mixes samples; each sample's random choices (clip window,
+  condition dropout, temporal reference, replace mode) come from a generator seeded by
+  ``(seed, epoch, sample index)``, so they do not depend on the worker count.
+* Samples are grouped by resolution bucket from their ``json`` (no video decoding); a bucket
+  emits a batch once it holds ``micro_batch_size`` samples. Only emitted batches are decoded, so
+  skipping ``n`` batches on resume is cheap. The position saved in checkpoints is the number of
+  batches this rank consumed; workers are read round-robin by the DataLoader, so worker ``w``
+  skips the batches ``k < n`` with ``k % workers == w``.
+* A sample that fails to decode is dropped from its batch and counted (``data/skipped``).
+
+Raw shards (schema v1, ``data_tools.dataset.decode_sample``) give pixels; cached shards
+(``decode_cached_sample``) give latents and embeddings. ``train.batch`` turns either into DiT inputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.config import DataConfig
+
+# ---------------------------------------------------------------------------- URLs
+
+
+def resolve_urls(urls: list[str]) -> list[str]:
+    """Directories -> their ``*.tar`` shards; globs expanded; brace patterns expanded; ``pipe:``,
+    ``http(s)://`` and other URLs kept as given. Raises when nothing is found."""
+    from webdataset.shardlists import expand_urls
+
+    out: list[str] = []
+    for url in urls:
+        if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
+            out.extend(expand_urls(url))
+            continue
+        for item in expand_urls(url):
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(str(x) for x in p.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards.")
+                out.extend(found)
+            elif any(c in item for c in "*?["):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise FileNotFoundError(f"data.urls: pattern {item} matches no file.")
+                out.extend(found)
+            elif p.is_file():
+                out.append(str(p))
+            else:
+                raise FileNotFoundError(f"data.urls: {item} does not exist (give shard files, folders, globs or pipe: URLs).")
+    if not out:
+        raise FileNotFoundError("data.urls resolved to no shard.")
+    return out
+
+
+def text_embeds_path(urls: list[str]) -> Path | None:
+    """``text_embeds.safetensors`` at the root of a cached data set (next to its shards)."""
+    for url in urls:
+        if url.startswith("pipe:"):
+            continue
+        p = Path(url)
+        for cand in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+            if (cand / "text_embeds.safetensors").is_file():
+                return cand / "text_embeds.safetensors"
+    return None
+
+
+# ---------------------------------------------------------------------------- buckets
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    aspect = math.log(height / width)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
+
+
+def _resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """Resize ``x [..., H, W]`` to cover ``size`` then centre-crop to it."""
+    h, w = x.shape[-2:]
+    th, tw = size
+    if (h, w) == (th, tw):
+        return x
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, 1, h, w).float()
+    if mode == "nearest":
+        flat = F.interpolate(flat, size=(nh, nw), mode="nearest")
+    else:
+        flat = F.interpolate(flat, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    flat = flat[..., top: top + th, left: left + tw]
+    return flat.reshape(*lead, th, tw)
+
+
+def _crop_box_map(h: int, w: int, size: tuple[int, int]) -> tuple[float, float, float]:
+    """(scale, top, left) of ``_resize_crop`` for mapping pixel boxes."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    return scale, (nh - th) // 2, (nw - tw) // 2
+
+
+def face_region_map(boxes: list | None, frame_start: int, clip_len: int, src_hw: tuple[int, int],
+                    size: tuple[int, int]) -> torch.Tensor | None:
+    """Face boxes (pixels, per source frame) -> ``[T_lat, h, w]`` mask on the latent grid of the
+    target slots (latent frame 0 = pixel frame 0, latent frame j = pixel frames 4j-3..4j)."""
+    if not boxes:
+        return None
+    scale, top, left = _crop_box_map(*src_hw, size)
+    th, tw = size
+    lh, lw = th // 8, tw // 8
+    t_lat = (clip_len - 1) // 4 + 1
+    out = torch.zeros(t_lat, lh, lw)
+    for j in range(t_lat):
+        frames = [0] if j == 0 else range(4 * j - 3, 4 * j + 1)
+        for f in frames:
+            idx = frame_start + f
+            if idx >= len(boxes) or boxes[idx] is None:
+                continue
+            x1, y1, x2, y2 = [float(v) for v in boxes[idx][:4]]
+            x1, x2 = (x1 * scale - left) / 8, (x2 * scale - left) / 8
+            y1, y2 = (y1 * scale - top) / 8, (y2 * scale - top) / 8
+            c1, c2 = max(0, int(math.floor(x1))), min(lw, int(math.ceil(x2)))
+            r1, r2 = max(0, int(math.floor(y1))), min(lh, int(math.ceil(y2)))
+            if c2 > c1 and r2 > r1:
+                out[j, r1:r2, c1:c2] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------- per-sample recipe
+
+
+@dataclass
+class StreamSpec:
+    urls: list[str]
+    cfg: DataConfig
+    micro_batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    face_size: int = 32
+    default_size: tuple[int, int] | None = None  # bucket when data.buckets is empty and sizes vary
+    fixed_noise_per_sample: bool = False
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index, 0x5EED])
+
+
+def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: np.random.Generator) -> dict:
+    """Decoded raw sample -> one training example at bucket ``size`` (all random choices from ``rng``)."""
+    cfg = spec.cfg
+    video = sample["video"]  # [3, T, H, W]
+    total = video.shape[1]
+    clip_len = cfg.clip_len
+    if total < clip_len:
+        raise ValueError(f"sample {sample['key']!r} has {total} frames < data.clip_len={clip_len}")
+    start = int(rng.integers(0, total - clip_len + 1))
+    sl = slice(start, start + clip_len)
+    src_hw = tuple(video.shape[-2:])
+    ex: dict[str, Any] = {"key": sample["key"]}
+    ex["video"] = _resize_crop(video[:, sl], size)
+    ex["pose"] = _resize_crop(sample["pose"][:, sl], size)
+    ex["ref"] = _resize_crop(sample["ref"], size)
+    face = sample["face"][:, sl]
+    if face.shape[-1] != spec.face_size or face.shape[-2] != spec.face_size:
+        face = _resize_crop(face, (spec.face_size, spec.face_size))
+    replace = "bg" in sample and rng.random() < cfg.replace_prob
+    ex["mode"] = "replace" if replace else "animate"
+    if replace:
+        ex["bg"] = _resize_crop(sample["bg"][:, sl], size)
+        ex["mask"] = _resize_crop(sample["mask"][:, sl], size, mode="nearest")
+    ex["num_given"] = int(rng.choice(cfg.refert_nums)) if rng.random() < cfg.temporal_ref_prob else 0
+    caption = sample.get("caption") or cfg.default_caption
+    ex["caption"] = "" if rng.random() < cfg.text_dropout else caption
+    if rng.random() < cfg.face_dropout:
+        face = torch.full_like(face, -1.0)
+    ex["face"] = face
+    region = face_region_map(sample["meta"].get("face_boxes"), start, clip_len, src_hw, size)
+    if region is not None:
+        ex["face_region"] = region
+    ex["noise_seed"] = int(rng.integers(0, 2**62))
+    return ex
+
+
+def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
+    """Decoded cached sample -> one training example (latents as cached; no resizing)."""
+    cfg = spec.cfg
+    ex: dict[str, Any] = {"key": sample["key"], "cached": True}
+    ex["latents_target"] = sample["target"]
+    ex["pose_latents"] = sample["pose"]
+    ex["ref_latent"] = sample["ref"]
+    ex["clip_fea"] = sample["clip"]
+    replace = "char_mask" in sample and rng.random() < cfg.replace_prob
+    ex["mode"] = "replace" if replace else "animate"
+    prefix = "cond_replace_r" if replace else "cond_r"
+    options = [n for n in cfg.refert_nums if f"{prefix}{n}" in sample]
+    n = int(rng.choice(options)) if options and rng.random() < cfg.temporal_ref_prob else 0
+    if f"{prefix}{n}" not in sample:
+        raise ValueError(f"cached sample {sample['key']!r} lacks {prefix}{n}; re-run cache_latents.")
+    ex["num_given"] = n
+    ex["temporal_latent"] = sample[f"{prefix}{n}"]
+    if replace:
+        ex["char_mask"] = sample["char_mask"]
+    drop_text = rng.random() < cfg.text_dropout
+    if drop_text and "text_empty" not in sample:
+        raise ValueError("data.text_dropout > 0 needs the empty-prompt embedding in text_embeds.safetensors.")
+    ex["context"] = sample["text_empty"] if drop_text else sample["text"]
+    face = sample["face"]
+    clip_frames = 4 * (sample["target"].shape[1] - 1) + 1
+    face = face[:, :clip_frames]
+    if face.shape[-1] != spec.face_size:
+        face = _resize_crop(face, (spec.face_size, spec.face_size))
+    if rng.random() < cfg.face_dropout:
+        face = torch.full_like(face, -1.0)
+    ex["face"] = face
+    ex["noise_seed"] = int(rng.integers(0, 2**62))
+    return ex
+
+
+# ---------------------------------------------------------------------------- stream
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Infinite, deterministic stream of lists of training examples (one list = one micro-batch)."""
+
+    def __init__(self, spec: StreamSpec, start_batch: int = 0):
+        super().__init__()
+        self.spec = spec
+        self.start_batch = start_batch
+        self.cached = spec.cfg.source == "cached"
+        self._text_embeds = None
+        if spec.cfg.buckets:
+            self.buckets = [tuple(b) for b in spec.cfg.buckets]
+        else:
+            self.buckets = None
+
+    # -- raw member iteration
+    def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
+        from webdataset.tariterators import tarfile_samples
+
+        return tarfile_samples(({"url": u} for u in urls))
+
+    def _bucket_of(self, raw: dict) -> tuple[int, int]:
+        if self.cached:
+            from safetensors import safe_open  # noqa: F401  (shape only needs the header)
+
+            meta = json.loads(raw["json"])
+            lat = meta.get("latent_shape")
+            if lat:
+                return (int(lat[-2]) * 8, int(lat[-1]) * 8)
+            return (int(meta.get("height", 0)), int(meta.get("width", 0)))
+        meta = json.loads(raw["json"])
+        h, w = int(meta["height"]), int(meta["width"])
+        if self.buckets:
+            return nearest_bucket(h, w, self.buckets)
+        return self.spec.default_size or (h, w)
+
+    def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
+        from data_tools.dataset import decode_cached_sample, decode_sample
+
+        rng = _sample_rng(self.spec.seed, epoch, index)
+        if self.cached:
+            if self._text_embeds is None:
+                from data_tools.dataset import load_text_embeds
+
+                path = text_embeds_path(self.spec.urls)
+                if path is None:
+                    raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
+                self._text_embeds = load_text_embeds(path)[0]
+            ex = preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
+        else:
+            ex = preprocess_raw(decode_sample(raw), self.spec, size, rng)
+        ex["index"] = index
+        ex["epoch"] = epoch
+        return ex
+
+    def _reader_slots(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        return workers, worker
+
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        workers, worker = self._reader_slots()
+        readers = spec.world_size * workers
+        reader = spec.rank * workers + worker
+        # batches this worker already delivered before a resume
+        to_skip = sum(1 for k in range(self.start_batch) if k % workers == worker)
+        shard_split = len(spec.urls) >= readers
+        epoch = 0
+        while True:
+            order = np.random.default_rng([spec.seed, epoch, 0xD1CE]).permutation(len(spec.urls))
+            urls = [spec.urls[i] for i in order]
+            if shard_split:
+                urls = urls[reader::readers]
+            shuffle_rng = np.random.default_rng([spec.seed, epoch, reader, 0xB0F])
+            buffer: list[tuple[int, dict]] = []
+            pending: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+            seen_any = False
+
+            def emit(item):
+                index, raw = item
+                size = self._bucket_of(raw)
+                group = pending.setdefault(size, [])
+                group.append((index, raw))
+                if len(group) == spec.micro_batch_size:
+                    pending[size] = []
+                    return size, group
+                return None
+
+            def sample_iter():
+                nonlocal seen_any
+                for i, raw in enumerate(self._raw_samples(urls)):
+                    if shard_split:
+                        # unique index per (shard position, sample) for per-sample seeds
+                        yield (reader, i), raw
+                    elif i % readers == reader:
+                        yield i, raw
+
+            for item in sample_iter():
+                seen_any = True
+                if spec.cfg.shuffle_buffer > 1:
+                    buffer.append(item)
+                    if len(buffer) < spec.cfg.shuffle_buffer:
+                        continue
+                    item = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                out = emit(item)
+                if out is not None:
+                    batch = self._finish(out, epoch, to_skip)
+                    if to_skip:
+                        to_skip -= 1
+                    if batch is not None:
+                        yield batch
+            while buffer:
+                out = emit(buffer.pop(int(shuffle_rng.integers(len(buffer)))))
+                if out is not None:
+                    batch = self._finish(out, epoch, to_skip)
+                    if to_skip:
+                        to_skip -= 1
+                    if batch is not None:
+                        yield batch
+            if not seen_any:
+                raise RuntimeError(
+                    f"rank {spec.rank} worker {worker} got no sample from {len(urls)} shard(s): the data set "
+                    f"has fewer samples than ranks x workers ({readers}); lower data.num_workers or add data."
+                )
+            # incomplete buckets are carried into the next epoch's order implicitly (dropped here)
+            epoch += 1
+
+    def _finish(self, out, epoch: int, to_skip: int) -> dict | None:
+        size, group = out
+        if to_skip:
+            return None
+        examples, skipped, errors = [], 0, []
+        for index, raw in group:
+            idx = index if isinstance(index, int) else hash(index) & 0x7FFFFFFF
+            try:
+                examples.append(self._decode(raw, epoch, idx, size))
+            except Exception as e:  # bad sample: drop, count, report
+                skipped += 1
+                errors.append(f"{raw.get('__key__', '?')}: {e}")
+        return {"examples": examples, "skipped": skipped, "errors": errors, "size": size}
+
+
+def collate_identity(batch):
+    return batch
+
+
+def make_loader(spec: StreamSpec, start_batch: int = 0) -> torch.utils.data.DataLoader:
+    ds = ShardStream(spec, start_batch=start_batch)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=spec.cfg.num_workers,
+        collate_fn=collate_identity,
+        persistent_workers=False,
+        prefetch_factor=2 if spec.cfg.num_workers > 0 else None,
+    )
+
+
+class BatchIterator:
+    """Wraps the loader: counts consumed batches (the resume position), skipped samples, and stops
+    the run when the skipped share exceeds ``data.max_skipped_fraction``."""
+
+    def __init__(self, spec: StreamSpec, start_batch: int = 0, skipped: int = 0, seen: int = 0):
+        self.spec = spec
+        self.position = start_batch
+        self.skipped = skipped
+        self.seen = seen
+        self.recent_errors: list[str] = []
+        self._it = iter(make_loader(spec, start_batch))
+
+    def next(self) -> list[dict]:
+        while True:
+            item = next(self._it)
+            self.position += 1
+            self.skipped += item["skipped"]
+            self.seen += item["skipped"] + len(item["examples"])
+            self.recent_errors = (self.recent_errors + item["errors"])[-5:]
+            if self.seen >= 8 and self.skipped > self.spec.cfg.max_skipped_fraction * self.seen:
+                raise RuntimeError(
+                    f"{self.skipped} of {self.seen} samples failed to decode (> data.max_skipped_fraction="
+                    f"{self.spec.cfg.max_skipped_fraction}); last errors: {self.recent_errors}"
+                )
+            if item["examples"]:
+                return item["examples"]
+
+    def state(self) -> dict:
+        return {"position": self.position, "skipped": self.skipped, "seen": self.seen}
+
+
+def env_rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

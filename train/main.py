@@ -1,0 +1,39 @@
+"""Entry point: ``accelerate launch train/main.py [hydra overrides]``.
+
+With no override it runs the embedded quick start (experiment=quickstart): a tiny random model
+folder and a synthetic data set are written under ``<output_dir>/cache`` on first use, then a
+short CPU/GPU training run produces a loss curve, checkpoints, exports and a validation video.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# `accelerate launch train/main.py` runs this file as a script: make the repo root importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from train.config import ConfigError, register_configs, to_config  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        config = to_config(cfg)  # validated before any model loads
+    except ConfigError as e:
+        print(f"[train] configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from train.trainer import run
+
+    run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Throughput / MFU / memory figures and the namespaced metrics sink (metrics.jsonl + wandb).
+
+Namespaces: ``loss/*``, ``perf/*``, ``memory/*``, ``data/*``, ``optim/*``, ``train/*``.
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wan_animate.config import WanAnimateConfig
+
+# ---------------------------------------------------------------------------- FLOPs
+
+
+def dit_forward_flops(cfg: WanAnimateConfig, latent_shape: tuple[int, int, int], text_len: int | None = None) -> float:
+    """Forward FLOPs (2 per multiply-add) of the DiT trunk for one sample with latent
+    ``(T+1, h, w)``: per block linear (12 d^2 + 4 d f) L, self-attention 4 L^2 d, cross-attention
+    4 L d (L_text + L_img) plus its k/v projections (facts section 4)."""
+    t, h, w = latent_shape
+    pt, ph, pw = cfg.patch_size
+    tokens = (t // pt) * (h // ph) * (w // pw)
+    d, f = cfg.dim, cfg.ffn_dim
+    ctx = (text_len or cfg.text_len) + cfg.num_image_tokens
+    per_block = (12 * d * d + 4 * d * f) * tokens + 4 * tokens * tokens * d + 4 * tokens * d * ctx
+    per_block += 2 * 2 * ctx * d * d  # k/v projections of the context tokens
+    return float(cfg.num_layers * per_block)
+
+
+_PEAK_TFLOPS = {  # dense bf16 tensor-core peaks
+    "H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0,
+    "A6000": 155.0, "V100": 125.0,
+}
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained). On CPU the peak is measured with a dense fp32 matmul."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, "train.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in _PEAK_TFLOPS.items():
+            if key in name:
+                scale = 1.0 if precision == "bf16" else 0.5  # tf32
+                return tf * 1e12 * scale, f"{name} datasheet"
+        return 100e12, f"{name} (unknown, assumed 100 TFLOP/s)"
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    dt = time.perf_counter() - t0
+    return 2 * n ** 3 * reps / dt, "measured fp32 matmul"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is KiB on Linux: the process's peak resident set
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------------------- sink
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, enabled: bool, wandb_on: bool, project: str,
+                 config: dict[str, Any], resume_step: int = 0):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # drop lines logged after the checkpoint we resume from (a killed run's tail)
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= resume_step:
+                    keep.append(line)
+            self.path.write_text("".join(l + "\n" for l in keep))
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(
+                project=project, dir=str(Path(output_dir)), config=config,
+                mode="online" if wandb_on else "offline", resume="allow",
+                id=_run_id(output_dir), reinit="finish_previous",
+            )
+        except Exception as e:  # wandb must never stop training; say so once
+            print(f"[train] wandb disabled: {e}")
+            self._wandb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception:
+                pass
+
+
+def _run_id(output_dir: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def plot_loss_curve(output_dir: str | Path) -> Path | None:
+    recs = [r for r in read_metrics(output_dir) if "loss/train" in r]
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in recs]
+    losses = [r["loss/train"] for r in recs]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=1, alpha=0.5, label="loss/train")
+    k = max(1, len(losses) // 10)
+    if k > 1:
+        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(output_dir) / "loss_curve.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,114 @@
+"""Distributed setup: accelerate (DDP or DeepSpeed ZeRO-2/3, optional offload), bf16, and the
+CPU quirks that make ``accelerate launch`` + DeepSpeed work on a machine without GPUs.
+
+On CPU, accelerate's DeepSpeed path finds no backend and silently builds one single-rank job per
+process (each rank sees world size 1). We pass ``backend="gloo"`` explicitly (with
+``DS_ACCELERATOR=cpu``) so every process joins one process group; ``check_world`` verifies it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from train.config import Config, ConfigError
+
+
+def launched_with_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_accelerator(cfg: Config):
+    """The ``Accelerator`` for this run (mixed precision, grad accumulation, backend)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    t = cfg.train
+    use_ds = launched_with_deepspeed()
+    if t.distributed == "deepspeed" and not use_ds:
+        raise ConfigError(
+            "train.distributed=deepspeed but the job was not launched with a DeepSpeed accelerate config; "
+            "use `accelerate launch --config_file launch/accelerate/<...zero...>.yaml train/main.py`."
+        )
+    if t.distributed in ("ddp", "none") and use_ds:
+        raise ConfigError(f"train.distributed={t.distributed} but the accelerate config enables DeepSpeed; "
+                          "pick a non-DeepSpeed launch config or set train.distributed=auto.")
+    cuda = torch.cuda.is_available()
+    if t.precision == "bf16" and not cuda and use_ds:
+        raise ConfigError("train.precision=bf16 with DeepSpeed on CPU is not supported; use train.precision=fp32 on CPU.")
+    handlers: list[Any] = []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if not use_ds and cfg.train.mode != "full":
+        # frozen trunk parameters never receive gradients
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    acc = Accelerator(
+        mixed_precision="bf16" if t.precision == "bf16" else "no",
+        gradient_accumulation_steps=t.grad_accum,
+        kwargs_handlers=handlers,
+        cpu=not cuda and not use_ds,
+    )
+    if acc.state.deepspeed_plugin is not None:
+        _fill_deepspeed_config(acc, cfg)
+    return acc
+
+
+def _fill_deepspeed_config(acc, cfg: Config) -> None:
+    """Resolve the ``"auto"`` fields of the DeepSpeed JSON from our config (no data loader is passed
+    to ``prepare``, so accelerate cannot infer them) and keep torch's AdamW on CPU."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * acc.num_processes
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+    bf16 = t.precision == "bf16"
+    ds.setdefault("bf16", {})
+    if ds["bf16"].get("enabled", "auto") == "auto":
+        ds["bf16"]["enabled"] = bf16
+    ds.setdefault("fp16", {"enabled": False})
+    if ds["fp16"].get("enabled") == "auto":
+        ds["fp16"]["enabled"] = False
+    # Our optimizer (torch AdamW with param groups) is used unless the JSON asks for offload,
+    # where DeepSpeed's CPUAdam is required.
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if not offload:
+        ds["zero_force_ds_cpu_optimizer"] = False
+    ds.setdefault("steps_per_print", 10**9)
+
+
+def zero_stage(acc) -> int:
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return 0
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_world(acc) -> None:
+    """Fail fast when the launcher started independent single-rank jobs instead of one group."""
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise RuntimeError(
+            f"accelerate reports world size {acc.num_processes} but the launcher started {expected} "
+            "processes: the ranks did not join one process group (on CPU, DeepSpeed needs DS_ACCELERATOR=cpu "
+            "and the gloo backend)."
+        )
+    if expected > 1:
+        t = torch.tensor([acc.process_index], dtype=torch.int64, device=acc.device)
+        gathered = acc.gather(t)
+        if sorted(gathered.tolist()) != list(range(expected)):
+            raise RuntimeError(f"ranks {gathered.tolist()} do not form one group of {expected}.")
+
+
+def all_ranks_true(acc, flag: bool) -> bool:
+    """Logical OR of a per-rank flag over the group."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
