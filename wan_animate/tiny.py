@@ -98,34 +98,12 @@ def build_tiny_vae():
 
 def _save_dit(dst: Path, cfg: WanAnimateConfig, layout: str) -> None:
     """Random tiny DiT, written by the checkpoint module in the requested layout."""
-    try:
-        from wan_animate.checkpoint import save_dit
-        from wan_animate.model import WanAnimateDiT
-    except ImportError:  # transitional: DiT/checkpoint modules not in this checkout yet
-        _save_dit_via_diffusers(dst, cfg, layout)
-        return
+    from wan_animate.checkpoint import save_dit
+    from wan_animate.model import WanAnimateDiT
+
     model = WanAnimateDiT(cfg)
     _randomize_zero_init(model)
     save_dit(model, dst, layout=layout)
-
-
-def _save_dit_via_diffusers(dst: Path, cfg: WanAnimateConfig, layout: str) -> None:
-    from diffusers import WanAnimateTransformer3DModel
-    from safetensors.torch import save_file
-
-    from wan_animate.checkpoint import diffusers_to_official
-
-    kw = cfg.to_diffusers_config()
-    kw.pop("_class_name")
-    model = WanAnimateTransformer3DModel(**kw)
-    _randomize_zero_init(model)
-    if layout == "diffusers":
-        model.save_pretrained(dst)
-        return
-    dst.mkdir(parents=True, exist_ok=True)
-    sd = diffusers_to_official({k: v.contiguous() for k, v in model.state_dict().items()}, cfg)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
-    _write_json(dst / "config.json", cfg.to_official_config())
 
 
 @torch.no_grad()

@@ -1,0 +1,223 @@
+"""Generate one Wan-Animate video from the command line.
+
+    python -m eval.generate --model DIR --ref IMAGE --pose POSE.mp4 --face FACE.mp4 --out OUT.mp4
+    python -m eval.generate --model DIR --preprocessed SRC_DIR --out OUT.mp4      # src_ref.png, src_pose.mp4, ...
+    python -m eval.generate --model DIR --ref IMAGE --driving RAW.mp4 --out OUT.mp4 [--replace] [--retarget]
+
+Replace mode: add ``--bg BG.mp4 --mask MASK.mp4`` (or a preprocessed folder with ``src_bg.mp4`` and
+``src_mask.mp4``). Every input is read and checked before any model weight is loaded. The output
+is H.264 at the driving video's fps with exactly as many frames as the driving video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class CliError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (diffusers or official layout)")
+    p.add_argument("--out", required=True, help="output .mp4")
+    src = p.add_argument_group("inputs")
+    src.add_argument("--ref", help="reference (character) image")
+    src.add_argument("--pose", help="pose skeleton video")
+    src.add_argument("--face", help="face crop video (same length as --pose)")
+    src.add_argument("--bg", help="background video (replace mode)")
+    src.add_argument("--mask", help="character mask video, white on the character (replace mode)")
+    src.add_argument("--preprocessed", help="folder with src_ref.png, src_pose.mp4, src_face.mp4 "
+                     "[, src_bg.mp4, src_mask.mp4]")
+    src.add_argument("--driving", help="raw driving video, preprocessed with data_tools.preprocess_driving")
+    src.add_argument("--replace", action="store_true", help="with --driving: replace mode")
+    src.add_argument("--retarget", action="store_true", help="with --driving: retarget the pose")
+    src.add_argument("--work-dir", help="with --driving: keep the preprocessed streams here")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default=None, help="text prompt (default: the official one)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--shift", type=float, default=5.0)
+    g.add_argument("--guide-scale", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    g.add_argument("--clip-len", type=int, default=77)
+    g.add_argument("--refert-num", type=int, default=1)
+    m = p.add_argument_group("model")
+    m.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
+    m.add_argument("--lora-scale", type=float, action="append", default=[],
+                   help="scale per --lora (default 1.0)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="DiT/encoder dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
+    m.add_argument("--offload", action="store_true", help="park the encoders on the CPU between uses")
+    m.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (720p on small GPUs)")
+    m.add_argument("--no-progress", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Input gathering (no model work)
+# ---------------------------------------------------------------------------------------------
+
+
+def _need_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"{what} {p} does not exist.")
+    return p
+
+
+def _read(path: Path, what: str):
+    from wan_animate.video_io import VideoDecodeError, read_video
+
+    try:
+        frames, fps = read_video(path)
+    except VideoDecodeError as e:
+        raise CliError(f"{what}: {e}") from None
+    if len(frames) == 0:
+        raise CliError(f"{what}: {path} has no frames.")
+    return frames, fps
+
+
+def _run_preprocess(args) -> Path:
+    if importlib.util.find_spec("data_tools.preprocess_driving") is None:
+        raise CliError("--driving needs data_tools.preprocess_driving, which is not installed in this "
+                       "checkout; preprocess the video yourself and pass --preprocessed DIR.")
+    if not args.ref:
+        raise CliError("--driving needs --ref IMAGE (the character to animate).")
+    video = _need_file(args.driving, "driving video")
+    ref = _need_file(args.ref, "reference image")
+    out = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="wan_animate_src_"))
+    cmd = [sys.executable, "-m", "data_tools.preprocess_driving", "--video", str(video), "--ref", str(ref),
+           "--out", str(out)]
+    if args.replace:
+        cmd.append("--replace")
+    if args.retarget:
+        cmd.append("--retarget")
+    print("preprocessing:", " ".join(cmd), file=sys.stderr)
+    if subprocess.run(cmd).returncode != 0:
+        raise CliError(f"preprocessing {video} failed (see the messages above).")
+    return out
+
+
+def gather_inputs(args) -> dict:
+    """Read and check every input; returns generate() kwargs plus the output fps."""
+    from wan_animate.pipeline import InputError, check_inputs, load_image
+
+    sources = [bool(args.preprocessed), bool(args.driving), bool(args.pose or args.face)]
+    if sum(sources) != 1:
+        raise CliError("give exactly one input source: --pose/--face (+ --ref), --preprocessed DIR, or --driving VIDEO.")
+    if args.driving:
+        args.preprocessed = str(_run_preprocess(args))
+    if args.preprocessed:
+        d = Path(args.preprocessed)
+        if not d.is_dir():
+            raise CliError(f"--preprocessed {d} is not a folder.")
+        ref = _need_file(d / "src_ref.png", "reference image")
+        pose = _need_file(d / "src_pose.mp4", "pose video")
+        face = _need_file(d / "src_face.mp4", "face video")
+        bg = d / "src_bg.mp4" if (d / "src_bg.mp4").exists() else None
+        mask = d / "src_mask.mp4" if (d / "src_mask.mp4").exists() else None
+        if (bg is None) != (mask is None):
+            raise CliError(f"{d}: replace mode needs both src_bg.mp4 and src_mask.mp4.")
+    else:
+        if not (args.ref and args.pose and args.face):
+            raise CliError("--ref, --pose and --face are all required (or use --preprocessed DIR).")
+        ref = _need_file(args.ref, "reference image")
+        pose = _need_file(args.pose, "pose video")
+        face = _need_file(args.face, "face video")
+        if bool(args.bg) != bool(args.mask):
+            raise CliError("replace mode needs both --bg and --mask.")
+        bg = _need_file(args.bg, "background video") if args.bg else None
+        mask = _need_file(args.mask, "mask video") if args.mask else None
+
+    pose_frames, fps = _read(pose, "pose video")
+    face_frames, _ = _read(face, "face video")
+    bg_frames = _read(bg, "background video")[0] if bg else None
+    mask_frames = _read(mask, "mask video")[0] if mask else None
+    try:
+        image = load_image(ref)
+        check_inputs(pose_frames, face_frames, bg_frames, mask_frames, clip_len=args.clip_len,
+                      refert_num=args.refert_num)
+    except InputError as e:
+        raise CliError(str(e)) from None
+    for lora in args.lora:
+        _need_file(lora, "LoRA file")
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
+    if args.steps < 1:
+        raise CliError(f"--steps {args.steps} must be >= 1.")
+    return dict(ref_image=image, pose_video=pose_frames, face_video=face_frames, bg_video=bg_frames,
+                mask_video=mask_frames, fps=fps)
+
+
+def _resolve_device_dtype(args):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device} but CUDA is not available; use --device cpu.")
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = names[args.dtype] if args.dtype != "auto" else (
+        torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    return device, dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from wan_animate.pipeline import AnimatePipeline
+
+        if not str(args.out).lower().endswith(".mp4"):
+            raise CliError(f"--out {args.out} must end in .mp4.")
+        AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
+        inputs = gather_inputs(args)
+        device, dtype = _resolve_device_dtype(args)
+    except (CliError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+    from wan_animate.video_io import write_video
+
+    fps = inputs.pop("fps")
+    pipe = AnimatePipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
+                                           vae_tiling=args.vae_tiling)
+    for i, lora in enumerate(args.lora):
+        scale = args.lora_scale[i] if args.lora_scale else 1.0
+        merged = pipe.load_lora(lora, scale=scale)
+        print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
+    frames = pipe.generate(
+        **inputs,
+        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed,
+        solver=args.solver, clip_len=args.clip_len, refert_num=args.refert_num,
+        progress=not args.no_progress,
+    )
+    assert frames.shape[0] == len(inputs["pose_video"]), "generate() must return one frame per driving frame"
+    write_video(args.out, np.asarray(frames), fps)
+    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

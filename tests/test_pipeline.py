@@ -1,0 +1,218 @@
+"""The shared inference path on tiny random model folders (both layouts)."""
+
+import numpy as np
+import pytest
+import torch
+
+from wan_animate.pipeline import (
+    AnimatePipeline,
+    InputError,
+    check_inputs,
+    mirror_indices,
+    num_segments,
+    padded_length,
+)
+from wan_animate.tiny import make_tiny_model_folder
+
+CLIP, STEPS, SIZE = 9, 2, 32
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "diffusers": make_tiny_model_folder(root / "diffusers", layout="diffusers", seed=0),
+        "official": make_tiny_model_folder(root / "official", layout="official", seed=0),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipe(folders):
+    return AnimatePipeline.from_pretrained(folders["diffusers"], dtype=torch.float32)
+
+
+class Spy(torch.nn.Module):
+    """Wraps a DiT and records what every forward call saw."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.inner = dit
+        self.config = dit.config
+        self.calls = []
+
+    @property
+    def patch_embedding(self):
+        return self.inner.patch_embedding
+
+    def forward(self, x, t, context, clip_fea, y, pose_latents, face):
+        self.calls.append(dict(y=y.clone(), face_min=face.min().item(), face_max=face.max().item(),
+                               context=context.clone(), t=t.clone()))
+        return self.inner(x, t, context, clip_fea, y, pose_latents, face)
+
+
+def driving(n, seed=0, size=SIZE, face=40):
+    rng = np.random.default_rng(seed)
+    return dict(
+        ref_image=rng.integers(0, 256, (48, 40, 3), dtype=np.uint8),
+        pose_video=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        face_video=rng.integers(0, 256, (n, face, face, 3), dtype=np.uint8),
+    )
+
+
+def gen(p, inputs, **kw):
+    kw = {"steps": STEPS, "clip_len": CLIP, "refert_num": 1, "progress": False, **kw}
+    return p.generate(**inputs, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# segment arithmetic (facts section 6)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_segment_arithmetic_by_hand():
+    assert mirror_indices(5, 10).tolist() == [0, 1, 2, 3, 4, 3, 2, 1, 0, 1]
+    assert mirror_indices(1, 3).tolist() == [0, 0, 0]
+    # 77-frame clips overlapping by 1: 76 new frames per later segment
+    assert padded_length(77, 77, 1) == 77 and num_segments(77, 77, 1) == 1
+    assert padded_length(78, 77, 1) == 153 and num_segments(78, 77, 1) == 2
+    assert padded_length(164, 77, 5) == 5 + 3 * 72 and num_segments(164, 77, 5) == 3
+    assert padded_length(3, 9, 1) == 9 and num_segments(3, 9, 1) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_frames,n_seg", [(7, 1), (12, 2), (20, 3)])
+def test_output_length_and_segments(pipe, n_frames, n_seg):
+    assert num_segments(n_frames, CLIP, 1) == n_seg
+    spy = Spy(pipe.dit)
+    p = AnimatePipeline(spy, pipe.vae, pipe.text_encoder, pipe.image_encoder)
+    out = gen(p, driving(n_frames))
+    assert out.shape == (n_frames, SIZE, SIZE, 3) and out.dtype == np.uint8
+    assert len(spy.calls) == n_seg * STEPS  # guide_scale 1: no unconditional pass
+    # first segment: no temporal reference given; later ones: the carried frame (latent 0) is given
+    for s in range(n_seg):
+        y = spy.calls[s * STEPS]["y"]
+        assert torch.all(y[:, :4, 0] == 1)
+        assert torch.all(y[:, :4, 1] == (0 if s == 0 else 1))
+        assert torch.all(y[:, :4, 2:] == 0)
+        if s > 0:  # carried frames are encoded into the condition latent (zeros would not be)
+            assert not torch.allclose(y[:, 4:, 1], spy.calls[0]["y"][:, 4:, 1])
+
+
+def test_same_seed_same_video(pipe):
+    inputs = driving(7)
+    a = gen(pipe, inputs, seed=3)
+    b = gen(pipe, inputs, seed=3)
+    c = gen(pipe, inputs, seed=4)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_cfg_uses_negative_prompt_and_black_face(pipe):
+    spy = Spy(pipe.dit)
+    p = AnimatePipeline(spy, pipe.vae, pipe.text_encoder, pipe.image_encoder)
+    inputs = driving(7)
+    plain = gen(p, inputs)
+    assert len(spy.calls) == STEPS
+    spy.calls.clear()
+    guided = gen(p, inputs, guide_scale=3.0, negative_prompt="blurry")
+    assert len(spy.calls) == 2 * STEPS
+    cond, uncond = spy.calls[0], spy.calls[1]
+    assert uncond["face_min"] == -1 and uncond["face_max"] == -1
+    assert cond["face_max"] > -1
+    assert not torch.equal(cond["context"], uncond["context"])
+    assert torch.equal(cond["y"], uncond["y"])  # reference / pose / condition unchanged
+    assert not np.array_equal(plain, guided)
+
+
+@pytest.mark.parametrize("solver", ["dpm++", "euler"])
+def test_other_solvers_run(pipe, solver):
+    out = gen(pipe, driving(7), solver=solver)
+    assert out.shape == (7, SIZE, SIZE, 3)
+
+
+def test_replace_mode_refert5(pipe):
+    spy = Spy(pipe.dit)
+    p = AnimatePipeline(spy, pipe.vae, pipe.text_encoder, pipe.image_encoder)
+    n = 12
+    inputs = driving(n)
+    rng = np.random.default_rng(1)
+    bg = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((n, SIZE, SIZE), dtype=np.uint8)
+    mask[:, 8:24, 8:24] = 255  # character in the middle (latent rows/cols 1..2)
+    out = gen(p, inputs, bg_video=bg, mask_video=mask, refert_num=5)
+    assert out.shape == (n, SIZE, SIZE, 3)
+    y0 = spy.calls[0]["y"]  # first segment: mask = environment only
+    assert torch.all(y0[:, :4, 1:, 1:3, 1:3] == 0) and torch.all(y0[:, :4, 1:, 0] == 1)
+    y1 = spy.calls[STEPS]["y"]  # second segment: 5 carried frames -> latent frames 0 and 1 fully given
+    assert torch.all(y1[:, :4, 1:3] == 1) and torch.all(y1[:, :4, 3:, 1:3, 1:3] == 0)
+    assert not np.array_equal(out, gen(pipe, inputs, refert_num=5))
+
+
+def test_both_layouts_load_and_agree(folders, pipe):
+    official = AnimatePipeline.from_pretrained(folders["official"], dtype=torch.float32)
+    inputs = driving(7)
+    assert np.array_equal(gen(pipe, inputs), gen(official, inputs))
+
+
+def test_peer_dit_matches_diffusers_pipeline_transformer(folders, pipe):
+    from diffusers import WanAnimatePipeline
+
+    peer = WanAnimatePipeline.from_pretrained(str(folders["diffusers"])).transformer.eval()
+    g = torch.Generator().manual_seed(0)
+    cfg = pipe.config
+    x = torch.randn(1, 16, 3, 4, 4, generator=g)
+    y = torch.randn(1, 20, 3, 4, 4, generator=g)
+    pose = torch.randn(1, 16, 2, 4, 4, generator=g)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g)
+    clip = torch.randn(1, 257, cfg.image_dim, generator=g)
+    face = torch.rand(1, 3, 5, cfg.motion_encoder_size, cfg.motion_encoder_size, generator=g) * 2 - 1
+    t = torch.tensor([700.0])
+    with torch.no_grad():
+        ours = pipe.dit(x, t, ctx, clip, y, pose, face)
+        theirs = peer(hidden_states=torch.cat([x, y], 1), timestep=t, encoder_hidden_states=ctx,
+                      encoder_hidden_states_image=clip, pose_hidden_states=pose, face_pixel_values=face,
+                      return_dict=False)[0]
+    assert ours.shape == theirs.shape == x.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
+    assert ours.abs().max() > 1e-3  # not trivially zero
+
+
+def test_lora_scale(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    dim = pipe.config.dim
+    a, b = torch.randn(2, dim), torch.randn(dim, 2)
+    path = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_A.weight": a,
+               "diffusion_model.blocks.0.self_attn.q.lora_B.weight": b}, str(path))
+    w = pipe.dit.blocks[0].self_attn.q.weight
+    before = w.detach().clone()
+    try:
+        pipe.load_lora(path, scale=0.5)
+        torch.testing.assert_close(w.detach(), before + 0.5 * (b @ a))
+    finally:
+        with torch.no_grad():
+            w.copy_(before)
+
+
+def test_bad_inputs_raise_clear_errors(pipe):
+    ok = driving(9)
+    with pytest.raises(InputError, match="multiples of 16"):
+        check_inputs(np.zeros((9, 40, 64, 3), np.uint8), ok["face_video"], clip_len=CLIP)
+    with pytest.raises(InputError, match="must match"):
+        check_inputs(ok["pose_video"], ok["face_video"][:5], clip_len=CLIP)
+    with pytest.raises(InputError, match="4n\\+1"):
+        check_inputs(ok["pose_video"], ok["face_video"], clip_len=8)
+    with pytest.raises(InputError, match="both bg_video and mask_video"):
+        check_inputs(ok["pose_video"], ok["face_video"], bg_video=ok["pose_video"], clip_len=CLIP)
+    with pytest.raises(InputError, match="uint8"):
+        check_inputs(ok["pose_video"].astype(np.float32), ok["face_video"], clip_len=CLIP)
+    with pytest.raises(InputError, match="solver"):
+        gen(pipe, ok, solver="ddim")
+    with pytest.raises(FileNotFoundError, match="neither a diffusers layout"):
+        AnimatePipeline.detect_layout(pipe_dir_empty := __import__("tempfile").mkdtemp())
+    del pipe_dir_empty
