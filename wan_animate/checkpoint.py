@@ -30,6 +30,7 @@ import re
 import struct
 import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,11 +477,45 @@ def _model_module():
     return model_module
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block is moved to the meta device as it is created.
+
+    Buffers (blur kernels, tables) are left alone, so they hold their real computed values. Each
+    parameter exists for real only for an instant (one tensor at a time), and initialisers that run
+    after registration act on meta tensors, i.e. cost nothing. Not thread-safe (patches nn.Module).
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    # Initialising a meta tensor is meaningless, and some initialisers (normal_) route meta tensors
+    # through torch's Python reference kernels, which import torch._dynamo (~3 s). Skip them.
+    initialisers = {n: f for n, f in vars(nn.init).items() if n.endswith("_") and not n.startswith("_")
+                    and callable(f)}
+
+    def skip_meta(init):
+        def wrapped(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+        return wrapped
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    for n, f in initialisers.items():
+        setattr(nn.init, n, skip_meta(f))
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for n, f in initialisers.items():
+            setattr(nn.init, n, f)
+
+
 def _build_skeleton(config: WanAnimateConfig) -> nn.Module:
     """The DiT with parameters on meta and real (computed) buffers such as blur kernels."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    with _parameters_on_meta():
         return _model_module().WanAnimateDiT(config)
 
 
@@ -664,7 +699,8 @@ def _open_writer(path: Path, config: WanAnimateConfig, layout: str, max_shard_si
         raise ValueError(f"layout={layout!r}: choose 'official' or 'diffusers'.")
     single = path.suffix == ".safetensors"
     cfg = _config_json(config, layout)
-    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg), **extra_meta, **dict(metadata or {})}
+    user = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in dict(metadata or {}).items()}
+    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg), **extra_meta, **user}
     if single:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
@@ -686,10 +722,16 @@ def save_dit(
     ``.safetensors``). ``layout="diffusers"`` writes a folder diffusers'
     ``WanAnimateTransformer3DModel.from_pretrained`` loads. Returns the written weight files."""
     path = Path(path)
+    model = _unwrap(model)
     config = config or getattr(model, "config", None)
     if not isinstance(config, WanAnimateConfig):
         raise ValueError("save_dit needs the model's WanAnimateConfig (model.config or config=).")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    adapters = [k for k in sd if ".lora_" in k or ".base_layer." in k]
+    if adapters:
+        raise ValueError(
+            f"the model carries LoRA layers ({adapters[0]}, ...): save the adapter with wan_animate.lora, "
+            "or merge it into the base weights first, then save_dit the plain DiT.")
     extra: dict[str, str] = {}
     if layout == "diffusers":
         kernels = [sd[k] for k in blur_kernel_keys(config) if k in sd]
@@ -700,6 +742,15 @@ def save_dit(
     for name, tensor in sd.items():
         writer.add(name, tensor)
     return writer.finish()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain DiT inside torch.compile / DDP / FSDP-style wrappers (their names carry prefixes)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "keep": None}
@@ -730,8 +781,9 @@ def convert_checkpoint(
     extra: dict[str, str] = {}
     if to == "diffusers":
         kernels = [ckpt[k] for k in blur_kernel_keys(config) if k in ckpt]
-        if kernels:
-            extra[BLUR_DTYPE_METADATA_KEY] = str(dtype or kernels[0].dtype).removeprefix("torch.")
+        if kernels or blur_dtype is not None:
+            kdtype = dtype or (kernels[0].dtype if kernels else blur_dtype)
+            extra[BLUR_DTYPE_METADATA_KEY] = str(kdtype).removeprefix("torch.")
     writer = _open_writer(Path(dst_path), config, to, max_shard_size, None, extra)
     bar = _progress(progress, total=src.total_bytes, desc=f"convert -> {to}")
     have_blur = False
