@@ -33,17 +33,44 @@ from eval.runner import run_cell  # noqa: E402
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")
 
 
+def split_overrides(override_dirname: str) -> list[str]:
+    """Split Hydra's ``k=v,k2=[a,b]`` on the commas outside brackets / quotes."""
+    items, depth, quote, cur = [], 0, None, ""
+    for ch in override_dirname:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    return [x for x in items + [cur] if x]
+
+
+# Keys that never name a cell: metric settings (a change recomputes the cell in place, see
+# eval.runner.run_cell) and logging.
+_UNNAMED_PREFIXES = ("metrics.", "wandb.", "hydra.")
+
+
 def cell_name(override_dirname: str) -> str:
     """A short, filesystem-safe, deterministic folder name for a cell's overrides."""
-    if not override_dirname:
-        return "default"
     parts = []
-    for item in override_dirname.split(","):
+    for item in split_overrides(override_dirname):
         key, eq, value = item.partition("=")
+        if key.lstrip("+~").startswith(_UNNAMED_PREFIXES):
+            continue
         if "/" in value or "\\" in value:  # a path: keep its tail, disambiguate with a hash
             tail = "_".join(p for p in re.split(r"[\\/]", value.rstrip("/\\"))[-2:] if p)
             value = f"{tail}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
         parts.append(key + eq + value)
+    if not parts:
+        return "default"
     name = _SAFE.sub("_", ",".join(parts))
     if len(name) > 120:
         name = name[:110] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
