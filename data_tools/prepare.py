@@ -179,6 +179,17 @@ def _pick_reference(cfg: PrepareConfig, key: str, start: int, end: int, num: int
     return int(rng.choice(outside)), "outside"
 
 
+def _frames_needed(path: Path, cfg: PrepareConfig) -> int | None:
+    """Source frames to decode when ``max_clips_per_video`` bounds the work (None = all): the
+    clips' span plus one more clip length of reference candidates."""
+    if cfg.max_clips_per_video <= 0:
+        return None
+    _, src_fps = read_video(path, max_frames=1)
+    out_frames = (cfg.max_clips_per_video - 1) * cfg.stride + 2 * cfg.clip_len
+    rate = 1.0 if cfg.fps == -1 else src_fps / cfg.fps
+    return int(math.ceil(out_frames * rate)) + 2
+
+
 def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_keys=frozenset()) -> InputResult:
     path = Path(path)
     res = InputResult(input=str(path))
@@ -187,7 +198,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         return res
     vid = input_id(path)
     try:
-        frames_src, src_fps = read_video(path)
+        frames_src, src_fps = read_video(path, max_frames=_frames_needed(path, cfg))
     except VideoDecodeError as e:
         res.reason = f"undecodable video: {e}"
         return res
@@ -214,11 +225,9 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
     plan = ResizePlan(src_h, src_w, h, w, cfg.resize_mode)
     # Keypoints of the re-sampled frames the clips cover, tracked in order once.
     used = np.asarray(sel)
-    frames = frames_src[used]
-    del frames_src
     last = starts[-1] + cfg.clip_len
     try:
-        pose_src = backend.extract(frames[:last], source=str(path), frame_indices=used[:last])
+        pose_src = backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
     except Exception as e:  # a backend failure on one input must not stop the job
         res.reason = f"pose extraction failed: {type(e).__name__}: {e}"
         return res
@@ -254,9 +263,9 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             stats["reference_fallbacks"] += 1
         if key in done_keys:  # already in a completed shard from an earlier (killed) run
             continue
-        target = plan.apply_all(frames[idx])
+        target = plan.apply_all(frames_src[used[idx]])
         pose_t = plan.pose(pose_src.select(idx))
-        ref = plan.apply(ref_image if ref_image is not None else frames[ref_idx])
+        ref = plan.apply(ref_image if ref_image is not None else frames_src[used[ref_idx]])
         meta = {
             "source": str(path.resolve()), "source_fps": float(src_fps), "source_height": int(src_h),
             "source_width": int(src_w), "frame_indices": [int(i) for i in used[idx]],
@@ -278,7 +287,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
 
             bg = background(target, mask)
             stats["mask_coverage_sum"] += float(mask.mean()) * len(idx)
-        res.samples.append(encode_sample(key, target=target, pose=render_pose(pose_t, h, w), face=crop_boxes(frames[idx], boxes_all[idx], cfg.face_size),
+        res.samples.append(encode_sample(key, target=target, pose=render_pose(pose_t, h, w), face=crop_boxes(frames_src[used[idx]], boxes_all[idx], cfg.face_size),
                                          ref=ref, meta=meta, caption=caption, fps=out_fps, bg=bg, mask=mask,
                                          crf=cfg.crf))
     res.stats = stats

@@ -56,34 +56,44 @@ def face_boxes(pose: PoseSequence, *, threshold: float = 0.5, smooth_window: int
                return_source: bool = False):
     """Face boxes float [T, 4] (x0, y0, x1, y1, pixels of the pose's frame), clipped to the frame.
 
-    Each frame uses its confident face landmarks (>= ``min_landmarks``), else the body's head
-    points, else the nearest frame that had either. A clip with no face and no head at all gets a
+    Each frame uses its confident face landmarks (>= ``min_landmarks``); frames without them are
+    interpolated between (or held from) the nearest landmark frames. Only a sequence with no
+    landmarks at all falls back to boxes from the body's head points, and one with neither gets a
     box over the upper-middle of the frame. ``return_source=True`` also returns int8 [T]:
     2 = landmarks, 1 = head points, 0 = filled from neighbours / default.
     """
     t_len = len(pose)
-    raw = np.full((t_len, 4), np.nan)
-    source = np.zeros(t_len, np.int8)
+    from_landmarks = np.full((t_len, 4), np.nan)
+    from_head = np.full((t_len, 4), np.nan)
     for t in range(t_len):
         face = pose.face[t]
         ok = face[:, 2] >= threshold
         if ok.sum() >= min_landmarks:
-            raw[t] = official_face_box(face[ok, :2], area_scale=area_scale)
-            source[t] = 2
-            continue
-        head = _head_box(pose.body[t], threshold)
-        if head is not None:
-            raw[t] = head
-            source[t] = 1
-    have = ~np.isnan(raw[:, 0])
-    if not have.any():
+            from_landmarks[t] = official_face_box(face[ok, :2], area_scale=area_scale)
+        else:
+            head = _head_box(pose.body[t], threshold)
+            if head is not None:
+                from_head[t] = head
+    # Landmark boxes are far more reliable than head-point boxes, so frames without landmarks are
+    # interpolated from landmark frames; head points are used only when no frame has landmarks.
+    source = np.zeros(t_len, np.int8)
+    has_lm = ~np.isnan(from_landmarks[:, 0])
+    has_head = ~np.isnan(from_head[:, 0])
+    if has_lm.any():
+        raw, known = from_landmarks, has_lm
+        source[has_lm] = 2
+    elif has_head.any():
+        raw, known = from_head, has_head
+        source[has_head] = 1
+    else:
         h, w = pose.height, pose.width
         side = min(h, w) / 3
-        raw[:] = [w / 2 - side / 2, h * 0.05, w / 2 + side / 2, h * 0.05 + side]
-    else:
-        known = np.flatnonzero(have)
-        for c in range(4):  # fill missing frames by interpolating / holding the nearest boxes
-            raw[:, c] = np.interp(np.arange(t_len), known, raw[known, c])
+        raw = np.tile([w / 2 - side / 2, h * 0.05, w / 2 + side / 2, h * 0.05 + side], (t_len, 1))
+        known = np.ones(t_len, bool)
+    raw = raw.copy()
+    idx = np.flatnonzero(known)
+    for c in range(4):  # fill missing frames by interpolating / holding the nearest boxes
+        raw[:, c] = np.interp(np.arange(t_len), idx, raw[idx, c])
     # Smooth centre and size (not corners) so the crop neither jitters nor breathes.
     centre = (raw[:, :2] + raw[:, 2:]) / 2
     size = raw[:, 2:] - raw[:, :2]

@@ -1,0 +1,246 @@
+"""Pose format, renderer, face boxes / crops and the vitpose backend on tiny exported ONNX models."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.pose import PoseSequence, crop_faces, face_boxes, get_pose_backend, render_pose
+from data_tools.pose.backends import (
+    WHOLEBODY_FACE,
+    crop_person,
+    decode_detections,
+    person_crop_params,
+)
+from data_tools.pose.render import BODY_LIMBS, LIMB_BRIGHTNESS, OPENPOSE_COLORS
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# format / renderer / face boxes
+# ---------------------------------------------------------------------------------------------
+def _pose_with(body_pts=None, face_pts=None, t=1, h=200, w=300):
+    p = PoseSequence.empty(t, h, w)
+    for j, (x, y) in (body_pts or {}).items():
+        p.body[:, j] = (x, y, 1.0)
+    if face_pts is not None:
+        p.face[:, :, :2] = face_pts
+        p.face[:, :, 2] = 1.0
+    return p
+
+
+def test_pose_roundtrip_and_resize(tmp_path):
+    rng = np.random.default_rng(0)
+    p = PoseSequence(rng.random((3, 20, 3)) * 100, rng.random((3, 21, 3)), rng.random((3, 21, 3)),
+                     rng.random((3, 68, 3)), 100, 200)
+    q = PoseSequence.from_dict(json.loads(json.dumps(p.to_dict())))
+    np.testing.assert_allclose(q.body, p.body, atol=1e-3)
+    p.save_npz(tmp_path / "k.npz")
+    np.testing.assert_array_equal(PoseSequence.load_npz(tmp_path / "k.npz").face, p.face)
+    r = p.resized(50, 400)
+    np.testing.assert_allclose(r.body[..., 0], p.body[..., 0] * 2, rtol=1e-6)
+    np.testing.assert_allclose(r.body[..., 1], p.body[..., 1] * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(r.body[..., 2], p.body[..., 2])
+    with pytest.raises(ValueError, match="body must be"):
+        PoseSequence(np.zeros((2, 18, 3)), p.left_hand[:2], p.right_hand[:2], p.face[:2], 1, 1)
+
+
+def test_render_limb_colour_threshold_and_no_face():
+    # neck (1) -> right shoulder (2) is limb 0 in the palette.
+    p = _pose_with({1: (100, 100), 2: (160, 100)})
+    img = render_pose(p)[0]
+    mid = img[100, 130]
+    np.testing.assert_array_equal(mid, [int(c * LIMB_BRIGHTNESS) for c in OPENPOSE_COLORS[0]])
+    assert BODY_LIMBS[0] == (1, 2)
+    # joints are full-colour discs
+    np.testing.assert_array_equal(img[100, 100], OPENPOSE_COLORS[1])
+    # below the 0.5 score threshold nothing is drawn
+    p.body[:, 2, 2] = 0.49
+    assert render_pose(p)[0][100, 130].max() == 0
+    # face landmarks alone draw nothing
+    face_only = _pose_with(face_pts=np.stack(np.meshgrid(np.linspace(50, 90, 17), [60, 70, 80, 90])[::1], -1)
+                           .reshape(-1, 2)[:68])
+    assert render_pose(face_only).max() == 0
+    # rendering on another size rescales the keypoints
+    big = render_pose(_pose_with({1: (100, 100), 2: (160, 100)}), 400, 600)[0]
+    assert big[200, 260].max() > 0 and big[100, 130].max() == 0
+
+
+def test_face_box_official_rule():
+    xs, ys = np.meshgrid(np.linspace(100, 200, 17), np.linspace(50, 130, 4))
+    pts = np.stack([xs.ravel(), ys.ravel()], -1)[:68]
+    p = _pose_with(face_pts=pts, h=400, w=400)
+    box = face_boxes(p, smooth_window=1)[0]
+    w0, h0 = 100.0, 80.0
+    dw = (w0 * np.sqrt(1.3) - w0) / 2
+    dh = (h0 * np.sqrt(1.3) - h0) / 4
+    np.testing.assert_allclose(box, [100 - dw, 50 - 3 * dh, 200 + dw, 130 + dh], atol=1e-3)
+    # clipped to the frame
+    edge = _pose_with(face_pts=pts - [97, 48], h=400, w=400)
+    b = face_boxes(edge, smooth_window=1)[0]
+    assert b[0] == 0 and b[1] == 0
+
+
+def test_face_box_smoothing_reduces_jitter_and_fills_gaps():
+    rng = np.random.default_rng(1)
+    base = np.stack(np.meshgrid(np.linspace(100, 160, 17), np.linspace(100, 170, 4)), -1).reshape(-1, 2)[:68]
+    t = 40
+    p = PoseSequence.empty(t, 480, 640)
+    p.face[:, :, :2] = base + rng.normal(0, 3, (t, 1, 2))
+    p.face[:, :, 2] = 1
+    p.face[10:13, :, 2] = 0  # a gap without landmarks and without head points
+    raw, src = face_boxes(p, smooth_window=1, return_source=True)
+    smooth = face_boxes(p, smooth_window=7)
+    jitter = lambda b: np.abs(np.diff((b[:, :2] + b[:, 2:]) / 2, axis=0)).mean()  # noqa: E731
+    assert jitter(smooth) < 0.6 * jitter(raw)
+    assert (src[10:13] == 0).all() and (src[:10] == 2).all()
+    assert np.isfinite(raw).all()
+
+
+def test_crop_faces_takes_the_box():
+    frames = np.zeros((2, 100, 120, 3), np.uint8)
+    frames[:, 20:60, 30:70] = 200
+    boxes = np.array([[30, 20, 70, 60]] * 2, np.float32)
+    crops, out_boxes = crop_faces(frames, PoseSequence.empty(2, 100, 120), 64, boxes=boxes)
+    assert crops.shape == (2, 64, 64, 3) and crops.min() == 200
+    np.testing.assert_array_equal(out_boxes, boxes)
+
+
+# ---------------------------------------------------------------------------------------------
+# vitpose on tiny exported ONNX models with the official input/output signatures
+# ---------------------------------------------------------------------------------------------
+def _constant_model(path, in_name, in_shape, out_name, out_shape, const, dynamic_batch=False):
+    """An ONNX graph out = const + 0 * mean(input): the official I/O signature, known output."""
+    batch = "N" if dynamic_batch else in_shape[0]
+    x = helper.make_tensor_value_info(in_name, TensorProto.FLOAT, [batch, *in_shape[1:]])
+    y = helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, *out_shape[1:]])
+    nodes = [
+        helper.make_node("ReduceMean", [in_name], ["m"], keepdims=1, axes=[1, 2, 3]),
+        helper.make_node("Mul", ["m", "zero"], ["mz"]),
+        helper.make_node("Add", ["mz", "c"], [out_name]),
+    ]
+    inits = [numpy_helper.from_array(np.zeros((1, 1, 1, 1) if len(out_shape) == 4 else (1, 1, 1), np.float32),
+                                     "zero"),
+             numpy_helper.from_array(const.astype(np.float32), "c")]
+    if len(out_shape) == 3:
+        nodes[0] = helper.make_node("ReduceMean", [in_name], ["m4"], keepdims=1, axes=[1, 2, 3])
+        nodes.insert(1, helper.make_node("Squeeze", ["m4", "ax"], ["m"]))
+        inits.append(numpy_helper.from_array(np.array([3], np.int64), "ax"))
+    graph = helper.make_graph(nodes, "tiny", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _gaussian_heatmaps(peaks, h=64, w=48, sigma=2.0):
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([np.exp(-((xs - px) ** 2 + (ys - py) ** 2) / (2 * sigma ** 2)) for px, py in peaks])
+
+
+@pytest.fixture
+def tiny_vitpose(tmp_path):
+    det = np.zeros((1, 300, 6), np.float32)
+    det[0, 0] = [200, 120, 360, 560, 0.9, 0]  # the person (640x640 input space)
+    det[0, 1] = [220, 140, 340, 500, 0.6, 0]  # overlapping duplicate, removed by NMS
+    det[0, 2] = [0, 0, 640, 640, 0.95, 2]  # a car covering everything: not a person
+    det[0, 3] = [500, 500, 520, 540, 0.04, 0]  # below conf 0.05
+    _constant_model(tmp_path / "yolov10m.onnx", "images", [1, 3, 640, 640], "output0", [1, 300, 6], det)
+    rng = np.random.default_rng(0)
+    peaks = np.stack([rng.uniform(4, 43, 133), rng.uniform(4, 59, 133)], 1)
+    heat = _gaussian_heatmaps(peaks)[None]
+    pose_dir = tmp_path / "vitpose_h_wholebody.onnx"  # the official checkpoint is a folder
+    pose_dir.mkdir()
+    _constant_model(pose_dir / "end2end.onnx", "input", [1, 3, 256, 192], "heatmaps", [1, 133, 64, 48], heat,
+                    dynamic_batch=True)
+    return tmp_path / "yolov10m.onnx", pose_dir, peaks
+
+
+def test_vitpose_end_to_end_on_tiny_onnx(tiny_vitpose):
+    det_path, pose_path, peaks = tiny_vitpose
+    frames = np.random.default_rng(1).integers(0, 255, (3, 360, 480, 3), dtype=np.uint8)
+    backend = get_pose_backend("vitpose", detector_path=str(det_path), pose_path=str(pose_path), batch_size=2)
+    pose = backend.extract(frames)
+    assert len(pose) == 3 and (pose.height, pose.width) == (360, 480)
+    assert backend.last_detected.all()
+    # Expected: the person box mapped to the frame, grown to 192:256 and x1.25, heatmap -> frame.
+    box = np.array([200 * 480 / 640, 120 * 360 / 640, 360 * 480 / 640, 560 * 360 / 640])
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    size = max((box[2] - box[0]) * 256 / 192, box[3] - box[1]) * 1.25
+    cw, ch = size * 192 / 256, size
+    expect = np.stack([peaks[:, 0] * cw / 48 + cx - cw / 2, peaks[:, 1] * ch / 64 + cy - ch / 2], 1)
+    got_face = pose.face[0, :, :2]
+    # Sub-pixel (DARK) decoding recovers non-integer peaks to well under one heatmap cell.
+    cell = cw / 48
+    err = np.abs(got_face - expect[WHOLEBODY_FACE]).max()
+    assert err < 0.2 * cell, (err, cell)
+    # Plain arg-max would be off by up to half a cell: the refinement matters.
+    argmax_err = np.abs(np.round(peaks[WHOLEBODY_FACE]) - peaks[WHOLEBODY_FACE]).max() * cell
+    assert err < argmax_err
+    # Body mapping: neck is the shoulder mean, toes the mean of two toe points.
+    np.testing.assert_allclose(pose.body[0, 1, :2], (expect[5] + expect[6]) / 2, atol=0.3 * cell)
+    np.testing.assert_allclose(pose.body[0, 18, :2], (expect[17] + expect[18]) / 2, atol=0.3 * cell)
+    np.testing.assert_allclose(pose.left_hand[0, :, :2], expect[91:112], atol=0.3 * cell)
+    assert (pose.body[..., 2] > 0.9).all()  # heatmap maxima are ~1
+
+
+def test_vitpose_without_person_falls_back_to_full_frame(tmp_path):
+    det = np.zeros((1, 300, 6), np.float32)
+    det[0, 0] = [0, 0, 640, 640, 0.95, 2]  # only a non-person
+    _constant_model(tmp_path / "det.onnx", "images", [1, 3, 640, 640], "output0", [1, 300, 6], det)
+    heat = _gaussian_heatmaps(np.full((133, 2), [24.0, 32.0]))[None]
+    _constant_model(tmp_path / "pose.onnx", "input", [1, 3, 256, 192], "heatmaps", [1, 133, 64, 48], heat,
+                    dynamic_batch=True)
+    backend = get_pose_backend("vitpose", detector_path=str(tmp_path / "det.onnx"), pose_path=str(tmp_path / "pose.onnx"))
+    pose = backend.extract(np.zeros((1, 200, 300, 3), np.uint8))
+    assert not backend.last_detected.any()
+    # heatmap centre -> crop centre -> frame centre
+    np.testing.assert_allclose(pose.body[0, 0, :2], [150, 100], atol=1.0)
+
+
+def test_detection_decoding_and_crop_geometry():
+    out = np.zeros((1, 5, 6), np.float32)
+    out[0, 0] = [10, 10, 110, 310, 0.5, 0]
+    out[0, 1] = [300, 300, 330, 330, 0.9, 0]  # higher score but smaller: the largest box wins
+    box = decode_detections(out, (640, 640), (640, 640))
+    np.testing.assert_allclose(box[:4], [10, 10, 110, 310])
+    assert decode_detections(np.zeros((1, 5, 6), np.float32), (640, 640), (640, 640)) is None
+    # crop: a marker at the crop centre lands at the model input's centre
+    frame = np.zeros((300, 400, 3), np.uint8)
+    frame[148:153, 198:203] = 255
+    c, wh = person_crop_params(np.array([150, 50, 250, 250]))
+    np.testing.assert_allclose(c, [200, 150])
+    np.testing.assert_allclose(wh[1] / wh[0], 256 / 192)
+    x = crop_person(frame, c, wh)
+    assert x.shape == (3, 256, 192)
+    peak = np.unravel_index(x[0].argmax(), x[0].shape)
+    assert abs(peak[0] - 128) <= 3 and abs(peak[1] - 96) <= 3
+
+
+def test_backend_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown pose backend"):
+        get_pose_backend("openpose")
+    with pytest.raises(Exception, match="pose_path"):
+        get_pose_backend("vitpose")
+    with pytest.raises(Exception, match="not found"):
+        get_pose_backend("vitpose", pose_path=str(tmp_path / "missing.onnx"))
+    with pytest.raises(TypeError, match="unknown mediapipe backend options"):
+        get_pose_backend("mediapipe", max_sid=3)
+
+
+def test_precomputed_backend(tmp_path):
+    rng = np.random.default_rng(0)
+    p = PoseSequence(rng.random((10, 20, 3)) * 50, rng.random((10, 21, 3)), rng.random((10, 21, 3)),
+                     rng.random((10, 68, 3)), 100, 200)
+    (tmp_path / "kp").mkdir()
+    p.save_npz(tmp_path / "kp" / "clip.npz")
+    backend = get_pose_backend("precomputed", path=str(tmp_path / "kp"))
+    frames = np.zeros((4, 50, 100, 3), np.uint8)
+    out = backend.extract(frames, source="/videos/clip.mp4", frame_indices=[0, 2, 4, 6])
+    np.testing.assert_allclose(out.body[1, :, 0], p.body[2, :, 0] * 0.5, rtol=1e-5)
+    with pytest.raises(Exception, match="frames"):
+        backend.extract(frames, source="/videos/clip.mp4")
+    with pytest.raises(Exception, match="no precomputed keypoints"):
+        backend.extract(frames, source="/videos/other.mp4")

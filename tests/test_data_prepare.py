@@ -1,0 +1,202 @@
+"""prepare on the real sample clip (mediapipe), bad inputs, kill + resume, inspect."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.config import PrepareConfig
+from data_tools.dataset import decode_sample
+from data_tools.inspect import inspect_dir
+from data_tools.pose.face import crop_boxes
+from data_tools.prepare import ResizePlan, area_bucket, choose_bucket, prepare, resample_indices
+from data_tools.shards import list_shards, read_shard, shard_keys
+from wan_animate.video_io import read_video, write_video
+
+REAL = Path("/work/shared/data/wan_examples/replace/video.mp4")
+pytest.importorskip("mediapipe")
+needs_real = pytest.mark.skipif(not REAL.is_file(), reason="sample clip not available")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(inp, out, **kw):
+    base = dict(input=str(inp), output=str(out), workers=0, pose_options={"max_side": 384})
+    base.update(kw)
+    return PrepareConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------------------------
+def test_bucket_and_resample_rules():
+    assert area_bucket(720, 1280, 1280 * 720) == (720, 1280)
+    assert area_bucket(1080, 1920, 832 * 480) == (464, 832)  # sqrt(399360/1.777)=473.9 -> 464
+    assert choose_bucket(720, 1280, 0, [[512, 512], [480, 832], [832, 480]]) == (480, 832)
+    idx = resample_indices(164, 24.0, 30.0)
+    assert idx[0] == 0 and idx[-1] <= 163 and idx[5] == round(5 / 30 * 24)
+    assert len(idx) == int((163) / 24 * 30) + 1
+    np.testing.assert_array_equal(resample_indices(10, 24.0, -1), np.arange(10))
+    plan = ResizePlan(720, 1280, 176, 320, "crop")
+    frame = np.zeros((720, 1280, 3), np.uint8)
+    frame[360, 640] = 255
+    out = plan.apply(frame)
+    assert out.shape == (176, 320, 3)
+    lb = ResizePlan(720, 720, 176, 320, "letterbox")
+    assert lb.offset_x > 0 and lb.apply(np.full((720, 720, 3), 9, np.uint8))[:, 0].max() == 0
+    with pytest.raises(ValueError, match="4n\\+1"):
+        PrepareConfig(input="a", output="b", clip_len=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# the real clip
+# ---------------------------------------------------------------------------------------------
+@needs_real
+def test_prepare_real_clip_mediapipe(tmp_path):
+    out = tmp_path / "shards"
+    m = prepare(_cfg(REAL, out, clip_len=33, target_area=320 * 192, max_clips_per_video=2, shard_size=1,
+                     replace=True), progress=False)
+    assert m["counts"]["clips_written"] == 2 and m["counts"]["inputs_skipped"] == 0
+    assert m["stats"]["person_frame_share"] >= 0.9
+    assert 0.02 < m["stats"]["mask_coverage_mean"] < 0.9
+    src, _ = read_video(REAL, max_frames=100)
+    n_samples = 0
+    assert m["stats"]["face_frame_share"] >= 0.8
+    for shard in list_shards(out):
+        for raw in read_shard(shard):
+            d = decode_sample(raw)
+            n_samples += 1
+            meta = d["meta"]
+            _, t, h, w = d["video"].shape
+            assert t == 33 and d["pose"].shape == d["video"].shape and d["face"].shape[1] == t
+            assert d["face"].shape[-2:] == (512, 512) and h % 16 == 0 and w % 16 == 0
+            assert d["bg"].shape == d["video"].shape and d["mask"].shape == (1, t, h, w)
+            assert np.mean(meta["person_detected"]) >= 0.9
+            # the background is the frame with the character blacked out
+            char = d["mask"][0].bool()
+            assert (d["bg"][:, char] < -0.8).float().mean() > 0.9
+            # face crops are centred on the face landmarks (target pixels)
+            face = np.asarray(meta["keypoints"]["face"])
+            boxes = np.asarray(meta["face_boxes"])
+            ok = np.asarray(meta["face_detected"])
+            assert ok.mean() >= 0.7  # face-mesh misses are filled from neighbouring boxes
+            for k in np.flatnonzero(ok):
+                pts = face[k][face[k, :, 2] >= 0.5, :2]
+                x0, y0, x1, y1 = boxes[k]
+                lx0, ly0 = pts.min(0)
+                lx1, ly1 = pts.max(0)
+                bw = x1 - x0
+                assert abs((lx0 + lx1) / 2 - (x0 + x1) / 2) < 0.1 * bw  # horizontally centred
+                assert y0 < (ly0 + ly1) / 2 < y1  # the landmarks' centre is inside the box
+                assert 0.6 < (lx1 - lx0) / bw < 1.0  # the box is the landmark box grown x sqrt(1.3)
+            # the stored crops are the source frames cut at face_boxes_source
+            src_boxes = np.asarray(meta["face_boxes_source"])
+            ref_crops = crop_boxes(src[meta["frame_indices"]], src_boxes, 512)
+            got = ((d["face"].permute(1, 2, 3, 0).numpy() + 1) * 127.5)
+            assert np.abs(got - ref_crops.astype(np.float32)).mean() < 6.0
+            # negative control: crops from a shifted box do not match
+            shifted = crop_boxes(src[meta["frame_indices"]], src_boxes + [120, 0, 120, 0], 512)
+            assert np.abs(got - shifted.astype(np.float32)).mean() > 15.0
+    assert n_samples == 2
+    rep = inspect_dir(out, sheet=str(tmp_path / "sheet.png"))
+    assert rep.ok, rep.errors
+    assert rep.samples == 2 and Path(rep.sheet).stat().st_size > 10_000
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(rep.sheet))
+    assert sheet.shape[0] >= 2 * 128 and sheet.std() > 20
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs, kill + resume (small pieces of the real clip as good inputs)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    if not REAL.is_file():
+        pytest.skip("sample clip not available")
+    import cv2
+
+    d = tmp_path_factory.mktemp("inputs")
+    src, fps = read_video(REAL, max_frames=164)
+    small = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in src])
+    for i in range(8):
+        write_video(d / f"good_{i}.mp4", small[40 + 14 * i: 40 + 14 * i + 20], fps)
+    return d, fps
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path, small_inputs):
+    src_dir, _ = small_inputs
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(2):
+        (inp / f"good_{i}.mp4").write_bytes((src_dir / f"good_{i}.mp4").read_bytes())
+    data = (src_dir / "good_2.mp4").read_bytes()
+    (inp / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (inp / "zero.mp4").write_bytes(b"")
+    (inp / "text.mp4").write_text("this is not a video\n" * 20)
+    (inp / "short.mp4").write_bytes(b"")
+    write_video(inp / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8), 24)
+    m = prepare(_cfg(inp, tmp_path / "out", fps=-1, clip_len=17, target_area=256 * 144, max_clips_per_video=1,
+                     min_person_fraction=0.5), progress=False)
+    reasons = {Path(s["input"]).name: s["reason"] for s in m["skipped_inputs"]}
+    assert set(reasons) == {"truncated.mp4", "zero.mp4", "text.mp4", "short.mp4"}
+    assert "zero-byte" in reasons["zero.mp4"]
+    assert "undecodable" in reasons["text.mp4"] and "undecodable" in reasons["truncated.mp4"]
+    assert "too short" in reasons["short.mp4"] and "clip_len 17" in reasons["short.mp4"]
+    assert m["counts"] == {"inputs": 6, "inputs_processed": 2, "inputs_skipped": 4, "clips_written": 2,
+                           "clips_skipped": 0, "shards": 1}
+    saved = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert saved["skipped_inputs"] == m["skipped_inputs"]
+    assert inspect_dir(tmp_path / "out").ok
+
+
+def _all_keys(out):
+    return [k for p in list_shards(out) for k in shard_keys(p)]
+
+
+def test_kill_midway_and_resume(tmp_path, small_inputs):
+    src_dir, _ = small_inputs
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "data_tools.prepare", f"input={src_dir}", f"output={out}", "fps=-1",
+            "clip_len=17", "target_area=36864", "max_clips_per_video=1", "shard_size=1", "workers=0",
+            "min_person_fraction=0.5", "+pose_options.max_side=256"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if len(list_shards(out)) >= 2:
+            break
+        time.sleep(0.05)
+    killed_midway = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed_midway, "prepare finished before it could be killed; make the job longer"
+    done_before = set(_all_keys(out))
+    assert 2 <= len(done_before) < 8
+    assert not (out / "manifest.json").exists()
+    rerun = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    keys = _all_keys(out)
+    assert len(keys) == len(set(keys)) == 8  # nothing duplicated, nothing lost
+    assert done_before <= set(keys)
+    assert not list(out.glob("*.tmp"))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["clips_written"] == 8 and m["counts"]["inputs"] == 8
+    rep = inspect_dir(out)
+    assert rep.ok, rep.errors
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="pose_backend"):
+        PrepareConfig(input="a", output="b", pose_backend="openpose")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        PrepareConfig(input="a", output="b", buckets=[[100, 200]])
+    r = subprocess.run([sys.executable, "-m", "data_tools.prepare", "input=x", f"output={tmp_path}", "clip_len=10"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "4n+1" in r.stderr
