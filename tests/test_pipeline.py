@@ -216,3 +216,89 @@ def test_bad_inputs_raise_clear_errors(pipe):
     with pytest.raises(FileNotFoundError, match="neither a diffusers layout"):
         AnimatePipeline.detect_layout(pipe_dir_empty := __import__("tempfile").mkdtemp())
     del pipe_dir_empty
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m eval.generate
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_inputs(d, n, size=SIZE, fps=24.0, replace=False, prefix=""):
+    from PIL import Image
+
+    from wan_animate.video_io import write_video
+
+    d.mkdir(parents=True, exist_ok=True)
+    x = driving(n, size=size)
+    Image.fromarray(x["ref_image"]).save(d / f"{prefix}ref.png")
+    write_video(d / f"{prefix}pose.mp4", x["pose_video"], fps)
+    write_video(d / f"{prefix}face.mp4", x["face_video"], fps)
+    if replace:
+        write_video(d / f"{prefix}bg.mp4", x["pose_video"][:, ::-1].copy(), fps)
+        mask = np.zeros((n, size, size, 3), np.uint8)
+        mask[:, 8:24, 8:24] = 255
+        write_video(d / f"{prefix}mask.mp4", mask, fps)
+    return d
+
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "eval.generate", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_cli_end_to_end(folders, tmp_path):
+    from wan_animate.video_io import read_video
+
+    src = _write_inputs(tmp_path / "in", 12, fps=24.0)
+    out = tmp_path / "out.mp4"
+    r = _run_cli("--model", folders["diffusers"], "--ref", src / "ref.png", "--pose", src / "pose.mp4",
+                 "--face", src / "face.mp4", "--out", out, "--steps", 2, "--clip-len", 9, "--seed", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    frames, fps = read_video(out)
+    assert frames.shape == (12, SIZE, SIZE, 3) and abs(fps - 24.0) < 1e-3
+    assert "segments" in r.stderr and "steps" in r.stderr  # progress bars
+
+    pre = _write_inputs(tmp_path / "pre", 7, fps=30.0, replace=True, prefix="src_")
+    out2 = tmp_path / "replace.mp4"
+    # in-process (saves a second interpreter start-up): official layout, preprocessed folder, replace
+    from eval.generate import main
+
+    assert main([str(a) for a in ("--model", folders["official"], "--preprocessed", pre, "--out", out2,
+                                  "--steps", 2, "--clip-len", 9, "--refert-num", 5, "--solver", "dpm++",
+                                  "--no-progress")]) == 0
+    frames, fps = read_video(out2)
+    assert frames.shape == (7, SIZE, SIZE, 3) and abs(fps - 30.0) < 1e-3
+
+
+def test_cli_bad_inputs_fail_before_loading(folders, tmp_path, monkeypatch, capsys):
+    from eval import generate as cli
+    from wan_animate import pipeline as pl
+    from wan_animate.video_io import write_video
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded despite bad input")
+
+    monkeypatch.setattr(pl.AnimatePipeline, "from_pretrained", no_load)
+    src = _write_inputs(tmp_path / "ok", 9)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    write_video(tmp_path / "short_face.mp4", driving(5)["face_video"], 24)
+    write_video(tmp_path / "pose40.mp4", np.zeros((9, 40, 32, 3), np.uint8), 24)
+    base = ["--model", folders["diffusers"], "--ref", src / "ref.png", "--out", tmp_path / "o.mp4",
+            "--clip-len", 9]
+    cases = {
+        "does not exist": ["--pose", tmp_path / "missing.mp4", "--face", src / "face.mp4"],
+        "not a decodable video": ["--pose", tmp_path / "broken.mp4", "--face", src / "face.mp4"],
+        "they must match": ["--pose", src / "pose.mp4", "--face", tmp_path / "short_face.mp4"],
+        "multiples of 16": ["--pose", tmp_path / "pose40.mp4", "--face", src / "face.mp4"],
+        "both --bg and --mask": ["--pose", src / "pose.mp4", "--face", src / "face.mp4", "--bg", src / "pose.mp4"],
+    }
+    for message, extra in cases.items():
+        assert cli.main([str(a) for a in base + extra]) == 2, message
+        assert message in capsys.readouterr().err, message
+    assert cli.main(["--model", str(tmp_path), "--preprocessed", str(src), "--out", "x.mp4"]) == 2
+    assert "neither a diffusers layout" in capsys.readouterr().err
