@@ -237,7 +237,8 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                            fps: float = 30.0, replace: bool = False, progress: bool = False) -> Path:
     """Write ``num_clips`` synthetic samples as schema-v1 shards + manifest.json; returns the folder.
 
-    Deterministic: the same arguments give byte-identical shards.
+    Deterministic: the same arguments give identical samples (videos are lossless H.264, so the
+    decoded frames are exact; the mp4 bytes may differ because x264 is multi-threaded).
     """
     cfg = SyntheticConfig(output=str(output_dir), num_clips=num_clips, clip_len=clip_len, height=height,
                           width=width, seed=seed, shard_size=shard_size, face_size=face_size, fps=fps,
@@ -272,7 +273,8 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 bg[masks] = 0
                 mask = masks
             writer.write(encode_sample(key, target=frames, pose=render_pose(pose, height, width), face=face,
-                                       ref=ref, meta=meta, caption=CAPTION, fps=fps, bg=bg, mask=mask))
+                                       ref=ref, meta=meta, caption=CAPTION, fps=fps, bg=bg, mask=mask,
+                                       crf=0))  # lossless: decoded frames are exact and reproducible
             keys.append(key)
     manifest = {
         "schema_version": 1, "kind": "synthetic", "config": asdict(cfg),

@@ -1,0 +1,118 @@
+"""Synthetic set: determinism, the schema, and that targets follow reference + pose + face."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.dataset import SampleDecodeError, decode_sample
+from data_tools.inspect import inspect_dir
+from data_tools.shards import list_shards, read_shard
+from data_tools.synthetic import (
+    REST,
+    animation_state,
+    character_keypoints,
+    draw_character,
+    make_synthetic_dataset,
+    random_character,
+    synthesize_clip,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _decoded(d):
+    out = []
+    for p in list_shards(d):
+        for raw in read_shard(p):
+            x = decode_sample(raw)
+            out.append((x["key"], raw["json"], raw["ref.png"], x["video"], x["pose"], x["face"]))
+    return out
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(
+        x[:3] == y[:3] and all(bool((u == v).all()) for u, v in zip(x[3:], y[3:])) for x, y in zip(a, b))
+
+
+def test_synthetic_is_deterministic_by_seed(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", num_clips=3, clip_len=9, seed=7, shard_size=2)
+    b = make_synthetic_dataset(tmp_path / "b", num_clips=3, clip_len=9, seed=7, shard_size=2)
+    c = make_synthetic_dataset(tmp_path / "c", num_clips=3, clip_len=9, seed=8, shard_size=2)
+    assert len(list_shards(a)) == 2
+    # Identical decoded streams and metadata. (Videos are lossless H.264, so decoded frames are
+    # exact even though multi-threaded x264 may order its bitstream differently run to run.)
+    assert _same(_decoded(a), _decoded(b))
+    assert not _same(_decoded(a), _decoded(c))
+    m = json.loads((a / "manifest.json").read_text())
+    assert m["counts"]["samples"] == 3 and m["face_size"] == 64
+
+
+def test_synthetic_schema_and_inspect(tmp_path):
+    out = make_synthetic_dataset(tmp_path / "s", num_clips=4, clip_len=17, height=64, width=96, face_size=32,
+                                 shard_size=3, replace=True)
+    rep = inspect_dir(out)
+    assert rep.ok, rep.errors
+    assert rep.samples == 4 and rep.shards == 2
+    d = decode_sample(read_shard(list_shards(out)[0])[0])
+    assert d["video"].shape == (3, 17, 64, 96) and d["pose"].shape == d["video"].shape
+    assert d["face"].shape == (3, 17, 32, 32) and d["ref"].shape == (3, 64, 96)
+    assert d["mask"].shape == (1, 17, 64, 96) and 0.03 < d["mask"].mean() < 0.6
+    assert d["video"].min() >= -1 and d["video"].max() <= 1
+    assert d["meta"]["schema_version"] == 1 and d["meta"]["face_size"] == 32
+    assert len(d["meta"]["face_boxes"]) == 17 and d["caption"]
+
+
+def test_target_is_a_function_of_reference_pose_and_face():
+    frames, pose, ref, masks, ch = synthesize_clip(0, 0, 17, 64, 64)
+    # frames move (pose changes) ...
+    assert np.abs(frames[0].astype(int) - frames[8].astype(int)).mean() > 1.0
+    # ... and redrawing from the keypoints + appearance reproduces them exactly
+    for t in (0, 5, 16):
+        body, _, _, _, geo = character_keypoints(ch, animation_state(ch, t, 17), 64, 64)
+        np.testing.assert_allclose(body, pose.body[t])
+        again, _ = draw_character(ch, body, geo, 64, 64)
+        np.testing.assert_array_equal(again, frames[t])
+    # the reference shows the same character (same colours) in its rest pose
+    assert set(map(tuple, ref.reshape(-1, 3))) & set(map(tuple, frames[0].reshape(-1, 3))) >= {ch.background}
+    # eyes blink: the eye landmarks close on blink frames
+    blink = [t for t in range(17) if animation_state(ch, t, 17).eye_open == 0]
+    open_ = [t for t in range(17) if animation_state(ch, t, 17).eye_open == 1]
+    eye_h = lambda t: np.ptp(pose.face[t, 36:42, 1])  # noqa: E731
+    assert blink and max(eye_h(t) for t in blink) < 0.5 * min(eye_h(t) for t in open_)
+    # different seeds give different characters
+    assert random_character(np.random.default_rng([0, 0])) != random_character(np.random.default_rng([1, 0]))
+    assert REST.eye_open == 1
+
+
+def test_synthetic_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_tools.synthetic", f"output={tmp_path / 'x'}", "num_clips=2",
+                        "clip_len=5", "shard_size=2"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list_shards(tmp_path / "x")) == 1
+    bad = subprocess.run([sys.executable, "-m", "data_tools.synthetic", f"output={tmp_path / 'y'}", "height=50"],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+
+
+def test_decode_sample_errors_name_the_key(tmp_path):
+    out = make_synthetic_dataset(tmp_path / "s", num_clips=2, clip_len=9, shard_size=2)
+    a, b = read_shard(list_shards(out)[0])
+    broken = dict(a, **{"pose.mp4": b"not a video"})
+    with pytest.raises(SampleDecodeError, match=a["__key__"] + ".*pose.mp4"):
+        decode_sample(broken)
+    short = make_synthetic_dataset(tmp_path / "t", num_clips=1, clip_len=5, shard_size=1)
+    other = read_shard(list_shards(short)[0])[0]
+    mixed = dict(a, **{"face.mp4": other["face.mp4"]})
+    with pytest.raises(SampleDecodeError, match="face.mp4 has 5 frames but mp4 has 9"):
+        decode_sample(mixed)
+    missing = {k: v for k, v in a.items() if k != "ref.png"}
+    with pytest.raises(SampleDecodeError, match="missing field 'ref.png'"):
+        decode_sample(missing)
+    # a valid sample decodes
+    assert decode_sample(b)["video"].shape[1] == 9
