@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -181,11 +182,15 @@ def test_load_every_layout_gives_identical_weights(saved):
         _assert_same_tensors(loaded.state_dict(), reference)
 
 
-def test_load_dit_dtype_and_layout_detection(saved):
+def test_load_dit_dtype_and_layout_detection(saved, tmp_path):
     preset, model, root = saved
     loaded = load_dit(root / "diffusers", dtype=torch.float32)
-    assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    loaded = load_dit(root / "official")  # default bf16: matmul weights bf16, tables fp32
+    _assert_same_tensors(loaded.state_dict(), set_precision(copy.deepcopy(model), torch.float32).state_dict())
+    # an fp32 file loaded as bf16 (the default) is cast exactly like set_precision does it
+    fp32_model = _random_model(preset, torch.float32, seed=5)
+    save_dit(fp32_model, tmp_path / "fp32", layout="diffusers", max_shard_size="40KB")
+    loaded = load_dit(tmp_path / "fp32")
+    _assert_same_tensors(loaded.state_dict(), set_precision(fp32_model, torch.bfloat16).state_dict())
     dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
     assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
     assert dtypes["blocks.0.modulation"] == torch.float32
@@ -424,3 +429,17 @@ def test_save_dit_unwraps_compiled_models_refuses_lora_and_keeps_metadata(tmp_pa
     model.blocks[0].self_attn.q.register_module("lora_A", torch.nn.Linear(64, 2))
     with pytest.raises(ValueError, match="LoRA layers"):
         save_dit(model, tmp_path / "lora")
+
+
+@pytest.mark.parametrize("target", ["folder", "single.safetensors"])
+def test_saving_over_the_loaded_files_keeps_the_loaded_model_intact(tmp_path, target):
+    """Loaded weights are memory-mapped from the files; saving (new weights) over those very files
+    must neither change nor break the model that is still using them."""
+    first, second = _random_model("tiny", seed=1), _random_model("tiny", seed=2)
+    path = tmp_path / target
+    save_dit(first, path, max_shard_size="30KB")
+    loaded = load_dit(path, dtype=None)
+    save_dit(second, path, max_shard_size="50KB")
+    _assert_same_tensors(loaded.state_dict(), first.state_dict())
+    _assert_same_tensors(load_dit(path, dtype=None).state_dict(), second.state_dict())
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -230,9 +230,6 @@ class _Source:
     prefix: str = ""               # community prefix stripped from every name
     layout: str = ""               # "official" | "diffusers"
 
-    def stored_name(self, name: str) -> str:
-        return self.prefix + name
-
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for s in self.shards for t in s.tensors.values())
@@ -533,7 +530,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _stream_official(
-    src: _Source, config: WanAnimateConfig, device: torch.device, blur_dtype: torch.dtype | None = None
+    src: _Source, config: WanAnimateConfig, device: torch.device
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Per shard: (shard index, official-named tensors of that shard).
 
@@ -568,12 +565,15 @@ def load_dit(
     device: torch.device | str = "cpu",
     config: WanAnimateConfig | None = None,
     *,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> nn.Module:
     """Load a ``WanAnimateDiT`` from an official folder, a diffusers folder or a single file.
 
-    ``dtype=None`` keeps the dtypes stored in the file; otherwise ``set_precision(model, dtype)``
-    is applied (fp32 tables stay fp32). The model is returned in eval mode.
+    ``dtype=None`` keeps the dtypes stored in the file; otherwise every tensor is cast as it is
+    filled in, by the rule of ``set_precision(model, dtype)`` (the fp32-by-design tables stay
+    fp32), so a fp32 file never sits whole in memory before a bf16 cast. On the CPU, tensors that
+    need no cast stay memory-mapped from the file (copy-on-write) until written or moved.
+    ``progress=None`` shows a bar for checkpoints over 1 GB. The model is returned in eval mode.
     """
     device = torch.device(device)
     src = _resolve(path)
@@ -584,11 +584,22 @@ def load_dit(
     _check_against_model(ckpt, expected, config, where=str(path), layout=src.layout,
                          config_source=config_source, optional=set(blur_kernel_keys(config)))
 
-    bar = _progress(progress, total=src.total_bytes, desc=f"load {Path(path).name}")
+    model_module = _model_module()
+
+    def target_dtype(name: str) -> torch.dtype | None:
+        if dtype is None:
+            return None
+        return torch.float32 if model_module.is_fp32_by_design(name) else dtype
+
+    show = src.total_bytes > 1e9 if progress is None else progress
+    bar = _progress(show, total=src.total_bytes, desc=f"load {Path(path).name}")
     for _, batch in _stream_official(src, config, device):
         for name, tensor in batch.items():
-            _set_tensor(model, name, tensor)
             bar.update(tensor.numel() * tensor.element_size())
+            want = target_dtype(name)
+            if want is not None and tensor.is_floating_point() and tensor.dtype != want:
+                tensor = tensor.to(want)
+            _set_tensor(model, name, tensor)
         del batch
     bar.close()
 
@@ -602,7 +613,7 @@ def load_dit(
         raise CheckpointError(f"{path}: {len(left)} tensors were never filled: {', '.join(left[:_SHOW])}",
                               cause="incomplete checkpoint", missing=left)
     if dtype is not None:
-        _model_module().set_precision(model, dtype)
+        model_module.set_precision(model, dtype)  # buffers computed by the skeleton
     return model.eval()
 
 
@@ -663,7 +674,13 @@ class _ShardWriter:
             return
         from safetensors.torch import save_file
 
-        path = self.dst if self.single_file else self.dst / f".{WEIGHTS_NAME}-part{len(self.written):05d}.tmp"
+        # Always write a temporary file and rename it into place: a model loaded from the old file
+        # may still be memory-mapped onto it (safetensors loads lazily), and a rename leaves the
+        # old data intact for it where overwriting in place would change or truncate it.
+        if self.single_file:
+            path = self.dst.with_name(f".{self.dst.name}.tmp")
+        else:
+            path = self.dst / f".{WEIGHTS_NAME}-part{len(self.written):05d}.tmp"
         save_file(self.buffer, str(path), metadata=self.metadata)
         self.written.append((path, list(self.buffer)))
         self.buffer, self.buffer_bytes = {}, 0
@@ -671,6 +688,7 @@ class _ShardWriter:
     def finish(self) -> list[Path]:
         self.flush()
         if self.single_file:
+            self.written[0][0].replace(self.dst)
             return [self.dst]
         n = len(self.written)
         final: list[Path] = []
@@ -753,6 +771,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "keep": None}
 
 
@@ -777,7 +796,7 @@ def convert_checkpoint(
     _check_against_model(ckpt, expected, config, where=str(src_path), layout=src.layout,
                          config_source=config_source, optional=set(blur_kernel_keys(config)))
     stored_blur = src.shards[0].metadata.get(BLUR_DTYPE_METADATA_KEY)
-    blur_dtype = dtype or (getattr(torch, stored_blur) if stored_blur else None)
+    blur_dtype = dtype or _FLOAT_DTYPES.get(stored_blur or "")
     extra: dict[str, str] = {}
     if to == "diffusers":
         kernels = [ckpt[k] for k in blur_kernel_keys(config) if k in ckpt]
