@@ -185,6 +185,9 @@ class TrainSettings:
     # Debug / overfit checks: one fixed noise + timestep draw per sample (keyed by its index), so
     # the loss of a memorised set can go to ~0 instead of plateauing at the flow-matching noise floor.
     fixed_noise_per_sample: bool = False
+    # Write <output_dir>/ranks/rank-<R>.json (world size, parameter digest, trained sample keys):
+    # proves all ranks formed one group and ended with identical weights (CI, debugging).
+    rank_report: bool = False
     # Flop-count basis of the MFU figure (peak TFLOP/s per device); 0 -> guess from the device.
     peak_tflops: float = 0.0
 

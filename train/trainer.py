@@ -221,6 +221,7 @@ def run(cfg: Config) -> dict[str, Any]:
     status = "finished"
     last_loss = float("nan")
     flops_per_sample = None
+    trained_keys: list[str] = []
     with _Preemption() as preempt:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
@@ -245,6 +246,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                                  generator=generator)
                     acc.backward(out.loss)
                 micro_losses.append(out.loss.detach().float())
+                if cfg.train.rank_report:
+                    trained_keys.extend(batch["keys"])
             # ---- update (skipped when any gradient is not finite)
             grad_norm = float("nan")
             if use_ds:
@@ -323,6 +326,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 status = f"preempted ({preempt.signal or 'signal on another rank'})"
                 break
     bar.close()
+    if cfg.train.rank_report:
+        write_rank_report(out_dir, acc, raw_dit, trained_keys, step)
 
     result: dict[str, Any] = {"status": status, "step": step, "final_loss": last_loss,
                               "world_size": acc.num_processes, "zero_stage": stage, **summary}
@@ -344,6 +349,24 @@ def run(cfg: Config) -> dict[str, Any]:
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def write_rank_report(out_dir: Path, acc, raw_dit, keys: list[str], step: int) -> None:
+    """Per-rank evidence for distributed tests: group size, weight digest, sample keys trained on."""
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name, p in sorted(raw_dit.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    report = {
+        "rank": acc.process_index, "world_size": acc.num_processes, "step": step,
+        "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "param_sha256": h.hexdigest(), "keys": keys,
+    }
+    path = out_dir / "ranks" / f"rank-{acc.process_index}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
 
 
 # ---------------------------------------------------------------------------- validation
