@@ -75,14 +75,34 @@ class RopeCache:
 # ------------------------------------------------------------------------------------------------
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` [B, L, heads, head_dim] (computed in fp32).
-
-    ``cos``/``sin`` are ``[L, head_dim // 2]``. Returns float32 of the shape of ``x``.
-    """
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x = x.float().unflatten(-1, (-1, 2))  # [B, L, heads, head_dim/2, 2]
     x_even, x_odd = x[..., 0], x[..., 1]
     cos = cos[None, :, None, :]  # [1, L, 1, head_dim/2]
     sin = sin[None, :, None, :]
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2)
+
+
+class _Rope(torch.autograd.Function):
+    """A rotation is orthogonal: the backward is the inverse rotation of the gradient, so no
+    activation is saved (autograd would keep an fp32 copy of q and of k per block)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        ctx.input_dtype = x.dtype
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin).to(ctx.input_dtype), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` [B, L, heads, head_dim] (computed in fp32).
+
+    ``cos``/``sin`` are ``[L, head_dim // 2]``. Returns float32 of the shape of ``x``.
+    """
+    return _Rope.apply(x, cos, sin)
