@@ -44,7 +44,6 @@ from wan_animate.keymap import (  # noqa: F401  (public re-exports)
     blur_kernel_keys,
     diffusers_to_official,
     lia_blur_kernel,
-    num_motion_res_blocks,
     official_to_diffusers,
 )
 
