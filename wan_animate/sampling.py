@@ -45,6 +45,18 @@ def make_scheduler(solver: str = "unipc", *, shift: float = 5.0):
     raise ValueError(f"solver={solver!r} is not one of {SOLVERS}.")
 
 
+def set_schedule(scheduler, steps: int, device=None) -> None:
+    """``steps`` shifted sigmas starting at 1. Euler gets the official unshifted grid
+    ``linspace(1, 0, steps + 1)[:-1]`` explicitly (its own default would shift twice); UniPC and
+    DPM++ build ``linspace(1, 1/1000, steps + 1)[:-1]`` themselves (within 1e-3 of the official)."""
+    import numpy as np
+
+    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guide_scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + s * (cond - uncond)``."""
     return uncond + guide_scale * (cond - uncond)
@@ -72,7 +84,7 @@ def sample(
     if guide_scale < 1.0:
         raise ValueError(f"guide_scale={guide_scale} must be >= 1 (1 disables guidance).")
     scheduler = make_scheduler(solver, shift=shift)
-    scheduler.set_timesteps(steps, device=noise.device)
+    set_schedule(scheduler, steps, device=noise.device)
     latents = noise.float()
     for t in scheduler.timesteps:
         t_batch = t.expand(latents.shape[0]).to(latents.device)
