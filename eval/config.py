@@ -13,9 +13,9 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker")
+METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker", "heldout")
 # Metrics that compare against the ground-truth video (self-reconstruction sets only).
-NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd")
+NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd", "heldout")
 SOLVERS = ("unipc", "dpm++", "euler")
 EVAL_SET_KINDS = ("auto", "shards", "pairs")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -39,6 +39,9 @@ class MetricsConfig:
     pck_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
     # Identity: frames sampled per video for the CLIP cosine.
     identity_max_frames: int = 16
+    # Held-out flow-matching loss: one DiT forward per sample and timestep, noise seeded per sample.
+    heldout_timesteps: list[float] = field(default_factory=lambda: [100.0, 300.0, 500.0, 700.0, 900.0])
+    heldout_seed: int = 0
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -64,6 +67,9 @@ class MetricsConfig:
             raise ValueError("metrics.fvd_clip_frames must be >= 0 (0 = whole videos)")
         if not 0 <= self.keypoint_threshold <= 1:
             raise ValueError("metrics.keypoint_threshold must be in [0, 1]")
+        self.heldout_timesteps = [float(t) for t in self.heldout_timesteps]
+        if not self.heldout_timesteps or any(not 0 <= t <= 1000 for t in self.heldout_timesteps):
+            raise ValueError(f"metrics.heldout_timesteps must be values in [0, 1000], got {self.heldout_timesteps}")
         self.pck_thresholds = [float(a) for a in self.pck_thresholds]
         if not self.pck_thresholds or any(a <= 0 for a in self.pck_thresholds):
             raise ValueError(f"metrics.pck_thresholds must be positive fractions, got {self.pck_thresholds}")

@@ -34,6 +34,9 @@ HEADLINE = {
     "heldout_loss": False,
 }
 MAX_FRAME_STRIPS = 2  # per cell in the HTML
+# The main table and the plots show these (when computed); every metric is in "All metrics".
+PLOTTED = ("psnr", "ssim", "lpips", "fvd", "body_pck@0.1", "hands_pck@0.1", "body_error", "face_nme",
+           "identity", "temporal_error", "flicker", "heldout_loss")
 
 
 # ---------------------------------------------------------------------------- collect
@@ -130,10 +133,30 @@ def md_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def html_table(header, rows) -> str:
+def html_table(header, rows, best: dict[int, bool] | None = None) -> str:
+    """``best``: column index -> higher-is-better; the best value of such columns is bold."""
+    best_val = {}
+    for j, higher in (best or {}).items():
+        vals = [_as_number(r[j]) for r in rows]
+        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        if len(vals) > 1 and max(vals) != min(vals):
+            best_val[j] = max(vals) if higher else min(vals)
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+    def cell(j, c):
+        text = html.escape(str(c))
+        if j == 0:  # cell names: allow line breaks after the commas only
+            text = text.replace(",", ",<wbr>")
+        bold = j in best_val and _as_number(c) == best_val[j]
+        return f"<td class='best'>{text}</td>" if bold else f"<td>{text}</td>"
+
+    body = "".join("<tr>" + "".join(cell(j, c) for j, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<div class='scroll'><table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def best_columns(header, cols) -> dict[int, bool]:
+    offset = len(header) - len(cols) - 1  # metric columns sit before the trailing s/sample column
+    return {offset + i: HEADLINE[c] for i, c in enumerate(cols) if c in HEADLINE}
 
 
 # ---------------------------------------------------------------------------- plots
@@ -166,6 +189,7 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
     for r in ok:
         label = ", ".join(f"{k}={r['params'].get(k, '')}" for k in others) or "all"
         groups.setdefault(label, []).append(r)
+    metrics = [c for c in metrics if c in PLOTTED] or metrics[:8]
     ncols = min(4, len(metrics))
     nrows = math.ceil(len(metrics) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.6 * nrows), squeeze=False)
@@ -180,6 +204,8 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
         ax.tick_params(labelsize=7)
         if not numeric:
             ax.set_xticks(list(xpos.values()), [str(v)[:18] for v in values], rotation=20)
+        elif len(values) <= 8:
+            ax.set_xticks(list(xpos.values()), [str(v) for v in values])
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -215,6 +241,8 @@ td:first-child,th:first-child{text-align:left}
 .failed{color:#b00020}.note{color:#555;font-size:13px}
 .cells{display:flex;flex-wrap:wrap;gap:16px}.cell{border:1px solid #ddd;padding:8px;border-radius:6px}
 .cell h3{font-size:13px;margin:0 0 6px 0}.strip-label{font-size:11px;color:#555}
+.scroll{overflow-x:auto;max-width:100%}td.best{font-weight:700;background:#eef7ee}
+td:first-child{font-size:11px;color:#444;max-width:420px}
 """
 
 
@@ -240,6 +268,8 @@ def build_report(sweep_dir, *, wandb_cfg=None) -> dict:
             f.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
 
     header, rows = results_rows(records, swept, cols)
+    main_cols = [c for c in cols if c in PLOTTED]
+    mheader, mrows = results_rows(records, swept, main_cols)
     theader, trows = timing_rows(records)
 
     # report.md
@@ -259,7 +289,7 @@ def build_report(sweep_dir, *, wandb_cfg=None) -> dict:
     parts = [f"<h1>Eval report: {html.escape(sweep_dir.name)}</h1>",
              f"<p>{len(records)} cells: {n_ok} ok, <span class='{'failed' if failed else ''}'>{len(failed)} failed</span>;"
              f" swept: {html.escape(', '.join(swept) or 'nothing')}. ↑ higher is better, ↓ lower is better.</p>",
-             "<h2>Results</h2>", html_table(header, rows)]
+             "<h2>Results</h2>", html_table(mheader, mrows, best_columns(mheader, main_cols))]
     if skipped_metrics:
         parts.append("<h2>Not computed</h2><ul>" + "".join(
             f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in sorted(skipped_metrics.items())) + "</ul>")
@@ -285,6 +315,7 @@ def build_report(sweep_dir, *, wandb_cfg=None) -> dict:
                           f"{imgs}</div>")
     if strips:
         parts.append("<h2>Frames</h2><div class='cells'>" + "".join(strips) + "</div>")
+    parts += ["<h2>All metrics</h2>", html_table(header, rows, best_columns(header, cols))]
     if trows:
         parts += ["<h2>Seconds per sample</h2>", html_table(theader, trows)]
     doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -143,13 +143,26 @@ def load_pipeline(cfg: EvalConfig):
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A trainer checkpoint folder keeps the DiT in a subfolder; exports and files load directly."""
+    """What ``load_dit`` should read for ``checkpoint=PATH``.
+
+    A weights file or a model folder (official ``config.json`` / diffusers) loads as is; a trainer
+    export folder (``output_dir/export``) resolves to its ``official/`` (else ``diffusers/``)
+    layout; a training checkpoint (``checkpoints/step-N``, accelerate state) to its
+    ``model.safetensors``. LoRA runs: pass ``lora=output_dir/export/lora.safetensors`` instead.
+    """
     p = Path(path)
-    if p.is_dir():
-        for sub in ("dit", "transformer", "model"):
-            if (p / sub).is_dir():
-                return str(p / sub)
-    return str(p)
+    if p.is_file() or (p / "config.json").exists() or (p / "model_index.json").exists():
+        return str(p)
+    for sub in ("official", "diffusers", "transformer"):
+        if (p / sub).is_dir():
+            return str(p / sub)
+    if (p / "model.safetensors").is_file():
+        return str(p / "model.safetensors")
+    listing = sorted(x.name for x in p.iterdir())[:10] if p.is_dir() else []
+    raise FileNotFoundError(
+        f"checkpoint={path!r}: no DiT weights found (expected a .safetensors file, an official/diffusers folder, "
+        f"an export/ folder or a checkpoints/step-N folder with model.safetensors); it holds {listing}"
+    )
 
 
 def get_pipeline(cfg: EvalConfig):
@@ -316,6 +329,42 @@ def aggregate(per_sample: dict[str, dict]) -> dict:
     return out
 
 
+def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+    """Held-out loss of the cell's DiT; it does not depend on the sampling settings, so cells that
+    share model, checkpoint and LoRA share one computation."""
+    m = cfg.metrics
+    key = (cfg.model_dir, cfg.checkpoint, cfg.lora, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
+           cfg.max_samples, cfg.max_frames, tuple(m.heldout_timesteps), m.heldout_seed)
+    store = _CACHE.setdefault("heldout", (None, {}))[1]
+    if key not in store:
+        store[key] = compute_heldout(pipe, eval_set, timesteps=m.heldout_timesteps, seed=m.heldout_seed)
+    return store[key]
+
+
+def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int) -> dict:
+    """Encode every sample with the pipeline's frozen encoders (``train.batch.build_dit_inputs``,
+    no temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
+    from eval.metrics.heldout import heldout_loss
+    from train.batch import build_dit_inputs
+    from wan_animate.pipeline import _resize_video
+
+    dtype = next(pipe.dit.parameters()).dtype
+    size = pipe.config.motion_encoder_size
+
+    def batches():
+        for s in eval_set.samples:
+            if (s.num_frames - 1) % 4:
+                raise ValueError(f"held-out loss needs 4n+1 frames; sample {s.key!r} has {s.num_frames} "
+                                 "(set max_frames=4n+1)")
+            video = lambda v: torch.from_numpy(v).float().div(127.5).sub(1).permute(3, 0, 1, 2)  # noqa: E731
+            face = _resize_video(video(s.face)[None], size)[0]
+            ex = {"key": s.key, "video": video(s.target), "pose": video(s.pose), "ref": video(s.ref[None])[:, 0],
+                  "face": face, "mode": "animate", "num_given": 0, "caption": s.caption, "noise_seed": 0}
+            yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=s.num_frames)
+
+    return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed)
+
+
 # ---------------------------------------------------------------------------- one cell
 
 
@@ -380,6 +429,9 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
         if "fvd" in todo:
             videos.append(video)
     metrics = aggregate(per_sample)
+    if "heldout" in todo:
+        with timer("heldout"):
+            metrics.update(heldout_cached(cfg, pipe, eval_set))
     if "fvd" in todo:
         from eval.metrics.fvd import fvd
 
