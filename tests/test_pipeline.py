@@ -302,6 +302,15 @@ def test_cli_bad_inputs_fail_before_loading(folders, tmp_path, monkeypatch, caps
         assert message in capsys.readouterr().err, message
     assert cli.main(["--model", str(tmp_path), "--preprocessed", str(src), "--out", "x.mp4"]) == 2
     assert "neither a diffusers layout" in capsys.readouterr().err
+    assert cli.main([str(a) for a in base + ["--pose", src / "pose.mp4", "--face", src / "face.mp4",
+                                             "--preprocessed", src]]) == 2
+    assert "exactly one input source" in capsys.readouterr().err
+
+    import importlib.util
+
+    if importlib.util.find_spec("data_tools.preprocess_driving") is None:
+        assert cli.main([str(a) for a in base + ["--driving", src / "pose.mp4"]]) == 2
+        assert "data_tools.preprocess_driving" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

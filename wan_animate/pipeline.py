@@ -182,6 +182,8 @@ def load_image(path_or_array: Any) -> np.ndarray:
             raise InputError(f"{p}: not a readable image ({e}).") from e
     if isinstance(path_or_array, torch.Tensor):
         path_or_array = path_or_array.detach().cpu().numpy()
+    if hasattr(path_or_array, "convert") and hasattr(path_or_array, "size"):  # a PIL image
+        path_or_array = path_or_array.convert("RGB")
     arr = np.asarray(path_or_array)
     if arr.ndim != 3 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
         raise InputError(f"ref_image must be uint8 [H, W, 3] or a path, got {arr.dtype} {arr.shape}.")
