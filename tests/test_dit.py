@@ -332,3 +332,18 @@ def test_rope_backward_is_inverse_rotation():
     xb = torch.randn(1, math.prod(grid), 2, 32, dtype=torch.bfloat16, requires_grad=True)
     apply_rope(xb, cos, sin).sum().backward()
     assert xb.grad.dtype == torch.bfloat16
+
+
+def test_patch_embedding_matmul_equals_conv3d():
+    from wan_animate.model.dit import patch_embed
+
+    class WrappedConv(torch.nn.Conv3d):  # stands in for an adapter-wrapped layer: must use its forward
+        pass
+
+    conv = torch.nn.Conv3d(36, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    wrapped = WrappedConv(36, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    wrapped.load_state_dict(conv.state_dict())
+    video = torch.randn(2, 36, 3, 4, 6)
+    ref = conv(video).permute(0, 2, 3, 4, 1)
+    torch.testing.assert_close(patch_embed(video, conv), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patch_embed(video, wrapped), ref)

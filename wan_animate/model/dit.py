@@ -47,6 +47,8 @@ def patch_embed(video: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
 
     video [B, C, F, H, W] -> tokens [B, F/pt, H/ph, W/pw, dim], same weights as ``conv``.
     """
+    if type(conv) is not nn.Conv3d:  # wrapped (e.g. by an adapter library): respect its forward
+        return conv(video.to(conv.weight.dtype)).permute(0, 2, 3, 4, 1)
     b, c, f, h, w = video.shape
     pt, ph, pw = conv.kernel_size
     patches = video.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
