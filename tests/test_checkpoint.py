@@ -443,3 +443,20 @@ def test_saving_over_the_loaded_files_keeps_the_loaded_model_intact(tmp_path, ta
     _assert_same_tensors(loaded.state_dict(), first.state_dict())
     _assert_same_tensors(load_dit(path, dtype=None).state_dict(), second.state_dict())
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_mixed_layouts_and_quantised_files_are_named(tmp_path):
+    model = _random_model("tiny")
+    sd = model.state_dict()
+    mixed = dict(sd)
+    for k in [k for k in sd if k.startswith("blocks.0.")]:  # one block exported with diffusers names
+        mixed.pop(k)
+    mixed.update(official_to_diffusers({k: v for k, v in sd.items() if k.startswith("blocks.0.")}, model.config))
+    save_file({k: v.contiguous() for k, v in mixed.items()}, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(CheckpointError, match="Likely cause: mixed layouts: 32 missing tensors are present under their diffusers names"):
+        load_dit(tmp_path / "mixed.safetensors", config=model.config)
+    quant = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
+    quant.update({k.replace(".weight", ".scale_weight"): torch.ones(1) for k, v in sd.items() if v.ndim == 2})
+    save_file({k: v.contiguous() for k, v in quant.items()}, str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(CheckpointError, match="Likely cause: a quantised"):
+        load_dit(tmp_path / "fp8.safetensors", config=model.config)

@@ -63,6 +63,7 @@ BLUR_DTYPE_METADATA_KEY = "wan_animate_blur_kernel_dtype"
 COMMUNITY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SHOW = 5  # how many names of each problem an error message lists
+_QUANT_SUFFIXES = ("scale_weight", "weight_scale", "scale_input", "input_scale", ".comfy_quant")
 
 
 class CheckpointError(RuntimeError):
@@ -404,6 +405,7 @@ def _check_against_model(
     layout: str,
     config_source: str,
     optional: set[str],
+    src: _Source | None = None,
 ) -> None:
     missing = sorted(k for k in expected if k not in ckpt and k not in optional)
     unexpected = sorted(k for k in ckpt if k not in expected)
@@ -413,9 +415,26 @@ def _check_against_model(
         return
     known = len(ckpt) - len(unexpected)
     lora = any(".lora_A" in k or ".lora_down" in k for k in ckpt)
+    quantised = src is not None and any(
+        info.dtype.itemsize == 1 and info.dtype.is_floating_point or name.endswith(_QUANT_SUFFIXES)
+        for shard in src.shards for name, info in shard.tensors.items())
+    # unexpected names that are diffusers spellings of expected ones: a mixed file (in a diffusers
+    # layout file official names are already accepted as they are)
+    renamed = 0
+    if layout == "official" and unexpected:
+        as_official = diffusers_to_official({k: ckpt[k] for k in unexpected}, config, strict=False,
+                                            add_blur_kernels=False)
+        renamed = len(set(as_official) & set(missing))
     if lora:
         cause = ("this is a LoRA file, not a full DiT: load the base model with load_dit and apply the LoRA "
                  "with wan_animate.lora")
+    elif quantised:
+        cause = ("a quantised (fp8/scaled) checkpoint: its scale tensors and fp8 weights are not the model's; "
+                 "use a bf16/fp16/fp32 export of the DiT")
+    elif renamed:
+        cause = (f"mixed layouts: {renamed} missing tensors are present under their diffusers names in a "
+                 "checkpoint that is otherwise official; the files come from two different exports, keep one "
+                 "(or convert it)")
     elif known * 2 < len(ckpt) or not layout:
         cause = ("foreign keys: these tensors do not belong to a Wan-Animate DiT (another model, e.g. a VAE or "
                  "text encoder, or a different architecture)")
@@ -581,7 +600,7 @@ def load_dit(
     expected = model.state_dict(keep_vars=True)
     ckpt = _virtual_official(src, config)
     _check_against_model(ckpt, expected, config, where=str(path), layout=src.layout,
-                         config_source=config_source, optional=set(blur_kernel_keys(config)))
+                         config_source=config_source, optional=set(blur_kernel_keys(config)), src=src)
 
     model_module = _model_module()
 
@@ -793,7 +812,7 @@ def convert_checkpoint(
     expected = _expected_official(config)
     ckpt = _virtual_official(src, config)
     _check_against_model(ckpt, expected, config, where=str(src_path), layout=src.layout,
-                         config_source=config_source, optional=set(blur_kernel_keys(config)))
+                         config_source=config_source, optional=set(blur_kernel_keys(config)), src=src)
     stored_blur = src.shards[0].metadata.get(BLUR_DTYPE_METADATA_KEY)
     blur_dtype = dtype or _FLOAT_DTYPES.get(stored_blur or "")
     extra: dict[str, str] = {}
