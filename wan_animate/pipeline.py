@@ -366,8 +366,6 @@ class AnimatePipeline:
         """Animate ``ref_image`` (uint8 [H, W, 3] or path) with driving ``pose_video`` /
         ``face_video`` (uint8 [T, H, W, 3]); replace mode with ``bg_video`` + ``mask_video``
         (1/white on the character). Returns uint8 ``[T, H, W, 3]`` with T = driving length."""
-        from tqdm.auto import tqdm
-
         if solver not in SOLVERS:
             raise InputError(f"solver={solver!r} is not one of {SOLVERS}.")
         if steps < 1:
@@ -379,10 +377,8 @@ class AnimatePipeline:
         target = padded_length(real_len, clip_len, refert_num)
         idx = mirror_indices(real_len, target)
         n_seg = num_segments(real_len, clip_len, refert_num)
-        mode = inputs.mode
         dev = self.device
         dit_dtype = _dit_dtype(self.dit)
-        face_size = self.config.motion_encoder_size
         cfg_on = guide_scale != 1.0
 
         # ---- per-call constants: text, reference latent, CLIP tokens
@@ -392,6 +388,28 @@ class AnimatePipeline:
         clip_fea = self.image_encoder.encode(ref_pixels).to(dev, dit_dtype)
         ref_latent = self.vae.encode(ref_pixels.unsqueeze(2))
 
+        was_training = self.dit.training  # training validation passes the live model
+        self.dit.eval()
+        try:
+            return self._generate_segments(
+                inputs, ref_pixels, ref_latent, context, context_null, clip_fea, idx, n_seg, real_len,
+                seed=seed, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
+                clip_len=clip_len, refert_num=refert_num, progress=progress,
+            )
+        finally:
+            self.dit.train(was_training)
+
+    def _generate_segments(self, inputs, ref_pixels, ref_latent, context, context_null, clip_fea, idx, n_seg,
+                           real_len, *, seed, steps, shift, solver, guide_scale, clip_len, refert_num,
+                           progress) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        mode = inputs.mode
+        dev = self.device
+        dit_dtype = _dit_dtype(self.dit)
+        face_size = self.config.motion_encoder_size
+        cfg_on = guide_scale != 1.0
+        height, width = inputs.pose.shape[1:3]
         generator = torch.Generator("cpu").manual_seed(int(seed))
         lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
                      height // self.vae.spatial_stride, width // self.vae.spatial_stride)
