@@ -27,6 +27,14 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def peer(folders):
+    """diffusers' own pipeline on the same tiny diffusers-layout folder."""
+    from diffusers import WanAnimatePipeline
+
+    return WanAnimatePipeline.from_pretrained(str(folders["diffusers"]))
+
+
+@pytest.fixture(scope="module")
 def pipe(folders):
     return AnimatePipeline.from_pretrained(folders["diffusers"], dtype=torch.float32)
 
@@ -158,10 +166,8 @@ def test_both_layouts_load_and_agree(folders, pipe):
     assert np.array_equal(gen(pipe, inputs), gen(official, inputs))
 
 
-def test_peer_dit_matches_diffusers_pipeline_transformer(folders, pipe):
-    from diffusers import WanAnimatePipeline
-
-    peer = WanAnimatePipeline.from_pretrained(str(folders["diffusers"])).transformer.eval()
+def test_peer_dit_matches_diffusers_pipeline_transformer(pipe, peer):
+    transformer = peer.transformer.eval()
     g = torch.Generator().manual_seed(0)
     cfg = pipe.config
     x = torch.randn(1, 16, 3, 4, 4, generator=g)
@@ -173,7 +179,7 @@ def test_peer_dit_matches_diffusers_pipeline_transformer(folders, pipe):
     t = torch.tensor([700.0])
     with torch.no_grad():
         ours = pipe.dit(x, t, ctx, clip, y, pose, face)
-        theirs = peer(hidden_states=torch.cat([x, y], 1), timestep=t, encoder_hidden_states=ctx,
+        theirs = transformer(hidden_states=torch.cat([x, y], 1), timestep=t, encoder_hidden_states=ctx,
                       encoder_hidden_states_image=clip, pose_hidden_states=pose, face_pixel_values=face,
                       return_dict=False)[0]
     assert ours.shape == theirs.shape == x.shape
@@ -336,3 +342,30 @@ def test_schedules_follow_official_shift_and_recover_x0(solver):
                  steps=steps, shift=shift, solver=solver)
     torch.testing.assert_close(out, x0, atol=2e-2, rtol=0)
     assert (noise - x0).abs().mean() > 0.5  # the test is not trivial
+
+
+@pytest.mark.parametrize("mode,refert,start", [("animate", 1, 0), ("animate", 5, 8), ("replace", 1, 0),
+                                               ("replace", 5, 8)])
+def test_condition_matches_diffusers_pipeline(pipe, peer, mode, refert, start):
+    """Peer check of the conditioning against diffusers' WanAnimatePipeline helpers (same VAE)."""
+    from wan_animate.conditioning import encode_condition
+
+    g = torch.Generator().manual_seed(0)
+    hh = ww = SIZE
+    ref = torch.rand(1, 3, hh, ww, generator=g) * 2 - 1
+    prev = torch.rand(1, 3, refert, hh, ww, generator=g) * 2 - 1 if start > 0 else None
+    bg = torch.rand(1, 3, CLIP, hh, ww, generator=g) * 2 - 1 if mode == "replace" else None
+    char = (torch.rand(1, 1, CLIP, hh, ww, generator=g) > 0.5).float() if mode == "replace" else None
+    with torch.no_grad():
+        theirs = torch.cat([
+            peer.prepare_reference_image_latents(ref, 1, device="cpu", dtype=torch.float32),
+            peer.prepare_prev_segment_cond_latents(
+                prev, background_video=bg, mask_video=char, batch_size=1, segment_frame_length=CLIP,
+                start_frame=start, height=hh, width=ww, prev_segment_cond_frames=refert, task=mode,
+                device="cpu", dtype=torch.float32),
+        ], dim=2)
+    ours = encode_condition(pipe.vae, ref, clip_len=CLIP, mode=mode, prev_frames=prev, bg_video=bg,
+                            character_mask=char)
+    assert ours.shape == theirs.shape == (1, 20, 4, hh // 8, ww // 8)
+    torch.testing.assert_close(ours[:, :4], theirs[:, :4], rtol=0, atol=0)  # masks exactly
+    torch.testing.assert_close(ours[:, 4:], theirs[:, 4:], rtol=1e-4, atol=1e-4)
