@@ -460,3 +460,23 @@ def test_mixed_layouts_and_quantised_files_are_named(tmp_path):
     save_file({k: v.contiguous() for k, v in quant.items()}, str(tmp_path / "fp8.safetensors"))
     with pytest.raises(CheckpointError, match="Likely cause: a quantised"):
         load_dit(tmp_path / "fp8.safetensors", config=model.config)
+
+
+def test_save_dit_takes_state_dicts_and_checks_them(tmp_path):
+    model = _random_model("tiny_b")
+    sd = model.state_dict()
+    save_dit(sd, tmp_path / "sd", layout="diffusers", config=model.config)
+    _assert_same_tensors(load_dit(tmp_path / "sd", dtype=None).state_dict(), sd)
+    with pytest.raises(ValueError, match="config="):
+        save_dit(sd, tmp_path / "x")
+    broken = {f"net.{k}": v for k, v in sd.items()}  # e.g. a training wrapper's attribute name
+    with pytest.raises(CheckpointError, match="extra prefix 'net.'"):
+        save_dit(broken, tmp_path / "broken", config=model.config)
+    assert not (tmp_path / "broken").exists()
+
+
+def test_wrapper_prefixes_are_stripped_on_load(tmp_path):
+    model = _random_model("tiny")
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ddp.safetensors"))
+    _assert_same_tensors(load_dit(tmp_path / "ddp.safetensors", dtype=None, config=model.config).state_dict(),
+                         model.state_dict())

@@ -60,7 +60,8 @@ __all__ = [
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_METADATA_KEY = "config"
 BLUR_DTYPE_METADATA_KEY = "wan_animate_blur_kernel_dtype"
-COMMUNITY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Prefixes stripped on load: community files ("diffusion_model."), DDP and torch.compile wrappers.
+COMMUNITY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "module.", "_orig_mod.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _SHOW = 5  # how many names of each problem an error message lists
 _QUANT_SUFFIXES = ("scale_weight", "weight_scale", "scale_input", "input_scale", ".comfy_quant")
@@ -396,6 +397,17 @@ def _suggest(sizes: Mapping[str, int], config: WanAnimateConfig) -> str:
     return hint
 
 
+def _extra_prefix(unexpected: list[str], missing: set[str]) -> str:
+    """A leading name component that, removed, turns most unexpected keys into missing ones."""
+    counts: dict[str, int] = {}
+    for key in unexpected:
+        head, _, rest = key.partition(".")
+        if rest in missing:
+            counts[head + "."] = counts.get(head + ".", 0) + 1
+    best = max(counts, key=counts.get, default="")
+    return best if best and counts[best] * 2 > len(missing) else ""
+
+
 def _check_against_model(
     ckpt: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
@@ -425,12 +437,16 @@ def _check_against_model(
         as_official = diffusers_to_official({k: ckpt[k] for k in unexpected}, config, strict=False,
                                             add_blur_kernels=False)
         renamed = len(set(as_official) & set(missing))
+    prefixed = _extra_prefix(unexpected, set(missing))
     if lora:
         cause = ("this is a LoRA file, not a full DiT: load the base model with load_dit and apply the LoRA "
                  "with wan_animate.lora")
     elif quantised:
         cause = ("a quantised (fp8/scaled) checkpoint: its scale tensors and fp8 weights are not the model's; "
                  "use a bf16/fp16/fp32 export of the DiT")
+    elif prefixed:
+        cause = (f"the names carry an extra prefix {prefixed!r} (e.g. from a training wrapper); strip it from "
+                 "every key")
     elif renamed:
         cause = (f"mixed layouts: {renamed} missing tensors are present under their diffusers names in a "
                  "checkpoint that is otherwise official; the files come from two different exports, keep one "
@@ -746,28 +762,41 @@ def _open_writer(path: Path, config: WanAnimateConfig, layout: str, max_shard_si
 
 
 def save_dit(
-    model: nn.Module,
+    model: nn.Module | Mapping[str, torch.Tensor],
     path: str | os.PathLike,
     layout: str = "official",
     max_shard_size: int | str = "5GB",
-    metadata: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
     *,
     config: WanAnimateConfig | None = None,
 ) -> list[Path]:
     """Save the DiT as safetensors shards + index + config.json (or one file if ``path`` ends in
     ``.safetensors``). ``layout="diffusers"`` writes a folder diffusers'
-    ``WanAnimateTransformer3DModel.from_pretrained`` loads. Returns the written weight files."""
+    ``WanAnimateTransformer3DModel.from_pretrained`` loads. Returns the written weight files.
+
+    ``model`` is a ``WanAnimateDiT`` (possibly wrapped by torch.compile/DDP), any object with
+    ``state_dict()`` and ``config``, or an official-named state dict with ``config=``. The names and
+    shapes are checked against the architecture of ``config`` before anything is written.
+    """
     path = Path(path)
-    model = _unwrap(model)
-    config = config or getattr(model, "config", None)
+    if isinstance(model, Mapping):
+        state = dict(model)
+    else:
+        model = _unwrap(model)
+        config = config or getattr(model, "config", None)
+        state = model.state_dict()
     if not isinstance(config, WanAnimateConfig):
         raise ValueError("save_dit needs the model's WanAnimateConfig (model.config or config=).")
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = {k: v.detach() for k, v in state.items()}
     adapters = [k for k in sd if ".lora_" in k or ".base_layer." in k]
     if adapters:
         raise ValueError(
             f"the model carries LoRA layers ({adapters[0]}, ...): save the adapter with wan_animate.lora, "
             "or merge it into the base weights first, then save_dit the plain DiT.")
+    meta_sd = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in sd.items()}
+    _check_against_model(meta_sd, _expected_official(config), config, where="the state dict given to save_dit",
+                         layout=_detect_layout(list(sd))[1], config_source="the model",
+                         optional=set(blur_kernel_keys(config)))
     extra: dict[str, str] = {}
     if layout == "diffusers":
         kernels = [sd[k] for k in blur_kernel_keys(config) if k in sd]
