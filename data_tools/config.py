@@ -152,15 +152,28 @@ def to_dataclass(cfg, cls):
 
 
 def run_hydra(config_name: str, cls, fn) -> None:
-    """Run ``fn(config)`` as a Hydra app reading ``conf/<config_name>.yaml``; validation errors
-    print one line and exit 2 instead of a traceback."""
+    """Run ``fn(config)`` as a Hydra app: ``conf/<config_name>.yaml`` over the dataclass defaults,
+    then ``key=value`` overrides from the command line. Validation errors print one line and exit 2.
+
+    The primary config is handed to Hydra through the ConfigStore rather than the ``conf/`` search
+    path: ``conf/`` also holds the trainer's config groups (``model/``, ``data/``, ...), which would
+    capture overrides such as ``model=MODEL_DIR``.
+    """
     import hydra
+    from omegaconf import OmegaConf
 
     register_configs()
+    conf_file = Path(__file__).resolve().parent.parent / "conf" / f"{config_name}.yaml"
+    values = OmegaConf.load(conf_file) if conf_file.is_file() else OmegaConf.create({})
+    for key in ("defaults", "hydra"):
+        values.pop(key, None)
+    node = OmegaConf.merge(OmegaConf.structured(cls), values)
+    ConfigStore.instance().store(name=f"{config_name}_primary", node=node)
+    # No per-run output folders or log files: these commands write only where output= says.
+    sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
+                 "hydra/hydra_logging=disabled"]
 
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
-
-    @hydra.main(version_base="1.3", config_path=conf_dir, config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=None, config_name=f"{config_name}_primary")
     def _main(cfg) -> None:
         try:
             config = to_dataclass(cfg, cls)

@@ -1,0 +1,214 @@
+"""Encode raw schema-v1 shards once with the frozen VAE / CLIP / umT5 of a model folder.
+
+    python -m data_tools.cache_latents input=RAW_DIR output=CACHED_DIR model=MODEL_DIR [device=auto dtype=bf16]
+
+Per sample, a tar member ``<key>.latents.safetensors`` with (normalised VAE latents, ``dtype``):
+``target`` [16, t, h, w], ``pose`` [16, t, h, w], ``ref`` [16, 1, h, w], ``cond_r{n}`` [16, t, h, w]
+for n in ``refert_nums`` (the latent of the temporal-reference video: first n pixel frames ground
+truth, the rest zeros), ``clip`` [257, image_dim]; for replace-mode samples also
+``cond_replace_r{n}`` (rest = background) and ``char_mask`` [1, T, h, w] (1 = character,
+nearest-downsampled per pixel frame). Plus ``<key>.face.mp4`` (copied pixels; the motion encoder
+trains) and ``<key>.json`` (the raw json + ``text_key``, ``empty_text_key``, ``latent_shape``).
+Text embeddings are deduplicated per caption in ``text_embeds.safetensors`` at the output root
+(always including the empty prompt for condition dropout). Output shards keep the input shard
+names; a finished shard is skipped on rerun (resume), partial ``*.tar.tmp`` files are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data_tools.config import CacheLatentsConfig
+from data_tools.dataset import decode_sample
+from data_tools.shards import list_shards, read_shard
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TEXT_EMBEDS = "text_embeds.safetensors"
+
+
+def text_key(caption: str) -> str:
+    return "text_" + hashlib.sha1(caption.encode("utf-8")).hexdigest()[:16]
+
+
+class _ConfigOnlyDiT(torch.nn.Module):
+    """Stands in for the DiT when only the encoders are needed (no 14B weights are loaded)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+def load_encoders(model_dir, *, device: str, compute_dtype: torch.dtype):
+    """(vae, text_encoder, image_encoder) of a model folder via ``AnimatePipeline.from_pretrained``
+    with a config-only DiT, so the DiT weights are never read."""
+    from wan_animate.config import WanAnimateConfig
+    from wan_animate.pipeline import AnimatePipeline
+
+    model_dir = Path(model_dir)
+    layout = AnimatePipeline.detect_layout(model_dir)
+    if layout == "diffusers":
+        cfg = WanAnimateConfig.from_diffusers_config(json.loads((model_dir / "transformer" / "config.json").read_text()))
+    else:
+        cfg = WanAnimateConfig.from_official_config(json.loads((model_dir / "config.json").read_text()))
+    pipe = AnimatePipeline.from_pretrained(model_dir, dtype=compute_dtype, device=device, dit=_ConfigOnlyDiT(cfg),
+                                           vae_dtype=compute_dtype)
+    return pipe.vae, pipe.text_encoder, pipe.image_encoder
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: device={name} but CUDA is not available; use device=cpu or device=auto")
+    return name
+
+
+class LatentCacher:
+    def __init__(self, vae, text_encoder, image_encoder, *, device: str, store_dtype: torch.dtype,
+                 refert_nums=(0, 1, 5)):
+        from wan_animate.conditioning import temporal_reference_video
+
+        self._temporal_reference_video = temporal_reference_video
+        self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
+        self.device = device
+        self.store_dtype = store_dtype
+        self.refert_nums = list(refert_nums)
+        self._zeros_latent: dict[tuple, torch.Tensor] = {}
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(video.to(self.device)[None])[0].float().cpu()  # [16, t, h, w]
+
+    def encode_sample(self, d: dict) -> dict[str, torch.Tensor]:
+        video, pose, ref = d["video"], d["pose"], d["ref"]
+        _, t_pix, h, w = video.shape
+        out = {"target": self._encode(video), "pose": self._encode(pose), "ref": self._encode(ref[:, None])}
+        out["clip"] = self.image_encoder.encode(ref[None].to(self.device))[0].float().cpu()
+        modes = [("cond_r", None)] + ([("cond_replace_r", d["bg"])] if "bg" in d else [])
+        for prefix, bg in modes:
+            for n in self.refert_nums:
+                if n >= t_pix:
+                    raise ValueError(f"refert_num {n} must be < clip frames {t_pix}")
+                if n == 0 and bg is None:  # all zeros: same latent for every sample of this size
+                    shape = (t_pix, h, w)
+                    if shape not in self._zeros_latent:
+                        self._zeros_latent[shape] = self._encode(torch.zeros(3, t_pix, h, w))
+                    out[f"{prefix}{n}"] = self._zeros_latent[shape].clone()
+                    continue
+                clip, _ = self._temporal_reference_video(
+                    t_pix, h, w, mode="replace" if bg is not None else "animate",
+                    prev_frames=video[None, :, :n] if n > 0 else None,
+                    bg_video=bg[None] if bg is not None else None)
+                out[f"{prefix}{n}"] = self._encode(clip[0])
+        if "mask" in d:
+            lat_h, lat_w = out["target"].shape[-2:]
+            m = F.interpolate(d["mask"].float(), size=(lat_h, lat_w), mode="nearest")  # [1, T, h, w]
+            out["char_mask"] = m
+        return {k: v.to(self.store_dtype).contiguous() for k, v in out.items()}
+
+    def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if not captions:
+            return {}
+        emb = self.text_encoder.encode(captions).float().cpu()
+        return {text_key(c): emb[i].to(self.store_dtype).contiguous() for i, c in enumerate(captions)}
+
+
+def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(embeds, str(tmp), metadata={"captions": json.dumps(captions, ensure_ascii=False)})
+    os.replace(tmp, path)
+
+
+def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=None) -> dict:
+    """Run (or resume) latent caching; returns the manifest (also written to manifest.json).
+    ``encoders=(vae, text, image)`` skips loading them from ``cfg.model`` (tests)."""
+    import io
+    import tarfile
+
+    from safetensors.torch import save as save_safetensors
+    from tqdm import tqdm
+
+    from data_tools.dataset import load_text_embeds
+
+    src, out = Path(cfg.input), Path(cfg.output)
+    shards = list_shards(src)
+    if not shards:
+        raise SystemExit(f"error: input={src} has no shard-*.tar files (make them with data_tools.prepare)")
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    device = _resolve_device(cfg.device)
+    compute = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+               "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
+    vae, text_enc, image_enc = encoders or load_encoders(cfg.model, device=device, compute_dtype=compute)
+    cacher = LatentCacher(vae, text_enc, image_enc, device=device, store_dtype=DTYPES[cfg.dtype],
+                          refert_nums=cfg.refert_nums)
+    embeds_path = out / TEXT_EMBEDS
+    embeds, captions = load_text_embeds(embeds_path) if embeds_path.is_file() else ({}, {})
+    if text_key("") not in embeds:
+        embeds.update(cacher.encode_texts([""]))
+        captions[text_key("")] = ""
+    todo = [s for s in shards if not (out / s.name).is_file()]
+    started, n_done, skipped = time.time(), 0, []
+    bar = tqdm(total=len(todo), desc="cache_latents", unit="shard", disable=not progress, dynamic_ncols=True)
+    for shard in todo:
+        tmp = out / (shard.name + ".tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for raw in read_shard(shard):
+                try:
+                    d = decode_sample(raw)
+                except Exception as e:  # a bad sample is skipped and reported, the shard goes on
+                    skipped.append({"shard": shard.name, "key": raw.get("__key__"), "reason": str(e)})
+                    continue
+                cap = d["caption"]
+                if text_key(cap) not in embeds:
+                    embeds.update(cacher.encode_texts([cap]))
+                    captions[text_key(cap)] = cap
+                tensors = cacher.encode_sample(d)
+                meta = dict(d["meta"], text_key=text_key(cap), empty_text_key=text_key(""),
+                            latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
+                            cached_from=str(shard), model=str(cfg.model))
+                members = {"latents.safetensors": save_safetensors(tensors),
+                           "face.mp4": raw["face.mp4"],
+                           "json": json.dumps(meta, ensure_ascii=False).encode()}
+                for field, data in members.items():
+                    info = tarfile.TarInfo(f"{d['key']}.{field}")
+                    info.size = len(data)
+                    info.mtime = time.time()
+                    tar.addfile(info, io.BytesIO(data))
+                n_done += 1
+                bar.set_postfix(samples=n_done, samples_per_s=f"{n_done / max(time.time() - started, 1e-9):.2f}")
+        # Text embeddings first: a completed shard never refers to a caption that is not saved.
+        _save_text_embeds(embeds_path, embeds, captions)
+        os.replace(tmp, out / shard.name)
+        bar.update(1)
+    bar.close()
+    if not embeds_path.is_file():
+        _save_text_embeds(embeds_path, embeds, captions)
+    manifest = {"kind": "cached", "schema_version": 1, "config": asdict(cfg), "source_shards": len(shards),
+                "shards": [p.name for p in list_shards(out)], "samples_this_run": n_done,
+                "skipped_samples": skipped, "captions": len(captions), "device": device,
+                "seconds_this_run": round(time.time() - started, 2)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return manifest
+
+
+def _main(cfg: CacheLatentsConfig) -> None:
+    m = cache_latents(cfg)
+    print(f"cached {m['samples_this_run']} samples this run into {cfg.output} ({len(m['shards'])} shards, "
+          f"{m['captions']} captions, {len(m['skipped_samples'])} skipped)")
+
+
+if __name__ == "__main__":
+    from data_tools.config import run_hydra
+
+    run_hydra("cache_latents", CacheLatentsConfig, _main)
