@@ -480,3 +480,20 @@ def test_wrapper_prefixes_are_stripped_on_load(tmp_path):
     save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "ddp.safetensors"))
     _assert_same_tensors(load_dit(tmp_path / "ddp.safetensors", dtype=None, config=model.config).state_dict(),
                          model.state_dict())
+
+
+def test_failed_write_leaves_no_partial_model(tmp_path, monkeypatch):
+    model = _random_model("tiny")
+    calls = {"n": 0}
+    real_save = __import__("safetensors.torch", fromlist=["save_file"]).save_file
+
+    def failing_save(tensors, filename, metadata=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr("safetensors.torch.save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_dit(model, tmp_path / "m", max_shard_size="30KB")
+    assert list((tmp_path / "m").iterdir()) == []

@@ -688,8 +688,10 @@ def _config_json(config: WanAnimateConfig, layout: str) -> dict[str, Any]:
 class _ShardWriter:
     """Writes tensors into ``diffusion_pytorch_model-XXXXX-of-YYYYY.safetensors`` shards + index."""
 
-    def __init__(self, dst: Path, max_bytes: int, metadata: dict[str, str], single_file: bool):
+    def __init__(self, dst: Path, max_bytes: int, metadata: dict[str, str], single_file: bool,
+                 config_json: dict[str, Any]):
         self.dst, self.max_bytes, self.metadata, self.single_file = dst, max_bytes, metadata, single_file
+        self.config_json = config_json
         self.buffer: dict[str, torch.Tensor] = {}
         self.buffer_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
@@ -719,6 +721,12 @@ class _ShardWriter:
         self.written.append((path, list(self.buffer)))
         self.buffer, self.buffer_bytes = {}, 0
 
+    def abort(self) -> None:
+        """Remove the temporary files of a write that failed."""
+        for tmp, _ in self.written:
+            tmp.unlink(missing_ok=True)
+        self.written, self.buffer = [], {}
+
     def finish(self) -> list[Path]:
         self.flush()
         if self.single_file:
@@ -742,6 +750,8 @@ class _ShardWriter:
                                         indent=2, sort_keys=True) + "\n")
         elif index.exists():
             index.unlink()
+        # written last: a folder whose conversion failed half-way never looks like a model
+        (self.dst / "config.json").write_text(json.dumps(self.config_json, indent=2) + "\n")
         return final
 
 
@@ -757,8 +767,7 @@ def _open_writer(path: Path, config: WanAnimateConfig, layout: str, max_shard_si
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    return _ShardWriter(path, parse_size(max_shard_size), meta, single)
+    return _ShardWriter(path, parse_size(max_shard_size), meta, single, cfg)
 
 
 def save_dit(
@@ -804,9 +813,13 @@ def save_dit(
             extra[BLUR_DTYPE_METADATA_KEY] = str(kernels[0].dtype).removeprefix("torch.")
         sd = official_to_diffusers(sd, config)
     writer = _open_writer(path, config, layout, max_shard_size, metadata, extra)
-    for name, tensor in sd.items():
-        writer.add(name, tensor)
-    return writer.finish()
+    try:
+        for name, tensor in sd.items():
+            writer.add(name, tensor)
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -851,26 +864,30 @@ def convert_checkpoint(
             kdtype = dtype or (kernels[0].dtype if kernels else blur_dtype)
             extra[BLUR_DTYPE_METADATA_KEY] = str(kdtype).removeprefix("torch.")
     writer = _open_writer(Path(dst_path), config, to, max_shard_size, None, extra)
-    bar = _progress(progress, total=src.total_bytes, desc=f"convert -> {to}")
-    have_blur = False
-    for _, batch in _stream_official(src, config, torch.device("cpu")):
-        read = sum(t.numel() * t.element_size() for t in batch.values())
-        if dtype is not None:
-            batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
-        have_blur = have_blur or any(k.endswith(".kernel") for k in batch)
-        if to == "diffusers":
-            batch = official_to_diffusers(batch, config)
-        for name, tensor in batch.items():
-            writer.add(name, tensor)
-        bar.update(read)
-    if to == "official" and not have_blur:
-        # the kernels come last; their dtype follows the conv weights unless recorded in metadata
-        sibling = ckpt.get(f"{blur_kernel_keys(config)[0].rsplit('.', 3)[0]}.conv2.1.weight")
-        kdtype = blur_dtype or (dtype or (sibling.dtype if sibling is not None else torch.float32))
-        for name in blur_kernel_keys(config):
-            writer.add(name, lia_blur_kernel(kdtype))
-    bar.close()
-    return writer.finish()
+    try:
+        bar = _progress(progress, total=src.total_bytes, desc=f"convert -> {to}")
+        have_blur = False
+        for _, batch in _stream_official(src, config, torch.device("cpu")):
+            read = sum(t.numel() * t.element_size() for t in batch.values())
+            if dtype is not None:
+                batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+            have_blur = have_blur or any(k.endswith(".kernel") for k in batch)
+            if to == "diffusers":
+                batch = official_to_diffusers(batch, config)
+            for name, tensor in batch.items():
+                writer.add(name, tensor)
+            bar.update(read)
+        if to == "official" and not have_blur:
+            # the kernels come last; their dtype follows the conv weights unless recorded in metadata
+            sibling = ckpt.get("motion_encoder.enc.net_app.convs.1.conv2.1.weight")
+            kdtype = blur_dtype or (dtype or (sibling.dtype if sibling is not None else torch.float32))
+            for name in blur_kernel_keys(config):
+                writer.add(name, lia_blur_kernel(kdtype))
+        bar.close()
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _expected_official(config: WanAnimateConfig) -> dict[str, torch.Tensor]:
