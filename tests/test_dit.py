@@ -335,15 +335,31 @@ def test_rope_backward_is_inverse_rotation():
 
 
 def test_patch_embedding_matmul_equals_conv3d():
-    from wan_animate.model.dit import patch_embed
-
-    class WrappedConv(torch.nn.Conv3d):  # stands in for an adapter-wrapped layer: must use its forward
-        pass
+    from wan_animate.model.dit import PatchEmbedding
 
     conv = torch.nn.Conv3d(36, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-    wrapped = WrappedConv(36, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-    wrapped.load_state_dict(conv.state_dict())
+    fast = PatchEmbedding(36, 24, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+    fast.load_state_dict(conv.state_dict())
     video = torch.randn(2, 36, 3, 4, 6)
-    ref = conv(video).permute(0, 2, 3, 4, 1)
-    torch.testing.assert_close(patch_embed(video, conv), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(patch_embed(video, wrapped), ref)
+    torch.testing.assert_close(fast(video), conv(video), rtol=1e-5, atol=1e-6)
+    assert isinstance(fast, torch.nn.Conv3d)  # adapter libraries see a Conv3d
+
+
+def test_every_parameter_is_used_through_its_own_module_forward(tiny_model):
+    """Sharding hooks (FSDP / ZeRO-3) gather a module's own parameters when its forward runs, so
+    every parameter's owning module must run its forward (no weight read from outside)."""
+    ran: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod))) for m in tiny_model.modules()]
+    try:
+        with torch.no_grad():
+            tiny_model(**make_inputs(tiny_model.config))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    not_run = [
+        f"{module_name}.{name}"
+        for module_name, module in tiny_model.named_modules()
+        for name, _ in module.named_parameters(recurse=False)
+        if id(module) not in ran
+    ]
+    assert not not_run, not_run[:5]

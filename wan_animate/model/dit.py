@@ -42,18 +42,23 @@ def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
     return emb
 
 
-def patch_embed(video: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-    """Non-overlapping Conv3d (kernel = stride) as one matmul.
+class PatchEmbedding(nn.Conv3d):
+    """Conv3d with kernel = stride, computed as one matmul over the flattened patches.
 
-    video [B, C, F, H, W] -> tokens [B, F/pt, H/ph, W/pw, dim], same weights as ``conv``.
+    Same parameters and output layout as ``nn.Conv3d`` (so checkpoints and adapter libraries
+    that wrap Conv3d treat it as one); a non-overlapping conv is a linear map of the patches,
+    and a single GEMM is faster than a generic conv kernel. Runs through ``forward`` so sharding
+    hooks (FSDP, ZeRO-3) see the weight used.
     """
-    if type(conv) is not nn.Conv3d:  # wrapped (e.g. by an adapter library): respect its forward
-        return conv(video.to(conv.weight.dtype)).permute(0, 2, 3, 4, 1)
-    b, c, f, h, w = video.shape
-    pt, ph, pw = conv.kernel_size
-    patches = video.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
-    patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)  # [B, F', H', W', C*pt*ph*pw]
-    return F.linear(patches.to(conv.weight.dtype), conv.weight.flatten(1), conv.bias)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, C, F, H, W] -> [B, dim, F/pt, H/ph, W/pw] (a permuted view of [B, F', H', W', dim])."""
+        b, c, f, h, w = video.shape
+        pt, ph, pw = self.kernel_size
+        patches = video.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)  # [B, F', H', W', C*pt*ph*pw]
+        tokens = F.linear(patches.to(self.weight.dtype), self.weight.flatten(1), self.bias)
+        return tokens.permute(0, 4, 1, 2, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,8 +80,8 @@ class WanAnimateDiT(nn.Module):
         patch = tuple(config.patch_size)
 
         # ---- embeddings
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
-        self.pose_patch_embedding = nn.Conv3d(config.latent_channels, dim, kernel_size=patch, stride=patch)
+        self.patch_embedding = PatchEmbedding(config.in_dim, dim, kernel_size=patch, stride=patch)
+        self.pose_patch_embedding = PatchEmbedding(config.latent_channels, dim, kernel_size=patch, stride=patch)
         self.text_embedding = nn.Sequential(
             nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
         )
@@ -177,8 +182,9 @@ class WanAnimateDiT(nn.Module):
         grid = (frames // pt, height // ph, width // pw)
 
         # ---- video tokens (+ pose on the target frames), residual stream in fp32
-        tokens = patch_embed(torch.cat([x, y], dim=1), self.patch_embedding)  # [B, F', H', W', dim]
-        pose = patch_embed(pose_latents, self.pose_patch_embedding)  # [B, F'-1, H', W', dim]
+        video = torch.cat([x, y], dim=1).to(self.patch_embedding.weight.dtype)
+        tokens = self.patch_embedding(video).permute(0, 2, 3, 4, 1)  # [B, F', H', W', dim]
+        pose = self.pose_patch_embedding(pose_latents.to(video.dtype)).permute(0, 2, 3, 4, 1)  # [B, F'-1, ...]
         tokens = tokens.float()
         h = torch.cat([tokens[:, :1], tokens[:, 1:] + pose.float()], dim=1).flatten(1, 3)  # [B, L, dim]
 

@@ -142,7 +142,7 @@ class _Direction(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_dim, motion_dim))
 
-    def basis(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:
         """Orthonormal motion directions [out_dim, motion_dim], fp32 (Q of the thin QR).
 
         One small QR per forward (not per frame chunk); on CUDA it runs in cuSOLVER on the
@@ -187,5 +187,5 @@ class MotionEncoder(nn.Module):
         dtype = self.enc.net_app.convs[0][0].weight.dtype
         faces = faces.to(dtype)
         alpha = torch.cat([self.magnitudes(chunk) for chunk in faces.split(self.chunk_size)])
-        motion = alpha.float() @ self.dec.direction.basis().T  # [N, motion_encoder_dim]
+        motion = alpha.float() @ self.dec.direction().T  # [N, motion_encoder_dim]
         return motion.to(dtype)
