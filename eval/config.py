@@ -35,6 +35,10 @@ class MetricsConfig:
     # Motion / expression: a data_tools pose backend run on generated and driving frames.
     pose_backend: str = "mediapipe"
     pose_backend_args: dict = field(default_factory=dict)
+    # Driving keypoints: "extract" runs pose_backend on the driving video (same detector on both
+    # sides); "stored" uses the keypoints stored with the sample (shard json / src_meta.json; e.g.
+    # the retargeted pose of a cross-identity pair).
+    driving_keypoints: str = "extract"
     keypoint_threshold: float = 0.5
     pck_thresholds: list[float] = field(default_factory=lambda: [0.05, 0.1])
     # Identity: frames sampled per video for the CLIP cosine.
@@ -63,6 +67,8 @@ class MetricsConfig:
             )
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"metrics.lpips_net={self.lpips_net!r}; choose 'vgg' or 'alex'")
+        if self.driving_keypoints not in ("extract", "stored"):
+            raise ValueError(f"metrics.driving_keypoints={self.driving_keypoints!r}; choose 'extract' or 'stored'")
         if self.fvd_clip_frames < 0:
             raise ValueError("metrics.fvd_clip_frames must be >= 0 (0 = whole videos)")
         if not 0 <= self.keypoint_threshold <= 1:
@@ -101,6 +107,9 @@ class EvalConfig:
     max_samples: int = 8  # first N usable samples (sorted by key); 0 = all
     max_frames: int = 0  # cut every clip to its first N frames (4n+1); 0 = whole clips
     mode: str = "animate"  # "animate" | "replace" (replace needs bg/mask streams)
+    # Raw (image, video) pairs: keyword arguments of data_tools.preprocess_driving.preprocess_driving
+    # (retarget, replace, fps, target_area, pose_backend, pose_options, face_size, max_frames).
+    preprocess: dict = field(default_factory=dict)
     # ------------------------------------------------------------------ sampling (the swept values)
     steps: int = 20
     shift: float = 5.0

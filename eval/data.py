@@ -7,7 +7,8 @@
   preprocessed streams ``src_ref.png``, ``src_pose.mp4``, ``src_face.mp4`` (+ ``src_bg.mp4`` /
   ``src_mask.mp4`` for replace mode; + the driving RGB video as ``driving.mp4`` for motion and
   expression metrics), or a raw reference image + driving video that
-  ``data_tools.preprocess_driving`` turns into those streams.
+  ``data_tools.preprocess_driving`` turns into those streams (cached under
+  ``OUT_DIR/_preprocessed/<pair>/``, with the resized driving video as ``driving.mp4``).
 
 Bad samples are skipped, counted and reported by key, never dropped silently.
 """
@@ -137,20 +138,31 @@ def _read_image(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def load_pair(folder: Path, preprocess_args: dict) -> EvalSample:
+def load_preprocessed(folder: Path, key: str) -> EvalSample:
+    for need in ("src_pose.mp4", "src_face.mp4"):
+        if not (folder / need).exists():
+            raise EvalSetError(f"{folder}: has src_ref.png but no {need}")
+    s = EvalSample(key=key, ref=_read_image(folder / "src_ref.png"),
+                   pose=_read(folder / "src_pose.mp4"), face=_read(folder / "src_face.mp4"))
+    if (folder / "src_bg.mp4").exists() and (folder / "src_mask.mp4").exists():
+        s.bg, s.mask = _read(folder / "src_bg.mp4"), _read(folder / "src_mask.mp4")
+    if (folder / "driving.mp4").exists():
+        s.driving = _read(folder / "driving.mp4")
+    if (folder / "src_meta.json").exists():
+        import json
+
+        s.meta = json.loads((folder / "src_meta.json").read_text())
+        if s.meta.get("keypoints"):
+            s.stored_keypoints = PoseSequence.from_dict(s.meta["keypoints"])
+    return s
+
+
+def load_pair(folder: Path, preprocess_args: dict, cache_dir: Path | None) -> EvalSample:
+    """A preprocessed pair folder as is; a raw (image, video) pair through
+    ``data_tools.preprocess_driving`` into ``cache_dir/<pair>`` (reused when already there), with
+    the driving video resized the same way saved as ``driving.mp4`` for the keypoint metrics."""
     if (folder / "src_ref.png").exists():
-        for need in ("src_pose.mp4", "src_face.mp4"):
-            if not (folder / need).exists():
-                raise EvalSetError(f"{folder}: has src_ref.png but no {need}")
-        s = EvalSample(key=folder.name, ref=_read_image(folder / "src_ref.png"),
-                       pose=_read(folder / "src_pose.mp4"), face=_read(folder / "src_face.mp4"))
-        if (folder / "src_bg.mp4").exists() and (folder / "src_mask.mp4").exists():
-            s.bg, s.mask = _read(folder / "src_bg.mp4"), _read(folder / "src_mask.mp4")
-        if (folder / "driving.mp4").exists():
-            s.driving = _read(folder / "driving.mp4")
-        if (folder / "src_keypoints.npz").exists():
-            s.stored_keypoints = PoseSequence.load_npz(folder / "src_keypoints.npz")
-        return s
+        return load_preprocessed(folder, folder.name)
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_EXTS)
     if len(images) != 1 or len(videos) != 1:
@@ -158,36 +170,38 @@ def load_pair(folder: Path, preprocess_args: dict) -> EvalSample:
             f"{folder}: a raw pair needs exactly one image and one video, found {len(images)} images and "
             f"{len(videos)} videos (or give preprocessed src_ref.png / src_pose.mp4 / src_face.mp4)"
         )
-    try:
-        from data_tools import preprocess_driving
-    except ImportError as e:
-        raise EvalSetError(
-            f"{folder}: raw (image, video) pairs need data_tools.preprocess_driving, which failed to import "
-            f"({e}); preprocess the pairs into src_* files first"
-        ) from e
-    out_dir = folder / "preprocessed"
-    preprocess_driving.preprocess(str(images[0]), str(videos[0]), str(out_dir), **preprocess_args)
-    s = load_pair(out_dir, preprocess_args)
-    s.key = folder.name
-    if s.driving is None:
-        s.driving = _read(videos[0])
-    return s
+    out = (cache_dir or folder / "_preprocessed") / folder.name
+    if not (out / "driving.mp4").exists():
+        import json
+
+        from data_tools.prepare import ResizePlan
+        from data_tools.preprocess_driving import preprocess_driving
+        from wan_animate.video_io import write_video
+
+        preprocess_driving(videos[0], images[0], out, **preprocess_args)
+        meta = json.loads((out / "src_meta.json").read_text())
+        frames, fps = read_video(videos[0])
+        frames = frames[np.asarray(meta["frame_indices"])]
+        plan = ResizePlan(frames.shape[1], frames.shape[2], meta["height"], meta["width"], "crop")
+        write_video(out / "driving.mp4", plan.apply_all(frames), meta["fps"])
+    return load_preprocessed(out, folder.name)
 
 
-def load_pairs(path: Path, limit: int, max_frames: int, skipped: list, preprocess_args: dict) -> list[EvalSample]:
+def load_pairs(path: Path, limit: int, max_frames: int, skipped: list, preprocess_args: dict,
+               cache_dir: Path | None) -> list[EvalSample]:
     out = []
-    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))):
         if limit and len(out) >= limit:
             break
         try:
-            out.append(_cut(load_pair(folder, preprocess_args), max_frames))
-        except (EvalSetError, VideoDecodeError, OSError) as e:
+            out.append(_cut(load_pair(folder, preprocess_args, cache_dir), max_frames))
+        except (EvalSetError, VideoDecodeError, OSError, ValueError, RuntimeError) as e:
             skipped.append({"key": folder.name, "reason": str(e)})
     return out
 
 
 def load_eval_set(path: str | os.PathLike, *, kind: str = "auto", max_samples: int = 0, max_frames: int = 0,
-                  preprocess_args: dict | None = None) -> EvalSet:
+                  preprocess_args: dict | None = None, cache_dir: str | os.PathLike | None = None) -> EvalSet:
     path = Path(path)
     if not path.exists():
         raise EvalSetError(f"eval_set {str(path)!r} does not exist")
@@ -196,7 +210,8 @@ def load_eval_set(path: str | os.PathLike, *, kind: str = "auto", max_samples: i
     if kind == "shards":
         samples = load_shard_samples(path, max_samples, max_frames, skipped)
     elif kind == "pairs":
-        samples = load_pairs(path, max_samples, max_frames, skipped, preprocess_args or {})
+        samples = load_pairs(path, max_samples, max_frames, skipped, preprocess_args or {},
+                             Path(cache_dir) if cache_dir else None)
     else:
         raise EvalSetError(f"eval_set_kind {kind!r}; choose shards or pairs")
     if not samples:

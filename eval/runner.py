@@ -171,9 +171,11 @@ def get_pipeline(cfg: EvalConfig):
 
 
 def get_eval_set(cfg: EvalConfig) -> EvalSet:
-    key = (os.path.abspath(cfg.eval_set), cfg.eval_set_kind, cfg.max_samples, cfg.max_frames)
+    key = (os.path.abspath(cfg.eval_set), cfg.eval_set_kind, cfg.max_samples, cfg.max_frames,
+           json.dumps(cfg.preprocess, sort_keys=True, default=str))
     return _cached("eval_set", key, lambda: load_eval_set(
-        cfg.eval_set, kind=cfg.eval_set_kind, max_samples=cfg.max_samples, max_frames=cfg.max_frames))
+        cfg.eval_set, kind=cfg.eval_set_kind, max_samples=cfg.max_samples, max_frames=cfg.max_frames,
+        preprocess_args=dict(cfg.preprocess), cache_dir=Path(cfg.out_dir) / "_preprocessed"))
 
 
 def make_pose_backend(name: str, args: dict):
@@ -209,7 +211,9 @@ def get_i3d(cfg: EvalConfig, device):
 
 
 def driving_keypoints(cfg: EvalConfig, backend, sample: EvalSample, height: int, width: int):
-    """Keypoints of the driving video (extracted once per process and sample)."""
+    """Keypoints of the driving video (extracted once per process and sample), or the stored ones."""
+    if cfg.metrics.driving_keypoints == "stored":
+        return sample.stored_keypoints.resized(height, width)
     store = _CACHE.setdefault("driving_keypoints", (None, {}))[1]
     key = (os.path.abspath(cfg.eval_set), sample.key, cfg.max_frames, cfg.metrics.pose_backend)
     if key not in store:
@@ -267,8 +271,13 @@ def planned_metrics(cfg: EvalConfig, eval_set: EvalSet) -> tuple[list[str], dict
             not_computed[name] = "not requested (add it to metrics.names)"
         elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
-        elif name in ("motion", "expression") and any(s.driving is None for s in eval_set.samples):
-            not_computed[name] = "needs the driving RGB video (driving.mp4 in each pair folder)"
+        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "extract"
+              and any(s.driving is None for s in eval_set.samples)):
+            not_computed[name] = ("needs the driving RGB video (driving.mp4 in each pair folder) or "
+                                  "metrics.driving_keypoints=stored")
+        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "stored"
+              and any(s.stored_keypoints is None for s in eval_set.samples)):
+            not_computed[name] = "metrics.driving_keypoints=stored but some samples store no keypoints"
         else:
             todo.append(name)
     return todo, not_computed

@@ -99,6 +99,32 @@ def test_cross_identity_pairs(assets, tmp_path):
     assert "temporal_error" not in m  # needs ground truth
 
 
+def test_raw_pair_goes_through_preprocess_driving(assets, tmp_path):
+    """A raw (image, video) pair is preprocessed by data_tools.preprocess_driving (cached under
+    OUT_DIR/_preprocessed); stored keypoints (the pose the model was driven with) can be the
+    driving side of the motion metrics."""
+    es = load_eval_set(assets["data"])
+    a, b = es.samples
+    raw = tmp_path / "pairs" / "raw_pair"
+    raw.mkdir(parents=True)
+    Image.fromarray(a.ref).save(raw / "reference.png")
+    write_video(raw / "dance.mp4", b.target, 30)
+    b.stored_keypoints.save_npz(tmp_path / "dance_keypoints.npz")
+    preprocess = {"target_area": 64 * 64, "face_size": 64, "pose_backend": "precomputed",
+                  "pose_options": {"path": str(tmp_path / "dance_keypoints.npz")}}
+    metrics = MetricsConfig(names=["identity", "motion"], pose_backend=BLOB, driving_keypoints="stored")
+    out = tmp_path / "out"
+    rec = run_cell(cfg_for(assets, eval_set=str(tmp_path / "pairs"), metrics=metrics, preprocess=preprocess,
+                       out_dir=str(out)), out / "cell")
+    assert rec["status"] == "ok", rec.get("traceback")
+    assert rec["eval_set"] == {"kind": "pairs", "samples": 1, "skipped": []}
+    cached = out / "_preprocessed" / "raw_pair"
+    assert {p.name for p in cached.iterdir()} >= {"src_ref.png", "src_pose.mp4", "src_face.mp4", "driving.mp4"}
+    driving = load_eval_set(tmp_path / "pairs", cache_dir=out / "_preprocessed").samples[0].driving
+    assert driving.shape == b.target.shape  # same size: target_area kept 64 x 64
+    assert np.isfinite(rec["metrics"]["body_error"]) and rec["metrics"]["body_points"] > 0
+
+
 def test_corrupt_shard_sample_is_skipped_and_counted(assets, tmp_path):
     src = sorted(assets["data"].glob("shard-*.tar"))[0]
     dst = tmp_path / "data"
