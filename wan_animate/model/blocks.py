@@ -60,13 +60,14 @@ class DiTBlock(nn.Module):
         ).chunk(6, dim=1)  # each [B, 1, dim]
 
         h = (layer_norm(x, self.eps) * (1 + scale) + shift).to(dtype)
-        x = x + self.self_attn(h, rope_cos, rope_sin).float() * gate
+        # addcmul promotes the compute-dtype update to fp32 inside one kernel (no fp32 copy kept)
+        x = torch.addcmul(x, self.self_attn(h, rope_cos, rope_sin), gate)
 
         h = self.norm3(x).to(dtype) if not isinstance(self.norm3, nn.Identity) else x.to(dtype)
-        x = x + self.cross_attn(h, text, image).float()
+        x = x + self.cross_attn(h, text, image)  # fp32 + compute dtype -> fp32
 
         h = (layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).to(dtype)
-        x = x + self.ffn(h).float() * ffn_gate
+        x = torch.addcmul(x, self.ffn(h), ffn_gate)
         return x
 
 

@@ -212,7 +212,7 @@ class WanAnimateDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, time_mod, text, image, rope_cos, rope_sin)
             if i % period == 0:
-                h = h + self.face_adapter.fuser_blocks[i // period](h, face_tokens).float()
+                h = h + self.face_adapter.fuser_blocks[i // period](h, face_tokens)  # -> fp32
 
         # ---- head and unpatchify
         out = self.head(h, e)  # [B, L, out_dim * pt*ph*pw] fp32
