@@ -369,3 +369,47 @@ def test_condition_matches_diffusers_pipeline(pipe, peer, mode, refert, start):
     assert ours.shape == theirs.shape == (1, 20, 4, hh // 8, ww // 8)
     torch.testing.assert_close(ours[:, :4], theirs[:, :4], rtol=0, atol=0)  # masks exactly
     torch.testing.assert_close(ours[:, 4:], theirs[:, 4:], rtol=1e-4, atol=1e-4)
+
+
+# refert 5 uses clip_len 13: with clip_len - refert_num < refert_num diffusers 0.42 counts one segment
+# too many (target // step instead of (target - refert) // step) and trips its own assert.
+@pytest.mark.parametrize("mode,n,clip,refert,guide", [("animate", 12, 9, 1, 1.0), ("animate", 7, 9, 1, 2.0),
+                                                      ("replace", 16, 13, 5, 1.0)])
+def test_generate_matches_diffusers_pipeline_end_to_end(pipe, peer, monkeypatch, mode, n, clip, refert, guide):
+    """Whole generation vs diffusers' WanAnimatePipeline.__call__ on the same folder, with the text and
+    CLIP embeddings shared (diffusers' CLIPImageProcessor centre-crops where the official code squashes)
+    and inputs already at the model sizes (no resampling differences)."""
+    from PIL import Image
+
+    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+
+    face_size = pipe.config.motion_encoder_size
+    x = driving(n, face=face_size)
+    x["ref_image"] = np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    extra, peer_extra = {}, {}
+    if mode == "replace":
+        bg = x["pose_video"][:, ::-1].copy()
+        mask = np.zeros((n, SIZE, SIZE), np.uint8)
+        mask[:, 8:24, 8:24] = 255
+        extra = dict(bg_video=bg, mask_video=mask)
+        peer_extra = dict(background_video=[Image.fromarray(f) for f in bg],
+                          mask_video=[Image.fromarray(m).convert("RGB") for m in mask])
+    assert num_segments(n, clip, refert) == 2 if guide == 1.0 else 1
+    ours = gen(pipe, x, clip_len=clip, refert_num=refert, guide_scale=guide, seed=7, **extra)
+
+    ref_pixels = torch.from_numpy(x["ref_image"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+    clip_tokens = pipe.image_encoder.encode(ref_pixels)
+    # diffusers refuses image + image_embeds together, so its CLIP call is pointed at our tokens
+    monkeypatch.setattr(peer, "encode_image", lambda image, device=None: clip_tokens)
+    theirs = peer(
+        image=Image.fromarray(x["ref_image"]), pose_video=[Image.fromarray(f) for f in x["pose_video"]],
+        face_video=[Image.fromarray(f) for f in x["face_video"]], height=SIZE, width=SIZE, mode=mode,
+        segment_frame_length=clip, num_inference_steps=STEPS, prev_segment_conditioning_frames=refert,
+        guidance_scale=guide, generator=torch.Generator().manual_seed(7),
+        prompt_embeds=pipe.text_encoder.encode([DEFAULT_PROMPT]),
+        negative_prompt_embeds=pipe.text_encoder.encode([DEFAULT_NEGATIVE_PROMPT]),
+        output_type="np", **peer_extra,
+    ).frames[0]
+    assert theirs.shape == ours.shape[:1] + (SIZE, SIZE, 3)
+    diff = np.abs(ours.astype(np.float64) / 255.0 - theirs)
+    assert diff.max() <= 2.0 / 255, diff.max() * 255
