@@ -44,8 +44,13 @@ def to_eval_config(cfg) -> EvalConfig:
     if isinstance(cfg, EvalConfig):
         return cfg
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ValueError(f"{e.full_key} is required: python eval/main.py model_dir=MODEL_FOLDER "
+                         "eval_set=SHARDS_OR_PAIRS_FOLDER [overrides]") from None
     if isinstance(obj, dict):  # a plain dict config (not from the ConfigStore schema)
         from eval.config import MetricsConfig, WandbConfig
 

@@ -1,0 +1,74 @@
+"""eval.report on hand-made cells: categorical and numeric sweeps, inf / undefined values, failed
+cells, metrics not computed, self-contained HTML, and the offline wandb table."""
+
+from __future__ import annotations
+
+import json
+import math
+from html.parser import HTMLParser
+
+import numpy as np
+from PIL import Image
+
+from eval.report import build_report, main
+from eval.runner import json_safe
+
+
+def write_cell(root, name, overrides, status="ok", metrics=None, error=None):
+    d = root / name
+    (d / "frames").mkdir(parents=True)
+    Image.fromarray(np.full((16, 40, 3), 120, np.uint8)).save(d / "frames" / "clip0.png")
+    rec = {"cell": name, "overrides": overrides, "status": status, "seconds_total": 1.0,
+           "seconds_per_sample": {"generate": 0.5, "psnr": 0.01}, "metrics": metrics or {},
+           "not_computed": {"fvd": "not requested (add it to metrics.names)"}}
+    if error:
+        rec["error"] = error
+    (d / "metrics.json").write_text(json.dumps(json_safe(rec)))
+
+
+class Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.bad = [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        if tag in ("script", "link", "iframe"):
+            self.bad.append(tag)
+
+
+def test_report_from_hand_made_cells(tmp_path, monkeypatch):
+    for solver in ("unipc", "euler"):
+        for steps in (2, 4):
+            write_cell(tmp_path, f"solver={solver},steps={steps}", [f"solver={solver}", f"steps={steps}", "seed=0"],
+                       metrics={"psnr": 20.0 + steps + (solver == "euler"), "ssim": 0.5 + steps / 10,
+                                "body_pck@0.1": float("nan"), "identity": 0.9})
+    write_cell(tmp_path, "solver=unipc,steps=8", ["solver=unipc", "steps=8", "seed=0"], metrics={"psnr": math.inf})
+    write_cell(tmp_path, "solver=bogus,steps=2", ["solver=bogus", "steps=2", "seed=0"], status="failed",
+               error="ValueError: solver='bogus'; choose one of ['unipc', 'dpm++', 'euler']")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary = build_report(tmp_path, wandb_cfg={"enabled": True, "mode": "offline", "project": "t"})
+    assert summary == {"cells": 6, "ok": 5, "failed": 1, "cached": 0, "swept": ["solver", "steps"]}
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run not written"
+
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 6
+    by_cell = {x["cell"]: x for x in lines}
+    assert by_cell["solver=unipc,steps=8"]["metrics"]["psnr"] == math.inf
+    assert by_cell["solver=unipc,steps=2"]["metrics"]["body_pck@0.1"] is None  # NaN -> null
+    md = (tmp_path / "report.md").read_text()
+    assert "6 cells: 5 ok, 1 failed" in md and "solver='bogus'" in md
+    assert "**fvd**: not requested" in md and "| inf |" in md and "n/a" in md
+
+    page = (tmp_path / "report.html").read_text()
+    tags = Tags()
+    tags.feed(page)
+    assert tags.bad == [] and all(s.startswith("data:image/png;base64,") for s in tags.imgs)
+    assert len(tags.imgs) == 2 + 5  # a plot per swept parameter + one strip per ok cell
+    assert "<td class='best'>25</td>" in page  # best psnr among finite values is bold (euler, 4 steps)
+
+    main([str(tmp_path)])  # the CLI rebuilds the same report
+    assert (tmp_path / "report.html").read_text().count("<img") == 7
