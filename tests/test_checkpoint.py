@@ -497,3 +497,16 @@ def test_failed_write_leaves_no_partial_model(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_dit(model, tmp_path / "m", max_shard_size="30KB")
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_bad_config_json_is_reported(tmp_path):
+    model = _random_model("tiny")
+    save_dit(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "num_heads": 3}))
+    with pytest.raises(CheckpointError, match=r"config.json: invalid Wan-Animate config .*num_heads=3"):
+        load_dit(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"dim": 64,')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_dit(tmp_path / "m")
+    assert load_dit(tmp_path / "m", config=model.config, dtype=None).config == model.config  # config= wins

@@ -7,10 +7,10 @@ Three on-disk forms are read, the layout always detected from the tensor names:
 * diffusers folder: ``config.json`` of ``WanAnimateTransformer3DModel`` + shards + index, or a pipeline
   folder whose ``transformer/`` subfolder holds that;
 * a single ``.safetensors`` file with official names, optionally prefixed ``diffusion_model.`` as
-  community files are (config from the file's metadata, else an explicit ``config=``, else "14b").
+  community files are (config: an explicit ``config=``, else the file's metadata, else "14b").
 
 Loading never holds two copies of the weights: the model's parameters are created on the meta
-device (buffers such as the blur kernels and RoPE tables are computed for real) and every shard's
+device (buffers such as the blur kernels are computed for real) and every shard's
 tensors are moved straight into the model before the next shard is opened. Every name and shape is
 checked from the shard headers first, so a bad checkpoint fails before any weight is read, with one
 ``CheckpointError`` that lists what is wrong and why it probably is.
@@ -145,13 +145,19 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _TensorInfo], dict[s
     tensors: dict[str, _TensorInfo] = {}
     data_end = 0
     for name, info in header.items():
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            dtype_name = info["dtype"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: malformed header entry for {name!r} ({err}); {advice}.",
+                                  cause="corrupt download") from err
         data_end = max(data_end, end)
-        dtype = _ST_DTYPES.get(info["dtype"])
+        dtype = _ST_DTYPES.get(dtype_name)
         if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.",
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype_name}.",
                                   cause="unsupported dtype")
-        tensors[name] = _TensorInfo(dtype, tuple(info["shape"]), end - begin)
+        tensors[name] = _TensorInfo(dtype, shape, end - begin)
     expected = 8 + header_len + data_end
     if size < expected:
         raise CheckpointError(
@@ -227,7 +233,7 @@ def _read_shard(shard: _Shard, device: torch.device) -> Iterator[tuple[str, torc
 class _Source:
     root: Path                     # the file or the folder holding the weights
     shards: list[_Shard]
-    folder_config: dict[str, Any] | None
+    folder_config: str | None      # text of the folder's config.json
     prefix: str = ""               # community prefix stripped from every name
     layout: str = ""               # "official" | "diffusers"
 
@@ -291,7 +297,7 @@ def _resolve(path: str | os.PathLike) -> _Source:
             (root / "model_index.json").is_file() or not any(root.glob("*.safetensors"))):
             root = root / "transformer"  # a diffusers pipeline folder
         if (root / "config.json").is_file():
-            folder_config = json.loads((root / "config.json").read_text())
+            folder_config = (root / "config.json").read_text()  # parsed only if config= is not given
         files = _find_weight_files(root)
     else:
         files = [root]
@@ -335,13 +341,21 @@ def _resolve_config(src: _Source, config: WanAnimateConfig | None) -> tuple[WanA
     if config is not None:
         return config, "the config= argument"
     if src.folder_config is not None:
-        try:
-            return _config_from_dict(src.folder_config), f"{src.root / 'config.json'}"
-        except ValueError as err:
-            raise CheckpointError(f"{src.root / 'config.json'}: {err}", cause="invalid config") from err
-    meta = src.shards[0].metadata.get(CONFIG_METADATA_KEY)
-    if meta:
-        return _config_from_dict(json.loads(meta)), f"the metadata of {src.shards[0].path.name}"
+        where, raw = f"{src.root / 'config.json'}", src.folder_config
+    elif src.shards[0].metadata.get(CONFIG_METADATA_KEY):
+        where, raw = f"the metadata of {src.shards[0].path.name}", src.shards[0].metadata[CONFIG_METADATA_KEY]
+    else:
+        return WanAnimateConfig.preset("14b"), "the default '14b' preset (no config.json, no file metadata)"
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{where} is not valid JSON ({err}); download it again or pass config=.",
+                              cause="corrupt config") from err
+    try:
+        return _config_from_dict(parsed), where
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{where}: invalid Wan-Animate config ({err}); fix it or pass config=.",
+                              cause="invalid config") from err
     return WanAnimateConfig.preset("14b"), "the default '14b' preset (no config.json, no file metadata)"
 
 
