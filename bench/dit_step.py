@@ -93,6 +93,9 @@ def build_config(args) -> WanAnimateConfig:
 
 def build_models(cfg: WanAnimateConfig, dtype: torch.dtype, device: torch.device, checkpointing: bool):
     from diffusers import WanAnimateTransformer3DModel
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # the fp32-module cast below is deliberate
 
     kwargs = cfg.to_diffusers_config()
     kwargs.pop("_class_name")
@@ -105,12 +108,10 @@ def build_models(cfg: WanAnimateConfig, dtype: torch.dtype, device: torch.device
     set_precision(ours, dtype)
     peer.to(dtype)
     if dtype != torch.float32:
-        for name, module in peer.named_modules():
-            if any(k in name.split(".") for k in peer._keep_in_fp32_modules):
-                module.float()
-        if isinstance(getattr(peer, "motion_encoder", None), torch.nn.Module):
-            peer.motion_encoder.motion_synthesis_weight.data = peer.motion_encoder.motion_synthesis_weight.data.float()
-        peer.scale_shift_table.data = peer.scale_shift_table.data.float()
+        keep = set(peer._keep_in_fp32_modules)
+        for name, tensor in [*peer.named_parameters(), *peer.named_buffers()]:
+            if keep & set(name.split(".")):
+                tensor.data = tensor.data.float()
     if checkpointing:
         apply_activation_checkpointing(ours)
         peer.enable_gradient_checkpointing()
