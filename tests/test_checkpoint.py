@@ -408,6 +408,9 @@ def test_cli_convert_dtype_and_errors(tmp_path, capsys):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "foo.safetensors"))
     assert ckpt.main(["convert", str(tmp_path / "foo.safetensors"), str(tmp_path / "x"), "--to", "diffusers"]) == 1
     assert "Likely cause: foreign keys" in capsys.readouterr().err
+    assert ckpt.main(["inspect", str(tmp_path / "official")]) == 0
+    out = capsys.readouterr().out
+    assert "layout: official" in out and '"dim": 64' in out and "num_tensors: 213" in out
 
 
 def test_cli_make_tiny_writes_loadable_folders(tmp_path):

@@ -18,6 +18,7 @@ checked from the shard headers first, so a bad checkpoint fails before any weigh
 CLI::
 
     python -m wan_animate.checkpoint convert SRC DST --to official|diffusers [--dtype bf16|fp32|keep]
+    python -m wan_animate.checkpoint inspect PATH
     python -m wan_animate.checkpoint make-tiny DST --layout diffusers|official [--seed N]
 """
 
@@ -932,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--max-shard-size", default="5GB")
     conv.add_argument("--preset", default=None, choices=sorted(PRESETS),
                       help="config for a single file without config metadata (default: from the files, else 14b)")
+    info = sub.add_parser("inspect", help="print layout, config and size of a checkpoint (headers only)")
+    info.add_argument("path")
     tiny = sub.add_parser("make-tiny", help="write a complete tiny random model folder (for tests and demos)")
     tiny.add_argument("dst")
     tiny.add_argument("--layout", default="diffusers", choices=["diffusers", "official"])
@@ -944,6 +947,12 @@ def main(argv: list[str] | None = None) -> int:
             files = convert_checkpoint(args.src, args.dst, args.to, dtype=_DTYPES[args.dtype],
                                        max_shard_size=args.max_shard_size, config=config)
             print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
+        elif args.command == "inspect":
+            found = inspect_checkpoint(args.path)
+            config = found.pop("config")
+            for key, value in found.items():
+                print(f"{key}: {value}")
+            print("config:", json.dumps(config.to_dict()))
         else:
             from wan_animate.tiny import make_tiny_model_folder
 
