@@ -188,6 +188,8 @@ class TrainSettings:
     # Write <output_dir>/ranks/rank-<R>.json (world size, parameter digest, trained sample keys):
     # proves all ranks formed one group and ended with identical weights (CI, debugging).
     rank_report: bool = False
+    # Sleep this long after every step (tests of kill / preemption need a window between steps).
+    debug_step_delay_s: float = 0.0
     # Flop-count basis of the MFU figure (peak TFLOP/s per device); 0 -> guess from the device.
     peak_tflops: float = 0.0
 
@@ -249,7 +251,7 @@ class Config:
             for b in d.buckets:
                 if b[0] > d.synthetic_height * 4 or b[1] > d.synthetic_width * 4:
                     _fail(f"data.buckets {b} is far larger than the synthetic clips; drop data.buckets.")
-        if self.model.path is None and self.model.preset == "14b" and d.source == "synthetic" and t.max_steps > 0:
+        if self.model.path is None and self.model.preset == "14b":
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
             _fail(
                 "model.preset=14b without model.path would build a random 14B model; set model.path to the "
@@ -277,7 +279,15 @@ def register_configs() -> None:
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     """Composed Hydra config -> validated dataclasses (raises ``ConfigError`` with the fix)."""
     if isinstance(cfg, DictConfig):
-        container = OmegaConf.to_container(cfg, resolve=True)
+        from omegaconf.errors import MissingMandatoryValue
+
+        try:
+            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            key = getattr(e, "full_key", None) or str(e)
+            hint = {"model.path": "model.path=/path/to/Wan2.2-Animate-14B (or model=tiny)",
+                    "data.urls": "data.urls=[/path/to/shards] (or data=synthetic)"}.get(str(key), f"{key}=...")
+            _fail(f"{key} is required by this preset; set {hint}.")
     else:
         container = dict(cfg)
     container.pop("hydra", None)

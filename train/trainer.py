@@ -269,7 +269,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
             loss_local = torch.stack(micro_losses).mean()
             finite_local = bool(torch.isfinite(loss_local))
-            skipped = skipped or all_ranks_true(acc, not finite_local)
+            nonfinite_loss = all_ranks_true(acc, not finite_local)
+            skipped = skipped or nonfinite_loss
             if skipped:
                 trainer_state["total_nonfinite"] += 1
                 trainer_state["consecutive_nonfinite"] += 1
@@ -290,6 +291,8 @@ def run(cfg: Config) -> dict[str, Any]:
             step += 1
             # ---- metrics
             loss_mean = acc.reduce(torch.nan_to_num(loss_local, nan=0.0, posinf=0.0).to(device), "mean").item()
+            if nonfinite_loss:
+                loss_mean = float("nan")
             last_loss = loss_mean
             dt = time.perf_counter() - t0
             total_samples = samples * acc.num_processes
@@ -322,6 +325,8 @@ def run(cfg: Config) -> dict[str, Any]:
             if cfg.train.validation and cfg.train.validate_every and step % cfg.train.validate_every == 0 \
                     and step != cfg.train.max_steps:
                 validate(cfg, acc, pipe, raw_dit, urls, step, stage)
+            if cfg.train.debug_step_delay_s > 0:
+                time.sleep(cfg.train.debug_step_delay_s)
             if stop:
                 status = f"preempted ({preempt.signal or 'signal on another rank'})"
                 break

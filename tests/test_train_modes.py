@@ -1,0 +1,182 @@
+"""What learns: adapters_only leaves every trunk weight bit-identical, LoRA trains only factors +
+adapters with per-group LRs, frozen encoders get no gradients and never enter the optimizer; every
+experiment preset composes and instantiates; bad configs fail before any model loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.batch import build_dit_inputs
+from train.config import ConfigError, compose
+from train.data import StreamSpec, ShardStream, resolve_urls
+from train.loss import LossConfig, flow_matching_loss
+from train.lora import is_adapter, make_optimizer, setup_trainable
+from wan_animate.model import ADAPTER_PREFIXES
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ["quickstart", "adapters_only", "animate14b_full", "animate14b_lora", "character_lora"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny model folder + 2 synthetic clips, the quick start's assets."""
+    from data_tools.synthetic import make_synthetic_dataset
+    from wan_animate.pipeline import AnimatePipeline
+    from wan_animate.tiny import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_model_folder(root / "model", layout="diffusers", seed=0)
+    data = make_synthetic_dataset(root / "data", num_clips=2, clip_len=9, height=32, width=32, seed=0,
+                                  shard_size=1, face_size=32)
+    return model, data, AnimatePipeline
+
+
+def _pipe(assets):
+    model, _, AnimatePipeline = assets
+    pipe = AnimatePipeline.from_pretrained(model, dtype=torch.float32, device="cpu")
+    pipe.dit.train()
+    return pipe
+
+
+def _batch(assets, cfg, pipe):
+    _, data, _ = assets
+    spec = StreamSpec(urls=resolve_urls([str(data)]), cfg=cfg.data, micro_batch_size=2, seed=0,
+                      face_size=pipe.dit.config.motion_encoder_size, default_size=(32, 32))
+    examples = next(iter(ShardStream(spec)))["examples"]
+    return build_dit_inputs(examples, pipe, torch.device("cpu"), torch.float32, cfg.data.clip_len)
+
+
+def _steps(pipe, cfg, batch, n=2):
+    groups, summary = setup_trainable(pipe.dit, cfg)
+    opt = make_optimizer(groups, cfg)
+    for i in range(n):
+        out = flow_matching_loss(pipe.dit, batch, cfg.loss, generator=torch.Generator().manual_seed(i))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return groups, summary, opt
+
+
+def test_adapters_only_keeps_trunk_bit_identical_and_encoders_frozen(assets):
+    cfg = compose(["experiment=adapters_only"])
+    pipe = _pipe(assets)
+    before = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    enc_before = {id(p): p.detach().clone() for enc in (pipe.vae, pipe.text_encoder, pipe.image_encoder)
+                  for p in _encoder_params(enc)}
+    batch = _batch(assets, cfg, pipe)
+    groups, summary, opt = _steps(pipe, cfg, batch)
+    after = pipe.dit.state_dict()
+    changed_adapters = 0
+    for name, value in after.items():
+        if name.split(".", 1)[0] in ADAPTER_PREFIXES:
+            changed_adapters += int(not torch.equal(value, before[name]))
+        else:
+            assert torch.equal(value, before[name]), f"trunk weight {name} moved in adapters_only"
+    assert changed_adapters > 0
+    assert [g["name"] for g in groups] == ["adapters"]
+    # frozen encoders: no grad, untouched, not in the optimizer
+    opt_ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    for enc in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+        params = list(_encoder_params(enc))
+        assert params
+        for p in params:
+            assert not p.requires_grad and p.grad is None and id(p) not in opt_ids
+            assert torch.equal(p, enc_before[id(p)])
+
+
+def _encoder_params(enc):
+    for attr in ("module", "model", "vae"):
+        m = getattr(enc, attr, None)
+        if isinstance(m, torch.nn.Module):
+            return list(m.parameters())
+    return [p for v in vars(enc).values() if isinstance(v, torch.nn.Module) for p in v.parameters()]
+
+
+def test_negative_control_full_mode_moves_the_trunk(assets):
+    cfg = compose(["train.mode=full"])
+    pipe = _pipe(assets)
+    before = {k: v.clone() for k, v in pipe.dit.state_dict().items() if k.startswith("blocks.")}
+    _steps(pipe, cfg, _batch(assets, cfg, pipe), n=1)
+    after = pipe.dit.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_lora_mode_trains_factors_and_adapters_with_their_own_lr(assets):
+    cfg = compose(["train.mode=lora", "lora.rank=4", "optim.lr=1e-3", "optim.adapter_lr=5e-4"])
+    pipe = _pipe(assets)
+    base = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    groups, summary, _ = _steps(pipe, cfg, _batch(assets, cfg, pipe))
+    assert {g["name"]: g["lr"] for g in groups} == {"lora": 1e-3, "adapters": 5e-4}
+    assert summary["lora_targets"] == 12 * pipe.dit.config.num_layers
+    for name, p in pipe.dit.named_parameters():
+        trainable = ".lora_" in name or is_adapter(name)
+        assert p.requires_grad == trainable, name
+        if not trainable:
+            assert torch.equal(p, base[name.replace(".base_layer.", ".")]), name
+    lora_b = [p for n, p in pipe.dit.named_parameters() if ".lora_B." in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B left its zero init
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_instantiates(preset, assets):
+    from wan_animate.config import WanAnimateConfig
+    from wan_animate.model import WanAnimateDiT
+
+    _, data, _ = assets
+    overrides = [f"experiment={preset}"]
+    if preset.startswith(("animate14b", "character")):
+        overrides += ["model=tiny", "data=shards", f"data.urls=[{data}]", "data.clip_len=9",
+                      "data.buckets=[[32,32]]", "data.num_workers=0"]
+    cfg = compose(overrides)
+    assert cfg.experiment_name == preset
+    dit = WanAnimateDiT(WanAnimateConfig.preset(cfg.model.preset))
+    groups, summary = setup_trainable(dit, cfg)
+    assert summary["trainable_params"] > 0
+    make_optimizer(groups, cfg)
+    full = compose([f"experiment={preset}", "model.path=/models/x", "data.urls=[/data/x]"]
+                   if preset != "quickstart" and preset != "adapters_only" else [f"experiment={preset}"])
+    if preset.startswith("animate14b") or preset == "character_lora":
+        assert full.model.preset == "14b" and full.train.precision == "bf16" and full.model.activation_checkpointing
+    if preset == "animate14b_full":
+        assert full.train.mode == "full" and full.train.distributed == "deepspeed"
+    if preset in ("animate14b_lora", "character_lora"):
+        assert full.train.mode == "lora"
+
+
+@pytest.mark.parametrize("override, fix", [
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+    ("train.checkpoint_every=500", "lower it"),
+    ("data.clip_len=8", "4n+1"),
+    ("train.mode=partial", "train.mode"),
+])
+def test_invalid_values_are_rejected_with_the_fix(override, fix):
+    with pytest.raises(ConfigError, match=re.escape(fix)):
+        compose([override])
+
+
+def test_impossible_combinations_are_rejected():
+    with pytest.raises(ConfigError, match="model.path"):
+        compose(["experiment=animate14b_full", "data.urls=[/x]"])
+    with pytest.raises(ConfigError, match="data.urls"):
+        compose(["data=shards"])
+    with pytest.raises(ConfigError, match="train.mode=lora"):
+        compose(["lora.init_from=/x.safetensors"])
+
+
+def test_main_rejects_bad_config_before_loading_a_model(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, str(ROOT / "train/main.py"), f"train.output_dir={tmp_path}/o",
+                        "train.grad_accum=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "train.grad_accum=0 must be >= 1" in p.stderr
+    assert not (tmp_path / "o" / "cache").exists()  # nothing was built or loaded
