@@ -46,6 +46,7 @@ def main() -> None:
     from eval.runner import run_cell
     from wan_animate.tiny import make_tiny_model_folder
 
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     t0 = time.perf_counter()
     model = make_tiny_model_folder(tmp / "model")
@@ -78,7 +79,9 @@ def main() -> None:
         f"- command: `{cmd}`",
         f"- cells: tiny random model, {a.samples} synthetic clips of {a.frames} frames at {a.size}x{a.size}, "
         f"{a.steps} sampling steps; LPIPS VGG16 layout at width {a.lpips_width}; tiny I3D; pose backend "
-        f"`{a.pose_backend}`", f"- setup (model folder, data, weight files): {setup_s:.2f} s", "",
+        f"`{a.pose_backend}`", f"- setup (model folder, data, weight files): {setup_s:.2f} s",
+        f"- 1-min load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} cores (other jobs share the machine: compare ratios within one run)", "",
         "## Seconds per cell", "",
         "| cell | total | load pipeline | load eval set | held-out loss | FVD |", "|---|---|---|---|---|---|",
     ]

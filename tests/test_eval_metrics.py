@@ -336,3 +336,19 @@ def test_heldout_loss_is_deterministic_and_model_sensitive():
     assert heldout_loss(ScaleDiT(-3.0), make_batches(), timesteps=(250, 750), seed=3)["heldout_loss"] > a["heldout_loss"]
     with pytest.raises(ValueError, match=r"\[0, 1000\]"):
         heldout_loss(dit, make_batches(), timesteps=(1500,))
+
+
+def test_frozen_frames_move_every_metric_the_right_way():
+    v = make_video(t=8)
+    frozen = np.repeat(v[:1], len(v), 0)
+    assert psnr(frozen, v) < psnr(v, v) and ssim(frozen, v) < 1.0
+    assert temporal_error(frozen, v) > temporal_error(v, v)
+    # Keypoints: the driving person walks right 3 % of the box per frame; the generation stands still.
+    p = make_pose(t=8)
+    walking = PoseSequence(*(a.copy() for a in (p.body, p.left_hand, p.right_hand, p.face)), p.height, p.width)
+    for a in (walking.body, walking.left_hand, walking.right_hand, walking.face):
+        a[..., 0] += np.arange(8)[:, None] * 0.03 * 160
+    still = walking.select(np.zeros(8, int))
+    m = motion_metrics(still, walking)
+    assert m["body_error"] > 0.05 and m["body_pck@0.05"] < 1.0 and m["hands_pck@0.1"] < 1.0
+    assert motion_metrics(walking, walking)["body_pck@0.05"] == 1.0
