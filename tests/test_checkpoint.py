@@ -513,3 +513,58 @@ def test_bad_config_json_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_dit(tmp_path / "m")
     assert load_dit(tmp_path / "m", config=model.config, dtype=None).config == model.config  # config= wins
+
+
+def _write_header_only_checkpoint(folder: Path, shapes: dict[str, tuple], dtype: str = "BF16",
+                                  shard_bytes: float = 5e9) -> None:
+    """A release-shaped sharded folder whose shards have real headers and sparse (unwritten) data:
+    14B-sized, yet it takes no disk space or memory. Only header-level code paths may read it."""
+    groups, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * int(torch.Size(shape).numel())
+        if current and size + nbytes > shard_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append((name, shape, nbytes))
+        size += nbytes
+    groups.append(current)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape, nbytes in group:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(folder / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+        os.truncate(folder / fname, 8 + len(raw) + offset)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def test_release_shaped_14b_folders_pass_the_header_checks(tmp_path):
+    """The 14B official release layout (1,441 bf16 tensors in ~5 GB shards + index) and its diffusers
+    twin are recognised, configured and fully name/shape-checked from headers alone."""
+    config = WanAnimateConfig.preset("14b")
+    with torch.device("meta"):
+        official = WanAnimateDiT(config).state_dict()
+    (tmp_path / "official").mkdir()
+    _write_header_only_checkpoint(tmp_path / "official", {k: tuple(v.shape) for k, v in official.items()})
+    (tmp_path / "official" / "config.json").write_text(json.dumps(config.to_official_config()))
+    (tmp_path / "diffusers").mkdir()
+    diffusers = official_to_diffusers(official, config)
+    _write_header_only_checkpoint(tmp_path / "diffusers", {k: tuple(v.shape) for k, v in diffusers.items()})
+    (tmp_path / "diffusers" / "config.json").write_text(json.dumps(config.to_diffusers_config()))
+    for layout, count in (("official", 1441), ("diffusers", 1443)):
+        info = ckpt.inspect_checkpoint(tmp_path / layout)
+        assert (info["layout"], info["config"], info["num_tensors"]) == (layout, config, count)
+        assert info["num_shards"] == 7
+        src = ckpt._resolve(tmp_path / layout)
+        found, where = ckpt._inspect(src, None)
+        ckpt._check_against_model(ckpt._virtual_official(src, found), official, found, where=layout,
+                                  layout=src.layout, config_source=where, optional=set(blur_kernel_keys(found)))
+    assert info["total_bytes"] == 2 * 17_274_816_884
+    with pytest.raises(CheckpointError, match=r"preset\('14b'\)"):
+        load_dit(tmp_path / "official", config=WanAnimateConfig.preset("tiny"))

@@ -412,6 +412,10 @@ def _suggest(sizes: Mapping[str, int], config: WanAnimateConfig) -> str:
     return hint
 
 
+def _index_pattern(name: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.)", "N", name)
+
+
 def _extra_prefix(unexpected: list[str], missing: set[str]) -> str:
     """A leading name component that, removed, turns most unexpected keys into missing ones."""
     counts: dict[str, int] = {}
@@ -440,7 +444,10 @@ def _check_against_model(
                   for k in expected if k in ckpt and ckpt[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
         return
-    known = len(ckpt) - len(unexpected)
+    # Wan-Animate names with other block/layer numbers still count as ours (a wrong preset, not a
+    # foreign model): compare names with every index replaced by N.
+    patterns = {_index_pattern(k) for k in expected}
+    known = sum(_index_pattern(k) in patterns for k in ckpt)
     lora = any(".lora_A" in k or ".lora_down" in k for k in ckpt)
     quantised = src is not None and any(
         info.dtype.itemsize == 1 and info.dtype.is_floating_point or name.endswith(_QUANT_SUFFIXES)
