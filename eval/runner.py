@@ -376,7 +376,7 @@ def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int) -> dict:
                   "face": face, "mode": "animate", "num_given": 0, "caption": s.caption, "noise_seed": 0}
             yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=s.num_frames)
 
-    return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed)
+    return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed, progress=True)
 
 
 # ---------------------------------------------------------------------------- one cell
