@@ -363,3 +363,40 @@ def test_every_parameter_is_used_through_its_own_module_forward(tiny_model):
         if id(module) not in ran
     ]
     assert not not_run, not_run[:5]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written norm backwards against autograd through the plain formulas
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fused_norm_backwards_match_autograd():
+    from wan_animate.model.norms import modulated_layer_norm, rms_norm
+
+    def grads(fn, *tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(weight_grad)
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    x = torch.randn(2, 7, 16)
+    w, scale, shift = 1 + 0.3 * torch.randn(16), 0.3 * torch.randn(2, 1, 16), 0.3 * torch.randn(2, 1, 16)
+    weight_grad = torch.randn(2, 7, 16)
+    ours = grads(lambda a, b: rms_norm(a, b, 1e-6), x, w)
+    ref = grads(lambda a, b: torch.nn.functional.rms_norm(a, (16,), b, 1e-6), x, w)
+    for a, b in zip([ours[0], *ours[1]], [ref[0], *ref[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    ours = grads(lambda a, s, t: modulated_layer_norm(a, s, t, 1e-6, torch.float32), x, scale, shift)
+    ref = grads(lambda a, s, t: torch.nn.functional.layer_norm(a, (16,), eps=1e-6) * (1 + s) + t, x, scale, shift)
+    for a, b in zip([ours[0], *ours[1]], [ref[0], *ref[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # values equal the library ops they replace
+    xs = torch.randn(3, 5, 32)
+    ws, sc, sh = torch.randn(32), torch.randn(3, 1, 32), torch.randn(3, 1, 32)
+    torch.testing.assert_close(rms_norm(xs, ws, 1e-6), torch.nn.functional.rms_norm(xs, (32,), ws, 1e-6))
+    ref = torch.nn.functional.layer_norm(xs, (32,), eps=1e-6) * (1 + sc) + sh
+    torch.testing.assert_close(modulated_layer_norm(xs, sc, sh, 1e-6, torch.float32), ref, rtol=1e-5, atol=1e-5)
+    # bf16 inputs keep their dtype in the gradient and are not upcast in what is saved
+    xb = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    rms_norm(xb, ws, 1e-6).sum().backward()
+    assert xb.grad.dtype == torch.bfloat16

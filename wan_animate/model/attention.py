@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wan_animate.model.norms import rms_norm
 from wan_animate.model.rope import apply_rope
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class FP32LayerNorm(nn.LayerNorm):

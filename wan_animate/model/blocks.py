@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from wan_animate.config import WanAnimateConfig
-from wan_animate.model.attention import CrossAttention, FP32LayerNorm, SelfAttention, layer_norm
+from wan_animate.model.attention import CrossAttention, FP32LayerNorm, SelfAttention
+from wan_animate.model.norms import modulated_layer_norm
 
 # ------------------------------------------------------------------------------------------------
 # Transformer block
@@ -59,14 +60,14 @@ class DiTBlock(nn.Module):
             self.modulation.float() + time_mod
         ).chunk(6, dim=1)  # each [B, 1, dim]
 
-        h = (layer_norm(x, self.eps) * (1 + scale) + shift).to(dtype)
+        h = modulated_layer_norm(x, scale, shift, self.eps, dtype)
         # addcmul promotes the compute-dtype update to fp32 inside one kernel (no fp32 copy kept)
         x = torch.addcmul(x, self.self_attn(h, rope_cos, rope_sin), gate)
 
         h = self.norm3(x).to(dtype) if not isinstance(self.norm3, nn.Identity) else x.to(dtype)
         x = x + self.cross_attn(h, text, image)  # fp32 + compute dtype -> fp32
 
-        h = (layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).to(dtype)
+        h = modulated_layer_norm(x, ffn_scale, ffn_shift, self.eps, dtype)
         x = torch.addcmul(x, self.ffn(h), ffn_gate)
         return x
 
@@ -89,8 +90,8 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim] fp32, time_emb [B, dim] fp32 -> [B, L, out_dim * prod(patch)] fp32."""
         shift, scale = (self.modulation.float() + time_emb.float().unsqueeze(1)).chunk(2, dim=1)
-        h = layer_norm(x, self.eps) * (1 + scale) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()
+        h = modulated_layer_norm(x, scale, shift, self.eps, self.head.weight.dtype)
+        return self.head(h).float()
 
 
 # ------------------------------------------------------------------------------------------------
