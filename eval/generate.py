@@ -12,8 +12,6 @@ is H.264 at the driving video's fps with exactly as many frames as the driving v
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--replace", action="store_true", help="with --driving: replace mode")
     src.add_argument("--retarget", action="store_true", help="with --driving: retarget the pose")
     src.add_argument("--work-dir", help="with --driving: keep the preprocessed streams here")
+    src.add_argument("--driving-fps", type=float, default=30.0, help="with --driving: resample to this fps "
+                     "(official 30; -1 keeps the source)")
+    src.add_argument("--pose-backend", default="mediapipe", help="with --driving: pose estimator")
+    src.add_argument("--max-frames", type=int, default=None, help="with --driving: keep the first N frames")
+    src.add_argument("--target-area", type=int, default=1280 * 720,
+                     help="with --driving: output pixel area (official 1280*720; sides floored to x16)")
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default=None, help="text prompt (default: the official one)")
     g.add_argument("--negative-prompt", default=None)
@@ -90,23 +94,25 @@ def _read(path: Path, what: str):
 
 
 def _run_preprocess(args) -> Path:
-    if importlib.util.find_spec("data_tools.preprocess_driving") is None:
-        raise CliError("--driving needs data_tools.preprocess_driving, which is not installed in this "
-                       "checkout; preprocess the video yourself and pass --preprocessed DIR.")
+    """``--driving``: raw video -> official src_* files via data_tools.preprocess_driving."""
+    try:
+        from data_tools.preprocess_driving import preprocess_driving
+    except ImportError as e:
+        raise CliError(f"--driving needs data_tools.preprocess_driving, which failed to import ({e}); "
+                       "preprocess the video yourself and pass --preprocessed DIR.") from None
     if not args.ref:
         raise CliError("--driving needs --ref IMAGE (the character to animate).")
     video = _need_file(args.driving, "driving video")
     ref = _need_file(args.ref, "reference image")
+    _read(video, "driving video")  # fail on an undecodable file before any pose model starts
     out = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="wan_animate_src_"))
-    cmd = [sys.executable, "-m", "data_tools.preprocess_driving", "--video", str(video), "--ref", str(ref),
-           "--out", str(out)]
-    if args.replace:
-        cmd.append("--replace")
-    if args.retarget:
-        cmd.append("--retarget")
-    print("preprocessing:", " ".join(cmd), file=sys.stderr)
-    if subprocess.run(cmd).returncode != 0:
-        raise CliError(f"preprocessing {video} failed (see the messages above).")
+    print(f"preprocessing {video} -> {out} (pose backend {args.pose_backend})", file=sys.stderr)
+    try:
+        preprocess_driving(video, ref, out, retarget=args.retarget, replace=args.replace, fps=args.driving_fps,
+                           pose_backend=args.pose_backend, max_frames=args.max_frames,
+                           target_area=args.target_area)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CliError(f"preprocessing {video} failed: {e}") from None
     return out
 
 
