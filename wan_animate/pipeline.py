@@ -413,7 +413,7 @@ class AnimatePipeline:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
                      height // self.vae.spatial_stride, width // self.vae.spatial_stride)
-        outputs: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []  # uint8 [t, H, W, 3] per segment
         prev: torch.Tensor | None = None
         seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
         step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
@@ -441,11 +441,12 @@ class AnimatePipeline:
             latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
                              progress=step_bar.update)
             frames = self.vae.decode(latents[:, :, 1:])  # drop the reference slot
-            prev = frames
-            outputs.append(frames if s == 0 else frames[:, :, refert_num:])
+            prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
+            kept = frames if s == 0 else frames[:, :, refert_num:]
+            # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
+            outputs.append(((kept[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1.0) * 127.5).round()
+                           .to(torch.uint8).cpu())
             seg_bar.update(1)
         step_bar.close()
         seg_bar.close()
-        video = torch.cat(outputs, dim=2)[:, :, :real_len]  # [1, 3, T, H, W]
-        out = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1.0) * 127.5).round()
-        return out.to(torch.uint8).cpu().numpy()
+        return torch.cat(outputs, dim=0)[:real_len].numpy()  # [T, H, W, 3]
