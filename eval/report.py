@@ -69,7 +69,9 @@ def swept_keys(records: list[dict]) -> list[str]:
 
 
 def metric_columns(records: list[dict]) -> list[str]:
-    present = {k for r in records for k, v in (r.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    # None = undefined for every sample of that cell (e.g. nobody detected); shown as n/a.
+    present = {k for r in records for k, v in (r.get("metrics") or {}).items()
+               if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
     cols = [m for m in HEADLINE if m in present]
     extra = sorted(k for k in present - set(cols)
                    if not k.endswith(("_points", "_frames", "_without_person", "_detected", "_clips", "_samples")))
