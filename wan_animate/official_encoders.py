@@ -40,6 +40,18 @@ def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _load_assigned(build, state: dict[str, torch.Tensor], what: str):
+    """Build the module on the meta device (no random init of billions of weights) and assign the
+    converted tensors; fails if any parameter or buffer stays unmaterialised."""
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise OfficialEncoderError(f"{what}: tensors not provided by the checkpoint: {left[:5]}.")
+    return model
+
+
 def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, torch.Tensor], what: str):
     """Pick ``sd[name_of(k)]`` for every library key ``k``; fail naming missing and unused keys."""
     out, missing = {}, []
@@ -141,11 +153,10 @@ def vae_from_official(sd: dict[str, torch.Tensor], **config_overrides):
 
     cfg = vae_config_from_official(sd)
     cfg.update(config_overrides)
-    vae = AutoencoderKLWan(**cfg)
-    names = vae.state_dict().keys()
+    with torch.device("meta"):
+        names = list(AutoencoderKLWan(**cfg).state_dict().keys())
     new = _strict_gather(names, lambda k: vae_key_to_official(k, cfg["num_res_blocks"]), sd, "Wan2.1 VAE")
-    vae.load_state_dict({k: v.float() for k, v in new.items()}, strict=True)
-    return vae
+    return _load_assigned(lambda: AutoencoderKLWan(**cfg), {k: v.float() for k, v in new.items()}, "Wan2.1 VAE")
 
 
 def vae_to_official(vae) -> dict[str, torch.Tensor]:
@@ -204,10 +215,15 @@ def t5_config_from_official(sd: dict[str, torch.Tensor]):
 def t5_from_official(sd: dict[str, torch.Tensor]):
     from transformers import UMT5EncoderModel
 
-    model = UMT5EncoderModel(t5_config_from_official(sd))
-    names = list(model.state_dict().keys())
+    config = t5_config_from_official(sd)
+    with torch.device("meta"):
+        names = list(UMT5EncoderModel(config).state_dict().keys())
     new = _strict_gather(names, t5_key_to_official, sd, "umT5 encoder")
-    model.load_state_dict({k: v.float() for k, v in new.items()}, strict=True)
+    # shared.weight and encoder.embed_tokens.weight are the same official tensor: one copy, tied below
+    new = {k: v.float() for k, v in new.items()}
+    new["encoder.embed_tokens.weight"] = new["shared.weight"]
+    model = _load_assigned(lambda: UMT5EncoderModel(config), new, "umT5 encoder")
+    model.encoder.embed_tokens = model.shared
     return model
 
 
