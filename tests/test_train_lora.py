@@ -155,3 +155,48 @@ def test_apply_lora_rejects_unknown_modules_and_shapes(pair, tmp_path):
              "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(cfg.dim, 2)}
     with pytest.raises(LoraError, match="shape"):
         apply_lora(WanAnimateDiT(cfg), wrong)
+
+
+def test_trainer_lora_export_reproduces_the_trained_model(tmp_path):
+    """`train.mode=lora` end to end: export/official (+trained adapters) + export/lora.safetensors,
+    merged with apply_lora, or loaded by diffusers, equals the trained peft model of the checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from wan_animate.checkpoint import load_dit
+    from wan_animate.pipeline import DiffusersDiT
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(root))
+    p = subprocess.run([sys.executable, str(root / "train/main.py"), f"train.output_dir={out}", "train.mode=lora",
+                        "lora.rank=4", "lora.alpha=8", "optim.lr=5e-3", "train.max_steps=3", "train.checkpoint_every=0",
+                        "train.progress=false", "train.validation=false"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    model_dir = out / "cache" / "model-tiny-seed0"
+    cfg = WanAnimateConfig.preset("tiny")
+
+    live = load_dit(model_dir / "transformer", dtype=torch.float32).eval()
+    add_lora(live, rank=4, alpha=8.0)
+    live.load_state_dict(load_file(str(out / "checkpoints" / "step-3" / "model.safetensors")), strict=True)
+
+    merged = load_dit(out / "export" / "official", dtype=torch.float32).eval()
+    apply_lora(merged, out / "export" / "lora.safetensors")
+
+    peer = WanAnimateTransformer3DModel.from_pretrained(str(out / "export" / "diffusers")).eval()
+    peer.load_lora_adapter(WanAnimatePipeline.lora_state_dict(str(out / "export" / "lora.safetensors")),
+                           prefix="transformer", adapter_name="trained")
+    peer = DiffusersDiT(peer)
+
+    base = load_dit(model_dir / "transformer", dtype=torch.float32).eval()
+    i = _inputs(cfg)
+    want = _ours(live, i)
+    moved = (want - _ours(base, i)).abs().max()
+    assert moved > 1e-3  # training changed the model
+    for other in (merged, peer):
+        assert (_ours(other, i) - want).abs().max() <= 1e-4 * want.abs().max() + 1e-5

@@ -135,6 +135,10 @@ def _to_uint8(x: torch.Tensor) -> Any:
 
 def run(cfg: Config) -> dict[str, Any]:
     t_start = time.time()
+    import logging
+
+    for name in ("accelerate", "deepspeed", "DeepSpeed", "compilers"):  # keep the progress bar readable
+        logging.getLogger(name).setLevel(logging.WARNING)
     acc = make_accelerator(cfg)
     check_world(acc)
     stage = zero_stage(acc)
@@ -154,21 +158,31 @@ def run(cfg: Config) -> dict[str, Any]:
     model_path, urls = prepare_assets(cfg, acc)
     from wan_animate.pipeline import AnimatePipeline
 
-    pipe = AnimatePipeline.from_pretrained(model_path, dtype=torch.float32, device=device)
-    dit = pipe.dit
+    from wan_animate.checkpoint import load_dit
+
+    bf16 = cfg.train.precision == "bf16"
+    # The DiT is read on the CPU (bf16 when training in bf16: the released weights are bf16) and
+    # moved by accelerate/DeepSpeed after the trainable set is fixed, so no rank ever holds a
+    # full-precision copy of the whole model on its GPU.
+    layout = AnimatePipeline.detect_layout(model_path)
+    dit = load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
+                   dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
+    pipe = AnimatePipeline.from_pretrained(
+        model_path, dit=dit, dtype=torch.float32, device=device,
+        encoder_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32,
+        offload=cfg.data.source == "cached",  # encoders only serve validation then
+    )
     dit.train()
     groups, summary = setup_trainable(dit, cfg)
+    if not use_ds:
+        # fp32 master weights for whatever trains; autocast runs the matmuls in bf16
+        for g in groups:
+            for p in g["params"]:
+                p.data = p.data.float()
     for enc in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
         inner = getattr(enc, "module", None) or getattr(enc, "model", None) or getattr(enc, "vae", None)
         if isinstance(inner, torch.nn.Module):
             inner.requires_grad_(False)
-    if cfg.train.precision == "bf16" and not use_ds and cfg.train.mode != "full":
-        # frozen weights in bf16 (half the memory); trainable ones stay fp32 masters under autocast
-        from wan_animate.model import is_fp32_by_design
-
-        for name, p in dit.named_parameters():
-            if not p.requires_grad and not is_fp32_by_design(name):
-                p.data = p.data.to(torch.bfloat16)
     if cfg.model.activation_checkpointing:
         from wan_animate.model import apply_activation_checkpointing
 
