@@ -194,6 +194,31 @@ def time_steps(fns: dict, warmup: int, iters: int, device: torch.device):
     return wall, cpu
 
 
+def saved_activation_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during one step."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def peak_cuda_bytes(fn, device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -248,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         "ours": lambda: (ours_step(ours, inputs, target, dtype), ours.zero_grad(set_to_none=True)),
         "diffusers": lambda: (peer_step(peer, inputs, target, dtype), peer.zero_grad(set_to_none=True)),
     }
+    # (saved-tensor hooks do not see inside compiled regions: measured in eager runs only)
+    saved = {k: None if args.compile else saved_activation_bytes(fn) for k, fn in fns.items()}
+    peak = {k: peak_cuda_bytes(fn, device) for k, fn in fns.items()}
     times, cpu_times = time_steps(fns, args.warmup, args.iters, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
@@ -255,16 +283,19 @@ def main(argv: list[str] | None = None) -> int:
 
     flops = forward_flops(cfg, args.batch, grid, args.frames)
     step_flops = 3 * sum(flops.values())
-    peak = args.peak_tflops
-    if peak is None and gpu and dtype == torch.bfloat16:
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and gpu and dtype == torch.bfloat16:
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     def tflops(sec: float) -> float:
         return step_flops / sec / 1e12
 
     def mfu(sec: float) -> str:
-        return f"{100 * tflops(sec) / peak:.1f}%" if peak else "n/a"
+        return f"{100 * tflops(sec) / peak_tflops:.1f}%" if peak_tflops else "n/a"
+
+    def gib(n: int | None) -> str:
+        return "n/a" if n is None else f"{n / 2**30:.3f}"
 
     cmd = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     tokens = math.prod(grid)
@@ -280,15 +311,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{grid[0]}x{grid[1]}x{grid[2]} = {tokens} tokens/sample; {args.warmup} warmup + {args.iters} timed steps each, alternating",
         f"- model FLOPs per step (3x forward): {step_flops / 1e12:.4g} TFLOP "
         f"(forward: " + ", ".join(f"{k} {v / 1e12:.3g}" for k, v in flops.items()) + " TFLOP)",
-        f"- peak for MFU: {f'{peak:g} TFLOP/s' if peak else 'n/a (no --peak-tflops given)'}",
+        f"- peak for MFU: {f'{peak_tflops:g} TFLOP/s' if peak_tflops else 'n/a (no --peak-tflops given)'}",
         "",
-        "| model | median step (ms) | min-max (ms) | median process CPU time (ms) | TFLOP/s | MFU |",
-        "|---|---|---|---|---|---|",
+        "| model | median step (ms) | min-max (ms) | median process CPU time (ms) | TFLOP/s | MFU "
+        "| saved for backward (GiB) | peak CUDA memory over weights (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k in ("ours", "diffusers"):
         lo, hi = spread[k]
         lines.append(f"| {k} | {1e3 * med[k]:.2f} | {1e3 * lo:.2f}-{1e3 * hi:.2f} | {1e3 * cpu_med[k]:.2f} | "
-                     f"{tflops(med[k]):.4g} | {mfu(med[k])} |")
+                     f"{tflops(med[k]):.4g} | {mfu(med[k])} | {gib(saved[k])} | {gib(peak[k])} |")
     lines += [
         "",
         f"**speed-up ours vs diffusers: {med['diffusers'] / med['ours']:.2f}x** (ratio of median wall-clock "

@@ -37,16 +37,17 @@ def make_blur_kernel(taps: tuple[float, ...] = BLUR_TAPS) -> torch.Tensor:
 class Blur(nn.Module):
     """Depthwise FIR low-pass filter before a strided conv (anti-aliasing)."""
 
-    def __init__(self, padding: int):
+    def __init__(self, padding: int, stride: int = 1):
         super().__init__()
         self.padding = padding
+        self.stride = stride
         self.register_buffer("kernel", make_blur_kernel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = x.shape[1]
         # The kernel is symmetric, so correlation (conv2d) equals the FIR convolution.
         weight = self.kernel.to(x.dtype)[None, None].expand(channels, 1, -1, -1)
-        return F.conv2d(x, weight, padding=self.padding, groups=channels)
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding, groups=channels)
 
 
 class EqualConv2d(nn.Module):
@@ -96,7 +97,9 @@ class DownBlock(nn.Module):
         self.conv1 = nn.Sequential(EqualConv2d(in_ch, in_ch, 3, padding=1), ScaledLeakyReLU(in_ch))
         # Blur paddings keep the stride-2 output at exactly half the input size.
         self.conv2 = nn.Sequential(Blur(padding=2), EqualConv2d(in_ch, out_ch, 3, stride=2), ScaledLeakyReLU(out_ch))
-        self.skip = nn.Sequential(Blur(padding=1), EqualConv2d(in_ch, out_ch, 1, stride=2))
+        # A 1x1 stride-2 conv reads only every other blurred pixel, so the blur itself is
+        # evaluated at stride 2 (same values, a quarter of the work).
+        self.skip = nn.Sequential(Blur(padding=1, stride=2), EqualConv2d(in_ch, out_ch, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.conv2(self.conv1(x)) + self.skip(x)) * (1.0 / math.sqrt(2.0))
