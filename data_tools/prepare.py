@@ -313,15 +313,18 @@ def _make_tools(cfg: PrepareConfig):
 
 
 def _worker_init(cfg_dict: dict) -> None:
+    # Nothing here may raise: a failing Pool initializer makes the pool respawn workers forever.
     cv2.setNumThreads(1)
-    cfg = PrepareConfig(**cfg_dict)
-    _WORKER["cfg"] = cfg
-    _WORKER["backend"], _WORKER["segmenter"] = _make_tools(cfg)
+    _WORKER["cfg"] = cfg_dict
 
 
 def _worker_run(args) -> InputResult:
     path, done_keys = args
     try:
+        if "backend" not in _WORKER:  # created lazily so that a failure is reported, not retried
+            cfg = PrepareConfig(**_WORKER["cfg"])
+            _WORKER["cfg"] = cfg
+            _WORKER["backend"], _WORKER["segmenter"] = _make_tools(cfg)
         return process_input(path, _WORKER["cfg"], _WORKER["backend"], _WORKER["segmenter"], done_keys)
     except Exception as e:  # never lose the whole job to one input
         return InputResult(input=str(path), reason=f"internal error: {type(e).__name__}: {e}")
@@ -468,6 +471,11 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
                 except Exception as e:
                     consume(InputResult(input=p, reason=f"internal error: {type(e).__name__}: {e}"))
         else:
+            # Fail fast on bad backend options in the main process, before any worker starts.
+            backend, segmenter = _make_tools(cfg)
+            backend.close()
+            if segmenter is not None:
+                segmenter.close()
             ctx = mp.get_context("spawn")
             with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(asdict(cfg),)) as pool:
                 for res in pool.imap(_worker_run, [(Path(p), done_keys) for p in todo]):

@@ -141,8 +141,10 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, small_inputs):
     (inp / "text.mp4").write_text("this is not a video\n" * 20)
     (inp / "short.mp4").write_bytes(b"")
     write_video(inp / "short.mp4", np.zeros((5, 64, 64, 3), np.uint8), 24)
+    # Two spawned workers, buckets, letterbox and the "first" reference policy on the way.
     m = prepare(_cfg(inp, tmp_path / "out", fps=-1, clip_len=17, target_area=256 * 144, max_clips_per_video=1,
-                     min_person_fraction=0.5), progress=False)
+                     min_person_fraction=0.5, workers=2, buckets=[[144, 144], [144, 256]],
+                     resize_mode="letterbox", reference_policy="first"), progress=False)
     reasons = {Path(s["input"]).name: s["reason"] for s in m["skipped_inputs"]}
     assert set(reasons) == {"truncated.mp4", "zero.mp4", "text.mp4", "short.mp4"}
     assert "zero-byte" in reasons["zero.mp4"]
@@ -150,6 +152,10 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, small_inputs):
     assert "too short" in reasons["short.mp4"] and "clip_len 17" in reasons["short.mp4"]
     assert m["counts"] == {"inputs": 6, "inputs_processed": 2, "inputs_skipped": 4, "clips_written": 2,
                            "clips_skipped": 0, "shards": 1}
+    assert m["stats"]["buckets"] == {"144x256": 2}
+    for raw in read_shard(list_shards(tmp_path / "out")[0]):
+        meta = decode_sample(raw)["meta"]
+        assert meta["reference"]["policy"] == "first" and meta["bucket"] == [144, 256]
     saved = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert saved["skipped_inputs"] == m["skipped_inputs"]
     assert inspect_dir(tmp_path / "out").ok
