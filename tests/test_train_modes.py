@@ -180,3 +180,27 @@ def test_main_rejects_bad_config_before_loading_a_model(tmp_path):
     assert p.returncode == 2
     assert "train.grad_accum=0 must be >= 1" in p.stderr
     assert not (tmp_path / "o" / "cache").exists()  # nothing was built or loaded
+
+
+def test_replace_mode_and_temporal_reference_reach_the_condition(assets, tmp_path):
+    """Samples with bg+mask become replace-mode conditions; given frames set the mask channels."""
+    from data_tools.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "repl", num_clips=1, clip_len=9, height=32, width=32, seed=1,
+                                  shard_size=1, face_size=32, replace=True)
+    pipe = _pipe(assets)
+    ys = {}
+    for name, extra in (("animate0", ["data.replace_prob=0", "data.temporal_ref_prob=0"]),
+                        ("animate1", ["data.replace_prob=0", "data.temporal_ref_prob=1", "data.refert_nums=[1]"]),
+                        ("replace0", ["data.replace_prob=1", "data.temporal_ref_prob=0"])):
+        cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.buckets=[]",
+                       "data.num_workers=0", *extra])
+        spec = StreamSpec(urls=resolve_urls(cfg.data.urls), cfg=cfg.data, micro_batch_size=1, seed=0, face_size=32)
+        ex = next(iter(ShardStream(spec)))["examples"]
+        assert ex[0]["mode"] == ("replace" if name.startswith("replace") else "animate")
+        ys[name] = build_dit_inputs(ex, pipe, torch.device("cpu"), torch.float32, 9)["y"]
+    mask = {k: v[:, :4, 1:] for k, v in ys.items()}  # target-slot mask channels
+    assert mask["animate0"].sum() == 0
+    assert mask["animate1"][:, :, 0].min() == 1 and mask["animate1"][:, :, 1:].sum() == 0  # frame 0 given
+    assert 0 < mask["replace0"].mean() < 1  # environment given, character not
+    assert not torch.equal(ys["animate0"][:, 4:], ys["replace0"][:, 4:])  # background latent present
