@@ -116,3 +116,25 @@ def test_decode_sample_errors_name_the_key(tmp_path):
         decode_sample(missing)
     # a valid sample decodes
     assert decode_sample(b)["video"].shape[1] == 9
+
+
+def test_inspect_cli_flags_broken_shards(tmp_path, capsys):
+    from data_tools.inspect import main
+    from data_tools.shards import ShardWriter
+
+    good = make_synthetic_dataset(tmp_path / "good", num_clips=2, clip_len=5, shard_size=2)
+    assert main([str(good), "--rows", "1"]) == 0
+    assert (good / "contact_sheet.png").is_file()
+    # negative controls: a stream that does not decode, a duplicate key, a partial shard
+    bad = tmp_path / "bad"
+    a, b = read_shard(list_shards(good)[0])
+    with ShardWriter(bad, shard_size=3) as w:
+        w.write(dict(a, **{"mp4": b"garbage"}))
+        w.write(b)
+    with ShardWriter(bad, shard_size=1, start_index=1) as w:
+        w.write(b)
+    (bad / "shard-000002.tar.tmp").write_bytes(b"")
+    capsys.readouterr()
+    assert main([str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "does not decode" in out and "duplicate sample" in out and "partial shard" in out
