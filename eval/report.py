@@ -47,7 +47,7 @@ def parse_override(item: str) -> tuple[str, str]:
     return key.lstrip("+~"), value
 
 
-def collect(sweep_dir: Path) -> list[dict]:
+def collect(sweep_dir: Path, skipped: set[str] = frozenset()) -> list[dict]:
     records = []
     for path in sorted(Path(sweep_dir).rglob(METRICS_FILE)):
         if ".hydra" in path.parts:
@@ -58,6 +58,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             rec = {"status": "failed", "error": f"unreadable metrics.json ({e})", "overrides": []}
         rec["cell"] = str(path.parent.relative_to(sweep_dir)) if path.parent != Path(sweep_dir) else "."
         rec["_dir"] = path.parent
+        rec["skipped"] = str(path.parent.resolve()) in skipped
         rec["params"] = dict(parse_override(o) for o in rec.get("overrides", []))
         records.append(rec)
     return records
@@ -248,10 +249,11 @@ td:first-child{font-size:11px;color:#444;max-width:420px}
 """
 
 
-def build_report(sweep_dir, *, wandb_cfg=None) -> dict:
-    """Write results.jsonl, report.md and report.html into ``sweep_dir``; returns a summary."""
+def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) -> dict:
+    """Write results.jsonl, report.md and report.html into ``sweep_dir``; returns a summary.
+    ``skipped``: resolved cell folders that the calling run skipped as finished (marked cached)."""
     sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir)
+    records = collect(sweep_dir, skipped)
     swept = swept_keys(records)
     cols = metric_columns(records)
     skipped_metrics = not_computed(records)
@@ -353,7 +355,9 @@ class ReportCallback(Callback):
         from omegaconf import OmegaConf
 
         wandb_cfg = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else None
-        summary = build_report(sweep_dir, wandb_cfg=wandb_cfg)
+        from eval.runner import SKIPPED_THIS_PROCESS
+
+        summary = build_report(sweep_dir, wandb_cfg=wandb_cfg, skipped=set(SKIPPED_THIS_PROCESS))
         print(f"[eval] {summary['cells']} cells: {summary['ok']} ok ({summary['cached']} cached), "
               f"{summary['failed']} failed; report: {Path(sweep_dir) / 'report.html'}")
         if summary["failed"]:

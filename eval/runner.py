@@ -34,6 +34,8 @@ METRICS_FILE = "metrics.json"
 NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device")
 
 _CACHE: dict = {}
+# Cells this process skipped because they had finished before (the end-of-sweep report says so).
+SKIPPED_THIS_PROCESS: set[str] = set()
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -138,9 +140,18 @@ def load_pipeline(cfg: EvalConfig):
             raise FileNotFoundError(f"{what}={p!r} does not exist")
     dit = None
     if cfg.checkpoint:
-        from wan_animate.checkpoint import load_dit
+        from wan_animate.checkpoint import inspect_checkpoint, load_dit
 
-        dit = load_dit(resolve_checkpoint(cfg.checkpoint), dtype=dtype, device=device)
+        path = resolve_checkpoint(cfg.checkpoint)
+        config = None
+        if inspect_checkpoint(path)["config_source"].startswith("the default"):
+            # A bare training state (checkpoints/step-N/model.safetensors) stores no config: the
+            # DiT has the base model's shape.
+            base = Path(cfg.model_dir)
+            if AnimatePipeline.detect_layout(base) == "diffusers":
+                base = base / "transformer"
+            config = inspect_checkpoint(base)["config"]
+        dit = load_dit(path, dtype=dtype, device=device, config=config)
     pipe = AnimatePipeline.from_pretrained(cfg.model_dir, dtype=dtype, device=device, dit=dit)
     if cfg.lora:
         pipe.load_lora(cfg.lora, scale=cfg.lora_scale)
@@ -400,6 +411,7 @@ def run_cell(cfg, cell_dir: str | os.PathLike, overrides: list[str] | None = Non
             if prev.get("status") == "ok" and prev.get("config") == record["config"]:
                 log.info("cell %s already finished; skipping (skip_finished=false recomputes it)", cell_dir.name)
                 prev["skipped"] = True
+                SKIPPED_THIS_PROCESS.add(str(cell_dir.resolve()))
                 return prev
             if prev.get("status") == "ok":
                 log.warning("cell %s holds results of a different config; recomputing", cell_dir.name)

@@ -58,6 +58,26 @@ def test_checkpoint_replaces_the_dit(assets, tmp_path):
     assert set(base["metrics"]) >= {"heldout_loss@t100", "heldout_loss@t900"}
 
 
+def test_training_checkpoint_folder_without_config(assets, tmp_path):
+    """checkpoints/step-N/model.safetensors (accelerate state, no config inside) loads with the
+    base model's config and equals the same weights loaded from a folder with config.json."""
+    from safetensors.torch import save_file
+
+    from wan_animate.checkpoint import load_dit
+
+    step = tmp_path / "checkpoints" / "step-7"
+    step.mkdir(parents=True)
+    dit = load_dit(assets["other"] / "transformer", dtype=None)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(step / "model.safetensors"))
+    (step / "optimizer.bin").write_bytes(b"")
+    assert resolve_checkpoint(str(step)) == str(step / "model.safetensors")
+    metrics = MetricsConfig(names=["psnr"])
+    a = run_cell(cfg_for(assets, checkpoint=str(step), metrics=metrics), tmp_path / "a")
+    b = run_cell(cfg_for(assets, checkpoint=str(assets["other"] / "transformer"), metrics=metrics), tmp_path / "b")
+    assert a["status"] == b["status"] == "ok", a.get("traceback")
+    assert a["metrics"] == b["metrics"]
+
+
 def test_missing_checkpoint_fails_the_cell_with_a_clear_error(assets, tmp_path):
     rec = run_cell(cfg_for(assets, checkpoint=str(tmp_path / "nope")), tmp_path / "cell")
     assert rec["status"] == "failed" and "does not exist" in rec["error"]

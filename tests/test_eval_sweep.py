@@ -137,6 +137,7 @@ def test_sweep_report_rerun_and_failing_cell(assets):
     r = run_main(["-m", *common_args(assets, out), "guide_scale=1,2,0.5", "seed=0,1"])
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("skipped (finished before)") == 4
+    assert "6 cells: 4 ok (4 cached), 2 failed" in r.stdout
     assert [(c / "metrics.json").stat().st_mtime_ns for c in cells] == mtimes
     records = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/metrics.json")}
     failed = [rec for rec in records.values() if rec["status"] == "failed"]
