@@ -51,23 +51,23 @@ class _ModulatedLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, shift, eps: float, out_dtype: torch.dtype):
         xf = x.float()
-        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + eps)
+        # torch's fused LayerNorm kernels (forward here, backward below) on the affine-free part
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(xf, [xf.shape[-1]], None, None, eps)
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.shift_shape = shift.shape
-        return ((xf - mean) * rstd * (1 + scale) + shift).to(out_dtype)
+        return (normed * (1 + scale) + shift).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, scale, mean, rstd = ctx.saved_tensors
-        grad = grad.float()
-        x_hat = (x.float() - mean) * rstd
+        grad, xf = grad.float(), x.float()
+        x_hat = (xf - mean) * rstd
         grad_scale = (grad * x_hat).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None
         grad_shift = grad.sum_to_size(ctx.shift_shape) if ctx.needs_input_grad[2] else None
         g_hat = grad * (1 + scale)
-        grad_x = rstd * (
-            g_hat - g_hat.mean(-1, keepdim=True) - x_hat * (g_hat * x_hat).mean(-1, keepdim=True)
-        )
+        grad_x = torch.ops.aten.native_layer_norm_backward(
+            g_hat, xf, [xf.shape[-1]], mean, rstd, None, None, [True, False, False]
+        )[0]
         return grad_x.to(x.dtype), grad_scale, grad_shift, None, None
 
 
