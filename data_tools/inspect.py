@@ -57,8 +57,9 @@ def check_sample(d: dict) -> list[str]:
     kp = meta.get("keypoints")
     if kp is None or len(kp.get("body", [])) != t:
         errs.append(f"{key}: json keypoints missing or not {t} frames")
-    if len(meta.get("face_boxes", [])) != t:
-        errs.append(f"{key}: json face_boxes has {len(meta.get('face_boxes', []))} rows, want {t}")
+    boxes = meta.get("face_boxes")
+    if meta.get("keypoints_available", True) and (boxes is None or len(boxes) != t):
+        errs.append(f"{key}: json face_boxes has {len(boxes or [])} rows, want {t}")
     if len(meta.get("frame_indices", [])) != t:
         errs.append(f"{key}: json frame_indices has {len(meta.get('frame_indices', []))} entries, want {t}")
     if "mask" in d and set(np.unique(d["mask"].numpy()).tolist()) - {0.0, 1.0}:

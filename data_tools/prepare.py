@@ -226,15 +226,40 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
     # Keypoints of the re-sampled frames the clips cover, tracked in order once.
     used = np.asarray(sel)
     last = starts[-1] + cfg.clip_len
+    ready_pose = ready_face = None
     try:
-        pose_src = backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
+        if getattr(backend, "videos", None) is not None:  # precomputed pose / face videos
+            pose_path, face_path = backend.video_paths(path)
+            ready_pose, _ = read_video(pose_path, max_frames=int(used[last - 1]) + 1)
+            ready_face, _ = read_video(face_path, max_frames=int(used[last - 1]) + 1)
+            for name, v in (("pose", ready_pose), ("face", ready_face)):
+                if len(v) <= used[last - 1]:
+                    raise ValueError(f"ready {name} video has {len(v)} frames, the clips need {used[last - 1] + 1}")
+            if ready_pose.shape[1:3] != (src_h, src_w):
+                raise ValueError(f"ready pose video is {ready_pose.shape[2]}x{ready_pose.shape[1]}, the video is "
+                                 f"{src_w}x{src_h}")
+        if getattr(backend, "has_keypoints", True):
+            pose_src = backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
+        else:
+            pose_src = None
     except Exception as e:  # a backend failure on one input must not stop the job
         res.reason = f"pose extraction failed: {type(e).__name__}: {e}"
         return res
-    person = pose_src.person_detected()
-    face_ok = pose_src.face_detected()
-    boxes_all, box_source = face_boxes(pose_src, smooth_window=cfg.face_smooth_window, return_source=True)
-    hands = (pose_src.left_hand[..., 2] >= 0.5).any(-1) | (pose_src.right_hand[..., 2] >= 0.5).any(-1)
+    if pose_src is None:
+        # Ready videos without keypoints: nothing to check presence with; the json says so.
+        pose_src = PoseSequence.empty(last, src_h, src_w)
+        person = np.ones(last, bool)
+        face_ok = np.ones(last, bool)
+        boxes_all = np.zeros((last, 4), np.float32)
+        box_source = np.full(last, -1, np.int8)
+        hands = np.zeros(last, bool)
+        keypoints_available = False
+    else:
+        keypoints_available = True
+        person = pose_src.person_detected()
+        face_ok = pose_src.face_detected()
+        boxes_all, box_source = face_boxes(pose_src, smooth_window=cfg.face_smooth_window, return_source=True)
+        hands = (pose_src.left_hand[..., 2] >= 0.5).any(-1) | (pose_src.right_hand[..., 2] >= 0.5).any(-1)
 
     stats = dict(frames=0, person_frames=0, face_frames=0, face_box_landmarks=0, face_box_head=0,
                  face_box_filled=0, hand_frames=0, mask_coverage_sum=0.0, reference_fallbacks=0,
@@ -279,7 +304,18 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             "face_boxes": np.round(plan.boxes(boxes_all[idx]), 2).tolist(),
             "face_boxes_source": np.round(boxes_all[idx], 2).tolist(),
             "person_detected": person[idx].tolist(), "face_detected": face_ok[idx].tolist(),
+            "keypoints_available": keypoints_available,
         }
+        if ready_pose is not None:
+            pose_video = plan.apply_all(ready_pose[used[idx]])
+            face = np.stack([cv2.resize(f, (cfg.face_size, cfg.face_size), interpolation=cv2.INTER_AREA)
+                             for f in ready_face[used[idx]]])
+            meta["streams"] = "precomputed pose/face videos"
+            if not keypoints_available:
+                meta["face_boxes"] = meta["face_boxes_source"] = None
+        else:
+            pose_video = render_pose(pose_t, h, w)
+            face = crop_boxes(frames_src[used[idx]], boxes_all[idx], cfg.face_size)
         bg = mask = None
         if segmenter is not None:
             mask = segmenter.masks(target)
@@ -287,7 +323,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
 
             bg = background(target, mask)
             stats["mask_coverage_sum"] += float(mask.mean()) * len(idx)
-        res.samples.append(encode_sample(key, target=target, pose=render_pose(pose_t, h, w), face=crop_boxes(frames_src[used[idx]], boxes_all[idx], cfg.face_size),
+        res.samples.append(encode_sample(key, target=target, pose=pose_video, face=face,
                                          ref=ref, meta=meta, caption=caption, fps=out_fps, bg=bg, mask=mask,
                                          crf=cfg.crf))
     res.stats = stats

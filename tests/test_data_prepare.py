@@ -206,3 +206,36 @@ def test_config_errors_name_the_fix(tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_tools.prepare", "input=x", f"output={tmp_path}", "clip_len=10"],
                        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 2 and "4n+1" in r.stderr
+
+
+def test_precomputed_ready_videos(tmp_path, small_inputs):
+    src_dir, fps = small_inputs
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    ready.mkdir()
+    frames, _ = read_video(src_dir / "good_0.mp4")
+    write_video(inp / "clip.mp4", frames, fps)
+    t = len(frames)
+    pose = np.zeros((t, 180, 320, 3), np.uint8)
+    face = np.zeros((t, 96, 96, 3), np.uint8)
+    for k in range(t):  # frame-dependent content so a frame mix-up would show
+        pose[k, 40:140, 10 * k: 10 * k + 20] = (0, 255, 0)
+        face[k, :, :, 0] = 10 * k
+    write_video(ready / "clip.pose.mp4", pose, fps)
+    write_video(ready / "clip.face.mp4", face, fps)
+    m = prepare(_cfg(inp, tmp_path / "out", fps=-1, clip_len=9, clip_stride=8, target_area=320 * 176,
+                     pose_backend="precomputed", pose_options={"videos": str(ready)}, face_size=48,
+                     reference_policy="first"), progress=False)
+    assert m["counts"]["clips_written"] == 2, m
+    samples = [decode_sample(r) for p in list_shards(tmp_path / "out") for r in read_shard(p)]
+    second = samples[1]
+    assert second["meta"]["frame_indices"][0] == 8 and second["meta"]["keypoints_available"] is False
+    h, w = second["meta"]["bucket"]
+    plan = ResizePlan(180, 320, h, w, "crop")
+    got_pose = (second["pose"].permute(1, 2, 3, 0).numpy() + 1) * 127.5  # [T, h, w, 3]
+    bar_cols = np.flatnonzero(got_pose[0, h // 2, :, 1] > 128)
+    want = (10 * 8 + 9.5) * plan.scale + plan.offset_x  # frame 8's bar, resized like the frames
+    assert abs(bar_cols.mean() - want) < 1.5, (bar_cols, want)
+    got_face = (second["face"][0].numpy() + 1) * 127.5  # red channel, [T, 48, 48]
+    assert second["face"].shape[-1] == 48 and abs(got_face[0].mean() - 80) < 6
+    assert inspect_dir(tmp_path / "out").ok

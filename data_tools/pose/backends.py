@@ -403,20 +403,43 @@ def load_keypoints(path: str | Path) -> PoseSequence:
 
 
 class PrecomputedBackend(PoseBackend):
-    """Keypoints the user computed elsewhere. ``path`` is one keypoint file, or a folder holding
-    ``<video stem>.npz`` / ``<video stem>.json`` per video (matched through ``source``). Keypoints
-    are per source frame; ``frame_indices`` selects the frames that were kept."""
+    """Keypoints and/or ready pose / face videos the user computed elsewhere.
+
+    ``path``: one keypoint file, or a folder holding ``<video stem>.npz`` / ``<video stem>.json``
+    per video (matched through ``source``); keypoints are per source frame and ``frame_indices``
+    selects the frames that were kept. ``videos``: a folder holding ``<video stem>.pose.mp4`` and
+    ``<video stem>.face.mp4`` with one frame per source frame; ``prepare`` then uses these streams
+    instead of rendering / cropping (with ``path`` too, the keypoints still go into the json).
+    """
 
     name = "precomputed"
 
-    def __init__(self, *, path: str | None = None, **unused):
+    def __init__(self, *, path: str | None = None, videos: str | None = None, **unused):
         if unused:
-            raise TypeError(f"unknown precomputed backend options {sorted(unused)}; valid: path")
-        if path is None:
-            raise PoseBackendError("the precomputed backend needs path= (a keypoint file or a folder of them)")
-        self.path = Path(path)
-        if not self.path.exists():
-            raise PoseBackendError(f"precomputed keypoints not found: {self.path}")
+            raise TypeError(f"unknown precomputed backend options {sorted(unused)}; valid: path, videos")
+        if path is None and videos is None:
+            raise PoseBackendError("the precomputed backend needs path= (keypoint file or folder) and/or "
+                                   "videos= (folder of <stem>.pose.mp4 + <stem>.face.mp4)")
+        self.path = Path(path) if path is not None else None
+        self.videos = Path(videos) if videos is not None else None
+        for p in (self.path, self.videos):
+            if p is not None and not p.exists():
+                raise PoseBackendError(f"precomputed input not found: {p}")
+        if self.videos is not None and not self.videos.is_dir():
+            raise PoseBackendError(f"videos={self.videos} must be a folder of <stem>.pose.mp4 / <stem>.face.mp4")
+
+    @property
+    def has_keypoints(self) -> bool:
+        return self.path is not None
+
+    def video_paths(self, source) -> tuple[Path, Path]:
+        """(pose video, face video) for one input video; raises when either is missing."""
+        stem = Path(source).stem
+        pose, face = self.videos / f"{stem}.pose.mp4", self.videos / f"{stem}.face.mp4"
+        missing = [str(p) for p in (pose, face) if not p.is_file()]
+        if missing:
+            raise PoseBackendError(f"no ready pose/face videos for {source}: missing {missing}")
+        return pose, face
 
     def _file_for(self, source) -> Path:
         if self.path.is_file():
@@ -431,6 +454,9 @@ class PrecomputedBackend(PoseBackend):
 
     def extract(self, frames, *, source=None, frame_indices=None) -> PoseSequence:
         frames = _check_frames(frames)
+        if self.path is None:
+            raise PoseBackendError("this precomputed backend has ready videos but no keypoints (path=); "
+                                   "keypoints cannot be extracted from it")
         pose = load_keypoints(self._file_for(source))
         if frame_indices is not None:
             idx = np.asarray(frame_indices)
