@@ -36,7 +36,11 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     """Write the official inference inputs to ``out``; returns {name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    frames_src, src_fps = read_video(video)
+    limit = None
+    if max_frames is not None:  # decode only the source frames the first max_frames outputs need
+        _, probe_fps = read_video(video, max_frames=1)
+        limit = int(np.ceil(max_frames * (1.0 if fps == -1 else probe_fps / fps))) + 2
+    frames_src, src_fps = read_video(video, max_frames=limit)
     sel = resample_indices(len(frames_src), src_fps, fps)
     if max_frames is not None:
         sel = sel[:max_frames]
