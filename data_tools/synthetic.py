@@ -23,7 +23,7 @@ import numpy as np
 
 from data_tools.config import SyntheticConfig
 from data_tools.pose.face import crop_faces
-from data_tools.pose.format import NUM_FACE, NUM_HAND, PoseSequence
+from data_tools.pose.format import NUM_FACE, PoseSequence
 from data_tools.pose.render import render_pose
 from data_tools.shards import DEFAULT_CAPTION, ShardWriter, encode_sample
 
