@@ -97,7 +97,9 @@ class EvalConfig:
     # ------------------------------------------------------------------ model
     model_dir: str = "???"  # a Wan-Animate model folder (official or diffusers layout)
     checkpoint: Optional[str] = None  # trained DiT: checkpoints/step-N/, export/, or a .safetensors file
-    lora: Optional[str] = None  # a LoRA file (community layout)
+    # A LoRA file (community layout, e.g. output_dir/export/lora.safetensors). Not named `lora`:
+    # that is a config group of the trainer in the shared conf/ folder.
+    lora_path: Optional[str] = None
     lora_scale: float = 1.0
     dtype: str = "bfloat16"
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -160,4 +162,11 @@ class EvalConfig:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(EvalConfig)
+    # Free-form option dicts: `preprocess={target_area:409600}` on the command line must replace
+    # them without Hydra's `+` (struct mode would reject the new keys).
+    node.preprocess._set_flag("struct", False)
+    node.metrics.pose_backend_args._set_flag("struct", False)
+    ConfigStore.instance().store(name="eval_schema", node=node)

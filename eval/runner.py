@@ -135,7 +135,7 @@ def load_pipeline(cfg: EvalConfig):
     from wan_animate.pipeline import AnimatePipeline
 
     dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
-    for what, p in (("model_dir", cfg.model_dir), ("checkpoint", cfg.checkpoint), ("lora", cfg.lora)):
+    for what, p in (("model_dir", cfg.model_dir), ("checkpoint", cfg.checkpoint), ("lora_path", cfg.lora_path)):
         if p is not None and not os.path.exists(p):
             raise FileNotFoundError(f"{what}={p!r} does not exist")
     dit = None
@@ -153,8 +153,8 @@ def load_pipeline(cfg: EvalConfig):
             config = inspect_checkpoint(base)["config"]
         dit = load_dit(path, dtype=dtype, device=device, config=config)
     pipe = AnimatePipeline.from_pretrained(cfg.model_dir, dtype=dtype, device=device, dit=dit)
-    if cfg.lora:
-        pipe.load_lora(cfg.lora, scale=cfg.lora_scale)
+    if cfg.lora_path:
+        pipe.load_lora(cfg.lora_path, scale=cfg.lora_scale)
     return pipe
 
 
@@ -164,7 +164,7 @@ def resolve_checkpoint(path: str) -> str:
     A weights file or a model folder (official ``config.json`` / diffusers) loads as is; a trainer
     export folder (``output_dir/export``) resolves to its ``official/`` (else ``diffusers/``)
     layout; a training checkpoint (``checkpoints/step-N``, accelerate state) to its
-    ``model.safetensors``. LoRA runs: pass ``lora=output_dir/export/lora.safetensors`` instead.
+    ``model.safetensors``. LoRA runs: pass ``lora_path=output_dir/export/lora.safetensors`` instead.
     """
     p = Path(path)
     if p.is_file() or (p / "config.json").exists() or (p / "model_index.json").exists():
@@ -182,7 +182,7 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def get_pipeline(cfg: EvalConfig):
-    key = (cfg.model_dir, cfg.checkpoint, cfg.lora, cfg.lora_scale, cfg.dtype, cfg.device)
+    key = (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, cfg.device)
     return _cached("pipeline", key, lambda: load_pipeline(cfg))
 
 
@@ -358,7 +358,7 @@ def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
     """Held-out loss of the cell's DiT; it does not depend on the sampling settings, so cells that
     share model, checkpoint and LoRA share one computation."""
     m = cfg.metrics
-    key = (cfg.model_dir, cfg.checkpoint, cfg.lora, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
+    key = (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
            cfg.max_samples, cfg.max_frames, tuple(m.heldout_timesteps), m.heldout_seed)
     store = _CACHE.setdefault("heldout", (None, {}))[1]
     if key not in store:

@@ -85,3 +85,29 @@ def test_cell_names_are_short_safe_and_deterministic():
     assert cell_name("checkpoint=/runs/a/checkpoints/step-10,guide_scale=2,seed=0") == n1
     assert cell_name("") == "default" and cell_name("metrics.fvd_clip_frames=0") == "default"
     assert len(cell_name(",".join(f"k{i}=" + "v" * 20 for i in range(20)))) <= 120
+
+
+def test_every_top_level_field_is_overridable_from_the_command_line():
+    """Top-level eval fields must not collide with config groups in the shared conf/ folder
+    (e.g. `lora=` would select the trainer's lora group)."""
+    import dataclasses
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import eval.main  # noqa: F401  (registers the schema and the cell-name resolver)
+    from eval.config import EvalConfig
+
+    values = {"str": "x", "Optional[str]": "x", "int": "1", "float": "1.5", "bool": "true", "dict": "{a:1}"}
+    overrides = []
+    for f in dataclasses.fields(EvalConfig):
+        if f.name in ("metrics", "wandb"):
+            continue
+        overrides.append(f"{f.name}={values[str(f.type)]}")
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[*overrides, "metrics.names=[psnr]", "lora_path=/a/b.safetensors"])
+    assert cfg.lora_path == "/a/b.safetensors" and cfg.checkpoint == "x" and cfg.steps == 1
+    assert dict(cfg.preprocess) == {"a": 1}
+    assert OmegaConf.select(cfg, "lora") is None
