@@ -176,3 +176,17 @@ def test_config_errors_are_clear():
         EvalConfig(**ok, solver="ddim")
     with pytest.raises(ValueError, match="model_dir is required"):
         EvalConfig(eval_set="e")
+
+
+def test_replace_mode(assets, tmp_path):
+    from data_tools.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "replace", num_clips=1, clip_len=5, height=64, width=64, replace=True)
+    metrics = MetricsConfig(names=["psnr"])
+    rec = run_cell(cfg_for(assets, eval_set=str(data), mode="replace", metrics=metrics), tmp_path / "cell")
+    assert rec["status"] == "ok", rec.get("traceback")
+    # Replace mode conditions on the background video, so its output differs from animate mode.
+    animate = run_cell(cfg_for(assets, eval_set=str(data), metrics=metrics), tmp_path / "animate")
+    assert rec["metrics"]["psnr"] != animate["metrics"]["psnr"]
+    bad = run_cell(cfg_for(assets, mode="replace", metrics=metrics), tmp_path / "bad")
+    assert bad["status"] == "failed" and "no bg/mask streams" in bad["error"]
