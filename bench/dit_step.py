@@ -9,7 +9,7 @@ so the ratio is measured under the same conditions. Achieved TFLOP/s uses the an
 3x the forward. MFU = achieved / peak (peak from --peak-tflops or the GPU table; n/a on CPU).
 
     python bench/dit_step.py --preset tiny --device cpu              # CPU, seconds
-    python bench/dit_step.py                                         # CUDA default: 480x832x77, dim 5120, 4 blocks, bf16
+    python bench/dit_step.py                                         # CUDA default: 480x832x77, dim 5120, 3 blocks, bf16
     python bench/dit_step.py --compile --out bench/results/dit_step-h100.md
 """
 
@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help="config preset (default: 14b on CUDA, tiny on CPU)")
     p.add_argument("--layers", type=int, default=None,
-                   help="number of DiT blocks (CUDA default 4; fewer than face_adapter_period keeps one face block)")
+                   help="number of DiT blocks (CUDA default 3, which fits both models on an 80 GB GPU; "
+                        "fewer than face_adapter_period keeps one face block)")
     p.add_argument("--dim", type=int, default=None, help="model width (14b: heads = dim // 128)")
     p.add_argument("--frames", type=int, default=None, help="pixel frames, 4n+1 (CUDA default 77)")
     p.add_argument("--height", type=int, default=None, help="pixel height (CUDA default 480)")
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     defaults = (
-        dict(preset="14b", layers=4, frames=77, height=480, width=832, batch=1, dtype="bf16", warmup=3, iters=10)
+        dict(preset="14b", layers=3, frames=77, height=480, width=832, batch=1, dtype="bf16", warmup=3, iters=10)
         if gpu else
         dict(preset="tiny", layers=None, frames=17, height=128, width=128, batch=2, dtype="fp32", warmup=3, iters=15)
     )
@@ -273,10 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         "ours": lambda: (ours_step(ours, inputs, target, dtype), ours.zero_grad(set_to_none=True)),
         "diffusers": lambda: (peer_step(peer, inputs, target, dtype), peer.zero_grad(set_to_none=True)),
     }
-    # (saved-tensor hooks do not see inside compiled regions: measured in eager runs only)
-    saved = {k: None if args.compile else saved_activation_bytes(fn) for k, fn in fns.items()}
-    peak = {k: peak_cuda_bytes(fn, device) for k, fn in fns.items()}
-    times, cpu_times = time_steps(fns, args.warmup, args.iters, device)
+    try:
+        # (saved-tensor hooks do not see inside compiled regions: measured in eager runs only)
+        saved = {k: None if args.compile else saved_activation_bytes(fn) for k, fn in fns.items()}
+        peak = {k: peak_cuda_bytes(fn, device) for k, fn in fns.items()}
+        times, cpu_times = time_steps(fns, args.warmup, args.iters, device)
+    except torch.cuda.OutOfMemoryError as err:
+        raise SystemExit(
+            f"out of GPU memory ({err}); both models are resident: use fewer --layers, a smaller "
+            "--frames/--height/--width, or --checkpointing."
+        ) from err
     med = {k: statistics.median(v) for k, v in times.items()}
     cpu_med = {k: statistics.median(v) for k, v in cpu_times.items()}
     spread = {k: (min(v), max(v)) for k, v in times.items()}
