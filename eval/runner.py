@@ -359,33 +359,36 @@ def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
     share model, checkpoint and LoRA share one computation."""
     m = cfg.metrics
     key = (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
-           cfg.max_samples, cfg.max_frames, tuple(m.heldout_timesteps), m.heldout_seed)
+           cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
     store = _CACHE.setdefault("heldout", (None, {}))[1]
     if key not in store:
-        store[key] = compute_heldout(pipe, eval_set, timesteps=m.heldout_timesteps, seed=m.heldout_seed)
+        store[key] = compute_heldout(pipe, eval_set, timesteps=m.heldout_timesteps, seed=m.heldout_seed,
+                                     clip_len=cfg.clip_len)
     return store[key]
 
 
-def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int) -> dict:
-    """Encode every sample with the pipeline's frozen encoders (``train.batch.build_dit_inputs``,
-    no temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
+def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: int) -> dict:
+    """Encode the first clip (``clip_len`` frames, or the longest 4n+1 prefix of a shorter sample)
+    of every sample with the pipeline's frozen encoders (``train.batch.build_dit_inputs``, no
+    temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
     from eval.metrics.heldout import heldout_loss
     from train.batch import build_dit_inputs
-    from wan_animate.pipeline import _resize_video
+    from wan_animate.pipeline import DEFAULT_PROMPT, _resize_video
 
     dtype = next(pipe.dit.parameters()).dtype
     size = pipe.config.motion_encoder_size
 
+    def video(frames: np.ndarray) -> torch.Tensor:  # uint8 [T, H, W, 3] -> [3, T, H, W] in [-1, 1]
+        return torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)
+
     def batches():
         for s in eval_set.samples:
-            if (s.num_frames - 1) % 4:
-                raise ValueError(f"held-out loss needs 4n+1 frames; sample {s.key!r} has {s.num_frames} "
-                                 "(set max_frames=4n+1)")
-            video = lambda v: torch.from_numpy(v).float().div(127.5).sub(1).permute(3, 0, 1, 2)  # noqa: E731
-            face = _resize_video(video(s.face)[None], size)[0]
-            ex = {"key": s.key, "video": video(s.target), "pose": video(s.pose), "ref": video(s.ref[None])[:, 0],
-                  "face": face, "mode": "animate", "num_given": 0, "caption": s.caption, "noise_seed": 0}
-            yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=s.num_frames)
+            n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
+            face = _resize_video(video(s.face[:n])[None], size)[0]
+            ex = {"key": s.key, "video": video(s.target[:n]), "pose": video(s.pose[:n]),
+                  "ref": video(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
+                  "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
+            yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)
 
     return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed, progress=True)
 
