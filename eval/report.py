@@ -278,7 +278,8 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) 
 
     # report.md
     md = [f"# Eval report: {sweep_dir.name}", "",
-          f"{len(records)} cells: {n_ok} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}.",
+          f"{len(records)} cells: {n_ok} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}."
+          + (f" {summary['cached']} cells were finished before and reused." if summary["cached"] else ""),
           "↑ higher is better, ↓ lower is better; n/a = undefined for these samples.", "",
           "## Results", "", md_table(header, rows), ""]
     if skipped_metrics:
@@ -328,16 +329,23 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) 
     (sweep_dir / "report.html").write_text(doc, encoding="utf-8")
 
     if wandb_cfg is not None and wandb_cfg.get("enabled"):
-        log_wandb(sweep_dir, header, rows, wandb_cfg)
+        log_wandb(sweep_dir, records, swept, cols, wandb_cfg)
     return summary
 
 
-def log_wandb(sweep_dir: Path, header, rows, wandb_cfg) -> None:
+def log_wandb(sweep_dir: Path, records: list[dict], swept: list[str], cols: list[str], wandb_cfg) -> None:
+    """One wandb table row per cell: cell, status, swept values, metrics as numbers (None = n/a)."""
     import wandb
 
+    def num(v):
+        return float(v) if _finite(v) else None
+
+    columns = ["cell", "status", *swept, *cols]
+    data = [[r["cell"], r.get("status"), *[r["params"].get(k) for k in swept],
+             *[num((r.get("metrics") or {}).get(c)) for c in cols]] for r in records]
     run = wandb.init(project=wandb_cfg.get("project", "wan-animate-eval"), mode=wandb_cfg.get("mode", "offline"),
                      dir=str(sweep_dir), name=f"eval-{sweep_dir.name}", job_type="eval", reinit=True)
-    run.log({"eval/results": wandb.Table(columns=[str(h) for h in header], data=rows)})
+    run.log({"eval/results": wandb.Table(columns=columns, data=data)})
     run.finish()
 
 
