@@ -78,9 +78,10 @@ def build_config(args) -> WanAnimateConfig:
     overrides = {}
     if args.layers is not None:
         overrides["num_layers"] = args.layers
-    if args.dim is not None:
-        heads = max(1, args.dim // 128) if args.preset == "14b" else WanAnimateConfig.preset(args.preset).num_heads
-        overrides.update(dim=args.dim, num_heads=heads)
+    if args.dim is not None:  # keep the preset's head_dim (14b: 128) and ffn/dim ratio
+        base = WanAnimateConfig.preset(args.preset)
+        heads = max(1, args.dim // base.head_dim)
+        overrides.update(dim=args.dim, num_heads=heads, ffn_dim=round(base.ffn_dim * args.dim / base.dim))
     period = WanAnimateConfig.preset(args.preset).face_adapter_period
     layers = overrides.get("num_layers", WanAnimateConfig.preset(args.preset).num_layers)
     if layers < period:  # keep one face block in a shortened model
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="number of DiT blocks (CUDA default 3, which fits both models on an 80 GB GPU; "
                         "fewer than face_adapter_period keeps one face block)")
-    p.add_argument("--dim", type=int, default=None, help="model width (14b: heads = dim // 128)")
+    p.add_argument("--dim", type=int, default=None,
+                   help="model width; heads = dim // preset head_dim, ffn scaled with it")
     p.add_argument("--frames", type=int, default=None, help="pixel frames, 4n+1 (CUDA default 77)")
     p.add_argument("--height", type=int, default=None, help="pixel height (CUDA default 480)")
     p.add_argument("--width", type=int, default=None, help="pixel width (CUDA default 832)")
