@@ -206,7 +206,7 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
         ax.set_xlabel(param, fontsize=8)
         ax.tick_params(labelsize=7)
         if not numeric:
-            ax.set_xticks(list(xpos.values()), [str(v)[:18] for v in values], rotation=20)
+            ax.set_xticks(list(xpos.values()), [short_label(v) for v in values], rotation=20)
         elif len(values) <= 8:
             ax.set_xticks(list(xpos.values()), [str(v) for v in values])
     for ax in list(axes.flat)[len(metrics):]:
@@ -221,6 +221,15 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
+
+
+def short_label(value: str, width: int = 22) -> str:
+    """Paths keep their informative tail (``checkpoints/step-2000``), other values their head."""
+    v = str(value)
+    if "/" in v:
+        v = "/".join(v.rstrip("/").split("/")[-2:])
+        return v if len(v) <= width else "…" + v[-(width - 1):]
+    return v if len(v) <= width else v[: width - 1] + "…"
 
 
 def _finite(v) -> bool:

@@ -111,3 +111,10 @@ def test_every_top_level_field_is_overridable_from_the_command_line():
     assert cfg.lora_path == "/a/b.safetensors" and cfg.checkpoint == "x" and cfg.steps == 1
     assert dict(cfg.preprocess) == {"a": 1}
     assert OmegaConf.select(cfg, "lora") is None
+
+
+def test_plot_labels_keep_path_tails():
+    from eval.report import short_label
+
+    assert short_label("/runs/a/checkpoints/step-2000") == "checkpoints/step-2000"
+    assert short_label("unipc") == "unipc" and len(short_label("x" * 50)) == 22
