@@ -108,10 +108,11 @@ class WanAnimateConfig:
                 f"in_dim={self.in_dim} must equal 2 * out_dim + 4 = {2 * self.out_dim + 4} "
                 "(noisy latent + 4 mask channels + condition latent)."
             )
-        if self.face_adapter_period < 1 or self.num_layers < self.face_adapter_period:
+        if self.face_adapter_period < 1 or self.num_layers % self.face_adapter_period != 0:
             raise ValueError(
-                f"face_adapter_period={self.face_adapter_period} must be in [1, num_layers="
-                f"{self.num_layers}] so at least one face block exists."
+                f"num_layers={self.num_layers} must be a positive multiple of face_adapter_period="
+                f"{self.face_adapter_period} (a face block follows blocks 0, period, 2*period, ...); "
+                f"for a reduced-depth model set face_adapter_period to a divisor of num_layers."
             )
         size = self.motion_encoder_size
         if size < 8 or 2 ** int(round(math.log2(size))) != size:

@@ -93,8 +93,13 @@ def write_video(
     fps: float,
     *,
     crf: int = 18,
+    deterministic: bool = False,
 ) -> None:
-    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4. H and W must be even."""
+    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4. H and W must be even.
+
+    ``deterministic=True`` encodes on one thread: multi-threaded x264 output (and so the decoded
+    pixels) varies from run to run, which matters for byte-reproducible shards and tests.
+    """
     import av
 
     frames = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
@@ -117,6 +122,9 @@ def write_video(
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
+        if deterministic:
+            stream.thread_count = 1
+            stream.options = {**stream.options, "threads": "1"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 container.mux(packet)
@@ -126,9 +134,9 @@ def write_video(
         container.close()
 
 
-def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 18) -> bytes:
+def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 18, deterministic: bool = False) -> bytes:
     buf = io.BytesIO()
-    write_video(buf, frames, fps, crf=crf)
+    write_video(buf, frames, fps, crf=crf, deterministic=deterministic)
     return buf.getvalue()
 
 
