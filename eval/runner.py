@@ -373,7 +373,7 @@ def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: 
     temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
     from eval.metrics.heldout import heldout_loss
     from train.batch import build_dit_inputs
-    from wan_animate.pipeline import DEFAULT_PROMPT, _resize_video
+    from wan_animate.pipeline import DEFAULT_PROMPT, resize_face_video
 
     dtype = next(pipe.dit.parameters()).dtype
     size = pipe.config.motion_encoder_size
@@ -384,7 +384,7 @@ def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: 
     def batches():
         for s in eval_set.samples:
             n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
-            face = _resize_video(video(s.face[:n])[None], size)[0]
+            face = resize_face_video(video(s.face[:n])[None], size)[0]
             ex = {"key": s.key, "video": video(s.target[:n]), "pose": video(s.pose[:n]),
                   "ref": video(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
                   "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}

@@ -196,7 +196,7 @@ def _to_tensor_video(frames: np.ndarray) -> torch.Tensor:
     return x.permute(3, 0, 1, 2).unsqueeze(0)
 
 
-def _resize_video(video: torch.Tensor, size: int) -> torch.Tensor:
+def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
     b, c, t, h, w = video.shape
     if (h, w) == (size, size):
         return video
@@ -420,7 +420,7 @@ class AnimatePipeline:
         for s in range(n_seg):
             sel = idx[s * (clip_len - refert_num): s * (clip_len - refert_num) + clip_len]
             pose = _to_tensor_video(inputs.pose[sel]).to(dev)
-            face = _resize_video(_to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
+            face = resize_face_video(_to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
             bg = _to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
             char = (torch.from_numpy(inputs.mask[sel])[None, None].to(dev) if mode == "replace" else None)
             pose_latents = self.vae.encode(pose).to(dit_dtype)
