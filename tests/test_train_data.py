@@ -119,3 +119,10 @@ def test_flow_matching_definition():
                             timesteps=torch.tensor([400.0]), noise=eps).loss
     flat = flow_matching_loss(lambda *a: pred, batch, face_cfg, timesteps=torch.tensor([400.0]), noise=eps).loss
     assert up > 3 * flat
+
+
+def test_pipe_urls_stream_like_local_files(shards):
+    files = sorted(Path(shards).glob("*.tar"))
+    local = BatchIterator(_spec(files))
+    piped = BatchIterator(_spec([f"pipe:cat {f}" for f in files]))
+    assert _keys(local, 4) == _keys(piped, 4)

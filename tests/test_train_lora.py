@@ -177,7 +177,7 @@ def test_trainer_lora_export_reproduces_the_trained_model(tmp_path):
                         "lora.rank=4", "lora.alpha=8", "optim.lr=5e-3", "train.max_steps=3", "train.checkpoint_every=0",
                         "train.progress=false", "train.validation=false"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     model_dir = out / "cache" / "model-tiny-seed0"
     cfg = WanAnimateConfig.preset("tiny")
 
