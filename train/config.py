@@ -39,10 +39,8 @@ class ModelConfig:
     # Model folder (official or diffusers layout, with VAE/text/image encoders). Empty -> the
     # quick-start tiny random model folder, written on first use.
     path: Optional[str] = None
-    # Size used when ``path`` is empty (a WanAnimateConfig preset: tiny, tiny_b, 14b) and by the
-    # benchmark's reduced-layer builds.
+    # Size of the random quick-start model when ``path`` is empty (WanAnimateConfig preset).
     preset: str = "tiny"
-    num_layers: Optional[int] = None  # override the preset's depth (benchmarks, smoke tests)
     activation_checkpointing: bool = False  # per DiT block, applied from outside the model
     init_seed: int = 0  # seed of the quick-start random model
 
@@ -51,8 +49,6 @@ class ModelConfig:
 
         if self.path is None and self.preset not in PRESETS:
             _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)} or set model.path.")
-        if self.num_layers is not None and self.num_layers < 1:
-            _fail(f"model.num_layers={self.num_layers} must be >= 1 (or null for the preset's depth).")
 
 
 @dataclass
