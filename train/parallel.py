@@ -8,8 +8,9 @@ process (each rank sees world size 1). We pass ``backend="gloo"`` explicitly (wi
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -112,3 +113,24 @@ def all_ranks_true(acc, flag: bool) -> bool:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
     return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+@contextlib.contextmanager
+def frozen_loading() -> Iterator[None]:
+    """Load the frozen encoders as plain modules under ZeRO-3.
+
+    With a ZeRO-3 config active, transformers builds every model inside ``deepspeed.zero.Init``,
+    which would partition the frozen umT5/CLIP weights although no DeepSpeed engine ever owns them
+    (their forward then fails). The DiT is partitioned by ``accelerate.prepare`` instead.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

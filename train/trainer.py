@@ -30,7 +30,7 @@ from train.data import BatchIterator, StreamSpec, resolve_urls
 from train.loss import flow_matching_loss
 from train.lora import make_optimizer, make_scheduler, setup_trainable
 from train.metrics import MetricsLogger, dit_forward_flops, peak_flops, peak_memory_gib, plot_loss_curve
-from train.parallel import all_ranks_true, check_world, make_accelerator, zero_stage
+from train.parallel import all_ranks_true, check_world, frozen_loading, make_accelerator, zero_stage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,11 +167,12 @@ def run(cfg: Config) -> dict[str, Any]:
     layout = AnimatePipeline.detect_layout(model_path)
     dit = load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
                    dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
-    pipe = AnimatePipeline.from_pretrained(
-        model_path, dit=dit, dtype=torch.float32, device=device,
-        encoder_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32,
-        offload=cfg.data.source == "cached",  # encoders only serve validation then
-    )
+    with frozen_loading():
+        pipe = AnimatePipeline.from_pretrained(
+            model_path, dit=dit, dtype=torch.float32, device=device,
+            encoder_dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32,
+            offload=cfg.data.source == "cached",  # encoders only serve validation then
+        )
     dit.train()
     groups, summary = setup_trainable(dit, cfg)
     if not use_ds:
