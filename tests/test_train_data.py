@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from train.config import DataConfig
-from train.data import BatchIterator, ShardStream, StreamSpec, nearest_bucket, resolve_urls
+from train.data import BatchIterator, StreamSpec, nearest_bucket, resolve_urls
 from train.loss import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
 
 

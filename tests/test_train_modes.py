@@ -16,7 +16,7 @@ import torch
 from train.batch import build_dit_inputs
 from train.config import ConfigError, compose
 from train.data import StreamSpec, ShardStream, resolve_urls
-from train.loss import LossConfig, flow_matching_loss
+from train.loss import flow_matching_loss
 from train.lora import is_adapter, make_optimizer, setup_trainable
 from wan_animate.model import ADAPTER_PREFIXES
 

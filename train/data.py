@@ -260,8 +260,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _bucket_of(self, raw: dict) -> tuple[int, int]:
         if self.cached:
-            from safetensors import safe_open  # noqa: F401  (shape only needs the header)
-
             meta = json.loads(raw["json"])
             lat = meta.get("latent_shape")
             if lat:

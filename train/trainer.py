@@ -10,7 +10,6 @@ exports. Returns a small summary dict (also written to ``<output_dir>/summary.js
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -200,7 +199,7 @@ def run(cfg: Config) -> dict[str, Any]:
     trainer_state: dict[str, Any] = {"total_nonfinite": 0, "consecutive_nonfinite": 0}
     latest = checkpointing.latest_complete(out_dir) if cfg.train.resume else None
     if latest is not None:
-        step_found, path = latest
+        _, path = latest
         trainer_state, data_state, ema = checkpointing.load_checkpoint(acc, path, generator)
         start_step = int(trainer_state["step"])
         for _ in range(start_step):
