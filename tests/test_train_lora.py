@@ -200,3 +200,25 @@ def test_trainer_lora_export_reproduces_the_trained_model(tmp_path):
     assert moved > 1e-3  # training changed the model
     for other in (merged, peer):
         assert (_ours(other, i) - want).abs().max() <= 1e-4 * want.abs().max() + 1e-5
+
+
+def test_regex_targets_and_continue_from_a_file(pair, tmp_path):
+    from wan_animate.lora import load_lora_into_peft, resolve_lora_targets
+
+    cfg, _, ours = pair
+    picked = resolve_lora_targets(ours, [r"blocks\.\d+\.ffn\.(0|2)", "blocks.0.self_attn.q"])
+    assert len(picked) == 2 * cfg.num_layers + 1 and "blocks.0.self_attn.q" in picked
+    with pytest.raises(LoraError, match="matches no linear"):
+        resolve_lora_targets(ours, [r"blocks\.\d+\.nothing"])
+
+    live, names, path = _lora_file(ours, cfg, tmp_path)
+    again = WanAnimateDiT(cfg).eval()
+    again.load_state_dict(ours.state_dict())
+    add_lora(again, rank=4, alpha=8.0)
+    assert sorted(load_lora_into_peft(again, path)) == sorted(names)
+    i = _inputs(cfg)
+    assert torch.equal(_ours(again, i), _ours(live, i))
+    wrong_alpha = WanAnimateDiT(cfg).eval()
+    add_lora(wrong_alpha, rank=4, alpha=4.0)
+    with pytest.raises(LoraError, match="alpha"):
+        load_lora_into_peft(wrong_alpha, path)

@@ -298,10 +298,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
         workers, worker = self._reader_slots()
+        # The DataLoader interleaves workers round-robin from worker 0, so after ``start_batch``
+        # batches the next one belongs to stream ``start_batch % workers``: worker w resumes the
+        # stream of that shifted slot and skips the batches that slot already delivered.
+        slot = (worker + self.start_batch) % workers
         readers = spec.world_size * workers
-        reader = spec.rank * workers + worker
-        # batches this worker already delivered before a resume
-        to_skip = sum(1 for k in range(self.start_batch) if k % workers == worker)
+        reader = spec.rank * workers + slot
+        to_skip = sum(1 for k in range(self.start_batch) if k % workers == slot)
         shard_split = len(spec.urls) >= readers
         epoch = 0
         while True:
@@ -357,7 +360,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield batch
             if not seen_any:
                 raise RuntimeError(
-                    f"rank {spec.rank} worker {worker} got no sample from {len(urls)} shard(s): the data set "
+                    f"rank {spec.rank} worker {worker} (slot {slot}) got no sample from {len(urls)} shard(s): the data set "
                     f"has fewer samples than ranks x workers ({readers}); lower data.num_workers or add data."
                 )
             # incomplete buckets are carried into the next epoch's order implicitly (dropped here)
