@@ -119,3 +119,17 @@ def test_nan_loss_is_skipped_counted_then_stops(tmp_path, cache):
     assert recs[-1]["train/nonfinite_skips"] >= 2
     assert recs[0]["loss/train"] == recs[0]["loss/train"]  # finite first step
     assert recs[-1]["loss/train"] != recs[-1]["loss/train"]  # NaN logged as NaN, not hidden
+
+
+def test_keep_last_and_incomplete_folders(tmp_path):
+    from train import checkpointing as ck
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 5, 9):
+        (root / f"step-{step}").mkdir(parents=True)
+        if step not in (3, 9):
+            (root / f"step-{step}" / ck.COMPLETE).write_text("{}")
+    assert ck.latest_complete(tmp_path)[0] == 5  # step-9 has no mark: never a resume point
+    ck.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-5", "step-9"]
+    # step-9 (newer, incomplete) is left for a run that may still be writing it
