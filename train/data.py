@@ -336,22 +336,22 @@ class ShardStream(torch.utils.data.IterableDataset):
                     elif i % readers == reader:
                         yield i, raw
 
-            for item in sample_iter():
-                seen_any = True
-                if spec.cfg.shuffle_buffer > 1:
-                    buffer.append(item)
-                    if len(buffer) < spec.cfg.shuffle_buffer:
+            def shuffled():
+                # A seeded shuffle buffer: fill it, then emit a random member per new sample.
+                nonlocal seen_any
+                for item in sample_iter():
+                    seen_any = True
+                    if spec.cfg.shuffle_buffer <= 1:
+                        yield item
                         continue
-                    item = buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                    buffer.append(item)
+                    if len(buffer) >= spec.cfg.shuffle_buffer:
+                        yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+                while buffer:
+                    yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
+
+            for item in shuffled():
                 out = emit(item)
-                if out is not None:
-                    batch = self._finish(out, epoch, to_skip)
-                    if to_skip:
-                        to_skip -= 1
-                    if batch is not None:
-                        yield batch
-            while buffer:
-                out = emit(buffer.pop(int(shuffle_rng.integers(len(buffer)))))
                 if out is not None:
                     batch = self._finish(out, epoch, to_skip)
                     if to_skip:
