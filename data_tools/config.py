@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
 RESIZE_MODES = ("crop", "letterbox")
+SEGMENTERS = ("mediapipe", "sam2")
 
 
 def _check_clip_len(clip_len: int, what: str = "clip_len") -> None:
@@ -44,6 +45,9 @@ class PrepareConfig:
     reference_image: Optional[str] = None  # for policy "image": one image for all, else <video stem>.{png,jpg}
     replace: bool = False  # also write bg.mp4 + mask.mp4 (replace mode)
     mask_threshold: float = 0.5
+    segmenter: str = "mediapipe"  # replace-mode masks: mediapipe | sam2
+    sam2_path: Optional[str] = None  # segmenter=sam2: SAM2 folder in the transformers format
+    segmenter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {device: cuda, prompt: both}
     caption: str = "视频中的人在做动作"  # default prompt; a <video>.txt next to a video overrides it
     min_person_fraction: float = 0.9  # a clip needs a person on at least this share of frames
     shard_size: int = 32
@@ -68,6 +72,16 @@ class PrepareConfig:
             raise ValueError(f"resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}")
         if self.pose_backend not in POSE_BACKENDS:
             raise ValueError(f"pose_backend={self.pose_backend!r}: choose one of {POSE_BACKENDS}")
+        if self.segmenter not in SEGMENTERS:
+            raise ValueError(f"segmenter={self.segmenter!r}: choose one of {SEGMENTERS}")
+        if self.segmenter == "sam2" and not self.sam2_path:
+            raise ValueError("segmenter=sam2 needs the SAM2 weights: set sam2_path=DIR (a transformers-format "
+                             "SAM2 folder, e.g. facebook/sam2.1-hiera-large)")
+        if self.segmenter != "mediapipe" and not self.replace:
+            raise ValueError(f"segmenter={self.segmenter} only makes replace-mode masks: add replace=true")
+        if self.segmenter == "sam2" and self.pose_backend == "precomputed" and "path" not in self.pose_options:
+            raise ValueError("segmenter=sam2 is prompted from keypoints, which ready pose videos lack: give "
+                             "pose_options.path= (keypoint files) too, or use segmenter=mediapipe")
         if self.reference_policy not in REFERENCE_POLICIES:
             raise ValueError(f"reference_policy={self.reference_policy!r}: choose one of {REFERENCE_POLICIES}")
         if self.face_size < 16 or self.face_size % 2:

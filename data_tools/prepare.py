@@ -318,7 +318,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             face = crop_boxes(frames_src[used[idx]], boxes_all[idx], cfg.face_size)
         bg = mask = None
         if segmenter is not None:
-            mask = segmenter.masks(target)
+            mask = segmenter.masks(target, pose=pose_t)
             from data_tools.segment import background
 
             bg = background(target, mask)
@@ -342,9 +342,12 @@ def _make_tools(cfg: PrepareConfig):
     backend = get_pose_backend(cfg.pose_backend, **dict(cfg.pose_options))
     segmenter = None
     if cfg.replace:
-        from data_tools.segment import CharacterSegmenter
+        from data_tools.segment import get_segmenter
 
-        segmenter = CharacterSegmenter(threshold=cfg.mask_threshold)
+        if cfg.segmenter == "sam2":
+            segmenter = get_segmenter("sam2", path=cfg.sam2_path, **dict(cfg.segmenter_options))
+        else:
+            segmenter = get_segmenter(cfg.segmenter, threshold=cfg.mask_threshold, **dict(cfg.segmenter_options))
     return backend, segmenter
 
 

@@ -2,7 +2,7 @@
 
     python -m data_tools.preprocess_driving --video V --ref IMAGE --out DIR [--retarget] [--replace]
         [--fps 30] [--target-area 921600] [--pose-backend mediapipe] [--pose-option key=value ...]
-        [--face-size 512] [--max-frames N]
+        [--face-size 512] [--max-frames N] [--segmenter mediapipe|sam2] [--sam2-path DIR]
 
 Writes ``src_ref.png``, ``src_pose.mp4``, ``src_face.mp4`` (and ``src_bg.mp4``, ``src_mask.mp4``
 with ``--replace``; mask 255 = character) plus ``src_meta.json`` (keypoints, sizes, options).
@@ -32,10 +32,16 @@ from wan_animate.video_io import read_video, write_video
 def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool = False, fps: float = 30.0,
                        target_area: int = 1280 * 720, pose_backend: str = "mediapipe",
                        pose_options: dict | None = None, face_size: int = 512,
-                       max_frames: int | None = None) -> dict[str, Path]:
+                       max_frames: int | None = None, segmenter: str = "mediapipe",
+                       sam2_path: str | None = None) -> dict[str, Path]:
     """Write the official inference inputs to ``out``; returns {name: path}."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    seg = None
+    if replace:  # built first so that a bad SAM2 folder fails before the slow work
+        from data_tools.segment import background, get_segmenter
+
+        seg = get_segmenter(segmenter, path=sam2_path) if segmenter == "sam2" else get_segmenter(segmenter)
     limit = None
     if max_frames is not None:  # decode only the source frames the first max_frames outputs need
         _, probe_fps = read_video(video, max_frames=1)
@@ -72,10 +78,7 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     write_video(paths["src_pose.mp4"], render_pose(pose, h, w), out_fps)
     write_video(paths["src_face.mp4"], face, out_fps)
     if replace:
-        from data_tools.segment import CharacterSegmenter, background
-
-        seg = CharacterSegmenter()
-        masks = seg.masks(frames)
+        masks = seg.masks(frames, pose=pose)  # replace mode: pose is the driving person's, in frame pixels
         seg.close()
         paths["src_bg.mp4"] = out / "src_bg.mp4"
         paths["src_mask.mp4"] = out / "src_mask.mp4"
@@ -84,6 +87,7 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     meta = {"video": str(video), "ref": str(ref), "fps": out_fps, "height": h, "width": w,
             "num_frames": int(len(frames)), "frame_indices": [int(i) for i in sel], "retargeted": retargeted,
             "replace": replace, "pose_backend": pose_backend, "keypoints": pose.to_dict(),
+            "segmenter": segmenter if replace else None,
             "face_boxes_source": np.round(boxes, 2).tolist()}
     paths["src_meta.json"] = out / "src_meta.json"
     paths["src_meta.json"].write_text(json.dumps(meta))
@@ -107,6 +111,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--retarget", action="store_true", help="re-proportion the pose to the reference (animate mode)")
     ap.add_argument("--replace", action="store_true", help="also write src_bg.mp4 and src_mask.mp4")
+    ap.add_argument("--segmenter", default="mediapipe", choices=["mediapipe", "sam2"],
+                    help="replace-mode character masks (sam2 needs --sam2-path)")
+    ap.add_argument("--sam2-path", default=None,
+                    help="SAM2 folder in the transformers format (e.g. sam2.1-hiera-large)")
     ap.add_argument("--fps", type=float, default=30.0, help="output frame rate (-1 keeps the source)")
     ap.add_argument("--target-area", type=int, default=1280 * 720)
     ap.add_argument("--pose-backend", default="mediapipe", choices=["mediapipe", "vitpose", "precomputed"])
@@ -114,12 +122,14 @@ def main(argv=None) -> int:
     ap.add_argument("--face-size", type=int, default=512)
     ap.add_argument("--max-frames", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.segmenter == "sam2" and not args.sam2_path:
+        ap.error("--segmenter sam2 needs --sam2-path DIR (a transformers-format SAM2 folder)")
     if args.retarget and args.replace:
         print("note: --retarget is ignored in replace mode (the pose must stay on the driving person)")
     paths = preprocess_driving(args.video, args.ref, args.out, retarget=args.retarget, replace=args.replace,
                                fps=args.fps, target_area=args.target_area, pose_backend=args.pose_backend,
                                pose_options=dict(args.pose_option), face_size=args.face_size,
-                               max_frames=args.max_frames)
+                               max_frames=args.max_frames, segmenter=args.segmenter, sam2_path=args.sam2_path)
     for name, p in paths.items():
         print(f"wrote {p}")
     return 0
