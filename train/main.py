@@ -32,7 +32,25 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     from train.trainer import run
 
-    run(config)
+    try:
+        run(config)
+    finally:
+        _teardown()
+
+
+def _teardown() -> None:
+    """Release what a crashed run would leave behind (the normal path already closed these)."""
+    import torch.distributed as dist
+
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+    except ImportError:
+        pass
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
