@@ -41,7 +41,8 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     if replace:  # built first so that a bad SAM2 folder fails before the slow work
         from data_tools.segment import background, get_segmenter
 
-        seg = get_segmenter(segmenter, path=sam2_path) if segmenter == "sam2" else get_segmenter(segmenter)
+        seg = (get_segmenter(segmenter, path=sam2_path, progress=True) if segmenter == "sam2"
+               else get_segmenter(segmenter))
     limit = None
     if max_frames is not None:  # decode only the source frames the first max_frames outputs need
         _, probe_fps = read_video(video, max_frames=1)

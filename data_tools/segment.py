@@ -82,7 +82,7 @@ class Sam2Segmenter:
     """SAM2 video segmentation of the person, prompted from the pose.
 
     Per chunk of at most ``chunk_len`` frames: up to ``keyframes`` frames where the pose has a
-    person (>= 4 body points with score >= ``min_score``), spread evenly over the chunk, get
+    person (>= 4 body points with score >= ``min_score``), spread evenly over those frames, get
     positive clicks on the confident ``SAM2_PROMPT_JOINTS`` (``prompt="points"``, as the official
     preprocessing does), and/or the box around all confident keypoints grown by ``box_margin`` of
     its size on each side (``"box"`` / ``"both"``). SAM2 then propagates the object forward from the
@@ -96,7 +96,7 @@ class Sam2Segmenter:
 
     def __init__(self, path, *, device: str = "auto", dtype: str = "auto", prompt: str = "points",
                  keyframes: int = 4, chunk_len: int = 400, min_score: float = 0.5, box_margin: float = 0.1,
-                 dilate: int = 0):
+                 dilate: int = 0, progress: bool = False):
         import torch
 
         if prompt not in SAM2_PROMPTS:
@@ -117,6 +117,7 @@ class Sam2Segmenter:
         self.dtype = dtypes[dtype]
         self.prompt, self.keyframes, self.chunk_len = prompt, keyframes, chunk_len
         self.min_score, self.box_margin, self.dilate = min_score, box_margin, dilate
+        self.progress = progress  # tqdm bars over the propagation (long videos)
         self.model = self._load()
         size = self.model.config.image_size
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
@@ -242,10 +243,12 @@ class Sam2Segmenter:
             # memory attends to (prompts added without this step would be ignored by propagation)
             logits[p["frame"]] = self.model(inference_session=session, frame_idx=p["frame"]).pred_masks
         first = min(p["frame"] for p in prompts)
-        for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first):
+        bar = self.progress
+        for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first, show_progress_bar=bar):
             logits[out.frame_idx] = out.pred_masks
         if first > 0:
-            for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first, reverse=True):
+            for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first, reverse=True,
+                                                              show_progress_bar=bar):
                 logits[out.frame_idx] = out.pred_masks
         masks = np.zeros((n, h, w), bool)
         for t, lo in logits.items():  # lo: [objects=1, 1, h', w'] logits
@@ -289,7 +292,7 @@ class Sam2Segmenter:
 def get_segmenter(name: str = "mediapipe", **options):
     """``"mediapipe"`` -> CharacterSegmenter(threshold=, dilate=, model_selection=);
     ``"sam2"`` -> Sam2Segmenter(path=, device=, dtype=, prompt=, keyframes=, chunk_len=, min_score=,
-    box_margin=, dilate=)."""
+    box_margin=, dilate=, progress=)."""
     if name == "mediapipe":
         return CharacterSegmenter(**options)
     if name == "sam2":

@@ -133,6 +133,9 @@ def test_sam2_mask_is_model_logits_above_zero_at_frame_size(sam2_dir, monkeypatc
     want = np.zeros((h, w), bool)
     want[:, : w // 2] = True
     assert (masks == want).all()
+    # bf16 (the CUDA default) runs the same path
+    half = Sam2Segmenter(sam2_dir, dtype="bf16").masks(frames, pose=person_pose(t, h, w, present=range(t)))
+    assert (half == want).all()
     grown = Sam2Segmenter(sam2_dir, dilate=2).masks(frames, pose=person_pose(t, h, w, present=range(t)))
     assert grown[:, :, : w // 2 + 2].all() and not grown[:, :, w // 2 + 2:].any()
 
