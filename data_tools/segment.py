@@ -149,9 +149,13 @@ class Sam2Segmenter:
         from transformers import Sam2VideoModel
 
         try:
-            model = Sam2VideoModel.from_pretrained(str(path), dtype=self.dtype)
+            model, info = Sam2VideoModel.from_pretrained(str(path), dtype=self.dtype, output_loading_info=True)
         except (OSError, ValueError) as e:
             raise _sam2_folder_error(path, f"the weights do not load ({type(e).__name__}: {e})") from e
+        missing = sorted(info.get("missing_keys", []))
+        if missing:  # e.g. an image-only SAM2 checkpoint: its video memory would be random
+            raise _sam2_folder_error(path, f"{len(missing)} weights are missing from the checkpoint "
+                                           f"(e.g. {missing[:3]}); the video model needs all of them")
         return model.to(self.device).eval()
 
     def _normalisation(self) -> tuple[tuple, tuple]:

@@ -186,10 +186,33 @@ def test_sam2_needs_the_pose_and_a_sam2_folder(tmp_path, sam2_dir):
     (no_weights / "config.json").write_text((Path(sam2_dir) / "config.json").read_text())
     with pytest.raises(ValueError, match="weights do not load"):
         Sam2Segmenter(no_weights)
+    # an incomplete checkpoint (here: no video memory) is refused, not filled with random weights
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((Path(sam2_dir) / "config.json").read_text())
+    weights = load_file(Path(sam2_dir) / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("memory_attention")},
+              partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="weights are missing.*memory_attention"):
+        Sam2Segmenter(partial)
     with pytest.raises(ValueError, match="prompt="):
         Sam2Segmenter(sam2_dir, prompt="scribble")
     with pytest.raises(ValueError, match="segmenter='grabcut'"):
         get_segmenter("grabcut")
+
+
+def test_sam2_normalisation_from_the_preprocessor_config(tmp_path, sam2_dir):
+    import shutil
+
+    assert Sam2Segmenter(sam2_dir)._mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    d = tmp_path / "sam2"
+    shutil.copytree(sam2_dir, d)
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    seg = Sam2Segmenter(d)
+    x = seg._pixels(np.full((1, 8, 8, 3), 255, np.uint8))
+    assert x.shape == (1, 3, S, S) and torch.allclose(x, torch.full_like(x, 2.0))  # (1 - 0.5) / 0.25
 
 
 def test_config_validation_names_the_fix():
