@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wan_animate.video_io import VideoDecodeError, read_video
+from wan_animate.video_io import VideoDecodeError, frames_to_tensor, read_video
 
 VIDEO_FIELDS = ("mp4", "pose.mp4", "face.mp4", "bg.mp4", "mask.mp4")
 
@@ -53,9 +53,6 @@ def _image(raw: dict, name: str, key: str) -> np.ndarray:
         raise SampleDecodeError(f"sample {key!r}: {name!r} is not a readable image ({e})") from e
 
 
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def sample_key(raw: dict) -> str:

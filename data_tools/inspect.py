@@ -22,6 +22,7 @@ import numpy as np
 
 from data_tools.dataset import SampleDecodeError, decode_sample
 from data_tools.shards import list_shards, read_shard
+from wan_animate.video_io import tensor_to_frames
 
 
 @dataclass
@@ -35,12 +36,6 @@ class InspectReport:
     @property
     def ok(self) -> bool:
         return not self.errors
-
-
-def _u8(x) -> np.ndarray:
-    """float [3, ...] in [-1, 1] -> uint8 [..., 3]."""
-    a = ((x.float() + 1) * 127.5).clamp(0, 255).byte().numpy()
-    return np.moveaxis(a, 0, -1)
 
 
 def check_sample(d: dict) -> list[str]:
@@ -71,8 +66,8 @@ def contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:
     """reference | frames | pose | face for one decoded sample, uint8 [height, W, 3]."""
     t = d["video"].shape[1]
     picks = np.linspace(0, t - 1, num_frames).round().astype(int)
-    video, pose, face = _u8(d["video"]), _u8(d["pose"]), _u8(d["face"])
-    ref = _u8(d["ref"][:, None])[0]
+    video, pose, face = (tensor_to_frames(d[k]) for k in ("video", "pose", "face"))
+    ref = tensor_to_frames(d["ref"][:, None])[0]
 
     def fit(img):
         scale = height / img.shape[0]

@@ -26,6 +26,7 @@ import torch
 
 from eval.config import NEEDS_GROUND_TRUTH, EvalConfig
 from eval.data import EvalSample, EvalSet, load_eval_set
+from wan_animate.video_io import frames_to_tensor
 
 log = logging.getLogger("eval")
 
@@ -378,15 +379,12 @@ def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: 
     dtype = next(pipe.dit.parameters()).dtype
     size = pipe.config.motion_encoder_size
 
-    def video(frames: np.ndarray) -> torch.Tensor:  # uint8 [T, H, W, 3] -> [3, T, H, W] in [-1, 1]
-        return torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)
-
     def batches():
         for s in eval_set.samples:
             n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
-            face = resize_face_video(video(s.face[:n])[None], size)[0]
-            ex = {"key": s.key, "video": video(s.target[:n]), "pose": video(s.pose[:n]),
-                  "ref": video(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
+            face = resize_face_video(frames_to_tensor(s.face[:n])[None], size)[0]
+            ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "pose": frames_to_tensor(s.pose[:n]),
+                  "ref": frames_to_tensor(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
                   "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
             yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)
 

@@ -30,6 +30,7 @@ from train.loss import flow_matching_loss
 from train.lora import make_optimizer, make_scheduler, setup_trainable
 from train.metrics import MetricsLogger, dit_forward_flops, peak_flops, peak_memory_gib, plot_loss_curve
 from train.parallel import all_ranks_true, check_world, frozen_loading, make_accelerator, zero_stage
+from wan_animate.video_io import tensor_to_frames
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,12 +122,6 @@ class _Preemption:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def _to_uint8(x: torch.Tensor) -> Any:
-    """[3, T, H, W] or [3, H, W] in [-1, 1] -> uint8 [T, H, W, 3] / [H, W, 3] numpy."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return (x.permute(1, 2, 3, 0) if x.ndim == 4 else x.permute(1, 2, 0)).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------- run
@@ -409,7 +404,8 @@ def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage:
         raw = next(iter(tarfile_samples([{"url": urls[0]}])))
         sample = decode_sample(raw)
         n = cfg.data.clip_len
-        ref, pose, face = _to_uint8(sample["ref"]), _to_uint8(sample["pose"][:, :n]), _to_uint8(sample["face"][:, :n])
+        ref = tensor_to_frames(sample["ref"])
+        pose, face = tensor_to_frames(sample["pose"][:, :n]), tensor_to_frames(sample["face"][:, :n])
         was_training = raw_dit.training
         val_pipe = AnimatePipeline(raw_dit, pipe.vae, pipe.text_encoder, pipe.image_encoder, device=acc.device)
         video = val_pipe.generate(ref, pose, face, steps=cfg.train.validation_steps, seed=cfg.train.seed,
@@ -418,7 +414,7 @@ def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage:
         raw_dit.train(was_training)
         import numpy as np
 
-        truth = _to_uint8(sample["video"][:, :n])
+        truth = tensor_to_frames(sample["video"][:, :n])
         panel = np.concatenate([truth, pose, video], axis=2)  # ground truth | pose | generated
         out = Path(cfg.train.output_dir) / "validation" / f"step-{step:06d}.mp4"
         out.parent.mkdir(parents=True, exist_ok=True)

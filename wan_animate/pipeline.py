@@ -28,6 +28,7 @@ from wan_animate.conditioning import check_clip_len, encode_condition, num_laten
 from wan_animate.config import WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.sampling import SOLVERS, sample
+from wan_animate.video_io import frames_to_tensor, tensor_to_frames
 
 DEFAULT_PROMPT = "视频中的人在做动作"
 DEFAULT_NEGATIVE_PROMPT = (
@@ -192,8 +193,7 @@ def load_image(path_or_array: Any) -> np.ndarray:
 
 def _to_tensor_video(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
-    return x.permute(3, 0, 1, 2).unsqueeze(0)
+    return frames_to_tensor(frames).unsqueeze(0)
 
 
 def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
@@ -444,8 +444,7 @@ class AnimatePipeline:
             prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
             kept = frames if s == 0 else frames[:, :, refert_num:]
             # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
-            outputs.append(((kept[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1.0) * 127.5).round()
-                           .to(torch.uint8).cpu())
+            outputs.append(torch.from_numpy(tensor_to_frames(kept[0])))
             seg_bar.update(1)
         step_bar.close()
         seg_bar.close()

@@ -140,6 +140,24 @@ def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 18, determi
     return buf.getvalue()
 
 
+def frames_to_tensor(frames: np.ndarray):
+    """uint8 frames ``[T, H, W, 3]`` (or one image ``[H, W, 3]``) -> float32 torch tensor
+    ``[3, T, H, W]`` (``[3, H, W]``) in [-1, 1], the layout the VAE and the DiT take."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(127.5).sub_(1.0)
+    return x.permute(3, 0, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
+
+
+def tensor_to_frames(x) -> np.ndarray:
+    """float torch tensor ``[3, T, H, W]`` (or ``[3, H, W]``) in [-1, 1] -> uint8 numpy
+    ``[T, H, W, 3]`` (``[H, W, 3]``); values outside [-1, 1] are clipped."""
+    import torch
+
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return (x.permute(1, 2, 3, 0) if x.ndim == 4 else x.permute(1, 2, 0)).cpu().numpy()
+
+
 def to_uint8(x) -> np.ndarray:
     """Float frames in [-1, 1] (torch or numpy, [T, H, W, 3]) -> uint8."""
     if hasattr(x, "detach"):
