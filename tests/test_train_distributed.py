@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +23,19 @@ OVERFIT = [
 ]
 
 
+def free_port() -> int:
+    # A fixed rendezvous port (29500) collides with any other job on the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(out: Path, cache: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", DS_ACCELERATOR="cpu",
                PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "launch/accelerate/cpu_2proc_zero2.yaml"), str(ROOT / "train/main.py"),
+           str(ROOT / "launch/accelerate/cpu_2proc_zero2.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "train/main.py"),
            f"train.output_dir={out}", f"train.cache_dir={cache}", *OVERFIT, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
