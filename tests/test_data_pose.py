@@ -68,6 +68,20 @@ def test_render_limb_colour_threshold_and_no_face():
     assert big[200, 260].max() > 0 and big[100, 130].max() == 0
 
 
+def test_render_feet_limbs_replace_shoulder_ear_limbs():
+    # Wan-Animate's 19 limbs end with ankle -> toe (l_ankle 13 -> l_toe 18, r_ankle 10 -> r_toe 19),
+    # not OpenPose's shoulder -> ear; toe colours (200, 200, 0) / (100, 100, 0).
+    assert BODY_LIMBS[17:] == ((13, 18), (10, 19))
+    p = _pose_with({13: (100, 100), 18: (160, 100), 10: (100, 150), 19: (160, 150),
+                    2: (100, 30), 16: (160, 30)})
+    img = render_pose(p)[0]
+    np.testing.assert_array_equal(img[100, 130], [153, 0, 51])  # 0.6 * (255, 0, 85), limb 17
+    np.testing.assert_array_equal(img[150, 130], [120, 120, 0])  # 0.6 * (200, 200, 0), limb 18
+    np.testing.assert_array_equal(img[100, 160], [200, 200, 0])  # l_toe disc, full colour
+    np.testing.assert_array_equal(img[150, 160], [100, 100, 0])  # r_toe disc
+    assert img[30, 130].max() == 0  # shoulder -> ear is not a limb
+
+
 def test_face_box_official_rule():
     xs, ys = np.meshgrid(np.linspace(100, 200, 17), np.linspace(50, 130, 4))
     pts = np.stack([xs.ravel(), ys.ravel()], -1)[:68]

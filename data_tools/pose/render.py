@@ -15,17 +15,18 @@ import numpy as np
 
 from data_tools.pose.format import PoseSequence
 
-# Limbs as pairs of indices into our 20-point OpenPose body (0-based).
+# Limbs as pairs of indices into our 20-point OpenPose body (0-based). Wan-Animate keeps
+# OpenPose's first 17 limbs and replaces its two shoulder-ear limbs by the feet (ankle -> toe).
 BODY_LIMBS = (
     (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11),
-    (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17),
+    (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (13, 18), (10, 19),
 )
-# The OpenPose palette (RGB), one colour per joint / limb.
+# The OpenPose palette (RGB), one colour per joint / limb, plus Wan-Animate's two toe colours.
 OPENPOSE_COLORS = (
     (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
     (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
-    (255, 85, 85), (85, 85, 255),  # toes (not in the 18-colour palette)
+    (200, 200, 0), (100, 100, 0),  # l_toe, r_toe
 )
 HAND_EDGES = tuple(
     (0 if j == 0 else 4 * f + j, 4 * f + j + 1) for f in range(5) for j in range(4)
