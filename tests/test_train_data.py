@@ -83,6 +83,23 @@ def test_bucketed_batches_have_the_bucket_size(shards):
     assert ex["face_region"].shape == (2, 6, 6) and ex["face_region"].sum() > 0
 
 
+def test_face_region_maps_pixel_boxes_to_latent_cells():
+    from train.data import face_region_map
+
+    # 64 x 128 source -> 32 x 32 bucket: scale 0.5, resized to 32 x 64, 16 px cropped off the left.
+    # Box x 40..56, y 16..40 -> bucket x 4..12, y 8..20 -> latent (/8) cols 0.5..1.5, rows 1..2.5
+    # -> cells cols {0, 1}, rows {1, 2}. clip_len 9 -> latent frames {0}, {1..4}, {5..8}.
+    boxes = [None] * 20
+    boxes[3 + 4] = [40, 16, 56, 40]  # pixel frame 4 of a clip starting at source frame 3
+    region = face_region_map(boxes, 3, 9, (64, 128), (32, 32))
+    assert region.shape == (3, 4, 4)
+    want = torch.zeros(3, 4, 4)
+    want[1, 1:3, 0:2] = 1
+    assert torch.equal(region, want)
+    boxes[3] = [40, 16, 56, 40]  # pixel frame 0 alone fills latent frame 0
+    assert torch.equal(face_region_map(boxes, 3, 9, (64, 128), (32, 32))[0], want[1])
+
+
 def test_flow_matching_definition():
     cfg = LossConfig(shift=5.0)
     s = torch.tensor([0.0, 0.5, 1.0])
