@@ -82,6 +82,24 @@ def test_render_feet_limbs_replace_shoulder_ear_limbs():
     assert img[30, 130].max() == 0  # shoulder -> ear is not a limb
 
 
+def test_render_hands_and_stick_width():
+    from data_tools.pose.render import stick_width
+
+    # max(int(min(H, W) / 200) - 1, 1)
+    assert (stick_width(720, 1280), stick_width(1080, 1920), stick_width(200, 300)) == (2, 4, 1)
+    p = _pose_with()
+    p.left_hand[:, 0] = (50, 100, 1.0)
+    p.left_hand[:, 1] = (90, 100, 1.0)  # edge 0 (0 -> 1): hue 0 -> red
+    p.left_hand[:, 5] = (50, 150, 1.0)  # edge 4 (0 -> 5): hue 4/20 -> (0.8, 1, 0) * 255
+    img = render_pose(p)[0]
+    np.testing.assert_array_equal(img[100, 70], [255, 0, 0])
+    np.testing.assert_array_equal(img[125, 50], [204, 255, 0])
+    assert img[102, 70].max() == 0 and img[125, 52].max() == 0  # 1 px edges
+    np.testing.assert_array_equal(img[100, 90], [0, 0, 255])  # keypoints are blue dots
+    p.left_hand[:, 5, 2] = 0.49  # below the threshold: no edge
+    assert render_pose(p)[0][125, 50].max() == 0
+
+
 def test_face_box_official_rule():
     xs, ys = np.meshgrid(np.linspace(100, 200, 17), np.linspace(50, 130, 4))
     pts = np.stack([xs.ravel(), ys.ravel()], -1)[:68]

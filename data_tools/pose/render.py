@@ -62,7 +62,7 @@ def _draw_hand(canvas: np.ndarray, hand: np.ndarray, threshold: float, sw: int) 
             continue
         rgb = colorsys.hsv_to_rgb(i / len(HAND_EDGES), 1.0, 1.0)
         cv2.line(canvas, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])),
-                 tuple(int(c * 255) for c in rgb), 1)
+                 tuple(round(c * 255) for c in rgb), 1)  # cv2 rounds float colours
     for p in hand:
         if p[2] < threshold:
             continue
