@@ -230,8 +230,9 @@ def test_cached_shards_give_the_same_inputs_as_raw_encoding(assets, tmp_path):
                                          torch.float32, 9)
     raw, cached = batches["raw"], batches["cached"]
     assert raw["keys"] == cached["keys"]  # same sample, same seeded choices
-    for k in ("latents", "y", "pose_latents", "context", "clip_fea", "face_pixel_values"):
+    for k in ("latents", "y", "pose_latents", "context", "clip_fea", "face_pixel_values", "face_region"):
         assert raw[k].shape == cached[k].shape, k
         assert torch.allclose(raw[k], cached[k], atol=1e-4), k
+    assert cached["face_region"].sum() > 0  # face up-weighting also works on cached data
     out = flow_matching_loss(pipe.dit, cached, compose([]).loss, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)

@@ -231,6 +231,11 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     if rng.random() < cfg.face_dropout:
         face = torch.full_like(face, -1.0)
     ex["face"] = face
+    # cached latents cover the stored clip from its first frame at its own size (8 px per cell)
+    pixel_hw = (8 * sample["target"].shape[-2], 8 * sample["target"].shape[-1])
+    region = face_region_map(sample["meta"].get("face_boxes"), 0, clip_frames, pixel_hw, pixel_hw)
+    if region is not None:
+        ex["face_region"] = region
     ex["noise_seed"] = int(rng.integers(0, 2**62))
     return ex
 
