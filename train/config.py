@@ -73,6 +73,12 @@ class DataConfig:
     refert_nums: list[int] = field(default_factory=lambda: [1, 5])
     text_dropout: float = 0.1  # -> empty prompt
     face_dropout: float = 0.1  # -> face pixels all -1
+    # Face-crop augmentation (paper stage 2), one draw per clip with probability face_aug_prob:
+    # zoom 1 +- face_aug_scale, brightness/contrast/saturation +- face_aug_color, noise std <= face_aug_noise.
+    face_aug_prob: float = 0.0
+    face_aug_scale: float = 0.15
+    face_aug_color: float = 0.2
+    face_aug_noise: float = 0.03
     replace_prob: float = 0.5  # replace-mode probability for samples that carry bg+mask
     default_caption: str = "视频中的人在做动作"
     max_skipped_fraction: float = 0.5  # stop when more than this share of samples fails to decode
@@ -94,12 +100,16 @@ class DataConfig:
         for b in self.buckets:
             if len(b) != 2 or b[0] % 16 or b[1] % 16 or min(b) < 16:
                 _fail(f"data.buckets entry {b} must be [H, W] with multiples of 16.")
-        for name in ("temporal_ref_prob", "text_dropout", "face_dropout", "replace_prob", "max_skipped_fraction"):
+        for name in ("temporal_ref_prob", "text_dropout", "face_dropout", "replace_prob", "max_skipped_fraction",
+                     "face_aug_prob"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 _fail(f"data.{name}={v} must be in [0, 1].")
         if not self.refert_nums or any(n < 1 or n >= self.clip_len for n in self.refert_nums):
             _fail(f"data.refert_nums={self.refert_nums} must be non-empty with 1 <= n < clip_len={self.clip_len}.")
+        if not (0.0 <= self.face_aug_scale < 1.0 and 0.0 <= self.face_aug_color < 1.0 and self.face_aug_noise >= 0.0):
+            _fail(f"data.face_aug_scale={self.face_aug_scale} and data.face_aug_color={self.face_aug_color} must be "
+                  f"in [0, 1), data.face_aug_noise={self.face_aug_noise} >= 0.")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             _fail("data.num_workers and data.shuffle_buffer must be >= 0.")
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.augment import augment_face, draw_face_augment
 from train.config import DataConfig
 
 # ---------------------------------------------------------------------------- URLs
@@ -160,6 +161,18 @@ class StreamSpec:
     fixed_noise_per_sample: bool = False
 
 
+def _face_choices(face: torch.Tensor, cfg, rng: np.random.Generator) -> torch.Tensor:
+    """Per-clip face augmentation, then face dropout (all -1). Augmentation draws come from a child
+    generator, and only when enabled, so runs without it keep their exact random stream."""
+    if cfg.face_aug_prob > 0 and rng.random() < cfg.face_aug_prob:
+        child = np.random.default_rng(int(rng.integers(0, 2**62)))
+        params = draw_face_augment(child, scale=cfg.face_aug_scale, color=cfg.face_aug_color, noise=cfg.face_aug_noise)
+        face = augment_face(face, params, noise_seed=int(child.integers(0, 2**62)))
+    if rng.random() < cfg.face_dropout:
+        face = torch.full_like(face, -1.0)
+    return face
+
+
 def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 0x5EED])
 
@@ -190,9 +203,7 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     ex["num_given"] = int(rng.choice(cfg.refert_nums)) if rng.random() < cfg.temporal_ref_prob else 0
     caption = sample.get("caption") or cfg.default_caption
     ex["caption"] = "" if rng.random() < cfg.text_dropout else caption
-    if rng.random() < cfg.face_dropout:
-        face = torch.full_like(face, -1.0)
-    ex["face"] = face
+    ex["face"] = _face_choices(face, cfg, rng)
     region = face_region_map(sample["meta"].get("face_boxes"), start, clip_len, src_hw, size)
     if region is not None:
         ex["face_region"] = region
@@ -228,9 +239,7 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     face = face[:, :clip_frames]
     if face.shape[-1] != spec.face_size:
         face = _resize_crop(face, (spec.face_size, spec.face_size))
-    if rng.random() < cfg.face_dropout:
-        face = torch.full_like(face, -1.0)
-    ex["face"] = face
+    ex["face"] = _face_choices(face, cfg, rng)
     # cached latents cover the stored clip from its first frame at its own size (8 px per cell)
     pixel_hw = (8 * sample["target"].shape[-2], 8 * sample["target"].shape[-1])
     region = face_region_map(sample["meta"].get("face_boxes"), 0, clip_frames, pixel_hw, pixel_hw)
