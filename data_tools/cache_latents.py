@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from data_tools.config import CacheLatentsConfig
 from data_tools.dataset import decode_sample
 from data_tools.shards import list_shards, read_shard
+from wan_animate.config import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_EMBEDS = "text_embeds.safetensors"
@@ -169,7 +170,9 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
                 except Exception as e:  # a bad sample is skipped and reported, the shard goes on
                     skipped.append({"shard": shard.name, "key": raw.get("__key__"), "reason": str(e)})
                     continue
-                cap = d["caption"]
+                # An uncaptioned sample trains on the default prompt, as the raw-shard path does;
+                # "" is reserved for condition dropout.
+                cap = d["caption"] or DEFAULT_PROMPT
                 if text_key(cap) not in embeds:
                     embeds.update(cacher.encode_texts([cap]))
                     captions[text_key(cap)] = cap

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from wan_animate.config import DEFAULT_PROMPT
+
 POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
 RESIZE_MODES = ("crop", "letterbox")
@@ -48,7 +50,7 @@ class PrepareConfig:
     segmenter: str = "mediapipe"  # replace-mode masks: mediapipe | sam2
     sam2_path: Optional[str] = None  # segmenter=sam2: SAM2 folder in the transformers format
     segmenter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {device: cuda, prompt: both}
-    caption: str = "视频中的人在做动作"  # default prompt; a <video>.txt next to a video overrides it
+    caption: str = DEFAULT_PROMPT  # default prompt; a <video>.txt next to a video overrides it
     min_person_fraction: float = 0.9  # a clip needs a person on at least this share of frames
     shard_size: int = 32
     workers: int = 1  # 0 = in the main process

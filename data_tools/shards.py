@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.video_io import encode_video_bytes
 
 SCHEMA_VERSION = 1
-DEFAULT_CAPTION = "视频中的人在做动作"
+DEFAULT_CAPTION = DEFAULT_PROMPT
 SHARD_PATTERN = "shard-{:06d}.tar"
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 

@@ -40,6 +40,8 @@ def _raw_set(tmp_path):
         for i, raw in enumerate(s for p in list_shards(src) for s in read_shard(p)):
             if i == 1:
                 raw = dict(raw, txt="a person waves".encode())
+            if i == 2:  # uncaptioned: must train on the default prompt, not on the dropout prompt ""
+                raw = dict(raw, txt=b"")
             w.write(raw)
     return out
 
@@ -56,6 +58,10 @@ def test_cache_latents_parity_dedupe_and_resume(tmp_path, tiny_model, one_thread
 
     embeds, captions = load_text_embeds(out / "text_embeds.safetensors")
     assert sorted(captions.values()) == sorted(["", "a person waves", "视频中的人在做动作"])  # deduplicated
+    import json
+
+    metas = [json.loads(s["json"]) for p in list_shards(out) for s in read_shard(p)]
+    assert [m_["text_key"] == text_key("视频中的人在做动作") for m_ in metas].count(True) == 2
     vae, text_enc, image_enc = load_encoders(tiny_model, device="cpu", compute_dtype=torch.float32)
     raw0 = read_shard(list_shards(raw_dir)[0])[0]
     d = decode_sample(raw0)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from train.loss import LossConfig
+from wan_animate.config import DEFAULT_PROMPT
 
 MODES = ("full", "adapters_only", "lora")
 PRECISIONS = ("fp32", "bf16")
@@ -80,7 +81,7 @@ class DataConfig:
     face_aug_color: float = 0.2
     face_aug_noise: float = 0.03
     replace_prob: float = 0.5  # replace-mode probability for samples that carry bg+mask
-    default_caption: str = "视频中的人在做动作"
+    default_caption: str = DEFAULT_PROMPT
     max_skipped_fraction: float = 0.5  # stop when more than this share of samples fails to decode
 
     def __post_init__(self) -> None:

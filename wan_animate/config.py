@@ -13,6 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# The official default prompt ("the person in the video is doing actions") and negative prompt.
+DEFAULT_PROMPT = "视频中的人在做动作"
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
 # Motion-encoder channel count at each feature-map resolution (LIA appearance encoder).
 # Keys are resolutions as strings because that is how the diffusers config serialises them.
 DEFAULT_MOTION_ENCODER_CHANNELS: dict[str, int] = {

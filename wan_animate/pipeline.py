@@ -25,17 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
-from wan_animate.config import WanAnimateConfig
+from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.sampling import SOLVERS, sample
 from wan_animate.video_io import frames_to_tensor, tensor_to_frames
 
-DEFAULT_PROMPT = "视频中的人在做动作"
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 SIZE_MULTIPLE = 16
 
 

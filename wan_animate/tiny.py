@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from wan_animate.config import WanAnimateConfig
+from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import CLIP_MEAN, CLIP_STD
 from wan_animate.official_encoders import (
     CLIP_FILE,
@@ -31,13 +31,6 @@ from wan_animate.official_encoders import (
     vae_to_official,
 )
 
-DEFAULT_PROMPT = "视频中的人在做动作"
-# Official default negative prompt (Chinese), kept so the tiny tokenizer covers its characters.
-DEFAULT_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
-    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
                 temperal_downsample=[False, True, True])
