@@ -97,7 +97,9 @@ def _maybe_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-class SelfAttention(nn.Module):
+class _QKVOAttention(nn.Module):
+    """The q/k/v/o projections and q/k norms both attention kinds share (official names)."""
+
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
@@ -108,6 +110,9 @@ class SelfAttention(nn.Module):
         # RMSNorm over the full width (all heads together), as the official model.
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(_QKVOAttention):
 
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim] (compute dtype)."""
@@ -125,21 +130,14 @@ class SelfAttention(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_QKVOAttention):
     """Attends separately to text tokens (q/k/v) and image tokens (k_img/v_img); the two results
     are summed before the output projection."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
