@@ -1,7 +1,7 @@
 """Training-step benchmark: step time, samples/s, MFU and peak memory of one optimizer step.
 
 It times exactly the trainer's pieces (``train.lora.setup_trainable`` for the trainable set,
-``train.loss.flow_matching_loss``, AdamW, ``apply_activation_checkpointing``, ``set_precision``,
+``wan_animate.objective.flow_matching_loss``, AdamW, ``apply_activation_checkpointing``, ``set_precision``,
 the MFU formula of ``train.metrics``) on random conditioned batches, so encoders and data loading
 are excluded. Two cases:
 
@@ -31,7 +31,7 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 
 from train.config import Config, LoraSettings, OptimConfig, TrainSettings  # noqa: E402
-from train.loss import LossConfig, flow_matching_loss  # noqa: E402
+from wan_animate.objective import LossConfig, flow_matching_loss  # noqa: E402
 from train.lora import make_optimizer, setup_trainable  # noqa: E402
 from train.metrics import dit_forward_flops, peak_flops, peak_memory_gib  # noqa: E402
 from wan_animate.config import WanAnimateConfig  # noqa: E402

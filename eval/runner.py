@@ -370,10 +370,10 @@ def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
 
 def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: int) -> dict:
     """Encode the first clip (``clip_len`` frames, or the longest 4n+1 prefix of a shorter sample)
-    of every sample with the pipeline's frozen encoders (``train.batch.build_dit_inputs``, no
+    of every sample with the pipeline's frozen encoders (``wan_animate.batch.build_dit_inputs``, no
     temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
     from eval.metrics.heldout import heldout_loss
-    from train.batch import build_dit_inputs
+    from wan_animate.batch import build_dit_inputs
     from wan_animate.pipeline import DEFAULT_PROMPT, resize_face_video
 
     dtype = next(pipe.dit.parameters()).dtype

@@ -12,7 +12,7 @@ import torch
 
 from train.config import DataConfig
 from train.data import BatchIterator, StreamSpec, nearest_bucket, resolve_urls
-from train.loss import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
+from wan_animate.objective import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
 
 
 @pytest.fixture(scope="module")

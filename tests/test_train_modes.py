@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.batch import build_dit_inputs
+from wan_animate.batch import build_dit_inputs
 from train.config import ConfigError, compose
 from train.data import StreamSpec, ShardStream, resolve_urls
-from train.loss import flow_matching_loss
+from wan_animate.objective import flow_matching_loss
 from train.lora import is_adapter, make_optimizer, setup_trainable
 from wan_animate.model import ADAPTER_PREFIXES
 

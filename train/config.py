@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from train.loss import LossConfig
+from wan_animate.objective import LossConfig
 from wan_animate.config import DEFAULT_PROMPT
 
 MODES = ("full", "adapters_only", "lora")

@@ -17,7 +17,7 @@ Design (what makes exact resume and multi-rank splitting work):
 * A sample that fails to decode is dropped from its batch and counted (``data/skipped``).
 
 Raw shards (schema v1, ``data_tools.dataset.decode_sample``) give pixels; cached shards
-(``decode_cached_sample``) give latents and embeddings. ``train.batch`` turns either into DiT inputs.
+(``decode_cached_sample``) give latents and embeddings. ``wan_animate.batch`` turns either into DiT inputs.
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from train import checkpointing
-from train.batch import build_dit_inputs, fixed_draw
+from wan_animate.batch import build_dit_inputs, fixed_draw
 from train.config import Config, ConfigError, config_to_dict
 from train.data import BatchIterator, StreamSpec, resolve_urls
-from train.loss import flow_matching_loss
+from wan_animate.objective import flow_matching_loss
 from train.lora import make_optimizer, make_scheduler, setup_trainable
 from train.metrics import MetricsLogger, dit_forward_flops, peak_flops, peak_memory_gib, plot_loss_curve
 from train.parallel import all_ranks_true, check_world, frozen_loading, make_accelerator, zero_stage

@@ -1,6 +1,6 @@
 """Held-out flow-matching loss at fixed timesteps and seeds.
 
-The same loss as training (``train.loss.flow_matching_loss``), but every draw is pinned: each
+The same loss as training (``wan_animate.objective.flow_matching_loss``), but every draw is pinned: each
 batch is evaluated at every timestep in ``timesteps``, with noise from a generator seeded by
 ``seed + batch index``, so two checkpoints (or two runs) see exactly the same noisy inputs and the
 numbers are comparable. Cheap: one DiT forward per (batch, timestep), no sampling loop.
@@ -28,9 +28,9 @@ def heldout_loss(
     progress: bool = False,
 ) -> dict:
     """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
-    ``train.loss.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
+    ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
     "heldout_samples": int}``."""
-    from train.loss import LossConfig, flow_matching_loss
+    from wan_animate.objective import LossConfig, flow_matching_loss
 
     # Held-out numbers must not depend on the training weighting knobs: plain MSE per timestep.
     loss_cfg = loss_cfg or LossConfig(weighting="none", face_weight=1.0)

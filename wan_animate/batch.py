@@ -2,7 +2,7 @@
 conditioning builder (``wan_animate.conditioning``).
 
 Raw examples carry pixels and are encoded here on the fly; cached examples carry latents and
-embeddings and skip every encoder. Both end as the batch ``train.loss.flow_matching_loss`` takes.
+embeddings and skip every encoder. Both end as the batch ``wan_animate.objective.flow_matching_loss`` takes.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _add_common(batch: dict, examples: list[dict], device: torch.device) -> None
 
 def fixed_draw(batch: dict, loss_cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One timestep + noise per sample from its key (``train.fixed_noise_per_sample``)."""
-    from train.loss import sample_timesteps
+    from wan_animate.objective import sample_timesteps
 
     ts, noises = [], []
     shape = batch["latents"].shape[1:]
