@@ -14,16 +14,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.geometry import RESIZE_MODES
+from wan_animate.options import canonical_dtype_name, check_frames_4n1
 
 POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
-RESIZE_MODES = ("crop", "letterbox")
 SEGMENTERS = ("mediapipe", "sam2")
-
-
-def _check_clip_len(clip_len: int, what: str = "clip_len") -> None:
-    if clip_len < 1 or (clip_len - 1) % 4:
-        raise ValueError(f"{what}={clip_len} must be 4n+1 (e.g. 17, 33, 77) so the VAE's 4x temporal stride fits")
 
 
 @dataclass
@@ -60,7 +56,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.input is None or self.output is None:
             raise ValueError("prepare needs input=PATH (video, folder or list file) and output=DIR")
-        _check_clip_len(self.clip_len)
+        check_frames_4n1(self.clip_len, "clip_len")
         if self.fps != -1 and self.fps <= 0:
             raise ValueError(f"fps={self.fps}: use a positive frame rate or -1 to keep the source rate")
         if self.clip_stride is not None and self.clip_stride < 1:
@@ -116,7 +112,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if self.output is None:
             raise ValueError("synthetic needs output=DIR")
-        _check_clip_len(self.clip_len)
+        check_frames_4n1(self.clip_len, "clip_len")
         if self.height % 16 or self.width % 16 or self.height < 32 or self.width < 32:
             raise ValueError(f"height x width = {self.height}x{self.width} must be multiples of 16, at least 32")
         if self.num_clips < 1 or self.shard_size < 1:
@@ -141,10 +137,11 @@ class CacheLatentsConfig:
     def __post_init__(self) -> None:
         if not (self.input and self.output and self.model):
             raise ValueError("cache_latents needs input=DIR (raw shards) output=DIR model=MODEL_DIR")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype={self.dtype!r}: choose bf16, fp16 or fp32")
-        if self.compute_dtype not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}: choose auto, bf16 or fp32")
+        # either spelling (bf16 / bfloat16, ...); stored as the short name the latents' json records
+        self.dtype = canonical_dtype_name(self.dtype, "dtype", allow_auto=False)
+        self.compute_dtype = canonical_dtype_name(self.compute_dtype, "compute_dtype")
+        if self.compute_dtype == "fp16":
+            raise ValueError("compute_dtype=fp16: choose auto, bf16 or fp32 (the VAE overflows in fp16)")
         if any(r < 0 for r in self.refert_nums):
             raise ValueError(f"refert_nums={list(self.refert_nums)} must be >= 0")
         if self.shard_size < 1:

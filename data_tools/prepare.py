@@ -31,72 +31,13 @@ from data_tools.pose.face import crop_boxes, face_boxes
 from data_tools.pose.format import PoseSequence
 from data_tools.pose.render import render_pose
 from data_tools.shards import ShardWriter, encode_sample, list_shards, safe_key, shard_index, shard_keys
+from wan_animate.files import atomic_write_json
+from wan_animate.geometry import ResizePlan, area_bucket, choose_bucket  # noqa: F401  (area_bucket: re-export)
 from wan_animate.video_io import VideoDecodeError, read_video
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 STATE_FILE = "prepare_state.jsonl"
-
-
-# =============================================================================================
-# geometry: buckets and resizing
-# =============================================================================================
-def area_bucket(src_h: int, src_w: int, target_area: int, multiple: int = 16) -> tuple[int, int]:
-    """Official rule: h = sqrt(area / aspect), w = area / h, each floored to a multiple of 16."""
-    aspect = src_w / src_h
-    h = math.sqrt(target_area / aspect)
-    w = target_area / h
-    return max(int(h // multiple) * multiple, multiple), max(int(w // multiple) * multiple, multiple)
-
-
-def choose_bucket(src_h: int, src_w: int, target_area: int, buckets=()) -> tuple[int, int]:
-    """The bucket with the nearest aspect ratio (log-distance), or the area rule without buckets."""
-    if not buckets:
-        return area_bucket(src_h, src_w, target_area)
-    aspect = math.log(src_w / src_h)
-    return tuple(min((tuple(int(v) for v in b) for b in buckets), key=lambda b: abs(math.log(b[1] / b[0]) - aspect)))
-
-
-@dataclass
-class ResizePlan:
-    """Source frame -> target (h, w): scale, then crop (offset < 0) or pad (offset > 0)."""
-
-    src_h: int
-    src_w: int
-    h: int
-    w: int
-    mode: str = "crop"
-
-    def __post_init__(self):
-        fit = max if self.mode == "crop" else min
-        self.scale = fit(self.h / self.src_h, self.w / self.src_w)
-        self.rh = max(int(round(self.src_h * self.scale)), 1)
-        self.rw = max(int(round(self.src_w * self.scale)), 1)
-        self.offset_x = (self.w - self.rw) // 2
-        self.offset_y = (self.h - self.rh) // 2
-
-    def apply(self, frame: np.ndarray) -> np.ndarray:
-        interp = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
-        img = cv2.resize(frame, (self.rw, self.rh), interpolation=interp)
-        out = np.zeros((self.h, self.w) + frame.shape[2:], frame.dtype)
-        sx, sy = max(-self.offset_x, 0), max(-self.offset_y, 0)
-        dx, dy = max(self.offset_x, 0), max(self.offset_y, 0)
-        cw, ch = min(self.rw - sx, self.w - dx), min(self.rh - sy, self.h - dy)
-        out[dy:dy + ch, dx:dx + cw] = img[sy:sy + ch, sx:sx + cw]
-        return out
-
-    def apply_all(self, frames: np.ndarray) -> np.ndarray:
-        return np.stack([self.apply(f) for f in frames])
-
-    def pose(self, pose: PoseSequence) -> PoseSequence:
-        p = pose.resized(self.src_h, self.src_w)
-        return p.transformed(self.scale, self.scale, self.offset_x, self.offset_y, self.h, self.w)
-
-    def boxes(self, boxes: np.ndarray) -> np.ndarray:
-        out = np.asarray(boxes, np.float64) * self.scale
-        out[:, [0, 2]] += self.offset_x
-        out[:, [1, 3]] += self.offset_y
-        return out.astype(np.float32)
 
 
 def resample_indices(num_frames: int, src_fps: float, fps: float) -> np.ndarray:
@@ -524,9 +465,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
     finally:
         bar.close()
     manifest = build_manifest(out, cfg, _read_state(state_path), time.time() - started, clips)
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 

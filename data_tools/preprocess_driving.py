@@ -24,8 +24,10 @@ import numpy as np
 from data_tools.pose import get_pose_backend
 from data_tools.pose.face import crop_faces
 from data_tools.pose.render import render_pose
-from data_tools.prepare import ResizePlan, area_bucket, resample_indices
+from data_tools.prepare import resample_indices
 from data_tools.retarget import retarget_pose
+from wan_animate.files import atomic_write_json
+from wan_animate.geometry import ResizePlan, area_bucket
 from wan_animate.video_io import read_video, write_video
 
 
@@ -91,7 +93,7 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
             "segmenter": segmenter if replace else None,
             "face_boxes_source": np.round(boxes, 2).tolist()}
     paths["src_meta.json"] = out / "src_meta.json"
-    paths["src_meta.json"].write_text(json.dumps(meta))
+    atomic_write_json(paths["src_meta.json"], meta, indent=None)
     return paths
 
 

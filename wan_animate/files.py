@@ -1,0 +1,96 @@
+"""One home for writing files safely: atomic writes, strict JSON, atomically built folders.
+
+Everything the project writes that a crash could leave half-written (manifests, summaries,
+configs, shards, checkpoints, cached model folders) goes through here:
+
+* ``atomic_write_bytes`` / ``atomic_write_text``: write ``path.tmp<pid>`` then ``os.replace``, so a
+  reader sees the old file or the new one, never a prefix.
+* ``atomic_write_json``: strict JSON (RFC 8259 has no NaN/Infinity): non-finite floats become
+  ``null`` and ``allow_nan=False`` guards the rest.
+* ``atomic_dir``: build a folder under a temporary name, mark it ``.complete``, rename it into place;
+  a finished folder is reused as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+COMPLETE_MARKER = ".complete"
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary sibling + ``os.replace``)."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # only when the write or the rename failed
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def strict_json(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: NaN/Inf -> None, tuples -> lists, keys -> str,
+    numpy / torch scalars -> Python numbers (anything else with ``.item()`` or ``.tolist()``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # numpy arrays / scalars, torch tensors
+        return strict_json(obj.tolist())
+    if hasattr(obj, "item"):
+        return strict_json(obj.item())
+    return obj  # let json.dumps name the type it cannot encode
+
+
+def dumps_strict(obj: Any, **kwargs) -> str:
+    """``json.dumps`` that never writes NaN/Infinity (they become null)."""
+    kwargs.setdefault("ensure_ascii", False)
+    return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, **kwargs) -> Path:
+    """Write ``obj`` as strict JSON (NaN/Inf -> null), atomically."""
+    text = dumps_strict(obj, indent=indent, **kwargs)
+    return atomic_write_text(path, text + ("\n" if indent is not None else ""))
+
+
+def atomic_dir(dst: str | os.PathLike, build_fn: Callable[[Path], Any]) -> Path:
+    """Build the folder ``dst`` once: ``build_fn(tmp)`` fills a temporary sibling, which is marked
+    ``.complete`` and renamed to ``dst``. A ``dst`` that already holds the marker is returned as is;
+    one without it (an interrupted build) is replaced."""
+    dst = Path(dst)
+    if (dst / COMPLETE_MARKER).is_file():
+        return dst
+    tmp = _tmp_name(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build_fn(tmp)
+        (tmp / COMPLETE_MARKER).write_text("ok")
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
