@@ -100,6 +100,107 @@ def test_render_hands_and_stick_width():
     assert render_pose(p)[0][125, 50].max() == 0
 
 
+# An independent reference written from the official renderer's rules (Wan2.2
+# wan/modules/animate/preprocess/human_visualization.py, draw_aapose_new + draw_handpose_new with
+# stickwidth_type "v2", as process_pipepline.py calls it): numpy arithmetic on the keypoint arrays,
+# matplotlib float hues handed to cv2. ``hand_width`` / ``edge_rule`` switch rules off for the
+# negative controls.
+_OFFICIAL_LIMBS_1BASED = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
+                          (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18), (14, 19), (11, 20))
+_OFFICIAL_COLORS = ((255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+                    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+                    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+                    (200, 200, 0), (100, 100, 0))
+
+
+def _official_rules_frame(body, lhand, rhand, h, w, threshold=0.5, hand_width=None, edge_rule=True):
+    import math
+
+    import cv2
+    from matplotlib.colors import hsv_to_rgb
+
+    img = np.zeros((h, w, 3), np.uint8)
+    sw = max(int(min(h, w) / 200) - 1, 1)
+    for (i1, i2), color in zip(_OFFICIAL_LIMBS_1BASED, _OFFICIAL_COLORS):
+        k1, k2 = body[i1 - 1], body[i2 - 1]
+        if k1[-1] < threshold or k2[-1] < threshold:
+            continue
+        xs, ys = np.array([k1[0], k2[0]]), np.array([k1[1], k2[1]])
+        length = ((ys[0] - ys[1]) ** 2 + (xs[0] - xs[1]) ** 2) ** 0.5
+        angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
+        poly = cv2.ellipse2Poly((int(np.mean(xs)), int(np.mean(ys))), (int(length / 2), sw), int(angle), 0, 360, 1)
+        cv2.fillConvexPoly(img, poly, [int(float(c) * 0.6) for c in color])
+    for k, color in zip(body, _OFFICIAL_COLORS):
+        if k[-1] >= threshold:
+            cv2.circle(img, (int(k[0]), int(k[1])), sw, color, thickness=-1)
+    hw = max(max(int(min(h, w) / 200) - 1, 1) // 2, 1) if hand_width is None else hand_width
+    edges = [(0 if j == 0 else 4 * f + j, 4 * f + j + 1) for f in range(5) for j in range(4)]
+    inside = (lambda *v: all(c > 0.01 for c in v)) if edge_rule else (lambda *v: True)
+    for hand in (lhand, rhand):
+        for ie, (e1, e2) in enumerate(edges):
+            k1, k2 = hand[e1], hand[e2]
+            if k1[2] < threshold or k2[2] < threshold:
+                continue
+            x1, y1, x2, y2 = int(k1[0]), int(k1[1]), int(k2[0]), int(k2[1])
+            if inside(x1, y1, x2, y2):
+                cv2.line(img, (x1, y1), (x2, y2), hsv_to_rgb([ie / float(len(edges)), 1.0, 1.0]) * 255, thickness=hw)
+        for k in hand:
+            if k[2] >= threshold and inside(int(k[0]), int(k[1])):
+                cv2.circle(img, (int(k[0]), int(k[1])), hw, (0, 0, 255), thickness=-1)
+    return img
+
+
+def _edge_heavy_pose(t, h, w, seed):
+    """Random keypoints with many on / just inside / just outside the canvas edges, scores
+    around the threshold, fractional coordinates."""
+    rng = np.random.default_rng(seed)
+    seq = PoseSequence.empty(t, h, w)
+    specials = np.array([-1.5, -0.5, 0.0, 0.4, 0.99, 1.0, 1.5])
+    for arr in (seq.body, seq.left_hand, seq.right_hand, seq.face):
+        n = arr.shape[1]
+        arr[..., 0] = rng.uniform(-5, w + 5, (t, n))
+        arr[..., 1] = rng.uniform(-5, h + 5, (t, n))
+        for c, size in ((0, w), (1, h)):
+            pick = rng.random((t, n)) < 0.3
+            edge = rng.choice(np.concatenate([specials, size - 1 + specials]), (t, n))
+            arr[..., c] = np.where(pick, edge, arr[..., c])
+        arr[..., 2] = rng.choice([0.0, 0.49, 0.5, 0.9, 1.0], (t, n), p=[0.1, 0.1, 0.1, 0.3, 0.4])
+    # Hands near the origin too: the official edge rule matters most there.
+    seq.right_hand[: t // 2, :, :2] = rng.uniform(-2, 30, (t // 2, 21, 2))
+    return PoseSequence(seq.body, seq.left_hand, seq.right_hand, seq.face, h, w)
+
+
+@pytest.mark.parametrize("h,w,t", [(480, 832, 24), (1080, 1920, 8)])
+def test_render_bit_identical_to_official_rules(h, w, t):
+    seq = _edge_heavy_pose(t, h, w, seed=h)
+    ours = render_pose(seq)  # face landmarks are in seq; the official renderer ignores them too
+    ref = np.stack([_official_rules_frame(seq.body[i], seq.left_hand[i], seq.right_hand[i], h, w) for i in range(t)])
+    assert ref.max() > 0
+    np.testing.assert_array_equal(ours, ref)
+    # Negative controls: the reference must see a 1-pixel hand line and drawing edge points.
+    no_edge_rule = np.stack([_official_rules_frame(seq.body[i], seq.left_hand[i], seq.right_hand[i], h, w,
+                                                   edge_rule=False) for i in range(t)])
+    assert (no_edge_rule != ours).any()
+    if h >= 1000:
+        thin = np.stack([_official_rules_frame(seq.body[i], seq.left_hand[i], seq.right_hand[i], h, w,
+                                               hand_width=1) for i in range(t)])
+        assert (thin != ours).any()
+
+
+def test_render_hand_edge_rule_and_1080p_width():
+    from data_tools.pose.render import hand_stick_width, render_frame
+
+    assert (hand_stick_width(480, 832), hand_stick_width(720, 1280), hand_stick_width(1080, 1920)) == (1, 1, 2)
+    body, lh, rh = np.zeros((20, 3), np.float32), np.zeros((21, 3), np.float32), np.zeros((21, 3), np.float32)
+    lh[0], lh[1] = (0.5, 40, 1.0), (40, 40, 1.0)  # int(x) == 0: point and its edge are not drawn
+    lh[5], lh[6] = (60, 60, 1.0), (90, 60, 1.0)  # an ordinary edge, 2 px thick at 1080p
+    img = render_frame(body, lh, rh, 1080, 1920)
+    assert img[:, :30].max() == 0 and img[40, 20].max() == 0
+    assert img[60, 75].max() > 0 and img[61, 75].max() > 0 and img[63, 75].max() == 0
+    lh[0, 0] = 1.0  # x == 1 is drawn
+    assert render_frame(body, lh, rh, 1080, 1920)[40, 20].max() > 0
+
+
 def test_face_box_official_rule():
     xs, ys = np.meshgrid(np.linspace(100, 200, 17), np.linspace(50, 130, 4))
     pts = np.stack([xs.ravel(), ys.ravel()], -1)[:68]

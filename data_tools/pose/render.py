@@ -1,8 +1,11 @@
 """Pose video renderer in the official Wan-Animate style (facts section 8).
 
 Black canvas; the 19 OpenPose limbs as filled ellipses in the OpenPose palette at 0.6 brightness;
-joints as full-colour discs; hands as 20 one-pixel edges coloured by hue i/20 with blue keypoint
-dots; face landmarks are not drawn. Points with score below ``threshold`` (0.5) are skipped.
+joints as full-colour discs; hands as 20 edges coloured by hue i/20 with blue keypoint dots;
+face landmarks are not drawn. Points with score below ``threshold`` (0.5) are skipped. Hand
+points whose integer x or y is below 1 (the left / top edge and beyond) are not drawn, nor the
+edges touching them, as in the official renderer. Frames are bit-identical to the official
+renderer's on the same keypoints (tests/test_data_pose.py checks 480p and 1080p).
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ LIMB_BRIGHTNESS = 0.6
 
 
 def stick_width(height: int, width: int) -> int:
+    """Limb half-width and joint radius in pixels (1 below 400 px, 4 at 1080p)."""
     return max(int(min(height, width) / 200) - 1, 1)
+
+
+def hand_stick_width(height: int, width: int) -> int:
+    """Hand edge thickness and hand point radius: half the body's, at least 1 (2 at 1080p)."""
+    return max(stick_width(height, width) // 2, 1)
 
 
 def _draw_body(canvas: np.ndarray, body: np.ndarray, threshold: float, sw: int) -> None:
@@ -44,8 +53,11 @@ def _draw_body(canvas: np.ndarray, body: np.ndarray, threshold: float, sw: int) 
         if pa[2] < threshold or pb[2] < threshold:
             continue
         mx, my = (pa[0] + pb[0]) / 2, (pa[1] + pb[1]) / 2
-        length = math.hypot(pa[0] - pb[0], pa[1] - pb[1])
-        angle = math.degrees(math.atan2(pa[1] - pb[1], pa[0] - pb[0]))
+        dx, dy = pa[0] - pb[0], pa[1] - pb[1]
+        # numpy scalar arithmetic in the keypoints' dtype, as the official renderer does, so that
+        # int(length / 2) truncates identically (math.hypot rounds differently in rare cases).
+        length = (dx ** 2 + dy ** 2) ** 0.5
+        angle = math.degrees(math.atan2(dy, dx))
         poly = cv2.ellipse2Poly((int(mx), int(my)), (int(length / 2), sw), int(angle), 0, 360, 1)
         color = tuple(int(c * LIMB_BRIGHTNESS) for c in OPENPOSE_COLORS[i])
         cv2.fillConvexPoly(canvas, poly, color)
@@ -55,18 +67,24 @@ def _draw_body(canvas: np.ndarray, body: np.ndarray, threshold: float, sw: int) 
         cv2.circle(canvas, (int(p[0]), int(p[1])), sw, OPENPOSE_COLORS[j], thickness=-1)
 
 
-def _draw_hand(canvas: np.ndarray, hand: np.ndarray, threshold: float, sw: int) -> None:
+def _hand_point_drawn(p: np.ndarray, threshold: float) -> bool:
+    # The official rule: confident, and integer x and y both >= 1 (a point on row or column 0,
+    # or outside the canvas on the left / top, is treated as missing).
+    return p[2] >= threshold and int(p[0]) >= 1 and int(p[1]) >= 1
+
+
+def _draw_hand(canvas: np.ndarray, hand: np.ndarray, threshold: float, hand_sw: int) -> None:
+    drawn = [_hand_point_drawn(p, threshold) for p in hand]
     for i, (a, b) in enumerate(HAND_EDGES):
-        pa, pb = hand[a], hand[b]
-        if pa[2] < threshold or pb[2] < threshold:
+        if not (drawn[a] and drawn[b]):
             continue
+        pa, pb = hand[a], hand[b]
         rgb = colorsys.hsv_to_rgb(i / len(HAND_EDGES), 1.0, 1.0)
         cv2.line(canvas, (int(pa[0]), int(pa[1])), (int(pb[0]), int(pb[1])),
-                 tuple(round(c * 255) for c in rgb), 1)  # cv2 rounds float colours
-    for p in hand:
-        if p[2] < threshold:
-            continue
-        cv2.circle(canvas, (int(p[0]), int(p[1])), max(sw // 2, 1), (0, 0, 255), thickness=-1)
+                 tuple(round(c * 255) for c in rgb), hand_sw)  # cv2 rounds float colours
+    for p, ok in zip(hand, drawn):
+        if ok:
+            cv2.circle(canvas, (int(p[0]), int(p[1])), hand_sw, (0, 0, 255), thickness=-1)
 
 
 def render_frame(body, left_hand, right_hand, height: int, width: int, *, threshold: float = 0.5,
@@ -76,8 +94,9 @@ def render_frame(body, left_hand, right_hand, height: int, width: int, *, thresh
     sw = stick_width(height, width)
     _draw_body(canvas, np.asarray(body), threshold, sw)
     if draw_hands:
-        _draw_hand(canvas, np.asarray(left_hand), threshold, sw)
-        _draw_hand(canvas, np.asarray(right_hand), threshold, sw)
+        hand_sw = hand_stick_width(height, width)
+        _draw_hand(canvas, np.asarray(left_hand), threshold, hand_sw)
+        _draw_hand(canvas, np.asarray(right_hand), threshold, hand_sw)
     return canvas
 
 
