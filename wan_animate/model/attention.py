@@ -113,6 +113,9 @@ class _QKVOAttention(nn.Module):
 
 
 class SelfAttention(_QKVOAttention):
+    # The kernel over the whole sequence; sequence parallelism (wan_animate.parallel) sets a
+    # per-instance one that exchanges heads for tokens around it. Same signature as ``attention``.
+    attention_fn = staticmethod(attention)
 
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim] (compute dtype)."""
@@ -121,7 +124,7 @@ class SelfAttention(_QKVOAttention):
         q = apply_rope(_maybe_norm(self.norm_q, self.q(x)).unflatten(-1, heads), rope_cos, rope_sin)
         k = apply_rope(_maybe_norm(self.norm_k, self.k(x)).unflatten(-1, heads), rope_cos, rope_sin)
         v = self.v(x).unflatten(-1, heads)  # [B, L, H, D]
-        out = attention(q.to(dtype), k.to(dtype), v)
+        out = self.attention_fn(q.to(dtype), k.to(dtype), v)
         return self.o(out.flatten(2))
 
 

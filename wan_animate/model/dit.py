@@ -67,6 +67,10 @@ class PatchEmbedding(nn.Conv3d):
 
 
 class WanAnimateDiT(nn.Module):
+    # None: all tokens on this device. wan_animate.parallel.apply_sequence_parallel sets a plan
+    # that splits the tokens after the embeddings and gathers them after the head.
+    sequence_shard = None
+
     def __init__(self, config: WanAnimateConfig):
         super().__init__()
         if config.num_layers % config.face_adapter_period != 0:
@@ -208,14 +212,19 @@ class WanAnimateDiT(nn.Module):
 
         # ---- trunk
         rope_cos, rope_sin = self.rope(grid, x.device)
+        shard = self.sequence_shard
+        if shard is not None:  # sequence parallelism: this rank keeps its slice of the tokens
+            h, rope_cos, rope_sin = shard.split(h, rope_cos, rope_sin, grid)
         period = cfg.face_adapter_period
         for i, block in enumerate(self.blocks):
             h = block(h, time_mod, text, image, rope_cos, rope_sin)
             if i % period == 0:
                 h = h + self.face_adapter.fuser_blocks[i // period](h, face_tokens)  # -> fp32
 
-        # ---- head and unpatchify
+        # ---- head (per token) and unpatchify
         out = self.head(h, e)  # [B, L, out_dim * pt*ph*pw] fp32
+        if shard is not None:
+            out = shard.gather(out)  # all tokens again, on every rank of the group
         out = out.view(batch, *grid, pt, ph, pw, cfg.out_dim)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, F', pt, H', ph, W', pw]
         return out.reshape(batch, cfg.out_dim, frames, height, width)
