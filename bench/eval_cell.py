@@ -41,10 +41,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from data_tools.synthetic import make_synthetic_dataset
     from eval.config import EvalConfig, MetricsConfig
-    from eval.metrics.fvd import save_tiny_i3d
-    from eval.metrics.lpips import save_tiny_lpips_files
+    from wan_animate.testing import save_tiny_i3d
+    from wan_animate.testing import save_tiny_lpips_files
     from eval.runner import run_cell
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
 
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_"))

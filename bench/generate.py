@@ -64,7 +64,7 @@ class TimedDiT(torch.nn.Module):
 
 def bench_pipeline(args, device, dtype) -> dict:
     from wan_animate.pipeline import AnimatePipeline
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model_folder(Path(tmp) / "tiny", layout="diffusers", seed=0, config_preset=args.preset)

@@ -22,8 +22,11 @@ from wan_animate.checkpoint import (
     save_dit,
 )
 from wan_animate.config import WanAnimateConfig
-from wan_animate.keymap import blur_kernel_keys, lia_blur_kernel
+from wan_animate.weights.keymap import blur_kernel_keys, lia_blur_kernel
 from wan_animate.model import WanAnimateDiT, set_precision
+from wan_animate.weights import load as wload
+from wan_animate.weights import source
+from wan_animate.weights.diagnose import check_against_model
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny", "tiny_b"]
@@ -245,7 +248,7 @@ def test_loading_fills_shard_by_shard_without_a_second_copy(saved, monkeypatch):
     parameters *are* those tensors (no copy, no full state dict held on the side)."""
     preset, model, root = saved
     captured, read_order, yielded = {}, [], {}
-    real_build, real_read = ckpt._build_skeleton, ckpt._read_shard
+    real_build, real_read = wload.build_empty_dit, source.iter_tensors
 
     def build(config):
         captured["model"] = real_build(config)
@@ -261,8 +264,8 @@ def test_loading_fills_shard_by_shard_without_a_second_copy(saved, monkeypatch):
             yielded[name] = tensor.untyped_storage().data_ptr()
             yield name, tensor
 
-    monkeypatch.setattr(ckpt, "_build_skeleton", build)
-    monkeypatch.setattr(ckpt, "_read_shard", read)
+    monkeypatch.setattr(wload, "build_empty_dit", build)
+    monkeypatch.setattr(source, "iter_tensors", read)
     loaded = load_dit(root / "official", dtype=None)
     assert loaded is captured["model"] and len(read_order) > 2
     for name, p in loaded.named_parameters():
@@ -561,9 +564,9 @@ def test_release_shaped_14b_folders_pass_the_header_checks(tmp_path):
         info = ckpt.inspect_checkpoint(tmp_path / layout)
         assert (info["layout"], info["config"], info["num_tensors"]) == (layout, config, count)
         assert info["num_shards"] == 7
-        src = ckpt._resolve(tmp_path / layout)
-        found, where = ckpt._inspect(src, None)
-        ckpt._check_against_model(ckpt._virtual_official(src, found), official, found, where=layout,
+        src = source.open_source(tmp_path / layout)
+        found, where = source.identify(src, None)
+        check_against_model(source.virtual_official(src, found), official, found, where=layout,
                                   layout=src.layout, config_source=where, optional=set(blur_kernel_keys(found)))
     assert info["total_bytes"] == 2 * 17_274_816_884
     with pytest.raises(CheckpointError, match=r"preset\('14b'\)"):

@@ -21,7 +21,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)

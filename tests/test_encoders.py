@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from wan_animate import official_encoders as oe
 from wan_animate.encoders import CLIP_MEAN, CLIP_STD, ImageEncoder, TextEncoder, WanVAE, clean_prompt
-from wan_animate.tiny import (
+from wan_animate.testing import (
     build_tiny_image_encoder,
     build_tiny_text_encoder,
     build_tiny_tokenizer,

@@ -23,7 +23,7 @@ BLOB = "test_eval_sweep:make_blob_backend"  # deterministic stand-in pose backen
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from data_tools.synthetic import make_synthetic_dataset
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval_cells")
     return {

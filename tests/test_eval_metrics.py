@@ -16,9 +16,9 @@ from eval.metrics import (
     LPIPS, FVDError, LPIPSError, expression_metrics, flicker, frechet_distance, fvd, heldout_loss,
     identity_similarity, load_i3d, motion_metrics, psnr, ssim, temporal_error,
 )
-from eval.metrics.fvd import save_tiny_i3d
+from wan_animate.testing import save_tiny_i3d
 from eval.metrics.image import gaussian_window
-from eval.metrics.lpips import save_tiny_lpips_files
+from wan_animate.testing import save_tiny_lpips_files
 
 
 def make_video(t=6, h=32, w=40, seed=0) -> np.ndarray:

@@ -50,9 +50,9 @@ def make_blob_backend(**unused):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from data_tools.synthetic import make_synthetic_dataset
-    from eval.metrics.fvd import save_tiny_i3d
-    from eval.metrics.lpips import save_tiny_lpips_files
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import save_tiny_i3d
+    from wan_animate.testing import save_tiny_lpips_files
+    from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval_assets")
     model = make_tiny_model_folder(root / "model")

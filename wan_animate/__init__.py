@@ -17,7 +17,7 @@ _LAZY = {
     "save_dit": "wan_animate.checkpoint",
     "CheckpointError": "wan_animate.checkpoint",
     "AnimatePipeline": "wan_animate.pipeline",
-    "make_tiny_model_folder": "wan_animate.tiny",
+    "make_tiny_model_folder": "wan_animate.testing",
 }
 
 __all__ = ["WanAnimateConfig", *_LAZY]

@@ -12,10 +12,13 @@ keys. Model sizes are read back from tensor shapes because the official files ca
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from wan_animate.weights.diagnose import CheckpointError
+from wan_animate.weights.files import load_torch_file  # noqa: F401  (re-export: the official .pth files)
+from wan_animate.weights.load import assign_state, empty_model
 
 VAE_FILE = "Wan2.1_VAE.pth"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
@@ -28,28 +31,13 @@ class OfficialEncoderError(RuntimeError):
     """An official encoder file does not have the expected keys or shapes."""
 
 
-def load_torch_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing official encoder file.")
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise OfficialEncoderError(f"{path}: expected a state dict, got {type(sd).__name__}.")
-    return sd
-
-
 def _load_assigned(build, state: dict[str, torch.Tensor], what: str):
-    """Build the module on the meta device (no random init of billions of weights) and assign the
-    converted tensors; fails if any parameter or buffer stays unmaterialised."""
-    with torch.device("meta"):
-        model = build()
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise OfficialEncoderError(f"{what}: tensors not provided by the checkpoint: {left[:5]}.")
-    return model
+    """Build the module with its parameters on the meta device (no random init of billions of
+    weights) and assign the converted tensors strictly; fails if anything stays unmaterialised."""
+    try:
+        return assign_state(empty_model(build), state, what)
+    except CheckpointError as err:
+        raise OfficialEncoderError(str(err)) from err
 
 
 def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, torch.Tensor], what: str):

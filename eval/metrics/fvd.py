@@ -96,29 +96,3 @@ def fvd(detector, generated: list[np.ndarray], real: list[np.ndarray], *, clip_f
     fr = i3d_features(detector, real, clip_frames=clip_frames, device=device)
     return max(frechet_distance(fg, fr), 0.0), min(len(fg), len(fr))
 
-
-# ---------------------------------------------------------------------------- tiny detector
-
-
-class TinyI3D(torch.nn.Module):
-    """A tiny random 3D-conv net with the real detector's call signature (tests and benches)."""
-
-    def __init__(self, dim: int = 8, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv1 = torch.nn.Conv3d(3, dim, (3, 7, 7), stride=(1, 4, 4), padding=(1, 3, 3))
-        self.conv2 = torch.nn.Conv3d(dim, dim, 3, stride=2, padding=1)
-        self.fc = torch.nn.Linear(dim, 16)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        if rescale:
-            x = x * 2 - 1
-        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        f = self.fc(h.mean(dim=(2, 3, 4)))
-        return f if return_features else torch.softmax(f, dim=-1)
-
-
-def save_tiny_i3d(path, seed: int = 0) -> str:
-    torch.jit.script(TinyI3D(seed=seed)).save(str(path))
-    return str(path)

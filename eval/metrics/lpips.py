@@ -45,12 +45,12 @@ class LPIPSError(ValueError):
 def _load_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     if not path or not os.path.isfile(path):
         raise LPIPSError(f"LPIPS {what} weights file {str(path)!r} does not exist; pass an existing path")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise LPIPSError(f"{path}: expected a state dict of tensors for the LPIPS {what}")
-    return sd
+    from wan_animate.weights.files import WeightsFileError, load_torch_file
+
+    try:
+        return load_torch_file(path, what=f"LPIPS {what} weights file")
+    except WeightsFileError as err:
+        raise LPIPSError(str(err)) from None
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -160,27 +160,3 @@ def _tap_channels(features: nn.Sequential, end: int) -> int:
     convs = [m for m in list(features)[:end] if isinstance(m, nn.Conv2d)]
     return convs[-1].out_channels
 
-
-def save_tiny_lpips_files(dst_dir, net: str = "vgg", width: int = 4, seed: int = 0) -> tuple[str, str]:
-    """Write a tiny random backbone + linear-head pair in the real file formats (for tests/benches)."""
-    g = torch.Generator().manual_seed(seed)
-    backbone, in_ch, conv_idx = {}, 3, 0
-    for i, kind in enumerate(LAYOUT[net]):
-        if kind != "C":
-            continue
-        out_ch = width * (2 ** min(conv_idx // 2, 3))
-        k = ALEX_CONV[i][0] if net == "alex" else 3
-        backbone[f"features.{i}.weight"] = torch.randn(out_ch, in_ch, k, k, generator=g) * (2 / (in_ch * k * k)) ** 0.5
-        backbone[f"features.{i}.bias"] = torch.zeros(out_ch)
-        in_ch, conv_idx = out_ch, conv_idx + 1
-    backbone["classifier.0.weight"] = torch.zeros(2, 2)  # ignored, as in the real file
-    os.makedirs(dst_dir, exist_ok=True)
-    bpath, lpath = os.path.join(dst_dir, f"{net}_backbone.pth"), os.path.join(dst_dir, f"{net}_lin.pth")
-    torch.save(backbone, bpath)
-    # Tap channel counts follow from the backbone just written.
-    chans, convs = [], [i for i, kind in enumerate(LAYOUT[net]) if kind == "C"]
-    for end in TAP_ENDS[net]:
-        last = max(i for i in convs if i < end)
-        chans.append(backbone[f"features.{last}.weight"].shape[0])
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(chans)}, lpath)
-    return bpath, lpath
