@@ -1,0 +1,479 @@
+"""Memory planner: one real training step at full size on fake tensors, with the peak by category.
+
+    accelerate launch train/main.py experiment=animate14b_lora train.dry_run=memory [overrides]
+    plan_memory(cfg) -> dict   (the same, in process)
+
+It builds what ``train.trainer`` builds, with the trainer's own functions: the DiT from the preset
+or the model folder's ``config.json`` (no weight is read), its precision, the trainable set
+(``setup_trainable``: LoRA wrapping, adapters), fp32 master copies of the trainables, activation
+checkpointing, the memory options, the optimizer (``make_optimizer``), the frozen encoders at their
+real sizes (resident on the device for raw shards, parked on the host for cached shards). Then it
+runs one step as the trainer does: batch building (raw shards: VAE/umT5/CLIP encodes), forward
+under autocast, flow-matching loss, backward for every micro-batch of the accumulation, gradient
+clipping, ``optimizer.step()``, ``zero_grad``. Everything runs under ``FakeTensorMode`` on the CPU
+(fake CPU tensors run backward on a CPU-only torch) while ``LiveBytes`` counts live storages.
+
+Parallel engines (``train.plan_world_size=N`` plans one rank of N):
+* DDP: every rank holds the whole model, gradients and optimizer states, plus DDP's gradient
+  buckets (one more copy of the gradients; ``gradient_as_bucket_view`` is off by default).
+* ZeRO-2 (DeepSpeed, bf16): parameters whole; gradients kept as a 1/N fp32 partition plus one
+  reduce bucket (``reduce_bucket_size`` elements, bf16); optimizer = fp32 master + Adam m, v
+  (12 bytes per trainable parameter) / N.
+* ZeRO-3: as ZeRO-2, and the parameters too are 1/N; during forward/backward the gathered working
+  set is live in addition: the two largest DiT blocks in bf16 (the one computing + the prefetched
+  one), bounded by ``stage3_max_live_parameters``. Parameters below
+  ``stage3_param_persistence_threshold`` elements are counted whole (never partitioned).
+Those optimizer/gradient/working-set figures are *computed* from the parameter counts and
+launch/deepspeed/*.json; everything else is *measured* on the fake step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.config import Config
+from train.memory_plan_track import LiveBytes
+
+GIB = 1024**3
+DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
+DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,
+               "stage3_param_persistence_threshold": 1e6}
+
+
+# ---------------------------------------------------------------------------- what is planned
+
+
+def model_folder(cfg: Config) -> str | None:
+    """The folder whose ``config.json`` files describe the model: ``model.path``, or for a preset
+    other than 14b the quick-start tiny folder training would write (written here if missing)."""
+    if cfg.model.path or cfg.model.preset == "14b":
+        return cfg.model.path
+    try:
+        from wan_animate.testing import make_tiny_model_folder
+    except ImportError:  # before the weights/testing split lands
+        from wan_animate.testing import make_tiny_model_folder
+    folder = Path(cfg.cache_dir) / f"model-{cfg.model.preset}-seed{cfg.model.init_seed}"
+    if not (folder / ".complete").is_file():
+        import shutil
+
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_model_folder(tmp, layout="diffusers", seed=cfg.model.init_seed, config_preset=cfg.model.preset)
+        (tmp / ".complete").write_text("ok")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return str(folder)
+
+
+def _model_config(cfg: Config, folder: str | None):
+    """(WanAnimateConfig, where it came from): the folder's config.json, else the preset."""
+    from wan_animate.config import WanAnimateConfig
+
+    for sub in ("config.json", "transformer/config.json"):
+        f = Path(folder) / sub if folder else None
+        if f is not None and f.is_file():
+            raw = json.loads(f.read_text())
+            diffusers = raw.get("_class_name") == "WanAnimateTransformer3DModel" or "num_attention_heads" in raw
+            conv = WanAnimateConfig.from_diffusers_config if diffusers else WanAnimateConfig.from_official_config
+            return conv(raw), str(f)
+    return WanAnimateConfig.preset(cfg.model.preset), f"preset {cfg.model.preset!r}"
+
+
+def planned_shape(cfg: Config) -> tuple[int, int]:
+    """(H, W) of the planned clip: the largest bucket (the worst case), else the synthetic size."""
+    d = cfg.data
+    if d.buckets:
+        return tuple(max(d.buckets, key=lambda b: b[0] * b[1]))  # type: ignore[return-value]
+    if d.source == "synthetic":
+        return d.synthetic_height, d.synthetic_width
+    return DEFAULT_BUCKET
+
+
+def engine_of(cfg: Config, world: int) -> tuple[str, int]:
+    """("single" | "ddp" | "deepspeed", zero stage) for one rank of ``world``."""
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
+    ds = cfg.train.distributed == "deepspeed" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if ds:
+        return "deepspeed", stage or 3
+    return ("ddp" if world > 1 else "single"), 0
+
+
+def _ds_settings() -> dict[str, float]:
+    f = Path(__file__).resolve().parent.parent / "launch" / "deepspeed" / "zero3.json"
+    out = dict(DS_DEFAULTS)
+    if f.is_file():
+        zero = json.loads(f.read_text()).get("zero_optimization", {})
+        out.update({k: float(zero[k]) for k in DS_DEFAULTS if k in zero})
+    return out
+
+
+# ---------------------------------------------------------------------------- the fake step
+
+
+def _trainer_functions():
+    try:
+        from train.modes import make_optimizer, setup_trainable, upcast_trainable
+    except ImportError:  # before the trainer refactor lands
+        from train.lora import make_optimizer, setup_trainable
+
+        def upcast_trainable(dit):
+            for p in dit.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+    return setup_trainable, make_optimizer, upcast_trainable
+
+
+def apply_memory_options(dit, cfg: Config, tracker: LiveBytes) -> dict[str, Any]:
+    """The model-level memory options of ``cfg.model`` through ``wan_animate.memory`` (it also
+    applies activation checkpointing, after block swap), as training applies them; then tells
+    ``tracker`` which storages live on the host."""
+    try:
+        from wan_animate.memory import apply_memory_options as apply
+    except ImportError:  # before the memory options land: checkpointing only
+        if cfg.model.activation_checkpointing:
+            from wan_animate.model import apply_activation_checkpointing
+
+            apply_activation_checkpointing(dit)
+        return {}
+    state = apply(dit, cfg.model, device="cpu")
+    if state.block_swap is not None:  # the swapped frozen weights stay in (pinned) host memory
+        tracker.track([p for slots in state.block_swap.slots.values() for _, _, p in slots], "frozen_weights",
+                      host=True)
+    if state.checkpoint_store is not None and state.checkpoint_store.offload:
+        _account_offload(state.checkpoint_store, tracker)
+    return state.summary()
+
+
+def _account_offload(store, tracker: LiveBytes) -> None:
+    """Checkpoint offload on the planner's CPU: the packed copies are host memory, and the copy
+    back for the recomputation is a new device tensor (on the CPU ``.to(cpu)`` would alias)."""
+    pack, unpack = store.pack, store.unpack
+
+    def planned_pack(t, min_numel):
+        packed = pack(t, min_numel)
+        stored = getattr(packed, "stored", None)
+        if stored is not None:
+            tracker.track([stored], "activations", host=True)
+        return packed
+
+    def planned_unpack(packed):
+        out = unpack(packed)
+        stored = getattr(packed, "stored", None)
+        if stored is not None and out.untyped_storage() is stored.untyped_storage():
+            out = out.clone()
+        return out
+
+    store.pack, store.unpack = planned_pack, planned_unpack
+
+
+def _examples(cfg: Config, mcfg, shape: tuple[int, int], face: int) -> list[dict[str, Any]]:
+    """One micro-batch of examples at the planned shape (fake tensors; values never matter)."""
+    h, w = shape
+    n = cfg.data.clip_len
+    t_lat = (n - 1) // 4 + 1
+    lh, lw = h // 8, w // 8
+    out = []
+    for i in range(cfg.train.micro_batch_size):
+        e: dict[str, Any] = {"num_given": max(cfg.data.refert_nums), "mode": "animate", "noise_seed": i,
+                             "key": f"plan-{i}", "face": torch.empty(3, n, face, face)}
+        if cfg.data.source == "cached":
+            e.update(cached=True, ref_latent=torch.empty(16, 1, lh, lw), temporal_latent=torch.empty(16, t_lat, lh, lw),
+                     latents_target=torch.empty(16, t_lat, lh, lw), pose_latents=torch.empty(16, t_lat, lh, lw),
+                     context=torch.empty(mcfg.text_len, mcfg.text_dim),
+                     clip_fea=torch.empty(mcfg.num_image_tokens, mcfg.image_dim))
+        else:
+            e.update(video=torch.empty(3, n, h, w), pose=torch.empty(3, n, h, w), ref=torch.empty(3, h, w),
+                     caption="plan")
+        out.append(e)
+    return out
+
+
+def _build(cfg: Config, mcfg, tracker: LiveBytes, use_ds: bool, meta: tuple) -> dict[str, Any]:
+    """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
+    ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
+    seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
+    ``tracker`` is entered."""
+    from train.memory_plan_encoders import wrap_encoders
+    from wan_animate.model import set_precision
+
+    setup_trainable, make_optimizer, upcast_trainable = _trainer_functions()
+    bf16 = cfg.train.precision == "bf16"
+    dit, (modules, sources) = meta
+    dit.to_empty(device="cpu")
+    set_precision(dit, torch.bfloat16 if bf16 else torch.float32)
+    for m in modules.values():
+        m.to_empty(device="cpu")
+    # cached shards: the encoders only serve validation, parked on the host (the trainer's offload);
+    # the trainer's dtypes: umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
+    offload = cfg.data.source == "cached"
+    enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
+                        vae_dtype=torch.float32, offload=offload)
+    with tracker:
+        dit.train()
+        torch.manual_seed(cfg.train.seed)
+        groups, summary = setup_trainable(dit, cfg)
+        if not use_ds:
+            upcast_trainable(dit)
+        options = apply_memory_options(dit, cfg, tracker)
+        optimizer = make_optimizer(groups, cfg)
+        for p in dit.parameters():
+            tracker.track([p], "trainable_weights" if p.requires_grad else "frozen_weights")
+        tracker.track(list(dit.buffers()), "frozen_weights")
+        for m in modules.values():
+            tracker.track([*m.parameters(), *m.buffers()], "frozen_encoders", host=offload)
+    enc.sources = sources
+    enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+    return {"dit": dit, "optimizer": optimizer, "summary": summary, "options": options, "encoders": enc}
+
+
+def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -> None:
+    """One optimizer step: grad_accum micro-batches (at most 2: the second already sees the kept
+    gradients), clipping, step, zero_grad."""
+    from wan_animate.batch import build_dit_inputs
+    from wan_animate.objective import flow_matching_loss
+
+    dit, optimizer = built["dit"], built["optimizer"]
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(lambda p: tracker.track([p.grad], "gradients"))
+    bf16 = cfg.train.precision == "bf16"
+    face = cfg.data.face_size or mcfg.motion_encoder_size
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    input_dtype = torch.bfloat16 if built["use_ds"] else torch.float32
+    for _ in range(min(cfg.train.grad_accum, 2)):
+        tracker.phase = "encode"
+        examples = _examples(cfg, mcfg, shape, face)
+        tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
+        batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
+        tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
+        del examples
+        tracker.phase = "forward"
+        with autocast:
+            out = flow_matching_loss(dit, batch, cfg.loss, generator=None)
+        tracker.phase = "backward"
+        out.loss.backward()
+        del out, batch
+    tracker.phase = "optimizer"
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tracker.phase = "done"
+
+
+# ---------------------------------------------------------------------------- parallel model
+
+
+def _parallel_terms(cfg: Config, dit, world: int, engine: str, stage: int) -> tuple[dict, dict, dict]:
+    """(scale per measured category, constant per-rank extras in bytes, notes) for one rank."""
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    scale: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    if engine == "ddp":
+        extra["ddp_grad_buckets"] = float(sum(p.numel() * 4 for p in trainable))  # fp32 master grads
+        notes["ddp_grad_buckets"] = "computed: one more copy of the gradients in DDP's buckets"
+    if engine != "deepspeed":
+        return scale, extra, notes
+    ds = _ds_settings()
+    bf16 = cfg.train.precision == "bf16"
+    w_bytes = 2 if bf16 else 4
+    # DeepSpeed reduces the full gradients into partitions: the measured full gradients are replaced
+    scale["gradients"] = 0.0
+    scale["optimizer_states"] = 0.0
+    extra["gradients"] = n_train * w_bytes / world + ds["reduce_bucket_size"] * w_bytes
+    notes["gradients"] = (f"computed: 1/{world} partition ({w_bytes} B/param) + one reduce bucket "
+                          f"({ds['reduce_bucket_size']:.0e} elements)")
+    per_param = (16 if bf16 else 12)  # fp32 master (bf16 only) + m + v + fp32 gradient at the step
+    extra["optimizer_states"] = n_train * per_param / world
+    notes["optimizer_states"] = f"computed: {per_param} B/trainable param / {world} (fp32 master, Adam m+v, fp32 grad)"
+    if stage >= 3:
+        scale["frozen_weights"] = scale["trainable_weights"] = 1.0 / world
+        thr = ds["stage3_param_persistence_threshold"]
+        persistent = sum(p.numel() * p.element_size() for p in dit.parameters() if p.numel() < thr)
+        block_bytes = sorted((sum(p.numel() * w_bytes for p in m.parameters()) for m in dit.blocks), reverse=True)
+        live = min(sum(block_bytes[:2]), ds["stage3_max_live_parameters"] * w_bytes)
+        extra["zero3_gathered_params"] = live + persistent * (1 - 1.0 / world)
+        notes["zero3_gathered_params"] = ("computed: two largest blocks gathered (computing + prefetched), "
+                                          "params below the persistence threshold kept whole")
+        notes["weights"] = f"measured bytes x 1/{world} (ZeRO-3 partitions)"
+    return scale, extra, notes
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = False,
+                write: bool = True, quiet: bool = True) -> dict[str, Any]:
+    """Plan one rank of ``cfg``'s training step; see the module docstring. Returns the plan dict
+    (also written to ``<train.output_dir>/memory_plan.json`` when ``write``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    t0 = time.time()
+    world = world_size or cfg.train.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    engine, stage = engine_of(cfg, world)
+    folder = model_folder(cfg)
+    mcfg, model_source = _model_config(cfg, folder)
+    shape = planned_shape(cfg)
+    t_lat = (cfg.data.clip_len - 1) // 4 + 1 + 1  # + reference slot
+    pt, ph, pw = mcfg.patch_size
+    tokens = (t_lat // pt) * (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
+    tracker = LiveBytes()
+    from train.memory_plan_encoders import build_meta_encoders
+    from wan_animate.model import WanAnimateDiT
+
+    with torch.device("meta"):
+        meta = (WanAnimateDiT(mcfg), build_meta_encoders(folder))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
+        del meta
+        built["use_ds"] = engine == "deepspeed"
+        scale, extra, notes = _parallel_terms(cfg, built["dit"], world, engine, stage)
+        _rescale(tracker, scale, extra)
+        t_build = time.time() - t0
+        if engine == "deepspeed":  # DeepSpeed's own optimizer; its states are the computed terms
+            built["optimizer"] = _NoStep()
+        with tracker:
+            _step(cfg, built, mcfg, shape, tracker)
+        summary, options, enc = built["summary"], built["options"], built["encoders"]
+        del built
+    plan = _result(cfg, tracker, world=world, engine=engine, stage=stage, tokens=tokens, shape=shape,
+                   model_source=model_source, summary=summary, options=options, enc=enc, notes=notes,
+                   seconds={"build": round(t_build, 1), "total": round(time.time() - t0, 1)})
+    if suggest and not plan["fits"]:
+        plan["options_tried"] = try_options(cfg, world)
+    if write:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "memory_plan.json").write_text(json.dumps(plan, indent=1, allow_nan=False))
+    if not quiet:
+        print(format_plan(plan), flush=True)
+    return plan
+
+
+class _NoStep:
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
+def _rescale(tracker: LiveBytes, scale: dict, extra: dict) -> None:
+    """Apply a parallel model's scale to what is already counted, and its constant extras."""
+    for cat, s in scale.items():
+        tracker.device[cat] *= s
+    tracker.scale.update(scale)
+    tracker.extra.update(extra)
+    tracker.peak = 0.0
+    tracker._update_peak()
+
+
+def _result(cfg: Config, tracker: LiveBytes, **kw) -> dict[str, Any]:
+    enc, summary = kw["enc"], kw["summary"]
+    by_cat = {k: round(v / GIB, 3) for k, v in sorted(tracker.peak_by_category.items(), key=lambda kv: -kv[1])}
+    peak = tracker.peak / GIB
+    budget = cfg.train.plan_budget_gib
+    host_encoders = tracker.host.get("frozen_encoders", 0.0) / GIB  # constant over the step
+    bf16 = cfg.train.precision == "bf16"
+    load_copy = summary["total_params"] * (2 if bf16 else 4) / GIB
+    return {
+        "peak_device_gib": round(peak, 3),
+        "by_category": by_cat,
+        "peak_phase": tracker.peak_phase,
+        "peak_by_phase_gib": {k: round(v / GIB, 3) for k, v in tracker.peak_by_phase.items()},
+        "host_pinned_gib": round(tracker.host_peak / GIB - host_encoders, 3),
+        "host_encoders_gib": round(host_encoders, 3),
+        "host_ram_gib": round(max(tracker.host_peak / GIB, 0.0) + load_copy, 3),
+        "host_ram_note": "computed: host-held tensors of the plan + the DiT read on the CPU before it moves "
+                         f"to the device ({load_copy:.1f} GiB, transient)",
+        "world_size": kw["world"], "engine": kw["engine"], "zero_stage": kw["stage"],
+        "tokens_per_sample": kw["tokens"], "micro_batch_size": cfg.train.micro_batch_size,
+        "bucket_hw": list(kw["shape"]), "clip_len": cfg.data.clip_len, "precision": cfg.train.precision,
+        "mode": cfg.train.mode, "data_source": cfg.data.source, "experiment": cfg.experiment_name,
+        "activation_checkpointing": cfg.model.activation_checkpointing, "memory_options": kw["options"],
+        "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+        "encoder_params": enc.params if enc else {}, "encoders_resident": bool(enc) and cfg.data.source != "cached",
+        "sources": {"model": kw["model_source"], **(enc.sources if enc else {}),
+                    "measured": "live storages of a full step on FakeTensorMode (LiveBytes)", **kw["notes"]},
+        "budget_gib": budget, "fits": peak <= budget, "seconds": kw["seconds"], "ops": tracker.ops,
+    }
+
+
+# ---------------------------------------------------------------------------- options that fit
+
+
+def candidate_options(cfg: Config) -> list[dict[str, Any]]:
+    """Overrides ({"model.key": value}) worth trying, among those the config supports."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cfg.model)}
+    c: list[dict[str, Any]] = []
+    if not cfg.model.activation_checkpointing:
+        c.append({"model.activation_checkpointing": True})
+    if "checkpoint_dtype" in known:
+        c.append({"model.checkpoint_dtype": "bf16"})
+    if "checkpoint_offload" in known:
+        c.append({"model.checkpoint_offload": True})
+    if "base_dtype" in known and cfg.train.mode in ("lora", "adapters_only"):
+        c.append({"model.base_dtype": "fp8"})
+    if "block_swap" in known and cfg.train.mode in ("lora", "adapters_only"):
+        c.append({"model.block_swap": 20})
+        c.append({"model.block_swap": 40})
+    if len(c) > 1:
+        merged: dict[str, Any] = {}
+        for o in c:
+            merged.update(o)
+        c.append(merged)
+    return c
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    import dataclasses
+
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        sec, name = key.split(".", 1)
+        sections.setdefault(sec, {})[name] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
+
+
+def try_options(cfg: Config, world: int) -> list[dict[str, Any]]:
+    out = []
+    for overrides in candidate_options(cfg):
+        plan = plan_memory(with_overrides(cfg, overrides), world_size=world, write=False)
+        out.append({"overrides": overrides, "peak_device_gib": plan["peak_device_gib"], "fits": plan["fits"]})
+    return out
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = [f"[plan] {plan['experiment']}: mode={plan['mode']} {plan['precision']} engine={plan['engine']}"
+             f" zero={plan['zero_stage']} rank 1 of {plan['world_size']}; {plan['bucket_hw'][0]}x{plan['bucket_hw'][1]}"
+             f" x {plan['clip_len']} frames = {plan['tokens_per_sample']:,} tokens x {plan['micro_batch_size']}",
+             f"{'category':<28}{'GiB at peak':>12}"]
+    lines += [f"{k:<28}{v:>12.2f}" for k, v in plan["by_category"].items()]
+    lines += [f"{'peak device':<28}{plan['peak_device_gib']:>12.2f}   (phase: {plan['peak_phase']})",
+              f"{'host pinned':<28}{plan['host_pinned_gib']:>12.2f}",
+              f"{'host RAM (incl. load)':<28}{plan['host_ram_gib']:>12.2f}"]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    lines.append(f"[plan] verdict: {plan['peak_device_gib']:.1f} GiB {verdict} in train.plan_budget_gib="
+                 f"{plan['budget_gib']:g}")
+    for t in plan.get("options_tried", []):
+        opts = " ".join(f"{k}={v}" for k, v in t["overrides"].items())
+        lines.append(f"  with {opts}: {t['peak_device_gib']:.1f} GiB -> {'fits' if t['fits'] else 'does not fit'}")
+    if not plan["fits"] and "options_tried" in plan and not any(t["fits"] for t in plan["options_tried"]):
+        lines.append("  no single option makes it fit: plan more ranks (train.plan_world_size) or a smaller bucket")
+    return "\n".join(lines)
+
+
+def run_dry(cfg: Config) -> dict[str, Any]:
+    """``train.dry_run=memory``: plan, print the table and the verdict, write memory_plan.json."""
+    return plan_memory(cfg, suggest=True, write=True, quiet=False)

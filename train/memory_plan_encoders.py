@@ -1,0 +1,95 @@
+"""The frozen encoders at their real sizes for the memory planner, built without reading weights.
+
+Architectures come from the model folder's ``config.json`` files (diffusers layout: ``vae/``,
+``text_encoder/``, ``image_encoder/``) or, for the official layout and for a preset without a
+folder, from the published sizes of the Wan2.2-Animate-14B release (facts file): Wan2.1 VAE
+(diffusers ``AutoencoderKLWan`` defaults), umT5-XXL encoder (d_model 4096, 24 layers, 64 heads,
+d_ff 10240, vocabulary 256,384) and the open-clip ViT-H/14 vision tower (1280 wide, 32 layers,
+16 heads, MLP 5120, 224 px, patch 14). They are built on ``meta`` and materialised as fake
+tensors by the caller, then wrapped in the pipeline's own ``WanVAE`` / ``TextEncoder`` /
+``ImageEncoder`` so one encode runs the code training runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, is_encoder_decoder=False,
+                use_cache=False, tie_word_embeddings=False)
+CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                    image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def _folder_config(path: str | None, sub: str) -> dict | None:
+    if not path:
+        return None
+    f = Path(path) / sub / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def build_meta_encoders(model_path: str | None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """``({"vae", "text_encoder", "image_encoder"} modules on meta, {name: where the sizes came from})``."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    sources = {}
+    vae_cfg = _folder_config(model_path, "vae")
+    t5_cfg = _folder_config(model_path, "text_encoder")
+    clip_cfg = _folder_config(model_path, "image_encoder")
+    with torch.device("meta"):
+        if vae_cfg:
+            keys = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
+            vae = AutoencoderKLWan(**{k: v for k, v in vae_cfg.items() if k in keys})
+            sources["vae"] = f"{model_path}/vae/config.json"
+        else:
+            vae = AutoencoderKLWan()
+            sources["vae"] = "Wan2.1 VAE (diffusers AutoencoderKLWan defaults)"
+        t5 = UMT5EncoderModel(UMT5Config(**(t5_cfg or UMT5_XXL)))
+        sources["text_encoder"] = f"{model_path}/text_encoder/config.json" if t5_cfg else "umT5-XXL encoder (published sizes)"
+        clip = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in (clip_cfg or CLIP_VIT_H14).items()
+                                                 if k not in ("architectures", "model_type", "transformers_version")}))
+        sources["image_encoder"] = (f"{model_path}/image_encoder/config.json" if clip_cfg
+                                    else "CLIP ViT-H/14 vision tower (published sizes)")
+    return {"vae": vae, "text_encoder": t5, "image_encoder": clip}, sources
+
+
+class _StubTokenizer:
+    """Stands in for the umT5 tokenizer (no files read): every prompt fills ``max_length`` tokens,
+    the worst case for the encoder's activations."""
+
+    def __call__(self, prompts, max_length: int, **_):
+        n = len(prompts)
+        return SimpleNamespace(input_ids=torch.ones(n, max_length, dtype=torch.long),
+                               attention_mask=torch.ones(n, max_length, dtype=torch.long))
+
+
+def wrap_encoders(modules: dict[str, torch.nn.Module], *, text_len: int, encoder_dtype: torch.dtype,
+                  vae_dtype: torch.dtype, offload: bool):
+    """The pipeline's encoder wrappers around materialised (fake) modules, as the trainer sets them up."""
+    from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
+
+    dtypes = {"vae": vae_dtype, "text_encoder": encoder_dtype, "image_encoder": encoder_dtype}
+    for name, m in modules.items():
+        # Module.to() swaps fake parameters, which fails once the fake mode has seen them; cast
+        # through .data instead and make the wrappers' own (same device, same dtype) .to() a no-op.
+        with torch.no_grad():
+            for p in [*m.parameters(), *m.buffers()]:
+                if p.is_floating_point() and p.dtype != dtypes[name]:
+                    p.data = p.data.to(dtypes[name])
+        m.to = lambda *a, _m=m, **k: _m
+    try:
+        vae = WanVAE(modules["vae"], dtype=vae_dtype, device="cpu", offload=offload)
+        text = TextEncoder(modules["text_encoder"], _StubTokenizer(), text_len=text_len, dtype=encoder_dtype,
+                           device="cpu", offload=offload)
+        image = ImageEncoder(modules["image_encoder"], dtype=encoder_dtype, device="cpu", offload=offload)
+    finally:
+        for m in modules.values():
+            del m.to
+    return SimpleNamespace(vae=vae, text_encoder=text, image_encoder=image)

@@ -1,0 +1,134 @@
+"""Live-tensor accounting for the memory planner: every storage counted once, by category.
+
+``LiveBytes`` is a ``TorchDispatchMode`` that sees the output of every aten op (forward, backward,
+the optimizer step) and registers each output's *untyped storage* once (views and aliases share
+it), with a weak reference whose callback subtracts the bytes when the storage dies. On fake
+tensors (``FakeTensorMode``) storages keep their real ``nbytes`` and identity, so the live total is
+what the allocator would hold. A storage gets the category of the phase that created it
+(forward -> ``activations``, backward -> ``temporaries``, optimizer -> ``optimizer_states``,
+encode -> ``encoder_activations``) unless it is (re)classified: parameters, gradients (a hook
+after accumulation), batch inputs, frozen encoder weights. Storages marked *host* (pinned by a
+memory option, or parked on the CPU) are summed apart and never enter the device peak.
+
+Sharded categories (ZeRO) are counted at ``scale[category]`` of their bytes, so the same step
+plans one rank of an N-rank job (see ``train.memory_plan`` for the model of each engine).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+CATEGORIES = (
+    "frozen_weights", "trainable_weights", "gradients", "optimizer_states", "inputs", "activations",
+    "temporaries", "frozen_encoders", "encoder_activations",
+)
+PHASE_CATEGORY = {"setup": "activations", "encode": "encoder_activations", "forward": "activations",
+                  "backward": "temporaries", "optimizer": "optimizer_states"}
+
+_aten = torch.ops.aten
+
+
+class _Entry:
+    __slots__ = ("nbytes", "category", "host")
+
+    def __init__(self, nbytes: int, category: str, host: bool):
+        self.nbytes, self.category, self.host = nbytes, category, host
+
+
+class LiveBytes(TorchDispatchMode):
+    """Running live bytes per category on the device (and on the pinned host), with the peak."""
+
+    def __init__(self, scale: dict[str, float] | None = None):
+        super().__init__()
+        self.scale = dict(scale or {})
+        self.phase = "setup"
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._refs: list = []
+        self.device = defaultdict(float)
+        self.host = defaultdict(float)
+        self.extra: dict[str, float] = {}  # constant per-rank terms added by a parallel model
+        self.peak = 0.0
+        self.peak_by_category: dict[str, float] = {}
+        self.peak_phase = "setup"
+        self.peak_by_phase: dict[str, float] = defaultdict(float)
+        self.host_peak = 0.0
+        self.ops = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _weight(self, e: _Entry) -> float:
+        return e.nbytes * self.scale.get(e.category, 1.0)
+
+    def _add(self, e: _Entry, sign: int) -> None:
+        (self.host if e.host else self.device)[e.category] += sign * self._weight(e)
+
+    def _on_free(self, entry: _Entry, _ref) -> None:
+        self._add(entry, -1)
+
+    def track(self, tensors: Iterable[Any], category: str | None = None, host: bool | None = None) -> None:
+        """Register (or reclassify) the storages of ``tensors``."""
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            e = self._entries.get(st)
+            if e is None:
+                e = _Entry(st.nbytes(), category or PHASE_CATEGORY[self.phase], bool(host))
+                self._entries[st] = e
+                self._refs.append(weakref.ref(st, lambda r, e=e: self._on_free(e, r)))
+                self._add(e, +1)
+            elif (category and category != e.category) or (host is not None and host != e.host):
+                self._add(e, -1)
+                e.category = category or e.category
+                e.host = e.host if host is None else host
+                self._add(e, +1)
+        self._update_peak()
+
+    def category_of(self, t: torch.Tensor) -> str | None:
+        e = self._entries.get(t.untyped_storage())
+        return None if e is None else e.category
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        e = self._entries.get(t.untyped_storage())
+        return bool(e is not None and e.host)
+
+    def device_total(self) -> float:
+        return sum(self.device.values()) + sum(self.extra.values())
+
+    def _update_peak(self) -> None:
+        total = self.device_total()
+        self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
+        if total > self.peak:
+            self.peak = total
+            self.peak_by_category = {**{k: v for k, v in self.device.items() if v}, **self.extra}
+            self.peak_phase = self.phase
+        self.host_peak = max(self.host_peak, sum(self.host.values()))
+
+    # ------------------------------------------------------------------ dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _aten._pin_memory.default:
+            # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here.
+            out = _aten.clone.default(args[0])
+            self.track([out], category=self._pinned_category(args[0]), host=True)
+            return out
+        if func is _aten.is_pinned.default:
+            return self.is_host(args[0])
+        out = func(*args, **kwargs)
+        self.ops += 1
+        flat, _ = tree_flatten(out)
+        self.track([t for t in flat if isinstance(t, torch.Tensor)])
+        return out
+
+    def _pinned_category(self, src: torch.Tensor) -> str:
+        return self.category_of(src) or PHASE_CATEGORY[self.phase]
+
+    # ------------------------------------------------------------------ results
+    def snapshot(self) -> dict[str, float]:
+        return {k: v for k, v in self.device.items() if v}
