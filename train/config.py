@@ -199,8 +199,20 @@ class TrainSettings:
     debug_step_delay_s: float = 0.0
     # Flop-count basis of the MFU figure (peak TFLOP/s per device); 0 -> guess from the device.
     peak_tflops: float = 0.0
+    # Memory planner (train/memory_plan.py): "memory" runs one step on fake tensors and writes
+    # <output_dir>/memory_plan.json instead of training; plan_world_size plans one rank of N
+    # (0 -> the launched world size); plan_budget_gib is the device memory the verdict checks.
+    dry_run: Optional[str] = None
+    plan_world_size: int = 0
+    plan_budget_gib: float = 80.0
 
     def __post_init__(self) -> None:
+        if self.dry_run not in (None, "memory"):
+            _fail(f"train.dry_run={self.dry_run!r}; use train.dry_run=memory (or leave it unset to train).")
+        if self.plan_world_size < 0:
+            _fail(f"train.plan_world_size={self.plan_world_size} must be >= 0 (0 -> the launched world size).")
+        if not self.plan_budget_gib > 0:
+            _fail(f"train.plan_budget_gib={self.plan_budget_gib} must be > 0 (GiB of device memory per rank).")
         if self.mode not in MODES:
             _fail(f"train.mode={self.mode!r}; choose one of {MODES}.")
         if self.max_steps < 1:
