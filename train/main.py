@@ -30,6 +30,11 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"[train] configuration error: {e}", file=sys.stderr)
         sys.exit(2)
+    if config.train.dry_run == "memory":  # plan the step on fake tensors instead of training
+        from train.memory_plan import run_dry
+
+        run_dry(config)
+        return
     from train.trainer import run
 
     try:
