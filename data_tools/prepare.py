@@ -33,20 +33,11 @@ from data_tools.pose.render import render_pose
 from data_tools.shards import ShardWriter, encode_sample, list_shards, safe_key, shard_index, shard_keys
 from wan_animate.files import atomic_write_json
 from wan_animate.geometry import ResizePlan, area_bucket, choose_bucket  # noqa: F401  (area_bucket: re-export)
-from wan_animate.video_io import VideoDecodeError, read_video
+from wan_animate.video_io import VideoDecodeError, decode_video, read_video, resample_indices
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 STATE_FILE = "prepare_state.jsonl"
-
-
-def resample_indices(num_frames: int, src_fps: float, fps: float) -> np.ndarray:
-    """Source frame index of each output frame at ``fps`` (-1 keeps all source frames)."""
-    if fps == -1 or abs(fps - src_fps) < 1e-6:
-        return np.arange(num_frames)
-    count = int(math.floor((num_frames - 1) / src_fps * fps + 1e-9)) + 1
-    idx = np.round(np.arange(count) / fps * src_fps).astype(np.int64)
-    return idx[idx < num_frames]
 
 
 # =============================================================================================

@@ -1,14 +1,13 @@
-"""Shard schema v1: encoding one sample into webdataset fields, and an atomic tar shard writer.
+"""Writing shards: encoding one schema-v1 sample into webdataset fields, and an atomic tar writer.
 
-A sample is a group of tar members sharing a key: ``<key>.mp4`` (target clip), ``<key>.pose.mp4``,
-``<key>.face.mp4``, ``<key>.ref.png``, optional ``<key>.bg.mp4`` / ``<key>.mask.mp4``,
-``<key>.json`` and ``<key>.txt``. See docs/data.md for every field.
+The schema itself and the readers (``list_shards``, ``read_shard``, ``shard_keys``, ``decode_sample``)
+live in ``wan_animate.samples``; they are re-exported here for the data tools. See docs/data.md for
+every field.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import tarfile
@@ -19,12 +18,18 @@ import numpy as np
 from PIL import Image
 
 from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.files import dumps_strict
+from wan_animate.samples import (  # noqa: F401  (readers re-exported for the data tools)
+    SCHEMA_VERSION,
+    SHARD_PATTERN,
+    list_shards,
+    read_shard,
+    shard_index,
+    shard_keys,
+)
 from wan_animate.video_io import encode_video_bytes
 
-SCHEMA_VERSION = 1
 DEFAULT_CAPTION = DEFAULT_PROMPT
-SHARD_PATTERN = "shard-{:06d}.tar"
-_SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -68,7 +73,7 @@ def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.nd
         "pose.mp4": encode_video_bytes(pose, fps, crf=crf),
         "face.mp4": encode_video_bytes(face, fps, crf=crf),
         "ref.png": png_bytes(ref),
-        "json": json.dumps(meta, ensure_ascii=False).encode(),
+        "json": dumps_strict(meta).encode(),
         "txt": caption.encode(),
     }
     if bg is not None:
@@ -151,34 +156,3 @@ class ShardWriter:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def list_shards(directory: str | os.PathLike) -> list[Path]:
-    """Completed shards (``shard-NNNNNN.tar``) in index order."""
-    return sorted(p for p in Path(directory).glob("shard-*.tar") if _SHARD_RE.match(p.name))
-
-
-def shard_index(path: Path) -> int:
-    return int(_SHARD_RE.match(Path(path).name).group(1))
-
-
-def read_shard(path: str | os.PathLike) -> list[dict[str, bytes]]:
-    """All samples of one tar shard as ``{"__key__": key, field: bytes}`` dicts, in tar order."""
-    samples: dict[str, dict] = {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            key, _, field = name.partition(".")
-            sample = samples.setdefault(key, {"__key__": key})
-            sample[field] = tar.extractfile(member).read()
-    return list(samples.values())
-
-
-def shard_keys(path: str | os.PathLike) -> list[str]:
-    keys: dict[str, None] = {}
-    with tarfile.open(path, "r") as tar:
-        for name in tar.getnames():
-            keys.setdefault(name.rsplit("/", 1)[-1].partition(".")[0], None)
-    return list(keys)

@@ -95,8 +95,7 @@ def _cut(sample: EvalSample, max_frames: int) -> EvalSample:
 
 
 def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -> list[EvalSample]:
-    from data_tools.dataset import SampleDecodeError, decode_sample
-    from data_tools.shards import list_shards, read_shard
+    from wan_animate.samples import SampleDecodeError, decode_sample, list_shards, read_shard
 
     shards = [path] if path.is_file() else list_shards(path)
     if not shards:
@@ -174,8 +173,8 @@ def load_pair(folder: Path, preprocess_args: dict, cache_dir: Path | None) -> Ev
     if not (out / "driving.mp4").exists():
         import json
 
-        from data_tools.prepare import ResizePlan
-        from data_tools.preprocess_driving import preprocess_driving
+        from data_tools.driving import preprocess_driving
+        from wan_animate.geometry import ResizePlan
         from wan_animate.video_io import write_video
 
         preprocess_driving(videos[0], images[0], out, **preprocess_args)

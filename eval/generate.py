@@ -96,7 +96,7 @@ def _read(path: Path, what: str):
 def _run_preprocess(args) -> Path:
     """``--driving``: raw video -> official src_* files via data_tools.preprocess_driving."""
     try:
-        from data_tools.preprocess_driving import preprocess_driving
+        from data_tools.driving import preprocess_driving
     except ImportError as e:
         raise CliError(f"--driving needs data_tools.preprocess_driving, which failed to import ({e}); "
                        "preprocess the video yourself and pass --preprocessed DIR.") from None

@@ -1,0 +1,268 @@
+"""Shard schema v1 and sample decoding: what the trainer, eval and ``data_tools.inspect`` read.
+
+A raw sample is a group of tar members sharing a key: ``<key>.mp4`` (target clip),
+``<key>.pose.mp4``, ``<key>.face.mp4``, ``<key>.ref.png``, optional ``<key>.bg.mp4`` /
+``<key>.mask.mp4``, ``<key>.json`` and ``<key>.txt`` (docs/data.md lists every field). A cached
+sample (``data_tools.cache_latents``) is ``<key>.latents.safetensors`` + ``<key>.face.mp4`` +
+``<key>.json``, with the text embeddings deduplicated in ``text_embeds.safetensors`` at the
+dataset root. Shards are ``shard-NNNNNN.tar``.
+
+Writers (``encode_sample``, ``ShardWriter``) live in ``data_tools.shards``; readers live here.
+``decode_sample`` / ``decode_cached_sample`` raise ``SampleDecodeError`` naming the sample key and
+the fix (a cached sample given to the raw reader says "use data=cached", and the reverse).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from wan_animate.video_io import VideoDecodeError, frames_to_tensor, read_video
+
+SCHEMA_VERSION = 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
+VIDEO_FIELDS = ("mp4", "pose.mp4", "face.mp4", "bg.mp4", "mask.mp4")
+RAW_FIELDS = ("mp4", "pose.mp4", "face.mp4", "ref.png", "json")  # required in a raw sample
+CACHED_FIELDS = ("latents.safetensors", "face.mp4", "json")  # required in a cached sample
+TEXT_EMBEDS = "text_embeds.safetensors"
+# json fields with a fixed type when present (a mistyped one is a decode error, not a crash later)
+_META_TYPES = {"schema_version": int, "num_frames": int, "height": int, "width": int, "face_size": int,
+               "fps": (int, float), "caption": str, "replace": bool}
+
+
+class SampleDecodeError(ValueError):
+    """One shard sample is unusable (a stream does not decode, streams disagree, field missing)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# shards on disk
+# ---------------------------------------------------------------------------------------------
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    """Completed shards (``shard-NNNNNN.tar``) in index order."""
+    return sorted(p for p in Path(directory).glob("shard-*.tar") if SHARD_RE.match(p.name))
+
+
+def shard_index(path: str | os.PathLike) -> int:
+    return int(SHARD_RE.match(Path(path).name).group(1))
+
+
+def read_shard(path: str | os.PathLike) -> list[dict[str, bytes]]:
+    """All samples of one tar shard as ``{"__key__": key, field: bytes}`` dicts, in tar order."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = member.name.rsplit("/", 1)[-1]
+            key, _, field = name.partition(".")
+            sample = samples.setdefault(key, {"__key__": key})
+            sample[field] = tar.extractfile(member).read()
+    return list(samples.values())
+
+
+def shard_keys(path: str | os.PathLike) -> list[str]:
+    keys: dict[str, None] = {}
+    with tarfile.open(path, "r") as tar:
+        for name in tar.getnames():
+            keys.setdefault(name.rsplit("/", 1)[-1].partition(".")[0], None)
+    return list(keys)
+
+
+def sample_kind(raw: dict) -> str:
+    """``"cached"`` (cache_latents output), ``"raw"`` (schema v1) or ``"unknown"``, from the fields."""
+    if "latents.safetensors" in raw:
+        return "cached"
+    if "mp4" in raw or "pose.mp4" in raw:
+        return "raw"
+    return "unknown"
+
+
+def shard_kind(path: str | os.PathLike) -> str:
+    """Kind of the first sample of a shard (member names only, nothing decoded)."""
+    with tarfile.open(path, "r") as tar:
+        fields = {n.rsplit("/", 1)[-1].partition(".")[2] for n in tar.getnames()[:16]}
+    return sample_kind(dict.fromkeys(fields))
+
+
+# ---------------------------------------------------------------------------------------------
+# fields
+# ---------------------------------------------------------------------------------------------
+def sample_key(raw: dict) -> str:
+    return str(raw.get("__key__", "<no key>"))
+
+
+def _field(raw: dict, name: str, key: str):
+    if name in raw:
+        return raw[name]
+    kind = sample_kind(raw)
+    if kind == "cached" and name in RAW_FIELDS:
+        raise SampleDecodeError(f"sample {key!r}: these are cached shards (data_tools.cache_latents output), not "
+                                f"raw schema-v1 shards: train on them with data=cached; inspect and eval need the raw "
+                                f"shards they were made from")
+    if kind == "raw" and name == "latents.safetensors":
+        raise SampleDecodeError(f"sample {key!r}: these are raw schema-v1 shards, not cached latents: use "
+                                f"data=shards, or make cached ones with python -m data_tools.cache_latents")
+    raise SampleDecodeError(f"sample {key!r}: missing field {name!r} (has {sorted(k for k in raw if not k.startswith('__'))})")
+
+
+def _to_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if hasattr(value, "read"):
+        return value.read()
+    raise TypeError(f"expected bytes, got {type(value).__name__}")
+
+
+def _video(raw: dict, name: str, key: str) -> np.ndarray:
+    try:
+        frames, _ = read_video(_to_bytes(_field(raw, name, key)))
+    except VideoDecodeError as e:
+        raise SampleDecodeError(f"sample {key!r}: stream {name!r} does not decode ({e})") from e
+    return frames
+
+
+def _image(raw: dict, name: str, key: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        return np.array(Image.open(io.BytesIO(_to_bytes(_field(raw, name, key)))).convert("RGB"))
+    except SampleDecodeError:
+        raise
+    except Exception as e:
+        raise SampleDecodeError(f"sample {key!r}: {name!r} is not a readable image ({e})") from e
+
+
+def decode_meta(raw: dict) -> dict:
+    """The sample's ``json`` as a dict; missing, invalid, non-object or mistyped -> SampleDecodeError."""
+    key = sample_key(raw)
+    try:
+        meta = json.loads(_to_bytes(_field(raw, "json", key)).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleDecodeError(f"sample {key!r}: json field is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise SampleDecodeError(f"sample {key!r}: json field is a {type(meta).__name__}, not an object")
+    for name, types in _META_TYPES.items():
+        value = meta.get(name)
+        bad_bool = isinstance(value, bool) and types is not bool
+        if value is not None and (bad_bool or not isinstance(value, types)):
+            raise SampleDecodeError(f"sample {key!r}: json {name!r} is {value!r} ({type(value).__name__}), "
+                                    f"expected {getattr(types, '__name__', 'a number')}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# raw samples
+# ---------------------------------------------------------------------------------------------
+def decode_sample(raw: dict) -> dict:
+    """One raw schema-v1 sample (bytes per field) -> tensors.
+
+    Returns ``video`` float [3, T, H, W] in [-1, 1], ``pose`` same, ``face`` [3, T, S, S],
+    ``ref`` [3, H, W], optional ``bg`` [3, T, H, W] and ``mask`` [1, T, H, W] in {0, 1}
+    (1 = character), ``meta`` (the json dict), ``caption`` (str), ``key``.
+    Raises ``SampleDecodeError`` naming the sample key when a stream does not decode or the
+    streams' frame counts / sizes disagree.
+    """
+    import torch
+
+    key = sample_key(raw)
+    if sample_kind(raw) == "cached":
+        _field(raw, "mp4", key)  # raises the "these are cached shards" message
+    meta = decode_meta(raw)
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SampleDecodeError(f"sample {key!r}: schema_version {version!r} is not supported (this reader knows 1)")
+    video = _video(raw, "mp4", key)
+    pose = _video(raw, "pose.mp4", key)
+    face = _video(raw, "face.mp4", key)
+    ref = _image(raw, "ref.png", key)
+    t, h, w = video.shape[:3]
+    if pose.shape != video.shape:
+        raise SampleDecodeError(f"sample {key!r}: pose.mp4 is {pose.shape[:3]} but mp4 is {video.shape[:3]} (T, H, W)")
+    if len(face) != t:
+        raise SampleDecodeError(f"sample {key!r}: face.mp4 has {len(face)} frames but mp4 has {t}")
+    if ref.shape[:2] != (h, w):
+        raise SampleDecodeError(f"sample {key!r}: ref.png is {ref.shape[:2]} but frames are {(h, w)}")
+    if meta.get("num_frames", t) != t:
+        raise SampleDecodeError(f"sample {key!r}: json says {meta['num_frames']} frames, mp4 has {t}")
+    out = {
+        "key": key,
+        "video": frames_to_tensor(video),
+        "pose": frames_to_tensor(pose),
+        "face": frames_to_tensor(face),
+        "ref": frames_to_tensor(ref[None])[:, 0],
+        "meta": meta,
+        "caption": _to_bytes(raw["txt"]).decode("utf-8") if "txt" in raw else meta.get("caption", ""),
+    }
+    if "bg.mp4" in raw or "mask.mp4" in raw:
+        bg = _video(raw, "bg.mp4", key)
+        mask = _video(raw, "mask.mp4", key)
+        if bg.shape != video.shape or mask.shape != video.shape:
+            raise SampleDecodeError(f"sample {key!r}: bg.mp4 {bg.shape[:3]} / mask.mp4 {mask.shape[:3]} "
+                                    f"differ from mp4 {video.shape[:3]}")
+        out["bg"] = frames_to_tensor(bg)
+        out["mask"] = torch.from_numpy(mask[..., 0] > 127).float()[None]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cached latents
+# ---------------------------------------------------------------------------------------------
+def load_text_embeds(path) -> tuple[dict, dict[str, str]]:
+    """``text_embeds.safetensors`` -> ({text_key: [L, D] tensor}, {text_key: caption})."""
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        captions = json.loads((f.metadata() or {}).get("captions", "{}"))
+        for name in f.keys():
+            tensors[name] = f.get_tensor(name)
+    return tensors, captions
+
+
+def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
+    """One cached sample (``latents.safetensors``, ``face.mp4``, ``json``) -> tensors.
+
+    Returns every tensor of ``latents.safetensors`` under its own name (``target``, ``pose``,
+    ``ref``, ``cond_r0`` / ``cond_r1`` / ``cond_r5``, ``clip``, and in replace mode
+    ``cond_replace_r*`` and ``char_mask``), ``face`` float [3, T, S, S] in [-1, 1], ``text``
+    [L, D] (the caption's embedding), ``text_empty`` (the "" embedding, for condition dropout,
+    when the file has it), ``meta``, ``caption``, ``key``.
+    """
+    from safetensors.torch import load as load_safetensors
+
+    key = sample_key(raw)
+    if sample_kind(raw) == "raw":
+        _field(raw, "latents.safetensors", key)  # raises the "these are raw shards" message
+    meta = decode_meta(raw)
+    try:
+        tensors = load_safetensors(_to_bytes(_field(raw, "latents.safetensors", key)))
+    except SampleDecodeError:
+        raise
+    except Exception as e:
+        raise SampleDecodeError(f"sample {key!r}: latents.safetensors does not load ({e})") from e
+    face = _video(raw, "face.mp4", key)
+    for name in ("target", "pose", "ref", "clip"):
+        if name not in tensors:
+            raise SampleDecodeError(f"sample {key!r}: latents.safetensors lacks {name!r}")
+    if tensors["pose"].shape != tensors["target"].shape:
+        raise SampleDecodeError(f"sample {key!r}: pose latents {tuple(tensors['pose'].shape)} differ from target "
+                                f"{tuple(tensors['target'].shape)}")
+    if meta.get("num_frames") is not None and len(face) != meta["num_frames"]:
+        raise SampleDecodeError(f"sample {key!r}: face.mp4 has {len(face)} frames, json says {meta['num_frames']}")
+    text_key = meta.get("text_key")
+    if text_key not in text_embeds:
+        raise SampleDecodeError(f"sample {key!r}: text_key {text_key!r} not in {TEXT_EMBEDS}")
+    out = dict(tensors)
+    out.update(key=key, face=frames_to_tensor(face), text=text_embeds[text_key], meta=meta,
+               caption=meta.get("caption", ""))
+    empty_key = meta.get("empty_text_key")
+    if empty_key in text_embeds:
+        out["text_empty"] = text_embeds[empty_key]
+    return out
