@@ -12,7 +12,7 @@ from wan_animate.pipeline import (
     num_segments,
     padded_length,
 )
-from wan_animate.tiny import make_tiny_model_folder
+from wan_animate.testing import make_tiny_model_folder
 
 CLIP, STEPS, SIZE = 9, 2, 32
 
@@ -328,9 +328,23 @@ def test_schedules_follow_official_shift_and_recover_x0(solver):
     steps, shift = 6, 5.0
     s = make_scheduler(solver, shift=shift)
     set_schedule(s, steps)
-    grid = np.linspace(1, 0, steps + 1)[:-1]
+    # the official grids (wan/utils/fm_solvers_unipc.py: linspace(sigma_max=float32(0.999), 0)[:-1];
+    # fm_solvers.get_sampling_sigmas: linspace(1, 0)[:steps]), shifted, stored as float32, exactly
+    start = float(np.float32(0.999)) if solver == "unipc" else 1.0
+    grid = np.linspace(start, 0, steps + 1)[:-1]
     official = shift * grid / (1 + (shift - 1) * grid)
-    np.testing.assert_allclose(np.asarray(s.sigmas[:steps], dtype=np.float64), official, atol=2e-3)
+    if solver == "euler":  # not an official sampler; diffusers shifts it in float32
+        np.testing.assert_allclose(np.asarray(s.sigmas[:steps]), official, rtol=0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(np.asarray(s.sigmas[:steps]), official.astype(np.float32))
+    assert float(s.sigmas[steps]) == 0.0
+    if solver != "euler":  # the DiT gets int(1000 * sigma): 999 first for UniPC, 1000 for DPM++
+        np.testing.assert_array_equal(s.timesteps.numpy(), (official * 1000).astype(np.int64))
+        assert int(s.timesteps[0]) == (999 if solver == "unipc" else 1000)
+        # negative control: diffusers' own grid for the same solver is not the official one
+        default = make_scheduler(solver, shift=shift)
+        default.set_timesteps(steps)
+        assert not np.array_equal(np.asarray(default.sigmas[:steps]), official.astype(np.float32))
 
     # the exact flow velocity (noise - x0) must lead every solver to x0
     x0 = torch.randn(1, 4, 2, 3, 3, generator=torch.Generator().manual_seed(0))

@@ -1,23 +1,49 @@
-"""Flow-matching sampling with diffusers schedulers, timestep shift and official-style CFG.
+"""Flow-matching sampling on diffusers schedulers, with the official Wan 2.2 sigma grids and CFG.
 
-The DiT predicts the flow velocity ``v = noise - x0`` at ``t = 1000 * sigma``. Solvers:
+The DiT predicts the flow velocity ``v = noise - x0`` at the integer timestep
+``t = int(1000 * sigma)`` (truncated, as the official schedulers store it). Solvers:
 
-* ``"unipc"``  - ``UniPCMultistepScheduler`` (flow_prediction, flow sigmas), the diffusers default;
-* ``"dpm++"`` - ``DPMSolverMultistepScheduler`` (dpmsolver++, flow_prediction, flow sigmas), the
-  official sampler's default;
-* ``"euler"`` - ``FlowMatchEulerDiscreteScheduler``.
+* ``"unipc"`` - ``UniPCMultistepScheduler`` (bh2, flow_prediction) on the official UniPC grid
+  ``linspace(0.999, 0, steps + 1)[:-1]`` (0.999 is the official scheduler's float32 ``sigma_max``),
+  so the first timestep is 999;
+* ``"dpm++"`` - ``DPMSolverMultistepScheduler`` (dpmsolver++, flow_prediction) on the official
+  ``get_sampling_sigmas`` grid ``linspace(1, 0, steps + 1)[:steps]`` (first timestep 1000); the
+  official animate sampler's default;
+* ``"euler"`` - ``FlowMatchEulerDiscreteScheduler`` on ``linspace(1, 0, steps + 1)[:-1]`` (not an
+  official sampler; timesteps stay fractional).
 
-All use the shifted schedule ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)``.
+Every grid is shifted ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` and ends with a final
+sigma of 0. diffusers' own flow grids differ (``linspace(1, 1/1000)`` for UniPC, ``1 - linspace(1,
+1/1000)`` for DPM++: first timestep 1000 vs 999, sigmas up to 4e-3 apart), so the official grid is
+given to the scheduler explicitly.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
+import numpy as np
 import torch
 
 SOLVERS = ("unipc", "dpm++", "euler")
 NUM_TRAIN_TIMESTEPS = 1000
+# The official UniPC scheduler's sigma_max: 1 - 1/1000 stored as float32, read back as a Python float.
+UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The flow-matching timestep shift ``shift * s / (1 + (shift - 1) * s)`` (float64)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def official_sigmas(solver: str, steps: int) -> np.ndarray:
+    """The official *unshifted* grid of ``steps`` sigmas for ``solver`` (float64, decreasing)."""
+    if solver == "unipc":
+        return np.linspace(UNIPC_SIGMA_MAX, 0.0, steps + 1)[:-1].copy()
+    if solver in ("dpm++", "euler"):
+        return np.linspace(1.0, 0.0, steps + 1)[:steps].copy()
+    raise ValueError(f"solver={solver!r} is not one of {SOLVERS}.")
 
 
 def make_scheduler(solver: str = "unipc", *, shift: float = 5.0):
@@ -45,16 +71,36 @@ def make_scheduler(solver: str = "unipc", *, shift: float = 5.0):
     raise ValueError(f"solver={solver!r} is not one of {SOLVERS}.")
 
 
-def set_schedule(scheduler, steps: int, device=None) -> None:
-    """``steps`` shifted sigmas starting at 1. Euler gets the official unshifted grid
-    ``linspace(1, 0, steps + 1)[:-1]`` explicitly (its own default would shift twice); UniPC and
-    DPM++ build ``linspace(1, 1/1000, steps + 1)[:-1]`` themselves (within 1e-3 of the official)."""
-    import numpy as np
+def _solver_of(scheduler) -> str:
+    names = {"UniPCMultistepScheduler": "unipc", "DPMSolverMultistepScheduler": "dpm++",
+             "FlowMatchEulerDiscreteScheduler": "euler"}
+    name = type(scheduler).__name__
+    if name not in names:
+        raise ValueError(f"set_schedule: {name} is not a scheduler make_scheduler builds ({SOLVERS}).")
+    return names[name]
 
-    if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler":
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
-    else:
-        scheduler.set_timesteps(steps, device=device)
+
+def set_schedule(scheduler, steps: int, device=None) -> None:
+    """Give ``scheduler`` the official grid of ``steps`` sigmas (see the module docstring).
+
+    Each scheduler shifts the grid itself with its configured shift. UniPC and Euler take it
+    through ``set_timesteps(sigmas=...)``. diffusers' ``DPMSolverMultistepScheduler.set_timesteps``
+    has no ``sigmas`` argument, so it is set up for ``steps`` steps (fresh solver state) and then
+    given the grid in the two fields its ``set_timesteps`` derives: ``sigmas`` (float32, final 0)
+    and ``timesteps`` (``1000 * sigma`` truncated to int64) - the official scheduler's derivation.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1.")
+    solver = _solver_of(scheduler)
+    grid = official_sigmas(solver, steps)
+    if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+        scheduler.set_timesteps(sigmas=grid, device=device)
+        return
+    scheduler.set_timesteps(steps, device=device)
+    shifted = shift_sigmas(grid, scheduler.config.flow_shift)
+    sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)
+    scheduler.sigmas = torch.from_numpy(sigmas)
+    scheduler.timesteps = torch.from_numpy(shifted * NUM_TRAIN_TIMESTEPS).to(device=device, dtype=torch.int64)
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guide_scale: float) -> torch.Tensor:
