@@ -10,10 +10,19 @@ The update of a targeted linear is ``W + scale * (alpha / rank) * B @ A``. Files
 factors ``lora_down`` / ``lora_up``, or that omit the ``diffusion_model.`` prefix, or that carry no
 alpha (then alpha = rank) are read too.
 
+Files named ``<official module name>.lora_A.weight`` (a peft ``state_dict``), optionally under
+``base_model.model.``, are read too: the official ``relighting_lora.ckpt`` is a torch file holding
+``{"state_dict": <peft state dict>}`` (read with ``weights_only=True`` only).
+
 Training: ``add_lora(dit, rank, alpha)`` wraps the default targets (every linear inside
 ``blocks.N`` except face and modulation layers, as the official relighting LoRA) with peft;
 ``lora_state_dict(dit)`` exports; ``apply_lora(dit, path, scale)`` merges a file into a plain DiT
-for inference (what ``AnimatePipeline.load_lora`` calls).
+for inference (what ``AnimatePipeline.load_lora`` calls); ``apply_relighting_lora(dit, path)``
+applies the official relighting LoRA the way the official replace-mode pipeline does.
+
+Loading is atomic: every name, shape and value is checked before the first weight changes, so a
+bad file raises (``LoraError``, or ``WeightsFileError`` for an unreadable file: one line with the
+path and the fix) and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -26,7 +35,18 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from wan_animate.weights.files import (  # noqa: F401  (WeightsFileError: raised for unreadable files)
+    WeightsFileError,
+    iter_tensors,
+    load_torch_file,
+    read_header,
+    save_safetensors,
+)
+
 PREFIX = "diffusion_model."
+# Name prefixes a LoRA file may carry: community files, and peft's PeftModel wrapper.
+FILE_PREFIXES = (PREFIX, "base_model.model.")
+RELIGHT_FILE = "relighting_lora.ckpt"  # in the official model folder
 ADAPTER_NAME = "default"
 # Module-name fragments never targeted by default (face adapter/encoder, modulation tables).
 DEFAULT_EXCLUDE: tuple[str, ...] = ("face", "modulation", "motion")
@@ -34,7 +54,7 @@ _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
 
 
 class LoraError(ValueError):
-    """A LoRA file or target list that does not fit the model."""
+    """A LoRA file or target list that does not fit the model (one line: what, where, the fix)."""
 
 
 # ---------------------------------------------------------------------------- targets
@@ -170,125 +190,167 @@ def save_lora(
     alpha: float | Mapping[str, float] | None = None,
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the community-layout safetensors file; ``metadata`` values are JSON-encoded."""
-    from safetensors.torch import save_file
-
+    """Write the community-layout safetensors file (group-readable, atomic); ``metadata`` values are
+    JSON-encoded."""
     tensors = lora_state_dict(model_or_state, alpha=alpha)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
     meta = {"format": "pt", "lora_layout": "diffusion_model"}
     for k, v in (metadata or {}).items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_safetensors(tensors, path, metadata=meta)
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, "float | None"]]
 
 
 def load_lora_into_peft(model: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
     """Copy a community-layout file into an ``add_lora``-wrapped model (to continue training).
-    The file's alpha must equal the wrapped layers' alpha."""
+    The file's alpha must equal the wrapped layers' alpha. Everything is checked before any copy."""
+    return _copy_into_peft(model, read_lora(path_or_state), _where(path_or_state))
+
+
+def _copy_into_peft(model: nn.Module, factors: Factors, where: str) -> list[str]:
     from peft.tuners.lora import LoraLayer
 
-    factors = read_lora(path_or_state)
     modules = dict(model.named_modules())
-    done = []
     for name, (a, b, alpha) in factors.items():
         layer = modules.get(name)
         if not isinstance(layer, LoraLayer) or ADAPTER_NAME not in layer.lora_A:
-            raise LoraError(f"LoRA file targets {name!r}, which add_lora did not wrap in this model.")
+            raise LoraError(f"{where} targets {name!r}, which add_lora did not wrap in this model.")
         own_alpha = float(layer.lora_alpha[ADAPTER_NAME])
         if alpha is not None and abs(alpha - own_alpha) > 1e-6:
-            raise LoraError(f"{name}: file alpha {alpha} != configured lora.alpha {own_alpha}; set lora.alpha={alpha}.")
-        with torch.no_grad():
-            layer.lora_A[ADAPTER_NAME].weight.copy_(a)
-            layer.lora_B[ADAPTER_NAME].weight.copy_(b)
-        done.append(name)
-    return done
+            raise LoraError(f"{where}: {name}: file alpha {alpha} != configured lora.alpha {own_alpha}; "
+                            f"set lora.alpha={alpha}.")
+        own = (layer.lora_A[ADAPTER_NAME].weight.shape, layer.lora_B[ADAPTER_NAME].weight.shape)
+        if (a.shape, b.shape) != own:
+            raise LoraError(f"{where}: {name}: factor shapes A {tuple(a.shape)} / B {tuple(b.shape)} != the "
+                            f"wrapped layer's {tuple(own[0])} / {tuple(own[1])}; set lora.rank={a.shape[0]}.")
+    with torch.no_grad():
+        for name, (a, b, _) in factors.items():
+            modules[name].lora_A[ADAPTER_NAME].weight.copy_(a)
+            modules[name].lora_B[ADAPTER_NAME].weight.copy_(b)
+    return list(factors)
 
 
 # ---------------------------------------------------------------------------- reading / inference
 
 
+def _where(path_or_state) -> str:
+    return f"LoRA file {path_or_state}" if isinstance(path_or_state, (str, Path)) else "LoRA state dict"
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise LoraError(f"{path} does not hold a tensor dictionary.")
-    return obj
+    if not path.is_file():
+        raise LoraError(f"LoRA file {path} does not exist; check the path.")
+    if path.suffix == ".safetensors":  # the header is validated first: a truncated file is refused
+        return dict(iter_tensors(read_header(path), torch.device("cpu")))
+    return load_torch_file(path, what="LoRA file")
 
 
-def read_lora(
-    path_or_state: str | Path | Mapping[str, torch.Tensor],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """Parse a LoRA file/state dict into ``{official module name: (A [r,in], B [out,r], alpha|None)}``."""
-    if isinstance(path_or_state, (str, Path)):
-        path = Path(path_or_state)
-        if not path.is_file():
-            raise LoraError(f"LoRA file {path} does not exist.")
-        state = _load_tensors(path)
-    else:
-        state = dict(path_or_state)
+def read_lora(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> Factors:
+    """Parse a LoRA file/state dict into ``{official module name: (A [r,in], B [out,r], alpha|None)}``.
+
+    Every problem raises one line naming the file: ``WeightsFileError`` when the file cannot be read
+    (missing, truncated, an unsafe pickle), ``LoraError`` when it is not a LoRA."""
+    where = _where(path_or_state)
+    state = _load_tensors(Path(path_or_state)) if isinstance(path_or_state, (str, Path)) else dict(path_or_state)
     downs: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     unknown = []
     for key, value in state.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = next((key[len(p):] for p in FILE_PREFIXES if key.startswith(p)), key)
         for tag, bucket in ((".lora_A.weight", downs), (".lora_down.weight", downs),
                             (".lora_B.weight", ups), (".lora_up.weight", ups)):
             if name.endswith(tag):
                 bucket[name[: -len(tag)]] = value
                 break
         else:
-            if name.endswith(".alpha"):
+            if name.endswith(".alpha") and value.numel() == 1:
                 alphas[name[: -len(".alpha")]] = float(value.item())
             else:
                 unknown.append(key)
+    fix = "expected '<official module name>.lora_A.weight' / '.lora_B.weight' (+ '.alpha'), optionally under 'diffusion_model.'"
     if unknown:
-        raise LoraError(
-            f"LoRA file has {len(unknown)} tensors that are not LoRA factors or alphas "
-            f"(e.g. {unknown[:3]}); expected 'diffusion_model.<name>.lora_A/lora_B.weight' and '.alpha'."
-        )
+        raise LoraError(f"{where} has {len(unknown)} tensors that are not LoRA factors or alphas "
+                        f"(e.g. {unknown[:3]}); {fix}.")
     if set(downs) != set(ups):
         missing = sorted(set(downs) ^ set(ups))
-        raise LoraError(f"LoRA factors without their partner (A without B or B without A): {missing[:5]}.")
+        raise LoraError(f"{where}: LoRA factors without their partner (A without B or B without A): {missing[:5]}; "
+                        "the file is incomplete, export it again.")
     if not downs:
-        raise LoraError("LoRA file holds no factors.")
+        raise LoraError(f"{where} holds no LoRA factors; {fix}.")
     out = {}
     for name in sorted(downs):
         a, b = downs[name], ups[name]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise LoraError(f"{name}: factor shapes A {tuple(a.shape)} / B {tuple(b.shape)} are not a rank-r pair.")
+            raise LoraError(f"{where}: {name}: factor shapes A {tuple(a.shape)} / B {tuple(b.shape)} are not a "
+                            "rank-r pair; the file is corrupt, export it again.")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise LoraError(f"{where}: {name}: factors of dtype {a.dtype}/{b.dtype}; LoRA factors are float tensors.")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoraError(f"{where}: {name}: the factors hold NaN/Inf values; the LoRA is broken (e.g. a "
+                            "diverged training run), export a good checkpoint.")
         out[name] = (a, b, alphas.get(name))
     return out
+
+
+def _check_fits(dit: nn.Module, factors: Factors, where: str) -> None:
+    """Every targeted module exists, is a linear-like layer and has the delta's shape; one error
+    listing the first problems, raised before anything is changed."""
+    modules = dict(dit.named_modules())
+    problems = []
+    for name, (a, b, _) in factors.items():
+        layer = modules.get(name)
+        weight = getattr(layer, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            problems.append(f"module {name!r} does not exist in this DiT")
+        elif weight.ndim != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            problems.append(f"{name}: LoRA delta shape {(b.shape[0], a.shape[1])} != weight shape {tuple(weight.shape)}")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise LoraError(f"{where} does not fit this DiT: {'; '.join(problems[:3])}{more}. The LoRA was made for "
+                        "another model or size (official module names expected); nothing was changed.")
 
 
 @torch.no_grad()
 def apply_lora(dit: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor], scale: float = 1.0) -> list[str]:
     """Merge a LoRA into a plain DiT in place: ``W += scale * alpha / rank * B @ A`` (fp32 math,
     cast back to the weight's dtype). Returns the merged module names. Unknown module names or
-    shape mismatches raise ``LoraError`` naming the module."""
+    shape mismatches raise ``LoraError`` naming the module, before any weight is changed."""
+    where = _where(path_or_state)
     factors = read_lora(path_or_state)
+    _check_fits(dit, factors, where)
     modules = dict(dit.named_modules())
     for name, (a, b, alpha) in factors.items():
-        layer = modules.get(name)
-        if layer is None or not isinstance(getattr(layer, "weight", None), torch.Tensor):
-            raise LoraError(f"LoRA module {name!r} does not exist in this DiT (official names expected).")
-        weight = layer.weight
-        if weight.ndim != 2 or tuple(weight.shape) != (b.shape[0], a.shape[1]):
-            raise LoraError(
-                f"{name}: LoRA delta shape {(b.shape[0], a.shape[1])} != weight shape {tuple(weight.shape)}; "
-                "the LoRA was trained for a different model size."
-            )
+        weight = modules[name].weight
         rank = a.shape[0]
         factor = float(scale) * (alpha if alpha is not None else rank) / rank
         delta = (b.to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)) * factor
         weight.copy_((weight.float() + delta).to(weight.dtype))
+    return list(factors)
+
+
+def apply_relighting_lora(dit: nn.Module, path: str | Path) -> list[str]:
+    """Apply the official relighting LoRA (``relighting_lora.ckpt``) as the official replace-mode
+    pipeline does: a peft LoRA adapter, not merged, on the file's target linears (every linear in
+    ``blocks.N`` except face and modulation ones), scale ``alpha / rank = 1`` (official rank 128,
+    alpha 128; the file stores no alpha). The file is read with ``weights_only=True`` and checked
+    against the model before the adapter is added. Returns the adapted module names."""
+    from peft.tuners.lora import LoraLayer
+
+    where = _where(path)
+    factors = read_lora(path)
+    _check_fits(dit, factors, where)
+    ranks = sorted({a.shape[0] for a, _, _ in factors.values()})
+    if len(ranks) != 1:
+        raise LoraError(f"{where}: factors of several ranks {ranks}; the relighting LoRA has one rank (128).")
+    if any(isinstance(m, LoraLayer) for m in dit.modules()):
+        raise LoraError("the DiT already carries a LoRA adapter; apply the relighting LoRA to a plain DiT, once.")
+    alphas = sorted({alpha for _, _, alpha in factors.values() if alpha is not None})
+    if len(alphas) > 1:
+        raise LoraError(f"{where}: several alphas {alphas[:5]}; the relighting LoRA has one scale.")
+    alpha = alphas[0] if alphas else float(ranks[0])
+    add_lora(dit, rank=ranks[0], alpha=alpha, targets=list(factors))
+    _copy_into_peft(dit, factors, where)
+    dit.requires_grad_(False)
     return list(factors)
