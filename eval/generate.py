@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
     m.add_argument("--lora-scale", type=float, action="append", default=[],
                    help="scale per --lora (default 1.0)")
+    m.add_argument("--relight", nargs="?", const="", default=None, metavar="PATH",
+                   help="replace mode: apply the official relighting LoRA (default PATH: MODEL/relighting_lora.ckpt)")
     m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="DiT/encoder dtype; auto = bfloat16 on CUDA, float32 on CPU")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
@@ -157,8 +159,17 @@ def gather_inputs(args) -> dict:
                       refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
-    for lora in args.lora:
-        _need_file(lora, "LoRA file")
+    from wan_animate.lora import RELIGHT_FILE, LoraError, WeightsFileError, read_lora
+
+    if args.relight is not None and bg_frames is None:
+        raise CliError("--relight applies to replace mode: add --replace (with --driving) or --bg and --mask.")
+    if args.relight == "":
+        args.relight = str(Path(args.model) / RELIGHT_FILE)
+    for lora in [*args.lora, *([args.relight] if args.relight else [])]:
+        try:  # read and checked now: a bad file fails before any model weight is loaded
+            read_lora(_need_file(lora, "LoRA file"))
+        except (LoraError, WeightsFileError) as e:
+            raise CliError(str(e)) from None
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
     if args.steps < 1:
@@ -210,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         scale = args.lora_scale[i] if args.lora_scale else 1.0
         merged = pipe.load_lora(lora, scale=scale)
         print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
+    if args.relight:
+        from wan_animate.lora import apply_relighting_lora
+
+        adapted = apply_relighting_lora(pipe.dit, args.relight)
+        print(f"relighting LoRA {args.relight}: adapter on {len(adapted)} layers", file=sys.stderr)
     frames = pipe.generate(
         **inputs,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
