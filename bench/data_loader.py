@@ -31,11 +31,11 @@ def time_loader(urls, source, clip_len, size, batches, face_size):
     spec = StreamSpec(urls=urls, cfg=cfg, micro_batch_size=1, seed=0, face_size=face_size,
                       default_size=(size, size))
     it = BatchIterator(spec)
-    it.next()  # warm-up (imports, text embeds)
+    next(it)  # warm-up (imports, text embeds)
     t = time.perf_counter()
     n = 0
     for _ in range(batches):
-        n += len(it.next())
+        n += len(next(it))
     return n / (time.perf_counter() - t)
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     from data_tools.cache_latents import cache_latents
     from data_tools.config import CacheLatentsConfig
     from data_tools.synthetic import make_synthetic_dataset
-    from wan_animate.tiny import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
 
     tmp = Path(tempfile.mkdtemp())
     raw = make_synthetic_dataset(tmp / "raw", num_clips=args.clips, clip_len=args.frames, height=args.size,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from train.config import DataConfig
-from train.data import BatchIterator, StreamSpec, nearest_bucket, resolve_urls
+from train.data import BatchIterator, StreamSpec, resolve_urls
+from wan_animate.geometry import nearest_bucket
 from wan_animate.objective import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
 
 
@@ -31,7 +32,7 @@ def _spec(urls, rank=0, world=1, **kw):
 
 
 def _keys(it, n):
-    return [it.next()[0]["key"] for _ in range(n)]
+    return [next(it)[0]["key"] for _ in range(n)]
 
 
 def test_ranks_get_different_samples_every_step(shards):
@@ -44,13 +45,13 @@ def test_ranks_get_different_samples_every_step(shards):
 def test_resume_position_reproduces_the_stream(shards):
     spec = _spec([shards])
     straight = BatchIterator(spec)
-    seq = [straight.next()[0] for _ in range(7)]
+    seq = [next(straight)[0] for _ in range(7)]
     resumed = BatchIterator(spec, start_batch=4)
-    rest = [resumed.next()[0] for _ in range(3)]
+    rest = [next(resumed)[0] for _ in range(3)]
     for x, y in zip(seq[4:], rest):
         assert x["key"] == y["key"] and x["num_given"] == y["num_given"] and x["caption"] == y["caption"]
         assert torch.equal(x["video"], y["video"]) and torch.equal(x["face"], y["face"])
-    assert resumed.state()["position"] == 7
+    assert resumed.state_dict()["position"] == 7
 
 
 def test_bad_samples_are_skipped_and_counted(shards, tmp_path):
@@ -77,7 +78,7 @@ def test_buckets_pick_nearest_aspect():
 
 def test_bucketed_batches_have_the_bucket_size(shards):
     spec = _spec([shards], buckets=[[32, 64], [48, 48]])
-    ex = BatchIterator(spec).next()[0]
+    ex = next(BatchIterator(spec))[0]
     assert tuple(ex["video"].shape[-2:]) == (48, 48)  # square source -> square bucket, upscaled
     assert tuple(ex["pose"].shape[-2:]) == (48, 48) and tuple(ex["ref"].shape[-2:]) == (48, 48)
     assert ex["face_region"].shape == (2, 6, 6) and ex["face_region"].sum() > 0

@@ -1,9 +1,11 @@
 """Training checkpoints that are never half-loaded.
 
 Layout: ``<output_dir>/checkpoints/step-<N>/`` holding accelerate's state (model, optimizer,
-scheduler, per-rank RNG; DeepSpeed engines write their partitions), ``trainer_state.json``
-(step, data position, counters), ``rng-rank<R>.safetensors`` (our noise generator per rank) and
-``ema.safetensors`` (if EMA is on). Everything is written into ``.tmp-step-<N>``; rank 0 renames it
+per-rank RNG; DeepSpeed engines write their partitions), ``trainer_state.json`` (step, non-finite
+counters, LR scheduler state), ``rank<R>.json`` (that rank's data position),
+``rng-rank<R>.safetensors`` (our noise generator per rank) and ``ema.safetensors`` (if EMA is on).
+The non-accelerate parts are ``train.trainer.Trainer.state_dict()``: ``{"train": ..., "scheduler":
+..., "data": ..., "rng": ..., "ema": ...}``; this module only maps them to and from files. Everything is written into ``.tmp-step-<N>``; rank 0 renames it
 and writes ``COMPLETE`` last. Folders without ``COMPLETE`` are ignored (and cleaned up); only the
 newest ``keep_last`` complete checkpoints are kept.
 """
@@ -17,7 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -44,10 +45,9 @@ def latest_complete(output_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(acc, output_dir: str | Path, step: int, trainer_state: dict[str, Any],
-                    generator: torch.Generator, ema: dict[str, torch.Tensor] | None, keep_last: int,
-                    rank_state: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Collective: every rank calls it with its own ``state`` (``Trainer.state_dict()``). Returns
+    the final folder."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
@@ -59,11 +59,12 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, trainer_state: dict[
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
-    save_file({"state": generator.get_state()}, str(tmp / f"rng-rank{acc.process_index}.safetensors"))
-    (tmp / f"rank{acc.process_index}.json").write_text(json.dumps(rank_state or {}))
+    save_file({"state": state["rng"]}, str(tmp / f"rng-rank{acc.process_index}.safetensors"))
+    (tmp / f"rank{acc.process_index}.json").write_text(json.dumps(state["data"]))
     if acc.is_main_process:
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        if state.get("ema") is not None:
+            save_file({k: v.contiguous() for k, v in state["ema"].items()}, str(tmp / "ema.safetensors"))
+        trainer_state = {**state["train"], "scheduler": state["scheduler"]}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -91,10 +92,10 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(acc, path: Path, generator: torch.Generator
-                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Collective. Restores accelerate state + our generator; returns (trainer_state, this rank's
-    state (data position), ema or None)."""
+def load_checkpoint(acc, path: Path) -> dict[str, Any]:
+    """Collective. Restores accelerate's state (model, optimizer, RNG) and returns this rank's
+    ``Trainer.state_dict()`` from the files (``scheduler`` is None in checkpoints written before the
+    scheduler state was saved)."""
     from safetensors.torch import load_file
 
     if not (path / COMPLETE).is_file():
@@ -106,11 +107,15 @@ def load_checkpoint(acc, path: Path, generator: torch.Generator
             f"{rng_file} missing: the checkpoint was written by a run with fewer ranks; exact resume needs "
             "the same number of processes."
         )
-    generator.set_state(load_file(str(rng_file))["state"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    rank_state = json.loads((path / f"rank{acc.process_index}.json").read_text())
-    ema = load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None
-    return state, rank_state, ema
+    train = json.loads((path / "trainer_state.json").read_text())
+    scheduler = train.pop("scheduler", None)
+    return {
+        "train": train,
+        "scheduler": scheduler,
+        "data": json.loads((path / f"rank{acc.process_index}.json").read_text()),
+        "rng": load_file(str(rng_file))["state"],
+        "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").is_file() else None,
+    }
 
 
 def _fsync_dir(path: Path) -> None:

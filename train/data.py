@@ -25,17 +25,16 @@ from __future__ import annotations
 import glob
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from train.augment import augment_face, draw_face_augment
 from train.config import DataConfig
+from wan_animate.geometry import crop_box_map, nearest_bucket, resize_crop_tensor
 
 # ---------------------------------------------------------------------------- URLs
 
@@ -83,39 +82,7 @@ def text_embeds_path(urls: list[str]) -> Path | None:
     return None
 
 
-# ---------------------------------------------------------------------------- buckets
-
-
-def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    aspect = math.log(height / width)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
-
-
-def _resize_crop(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    """Resize ``x [..., H, W]`` to cover ``size`` then centre-crop to it."""
-    h, w = x.shape[-2:]
-    th, tw = size
-    if (h, w) == (th, tw):
-        return x
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    lead = x.shape[:-2]
-    flat = x.reshape(-1, 1, h, w).float()
-    if mode == "nearest":
-        flat = F.interpolate(flat, size=(nh, nw), mode="nearest")
-    else:
-        flat = F.interpolate(flat, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    flat = flat[..., top: top + th, left: left + tw]
-    return flat.reshape(*lead, th, tw)
-
-
-def _crop_box_map(h: int, w: int, size: tuple[int, int]) -> tuple[float, float, float]:
-    """(scale, top, left) of ``_resize_crop`` for mapping pixel boxes."""
-    th, tw = size
-    scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    return scale, (nh - th) // 2, (nw - tw) // 2
+# ---------------------------------------------------------------------------- face regions
 
 
 def face_region_map(boxes: list | None, frame_start: int, clip_len: int, src_hw: tuple[int, int],
@@ -124,7 +91,7 @@ def face_region_map(boxes: list | None, frame_start: int, clip_len: int, src_hw:
     target slots (latent frame 0 = pixel frame 0, latent frame j = pixel frames 4j-3..4j)."""
     if not boxes:
         return None
-    scale, top, left = _crop_box_map(*src_hw, size)
+    scale, top, left = crop_box_map(*src_hw, size)
     th, tw = size
     lh, lw = th // 8, tw // 8
     t_lat = (clip_len - 1) // 4 + 1
@@ -158,7 +125,6 @@ class StreamSpec:
     world_size: int = 1
     face_size: int = 32
     default_size: tuple[int, int] | None = None  # bucket when data.buckets is empty and sizes vary
-    fixed_noise_per_sample: bool = False
 
 
 def _face_choices(face: torch.Tensor, cfg, rng: np.random.Generator) -> torch.Tensor:
@@ -189,17 +155,17 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     sl = slice(start, start + clip_len)
     src_hw = tuple(video.shape[-2:])
     ex: dict[str, Any] = {"key": sample["key"]}
-    ex["video"] = _resize_crop(video[:, sl], size)
-    ex["pose"] = _resize_crop(sample["pose"][:, sl], size)
-    ex["ref"] = _resize_crop(sample["ref"], size)
+    ex["video"] = resize_crop_tensor(video[:, sl], size)
+    ex["pose"] = resize_crop_tensor(sample["pose"][:, sl], size)
+    ex["ref"] = resize_crop_tensor(sample["ref"], size)
     face = sample["face"][:, sl]
     if face.shape[-1] != spec.face_size or face.shape[-2] != spec.face_size:
-        face = _resize_crop(face, (spec.face_size, spec.face_size))
+        face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
     replace = "bg" in sample and rng.random() < cfg.replace_prob
     ex["mode"] = "replace" if replace else "animate"
     if replace:
-        ex["bg"] = _resize_crop(sample["bg"][:, sl], size)
-        ex["mask"] = _resize_crop(sample["mask"][:, sl], size, mode="nearest")
+        ex["bg"] = resize_crop_tensor(sample["bg"][:, sl], size)
+        ex["mask"] = resize_crop_tensor(sample["mask"][:, sl], size, mode="nearest")
     ex["num_given"] = int(rng.choice(cfg.refert_nums)) if rng.random() < cfg.temporal_ref_prob else 0
     caption = sample.get("caption") or cfg.default_caption
     ex["caption"] = "" if rng.random() < cfg.text_dropout else caption
@@ -238,7 +204,7 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     clip_frames = 4 * (sample["target"].shape[1] - 1) + 1
     face = face[:, :clip_frames]
     if face.shape[-1] != spec.face_size:
-        face = _resize_crop(face, (spec.face_size, spec.face_size))
+        face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
     ex["face"] = _face_choices(face, cfg, rng)
     # cached latents cover the stored clip from its first frame at its own size (8 px per cell)
     pixel_hw = (8 * sample["target"].shape[-2], 8 * sample["target"].shape[-1])
@@ -412,8 +378,9 @@ def make_loader(spec: StreamSpec, start_batch: int = 0) -> torch.utils.data.Data
 
 
 class BatchIterator:
-    """Wraps the loader: counts consumed batches (the resume position), skipped samples, and stops
-    the run when the skipped share exceeds ``data.max_skipped_fraction``."""
+    """Iterator of micro-batches (lists of examples) over the loader: counts consumed batches (the
+    resume position), skipped samples, and stops the run when the skipped share exceeds
+    ``data.max_skipped_fraction``. ``state_dict()`` is what a checkpoint stores per rank."""
 
     def __init__(self, spec: StreamSpec, start_batch: int = 0, skipped: int = 0, seen: int = 0):
         self.spec = spec
@@ -423,7 +390,10 @@ class BatchIterator:
         self.recent_errors: list[str] = []
         self._it = iter(make_loader(spec, start_batch))
 
-    def next(self) -> list[dict]:
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> list[dict]:
         while True:
             item = next(self._it)
             self.position += 1
@@ -438,9 +408,6 @@ class BatchIterator:
             if item["examples"]:
                 return item["examples"]
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "skipped": self.skipped, "seen": self.seen}
 
-
-def env_rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

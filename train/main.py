@@ -1,24 +1,19 @@
-"""Entry point: ``accelerate launch train/main.py [hydra overrides]``.
+"""Entry point: ``accelerate launch train/main.py [hydra overrides]`` (or ``python -m train.main``).
 
 With no override it runs the embedded quick start (experiment=quickstart): a tiny random model
 folder and a synthetic data set are written under ``<output_dir>/cache`` on first use, then a
 short CPU/GPU training run produces a loss curve, checkpoints, exports and a validation video.
+The project is installed (``pip install -e .``), so ``train`` imports from any working directory.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-# `accelerate launch train/main.py` runs this file as a script: make the repo root importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from train.config import ConfigError, register_configs, to_config  # noqa: E402
+from train.config import ConfigError, register_configs, to_config
 
 register_configs()
 
@@ -35,7 +30,7 @@ def main(cfg: DictConfig) -> None:
 
         run_dry(config)
         return
-    from train.trainer import run
+    from train.loop import run
 
     try:
         run(config)

@@ -162,3 +162,54 @@ def plot_loss_curve(output_dir: str | Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+# ---------------------------------------------------------------------------- per-step report
+
+
+class StepReporter:
+    """Turns each ``train.trainer.StepResult`` into the metrics record (every ``log_every`` steps)
+    and the progress bar; rank 0 writes, every rank computes (the figures are collective-free)."""
+
+    def __init__(self, cfg, acc, dit_config: WanAnimateConfig, output_dir: Path, start_step: int,
+                 config_dict: dict[str, Any]):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.acc, self.dit_config = cfg, acc, dit_config
+        main = acc.is_main_process
+        self.logger = MetricsLogger(output_dir, enabled=main, wandb_on=cfg.train.wandb,
+                                    project=cfg.train.wandb_project, config=config_dict, resume_step=start_step)
+        self.peak, self.peak_source = peak_flops(acc.device, cfg.train.precision, cfg.train.peak_tflops)
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
+                        disable=not (main and cfg.train.progress), dynamic_ncols=True)
+        self._flops_per_sample: float | None = None
+        self.last_loss = float("nan")
+
+    def report(self, result, data_skipped: int, total_nonfinite: int) -> dict[str, float]:
+        if self._flops_per_sample is None:  # from the first batch's latent size
+            self._flops_per_sample = dit_forward_flops(self.dit_config, result.latent_shape)
+        dt = result.seconds
+        mfu = 3.0 * self._flops_per_sample * result.samples / (dt * self.peak * self.acc.num_processes)
+        mem = peak_memory_gib(self.acc.device)
+        self.last_loss = result.loss
+        record = {
+            "loss/train": result.loss,
+            "perf/step_time_s": dt,
+            "perf/samples_per_s": result.samples / dt,
+            "perf/mfu": mfu,
+            "memory/peak_gib": mem,
+            "data/skipped": data_skipped,
+            "optim/lr": result.lr,
+            "optim/grad_norm": result.grad_norm,
+            "train/nonfinite_skips": total_nonfinite,
+        }
+        if result.step % self.cfg.train.log_every == 0 or result.step == self.cfg.train.max_steps:
+            self.logger.log(result.step, record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", step_s=f"{dt:.2f}", sps=f"{result.samples / dt:.2f}",
+                             mfu=f"{mfu:.1%}", mem=f"{mem:.1f}G")
+        return record
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()

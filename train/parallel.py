@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -134,3 +135,24 @@ def frozen_loading() -> Iterator[None]:
         yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
+def write_rank_report(out_dir: Path, acc, raw_dit, keys: list[str], step: int) -> None:
+    """Per-rank evidence for distributed tests: group size, weight digest, sample keys trained on."""
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name, p in sorted(raw_dit.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    report = {
+        "rank": acc.process_index, "world_size": acc.num_processes, "step": step,
+        "dist_world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "param_sha256": h.hexdigest(), "keys": keys,
+    }
+    path = Path(out_dir) / "ranks" / f"rank-{acc.process_index}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))

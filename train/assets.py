@@ -1,0 +1,60 @@
+"""Quick-start assets: a tiny random model folder and a synthetic shard set, written once under
+``<cache_dir>`` by the local main process (atomically: a finished folder holds ``.complete``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from train.config import Config
+from train.data import resolve_urls
+from wan_animate.files import atomic_dir
+
+
+def synthetic_face_size(cfg: Config) -> int:
+    from wan_animate.config import WanAnimateConfig
+
+    m, d = cfg.model, cfg.data
+    return d.face_size or (WanAnimateConfig.preset(m.preset).motion_encoder_size if not m.path else 64)
+
+
+def asset_paths(cfg: Config) -> tuple[Path, Path | None]:
+    """(model folder, synthetic data folder or None) for this config, built or not."""
+    cache = Path(cfg.cache_dir)
+    m, d = cfg.model, cfg.data
+    model_path = Path(m.path) if m.path else cache / f"model-{m.preset}-seed{m.init_seed}"
+    data_dir = None
+    if d.source == "synthetic":
+        tag = hashlib.sha1(json.dumps([d.synthetic_clips, d.synthetic_frames, d.synthetic_height, d.synthetic_width,
+                                       synthetic_face_size(cfg), cfg.train.seed]).encode()).hexdigest()[:8]
+        data_dir = cache / f"synthetic-{tag}"
+    return model_path, data_dir
+
+
+def build_assets(cfg: Config) -> None:
+    """Write the quick-start model folder / synthetic data the config asks for (one process)."""
+    m, d = cfg.model, cfg.data
+    model_path, data_dir = asset_paths(cfg)
+    if not m.path:
+        from wan_animate.testing import make_tiny_model_folder
+
+        atomic_dir(model_path, lambda p: make_tiny_model_folder(p, layout="diffusers", seed=m.init_seed,
+                                                                  config_preset=m.preset))
+    if data_dir is not None:
+        from data_tools.synthetic import make_synthetic_dataset
+
+        atomic_dir(data_dir, lambda p: make_synthetic_dataset(
+            p, num_clips=d.synthetic_clips, clip_len=d.synthetic_frames, height=d.synthetic_height,
+            width=d.synthetic_width, seed=cfg.train.seed, shard_size=max(1, d.synthetic_clips // 2),
+            face_size=synthetic_face_size(cfg)))
+
+
+def prepare_assets(cfg: Config, acc) -> tuple[Path, list[str]]:
+    """Model folder and shard URLs; the quick-start ones are written once by the local main process."""
+    if acc.is_local_main_process:
+        build_assets(cfg)
+    acc.wait_for_everyone()
+    model_path, data_dir = asset_paths(cfg)
+    urls = resolve_urls([str(data_dir)] if data_dir is not None else list(cfg.data.urls))
+    return model_path, urls

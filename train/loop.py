@@ -1,0 +1,147 @@
+"""``run(cfg)``: the training run around ``train.trainer.Trainer``.
+
+accelerator -> startup checks -> quick-start assets -> Trainer (models, trainable set, optimizer,
+``accelerate.prepare``) -> resume from the newest complete checkpoint -> steps (metrics, periodic
+checkpoints and validation, preemption) -> final validation video and exports. Returns a small
+summary dict (also written to ``<output_dir>/summary.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from train.assets import prepare_assets
+from train.config import Config, config_to_dict
+from train.export import export
+from train.metrics import StepReporter, plot_loss_curve
+from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report
+from train.trainer import Trainer, startup_checks
+from train.validation import validate
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 -> ``requested``: the loop checkpoints and stops after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _start(cfg: Config):
+    """Accelerator, checks and assets: everything before a model loads."""
+    for name in ("accelerate", "deepspeed", "DeepSpeed", "compilers"):  # keep the progress bar readable
+        logging.getLogger(name).setLevel(logging.WARNING)
+    acc = make_accelerator(cfg)
+    check_world(acc)
+    startup_checks(cfg, acc)
+    out_dir = Path(cfg.train.output_dir)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1, ensure_ascii=False))
+    model_path, urls = prepare_assets(cfg, acc)
+    return acc, out_dir, model_path, urls
+
+
+def _after_step(trainer: Trainer, out_dir: Path, stop: bool) -> None:
+    """Checkpoint (periodic, on preemption, at the end), periodic validation, debug delay."""
+    t = trainer.cfg.train
+    step = trainer.state.step
+    if (t.checkpoint_every and step % t.checkpoint_every == 0) or stop or step == t.max_steps:
+        trainer.save_checkpoint(out_dir)
+    if t.validation and t.validate_every and step % t.validate_every == 0 and step != t.max_steps:
+        validate(trainer.cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, step, trainer.stage)
+    if t.debug_step_delay_s > 0:
+        time.sleep(t.debug_step_delay_s)
+
+
+def _train(trainer: Trainer, reporter: StepReporter, out_dir: Path) -> tuple[str, list[str]]:
+    """Steps until ``train.max_steps`` or a preemption; returns (status, this rank's trained keys)."""
+    cfg, acc = trainer.cfg, trainer.acc
+    trained_keys: list[str] = []
+    with Preemption() as preempt:
+        while trainer.state.step < cfg.train.max_steps:
+            t0 = time.perf_counter()  # the step time includes loading and encoding its batches
+            result = trainer.train_step(trainer.next_micro_batches())
+            result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
+            reporter.report(result, trainer.data.skipped, trainer.state.total_nonfinite)
+            if cfg.train.rank_report:
+                trained_keys.extend(result.keys)
+            stop = all_ranks_true(acc, preempt.requested)
+            _after_step(trainer, out_dir, stop)
+            if stop:
+                return f"preempted ({preempt.signal or 'signal on another rank'})", trained_keys
+    return "finished", trained_keys
+
+
+def _finish(trainer: Trainer, status: str, result: dict[str, Any]) -> None:
+    cfg = trainer.cfg
+    if status != "finished":
+        return
+    if cfg.train.validation:
+        video = validate(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.state.step,
+                         trainer.stage)
+        result["validation_video"] = str(video) if video else None
+    if cfg.train.export:
+        ema = trainer.ema.state_dict() if trainer.ema is not None else None
+        result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    t_start = time.time()
+    acc, out_dir, model_path, urls = _start(cfg)
+    trainer = Trainer(cfg, acc, model_path, urls)
+    resumed = trainer.resume(out_dir) if cfg.train.resume else None
+    main = acc.is_main_process
+    if resumed is not None and main:
+        print(f"[train] resumed from {resumed} (step {trainer.state.step})", flush=True)
+    reporter = StepReporter(cfg, acc, trainer.raw_dit.config, out_dir, trainer.state.step, config_to_dict(cfg))
+    if main:
+        s = trainer.summary
+        print(f"[train] mode={cfg.train.mode} world={acc.num_processes} zero={trainer.stage} trainable="
+              f"{s['trainable_params']:,}/{s['total_params']:,} groups={s['groups']} "
+              f"device={acc.device} start_step={trainer.state.step}", flush=True)
+    status, trained_keys = _train(trainer, reporter, out_dir)
+    reporter.bar.close()
+    if cfg.train.rank_report:
+        write_rank_report(out_dir, acc, trainer.raw_dit, trained_keys, trainer.state.step)
+    result: dict[str, Any] = {"status": status, "step": trainer.state.step, "final_loss": reporter.last_loss,
+                              "world_size": acc.num_processes, "zero_stage": trainer.stage, **trainer.summary}
+    _finish(trainer, status, result)
+    if main:
+        curve = plot_loss_curve(out_dir)
+        result["loss_curve"] = str(curve) if curve else None
+        result["metrics"] = str(out_dir / "metrics.jsonl")
+        result["seconds"] = round(time.time() - t_start, 1)
+        result["mfu_basis"] = reporter.peak_source
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+        print(f"[train] {status} at step {trainer.state.step}; loss {reporter.last_loss:.4f}; outputs in {out_dir}",
+              flush=True)
+    reporter.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result

@@ -1,0 +1,124 @@
+"""What learns, and how fast: the trainable set and optimizer groups of each ``train.mode``, the
+fp32 upcast of what trains, the optimizer and the LR schedule.
+
+* ``full``: every DiT parameter (trunk at ``optim.lr``, pose/face adapters at ``optim.adapter_lr``);
+* ``adapters_only``: only ``wan_animate.model.ADAPTER_PREFIXES`` modules; the trunk is frozen and
+  stays bit-identical;
+* ``lora``: peft LoRA factors on the block linears (``optim.lr``), plus the adapters trained fully
+  (``optim.adapter_lr``) when ``lora.train_adapters``.
+
+Pure functions of a model and the config: no ``Accelerator`` is needed, so the memory planner can
+call them on a meta-device model. The frozen VAE / text / image encoders are never passed here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from train.config import Config
+from wan_animate.lora import add_lora, is_lora_key, load_lora_into_peft
+from wan_animate.model import ADAPTER_PREFIXES
+
+
+def is_adapter(name: str) -> bool:
+    return name.split(".", 1)[0] in ADAPTER_PREFIXES
+
+
+def _mark_trainable(dit: nn.Module, cfg: Config) -> None:
+    mode = cfg.train.mode
+    for name, p in dit.named_parameters():
+        if mode == "full":
+            p.requires_grad_(True)
+        elif mode == "adapters_only":
+            p.requires_grad_(is_adapter(name))
+        else:
+            p.requires_grad_(is_lora_key(name) or (cfg.lora.train_adapters and is_adapter(name)))
+
+
+def setup_trainable(dit: nn.Module, cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Add LoRA factors (lora mode), set ``requires_grad`` for ``cfg.train.mode`` and return
+    (optimizer param groups ``{"params", "lr", "name"}``, summary of parameter counts)."""
+    mode = cfg.train.mode
+    lr = cfg.optim.lr
+    adapter_lr = cfg.optim.adapter_lr if cfg.optim.adapter_lr is not None else lr
+    lora_targets: list[str] = []
+    if mode == "lora":
+        lora_targets = add_lora(dit, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets or None,
+                                dropout=cfg.lora.dropout)
+        if cfg.lora.init_from:
+            load_lora_into_peft(dit, cfg.lora.init_from)
+    _mark_trainable(dit, cfg)
+    trunk, adapters, lora = [], [], []
+    for name, p in dit.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_lora_key(name):
+            lora.append(p)
+        elif is_adapter(name):
+            adapters.append(p)
+        else:
+            trunk.append(p)
+    groups = []
+    if trunk:
+        groups.append({"params": trunk, "lr": lr, "name": "trunk"})
+    if lora:
+        groups.append({"params": lora, "lr": lr, "name": "lora"})
+    if adapters:
+        groups.append({"params": adapters, "lr": adapter_lr, "name": "adapters"})
+    if not groups:
+        raise RuntimeError(f"train.mode={mode} left no trainable parameter.")
+    summary = {
+        "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
+        "total_params": sum(p.numel() for p in dit.parameters()),
+        "groups": {g["name"]: sum(p.numel() for p in g["params"]) for g in groups},
+        "lora_targets": len(lora_targets),
+    }
+    return groups, summary
+
+
+def upcast_trainable(dit: nn.Module) -> None:
+    """fp32 master weights for whatever trains (autocast still runs the matmuls in bf16). Not under
+    DeepSpeed, whose optimizer keeps its own fp32 copy of the (bf16) model weights."""
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(dit, dtype=torch.float32)
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def lr_factor_fn(cfg: Config) -> Callable[[int], float]:
+    """Multiplier of each group's LR after ``step`` scheduler steps.
+
+    Warmup: ``(step + 1) / warmup_steps`` (the first update already runs at ``lr / warmup_steps``,
+    where diffusers' schedules start at 0). After it, the decay shape of
+    ``diffusers.optimization.get_scheduler`` (constant / cosine / linear over the steps after
+    warmup), lifted onto the floor ``optim.min_lr_ratio`` (diffusers decays to 0).
+    """
+    from diffusers.optimization import get_scheduler
+
+    o, total = cfg.optim, cfg.train.max_steps
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only lends its lambda
+    shape = get_scheduler(o.scheduler, probe, num_warmup_steps=o.warmup_steps,
+                          num_training_steps=total).lr_lambdas[0]
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if total <= o.warmup_steps:  # the run ends inside its warmup: nothing left to decay over
+            return 1.0
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape(min(step, total))
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per applied (not skipped) update; its state travels in checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg))
