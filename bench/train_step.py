@@ -1,6 +1,6 @@
 """Training-step benchmark: step time, samples/s, MFU and peak memory of one optimizer step.
 
-It times exactly the trainer's pieces (``train.lora.setup_trainable`` for the trainable set,
+It times exactly the trainer's pieces (``train.modes.setup_trainable`` for the trainable set,
 ``wan_animate.objective.flow_matching_loss``, AdamW, ``apply_activation_checkpointing``, ``set_precision``,
 the MFU formula of ``train.metrics``) on random conditioned batches, so encoders and data loading
 are excluded. Two cases:
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from train.config import Config, LoraSettings, OptimConfig, TrainSettings  # noqa: E402
 from wan_animate.objective import LossConfig, flow_matching_loss  # noqa: E402
-from train.lora import make_optimizer, setup_trainable  # noqa: E402
+from train.modes import make_optimizer, setup_trainable  # noqa: E402
 from train.metrics import dit_forward_flops, peak_flops, peak_memory_gib  # noqa: E402
 from wan_animate.config import WanAnimateConfig  # noqa: E402
 from wan_animate.model import WanAnimateDiT, apply_activation_checkpointing, set_precision  # noqa: E402
