@@ -453,3 +453,39 @@ def test_cli_driving_video_runs_preprocessing(folders, tmp_path):
     assert video.shape[0] == 6 and abs(out_fps - fps) < 1e-3  # --driving-fps -1 keeps the source timing
     assert video.shape[1] % 16 == 0 and video.shape[2] % 16 == 0 and video.shape[1] * video.shape[2] <= 9216
     assert (tmp_path / "src" / "src_pose.mp4").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt cleaning (official umT5 wrapper: ftfy, HTML-unescape twice, whitespace)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_cleaning_matches_the_official_tokenizer_wrapper():
+    import re
+
+    from wan_animate.encoders import TextEncoder, clean_prompt
+
+    cases = {
+        "\u201cA woman\u201d  dances \u2018slowly\u2019": "\"A woman\" dances 'slowly'",  # curly quotes
+        "\uff28\uff49\uff01\u3000a\uff0cb\uff1f": "Hi! a,b?",  # full-width letters, punctuation, space
+        "rock &amp;amp; roll": "rock & roll",  # HTML-escaped twice
+        "  tabs\tand\n\nnewlines  ": "tabs and newlines",
+        "\u89c6\u9891\u4e2d\u7684\u4eba  \u5728\u505a\u52a8\u4f5c": "\u89c6\u9891\u4e2d\u7684\u4eba \u5728\u505a\u52a8\u4f5c",
+    }
+    for raw, want in cases.items():
+        assert clean_prompt(raw) == want, raw
+    # negative control: whitespace collapsing alone (the old cleaning) leaves the first three different
+    for raw, want in list(cases.items())[:3]:
+        assert re.sub(r"\s+", " ", raw).strip() != want
+
+    class Recorder:  # the encoder must hand the cleaned text to the tokenizer
+        def __call__(self, texts, **kw):
+            self.seen = list(texts)
+            raise StopIteration
+
+    model = torch.nn.Linear(1, 1)
+    model.config = type("Config", (), {"d_model": 1})
+    enc = TextEncoder(model, Recorder(), text_len=8)
+    with pytest.raises(StopIteration):
+        enc.encode(list(cases))
+    assert enc.tokenizer.seen == list(cases.values())

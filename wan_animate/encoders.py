@@ -8,6 +8,7 @@ Every wrapper keeps its module in eval mode with ``requires_grad=False``, runs i
 from __future__ import annotations
 
 import contextlib
+import html
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -122,7 +123,16 @@ class WanVAE(_FrozenEncoder):
 
 
 def clean_prompt(text: str) -> str:
-    """Whitespace clean-up as the official tokenizer wrapper does (collapse runs, strip)."""
+    """The official umT5 tokenizer wrapper's ``clean="whitespace"``: ``ftfy.fix_text`` (curly
+    quotes -> straight, full-width punctuation -> ASCII, mojibake repaired), HTML-unescape twice
+    (``&amp;amp;`` -> ``&``), then whitespace runs collapsed to one space and the ends stripped.
+
+    The official wrapper collapses with the ``regex`` package's ``\\s``; after ``ftfy`` (which
+    drops the control characters U+001C..U+001F) stdlib ``re`` matches the same code points.
+    """
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return re.sub(r"\s+", " ", text).strip()
 
 
