@@ -40,19 +40,24 @@ class CharacterSegmenter:
     def __init__(self, *, threshold: float = 0.5, dilate: int = 0, model_selection: int = 1):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"mask threshold must be in (0, 1), got {threshold}")
+        from data_tools.pose.quiet import import_mediapipe, native_stderr_filtered
+
         try:
-            import mediapipe as mp
+            mp = import_mediapipe()
         except ImportError as e:  # pragma: no cover - depends on the install
             raise RuntimeError("replace-mode masks need mediapipe: pip install -e '.[pose]'") from e
-        self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model_selection)
+        self._quiet = native_stderr_filtered  # mediapipe's native log lines stay out of progress bars
+        with self._quiet():
+            self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model_selection)
         self.threshold = threshold
         self.dilate = dilate
 
     def masks(self, frames: np.ndarray, pose=None) -> np.ndarray:
         out = np.zeros(frames.shape[:3], bool)
-        for t, frame in enumerate(frames):
-            prob = self._seg.process(np.ascontiguousarray(frame)).segmentation_mask
-            out[t] = _dilate(prob > self.threshold, self.dilate)
+        with self._quiet():
+            for t, frame in enumerate(frames):
+                prob = self._seg.process(np.ascontiguousarray(frame)).segmentation_mask
+                out[t] = _dilate(prob > self.threshold, self.dilate)
         return out
 
     def close(self) -> None:

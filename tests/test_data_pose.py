@@ -352,6 +352,67 @@ def test_detection_decoding_and_crop_geometry():
     assert abs(peak[0] - 128) <= 3 and abs(peak[1] - 96) <= 3
 
 
+def _greedy_nms_reference(boxes, scores, iou):
+    """The hand-written NMS the backend used before cv2.dnn.NMSBoxes (issue 9), as a reference."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while len(order):
+        i, rest = order[0], order[1:]
+        keep.append(int(i))
+        x0 = np.maximum(boxes[i, 0], boxes[rest, 0])
+        y0 = np.maximum(boxes[i, 1], boxes[rest, 1])
+        x1 = np.minimum(boxes[i, 2], boxes[rest, 2])
+        y1 = np.minimum(boxes[i, 3], boxes[rest, 3])
+        inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+        order = rest[inter / np.maximum(area(boxes[i]) + area(boxes[rest]) - inter, 1e-9) <= iou]
+    return keep
+
+
+def test_nms_is_opencv_and_matches_the_old_greedy_nms():
+    from data_tools.pose.backends import nms_boxes
+
+    rng = np.random.default_rng(0)
+    compared = 0
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        xy = rng.uniform(0, 300, (n, 2))
+        wh = rng.uniform(5, 150, (n, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        scores = rng.permutation(n).astype(np.float32) / n + 0.05  # distinct scores: a unique order
+        for iou in (0.3, 0.5, 0.7):
+            ours = nms_boxes(boxes, scores, iou).tolist()
+            assert ours == _greedy_nms_reference(boxes, scores, iou), (trial, iou)
+            compared += len(ours) < n  # something was suppressed
+    assert compared > 100
+    assert nms_boxes(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5).tolist() == []
+    # negative control: two heavily overlapping boxes keep only the better one; apart, both.
+    two = np.array([[0, 0, 100, 100], [5, 5, 105, 105]], np.float32)
+    assert nms_boxes(two, np.array([0.5, 0.9], np.float32), 0.5).tolist() == [1]
+    assert nms_boxes(two + [[0, 0, 0, 0], [200, 200, 200, 200]], np.array([0.5, 0.9], np.float32), 0.5).tolist() == [1, 0]
+
+
+def test_mediapipe_native_log_lines_stay_out_of_the_terminal(capfd):
+    import os
+
+    pytest.importorskip("mediapipe")  # the [pose] extra
+    from data_tools.pose.quiet import NOISE, native_stderr_filtered
+    from data_tools.segment import get_segmenter
+
+    frames = (np.random.default_rng(0).random((2, 96, 96, 3)) * 255).astype(np.uint8)
+    get_pose_backend("mediapipe").extract(frames)
+    seg = get_segmenter("mediapipe")
+    seg.masks(frames)
+    seg.close()
+    err = capfd.readouterr().err
+    assert "inference_feedback_manager" not in err and "TensorFlow Lite" not in err, err
+    # negative control: what the filter drops is exactly the noise; errors and unknown lines pass.
+    with native_stderr_filtered():
+        os.write(2, b"W0000 00:00:1796131872.238287    8222 x.cc:114] noise\nE0000 00:00:1.5 7 y.cc:3] real\nplain\n")
+    assert capfd.readouterr().err == "E0000 00:00:1.5 7 y.cc:3] real\nplain\n"
+    assert NOISE.match("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.")
+
+
 def test_backend_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="unknown pose backend"):
         get_pose_backend("openpose")

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from data_tools.pose.format import NUM_BODY, NUM_FACE, NUM_HAND, PoseSequence
+from data_tools.pose.quiet import import_mediapipe, native_stderr_filtered
 
 
 class PoseBackendError(RuntimeError):
@@ -98,7 +99,7 @@ class MediapipeBackend(PoseBackend):
             raise TypeError(f"unknown mediapipe backend options {sorted(unused)}; valid: model_complexity, "
                             "max_side, min_detection_confidence, min_tracking_confidence, static_image_mode")
         try:
-            import mediapipe  # noqa: F401
+            mediapipe = import_mediapipe()
         except ImportError as e:  # pragma: no cover - depends on the install
             raise PoseBackendError("the mediapipe pose backend needs mediapipe: pip install -e '.[pose]'") from e
         if model_complexity not in (0, 1, 2):
@@ -117,8 +118,7 @@ class MediapipeBackend(PoseBackend):
         self.static_image_mode = static_image_mode
 
     def _holistic(self, static: bool):
-        import mediapipe as mp
-
+        mp = import_mediapipe()
         return mp.solutions.holistic.Holistic(static_image_mode=static, refine_face_landmarks=False,
                                               **self.options)
 
@@ -132,7 +132,7 @@ class MediapipeBackend(PoseBackend):
         rhand = np.zeros((t_len, NUM_HAND, 3), np.float32)
         face = np.zeros((t_len, NUM_FACE, 3), np.float32)
         static = self.static_image_mode if static is None else static
-        with self._holistic(static) as tracker:
+        with native_stderr_filtered(), self._holistic(static) as tracker:
             for t, frame in enumerate(frames):
                 img = frame if scale == 1.0 else cv2.resize(frame, small, interpolation=cv2.INTER_AREA)
                 res = tracker.process(np.ascontiguousarray(img))
@@ -196,21 +196,17 @@ def _onnx_session(path: str | Path, device: str):
 
 
 def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS on xyxy boxes; returns kept indices, best first."""
-    order = np.argsort(-scores)
-    keep = []
-    while len(order):
-        i = order[0]
-        keep.append(i)
-        xx0 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
-        yy0 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
-        xx1 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
-        yy1 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
-        inter = np.clip(xx1 - xx0, 0, None) * np.clip(yy1 - yy0, 0, None)
-        area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-        union = area(boxes[i]) + area(boxes[order[1:]]) - inter
-        order = order[1:][inter / np.maximum(union, 1e-9) <= iou]
-    return np.asarray(keep, np.int64)
+    """Greedy NMS on xyxy boxes (OpenCV's ``cv2.dnn.NMSBoxes``); returns kept indices, best first.
+    A box is dropped when its IoU with a kept, higher-scoring box is above ``iou``."""
+    boxes = np.asarray(boxes, np.float64)
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:4] - boxes[:, :2]], 1)
+    # OpenCV keeps scores > score_threshold (>= 0); the caller has already applied its confidence
+    # threshold, so shift the scores above 0 (order-preserving in float64) to keep every box.
+    scores = np.asarray(scores, np.float64)
+    keep = cv2.dnn.NMSBoxes(xywh.tolist(), (scores - scores.min() + 1.0).tolist(), 0.0, float(iou))
+    return np.asarray(keep, np.int64).reshape(-1)
 
 
 def decode_detections(output: np.ndarray, frame_hw: tuple[int, int], input_hw: tuple[int, int], *,
