@@ -99,3 +99,15 @@ def test_rules_are_validated_and_scale_free():
     big = _with_body(seq, body)
     small = big.resized(120, 120)
     assert pose_quality(big)["bad_frames"] == pose_quality(small)["bad_frames"] == [5, 6, 7]
+
+
+def test_half_body_clip_is_not_low_confidence():
+    # Legs and hips never seen (a half-body framing): not low confidence; the unit falls back to
+    # the shoulders. A frame that then loses most of the upper body still is.
+    seq = _clip(clip_len=17)
+    body = seq.body.copy()
+    body[:, 8:14, 2] = 0.1
+    q = pose_quality(_with_body(seq, body))
+    assert q["score"] == 1.0 and q["torso_px"] > 0, q
+    body[6, :6, 2] = 0.1
+    assert pose_quality(_with_body(seq, body))["low_confidence_frames"] == [6]

@@ -14,11 +14,14 @@ sometimes draw a wrong skeleton for a few frames, e.g. arms up while the person 
 - limb-length outliers: a limb (upper arm, forearm, thigh, shin, shoulder or hip width) longer
   than ``max_limb_ratio`` times its median length over the clip (a limb cannot grow; it can look
   shorter when it points at the camera, so only growth is flagged).
-- low confidence: fewer than ``min_confident_points`` of the 14 main body points (nose to ankles)
-  have a score >= ``threshold``.
+- low confidence: fewer of the 14 main body points (nose to ankles) have a score >= ``threshold``
+  than ``min_confident_points`` (4, prepare's person rule) or than ``min_confident_fraction`` of
+  the clip's median count (a half-body clip, legs never seen, is not low confidence; a frame that
+  loses half of what the clip usually sees is).
 
 The score is the fraction of good frames (1.0 = no frame flagged). The torso length (neck to the
-hips' midpoint, median over the clip) is the unit, so the rules do not depend on the resolution.
+hips' midpoint, median over the clip; 1.5 shoulder widths when the hips are never seen) is the
+unit, so the rules do not depend on the resolution.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 from data_tools.pose.format import PoseSequence
 
-NECK, R_HIP, L_HIP = 1, 8, 11
+NECK, R_SHOULDER, L_SHOULDER, R_HIP, L_HIP = 1, 2, 5, 8, 11
 MAIN_POINTS = tuple(range(14))  # nose .. l_ankle (eyes, ears and toes are often missing legitimately)
 LIMBS = {
     "r_upper_arm": (2, 3), "r_forearm": (3, 4), "l_upper_arm": (5, 6), "l_forearm": (6, 7),
@@ -47,11 +50,14 @@ class PoseQualityRules:
     jump_points: int = 2
     max_glitch_frames: int = 8
     max_limb_ratio: float = 1.6
-    min_confident_points: int = 8
+    min_confident_points: int = 4
+    min_confident_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold={self.threshold} must be in [0, 1]")
+        if not 0 <= self.min_confident_fraction <= 1:
+            raise ValueError(f"min_confident_fraction={self.min_confident_fraction} must be in [0, 1]")
         for name in ("jump_torso", "jump_ratio", "max_limb_ratio"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
@@ -67,6 +73,11 @@ def _torso_length(xy: np.ndarray, ok: np.ndarray) -> float | None:
         length = float(np.median(np.linalg.norm(xy[have, NECK] - mid_hip, axis=-1)))
         if length > 0:
             return length
+    have = ok[:, R_SHOULDER] & ok[:, L_SHOULDER]  # a half-body clip: shoulders instead
+    if have.any():
+        width = float(np.median(np.linalg.norm(xy[have, R_SHOULDER] - xy[have, L_SHOULDER], axis=-1)))
+        if width > 0:
+            return 1.5 * width
     return None
 
 
@@ -160,13 +171,15 @@ def pose_quality(seq: PoseSequence, rules: PoseQualityRules | None = None) -> di
          "torso_px": 61.3, "rules": {...}}
 
     ``flags`` names every reason that marked at least one frame ("no_person" when no frame has a
-    neck and both hips, then the score is 0).
+    neck and both hips or both shoulders, then the score is 0).
     """
     rules = rules or PoseQualityRules()
     t_len = len(seq)
     xy = seq.body[..., :2].astype(np.float64)
     ok = seq.body[..., 2] >= rules.threshold
-    low_conf = ok[:, list(MAIN_POINTS)].sum(-1) < rules.min_confident_points
+    count = ok[:, list(MAIN_POINTS)].sum(-1)
+    usual = float(np.median(count)) if t_len else 0.0
+    low_conf = count < max(rules.min_confident_points, rules.min_confident_fraction * usual)
     torso = _torso_length(xy, ok)
     if torso is None or t_len == 0:
         return {"score": 0.0, "frames": t_len, "flags": ["no_person"], "bad_frames": list(range(t_len)),
