@@ -1,0 +1,214 @@
+"""Sequence parallelism (wan_animate.parallel): 2 gloo processes equal one process, exactly.
+
+One spawn runs every distributed case (the DeepSpeed import dominates the cost); each rank also
+computes the single-process reference itself, then reports relative errors for the parent to check.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from wan_animate.config import WanAnimateConfig
+from wan_animate.model import WanAnimateDiT, apply_activation_checkpointing
+from wan_animate.model.attention import SelfAttention, attention
+from wan_animate.parallel import TokenLayout, check_sequence_parallel_size
+
+TOL = 1e-5
+
+# name: (preset, batch, target latent frames, latent h, latent w, activation checkpointing, negative control)
+# tiny: patch (1, 2, 2). "even": 3 frames x 6 tokens = 18 tokens, rank 1 starts mid frame 1.
+# "odd": 3 frames x 3 tokens = 9 tokens -> padded to 10; frame 1 spans the boundary; 5 face crops.
+CASES = {
+    "even": ("tiny", 2, 2, 4, 6, False, False),
+    "odd": ("tiny", 1, 2, 2, 6, True, False),
+    "odd_tiny_b": ("tiny_b", 1, 2, 2, 6, False, False),
+    "odd_unmasked_padding": ("tiny", 1, 2, 2, 6, False, True),
+}
+
+
+def _inputs(cfg: WanAnimateConfig, batch: int, frames: int, h: int, w: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    s = cfg.motion_encoder_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return dict(
+        x=rand(batch, cfg.out_dim, frames + 1, h, w),
+        t=torch.rand(batch, generator=g) * 1000,
+        context=rand(batch, 7, cfg.text_dim),
+        clip_fea=rand(batch, 5, cfg.image_dim),
+        y=rand(batch, cfg.in_dim - cfg.out_dim, frames + 1, h, w),
+        pose_latents=rand(batch, cfg.latent_channels, frames, h, w),
+        face_pixel_values=torch.rand(batch, 3, 4 * frames - 3, s, s, generator=g) * 2 - 1,
+    )
+
+
+def _forward_backward(model: WanAnimateDiT, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(**inputs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * weight).sum().backward()  # a generic linear functional: every output element matters
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def _run_case(case: str, group: dist.ProcessGroup) -> dict:
+    from wan_animate.parallel import apply_sequence_parallel
+
+    preset, batch, frames, h, w, checkpointed, unmasked = CASES[case]
+    cfg = WanAnimateConfig.preset(preset)
+    torch.manual_seed(0)
+    reference = WanAnimateDiT(cfg)
+    parallel = WanAnimateDiT(cfg)
+    parallel.load_state_dict(reference.state_dict())
+    if checkpointed:
+        apply_activation_checkpointing(parallel)
+    plan = apply_sequence_parallel(parallel, group)
+    if unmasked:  # negative control: attend to the padding keys too
+        plan._ulysses.local_attn = attention
+    inputs = _inputs(cfg, batch, frames, h, w)
+
+    ref_out, ref_grads = _forward_backward(reference, inputs)
+    out, grads = _forward_backward(parallel, inputs)
+    worst_name, worst = "", 0.0
+    for name, grad in grads.items():
+        dist.all_reduce(grad, group=group)  # data-parallel averaging over the group ...
+        err = _rel(grad / dist.get_world_size(group), ref_grads[name])  # ... gives the exact gradient
+        if err > worst:
+            worst_name, worst = name, err
+    return {
+        "out": _rel(out, ref_out),
+        "grad": worst,
+        "grad_name": worst_name,
+        "layout": [plan.layout.total, plan.layout.padded, plan.layout.start, plan.layout.tokens_per_frame],
+        "grads_nonzero": all(g.norm() > 0 for g in ref_grads.values()),
+    }
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    torch.set_num_threads(1)  # two processes on a shared CPU: no oversubscription
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from wan_animate.parallel import sequence_parallel_mesh
+
+        mesh = sequence_parallel_mesh(world, "cpu")
+        group = mesh["sequence"].get_group()
+        results = {case: _run_case(case, group) for case in CASES}
+        results["mesh"] = [mesh["data"].size(), mesh["data"].get_local_rank(), mesh["sequence"].get_local_rank()]
+        with open(f"{result_dir}/rank{rank}.json", "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ~40 s on 2 cores, most of it importing DeepSpeed and building its CPU comm op in two processes.
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    result_dir = tmp_path_factory.mktemp("sp")
+    mp.spawn(_worker, args=(2, _free_port(), str(result_dir)), nprocs=2, join=True)
+    return [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2 processes vs 1
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if not CASES[c][-1]])
+def test_two_ranks_equal_one_process(two_rank_results, case):
+    """Forward and every parameter gradient (group mean) equal one process on the same sample."""
+    for rank, results in enumerate(two_rank_results):
+        r = results[case]
+        assert r["grads_nonzero"], "every parameter must get a gradient, or the check is vacuous"
+        assert r["out"] <= TOL, (rank, r)
+        assert r["grad"] <= TOL, (rank, r)
+
+
+@pytest.mark.slow
+def test_layouts_cover_boundary_cases(two_rank_results):
+    """The cases really have a padded token count and a frame that spans the shard boundary."""
+    total, padded, start, hw = two_rank_results[1]["odd"]["layout"]
+    assert (total, padded, start, hw) == (9, 10, 5, 3)
+    assert start % hw != 0  # rank 1 starts inside frame 1
+    total, padded, start, hw = two_rank_results[1]["even"]["layout"]
+    assert (total, padded, start, hw) == (18, 18, 9, 6) and start % hw != 0
+
+
+@pytest.mark.slow
+def test_unmasked_padding_is_wrong(two_rank_results):
+    """Negative control: attending to the padding keys changes the output (the mask matters)."""
+    assert two_rank_results[0]["odd_unmasked_padding"]["out"] > 1e-3
+
+
+@pytest.mark.slow
+def test_mesh_groups(two_rank_results):
+    """2 processes, sequence_parallel=2: one data-parallel rank (both read sample 0)."""
+    assert [r["mesh"] for r in two_rank_results] == [[1, 0, 0], [1, 0, 1]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Single process
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_rank_equals_plain(tmp_path):
+    """N = 1: the sequence-parallel code path gives the plain model's output bit for bit (gradients
+    to float rounding: the gathers reorder the motion encoder's backward), and applying it to one
+    model leaves the plain path of every other model untouched."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
+    try:
+        from wan_animate.parallel import apply_sequence_parallel
+
+        cfg = WanAnimateConfig.preset("tiny")
+        plain = WanAnimateDiT(cfg)
+        parallel = WanAnimateDiT(cfg)
+        parallel.load_state_dict(plain.state_dict())
+        apply_sequence_parallel(parallel, dist.group.WORLD)
+        inputs = _inputs(cfg, 1, 2, 2, 6)
+        out, grads = _forward_backward(parallel, inputs)
+        ref_out, ref_grads = _forward_backward(plain, inputs)
+        assert torch.equal(out, ref_out)
+        assert max(_rel(grads[n], ref_grads[n]) for n in grads) <= TOL
+        assert WanAnimateDiT.sequence_shard is None and plain.sequence_shard is None
+        assert SelfAttention.attention_fn is attention and plain.blocks[0].self_attn.attention_fn is attention
+        with pytest.raises(ValueError, match="already applied"):
+            apply_sequence_parallel(parallel, dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_heads_must_divide():
+    check_sequence_parallel_size(40, 8)
+    with pytest.raises(ValueError, match=r"train.sequence_parallel=3.*num_heads.*valid values: \[1, 2, 4, 5, 8, 10, 20, 40\]"):
+        check_sequence_parallel_size(40, 3)
+
+
+@pytest.mark.parametrize(
+    "layout, parts",
+    [
+        (TokenLayout(9, 10, 0, 5, 3), [(0, 3), (3, 5)]),  # whole frame 0, partial frame 1
+        (TokenLayout(9, 10, 5, 5, 3), [(5, 6), (6, 9)]),  # partial frame 1, whole frame 2, padding
+        (TokenLayout(40, 40, 13, 20, 6), [(13, 18), (18, 30), (30, 33)]),  # partial, 2 whole, partial
+        (TokenLayout(4, 8, 6, 2, 2), []),  # only padding
+        (TokenLayout(10, 10, 2, 1, 4), [(2, 3)]),  # inside one frame
+    ],
+)
+def test_frame_parts(layout, parts):
+    assert layout.frame_parts() == parts

@@ -1,0 +1,22 @@
+"""Parallelism applied to the single-device model from outside (the model code stays plain).
+
+- ``apply_sequence_parallel(dit, group)``: DeepSpeed-Ulysses sequence parallelism, one sample per
+  group of ranks (``wan_animate.parallel.sequence``).
+- ``sequence_parallel_mesh(size, device_type)``: the ("data", "sequence") DeviceMesh of all ranks.
+"""
+
+from wan_animate.parallel.sequence import (
+    SequenceParallel,
+    TokenLayout,
+    apply_sequence_parallel,
+    check_sequence_parallel_size,
+    sequence_parallel_mesh,
+)
+
+__all__ = [
+    "SequenceParallel",
+    "TokenLayout",
+    "apply_sequence_parallel",
+    "check_sequence_parallel_size",
+    "sequence_parallel_mesh",
+]

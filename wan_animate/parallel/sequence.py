@@ -1,0 +1,222 @@
+"""DeepSpeed-Ulysses sequence parallelism for the Wan-Animate DiT, applied from outside the model.
+
+    group = sequence_parallel_mesh(2, "cpu")["sequence"].get_group()
+    apply_sequence_parallel(dit, group)   # every rank of ``group`` then runs the same sample
+    velocity = dit(**inputs)              # full output on every rank; each rank did 1/N of the work
+
+A group of N ranks shares one sample. After the embeddings each rank keeps a contiguous 1/N of the
+video tokens (padded at the end to a multiple of N) and carries only those through every block:
+
+- self-attention: ``deepspeed.sequence.layer.DistributedAttention`` exchanges tokens for heads
+  (all-to-all), so each rank attends over the whole sequence with num_heads / N heads; the padding
+  sits at the end of the global sequence and is dropped from the keys, so it is never attended to;
+- cross-attention (text / CLIP), FFN and modulation are per token and run on the shard unchanged;
+- RoPE: the shard's rows of the full tables (its global positions);
+- face adapter: each latent frame's tokens attend to that frame's face tokens. A shard covers a
+  partial first frame, whole frames and a partial last frame; the face block runs once per part
+  with that part's frames, so a frame split by a shard boundary is handled exactly;
+- motion encoder: the face-crop frames are split across the group, encoded, and gathered with the
+  autograd-aware ``torch.distributed.nn.functional.all_gather``;
+- head: per token, on the shard; its (narrow) output is gathered with the same all_gather and the
+  padding dropped, then unpatchified as usual.
+
+Gradients: every rank of a group computes the same full output, so each backpropagates the same
+loss. The backward of all_gather sums the N ranks' gradients, so the gradients summed over the
+group are N times the single-process gradient, i.e. their *mean over the group* is exact. Data
+parallel / ZeRO gradient averaging over all ranks (G groups x N) therefore gives exactly the mean
+over the G samples: the trainer needs no loss scaling (``tests/test_sequence_parallel.py``).
+
+One forward records where the tokens lie (``TokenLayout``); activation-checkpoint recomputation
+reuses it, so run each forward's backward before a forward of another token count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.nn.functional import all_gather
+
+from wan_animate.model.attention import attention
+
+__all__ = [
+    "TokenLayout",
+    "SequenceParallel",
+    "apply_sequence_parallel",
+    "check_sequence_parallel_size",
+    "sequence_parallel_mesh",
+]
+
+
+def check_sequence_parallel_size(num_heads: int, size: int, key: str = "train.sequence_parallel") -> None:
+    """Ulysses gives each rank num_heads / size whole heads: ``size`` must divide ``num_heads``."""
+    if size < 1 or num_heads % size:
+        valid = [n for n in range(1, num_heads + 1) if num_heads % n == 0]
+        raise ValueError(
+            f"{key}={size}: sequence parallelism splits the model's {num_heads} attention heads "
+            f"(model config num_heads) evenly across the ranks of a group, so it must divide "
+            f"{num_heads}; valid values: {valid}."
+        )
+
+
+def sequence_parallel_mesh(size: int, device_type: str):
+    """A 2D DeviceMesh ("data", "sequence") over all ranks: consecutive ranks form a sequence group.
+
+    ``mesh["sequence"].get_group()`` is this rank's group (pass it to ``apply_sequence_parallel``);
+    ``mesh["data"].get_local_rank()`` / ``.size()`` are the data-parallel rank / size to shard the
+    data by (all ranks of a group read the same samples).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if size < 1 or world % size:
+        raise ValueError(
+            f"train.sequence_parallel={size} must divide the number of processes ({world}): the "
+            "processes form groups of that size; pick a divisor or launch a multiple of it."
+        )
+    return init_device_mesh(device_type, (world // size, size), mesh_dim_names=("data", "sequence"))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where this rank's tokens lie in the flattened (frame, row, column) token sequence."""
+
+    total: int  # real tokens of the sample
+    padded: int  # total rounded up to a multiple of the group size
+    start: int  # first global position held here
+    local: int  # positions held here (padded / group size), the last ones may be padding
+    tokens_per_frame: int
+
+    @property
+    def real_end(self) -> int:
+        """One past the last real (non-padding) position held here."""
+        return max(self.start, min(self.start + self.local, self.total))
+
+    def frame_parts(self) -> list[tuple[int, int]]:
+        """[start, end) global ranges of the real tokens here, cut so each is either one (partial)
+        frame or a run of whole frames: at most a partial first frame, whole frames, a partial last."""
+        hw = self.tokens_per_frame
+        parts, pos, end = [], self.start, self.real_end
+        while pos < end:
+            if pos % hw or end - pos < hw:  # a partial frame: up to the next frame boundary
+                stop = min(end, (pos // hw + 1) * hw)
+            else:  # whole frames
+                stop = pos + (end - pos) // hw * hw
+            parts.append((pos, stop))
+            pos = stop
+        return parts
+
+
+class SequenceParallel:
+    """The plan ``apply_sequence_parallel`` installs: split / gather in the DiT forward, the Ulysses
+    attention kernel, the frame-aware face-block call and the split motion encoder."""
+
+    def __init__(self, group: dist.ProcessGroup, num_heads: int):
+        import deepspeed.comm
+        from deepspeed.sequence.layer import DistributedAttention  # slow import; only when used
+
+        if not deepspeed.comm.is_initialized():  # its collectives run on our torch process group
+            deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        check_sequence_parallel_size(num_heads, self.size)
+        self.layout: TokenLayout | None = None
+        # [B, S/N, H, D] -> heads scattered (dim 2), sequence gathered (dim 1) -> local kernel.
+        self._ulysses = DistributedAttention(self._local_attention, group, scatter_idx=2, gather_idx=1)
+
+    # ------------------------------------------------------------------------------------ DiT forward
+    def split(
+        self, h: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, grid: tuple[int, int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B, L, dim] and the [L, D/2] RoPE tables -> this rank's rows (padded at the end)."""
+        total = h.shape[1]
+        local = math.ceil(total / self.size)
+        self.layout = TokenLayout(total, local * self.size, self.rank * local, local, grid[1] * grid[2])
+        pad = self.layout.padded - total
+        rows = slice(self.layout.start, self.layout.start + local)
+        # Padding rows: zero tokens and the identity rotation; keys there are dropped in attention.
+        h = F.pad(h, (0, 0, 0, pad))[:, rows]
+        rope_cos = F.pad(rope_cos, (0, 0, 0, pad), value=1.0)[rows]
+        rope_sin = F.pad(rope_sin, (0, 0, 0, pad))[rows]
+        return h, rope_cos, rope_sin
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-token head output [B, local, C] -> [B, L, C] on every rank (autograd-aware)."""
+        layout = self._current(out.shape[1])
+        return torch.cat(all_gather(out.contiguous(), group=self.group), dim=1)[:, : layout.total]
+
+    # ------------------------------------------------------------------------------------ attention
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention kernel for the shard: q/k/v [B, local, H, D] -> [B, local, H, D]."""
+        self._current(q.shape[1])
+        return self._ulysses(q, k, v, batch_dim_idx=0)
+
+    def _local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # After the all-to-all: the whole padded sequence, H/N heads. The padding is the tail of
+        # the global sequence, so dropping those keys masks it exactly (and keeps flash kernels).
+        total = self.layout.total
+        return attention(q, k[:, :total], v[:, :total])
+
+    # ------------------------------------------------------------------------------------ face adapter
+    def face_update(self, block_forward: Callable, x: torch.Tensor, face_tokens: torch.Tensor) -> torch.Tensor:
+        """A face block on the shard: each part (see ``TokenLayout.frame_parts``) attends to its
+        own frames' face tokens; padding rows get a zero update."""
+        layout = self._current(x.shape[1])
+        hw, start = layout.tokens_per_frame, layout.start
+        updates = [
+            block_forward(x[:, a - start : b - start], face_tokens[:, a // hw : -(-b // hw)])
+            for a, b in layout.frame_parts()
+        ]
+        pad = layout.start + layout.local - layout.real_end
+        if pad or not updates:
+            dtype = updates[0].dtype if updates else face_tokens.dtype
+            updates.append(x.new_zeros(x.shape[0], pad, x.shape[2], dtype=dtype))
+        return torch.cat(updates, dim=1)
+
+    # ------------------------------------------------------------------------------------ motion encoder
+    def encode_motion(self, encoder_forward: Callable, faces: torch.Tensor) -> torch.Tensor:
+        """faces [n, 3, S, S] -> motion [n, C]: each rank encodes ceil(n / N) of them, then all_gather."""
+        n = faces.shape[0]
+        per_rank = math.ceil(n / self.size)
+        padded = F.pad(faces, (0, 0, 0, 0, 0, 0, 0, per_rank * self.size - n))
+        mine = padded[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return torch.cat(all_gather(encoder_forward(mine).contiguous(), group=self.group), dim=0)[:n]
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _current(self, local_len: int) -> TokenLayout:
+        layout = self.layout
+        if layout is None or local_len != layout.local:
+            raise RuntimeError(
+                f"sequence parallelism: got {local_len} tokens per rank but the last DiT forward "
+                f"split {layout.local if layout else 'nothing'}; run each forward's backward before "
+                "a forward of another size, and call the DiT itself (not its blocks) under SP."
+            )
+        return layout
+
+
+def apply_sequence_parallel(dit: nn.Module, group: dist.ProcessGroup) -> SequenceParallel:
+    """Make ``dit`` (a WanAnimateDiT, before any DDP/ZeRO wrapping) run one sample across ``group``.
+
+    Installs the plan on the model's seams: ``dit.sequence_shard`` (split after the embeddings,
+    gather after the head), each ``SelfAttention.attention_fn`` (Ulysses), and wraps each face
+    block's and the motion encoder's ``forward`` (names and state dict unchanged). All ranks of
+    ``group`` must call the model with the same inputs. Returns the plan.
+    """
+    if dit.sequence_shard is not None:
+        raise ValueError("apply_sequence_parallel was already applied to this model.")
+    plan = SequenceParallel(group, dit.config.num_heads)
+    dit.sequence_shard = plan
+    for block in dit.blocks:
+        block.self_attn.attention_fn = plan.attention
+    for face_block in dit.face_adapter.fuser_blocks:
+        inner = face_block.forward
+        face_block.forward = lambda x, face_tokens, _inner=inner: plan.face_update(_inner, x, face_tokens)
+    encoder = dit.motion_encoder
+    encoder.forward = lambda faces, _inner=encoder.forward: plan.encode_motion(_inner, faces)
+    return plan
