@@ -12,13 +12,28 @@ trains) and ``<key>.json`` (the raw json + ``text_key``, ``empty_text_key``, ``l
 Text embeddings are deduplicated per caption in ``text_embeds.safetensors`` at the output root
 (always including the empty prompt for condition dropout). Output shards keep the input shard
 names; a finished shard is skipped on rerun (resume), partial ``*.tar.tmp`` files are removed.
+
+CPU threads (``threads``, 0 = auto): the encoders run hundreds of small ops per sample, and
+libgomp's default is to spin-wait between them. On a machine whose cores are busy with other
+processes, a spinning thread holds a core the thread it waits for needs: the tiny model took
+22 s per sample with 2 threads against 1.3 s with 1 (bench/results/cache-latents-cpu.md). The
+command therefore makes waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, unless you set it)
+before torch loads; auto uses every core then, and one thread when torch was loaded earlier
+with the spinning default (library use), where more threads cannot be made safe.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Must precede the first torch import (libgomp reads it once, at load). See the docstring.
+_TORCH_PRELOADED = "torch" in sys.modules
+if not _TORCH_PRELOADED:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +43,7 @@ import torch.nn.functional as F
 
 from data_tools.config import CacheLatentsConfig
 from data_tools.dataset import decode_sample
-from data_tools.shards import list_shards, read_shard
+from data_tools.shards import list_shards, read_shard, shard_keys
 from wan_animate.config import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,6 +77,23 @@ def load_encoders(model_dir, *, device: str, compute_dtype: torch.dtype):
     pipe = AnimatePipeline.from_pretrained(model_dir, dtype=compute_dtype, device=device, dit=_ConfigOnlyDiT(cfg),
                                            vae_dtype=compute_dtype)
     return pipe.vae, pipe.text_encoder, pipe.image_encoder
+
+
+def omp_threads_sleep_when_waiting() -> bool:
+    """True when this process's OpenMP threads sleep rather than spin while waiting (the wait
+    policy was PASSIVE when torch loaded)."""
+    return not _TORCH_PRELOADED and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
+def cpu_threads(requested: int) -> int:
+    """Intra-op threads for CPU encoding: ``requested`` when > 0; auto (0): the cores this
+    process may use if waiting threads sleep, else 1 (spinning threads on a shared machine are
+    10-70x slower than one thread; see the module docstring)."""
+    if requested > 0:
+        return requested
+    if omp_threads_sleep_when_waiting():
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 1
 
 
 def _resolve_device(name: str) -> str:
@@ -129,13 +161,55 @@ def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dic
     os.replace(tmp, path)
 
 
-def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=None) -> dict:
-    """Run (or resume) latent caching; returns the manifest (also written to manifest.json).
-    ``encoders=(vae, text, image)`` skips loading them from ``cfg.model`` (tests)."""
+def _write_members(tar, key: str, members: dict[str, bytes]) -> None:
     import io
     import tarfile
 
+    for field, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{field}")
+        info.size = len(data)
+        info.mtime = time.time()
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: LatentCacher, embeds: dict,
+                 captions: dict, skipped: list, on_sample) -> int:
+    """Encode every sample of one raw shard into ``tmp``; returns the number written."""
+    import tarfile
+
     from safetensors.torch import save as save_safetensors
+
+    n = 0
+    with tarfile.open(tmp, "w") as tar:
+        for raw in read_shard(shard):
+            try:
+                d = decode_sample(raw)
+            except Exception as e:  # a bad sample is skipped and reported, the shard goes on
+                skipped.append({"shard": shard.name, "key": raw.get("__key__"), "reason": str(e)})
+                on_sample(written=False)
+                continue
+            # An uncaptioned sample trains on the default prompt, as the raw-shard path does;
+            # "" is reserved for condition dropout.
+            cap = d["caption"] or DEFAULT_PROMPT
+            if text_key(cap) not in embeds:
+                embeds.update(cacher.encode_texts([cap]))
+                captions[text_key(cap)] = cap
+            tensors = cacher.encode_sample(d)
+            meta = dict(d["meta"], text_key=text_key(cap), empty_text_key=text_key(""),
+                        latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
+                        cached_from=str(shard), model=str(cfg.model))
+            _write_members(tar, d["key"], {"latents.safetensors": save_safetensors(tensors),
+                                           "face.mp4": raw["face.mp4"],
+                                           "json": json.dumps(meta, ensure_ascii=False).encode()})
+            n += 1
+            on_sample(written=True)
+    return n
+
+
+def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=None) -> dict:
+    """Run (or resume) latent caching; returns the manifest (also written to manifest.json).
+    ``encoders=(vae, text, image)`` skips loading them from ``cfg.model`` (tests). The progress
+    bar counts samples (not shards) and shows samples/s."""
     from tqdm import tqdm
 
     from data_tools.dataset import load_text_embeds
@@ -148,67 +222,58 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
     device = _resolve_device(cfg.device)
-    compute = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-               "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
-    vae, text_enc, image_enc = encoders or load_encoders(cfg.model, device=device, compute_dtype=compute)
-    cacher = LatentCacher(vae, text_enc, image_enc, device=device, store_dtype=DTYPES[cfg.dtype],
-                          refert_nums=cfg.refert_nums)
-    embeds_path = out / TEXT_EMBEDS
-    embeds, captions = load_text_embeds(embeds_path) if embeds_path.is_file() else ({}, {})
-    if text_key("") not in embeds:
-        embeds.update(cacher.encode_texts([""]))
-        captions[text_key("")] = ""
-    todo = [s for s in shards if not (out / s.name).is_file()]
-    started, n_done, skipped = time.time(), 0, []
-    bar = tqdm(total=len(todo), desc="cache_latents", unit="shard", disable=not progress, dynamic_ncols=True)
-    for shard in todo:
-        tmp = out / (shard.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for raw in read_shard(shard):
-                try:
-                    d = decode_sample(raw)
-                except Exception as e:  # a bad sample is skipped and reported, the shard goes on
-                    skipped.append({"shard": shard.name, "key": raw.get("__key__"), "reason": str(e)})
-                    continue
-                # An uncaptioned sample trains on the default prompt, as the raw-shard path does;
-                # "" is reserved for condition dropout.
-                cap = d["caption"] or DEFAULT_PROMPT
-                if text_key(cap) not in embeds:
-                    embeds.update(cacher.encode_texts([cap]))
-                    captions[text_key(cap)] = cap
-                tensors = cacher.encode_sample(d)
-                meta = dict(d["meta"], text_key=text_key(cap), empty_text_key=text_key(""),
-                            latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
-                            cached_from=str(shard), model=str(cfg.model))
-                members = {"latents.safetensors": save_safetensors(tensors),
-                           "face.mp4": raw["face.mp4"],
-                           "json": json.dumps(meta, ensure_ascii=False).encode()}
-                for field, data in members.items():
-                    info = tarfile.TarInfo(f"{d['key']}.{field}")
-                    info.size = len(data)
-                    info.mtime = time.time()
-                    tar.addfile(info, io.BytesIO(data))
-                n_done += 1
-                bar.set_postfix(samples=n_done, samples_per_s=f"{n_done / max(time.time() - started, 1e-9):.2f}")
-        # Text embeddings first: a completed shard never refers to a caption that is not saved.
-        _save_text_embeds(embeds_path, embeds, captions)
-        os.replace(tmp, out / shard.name)
-        bar.update(1)
-    bar.close()
+    threads_before = torch.get_num_threads()
+    threads = cpu_threads(cfg.threads)
+    torch.set_num_threads(threads)  # restored below: a library call leaves global state as it was
+    try:
+        compute = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+                   "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
+        vae, text_enc, image_enc = encoders or load_encoders(cfg.model, device=device, compute_dtype=compute)
+        cacher = LatentCacher(vae, text_enc, image_enc, device=device, store_dtype=DTYPES[cfg.dtype],
+                              refert_nums=cfg.refert_nums)
+        embeds_path = out / TEXT_EMBEDS
+        embeds, captions = load_text_embeds(embeds_path) if embeds_path.is_file() else ({}, {})
+        if text_key("") not in embeds:
+            embeds.update(cacher.encode_texts([""]))
+            captions[text_key("")] = ""
+        todo = [s for s in shards if not (out / s.name).is_file()]
+        started, n_done, skipped = time.time(), 0, []
+        bar = tqdm(total=sum(len(shard_keys(s)) for s in todo), desc="cache_latents", unit="sample",
+                   disable=not progress, dynamic_ncols=True)
+
+        def on_sample(written: bool) -> None:
+            bar.update(1)
+            bar.set_postfix(samples_per_s=f"{bar.n / max(time.time() - started, 1e-9):.3f}",
+                            skipped=len(skipped), refresh=False)
+
+        for i, shard in enumerate(todo):
+            bar.set_description(f"cache_latents shard {i + 1}/{len(todo)}")
+            tmp = out / (shard.name + ".tmp")
+            n_done += _cache_shard(shard, tmp, cfg, cacher, embeds, captions, skipped, on_sample)
+            # Text embeddings first: a completed shard never refers to a caption that is not saved.
+            _save_text_embeds(embeds_path, embeds, captions)
+            os.replace(tmp, out / shard.name)
+        bar.close()
+    finally:
+        torch.set_num_threads(threads_before)
     if not embeds_path.is_file():
         _save_text_embeds(embeds_path, embeds, captions)
+    seconds = time.time() - started
     manifest = {"kind": "cached", "schema_version": 1, "config": asdict(cfg), "source_shards": len(shards),
                 "shards": [p.name for p in list_shards(out)], "samples_this_run": n_done,
                 "skipped_samples": skipped, "captions": len(captions), "device": device,
-                "seconds_this_run": round(time.time() - started, 2)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+                "cpu_threads": threads, "omp_wait_policy_passive": omp_threads_sleep_when_waiting(),
+                "seconds_this_run": round(seconds, 2),
+                "samples_per_s": round(n_done / seconds, 4) if seconds > 0 else None}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False))
     return manifest
 
 
 def _main(cfg: CacheLatentsConfig) -> None:
     m = cache_latents(cfg)
     print(f"cached {m['samples_this_run']} samples this run into {cfg.output} ({len(m['shards'])} shards, "
-          f"{m['captions']} captions, {len(m['skipped_samples'])} skipped)")
+          f"{m['captions']} captions, {len(m['skipped_samples'])} skipped) in {m['seconds_this_run']} s, "
+          f"{m['samples_per_s']} samples/s on {m['cpu_threads']} CPU thread(s)")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,67 @@ def test_cache_latents_bf16_default_and_errors(tmp_path, tiny_model, one_thread)
         CacheLatentsConfig(input="a", output="b")
     with pytest.raises(SystemExit, match="no shard"):
         cache_latents(CacheLatentsConfig(input=str(tmp_path), output=str(out), model=str(tiny_model)), progress=False)
+
+
+def test_cpu_threads_auto_and_the_cli_wait_policy():
+    # The command sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning OpenMP waits made the
+    # tiny model 10-70x slower with 2 threads on a busy machine) and then uses every core; imported
+    # after torch (library use) the policy cannot change, so auto is 1 thread.
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, data_tools.cache_latents as c; "
+             "print(os.environ.get('OMP_WAIT_POLICY'), c.omp_threads_sleep_when_waiting(), c.cpu_threads(0), "
+             "c.cpu_threads(3))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    cores = len(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "True", str(cores), "3"]
+    # negative control: torch first -> nothing set, one thread
+    out = subprocess.run([sys.executable, "-c", "import torch; " + probe], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["None", "False", "1", "3"]
+    # a user's own policy is kept
+    out = subprocess.run([sys.executable, "-c", probe], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ACTIVE", "False", "1", "3"]
+    with pytest.raises(ValueError, match="threads=-1"):
+        CacheLatentsConfig(input="a", output="b", model="m", threads=-1)
+
+
+def test_cache_latents_progress_counts_samples_and_restores_threads(tmp_path, tiny_model, capsys):
+    from data_tools.cache_latents import cache_latents
+
+    raw = make_synthetic_dataset(tmp_path / "syn", num_clips=3, clip_len=5, height=32, width=32, face_size=16,
+                                 shard_size=2)
+    before = torch.get_num_threads()
+    m = cache_latents(CacheLatentsConfig(input=str(raw), output=str(tmp_path / "c"), model=str(tiny_model),
+                                         device="cpu", refert_nums=[0], threads=1), progress=True)
+    assert torch.get_num_threads() == before  # the library call leaves torch's setting as it was
+    err = capsys.readouterr().err
+    assert "3/3" in err and "sample" in err and "samples_per_s=" in err and "shard 2/2" in err, err
+    assert "/2 [" not in err  # the bar counts samples, not shards
+    assert m["cpu_threads"] == 1 and m["samples_per_s"] > 0 and m["samples_this_run"] == 3
+
+
+def test_synthetic_generator_is_a_library_module_for_train():
+    # Issue 9's rule: train/ and eval/ never import a data_tools command module; the quick start's
+    # generator lives in data_tools.synthetic_data, the command (python -m data_tools.synthetic)
+    # only wraps it. (Here because the cached quick start is built from it.)
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import sys, data_tools.synthetic_data as m; "
+             "print(callable(m.make_synthetic_dataset), 'data_tools.synthetic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False"]
+    imported = {node.module for path in (root / "train").rglob("*.py")
+                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)}
+    assert "data_tools.synthetic_data" in imported and "data_tools.synthetic" not in imported
+    import data_tools.synthetic as cli  # the command still re-exports the generator
+
+    assert cli.make_synthetic_dataset is make_synthetic_dataset

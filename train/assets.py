@@ -42,7 +42,7 @@ def build_assets(cfg: Config) -> None:
         atomic_dir(model_path, lambda p: make_tiny_model_folder(p, layout="diffusers", seed=m.init_seed,
                                                                   config_preset=m.preset))
     if data_dir is not None:
-        from data_tools.synthetic import make_synthetic_dataset
+        from data_tools.synthetic_data import make_synthetic_dataset
 
         atomic_dir(data_dir, lambda p: make_synthetic_dataset(
             p, num_clips=d.synthetic_clips, clip_len=d.synthetic_frames, height=d.synthetic_height,

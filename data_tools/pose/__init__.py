@@ -10,7 +10,11 @@ from data_tools.pose.backends import (
 )
 from data_tools.pose.face import crop_faces, face_boxes, official_face_box
 from data_tools.pose.format import PoseSequence
-from data_tools.pose.quality import PoseQualityRules, describe_pose_quality, pose_quality
+from data_tools.pose.quality import (
+    PoseQualityRules,
+    describe_pose_quality,
+    pose_quality,
+)
 from data_tools.pose.render import render_frame, render_pose
 
 __all__ = [

@@ -26,6 +26,7 @@ unit, so the rules do not depend on the resolution.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -122,7 +123,7 @@ def _glitch_frames(xy: np.ndarray, ok: np.ndarray, jumps: np.ndarray, torso: flo
     ``max_glitch_frames`` frames are glitches, and longer ones lose only their first frame."""
     t_len = len(jumps)
     cuts = [0, *np.flatnonzero(jumps).tolist(), t_len]
-    pieces = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    pieces = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
     track = list(range(len(pieces)))
     speed = _typical_speed(xy, ok)
     for k in range(1, len(pieces)):
