@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools.config import PrepareConfig  # noqa: E402
 from data_tools.pose import crop_faces, get_pose_backend, render_pose  # noqa: E402
-from data_tools.prepare import ResizePlan, area_bucket, prepare  # noqa: E402
+from data_tools.prepare import prepare  # noqa: E402
+from wan_animate.geometry import ResizePlan, area_bucket  # noqa: E402
 from data_tools.shards import encode_sample  # noqa: E402
 from wan_animate.video_io import read_video  # noqa: E402
 

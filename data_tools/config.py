@@ -133,10 +133,16 @@ class CacheLatentsConfig:
     compute_dtype: str = "auto"  # encoder dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     refert_nums: list[int] = field(default_factory=lambda: [0, 1, 5])
     shard_size: int = 32
+    threads: int = 0  # CPU intra-op threads for the encoders: 0 = auto (see data_tools.cache_latents)
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads={self.threads} must be >= 0 (0 = auto)")
         if not (self.input and self.output and self.model):
             raise ValueError("cache_latents needs input=DIR (raw shards) output=DIR model=MODEL_DIR")
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model={self.model} is not a folder: give a Wan-Animate model folder (diffusers or "
+                             f"official layout; python -m wan_animate.checkpoint make-tiny DIR makes a tiny one)")
         # either spelling (bf16 / bfloat16, ...); stored as the short name the latents' json records
         self.dtype = canonical_dtype_name(self.dtype, "dtype", allow_auto=False)
         self.compute_dtype = canonical_dtype_name(self.compute_dtype, "compute_dtype")
@@ -148,11 +154,17 @@ class CacheLatentsConfig:
             raise ValueError(f"shard_size={self.shard_size} must be >= 1")
 
 
+APPS = {"prepare": PrepareConfig, "synthetic": SyntheticConfig, "cache_latents": CacheLatentsConfig}
+CONF_ROOT = Path(__file__).resolve().parent.parent / "conf"
+
+
 def register_configs() -> None:
+    """``<app>_schema``: the typed defaults of each app; ``<app>``: its primary config (the schema,
+    then an optional ``preset=NAME`` from ``conf/<app>/preset/NAME.yaml``)."""
     cs = ConfigStore.instance()
-    cs.store(name="prepare_schema", node=PrepareConfig)
-    cs.store(name="synthetic_schema", node=SyntheticConfig)
-    cs.store(name="cache_latents_schema", node=CacheLatentsConfig)
+    for app, cls in APPS.items():
+        cs.store(name=f"{app}_schema", node=cls)
+        cs.store(name=app, node={"defaults": [f"{app}_schema", "_self_", {"preset": None}]})
 
 
 def to_dataclass(cfg, cls):
@@ -164,29 +176,22 @@ def to_dataclass(cfg, cls):
     return cls(**data)
 
 
-def run_hydra(config_name: str, cls, fn) -> None:
-    """Run ``fn(config)`` as a Hydra app: ``conf/<config_name>.yaml`` over the dataclass defaults,
-    then ``key=value`` overrides from the command line. Validation errors print one line and exit 2.
+def run_hydra(app: str, cls, fn) -> None:
+    """Run ``fn(config)`` as a Hydra app: the dataclass defaults, an optional ``preset=NAME``
+    (``conf/<app>/preset/NAME.yaml``), then ``key=value`` overrides from the command line.
+    Validation errors print one line and exit 2.
 
-    The primary config is handed to Hydra through the ConfigStore rather than the ``conf/`` search
-    path: ``conf/`` also holds the trainer's config groups (``model/``, ``data/``, ...), which would
-    capture overrides such as ``model=MODEL_DIR``.
+    Each app has its own config root ``conf/<app>/`` holding only its presets, so an override such
+    as ``model=MODEL_DIR`` can never be taken for another app's config group.
     """
     import hydra
-    from omegaconf import OmegaConf
 
     register_configs()
-    conf_file = Path(__file__).resolve().parent.parent / "conf" / f"{config_name}.yaml"
-    values = OmegaConf.load(conf_file) if conf_file.is_file() else OmegaConf.create({})
-    for key in ("defaults", "hydra"):
-        values.pop(key, None)
-    node = OmegaConf.merge(OmegaConf.structured(cls), values)
-    ConfigStore.instance().store(name=f"{config_name}_primary", node=node)
     # No per-run output folders or log files: these commands write only where output= says.
     sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
                  "hydra/hydra_logging=disabled"]
 
-    @hydra.main(version_base="1.3", config_path=None, config_name=f"{config_name}_primary")
+    @hydra.main(version_base="1.3", config_path=str(CONF_ROOT / app), config_name=app)
     def _main(cfg) -> None:
         try:
             config = to_dataclass(cfg, cls)

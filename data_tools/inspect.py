@@ -1,12 +1,18 @@
-"""Validate schema-v1 shards and draw a contact sheet a person can look at.
+"""Validate shards (raw schema v1 or cached latents) and draw contact sheets a person can look at.
 
-    python -m data_tools.inspect DIR [--sheet PATH] [--rows 4] [--frames 4] [--max-samples N]
+    python -m data_tools.inspect DIR [--sheet PATH] [--rows 12] [--frames 4] [--max-samples N]
 
-Checks every sample of every ``shard-*.tar`` in DIR: each stream decodes, frame counts agree,
-sizes are right (H, W multiples of 16; face square; ref H x W; json keypoints / face boxes per
-frame), keys are unique across shards, no partial ``*.tar.tmp`` is left, and the manifest's
-counts match. The contact sheet has one row per sample: reference | frames | pose | face.
-Exit status 1 when anything is wrong.
+Raw shards: every stream decodes, frame counts agree, sizes are right (H, W multiples of 16; face
+square; ref H x W; json keypoints / face boxes per frame). Cached shards (``cache_latents`` output,
+detected from the members): the latents load, their shapes agree with each other and with the
+json (latent frames ``(T - 1) / 4 + 1``, size ``H/8 x W/8``), the face video has T square frames,
+the caption's text embedding is in ``text_embeds.safetensors``. Both: keys are unique across
+shards, no partial ``*.tar.tmp`` is left, the manifest's count matches.
+
+The contact sheet covers every sample, ``--rows`` per page: ``contact_sheet.png``, then
+``contact_sheet-2.png``, ... One row per sample: reference | frames | pose | face (raw), or
+target latents | pose latents | face (cached; latent channels 0-2 as colours). Exit status 1 when
+anything is wrong.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_tools.dataset import SampleDecodeError, decode_sample
-from data_tools.shards import list_shards, read_shard
+from wan_animate.samples import (TEXT_EMBEDS, SampleDecodeError, decode_cached_sample, decode_sample, list_shards,
+                                 load_text_embeds, read_shard, shard_kind)
 from wan_animate.video_io import tensor_to_frames
 
 
@@ -29,9 +35,11 @@ from wan_animate.video_io import tensor_to_frames
 class InspectReport:
     samples: int = 0
     shards: int = 0
+    kind: str = "raw"  # raw | cached
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
-    sheet: str | None = None
+    sheet: str | None = None  # the first page
+    sheets: list = field(default_factory=list)  # every page
 
     @property
     def ok(self) -> bool:
@@ -62,22 +70,70 @@ def check_sample(d: dict) -> list[str]:
     return errs
 
 
+def check_cached_sample(d: dict) -> list[str]:
+    """Shape agreement of one decoded cached sample (``decode_cached_sample`` output)."""
+    key, meta = d["key"], d["meta"]
+    errs = []
+    target = d["target"]
+    if target.ndim != 4:
+        return [f"{key}: target latents {tuple(target.shape)} are not [C, T, h, w]"]
+    c, t_lat, lh, lw = target.shape
+    t = meta.get("num_frames")
+    if t is not None and t_lat != (t - 1) // 4 + 1:
+        errs.append(f"{key}: {t_lat} latent frames for {t} pixel frames, want {(t - 1) // 4 + 1}")
+    if meta.get("height") is not None and (lh * 8, lw * 8) != (meta["height"], meta["width"]):
+        errs.append(f"{key}: latents {lh}x{lw} do not match json size {meta['height']}x{meta['width']} (/8)")
+    if tuple(d["ref"].shape) != (c, 1, lh, lw):
+        errs.append(f"{key}: ref latents {tuple(d['ref'].shape)}, want {(c, 1, lh, lw)}")
+    for name, v in d.items():
+        if name.startswith("cond_") and tuple(v.shape)[-2:] != (lh, lw):
+            errs.append(f"{key}: {name} latents {tuple(v.shape)} differ in size from target {lh}x{lw}")
+    _, tf, fh, fw = d["face"].shape
+    if fh != fw or (t is not None and tf != t):
+        errs.append(f"{key}: face video {tf} frames of {fh}x{fw}, want {t} square frames")
+    if meta.get("replace") and "char_mask" not in d:
+        errs.append(f"{key}: replace-mode sample without char_mask")
+    return errs
+
+
+def _fit(img: np.ndarray, height: int) -> np.ndarray:
+    scale = height / img.shape[0]
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST
+    return cv2.resize(img, (max(int(round(img.shape[1] * scale)), 1), height), interpolation=interp)
+
+
+def _strip(groups: list[list[np.ndarray]], height: int) -> np.ndarray:
+    gap = np.full((height, 6, 3), 255, np.uint8)
+    parts = []
+    for group in groups:
+        parts += [_fit(img, height) for img in group] + [gap]
+    return np.concatenate(parts[:-1], 1)
+
+
 def contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:
-    """reference | frames | pose | face for one decoded sample, uint8 [height, W, 3]."""
+    """reference | frames | pose | face for one decoded raw sample, uint8 [height, W, 3]."""
     t = d["video"].shape[1]
     picks = np.linspace(0, t - 1, num_frames).round().astype(int)
     video, pose, face = (tensor_to_frames(d[k]) for k in ("video", "pose", "face"))
     ref = tensor_to_frames(d["ref"][:, None])[0]
+    return _strip([[ref], [video[i] for i in picks], [pose[i] for i in picks], [face[i] for i in picks]], height)
 
-    def fit(img):
-        scale = height / img.shape[0]
-        return cv2.resize(img, (max(int(round(img.shape[1] * scale)), 1), height), interpolation=cv2.INTER_AREA)
 
-    gap = np.full((height, 6, 3), 255, np.uint8)
-    parts = [fit(ref), gap]
-    for group in (video, pose, face):
-        parts += [fit(group[i]) for i in picks] + [gap]
-    return np.concatenate(parts[:-1], 1)
+def _latent_image(lat) -> np.ndarray:
+    """Channels 0-2 of one latent frame ``[C, h, w]`` as an RGB image (each channel min-max scaled)."""
+    x = lat[:3].float().numpy()
+    lo, hi = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
+    return np.ascontiguousarray(((x - lo) / np.maximum(hi - lo, 1e-6) * 255).round().astype(np.uint8).transpose(1, 2, 0))
+
+
+def cached_contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:
+    """target latents | pose latents | face for one decoded cached sample."""
+    t_lat, t = d["target"].shape[1], d["face"].shape[1]
+    lat_picks = np.linspace(0, t_lat - 1, min(num_frames, t_lat)).round().astype(int)
+    picks = np.linspace(0, t - 1, num_frames).round().astype(int)
+    face = tensor_to_frames(d["face"])
+    return _strip([[_latent_image(d["target"][:, j]) for j in lat_picks],
+                   [_latent_image(d["pose"][:, j]) for j in lat_picks], [face[i] for i in picks]], height)
 
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
@@ -86,7 +142,30 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return np.concatenate([bar, img], 0)
 
 
-def inspect_dir(directory, *, sheet: str | None = None, rows: int = 4, frames: int = 4,
+class _Sheets:
+    """Pages of ``rows`` labelled rows: ``base``, then ``base-2``, ``base-3``, ..."""
+
+    def __init__(self, base: Path, rows: int):
+        self.base, self.rows, self.page, self.paths = base, max(rows, 1), [], []
+
+    def add(self, row: np.ndarray) -> None:
+        self.page.append(row)
+        if len(self.page) >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.page:
+            return
+        n = len(self.paths) + 1
+        path = self.base if n == 1 else self.base.with_name(f"{self.base.stem}-{n}{self.base.suffix}")
+        width = max(r.shape[1] for r in self.page)
+        rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in self.page]
+        cv2.imwrite(str(path), np.concatenate(rows, 0)[..., ::-1])
+        self.paths.append(str(path))
+        self.page = []
+
+
+def inspect_dir(directory, *, sheet: str | None = None, rows: int = 12, frames: int = 4,
                 max_samples: int | None = None) -> InspectReport:
     directory = Path(directory)
     rep = InspectReport()
@@ -96,8 +175,21 @@ def inspect_dir(directory, *, sheet: str | None = None, rows: int = 4, frames: i
         rep.errors.append(f"{directory}: no shard-*.tar files")
     for tmp in directory.glob("*.tar.tmp"):
         rep.errors.append(f"{tmp.name}: a partial shard is left over (rerun prepare to resume, which removes it)")
+    embeds = None
+    if shards:
+        try:
+            rep.kind = "cached" if shard_kind(shards[0]) == "cached" else "raw"
+        except Exception as e:
+            rep.errors.append(f"{shards[0].name}: not a readable tar ({e})")
+    if rep.kind == "cached":
+        if (directory / TEXT_EMBEDS).is_file():
+            embeds, _ = load_text_embeds(directory / TEXT_EMBEDS)
+        else:
+            rep.errors.append(f"cached shards without {TEXT_EMBEDS} at {directory}: copy it from the cache_latents "
+                              f"output folder")
+            embeds = {}
+    sheets = _Sheets(Path(sheet) if sheet else directory / "contact_sheet.png", rows)
     seen: dict[str, str] = {}
-    sheet_rows = []
     for shard in shards:
         try:
             samples = read_shard(shard)
@@ -113,35 +205,42 @@ def inspect_dir(directory, *, sheet: str | None = None, rows: int = 4, frames: i
             seen[key] = shard.name
             rep.samples += 1
             try:
-                d = decode_sample(raw)
+                d = decode_cached_sample(raw, embeds) if rep.kind == "cached" else decode_sample(raw)
             except SampleDecodeError as e:
                 rep.errors.append(f"{shard.name}: {e}")
                 continue
-            rep.errors += [f"{shard.name}: {e}" for e in check_sample(d)]
-            if len(sheet_rows) < rows:
-                sheet_rows.append(_label(contact_row(d, frames), f"{key}  ref | frames | pose | face"))
-    manifest = directory / "manifest.json"
-    if manifest.is_file() and max_samples is None:
-        m = json.loads(manifest.read_text())
-        want = m.get("counts", {}).get("clips_written", m.get("counts", {}).get("samples"))
-        if want is not None and want != rep.samples:
-            rep.errors.append(f"manifest.json counts {want} samples but the shards hold {rep.samples}")
-    elif not manifest.is_file():
-        rep.warnings.append("no manifest.json")
-    if sheet_rows:
-        width = max(r.shape[1] for r in sheet_rows)
-        sheet_rows = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in sheet_rows]
-        path = Path(sheet) if sheet else directory / "contact_sheet.png"
-        cv2.imwrite(str(path), np.concatenate(sheet_rows, 0)[..., ::-1])
-        rep.sheet = str(path)
+            if rep.kind == "cached":
+                rep.errors += [f"{shard.name}: {e}" for e in check_cached_sample(d)]
+                sheets.add(_label(cached_contact_row(d, frames), f"{key}  target latents | pose latents | face"))
+            else:
+                rep.errors += [f"{shard.name}: {e}" for e in check_sample(d)]
+                sheets.add(_label(contact_row(d, frames), f"{key}  ref | frames | pose | face"))
+    sheets.flush()
+    rep.sheets = sheets.paths
+    rep.sheet = sheets.paths[0] if sheets.paths else None
+    _check_manifest(directory, rep, max_samples)
     return rep
+
+
+def _check_manifest(directory: Path, rep: InspectReport, max_samples: int | None) -> None:
+    manifest = directory / "manifest.json"
+    if not manifest.is_file():
+        rep.warnings.append("no manifest.json")
+        return
+    if max_samples is not None:
+        return
+    m = json.loads(manifest.read_text())
+    counts = m.get("counts", {})
+    want = counts.get("clips_written", counts.get("samples"))
+    if want is not None and want != rep.samples:
+        rep.errors.append(f"manifest.json counts {want} samples but the shards hold {rep.samples}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("directory")
-    ap.add_argument("--sheet", default=None, help="contact sheet PNG path (default DIR/contact_sheet.png)")
-    ap.add_argument("--rows", type=int, default=4, help="samples on the contact sheet")
+    ap.add_argument("--sheet", default=None, help="first contact sheet page (default DIR/contact_sheet.png)")
+    ap.add_argument("--rows", type=int, default=12, help="samples per contact sheet page (every sample is drawn)")
     ap.add_argument("--frames", type=int, default=4, help="frames per stream on the contact sheet")
     ap.add_argument("--max-samples", type=int, default=None, help="check only the first N samples")
     args = ap.parse_args(argv)
@@ -151,8 +250,9 @@ def main(argv=None) -> int:
         print(f"warning: {w}")
     for e in rep.errors:
         print(f"error: {e}")
-    print(f"{'OK' if rep.ok else 'FAILED'}: {rep.samples} samples in {rep.shards} shards, {len(rep.errors)} errors"
-          + (f"; contact sheet: {rep.sheet}" if rep.sheet else ""))
+    pages = f"; contact sheet: {rep.sheet}" + (f" (+{len(rep.sheets) - 1} pages)" if len(rep.sheets) > 1 else "")
+    print(f"{'OK' if rep.ok else 'FAILED'}: {rep.samples} {rep.kind} samples in {rep.shards} shards, "
+          f"{len(rep.errors)} errors" + (pages if rep.sheet else ""))
     return 0 if rep.ok else 1
 
 

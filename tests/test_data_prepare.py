@@ -15,9 +15,10 @@ from data_tools.config import PrepareConfig
 from data_tools.dataset import decode_sample
 from data_tools.inspect import inspect_dir
 from data_tools.pose.face import crop_boxes
-from data_tools.prepare import ResizePlan, area_bucket, choose_bucket, prepare, resample_indices
+from data_tools.prepare import prepare
 from data_tools.shards import list_shards, read_shard, shard_keys
-from wan_animate.video_io import read_video, write_video
+from wan_animate.geometry import ResizePlan, area_bucket, choose_bucket
+from wan_animate.video_io import read_video, resample_indices, write_video
 
 REAL = Path("/work/shared/data/wan_examples/replace/video.mp4")
 pytest.importorskip("mediapipe")
@@ -239,3 +240,142 @@ def test_precomputed_ready_videos(tmp_path, small_inputs):
     got_face = (second["face"][0].numpy() + 1) * 127.5  # red channel, [T, 48, 48]
     assert second["face"].shape[-1] == 48 and abs(got_face[0].mean() - 80) < 6
     assert inspect_dir(tmp_path / "out").ok
+
+
+# ---------------------------------------------------------------------------------------------
+# faults and odd videos (issue 11) on tiny clips with ready pose/face videos: no pose model runs
+# ---------------------------------------------------------------------------------------------
+def _write_av(path, frames, *, pts_ms=None, rotation=None, fps=30):
+    """Write frames with PyAV; ``pts_ms`` gives explicit timestamps (variable frame rate),
+    ``rotation`` a display-matrix rotation tag (degrees counter-clockwise)."""
+    import av
+    from fractions import Fraction
+
+    c = av.open(str(path), "w")
+    s = c.add_stream("libx264", rate=fps)
+    s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    s.options = {"crf": "10"}
+    if rotation is not None:
+        s.set_display_rotation(rotation)
+    if pts_ms is not None:
+        s.codec_context.time_base = Fraction(1, 1000)
+    for k, f in enumerate(frames):
+        vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+        if pts_ms is not None:
+            vf.pts, vf.time_base = int(pts_ms[k]), Fraction(1, 1000)
+        for p in s.encode(vf):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+
+
+def _ready(ready_dir, stem, t, h, w):
+    ready_dir.mkdir(exist_ok=True)
+    write_video(ready_dir / f"{stem}.pose.mp4", np.zeros((t, h, w, 3), np.uint8), 30)
+    write_video(ready_dir / f"{stem}.face.mp4", np.full((t, 32, 32, 3), 99, np.uint8), 30)
+
+
+def _tiny_cfg(inp, out, ready, **kw):
+    base = dict(input=str(inp), output=str(out), workers=0, fps=-1, clip_len=5, target_area=64 * 96,
+                face_size=16, pose_backend="precomputed", pose_options={"videos": str(ready)},
+                reference_policy="first", shard_size=4)
+    base.update(kw)
+    return PrepareConfig(**base)
+
+
+def _samples(out):
+    return [decode_sample(r) for p in list_shards(out) for r in read_shard(p)]
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_worker_fails_its_input_and_the_run_goes_on(tmp_path):
+    """A worker killed by SIGKILL (the OOM killer) must not hang the job (multiprocessing.Pool
+    waits forever for its task): that input is skipped with the reason, the others are written."""
+    sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import tests/_prepare_helpers
+    from _prepare_helpers import kill_marked
+
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    frames = np.random.default_rng(0).integers(0, 255, (6, 64, 96, 3), dtype=np.uint8)
+    for name in ("a", "KILLME", "b"):
+        write_video(inp / f"{name}.mp4", frames, 30)
+        _ready(ready, name, 6, 64, 96)
+    t0 = time.time()
+    m = prepare(_tiny_cfg(inp, tmp_path / "out", ready, workers=2), progress=False, _worker_fn=kill_marked)
+    assert time.time() - t0 < 200
+    reasons = {Path(s["input"]).name: s["reason"] for s in m["skipped_inputs"]}
+    assert list(reasons) == ["KILLME.mp4"] and "killed by SIGKILL" in reasons["KILLME.mp4"]
+    assert m["counts"]["inputs_processed"] == 2 and m["counts"]["clips_written"] == 2  # negative control
+
+
+def test_rotation_tag_is_honoured(tmp_path):
+    """A phone video (stored landscape, display matrix -90 deg) comes out upright (portrait)."""
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    stored = np.zeros((6, 64, 96, 3), np.uint8)
+    stored[:, :16, :16] = 255  # marker at the stored top-left
+    _write_av(inp / "phone.mp4", stored, rotation=-90)  # shown rotated 90 deg clockwise
+    _ready(ready, "phone", 6, 96, 64)  # ready videos are upright
+    m = prepare(_tiny_cfg(inp, tmp_path / "out", ready), progress=False)
+    assert m["counts"]["clips_written"] == 1, m["skipped_inputs"]
+    (d,) = _samples(tmp_path / "out")
+    _, _, h, w = d["video"].shape
+    assert (h, w) == (96, 64) and d["meta"]["source_rotation"] == 270
+    frame = (d["video"][:, 0].permute(1, 2, 0).numpy() + 1) * 127.5
+    assert frame[:16, -16:].mean() > 200 and frame[:16, :16].mean() < 50  # clockwise: top-left -> top-right
+    raw, _ = read_video(inp / "phone.mp4")  # the library reads it upright too (negative control: stored)
+    assert raw.shape[1:3] == (96, 64) and stored.shape[1:3] == (64, 96)
+
+
+def test_variable_frame_rate_is_sampled_by_timestamp(tmp_path):
+    """20 frames at 30 fps then 20 at 10 fps, re-sampled to 10 fps: output frame k is the source
+    frame shown at k / 10 s (the index rule at the average rate would slow the first second down)."""
+    from wan_animate.video_io import resample_indices as by_index
+
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    times = np.array([k / 30 for k in range(20)] + [19 / 30 + 0.1 * (k + 1) for k in range(20)])
+    frames = np.stack([np.full((64, 96, 3), 6 * k, np.uint8) for k in range(40)])  # brightness = index
+    _write_av(inp / "vfr.mp4", frames, pts_ms=np.round(times * 1000))
+    _ready(ready, "vfr", 40, 64, 96)
+    m = prepare(_tiny_cfg(inp, tmp_path / "out", ready, fps=10, clip_len=25), progress=False)
+    assert m["counts"]["clips_written"] == 1, m["skipped_inputs"]
+    (d,) = _samples(tmp_path / "out")
+    want = [int(np.argmin(np.abs(times - k / 10))) for k in range(25)]
+    assert d["meta"]["frame_indices"] == want and d["meta"]["variable_frame_rate"] is True
+    got = ((d["video"][0, :, 32, 48].numpy() + 1) * 127.5) / 6
+    assert np.abs(got - np.array(want)).max() < 1.0  # the pixels are those frames
+    assert list(by_index(40, 40 / times[-1], 10)[:25]) != want  # negative control: the index rule differs
+
+
+def test_missing_input_and_no_videos_fail_before_any_output(tmp_path):
+    from data_tools.prepare import PrepareError
+
+    out = tmp_path / "out"
+    with pytest.raises(PrepareError, match="does not exist"):
+        prepare(PrepareConfig(input=str(tmp_path / "nope"), output=str(out)), progress=False)
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no videos here")
+    with pytest.raises(PrepareError, match="holds no videos"):
+        prepare(PrepareConfig(input=str(empty), output=str(out)), progress=False)
+    assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "data_tools.prepare", f"input={tmp_path / 'nope'}", f"output={out}"],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert r.stderr.strip().splitlines() == [f"error: input={tmp_path / 'nope'} does not exist: give a video, "
+                                              "a folder of videos or a .txt list of paths"]
+
+
+def test_progress_counts_clips_not_videos(tmp_path, capsys):
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    frames = np.random.default_rng(1).integers(0, 255, (15, 64, 96, 3), dtype=np.uint8)
+    write_video(inp / "long.mp4", frames, 30)  # 3 clips of 5 frames
+    _ready(ready, "long", 15, 64, 96)
+    write_video(inp / "short.mp4", frames[:3], 30)  # too short: 0 clips
+    m = prepare(_tiny_cfg(inp, tmp_path / "out", ready), progress=True)
+    assert m["counts"]["clips_written"] == 3
+    err = capsys.readouterr().err
+    assert "3/3 [" in err and "clip" in err and "video" not in err.replace("videos", "")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.dataset import SampleDecodeError, decode_sample
+from wan_animate.samples import SampleDecodeError, decode_sample
 from data_tools.inspect import inspect_dir
-from data_tools.shards import list_shards, read_shard
+from wan_animate.samples import list_shards, read_shard
 from data_tools.synthetic import (
     REST,
     animation_state,
@@ -138,3 +138,77 @@ def test_inspect_cli_flags_broken_shards(tmp_path, capsys):
     assert main([str(bad)]) == 1
     out = capsys.readouterr().out
     assert "does not decode" in out and "duplicate sample" in out and "partial shard" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# cached shards in inspect / decode (issue 13), json faults, paged contact sheets
+# ---------------------------------------------------------------------------------------------
+def _cached_set(root, n=3, broken=None):
+    """A hand-made cached set (the layout cache_latents writes): latents + face.mp4 + json per
+    sample, text embeddings at the root. ``broken``: index of a sample with wrong ref latents."""
+    import torch
+    from safetensors.torch import save, save_file
+
+    from data_tools.shards import ShardWriter
+    from wan_animate.video_io import encode_video_bytes
+
+    root.mkdir(parents=True)
+    save_file({"t0": torch.zeros(8, 4), "t1": torch.ones(8, 4)}, str(root / "text_embeds.safetensors"),
+              metadata={"captions": json.dumps({"t0": "", "t1": "a person"})})
+    with ShardWriter(root, shard_size=2, mtime=0) as w:
+        for i in range(n):
+            lat = {"target": torch.randn(16, 3, 4, 6), "pose": torch.randn(16, 3, 4, 6),
+                   "ref": torch.randn(16, 1, 4, 6 if i != broken else 5), "clip": torch.randn(257, 8),
+                   "cond_r0": torch.randn(16, 3, 4, 6)}
+            meta = {"schema_version": 1, "num_frames": 9, "height": 32, "width": 48, "face_size": 16,
+                    "text_key": "t1", "empty_text_key": "t0", "caption": "a person", "replace": False}
+            w.write({"__key__": f"c{i}", "latents.safetensors": save(lat),
+                     "face.mp4": encode_video_bytes(np.full((9, 16, 16, 3), 40 * i, np.uint8), 30),
+                     "json": json.dumps(meta).encode()})
+    return root
+
+
+def test_cached_shards_are_detected_and_validated(tmp_path):
+    from wan_animate.samples import decode_cached_sample, shard_kind
+
+    good = _cached_set(tmp_path / "good")
+    rep = inspect_dir(good, rows=2)
+    assert rep.ok and rep.kind == "cached" and rep.samples == 3, rep.errors
+    assert len(rep.sheets) == 2  # 3 samples, 2 per page: every sample is drawn
+    bad = _cached_set(tmp_path / "bad", broken=1)
+    rep = inspect_dir(bad)
+    assert rep.errors == ["shard-000000.tar: c1: ref latents (16, 1, 4, 5), want (16, 1, 4, 6)"]
+    # the raw reader names the fix instead of "missing field 'mp4'", and the reverse
+    cached_raw = read_shard(list_shards(good)[0])[0]
+    with pytest.raises(SampleDecodeError, match="these are cached shards.*use data=cached"):
+        decode_sample(cached_raw)
+    raw = read_shard(list_shards(make_synthetic_dataset(tmp_path / "raw", num_clips=1, clip_len=5))[0])[0]
+    with pytest.raises(SampleDecodeError, match="raw schema-v1 shards.*use data=shards"):
+        decode_cached_sample(raw, {})
+    assert shard_kind(list_shards(good)[0]) == "cached" and shard_kind(list_shards(tmp_path / "raw")[0]) == "raw"
+
+
+def test_json_faults_are_decode_errors(tmp_path):
+    d = make_synthetic_dataset(tmp_path / "s", num_clips=1, clip_len=5)
+    raw = read_shard(list_shards(d)[0])[0]
+    meta = json.loads(raw["json"])
+    cases = {b"[1, 2]": "is a list, not an object", b"{not json": "not valid JSON",
+             json.dumps(dict(meta, num_frames="5")).encode(): "'num_frames' is '5' \\(str\\), expected int"}
+    for data, msg in cases.items():
+        with pytest.raises(SampleDecodeError, match=msg):
+            decode_sample(dict(raw, json=data))
+    with pytest.raises(SampleDecodeError, match="missing field 'json'"):
+        decode_sample({k: v for k, v in raw.items() if k != "json"})
+    assert decode_sample(raw)["meta"]["num_frames"] == 5  # negative control
+
+
+def test_contact_sheet_covers_every_sample_in_pages(tmp_path):
+    from PIL import Image
+
+    d = make_synthetic_dataset(tmp_path / "s", num_clips=5, clip_len=5, shard_size=2)
+    rep = inspect_dir(d, rows=2)
+    assert rep.ok and rep.samples == 5
+    assert [Path(p).name for p in rep.sheets] == ["contact_sheet.png", "contact_sheet-2.png", "contact_sheet-3.png"]
+    heights = [np.asarray(Image.open(p)).shape[0] for p in rep.sheets]
+    row = heights[-1]  # the last page holds the fifth sample alone
+    assert heights == [2 * row, 2 * row, row]

@@ -104,8 +104,8 @@ def _field(raw: dict, name: str, key: str):
     kind = sample_kind(raw)
     if kind == "cached" and name in RAW_FIELDS:
         raise SampleDecodeError(f"sample {key!r}: these are cached shards (data_tools.cache_latents output), not "
-                                f"raw schema-v1 shards: train on them with data=cached; inspect and eval need the raw "
-                                f"shards they were made from")
+                                f"raw schema-v1 shards: use data=cached to train on them (eval needs the raw shards "
+                                f"they were made from)")
     if kind == "raw" and name == "latents.safetensors":
         raise SampleDecodeError(f"sample {key!r}: these are raw schema-v1 shards, not cached latents: use "
                                 f"data=shards, or make cached ones with python -m data_tools.cache_latents")

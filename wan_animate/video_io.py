@@ -129,17 +129,18 @@ def read_video(
     return v.frames, v.fps
 
 
-def probe_video(source: str | os.PathLike | bytes) -> VideoInfo:
+def probe_video(source: str | os.PathLike | bytes, *, rotation: bool = True) -> VideoInfo:
     """Frame count, fps, displayed size and rotation from the container's header; decodes (and
-    counts) the frames only when the container does not record a frame count."""
+    counts) the frames only when the container does not record a frame count. ``rotation=False``
+    skips decoding the first frame (where the rotation tag is read): stored size, rotation 0."""
     container, name = _open(source)
     try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0.0) or 30.0
         num, h, w = int(stream.frames or 0), stream.codec_context.height, stream.codec_context.width
-        rotation = 0
-        for frame in container.decode(stream):  # the rotation tag is side data of the frames
-            rotation = _quarter_turns(getattr(frame, "rotation", 0)) * 90
+        turned = 0
+        for frame in container.decode(stream) if rotation else ():  # the tag is side data of frames
+            turned = _quarter_turns(getattr(frame, "rotation", 0)) * 90
             break
     except Exception as e:
         raise VideoDecodeError(f"{name}: cannot read the header ({type(e).__name__}: {e})") from e
@@ -147,9 +148,9 @@ def probe_video(source: str | os.PathLike | bytes) -> VideoInfo:
         container.close()
     if num <= 0:
         num = len(decode_video(source).frames)
-    if rotation in (90, 270):
+    if turned in (90, 270):
         h, w = w, h
-    return VideoInfo(num_frames=num, fps=fps, height=h, width=w, rotation=rotation)
+    return VideoInfo(num_frames=num, fps=fps, height=h, width=w, rotation=turned)
 
 
 # ---------------------------------------------------------------------------------------------
