@@ -95,7 +95,44 @@ def _run_case(case: str, group: dist.ProcessGroup) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
+def _generate(pipe, recorded: list) -> "np.ndarray":
+    """Generate a 7-frame clip (2 segments of 5, 3 x 3 latent tokens per frame: 27, odd) with
+    guidance (two DiT calls per step), recording the latents handed to the VAE decoder."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda latents: recorded.append(latents.clone()) or decode(latents)
+    try:
+        return pipe.generate(
+            ref_image=rng.integers(0, 256, (48, 40, 3), dtype=np.uint8),
+            pose_video=rng.integers(0, 256, (7, 48, 48, 3), dtype=np.uint8),
+            face_video=rng.integers(0, 256, (7, 40, 40, 3), dtype=np.uint8),
+            steps=3, clip_len=5, refert_num=1, guide_scale=2.0, progress=False,
+        )
+    finally:
+        pipe.vae.decode = decode
+
+
+def _run_generation(model_dir: str, group: dist.ProcessGroup) -> dict:
+    """The unchanged pipeline with a sequence-parallel DiT equals the plain one (same process)."""
+    from wan_animate.parallel import apply_sequence_parallel
+    from wan_animate.pipeline import AnimatePipeline
+
+    pipe = AnimatePipeline.from_pretrained(model_dir, dtype=torch.float32)
+    ref_latents, latents = [], []
+    ref_video = _generate(pipe, ref_latents)
+    plan = apply_sequence_parallel(pipe.dit, group)
+    video = _generate(pipe, latents)
+    return {
+        "latents": max(_rel(a, b) for a, b in zip(latents, ref_latents)),
+        "segments": len(latents),
+        "max_pixel_diff": int(abs(video.astype(int) - ref_video.astype(int)).max()),
+        "tokens": plan.layout.total,
+    }
+
+
+def _worker(rank: int, world: int, port: int, result_dir: str, model_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a shared CPU: no oversubscription
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -104,6 +141,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str) -> None:
         mesh = sequence_parallel_mesh(world, "cpu")
         group = mesh["sequence"].get_group()
         results = {case: _run_case(case, group) for case in CASES}
+        results["generation"] = _run_generation(model_dir, group)
         results["mesh"] = [mesh["data"].size(), mesh["data"].get_local_rank(), mesh["sequence"].get_local_rank()]
         with open(f"{result_dir}/rank{rank}.json", "w") as f:
             json.dump(results, f)
@@ -120,8 +158,11 @@ def _free_port() -> int:
 # ~40 s on 2 cores, most of it importing DeepSpeed and building its CPU comm op in two processes.
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
+    from wan_animate.testing import make_tiny_model_folder
+
     result_dir = tmp_path_factory.mktemp("sp")
-    mp.spawn(_worker, args=(2, _free_port(), str(result_dir)), nprocs=2, join=True)
+    model_dir = make_tiny_model_folder(result_dir / "model", layout="diffusers", seed=0)
+    mp.spawn(_worker, args=(2, _free_port(), str(result_dir), str(model_dir)), nprocs=2, join=True)
     return [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -155,6 +196,17 @@ def test_layouts_cover_boundary_cases(two_rank_results):
 def test_unmasked_padding_is_wrong(two_rank_results):
     """Negative control: attending to the padding keys changes the output (the mask matters)."""
     assert two_rank_results[0]["odd_unmasked_padding"]["out"] > 1e-3
+
+
+@pytest.mark.slow
+def test_generation_two_ranks_equal_one_process(two_rank_results):
+    """AnimatePipeline.generate with the DiT split over 2 ranks (guidance on, 2 segments, odd token
+    count) gives the 1-process latents (fp32) and video, on both ranks."""
+    for results in two_rank_results:
+        r = results["generation"]
+        assert r["segments"] == 2 and r["tokens"] == 27, r
+        assert r["latents"] <= TOL, r
+        assert r["max_pixel_diff"] <= 1, r  # uint8 rounding of equal-to-1e-5 floats
 
 
 @pytest.mark.slow

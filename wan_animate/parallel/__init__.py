@@ -3,6 +3,7 @@
 - ``apply_sequence_parallel(dit, group)``: DeepSpeed-Ulysses sequence parallelism, one sample per
   group of ranks (``wan_animate.parallel.sequence``).
 - ``sequence_parallel_mesh(size, device_type)``: the ("data", "sequence") DeviceMesh of all ranks.
+- ``start_generation_group(size, device)``: join torchrun's processes for sequence-parallel generation.
 """
 
 from wan_animate.parallel.sequence import (
@@ -11,6 +12,7 @@ from wan_animate.parallel.sequence import (
     apply_sequence_parallel,
     check_sequence_parallel_size,
     sequence_parallel_mesh,
+    start_generation_group,
 )
 
 __all__ = [
@@ -19,4 +21,5 @@ __all__ = [
     "apply_sequence_parallel",
     "check_sequence_parallel_size",
     "sequence_parallel_mesh",
+    "start_generation_group",
 ]

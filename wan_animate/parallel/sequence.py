@@ -33,15 +33,16 @@ reuses it, so run each forward's backward before a forward of another token coun
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.nn.functional import all_gather
 
+from wan_animate.model import WanAnimateDiT
 from wan_animate.model.attention import attention
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "apply_sequence_parallel",
     "check_sequence_parallel_size",
     "sequence_parallel_mesh",
+    "start_generation_group",
 ]
 
 
@@ -80,6 +82,28 @@ def sequence_parallel_mesh(size: int, device_type: str):
             "processes form groups of that size; pick a divisor or launch a multiple of it."
         )
     return init_device_mesh(device_type, (world // size, size), mesh_dim_names=("data", "sequence"))
+
+
+def start_generation_group(size: int, device: str) -> tuple[str, bool]:
+    """``torchrun --nproc_per_node N -m eval.generate ... --sequence-parallel N``: join the N
+    processes (torchrun's environment) and pick this rank's device ("cuda" -> cuda:LOCAL_RANK).
+
+    Returns (device, writes_output): every rank runs the same pipeline with the same seed, the DiT
+    (after ``apply_sequence_parallel(pipe.dit, torch.distributed.group.WORLD)``) splits each denoising
+    step, and all ranks end with the same video; rank 0 writes it.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != size:
+        raise ValueError(
+            f"--sequence-parallel {size} needs {size} processes, but WORLD_SIZE={world}: launch with "
+            f"torchrun --nproc_per_node {size} -m eval.generate ..."
+        )
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank() == 0
 
 
 @dataclass(frozen=True)
@@ -200,7 +224,7 @@ class SequenceParallel:
         return layout
 
 
-def apply_sequence_parallel(dit: nn.Module, group: dist.ProcessGroup) -> SequenceParallel:
+def apply_sequence_parallel(dit: WanAnimateDiT, group: dist.ProcessGroup) -> SequenceParallel:
     """Make ``dit`` (a WanAnimateDiT, before any DDP/ZeRO wrapping) run one sample across ``group``.
 
     Installs the plan on the model's seams: ``dit.sequence_shard`` (split after the embeddings,
@@ -208,6 +232,11 @@ def apply_sequence_parallel(dit: nn.Module, group: dist.ProcessGroup) -> Sequenc
     block's and the motion encoder's ``forward`` (names and state dict unchanged). All ranks of
     ``group`` must call the model with the same inputs. Returns the plan.
     """
+    if not isinstance(dit, WanAnimateDiT):
+        raise TypeError(
+            f"sequence parallelism needs a wan_animate WanAnimateDiT (its split/gather seams), got "
+            f"{type(dit).__name__}; load the model with wan_animate.checkpoint.load_dit."
+        )
     if dit.sequence_shard is not None:
         raise ValueError("apply_sequence_parallel was already applied to this model.")
     plan = SequenceParallel(group, dit.config.num_heads)
