@@ -1,0 +1,177 @@
+"""Memory options for training the Wan-Animate DiT, applied from outside the model.
+
+    state = apply_memory_options(dit, cfg.model, device=acc.device)
+
+Call it once the trainable set is fixed (LoRA injected, ``requires_grad`` set, trainables in their
+master dtype) and before ``accelerate.prepare``. It applies, in this order (the order matters):
+
+1. ``model.base_dtype=fp8``: frozen block / face-block linears -> ``FP8Linear`` (``fp8.py``);
+2. LoRA layers compute in the compute dtype (always; ``lora_dtype.py``);
+3. ``model.motion_encoder_chunk=N``: chunked motion encoder, checkpointed or no-grad (``motion.py``);
+4. ``model.block_swap=N``: swap wrappers *inside* the checkpoint (``block_swap.py``);
+5. ``model.activation_checkpointing``: ``wan_animate.model.apply_activation_checkpointing``
+   (idempotent, so a later call by the trainer is a no-op);
+6. ``model.checkpoint_offload`` / ``model.checkpoint_dtype``: saved-tensor hooks *around* the
+   checkpoint (``offload.py``);
+7. with block swap: places the model on ``device`` except the swapped weights, and marks it with a
+   multi-device ``hf_device_map`` so ``accelerate.prepare`` does not move it (accelerate's rule
+   for models it did not place; single process only).
+
+Everything is shape-only (no ``.item()``, no data-dependent branches; pinning only with CUDA), so
+the memory planner can run it on fake tensors. See docs/memory.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from wan_animate.memory.block_swap import BlockSwap, swapped_indices
+from wan_animate.memory.fp8 import FP8Linear, quantize_frozen_linears
+from wan_animate.memory.lora_dtype import lora_in_compute_dtype
+from wan_animate.memory.motion import chunk_motion_encoder
+from wan_animate.memory.offload import CheckpointInputStore, wrap_checkpointed
+
+__all__ = [
+    "apply_memory_options",
+    "MemoryState",
+    "BlockSwap",
+    "CheckpointInputStore",
+    "FP8Linear",
+    "quantize_frozen_linears",
+    "lora_in_compute_dtype",
+    "chunk_motion_encoder",
+    "make_optimizer",
+    "BASE_DTYPES",
+    "CHECKPOINT_DTYPES",
+    "OPTIMIZERS",
+]
+
+BASE_DTYPES = ("bf16", "fp8")  # bf16: the frozen weights keep the dtype they were loaded in
+CHECKPOINT_DTYPES = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+_STORE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MemoryState:
+    """What ``apply_memory_options`` did; counters for tests and the memory planner."""
+
+    fp8_layers: list[str] = field(default_factory=list)
+    lora_layers: int = 0
+    motion_encoder: str = "plain"
+    block_swap: BlockSwap | None = None
+    checkpoint_store: CheckpointInputStore | None = None
+
+    @property
+    def host_weight_bytes(self) -> int:
+        """Bytes of frozen weights kept in (pinned) host memory by block swap."""
+        return self.block_swap.host_bytes() if self.block_swap is not None else 0
+
+    @property
+    def host_activation_peak_bytes(self) -> int:
+        """Peak bytes of checkpointed block inputs held on the host so far."""
+        return self.checkpoint_store.peak_bytes if self.checkpoint_store is not None else 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fp8_layers": len(self.fp8_layers),
+            "lora_layers_in_compute_dtype": self.lora_layers,
+            "motion_encoder": self.motion_encoder,
+            "swapped_blocks": len(self.block_swap.swapped) if self.block_swap is not None else 0,
+            "host_weight_gib": self.host_weight_bytes / 2**30,
+            "checkpoint_store": None if self.checkpoint_store is None else {
+                "offload": self.checkpoint_store.offload, "dtype": str(self.checkpoint_store.store_dtype)},
+        }
+
+
+def _option(cfg: Any, name: str, default):
+    return getattr(cfg, name, default)
+
+
+def _check_single_process(option: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            f"{option} keeps frozen weights on the host of ONE process and is not supported with "
+            f"{dist.get_world_size()} processes; set model.block_swap=0 or launch a single process "
+            "(launch/accelerate/1gpu.yaml)."
+        )
+
+
+def place_except(model: nn.Module, device: torch.device, keep: BlockSwap) -> None:
+    """Move every parameter and buffer to ``device`` except the swapped host weights."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if not keep.is_swapped(param) and param.device != device:
+                param.data = param.data.to(device)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device != device:
+                    module._buffers[name] = buf.to(device)
+    # accelerate's prepare() leaves models with a multi-device map where they are.
+    model.hf_device_map = {"": str(device), "blocks(swapped frozen weights)": "cpu"}
+
+
+def apply_memory_options(dit: nn.Module, model_cfg: Any, *, device: torch.device | str) -> MemoryState:
+    """Apply the memory options of ``model_cfg`` (a ``ModelConfig`` or any object with its fields)."""
+    device = torch.device(device)
+    state = MemoryState()
+    base_dtype = _option(model_cfg, "base_dtype", "bf16")
+    swap = int(_option(model_cfg, "block_swap", 0))
+    chunk = int(_option(model_cfg, "motion_encoder_chunk", 0))
+    offload = bool(_option(model_cfg, "checkpoint_offload", False))
+    ckpt_dtype = _option(model_cfg, "checkpoint_dtype", "fp32")
+    checkpointing = bool(_option(model_cfg, "activation_checkpointing", False))
+    if base_dtype not in BASE_DTYPES:
+        raise ValueError(f"model.base_dtype={base_dtype!r}; choose one of {BASE_DTYPES}.")
+    if ckpt_dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"model.checkpoint_dtype={ckpt_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
+    if (offload or ckpt_dtype != "fp32") and not checkpointing:
+        raise ValueError("model.checkpoint_offload / model.checkpoint_dtype act on checkpointed block inputs; "
+                         "set model.activation_checkpointing=true.")
+
+    if base_dtype == "fp8":
+        state.fp8_layers = quantize_frozen_linears(dit)
+        if not state.fp8_layers:
+            raise ValueError("model.base_dtype=fp8 found no frozen linear layer in the DiT blocks (train.mode=full "
+                             "trains them all); use train.mode=lora or adapters_only, or model.base_dtype=bf16.")
+    state.lora_layers = lora_in_compute_dtype(dit)
+    if chunk > 0:
+        state.motion_encoder = chunk_motion_encoder(dit.motion_encoder, chunk)
+    blocks = list(dit.blocks)
+    if swap > 0:
+        _check_single_process("model.block_swap")
+        state.block_swap = BlockSwap(blocks, swapped_indices(len(blocks), swap), device)
+        state.block_swap.install()
+    if checkpointing:
+        from wan_animate.model import apply_activation_checkpointing
+
+        apply_activation_checkpointing(dit)
+    if offload or ckpt_dtype != "fp32":
+        state.checkpoint_store = CheckpointInputStore(device, offload, _STORE_DTYPES[ckpt_dtype])
+        modules = blocks + list(getattr(getattr(dit, "face_adapter", None), "fuser_blocks", []))
+        for module in modules:
+            wrap_checkpointed(module, state.checkpoint_store)
+    if state.block_swap is not None:
+        state.block_swap.offload()
+        place_except(dit, device, state.block_swap)
+    return state
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, betas, eps: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """``adamw`` (torch) or ``adamw8bit`` (torchao's ``AdamW8bit``: block-wise 8-bit moments)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("optim.name=adamw8bit needs torchao (pip install torchao).") from e
+        return AdamW8bit(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    raise ValueError(f"optim.name={name!r}; choose one of {OPTIMIZERS}.")

@@ -1,0 +1,47 @@
+"""The motion encoder over many 512x512 face frames: chunked, checkpointed when it trains.
+
+The encoder already pushes frames through its conv net ``chunk_size`` at a time. When it trains,
+autograd would still keep every chunk's conv activations until backward (all 77 frames at once);
+wrapping each chunk in a non-reentrant activation checkpoint keeps only the chunk inputs (the face
+frames, alive anyway) and recomputes one chunk at a time in backward. When it is frozen, it runs
+under ``torch.no_grad`` so nothing is recorded at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def chunk_motion_encoder(encoder: nn.Module, chunk: int) -> str:
+    """Set the frame chunk and the grad policy of ``encoder`` (a ``MotionEncoder``), in place.
+
+    Returns "checkpointed" when any of its parameters trains, else "no_grad". Idempotent.
+    """
+    if chunk < 1:
+        raise ValueError(f"model.motion_encoder_chunk={chunk} must be >= 1 (0 disables the option).")
+    encoder.chunk_size = int(chunk)
+    trains = any(p.requires_grad for p in encoder.parameters())
+    if getattr(encoder, "_chunk_policy", None) is not None:
+        return encoder._chunk_policy
+    if trains:
+        inner = encoder.magnitudes
+
+        def magnitudes(faces: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():
+                return checkpoint(inner, faces, use_reentrant=False)
+            return inner(faces)
+
+        encoder.magnitudes = magnitudes
+        encoder._chunk_policy = "checkpointed"
+    else:
+        inner_forward = encoder.forward
+
+        def forward(faces: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return inner_forward(faces)
+
+        encoder.forward = forward
+        encoder._chunk_policy = "no_grad"
+    return encoder._chunk_policy
