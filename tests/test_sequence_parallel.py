@@ -132,6 +132,20 @@ def _run_generation(model_dir: str, group: dist.ProcessGroup) -> dict:
     }
 
 
+def _same_sample_check(group: dist.ProcessGroup) -> list[str]:
+    """check_same_sample passes on equal inputs and names the tensor that differs otherwise."""
+    from wan_animate.parallel import check_same_sample
+
+    inputs = _inputs(WanAnimateConfig.preset("tiny"), 1, 2, 2, 6)
+    check_same_sample(inputs, group)
+    inputs["t"] = inputs["t"] + dist.get_rank(group)  # rank 1 drew another timestep
+    try:
+        check_same_sample(inputs, group)
+    except RuntimeError as e:
+        return [str(e)]
+    return []
+
+
 def _worker(rank: int, world: int, port: int, result_dir: str, model_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on a shared CPU: no oversubscription
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -142,6 +156,7 @@ def _worker(rank: int, world: int, port: int, result_dir: str, model_dir: str) -
         group = mesh["sequence"].get_group()
         results = {case: _run_case(case, group) for case in CASES}
         results["generation"] = _run_generation(model_dir, group)
+        results["same_sample_check"] = _same_sample_check(group)
         results["mesh"] = [mesh["data"].size(), mesh["data"].get_local_rank(), mesh["sequence"].get_local_rank()]
         with open(f"{result_dir}/rank{rank}.json", "w") as f:
             json.dump(results, f)
@@ -207,6 +222,13 @@ def test_generation_two_ranks_equal_one_process(two_rank_results):
         assert r["segments"] == 2 and r["tokens"] == 27, r
         assert r["latents"] <= TOL, r
         assert r["max_pixel_diff"] <= 1, r  # uint8 rounding of equal-to-1e-5 floats
+
+
+@pytest.mark.slow
+def test_check_same_sample_names_the_differing_input(two_rank_results):
+    for results in two_rank_results:
+        (message,) = results["same_sample_check"]
+        assert "input 't' differs" in message and "data-parallel rank" in message
 
 
 @pytest.mark.slow

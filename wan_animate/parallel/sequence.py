@@ -49,6 +49,7 @@ __all__ = [
     "TokenLayout",
     "SequenceParallel",
     "apply_sequence_parallel",
+    "check_same_sample",
     "check_sequence_parallel_size",
     "sequence_parallel_mesh",
     "start_generation_group",
@@ -104,6 +105,28 @@ def start_generation_group(size: int, device: str) -> tuple[str, bool]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return device, dist.get_rank() == 0
+
+
+def check_same_sample(inputs: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
+    """Raise if the ranks of ``group`` do not hold the same DiT inputs (data, noise, timestep).
+
+    Sequence parallelism computes one sample across the group; a rank that drew another sample,
+    noise or timestep would silently train on a mixture. One small all_gather of per-tensor sums.
+    """
+    names = sorted(inputs)
+    device = "cpu" if dist.get_backend(group) == "gloo" else inputs[names[0]].device  # NCCL: on the GPU
+    sums = torch.stack([inputs[n].detach().double().sum() for n in names]).to(device)
+    gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, sums, group=group)
+    for i, name in enumerate(names):
+        values = [float(g[i]) for g in gathered]
+        if any(v != values[0] for v in values):
+            raise RuntimeError(
+                f"sequence parallelism: input {name!r} differs across the ranks of a group (sums "
+                f"{values}); all ranks of a group must read the same sample and draw the same noise and "
+                "timestep: shard the data and seed those generators by the data-parallel rank "
+                "(mesh['data'].get_local_rank()), not the global rank."
+            )
 
 
 @dataclass(frozen=True)
