@@ -378,3 +378,32 @@ def test_adamw8bit_tracks_adamw():
     assert type(o8.state[p8]["exp_avg"]).__name__ == "OptimState8bit"  # 8-bit states really
     with pytest.raises(ValueError, match="optim.name='sgd'"):
         make_optimizer("sgd", [{"params": [p32]}], **kw)
+
+
+@pytest.mark.parametrize("preset", ["animate14b_lora_24gb", "character_lora_24gb"])
+def test_24gb_presets_compose_with_every_option(preset):
+    from train.config import compose
+
+    paths = ["model.path=/models/Wan2.2-Animate-14B", "data.urls=[/data/x]"]
+    cfg = compose([f"experiment={preset}", *paths])
+    m = cfg.model
+    assert (m.block_swap > 0, m.base_dtype, m.checkpoint_offload, m.motion_encoder_chunk > 0) == \
+        (True, "fp8", True, True)
+    base = compose([f"experiment={preset.removesuffix('_24gb')}", *paths])
+    assert (cfg.lora, cfg.data, cfg.train.mode) == (base.lora, base.data, base.train.mode)  # same job
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.base_dtype=fp16"], "model.base_dtype='fp16'"),
+    (["model.checkpoint_dtype=fp8"], "model.checkpoint_dtype='fp8'"),
+    (["model.block_swap=-1"], "model.block_swap=-1"),
+    (["model.checkpoint_offload=true"], "activation_checkpointing=true"),
+    (["model.base_dtype=fp8", "train.mode=full"], "train.mode=full trains them all"),
+    (["model.block_swap=2", "train.mode=lora", "train.distributed=ddp"], "train.distributed=ddp"),
+    (["optim.name=lion"], "optim.name='lion'"),
+])
+def test_memory_config_errors_name_the_key(overrides, match):
+    from train.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=match):
+        compose(overrides)

@@ -44,12 +44,29 @@ class ModelConfig:
     preset: str = "tiny"
     activation_checkpointing: bool = False  # per DiT block, applied from outside the model
     init_seed: int = 0  # seed of the quick-start random model
+    # Memory options (wan_animate.memory, docs/memory.md), applied after the trainable set is fixed.
+    block_swap: int = 0  # frozen weights of the first N blocks in (pinned) host memory, prefetched a block ahead
+    base_dtype: str = "bf16"  # bf16 | fp8 (frozen block linears as float8_e4m3fn + per-channel scales)
+    checkpoint_offload: bool = False  # checkpointed block inputs to (pinned) host memory
+    checkpoint_dtype: str = "fp32"  # fp32 | bf16: dtype the checkpointed fp32 block inputs are kept in
+    motion_encoder_chunk: int = 0  # >0: motion encoder over N face frames at a time (checkpointed / no-grad)
 
     def __post_init__(self) -> None:
         from wan_animate.config import PRESETS
+        from wan_animate.memory import BASE_DTYPES, CHECKPOINT_DTYPES
 
         if self.path is None and self.preset not in PRESETS:
             _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)} or set model.path.")
+        if self.block_swap < 0 or self.motion_encoder_chunk < 0:
+            _fail(f"model.block_swap={self.block_swap} and model.motion_encoder_chunk={self.motion_encoder_chunk} "
+                  "must be >= 0 (0 disables them).")
+        if self.base_dtype not in BASE_DTYPES:
+            _fail(f"model.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}.")
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            _fail(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
+        if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
+            _fail("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; set "
+                  "model.activation_checkpointing=true (or drop them).")
 
 
 @dataclass
@@ -117,6 +134,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw8bit (torchao AdamW8bit: 8-bit moments, wan_animate.memory.make_optimizer)
     lr: float = 1e-4  # DiT trunk (full mode) / LoRA factors (lora mode)
     adapter_lr: Optional[float] = None  # pose/face adapters; null -> lr
     weight_decay: float = 0.0
@@ -129,6 +147,10 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of trained weights
 
     def __post_init__(self) -> None:
+        from wan_animate.memory import OPTIMIZERS
+
+        if self.name not in OPTIMIZERS:
+            _fail(f"optim.name={self.name!r}; choose one of {OPTIMIZERS}.")
         if self.lr < 0:
             _fail(f"optim.lr={self.lr} must be >= 0.")
         if self.adapter_lr is not None and self.adapter_lr < 0:
@@ -270,6 +292,14 @@ class Config:
             for b in d.buckets:
                 if b[0] > d.synthetic_height * 4 or b[1] > d.synthetic_width * 4:
                     _fail(f"data.buckets {b} is far larger than the synthetic clips; drop data.buckets.")
+        m = self.model
+        frozen_base = t.mode in ("lora", "adapters_only")
+        if (m.base_dtype == "fp8" or m.block_swap) and not frozen_base:
+            _fail(f"model.base_dtype={m.base_dtype} / model.block_swap={m.block_swap} act on frozen base weights; "
+                  f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
+        if m.block_swap and t.distributed in ("ddp", "deepspeed"):
+            _fail(f"model.block_swap={m.block_swap} keeps weights on the host of one process; it does not combine "
+                  f"with train.distributed={t.distributed}. Set model.block_swap=0 or train one process.")
         if self.model.path is None and self.model.preset == "14b":
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
             _fail(

@@ -91,7 +91,9 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Opt
     o = cfg.optim
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    from wan_animate.memory import make_optimizer as make  # adamw | adamw8bit (optim.name)
+
+    return make(o.name, groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def lr_factor_fn(cfg: Config) -> Callable[[int], float]:

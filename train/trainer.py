@@ -111,11 +111,14 @@ class Trainer:
 
     def _apply_model_options(self, dit: torch.nn.Module) -> None:
         """Memory / speed options applied to the DiT from outside, after the trainable set is fixed
-        and before ``accelerate.prepare``."""
-        if self.cfg.model.activation_checkpointing:
-            from wan_animate.model import apply_activation_checkpointing
+        and before ``accelerate.prepare`` (block swap, fp8 base, checkpointing + its input storage, ...)."""
+        from wan_animate.memory import apply_memory_options
 
-            apply_activation_checkpointing(dit)
+        m = self.cfg.model
+        if self.use_deepspeed and (m.block_swap or m.base_dtype != "bf16"):
+            raise ConfigError("model.block_swap / model.base_dtype=fp8 do not combine with DeepSpeed; drop them or "
+                              "train without DeepSpeed (launch/accelerate/1gpu.yaml).")
+        self.memory = apply_memory_options(dit, m, device=self.device)
 
     # ------------------------------------------------------------------ data position
 

@@ -12,6 +12,8 @@ to the fp32 factors through the cast. Under autocast this is exactly what autoca
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +37,7 @@ def lora_in_compute_dtype(model: nn.Module) -> int:
         module.cast_input_dtype_enabled = False
         for factor in (*module.lora_A.values(), *module.lora_B.values()):
             if isinstance(factor, nn.Linear) and not getattr(factor, "_input_dtype_forward", False):
-                factor.forward = lambda x, _layer=factor: _linear_in_input_dtype(_layer, x)
+                factor.forward = types.MethodType(_linear_in_input_dtype, factor)  # deepcopy rebinds it
                 factor._input_dtype_forward = True
         count += 1
     return count
