@@ -19,6 +19,7 @@ import numpy as np
 from data_tools.config import PrepareConfig
 from data_tools.pose.face import crop_boxes, face_boxes
 from data_tools.pose.format import PoseSequence
+from data_tools.pose.quality import describe_pose_quality, pose_quality
 from data_tools.pose.render import render_pose
 from data_tools.shards import encode_sample, safe_key
 from wan_animate.geometry import ResizePlan, choose_bucket
@@ -58,6 +59,7 @@ class InputResult:
     skipped_clips: list = field(default_factory=list)
     reason: str | None = None  # set when the whole input was skipped
     stats: dict = field(default_factory=dict)
+    pose_quality: dict = field(default_factory=dict)  # sample key -> pose-quality score
 
 
 def _clip_starts(num: int, clip_len: int, stride: int, max_clips: int) -> list[int]:
@@ -164,7 +166,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
 
     stats = dict(frames=0, person_frames=0, face_frames=0, face_box_landmarks=0, face_box_head=0,
                  face_box_filled=0, hand_frames=0, mask_coverage_sum=0.0, reference_fallbacks=0,
-                 bucket=f"{h}x{w}")
+                 pose_quality_sum=0.0, pose_quality_clips=0, pose_flagged_clips=0, bucket=f"{h}x{w}")
     for c, start in enumerate(starts):
         end = start + cfg.clip_len
         key = f"{vid}_c{c:04d}"
@@ -176,8 +178,18 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
                                       "reason": f"person on {share:.0%} of frames < min_person_fraction "
                                                 f"{cfg.min_person_fraction:.0%}"})
             continue
-        res.keys.append(key)
         idx = np.arange(start, end)
+        quality = pose_quality(pose_src.select(idx)) if keypoints_available else None
+        if quality is not None and quality["score"] < cfg.min_pose_quality:
+            res.skipped_clips.append({"clip": c, "key": key, "reason": f"{describe_pose_quality(quality)} < "
+                                                                      f"min_pose_quality {cfg.min_pose_quality}"})
+            continue
+        res.keys.append(key)
+        if quality is not None:
+            res.pose_quality[key] = quality["score"]
+            stats["pose_quality_sum"] += quality["score"]
+            stats["pose_quality_clips"] += 1
+            stats["pose_flagged_clips"] += int(bool(quality["flags"]))
         stats["frames"] += len(idx)
         stats["person_frames"] += int(person[idx].sum())
         stats["face_frames"] += int(face_ok[idx].sum())
@@ -210,6 +222,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             "face_boxes_source": np.round(boxes_all[idx], 2).tolist(),
             "person_detected": person[idx].tolist(), "face_detected": face_ok[idx].tolist(),
             "keypoints_available": keypoints_available,
+            "pose_quality": None if quality is None else {k: quality[k] for k in ("score", "flags", "bad_frames")},
         }
         if ready_pose is not None:
             pose_video = plan.apply_all(ready_pose[used[idx]])

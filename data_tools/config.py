@@ -48,6 +48,7 @@ class PrepareConfig:
     segmenter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {device: cuda, prompt: both}
     caption: str = DEFAULT_PROMPT  # default prompt; a <video>.txt next to a video overrides it
     min_person_fraction: float = 0.9  # a clip needs a person on at least this share of frames
+    min_pose_quality: float = 0.0  # drop clips whose pose-quality score (data_tools.pose.quality) is lower
     shard_size: int = 32
     workers: int = 1  # 0 = in the main process
     crf: int = 18
@@ -86,6 +87,9 @@ class PrepareConfig:
             raise ValueError(f"face_size={self.face_size} must be an even number >= 16 (512 for Wan-Animate)")
         if not 0.0 <= self.min_person_fraction <= 1.0:
             raise ValueError(f"min_person_fraction={self.min_person_fraction} must be in [0, 1]")
+        if not 0.0 <= self.min_pose_quality <= 1.0:
+            raise ValueError(f"min_pose_quality={self.min_pose_quality} must be in [0, 1] (0 keeps every clip; "
+                             f"0.8 drops clips with more than 20% bad-pose frames)")
         if self.shard_size < 1 or self.workers < 0:
             raise ValueError(f"shard_size ({self.shard_size}) must be >= 1 and workers ({self.workers}) >= 0")
 

@@ -1,13 +1,16 @@
 """Validate shards (raw schema v1 or cached latents) and draw contact sheets a person can look at.
 
     python -m data_tools.inspect DIR [--sheet PATH] [--rows 12] [--frames 4] [--max-samples N]
+        [--min-pose-quality 0.8]
 
 Raw shards: every stream decodes, frame counts agree, sizes are right (H, W multiples of 16; face
 square; ref H x W; json keypoints / face boxes per frame). Cached shards (``cache_latents`` output,
 detected from the members): the latents load, their shapes agree with each other and with the
 json (latent frames ``(T - 1) / 4 + 1``, size ``H/8 x W/8``), the face video has T square frames,
 the caption's text embedding is in ``text_embeds.safetensors``. Both: keys are unique across
-shards, no partial ``*.tar.tmp`` is left, the manifest's count matches.
+shards, no partial ``*.tar.tmp`` is left, the manifest's count matches. Raw samples with keypoints
+get a pose-quality score (``data_tools.pose.quality``): flagged clips are warnings naming the bad
+frames, and errors below ``--min-pose-quality``; the score is on the contact sheet.
 
 The contact sheet covers every sample, ``--rows`` per page: ``contact_sheet.png``, then
 ``contact_sheet-2.png``, ... One row per sample: reference | frames | pose | face (raw), or
@@ -26,6 +29,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.pose.format import PoseSequence
+from data_tools.pose.quality import describe_pose_quality, pose_quality
 from wan_animate.samples import (TEXT_EMBEDS, SampleDecodeError, decode_cached_sample, decode_sample, list_shards,
                                  load_text_embeds, read_shard, shard_kind)
 from wan_animate.video_io import tensor_to_frames
@@ -40,6 +45,7 @@ class InspectReport:
     warnings: list = field(default_factory=list)
     sheet: str | None = None  # the first page
     sheets: list = field(default_factory=list)  # every page
+    pose_scores: dict = field(default_factory=dict)  # sample key -> pose-quality score (raw samples)
 
     @property
     def ok(self) -> bool:
@@ -165,8 +171,26 @@ class _Sheets:
         self.page = []
 
 
+def _pose_check(d: dict, rep: InspectReport, where: str, min_quality: float) -> str:
+    """Score the sample's keypoints; returns the contact-sheet label part."""
+    meta = d["meta"]
+    if not meta.get("keypoints_available", True) or not meta.get("keypoints"):
+        return ""
+    try:
+        q = pose_quality(PoseSequence.from_dict(meta["keypoints"]))
+    except Exception as e:  # malformed keypoints are reported by check_sample's length checks too
+        rep.errors.append(f"{where}: {d['key']}: keypoints do not load ({type(e).__name__}: {e})")
+        return ""
+    rep.pose_scores[d["key"]] = q["score"]
+    if q["score"] < min_quality:
+        rep.errors.append(f"{where}: {d['key']}: {describe_pose_quality(q)} < --min-pose-quality {min_quality}")
+    elif q["flags"]:
+        rep.warnings.append(f"{where}: {d['key']}: {describe_pose_quality(q)}")
+    return f"  pose {q['score']:.2f}"
+
+
 def inspect_dir(directory, *, sheet: str | None = None, rows: int = 12, frames: int = 4,
-                max_samples: int | None = None) -> InspectReport:
+                max_samples: int | None = None, min_pose_quality: float = 0.0) -> InspectReport:
     directory = Path(directory)
     rep = InspectReport()
     shards = list_shards(directory)
@@ -214,7 +238,8 @@ def inspect_dir(directory, *, sheet: str | None = None, rows: int = 12, frames: 
                 sheets.add(_label(cached_contact_row(d, frames), f"{key}  target latents | pose latents | face"))
             else:
                 rep.errors += [f"{shard.name}: {e}" for e in check_sample(d)]
-                sheets.add(_label(contact_row(d, frames), f"{key}  ref | frames | pose | face"))
+                score = _pose_check(d, rep, shard.name, min_pose_quality)
+                sheets.add(_label(contact_row(d, frames), f"{key}{score}  ref | frames | pose | face"))
     sheets.flush()
     rep.sheets = sheets.paths
     rep.sheet = sheets.paths[0] if sheets.paths else None
@@ -243,9 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=12, help="samples per contact sheet page (every sample is drawn)")
     ap.add_argument("--frames", type=int, default=4, help="frames per stream on the contact sheet")
     ap.add_argument("--max-samples", type=int, default=None, help="check only the first N samples")
+    ap.add_argument("--min-pose-quality", type=float, default=0.0,
+                    help="pose-quality score below which a sample is an error (flagged ones are always warnings)")
     args = ap.parse_args(argv)
     rep = inspect_dir(args.directory, sheet=args.sheet, rows=args.rows, frames=args.frames,
-                      max_samples=args.max_samples)
+                      max_samples=args.max_samples, min_pose_quality=args.min_pose_quality)
     for w in rep.warnings:
         print(f"warning: {w}")
     for e in rep.errors:
@@ -253,6 +280,10 @@ def main(argv=None) -> int:
     pages = f"; contact sheet: {rep.sheet}" + (f" (+{len(rep.sheets) - 1} pages)" if len(rep.sheets) > 1 else "")
     print(f"{'OK' if rep.ok else 'FAILED'}: {rep.samples} {rep.kind} samples in {rep.shards} shards, "
           f"{len(rep.errors)} errors" + (pages if rep.sheet else ""))
+    if rep.pose_scores:
+        scores = list(rep.pose_scores.values())
+        print(f"pose quality: mean {np.mean(scores):.2f}, min {min(scores):.2f}, "
+              f"{sum(s < 1.0 for s in scores)} of {len(scores)} samples with flagged frames")
     return 0 if rep.ok else 1
 
 

@@ -160,6 +160,9 @@ def build_manifest(out: Path, cfg: PrepareConfig, records: list[dict], seconds: 
         "face_box_filled_share": round(totals.get("face_box_filled", 0) / frames, 4),
         "hand_frame_share": round(totals.get("hand_frames", 0) / frames, 4),
         "reference_fallbacks": totals.get("reference_fallbacks", 0),
+        "pose_quality_mean": (round(totals["pose_quality_sum"] / totals["pose_quality_clips"], 4)
+                              if totals.get("pose_quality_clips") else None),
+        "pose_flagged_clips": totals.get("pose_flagged_clips", 0),
         "buckets": buckets,
     }
     if cfg.replace:
@@ -172,6 +175,7 @@ def build_manifest(out: Path, cfg: PrepareConfig, records: list[dict], seconds: 
             "shards": len(shards),
         },
         "skipped_inputs": skipped, "skipped_clips": skipped_clips, "stats": stats, "shards": shard_info,
+        "pose_quality": {k: v for r in inputs for k, v in r.get("pose_quality", {}).items()},
         "last_run": {"seconds": round(seconds, 2), "clips": clips_this_run,
                      "clips_per_second": round(clips_this_run / max(seconds, 1e-9), 3)},
     }
@@ -248,7 +252,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
     def consume(i: int, res: InputResult) -> None:
         nonlocal clips
         record = {"type": "input", "input": res.input, "reason": res.reason, "keys": res.keys,
-                  "skipped_clips": res.skipped_clips, "stats": res.stats}
+                  "skipped_clips": res.skipped_clips, "stats": res.stats, "pose_quality": res.pose_quality}
         pending.append((record, {s["__key__"] for s in res.samples}))
         for sample in res.samples:
             writer.write(sample)

@@ -379,3 +379,35 @@ def test_progress_counts_clips_not_videos(tmp_path, capsys):
     assert m["counts"]["clips_written"] == 3
     err = capsys.readouterr().err
     assert "3/3 [" in err and "clip" in err and "video" not in err.replace("videos", "")
+
+
+def test_pose_quality_in_prepare_and_inspect(tmp_path):
+    """Each clip gets a pose-quality score (manifest, json, inspect); min_pose_quality drops a clip
+    whose skeleton is broken on 3 of 33 frames (arms flipped up), the clean clip stays."""
+    from data_tools.pose.format import PoseSequence
+    from data_tools.synthetic_data import synthesize_clip
+
+    inp, kp = tmp_path / "in", tmp_path / "kp"
+    inp.mkdir()
+    kp.mkdir()
+    for name, index, broken in (("clean", 3, False), ("broken", 4, True)):
+        frames, pose = synthesize_clip(0, index, 33, 128, 128)[:2]
+        body = pose.body.copy()
+        if broken:
+            for t in (5, 6, 7):
+                for sh, el, wr in ((2, 3, 4), (5, 6, 7)):  # mirror the arms about the shoulders
+                    body[t, [el, wr], 1] = 2 * body[t, sh, 1] - body[t, [el, wr], 1]
+        write_video(inp / f"{name}.mp4", frames, 30)
+        PoseSequence(body, pose.left_hand, pose.right_hand, pose.face, pose.height, pose.width).save_npz(
+            kp / f"{name}.npz")
+    cfg = dict(fps=-1, clip_len=33, target_area=128 * 128, face_size=32, pose_options={"path": str(kp)},
+               min_person_fraction=0.5)
+    m = prepare(_tiny_cfg(inp, tmp_path / "all", kp, **cfg), progress=False)
+    scores = {k.split("-")[0]: v for k, v in m["pose_quality"].items()}
+    assert scores["clean"] == 1.0 and scores["broken"] < 0.95 and m["stats"]["pose_flagged_clips"] == 1
+    rep = inspect_dir(tmp_path / "all")
+    assert rep.ok and len(rep.warnings) == 1 and "broken" in rep.warnings[0] and "frames 5-7" in rep.warnings[0]
+    assert not inspect_dir(tmp_path / "all", min_pose_quality=0.95).ok
+    m = prepare(_tiny_cfg(inp, tmp_path / "kept", kp, min_pose_quality=0.95, **cfg), progress=False)
+    assert m["counts"]["clips_written"] == 1 and m["counts"]["clips_skipped"] == 1
+    assert "min_pose_quality 0.95" in m["skipped_clips"][0]["reason"] and "broken" in m["skipped_clips"][0]["input"]
