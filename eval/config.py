@@ -9,16 +9,18 @@ Sweepable values sit at the top level so a sweep reads naturally::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from wan_animate.options import canonical_dtype_name, check_solver
+
 METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker", "heldout")
 # Metrics that compare against the ground-truth video (self-reconstruction sets only).
 NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd", "heldout")
-SOLVERS = ("unipc", "dpm++", "euler")
 EVAL_SET_KINDS = ("auto", "shards", "pairs")
-DTYPES = ("float32", "bfloat16", "float16")
+OFFICIAL_CLIP_LEN = 77  # frames per generated segment in the official model
 
 
 @dataclass
@@ -101,7 +103,9 @@ class EvalConfig:
     # that is a config group of the trainer in the shared conf/ folder.
     lora_path: Optional[str] = None
     lora_scale: float = 1.0
-    dtype: str = "bfloat16"
+    # auto = bfloat16 on CUDA, float32 elsewhere (bfloat16 is ~5x slower than float32 on CPUs);
+    # either spelling: bf16 / bfloat16, fp32 / float32, fp16 / float16.
+    dtype: str = "auto"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     # ------------------------------------------------------------------ eval set
     eval_set: str = "???"  # shard folder / .tar (self-reconstruction) or a folder of pairs (cross-identity)
@@ -118,11 +122,17 @@ class EvalConfig:
     guide_scale: float = 1.0
     seed: int = 0
     solver: str = "unipc"
-    clip_len: int = 77
+    # Frames per generated segment (4n+1). 0 = the eval set's own clip length: the samples' frame
+    # count (shard json num_frames, after max_frames), floored to 4n+1, at most 77 (the official
+    # segment length; longer samples are generated in segments).
+    clip_len: int = 0
     refert_num: int = 1
     prompt: Optional[str] = None  # None = the sample's caption, else the model's default prompt
     negative_prompt: Optional[str] = None
     # ------------------------------------------------------------------ outputs
+    # A label for this cell in the report's plots (e.g. name=styleA lora_path=.../lora.safetensors);
+    # default: the shortest distinguishing form of its values. Not part of the cell's folder name.
+    name: Optional[str] = None
     out_dir: str = "eval_runs/default"  # sweep root; each cell is a subfolder named by its overrides
     save_videos: bool = True
     fps: float = 30.0
@@ -135,14 +145,12 @@ class EvalConfig:
             raise ValueError("model_dir is required: python eval/main.py model_dir=PATH eval_set=PATH")
         if self.eval_set in ("", "???"):
             raise ValueError("eval_set is required: a shard folder / .tar file or a folder of (image, video) pairs")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; choose one of {list(DTYPES)}")
+        canonical_dtype_name(self.dtype, "dtype")
         if self.eval_set_kind not in EVAL_SET_KINDS:
             raise ValueError(f"eval_set_kind={self.eval_set_kind!r}; choose one of {list(EVAL_SET_KINDS)}")
         if self.mode not in ("animate", "replace"):
             raise ValueError(f"mode={self.mode!r}; choose 'animate' or 'replace'")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver={self.solver!r}; choose one of {list(SOLVERS)}")
+        check_solver(self.solver)
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
         if self.shift <= 0:
@@ -153,15 +161,25 @@ class EvalConfig:
             raise ValueError("max_samples must be >= 0 (0 = all samples)")
         if self.max_frames < 0 or (self.max_frames and (self.max_frames - 1) % 4):
             raise ValueError(f"max_frames={self.max_frames} must be 0 (whole clips) or 4n+1 (5, 9, ..., 77)")
-        if self.clip_len < 5 or (self.clip_len - 1) % 4:
-            raise ValueError(f"clip_len={self.clip_len} must be 4n+1 >= 5 (77 in the official model)")
+        if self.clip_len != 0 and (self.clip_len < 5 or (self.clip_len - 1) % 4):
+            raise ValueError(f"clip_len={self.clip_len} must be 0 (the eval set's own clip length) or 4n+1 >= 5 "
+                             f"(5, 9, ..., 77 in the official model), e.g. clip_len={max(5, (self.clip_len - 1) // 4 * 4 + 1)}")
         if self.refert_num not in (1, 5):
             raise ValueError(f"refert_num={self.refert_num} must be 1 or 5")
         if self.fps <= 0:
             raise ValueError("fps must be > 0")
 
 
+# Values that do not change a cell's results stay out of its folder name.
+UNNAMED_KEYS = ["out_dir", "model_dir", "eval_set", "skip_finished", "save_videos", "device", "name",
+                "wandb.enabled", "wandb.mode", "wandb.project"]
+CONF_ROOT = Path(__file__).resolve().parent.parent / "conf" / "eval"  # eval's own config root: presets only
+
+
 def register_configs() -> None:
+    """``eval_schema``: the typed defaults; ``eval``: the primary config (schema, an optional
+    ``preset=NAME`` from ``conf/eval/preset/NAME.yaml``, and the Hydra settings: one folder per
+    cell named by its overrides, the report callback)."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.structured(EvalConfig)
@@ -169,4 +187,15 @@ def register_configs() -> None:
     # them without Hydra's `+` (struct mode would reject the new keys).
     node.preprocess._set_flag("struct", False)
     node.metrics.pose_backend_args._set_flag("struct", False)
-    ConfigStore.instance().store(name="eval_schema", node=node)
+    cs = ConfigStore.instance()
+    cs.store(name="eval_schema", node=node)
+    cell_dir = "${eval_cell_name:${hydra.job.override_dirname}}"
+    cs.store(name="eval", node={
+        "defaults": ["eval_schema", "_self_", {"preset": None}],
+        "hydra": {
+            "run": {"dir": "${out_dir}/" + cell_dir},
+            "sweep": {"dir": "${out_dir}", "subdir": cell_dir},
+            "job": {"chdir": False, "config": {"override_dirname": {"exclude_keys": UNNAMED_KEYS}}},
+            "callbacks": {"eval_report": {"_target_": "eval.report.ReportCallback"}},
+        },
+    })

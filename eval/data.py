@@ -95,11 +95,15 @@ def _cut(sample: EvalSample, max_frames: int) -> EvalSample:
 
 
 def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -> list[EvalSample]:
-    from wan_animate.samples import SampleDecodeError, decode_sample, list_shards, read_shard
+    from wan_animate.samples import SampleDecodeError, decode_sample, list_shards, read_shard, shard_kind
 
     shards = [path] if path.is_file() else list_shards(path)
     if not shards:
         raise EvalSetError(f"{path}: no shard-*.tar files")
+    if shard_kind(shards[0]) == "cached":  # checked once up front, not as N "missing field 'mp4'" skips
+        raise EvalSetError(f"eval_set {str(path)!r}: these are cached shards (data_tools.cache_latents output, "
+                           "latents without the videos eval compares against): use the raw shards for eval, "
+                           "the data=shards folder they were cached from")
     out: list[EvalSample] = []
     for shard in shards:
         for raw in sorted(read_shard(shard), key=lambda r: r["__key__"]):

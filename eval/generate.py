@@ -12,6 +12,7 @@ is H.264 at the driving video's fps with exactly as many frames as the driving v
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -95,38 +96,146 @@ def _read(path: Path, what: str):
     return frames, fps
 
 
-def _run_preprocess(args) -> Path:
-    """``--driving``: raw video -> official src_* files via data_tools.preprocess_driving."""
+# Rough sustained DiT throughput for the cost estimate (FLOP/s): bf16 on a datacentre GPU at
+# ~40 % utilisation, float32 on a few CPU cores. An order of magnitude, not a promise.
+ASSUMED_FLOPS = {"cuda": 3e14, "cpu": 1e11}
+
+
+def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=None) -> str:
+    """What generating ``num_frames`` frames at ``height`` x ``width`` will cost: segments x steps
+    (x2 with guidance) DiT calls of ``tokens`` each, and a rough time from a FLOP count of the DiT
+    (linear layers + self-attention) at ``ASSUMED_FLOPS``."""
+    from wan_animate.pipeline import num_segments
+
+    segments = num_segments(num_frames, args.clip_len, args.refert_num)
+    calls = segments * args.steps * (2 if args.guide_scale > 1 else 1)
+    latent_frames = (args.clip_len - 1) // 4 + 1 + 1  # + the reference latent
+    tokens = latent_frames * (height // 16) * (width // 16)  # VAE /8, patch 2x2
+    text = (f"{num_frames} frames at {width}x{height} -> {segments} segment(s) of {args.clip_len} frames x "
+            f"{args.steps} steps{' x 2 (guidance)' if args.guide_scale > 1 else ''} = {calls} DiT calls of "
+            f"{tokens:,} tokens")
+    if dit_config is not None:
+        d, layers, ffn = dit_config.dim, dit_config.num_layers, dit_config.ffn_dim
+        flops = calls * layers * (2 * tokens * (6 * d * d + 2 * d * ffn) + 4 * tokens * tokens * d)
+        device = "cuda" if str(args.device).startswith("cuda") or (args.device == "auto" and _cuda()) else "cpu"
+        seconds = flops / ASSUMED_FLOPS[device]
+        text += (f"; roughly {_duration(seconds)} of DiT compute on {device} (~{flops / 1e12:,.0f} TFLOP at an "
+                 f"assumed {ASSUMED_FLOPS[device] / 1e12:g} TFLOP/s; VAE and encoders extra)")
+    return text
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _dit_config(model: str):
+    """The DiT config from the model folder's headers (no weights read), or None if unreadable."""
+    from wan_animate.pipeline import AnimatePipeline
+    from wan_animate.weights.source import inspect_checkpoint
+
+    path = Path(model) / "transformer" if AnimatePipeline.detect_layout(model) == "diffusers" else Path(model)
+    try:
+        return inspect_checkpoint(path)["config"]
+    except (OSError, ValueError) as e:  # the estimate is then given without a time
+        print(f"note: no time estimate ({e})", file=sys.stderr)
+        return None
+
+
+def _check_sampling_args(args) -> None:
+    """--clip-len / --refert-num / --steps, checked before any preprocessing or model work."""
+    if args.clip_len < 5 or (args.clip_len - 1) % 4:
+        raise CliError(f"--clip-len {args.clip_len} must be 4n+1 >= 5 (5, 9, ..., 77; official 77), e.g. "
+                       f"--clip-len {max(5, (args.clip_len - 1) // 4 * 4 + 1)}.")
+    if args.refert_num not in (1, 5) or args.refert_num >= args.clip_len:
+        raise CliError(f"--refert-num {args.refert_num} must be 1 or 5 and below --clip-len {args.clip_len}.")
+    if args.steps < 1:
+        raise CliError(f"--steps {args.steps} must be >= 1.")
+
+
+@contextlib.contextmanager
+def _elapsed_bar(desc: str, enabled: bool):
+    """A bar that shows the elapsed time of a step that reports no progress of its own."""
+    if not enabled:
+        yield
+        return
+    import threading
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, total=None, unit="s", bar_format="{desc}: {elapsed} elapsed")
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()
+
+
+def _run_preprocess(args, out: Path) -> Path:
+    """``--driving``: raw video -> official src_* files in ``out`` via data_tools.driving."""
+    from wan_animate.geometry import area_bucket
+    from wan_animate.video_io import VideoDecodeError, probe_video
+
     try:
         from data_tools.driving import preprocess_driving
     except ImportError as e:
-        raise CliError(f"--driving needs data_tools.preprocess_driving, which failed to import ({e}); "
+        raise CliError(f"--driving needs data_tools.driving, which failed to import ({e}); "
                        "preprocess the video yourself and pass --preprocessed DIR.") from None
     if not args.ref:
         raise CliError("--driving needs --ref IMAGE (the character to animate).")
     video = _need_file(args.driving, "driving video")
     ref = _need_file(args.ref, "reference image")
-    _read(video, "driving video")  # fail on an undecodable file before any pose model starts
-    out = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="wan_animate_src_"))
+    try:  # header and first frame only: fail on an undecodable file before any pose model starts
+        info = probe_video(video)
+    except VideoDecodeError as e:
+        raise CliError(f"driving video: {e}") from None
+    frames = info.num_frames if args.driving_fps == -1 else int(info.num_frames * args.driving_fps / info.fps)
+    frames = max(1, min(frames, args.max_frames) if args.max_frames else frames)
+    height, width = area_bucket(info.height, info.width, args.target_area)
+    print(f"cost: {estimate_cost(args, frames, height, width, _dit_config(args.model))}. Smaller: "
+          "--max-frames N, --target-area (e.g. 65536), --steps, --clip-len (docs/inference.md, CPU-sized "
+          "settings).", file=sys.stderr)
     print(f"preprocessing {video} -> {out} (pose backend {args.pose_backend})", file=sys.stderr)
     try:
-        preprocess_driving(video, ref, out, retarget=args.retarget, replace=args.replace, fps=args.driving_fps,
-                           pose_backend=args.pose_backend, max_frames=args.max_frames,
-                           target_area=args.target_area)
+        with _elapsed_bar(f"preprocessing {video.name} ({frames} frames, pose {args.pose_backend})",
+                          not args.no_progress):
+            preprocess_driving(video, ref, out, retarget=args.retarget, replace=args.replace,
+                               fps=args.driving_fps, pose_backend=args.pose_backend,
+                               max_frames=args.max_frames, target_area=args.target_area)
     except (OSError, ValueError, RuntimeError) as e:
         raise CliError(f"preprocessing {video} failed: {e}") from None
     return out
 
 
-def gather_inputs(args) -> dict:
-    """Read and check every input; returns generate() kwargs plus the output fps."""
+def gather_inputs(args, work_dir: str | None = None) -> dict:
+    """Read and check every input; returns generate() kwargs plus the output fps. ``--driving``
+    writes its preprocessed streams to ``--work-dir`` (kept) or ``work_dir`` (the caller's
+    temporary folder)."""
     from wan_animate.pipeline import InputError, check_inputs, load_image
 
     sources = [bool(args.preprocessed), bool(args.driving), bool(args.pose or args.face)]
     if sum(sources) != 1:
         raise CliError("give exactly one input source: --pose/--face (+ --ref), --preprocessed DIR, or --driving VIDEO.")
     if args.driving:
-        args.preprocessed = str(_run_preprocess(args))
+        args.preprocessed = str(_run_preprocess(args, Path(args.work_dir or work_dir)))
     if args.preprocessed:
         d = Path(args.preprocessed)
         if not d.is_dir():
@@ -172,8 +281,6 @@ def gather_inputs(args) -> dict:
             raise CliError(str(e)) from None
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
-    if args.steps < 1:
-        raise CliError(f"--steps {args.steps} must be >= 1.")
     return dict(ref_image=image, pose_video=pose_frames, face_video=face_frames, bg_video=bg_frames,
                 mask_video=mask_frames, fps=fps)
 
@@ -199,13 +306,22 @@ def _resolve_device_dtype(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # --driving without --work-dir: the preprocessed streams live in a temporary folder that is
+    # removed when the run ends - after success, an error or Ctrl-C.
+    temporary = args.driving and not args.work_dir
+    with tempfile.TemporaryDirectory(prefix="wan_animate_src_") if temporary else contextlib.nullcontext() as work_dir:
+        return _main(args, work_dir)
+
+
+def _main(args, work_dir: str | None) -> int:
     try:
+        _check_sampling_args(args)
         from wan_animate.pipeline import AnimatePipeline
 
         if not str(args.out).lower().endswith(".mp4"):
             raise CliError(f"--out {args.out} must end in .mp4.")
         AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
-        inputs = gather_inputs(args)
+        inputs = gather_inputs(args, work_dir)
         device, dtype = _resolve_device_dtype(args)
     except (CliError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,22 +13,20 @@ and the sweep goes on. At the end ``OUT_DIR/report.{md,html}`` and ``results.jso
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
+from pathlib import Path
 
-# `python eval/main.py` puts eval/ first on sys.path, where config.py / data.py would shadow
-# top-level modules of the same name; use the repository root instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from eval.config import CONF_ROOT, register_configs
+from eval.runner import run_cell
 
-from eval.config import register_configs  # noqa: E402
-from eval.runner import run_cell  # noqa: E402
+# `python eval/main.py` puts eval/ first on sys.path; the project is installed (`pip install -e .`),
+# so `eval` still resolves to this package, and no module here shares a name with a dependency.
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")
 
@@ -82,13 +80,30 @@ if not OmegaConf.has_resolver("eval_cell_name"):
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+@hydra.main(config_path=str(CONF_ROOT), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
-    record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    try:
+        record = run_cell(cfg, hc.runtime.output_dir, list(hc.overrides.task))
+    except KeyboardInterrupt:
+        report_interrupted(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else cfg.out_dir, Path(hc.runtime.output_dir).name)
+        raise SystemExit(130) from None
     status = "skipped (finished before)" if record.get("skipped") else record["status"]
     print(f"[eval] cell {record['cell']}: {status}" + (f" - {record['error']}" if record.get("error") else ""))
     return record
+
+
+def report_interrupted(sweep_dir: str, cell: str) -> None:
+    """Ctrl-C: the report of the cells that finished, instead of a traceback (the interrupted cell
+    wrote no metrics.json, so a rerun computes it and skips the finished ones)."""
+    from eval.report import build_report
+    from eval.runner import SKIPPED_THIS_PROCESS
+
+    note = f"interrupted (Ctrl-C) during cell {cell}: it and the cells after it did not run"
+    summary = build_report(sweep_dir, skipped=set(SKIPPED_THIS_PROCESS), note=note)
+    print(f"\n[eval] {note}. Report of the {summary['cells']} finished cells ({summary['ok']} ok, "
+          f"{summary['failed']} failed): {Path(sweep_dir) / 'report.html'}; rerun the same command to finish "
+          "(finished cells are skipped)", file=sys.stderr)
 
 
 if __name__ == "__main__":

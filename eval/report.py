@@ -172,8 +172,39 @@ def _as_number(v: str):
         return None
 
 
-def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str]) -> bytes | None:
-    """One figure per swept parameter: a panel per metric, a line per combination of the others."""
+def distinct_labels(values) -> dict[str, str]:
+    """Each value's shortest distinguishing name: for paths the shortest suffix of path components
+    that no other value ends with (``/runs/a/export/lora.safetensors`` and ``/runs/b/export/...``
+    -> ``a/export/lora.safetensors`` and ``b/export/lora.safetensors``); other values cut to
+    ``short_label`` when that keeps them distinct."""
+    values = [str(v) for v in dict.fromkeys(values)]
+    parts = {v: [p for p in v.replace("\\", "/").split("/") if p] or [v] for v in values}
+    out = {}
+    for v in values:
+        if "/" not in v and "\\" not in v:
+            out[v] = v
+            continue
+        for n in range(1, len(parts[v]) + 1):
+            tail = parts[v][-n:]
+            if not any(w != v and parts[w][-n:] == tail for w in values):
+                break
+        out[v] = "/".join(tail)
+    short = {v: short_label(v) for v in values if "/" not in v and "\\" not in v}
+    if len(set(short.values())) == len(short):  # long plain values keep their head when still distinct
+        out.update(short)
+    return out
+
+
+def cell_label(records: list[dict], param: str, value: str) -> str | None:
+    """A ``name=`` given to every cell with ``param=value`` (one name for all of them), else None."""
+    names = {r["params"].get("name") for r in records if r["params"].get(param, "") == value}
+    return names.pop() if len(names) == 1 and None not in names and param != "name" else None
+
+
+def plot_figure(records: list[dict], param: str, swept: list[str], cols: list[str]):
+    """One figure per swept parameter: a panel per metric, a line per combination of the others.
+    Values are labelled by their ``name=`` or their shortest distinguishing name; y ticks are plain
+    numbers (no offset such as ``1e-5+1.02644e1``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,10 +218,13 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
                     key=lambda v: (_as_number(v) is None, _as_number(v) or 0.0, v))
     numeric = all(_as_number(v) is not None for v in values)
     xpos = {v: (_as_number(v) if numeric else i) for i, v in enumerate(values)}
-    others = [k for k in swept if k != param]
+    xlabels = distinct_labels(values)
+    xlabels = {v: cell_label(ok, param, v) or xlabels[v] for v in values}
+    others = [k for k in swept if k not in (param, "name")]
+    names = {k: distinct_labels(r["params"].get(k, "") for r in ok) for k in others}
     groups: dict[str, list[dict]] = {}
     for r in ok:
-        label = ", ".join(f"{k}={r['params'].get(k, '')}" for k in others) or "all"
+        label = ", ".join(f"{k}={names[k][r['params'].get(k, '')]}" for k in others) or "all"
         groups.setdefault(label, []).append(r)
     metrics = [c for c in metrics if c in PLOTTED] or metrics[:8]
     ncols = min(4, len(metrics))
@@ -205,8 +239,9 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
         ax.set_title(metric + arrow(metric), fontsize=9)
         ax.set_xlabel(param, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         if not numeric:
-            ax.set_xticks(list(xpos.values()), [short_label(v) for v in values], rotation=20)
+            ax.set_xticks(list(xpos.values()), [xlabels[v] for v in values], rotation=20, ha="right")
         elif len(values) <= 8:
             ax.set_xticks(list(xpos.values()), [str(v) for v in values])
     for ax in list(axes.flat)[len(metrics):]:
@@ -217,6 +252,15 @@ def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str])
         fig.tight_layout(rect=(0, 0.08, 1, 1))
     else:
         fig.tight_layout()
+    return fig
+
+
+def plot_png(records: list[dict], param: str, swept: list[str], cols: list[str]) -> bytes | None:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(records, param, swept, cols)
+    if fig is None:
+        return None
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -258,9 +302,10 @@ td:first-child{font-size:11px;color:#444;max-width:420px}
 """
 
 
-def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) -> dict:
+def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset(), note: str | None = None) -> dict:
     """Write results.jsonl, report.md and report.html into ``sweep_dir``; returns a summary.
-    ``skipped``: resolved cell folders that the calling run skipped as finished (marked cached)."""
+    ``skipped``: resolved cell folders that the calling run skipped as finished (marked cached);
+    ``note``: a line shown under the title (e.g. that the sweep was interrupted)."""
     sweep_dir = Path(sweep_dir)
     records = collect(sweep_dir, skipped)
     swept = swept_keys(records)
@@ -290,6 +335,7 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) 
           f"{len(records)} cells: {n_ok} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}."
           + (f" {summary['cached']} cells were finished before and reused." if summary["cached"] else ""),
           "↑ higher is better, ↓ lower is better; n/a = undefined for these samples.", "",
+          *([f"**Note:** {note}.", ""] if note else []),
           "## Results", "", md_table(header, rows), ""]
     if skipped_metrics:
         md += ["## Not computed", ""] + [f"- **{k}**: {v}" for k, v in sorted(skipped_metrics.items())] + [""]
@@ -303,6 +349,7 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset()) 
     parts = [f"<h1>Eval report: {html.escape(sweep_dir.name)}</h1>",
              f"<p>{len(records)} cells: {n_ok} ok, <span class='{'failed' if failed else ''}'>{len(failed)} failed</span>;"
              f" swept: {html.escape(', '.join(swept) or 'nothing')}. ↑ higher is better, ↓ lower is better.</p>",
+             *([f"<p class='failed'><b>Note:</b> {html.escape(note)}.</p>"] if note else []),
              "<h2>Results</h2>", html_table(mheader, mrows, best_columns(mheader, main_cols))]
     if skipped_metrics:
         parts.append("<h2>Not computed</h2><ul>" + "".join(

@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.config import NEEDS_GROUND_TRUTH, EvalConfig
+from eval.config import NEEDS_GROUND_TRUTH, OFFICIAL_CLIP_LEN, EvalConfig
 from eval.data import EvalSample, EvalSet, load_eval_set
+from wan_animate.options import parse_dtype, resolve_device
 from wan_animate.video_io import frames_to_tensor
 
 log = logging.getLogger("eval")
 
 METRICS_FILE = "metrics.json"
 # Config fields that do not change a cell's numbers (a rerun with other values still skips it).
-NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device")
+NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device", "name")
 
 _CACHE: dict = {}
 # Cells this process skipped because they had finished before (the end-of-sweep report says so).
@@ -67,12 +68,6 @@ def result_config(cfg: EvalConfig) -> dict:
     for k in NON_RESULT_FIELDS:
         d.pop(k, None)
     return d
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def json_safe(x):
@@ -129,13 +124,24 @@ def clear_cache() -> None:
     gc.collect()
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def resolve_dtype_device(cfg: EvalConfig) -> tuple[torch.dtype, torch.device]:
+    """``dtype=auto``: bfloat16 on CUDA, float32 elsewhere; ``device=auto``: CUDA when available."""
+    device = resolve_device(cfg.device)
+    return parse_dtype(cfg.dtype, device), device
+
+
+def eval_set_clip_len(eval_set: EvalSet) -> int:
+    """``clip_len=0``: the eval set's own clip length - the shortest sample's frame count (the
+    shard json's ``num_frames``, after ``max_frames``) floored to 4n+1, at least 5 and at most the
+    official 77 (longer samples are generated in segments)."""
+    frames = min(s.num_frames for s in eval_set.samples)
+    return int(min(OFFICIAL_CLIP_LEN, max(5, (frames - 1) // 4 * 4 + 1)))
 
 
 def load_pipeline(cfg: EvalConfig):
     from wan_animate.pipeline import AnimatePipeline
 
-    dtype, device = DTYPES[cfg.dtype], resolve_device(cfg.device)
+    dtype, device = resolve_dtype_device(cfg)
     for what, p in (("model_dir", cfg.model_dir), ("checkpoint", cfg.checkpoint), ("lora_path", cfg.lora_path)):
         if p is not None and not os.path.exists(p):
             raise FileNotFoundError(f"{what}={p!r} does not exist")
@@ -436,10 +442,15 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
     timer = Timer()
     with timer("load_eval_set"):
         eval_set = get_eval_set(cfg)
+    dtype, device = resolve_dtype_device(cfg)
+    resolved = {"clip_len": cfg.clip_len or eval_set_clip_len(eval_set), "dtype": str(dtype).removeprefix("torch."),
+                "device": str(device)}
+    if not cfg.clip_len:
+        log.info("clip_len=0: using the eval set's own clip length %d", resolved["clip_len"])
+    cfg = dataclasses.replace(cfg, clip_len=resolved["clip_len"])
     todo, not_computed = planned_metrics(cfg, eval_set)
     with timer("load_pipeline"):
         pipe = get_pipeline(cfg)
-    device = resolve_device(cfg.device)
     per_sample: dict[str, dict] = {}
     videos: list[np.ndarray] = []
     (cell_dir / "frames").mkdir(exist_ok=True)
@@ -467,6 +478,7 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
                                                        [s.target for s in eval_set.samples],
                                                        clip_frames=cfg.metrics.fvd_clip_frames, device=device)
     return {
+        "resolved": resolved,  # what clip_len=0, dtype=auto and device=auto became
         "eval_set": {"kind": eval_set.kind, "samples": len(eval_set.samples), "skipped": eval_set.skipped},
         "metrics": metrics,
         "not_computed": not_computed,

@@ -105,7 +105,7 @@ def test_every_top_level_field_is_overridable_from_the_command_line():
         if f.name in ("metrics", "wandb"):
             continue
         overrides.append(f"{f.name}={values[str(f.type)]}")
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "conf" / "eval"  # eval's own config root
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=[*overrides, "metrics.names=[psnr]", "lora_path=/a/b.safetensors"])
     assert cfg.lora_path == "/a/b.safetensors" and cfg.checkpoint == "x" and cfg.steps == 1

@@ -1,0 +1,115 @@
+"""eval.generate --driving on a first day: the cost is printed before any work, --clip-len is
+checked before preprocessing, and the temporary wan_animate_src_* folder is removed after
+success, error and Ctrl-C (preprocessing and the model are stand-ins: this tests the CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import generate as cli
+from wan_animate.video_io import write_video
+
+T, SIZE = 7, 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from wan_animate.testing import make_tiny_model_folder
+
+    return make_tiny_model_folder(tmp_path_factory.mktemp("gen") / "model")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, model):
+    """Temporary folders go to tmp/temp; preprocessing writes fixed streams; no model loads."""
+    import data_tools.driving
+    from wan_animate import pipeline
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    frames = np.random.default_rng(0).integers(0, 255, (T, SIZE, SIZE, 3), dtype=np.uint8)
+    write_video(tmp_path / "dance.mp4", frames, 30)
+    Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+    state = {"calls": [], "behaviour": "ok"}
+
+    def fake_preprocess(video, ref, out, **kw):
+        state["calls"].append(out)
+        out.mkdir(parents=True, exist_ok=True)  # as the real one does
+        (out / "partial.bin").write_bytes(b"x")
+        if state["behaviour"] == "error":
+            raise ValueError("pose backend found nobody")
+        if state["behaviour"] == "ctrl-c":
+            raise KeyboardInterrupt
+        Image.fromarray(frames[0]).save(out / "src_ref.png")
+        write_video(out / "src_pose.mp4", frames, 30)
+        write_video(out / "src_face.mp4", frames, 30)
+
+    class FakePipe:
+        def generate(self, pose_video, **kw):
+            return np.zeros((len(pose_video), SIZE, SIZE, 3), np.uint8)
+
+    monkeypatch.setattr(data_tools.driving, "preprocess_driving", fake_preprocess)
+    monkeypatch.setattr(pipeline.AnimatePipeline, "from_pretrained", lambda *a, **k: FakePipe())
+    args = ["--model", str(model), "--ref", str(tmp_path / "ref.png"), "--driving", str(tmp_path / "dance.mp4"),
+            "--out", str(tmp_path / "out.mp4"), "--clip-len", "5", "--steps", "2", "--no-progress",
+            "--target-area", str(SIZE * SIZE)]
+    return {"temp": temp, "args": args, "state": state, "tmp": tmp_path}
+
+
+def leftovers(env) -> list:
+    return sorted(p.name for p in env["temp"].glob("wan_animate_src_*"))
+
+
+def test_success_removes_the_temp_folder_and_prints_the_cost_first(env, capsys):
+    assert cli.main(env["args"]) == 0
+    err = capsys.readouterr().err
+    work = env["state"]["calls"][0]
+    assert work.name.startswith("wan_animate_src_") and work.parent == env["temp"]
+    assert leftovers(env) == []
+    assert (env["tmp"] / "out.mp4").is_file()
+    cost = err.index("cost: ")
+    assert cost < err.index("preprocessing ")
+    assert f"{T} frames at {SIZE}x{SIZE} -> 2 segment(s) of 5 frames x 2 steps = 4 DiT calls" in err
+    assert "roughly" in err and "TFLOP" in err
+
+
+def test_error_and_ctrl_c_remove_the_temp_folder(env, capsys):
+    env["state"]["behaviour"] = "error"
+    assert cli.main(env["args"]) == 2
+    assert "pose backend found nobody" in capsys.readouterr().err
+    assert leftovers(env) == []
+    env["state"]["behaviour"] = "ctrl-c"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(env["args"])
+    assert leftovers(env) == [] and len(env["state"]["calls"]) == 2
+
+
+def test_work_dir_is_kept(env):
+    """Negative control: a folder the user names with --work-dir stays."""
+    keep = env["tmp"] / "keep"
+    assert cli.main(env["args"] + ["--work-dir", str(keep)]) == 0
+    assert (keep / "src_pose.mp4").is_file() and leftovers(env) == []
+
+
+def test_clip_len_checked_before_preprocessing(env, capsys):
+    args = [a if a != "5" else "8" for a in env["args"]]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--clip-len 8 must be 4n+1" in err and "--clip-len 5" in err
+    assert env["state"]["calls"] == [] and "preprocessing" not in err and leftovers(env) == []
+
+
+def test_cost_estimate_counts_segments_steps_and_guidance():
+    from wan_animate.config import WanAnimateConfig
+
+    args = argparse.Namespace(clip_len=77, refert_num=1, steps=20, guide_scale=2.0, device="cpu")
+    text = cli.estimate_cost(args, 300, 720, 1280, WanAnimateConfig())
+    # (300 - 1) / 76 -> 4 segments; x 20 steps x 2 (guidance) = 160 calls of (20 + 1 reference) x 45 x 80 tokens
+    assert "4 segment(s) of 77 frames x 20 steps x 2 (guidance) = 160 DiT calls of 75,600 tokens" in text
+    assert " h of DiT compute on cpu" in text
