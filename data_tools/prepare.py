@@ -30,7 +30,7 @@ from data_tools.clips import InputResult, estimate_clips, process_input
 from data_tools.config import PrepareConfig
 from data_tools.shards import ShardWriter, list_shards, shard_index, shard_keys
 from data_tools.workers import WorkerDied, run_in_workers
-from wan_animate.files import atomic_write_json
+from wan_animate.files import atomic_write_json, dumps_strict
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 STATE_FILE = "prepare_state.jsonl"
@@ -131,7 +131,7 @@ def _read_state(path: Path) -> list[dict]:
 
 def _append_state(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.write(dumps_strict(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -196,7 +196,7 @@ def _open_state(out: Path, cfg: PrepareConfig) -> list[dict]:
         _append_state(state_path, {"type": "header", "fingerprint": fingerprint, "schema_version": 1})
         return _read_state(state_path)
     # Keep only the valid prefix (drop a line cut by a kill).
-    state_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    state_path.write_text("".join(dumps_strict(r) + "\n" for r in records))
     return records
 
 
