@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offload", action="store_true", help="park the encoders on the CPU between uses")
     m.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (720p on small GPUs)")
     m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="split every denoising step over N processes (torchrun --nproc_per_node N); "
+                        "same video as 1 process, rank 0 writes it")
     return p
 
 
@@ -323,7 +326,12 @@ def _main(args, work_dir: str | None) -> int:
         AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
         inputs = gather_inputs(args, work_dir)
         device, dtype = _resolve_device_dtype(args)
-    except (CliError, FileNotFoundError) as e:
+        writer = True
+        if args.sequence_parallel > 1:
+            from wan_animate.parallel import start_generation_group
+
+            device, writer = start_generation_group(args.sequence_parallel, device)
+    except (CliError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -342,6 +350,12 @@ def _main(args, work_dir: str | None) -> int:
 
         adapted = apply_relighting_lora(pipe.dit, args.relight)
         print(f"relighting LoRA {args.relight}: adapter on {len(adapted)} layers", file=sys.stderr)
+    if args.sequence_parallel > 1:
+        import torch.distributed as dist
+
+        from wan_animate.parallel import apply_sequence_parallel
+
+        apply_sequence_parallel(pipe.dit, dist.group.WORLD)
     frames = pipe.generate(
         **inputs,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
@@ -351,6 +365,8 @@ def _main(args, work_dir: str | None) -> int:
         progress=not args.no_progress,
     )
     assert frames.shape[0] == len(inputs["pose_video"]), "generate() must return one frame per driving frame"
+    if not writer:  # the other ranks of a sequence-parallel run hold the same frames
+        return 0
     write_video(args.out, np.asarray(frames), fps)
     print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps",
           file=sys.stderr)
