@@ -149,7 +149,7 @@ def _dit_config(model: str):
     path = Path(model) / "transformer" if AnimatePipeline.detect_layout(model) == "diffusers" else Path(model)
     try:
         return inspect_checkpoint(path)["config"]
-    except (OSError, ValueError) as e:  # the estimate is then given without a time
+    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError; no time then
         print(f"note: no time estimate ({e})", file=sys.stderr)
         return None
 
