@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     shard_ref, _ = read_video(blob)
     rows += run("shard 832x480 77f (bytes)", blob, len(shard_ref), shard_ref, args.repeats, rng)
     print(f"# python bench/video_decode.py --video {args.video} --repeats {args.repeats}")
-    print(f"# load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"# 1-minute load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("| clip | case | frames | reader | wall s (min) | CPU s (min) | max abs diff vs PyAV sequential |")
     print("|---|---|---|---|---|---|---|")
     for name, case, k, reader, sec, cpu, err in rows:

@@ -2,7 +2,8 @@
 
 Frames are always ``uint8`` arrays ``[T, H, W, 3]`` (RGB), upright (the container's rotation tag
 is applied, as players do). Reading is PyAV (FFmpeg): measured against decord for frame-accurate
-random access on the real clip and on shard clips (bench/video_decode.py), decord was never faster.
+random access on the real clip and on shard clips (bench/video_decode.py, docs/data.md), decord
+used more CPU in every case and was not faster beyond noise, so the project does not use it.
 Writing produces H.264 (yuv420p) mp4, which every player opens. Decoding errors raise ``VideoDecodeError`` naming the file, so callers
 can skip and count bad inputs instead of crashing a whole job.
 """
@@ -83,8 +84,8 @@ def decode_video(
 
     The display-matrix rotation (phone videos) is applied, as players do; ``times`` are the real
     timestamps, so variable-frame-rate video can be re-sampled by time (``resample_indices``).
-    ``threads=True`` lets FFmpeg decode with frame threads (2-3x faster on long videos; the
-    frames are identical), best when one process decodes at a time.
+    ``threads=True`` lets FFmpeg decode with frame threads (up to ~2.7x faster on the real clip
+    when cores are free; identical frames), best when one process decodes at a time.
     """
     container, name = _open(source)
     try:
