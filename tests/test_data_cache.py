@@ -124,16 +124,16 @@ def test_cpu_threads_auto_and_the_cli_wait_policy():
              "c.cpu_threads(3))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     cores = len(os.sched_getaffinity(0))
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["PASSIVE", "True", str(cores), "3"]
-    # negative control: torch first -> nothing set, one thread
-    out = subprocess.run([sys.executable, "-c", "import torch; " + probe], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert out.split() == ["None", "False", "1", "3"]
-    # a user's own policy is kept
-    out = subprocess.run([sys.executable, "-c", probe], env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
-                         capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["ACTIVE", "False", "1", "3"]
+    runs = {  # (code, env) -> expected; started together, each imports torch
+        "command": (probe, env, ["PASSIVE", "True", str(cores), "3"]),
+        "torch first (negative control)": ("import torch; " + probe, env, ["None", "False", "1", "3"]),
+        "user's own policy kept": (probe, dict(env, OMP_WAIT_POLICY="ACTIVE"), ["ACTIVE", "False", "1", "3"]),
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], env=e, stdout=subprocess.PIPE, text=True)
+             for name, (code, e, _) in runs.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.split() == runs[name][2], (name, out)
     with pytest.raises(ValueError, match="threads=-1"):
         CacheLatentsConfig(input="a", output="b", model="m", threads=-1)
 
