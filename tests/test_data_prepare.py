@@ -58,6 +58,7 @@ def test_bucket_and_resample_rules():
 # the real clip
 # ---------------------------------------------------------------------------------------------
 @needs_real
+@pytest.mark.slow  # ~30-70 s on 2 cores (mediapipe on the real clip)
 def test_prepare_real_clip_mediapipe(tmp_path):
     out = tmp_path / "shards"
     m = prepare(_cfg(REAL, out, clip_len=33, target_area=320 * 192, max_clips_per_video=2, shard_size=1,
@@ -130,6 +131,7 @@ def small_inputs(tmp_path_factory):
     return d, fps
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores (mediapipe on the real clip)
 def test_bad_inputs_are_skipped_with_reasons(tmp_path, small_inputs):
     src_dir, _ = small_inputs
     inp = tmp_path / "in"
@@ -166,6 +168,7 @@ def _all_keys(out):
     return [k for p in list_shards(out) for k in shard_keys(p)]
 
 
+@pytest.mark.slow  # ~30-70 s on 2 cores (mediapipe on the real clip)
 def test_kill_midway_and_resume(tmp_path, small_inputs):
     src_dir, _ = small_inputs
     out = tmp_path / "out"
