@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -407,3 +408,53 @@ def test_memory_config_errors_name_the_key(overrides, match):
 
     with pytest.raises(ConfigError, match=match):
         compose(overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real trainer (train.trainer.Trainer, in process) on the quick-start assets
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quickstart_assets(tmp_path_factory):
+    from data_tools.synthetic import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("assets")
+    model = make_tiny_model_folder(root / "model", layout="diffusers", seed=0)
+    data = make_synthetic_dataset(root / "data", num_clips=2, clip_len=9, height=32, width=32, seed=0,
+                                  shard_size=1, face_size=32)
+    return model, data
+
+
+def _trainer_run(assets, out, *overrides, steps=3):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.config import compose
+    from train.data import resolve_urls
+    from train.parallel import make_accelerator
+    from train.trainer import Trainer
+
+    model, data = assets
+    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.buckets=[[32,32]]",
+                   "data.num_workers=0", "train.micro_batch_size=1", f"train.output_dir={out}",
+                   f"model.path={model}", "train.mode=lora", "model.activation_checkpointing=true",
+                   "optim.warmup_steps=0", *overrides])
+    try:
+        trainer = Trainer(cfg, make_accelerator(cfg), Path(model), resolve_urls([str(data)]))
+        losses = [trainer.train_step(trainer.next_micro_batches()).loss for _ in range(steps)]
+        weights = {n: p.detach().clone() for n, p in trainer.trainable}
+        return losses, weights, trainer.memory
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_trainer_steps_bit_identical_with_block_swap_and_checkpoint_offload(quickstart_assets, tmp_path):
+    plain_losses, plain_w, _ = _trainer_run(quickstart_assets, tmp_path / "plain")
+    losses, weights, memory = _trainer_run(quickstart_assets, tmp_path / "mem", "model.block_swap=2",
+                                           "model.checkpoint_offload=true")
+    assert memory.block_swap is not None and memory.block_swap.copies > 0 and memory.checkpoint_store.packed > 0
+    assert losses == plain_losses and all(x == x for x in losses)
+    assert weights.keys() == plain_w.keys()
+    assert all(torch.equal(weights[n], plain_w[n]) for n in weights)
