@@ -286,3 +286,60 @@ def test_heads_must_divide():
 )
 def test_frame_parts(layout, parts):
     assert layout.frame_parts() == parts
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m eval.generate --sequence-parallel N
+# ------------------------------------------------------------------------------------------------
+
+
+def _cli_inputs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from wan_animate.testing import make_tiny_model_folder
+    from wan_animate.video_io import write_video
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    write_video(tmp_path / "pose.mp4", rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8), 24.0)
+    write_video(tmp_path / "face.mp4", rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8), 24.0)
+    model = make_tiny_model_folder(tmp_path / "model", layout="diffusers", seed=0)
+    return [str(a) for a in ("--model", model, "--ref", tmp_path / "ref.png", "--pose", tmp_path / "pose.mp4",
+                             "--face", tmp_path / "face.mp4", "--steps", 2, "--clip-len", 5, "--guide-scale", 2,
+                             "--device", "cpu", "--no-progress")]
+
+
+def test_cli_needs_torchrun_processes(tmp_path, monkeypatch, capsys):
+    from eval.generate import main
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main([*_cli_inputs(tmp_path), "--out", str(tmp_path / "x.mp4"), "--sequence-parallel", "2"]) == 2
+    assert "torchrun --nproc_per_node 2" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.slow
+def test_cli_two_processes_write_the_one_process_video(tmp_path):
+    """torchrun --nproc_per_node 2 -m eval.generate ... --sequence-parallel 2 == 1 process (27 tokens
+    per call: padded; guidance on; 2 segments)."""
+    import os
+    import subprocess
+    import sys
+
+    from eval.generate import main
+    from wan_animate.video_io import read_video
+
+    args = _cli_inputs(tmp_path)
+    assert main([*args, "--out", str(tmp_path / "one.mp4")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "eval.generate", *args, "--out", str(tmp_path / "two.mp4"), "--sequence-parallel", "2"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, _ = read_video(tmp_path / "one.mp4")
+    two, _ = read_video(tmp_path / "two.mp4")
+    assert one.shape == two.shape == (6, 48, 48, 3)
+    assert abs(one.astype(int) - two.astype(int)).max() <= 1
