@@ -160,24 +160,25 @@ def test_apply_lora_rejects_unknown_modules_and_shapes(pair, tmp_path):
 def test_trainer_lora_export_reproduces_the_trained_model(tmp_path):
     """`train.mode=lora` end to end: export/official (+trained adapters) + export/lora.safetensors,
     merged with apply_lora, or loaded by diffusers, equals the trained peft model of the checkpoint."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     from wan_animate.checkpoint import load_dit
     from wan_animate.pipeline import DiffusersDiT
 
-    root = Path(__file__).resolve().parents[1]
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.config import compose
+    from train.loop import run
+
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(root))
-    p = subprocess.run([sys.executable, str(root / "train/main.py"), f"train.output_dir={out}", "train.mode=lora",
-                        "lora.rank=4", "lora.alpha=8", "optim.lr=5e-3", "train.max_steps=3", "train.checkpoint_every=0",
-                        "train.progress=false", "train.validation=false"],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    try:  # the run of `train/main.py train.mode=lora ...`, in this process
+        result = run(compose([f"train.output_dir={out}", "train.mode=lora", "lora.rank=4", "lora.alpha=8",
+                              "optim.lr=5e-3", "train.max_steps=3", "train.checkpoint_every=0",
+                              "train.progress=false", "train.validation=false"]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert result["status"] == "finished", result
     model_dir = out / "cache" / "model-tiny-seed0"
     cfg = WanAnimateConfig.preset("tiny")
 

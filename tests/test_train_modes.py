@@ -302,7 +302,8 @@ def test_state_dict_restores_the_lr_scheduler_without_replay(assets, tmp_path):
     b.load_state_dict(state)
     assert b.state.step == 4
     assert b.scheduler.state_dict() == a.scheduler.state_dict()
-    assert [g["lr"] for g in b.optimizer.param_groups] == [g["lr"] for g in a.optimizer.param_groups]
+    saved_lrs = [g["lr"] for g in a.optimizer.param_groups]
+    assert [g["lr"] for g in b.optimizer.param_groups] == saved_lrs
     a.scheduler.step()
     b.scheduler.step()
     assert b.scheduler.get_last_lr() == a.scheduler.get_last_lr()
@@ -312,7 +313,7 @@ def test_state_dict_restores_the_lr_scheduler_without_replay(assets, tmp_path):
     # negative control: replaying the schedule from the step count (the old resume) lands elsewhere
     c = make_trainer(assets, tmp_path / "c", *overrides)
     c.load_state_dict({**state, "scheduler": None})
-    assert c.scheduler.last_epoch == 4 and c.optimizer.param_groups[0]["lr"] != a.optimizer.param_groups[0]["lr"]
+    assert c.scheduler.last_epoch == 4 and c.optimizer.param_groups[0]["lr"] != saved_lrs[0]
 
 
 def _previous_factor(step, scheduler, warmup, total, floor):
@@ -330,13 +331,14 @@ def _previous_factor(step, scheduler, warmup, total, floor):
 
 @pytest.mark.parametrize("scheduler", ["constant", "cosine", "linear"])
 def test_lr_schedule_keeps_the_previous_values(scheduler):
+    from train.config import Config, OptimConfig, TrainSettings
     from train.modes import lr_factor_fn
 
     for warmup in (0, 1, 3, 10):
         for total in (1, 3, 10, 25):
             for floor in (0.0, 0.1):
-                cfg = compose([f"optim.scheduler={scheduler}", f"optim.warmup_steps={warmup}",
-                               f"train.max_steps={total}", "train.checkpoint_every=0", f"optim.min_lr_ratio={floor}"])
+                cfg = Config(optim=OptimConfig(scheduler=scheduler, warmup_steps=warmup, min_lr_ratio=floor),
+                             train=TrainSettings(max_steps=total, checkpoint_every=0))
                 factor = lr_factor_fn(cfg)
                 got = [factor(s) for s in range(total + 1)]
                 want = [_previous_factor(s, scheduler, warmup, total, floor) for s in range(total + 1)]

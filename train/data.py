@@ -308,7 +308,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                 return None
 
             def sample_iter():
-                nonlocal seen_any
                 for i, raw in enumerate(self._raw_samples(urls)):
                     if shard_split:
                         # unique index per (shard position, sample) for per-sample seeds
