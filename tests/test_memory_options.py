@@ -458,3 +458,23 @@ def test_trainer_steps_bit_identical_with_block_swap_and_checkpoint_offload(quic
     assert losses == plain_losses and all(x == x for x in losses)
     assert weights.keys() == plain_w.keys()
     assert all(torch.equal(weights[n], plain_w[n]) for n in weights)
+
+
+def test_every_option_runs_on_fake_tensors():
+    """The memory planner applies these functions on fake tensors: no data-dependent Python."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        dit = WanAnimateDiT(WanAnimateConfig.preset("tiny"))
+        set_precision(dit, torch.bfloat16)
+        for name, p in dit.named_parameters():  # adapters_only: the trunk is frozen
+            p.requires_grad_(name.split(".", 1)[0] in ADAPTER_PREFIXES)
+        state = apply_memory_options(dit, options(block_swap=3, base_dtype="fp8", checkpoint_offload=True,
+                                                  checkpoint_dtype="bf16", motion_encoder_chunk=2), device="cpu")
+        batch = make_batch(dit.config)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = flow_matching_loss(dit, batch).loss
+            loss.backward()
+    assert state.fp8_layers and state.motion_encoder == "checkpointed"
+    assert state.block_swap.copies > 0 and state.host_activation_peak_bytes > 0

@@ -105,9 +105,10 @@ def _check_single_process(option: str) -> None:
 
 def place_except(model: nn.Module, device: torch.device, keep: BlockSwap) -> None:
     """Move every parameter and buffer to ``device`` except the swapped host weights."""
+    swapped = {id(p) for slots in keep.slots.values() for _, _, p in slots}
     with torch.no_grad():
         for param in model.parameters():
-            if not keep.is_swapped(param) and param.device != device:
+            if id(param) not in swapped and param.device != device:
                 param.data = param.data.to(device)
         for module in model.modules():
             for name, buf in module._buffers.items():

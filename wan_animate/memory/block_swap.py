@@ -78,7 +78,7 @@ class BlockSwap:
         return sum(p.numel() * p.element_size() for slots in self.slots.values() for _, _, p in slots)
 
     def is_swapped(self, param: torch.Tensor) -> bool:
-        return any(param is p for slots in self.slots.values() for _, _, p in slots)
+        return id(param) in {id(p) for slots in self.slots.values() for _, _, p in slots}
 
     def install(self) -> None:
         """Wrap every block's ``forward`` (all blocks, so a resident block prefetches a swapped one)."""
