@@ -227,8 +227,14 @@ class TrainSettings:
     dry_run: Optional[str] = None
     plan_world_size: int = 0
     plan_budget_gib: float = 80.0
+    # Sequence parallelism (train/sequence.py, docs/training.md): groups of N consecutive ranks share
+    # one sample, each rank holding 1/N of its video tokens; N divides the process count and the heads.
+    sequence_parallel: int = 1
 
     def __post_init__(self) -> None:
+        if self.sequence_parallel < 1:
+            _fail(f"train.sequence_parallel={self.sequence_parallel} must be >= 1 (1: off; N: groups of N ranks "
+                  "share one sample; N divides the number of processes and the model's attention heads).")
         if self.dry_run not in (None, "memory"):
             _fail(f"train.dry_run={self.dry_run!r}; use train.dry_run=memory (or leave it unset to train).")
         if self.plan_world_size < 0:
@@ -300,6 +306,14 @@ class Config:
         if m.block_swap and t.distributed in ("ddp", "deepspeed"):
             _fail(f"model.block_swap={m.block_swap} keeps weights on the host of one process; it does not combine "
                   f"with train.distributed={t.distributed}. Set model.block_swap=0 or train one process.")
+        if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
+            from wan_animate.config import WanAnimateConfig
+            from wan_animate.parallel import check_sequence_parallel_size
+
+            try:
+                check_sequence_parallel_size(WanAnimateConfig.preset(self.model.preset).num_heads, t.sequence_parallel)
+            except ValueError as e:
+                _fail(str(e))
         if self.model.path is None and self.model.preset == "14b":
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
             _fail(

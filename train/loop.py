@@ -125,12 +125,18 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"[train] mode={cfg.train.mode} world={acc.num_processes} zero={trainer.stage} trainable="
               f"{s['trainable_params']:,}/{s['total_params']:,} groups={s['groups']} "
               f"device={acc.device} start_step={trainer.state.step}", flush=True)
+        if trainer.sp.enabled:  # effective batch = micro x accum x P / N: a group trains one sample
+            t = cfg.train
+            print(f"[train] sequence_parallel={trainer.sp.size}: {trainer.sp.data_world} group(s) of "
+                  f"{trainer.sp.size} ranks; effective batch {t.micro_batch_size * t.grad_accum * trainer.sp.data_world} "
+                  "samples per step", flush=True)
     status, trained_keys = _train(trainer, reporter, out_dir)
     reporter.bar.close()
     if cfg.train.rank_report:
         write_rank_report(out_dir, acc, trainer.raw_dit, trained_keys, trainer.state.step)
     result: dict[str, Any] = {"status": status, "step": trainer.state.step, "final_loss": reporter.last_loss,
-                              "world_size": acc.num_processes, "zero_stage": trainer.stage, **trainer.summary}
+                              "world_size": acc.num_processes, "zero_stage": trainer.stage,
+                              "sequence_parallel": trainer.sp.size, **trainer.summary}
     _finish(trainer, status, result)
     if main:
         curve = plot_loss_curve(out_dir)

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from train import checkpointing
+from train import checkpointing, sequence
 from train.config import Config, ConfigError
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
@@ -91,6 +91,7 @@ class Trainer:
         # the batch dtype: DeepSpeed engines hold bf16 weights; the plain path autocasts fp32 inputs
         bf16 = cfg.train.precision == "bf16"
         self.batch_dtype = torch.bfloat16 if (bf16 and self.use_deepspeed) else torch.float32
+        self.sp = sequence.sequence_layout(cfg, acc)  # groups of ranks sharing one sample (N = 1: off)
         torch.manual_seed(cfg.train.seed)  # identical initialisation of LoRA factors on every rank
         dit, self.pipe = _load_models(cfg, acc, model_path)
         dit.train()
@@ -98,6 +99,7 @@ class Trainer:
         if not self.use_deepspeed:
             upcast_trainable(dit)
         self._apply_model_options(dit)
+        sequence.apply_to_dit(self.sp, dit)
         optimizer = make_optimizer(self.groups, cfg)
         self.scheduler = make_scheduler(optimizer, cfg)
         self.model, self.optimizer = acc.prepare(dit, optimizer)
@@ -105,7 +107,7 @@ class Trainer:
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
         self.state = TrainState()
         self.ema = EMA(self.trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.generator = rank_generator(cfg.train.seed, acc.process_index)
+        self.generator = rank_generator(cfg.train.seed, self.sp.data_rank)  # a group draws the same noise
         self._data_state = {"position": 0, "skipped": 0, "seen": 0}
         self._data: BatchIterator | None = None
 
@@ -129,7 +131,7 @@ class Trainer:
             cfg, acc = self.cfg, self.acc
             spec = StreamSpec(
                 urls=self.urls, cfg=cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                rank=acc.process_index, world_size=acc.num_processes,
+                rank=self.sp.data_rank, world_size=self.sp.data_world,  # a group reads the same samples
                 face_size=cfg.data.face_size or self.raw_dit.config.motion_encoder_size,
                 default_size=(cfg.data.synthetic_height, cfg.data.synthetic_width)
                 if cfg.data.source == "synthetic" else None)
@@ -140,8 +142,10 @@ class Trainer:
 
     def next_micro_batches(self) -> list[dict[str, Any]]:
         """``train.grad_accum`` DiT input batches for the next optimizer step (frozen encoders run here)."""
-        return [build_dit_inputs(next(self.data), self.pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
-                for _ in range(self.cfg.train.grad_accum)]
+        batches = [build_dit_inputs(next(self.data), self.pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
+                   for _ in range(self.cfg.train.grad_accum)]
+        sequence.check_first_batch(self.sp, batches[0], self.generator)
+        return batches
 
     # ------------------------------------------------------------------ one optimizer step
 
@@ -165,7 +169,7 @@ class Trainer:
         return StepResult(
             step=self.state.step, loss=float("nan") if nonfinite_loss else loss, grad_norm=grad_norm,
             skipped=skipped, lr=self.optimizer.param_groups[0]["lr"],
-            samples=sum(len(b["keys"]) for b in micro_batches) * acc.num_processes,
+            samples=sum(len(b["keys"]) for b in micro_batches) * self.sp.data_world,  # once per group
             seconds=time.perf_counter() - t0, keys=[k for b in micro_batches for k in b["keys"]],
             latent_shape=tuple(micro_batches[0]["latents"].shape[2:]))
 
@@ -222,7 +226,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state besides accelerate's (model, optimizer, RNG): what checkpoints add."""
         return {
-            "train": self.state.state_dict(),
+            "train": {**self.state.state_dict(), **sequence.record(self.sp)},
             "scheduler": self.scheduler.state_dict(),
             "data": self._data.state_dict() if self._data is not None else dict(self._data_state),
             "rng": self.generator.get_state(),
@@ -230,6 +234,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        sequence.check_resume(self.sp, state["train"])
         self.state.load_state_dict(state["train"])
         if state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
