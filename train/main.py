@@ -20,6 +20,9 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from train.quiet import quiet_third_party
+
+    quiet_third_party()  # before the libraries whose start-up lines it drops are imported
     try:
         config = to_config(cfg)  # validated before any model loads
     except ConfigError as e:
@@ -34,6 +37,9 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(config)
+    except ConfigError as e:  # launch-time checks (world, DeepSpeed, output_dir, data), before any model loads
+        print(f"[train] configuration error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         _teardown()
 

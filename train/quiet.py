@@ -1,0 +1,65 @@
+"""Start-up lines of third-party libraries that tell a training user nothing they can act on.
+
+Each is dropped by name (a logging filter on the exact message, or the library's own switch), so
+every other warning of those libraries still shows:
+
+* transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+  `CLIPImageProcessorPil`" (the PIL processor is the one we want; torchvision is not a dependency);
+* DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." on machines without CUDA: we name
+  the CPU accelerator up front (``DS_ACCELERATOR=cpu``, what ``train.parallel`` sets for CPU
+  process groups anyway), so DeepSpeed does not probe and warn;
+* torchao's import-time lines (prebuilt kernels for other Pythons / GPUs, no triton, torch's
+  pytree deprecation notes about torchao's enums) and diffusers' note that torchao-serialized
+  checkpoints may not load: torchao is only used for ``optim.name=adamw8bit``;
+* transformers' per-file "Loading weights" / "Writing model shards" bars (the ``[train]`` lines say
+  what is loaded; the training bar is the one progress bar).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# (logger name, substring of the message to drop)
+_DROP = (
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
+    ("torchao", "Failed to load"),
+    ("torchao", "Detected no triton"),
+    ("torchao.kernel.intmm", "Detected no triton"),
+    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, substrings: list[str]):
+        super().__init__()
+        self.substrings = substrings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a record that cannot format itself is not ours to judge
+            return True
+        return not any(s in msg for s in self.substrings)
+
+
+def quiet_third_party() -> None:
+    """Install the filters / switches above (idempotent); call before the libraries load."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    by_logger: dict[str, list[str]] = {}
+    for name, text in _DROP:
+        by_logger.setdefault(name, []).append(text)
+    for name, texts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(texts))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
