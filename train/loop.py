@@ -9,18 +9,18 @@ summary dict (also written to ``<output_dir>/summary.json``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from train import preflight, run_dir
 from train.assets import prepare_assets
 from train.config import Config, config_to_dict
 from train.export import export
 from train.metrics import StepReporter, plot_loss_curve
-from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report
+from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report, zero_stage
 from train.trainer import Trainer, startup_checks
 from train.validation import validate
 
@@ -60,11 +60,16 @@ def _start(cfg: Config):
     check_world(acc)
     startup_checks(cfg, acc)
     out_dir = Path(cfg.train.output_dir)
-    if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1, ensure_ascii=False))
+    launch = run_dir.launch_identity(cfg, acc.num_processes, acc.state.deepspeed_plugin is not None, zero_stage(acc))
+    run_dir.check_output_dir(cfg, launch)  # another launch on this run's folder: refused, nothing written
+    finished = run_dir.finished_run(cfg)
     model_path, urls = prepare_assets(cfg, acc)
-    return acc, out_dir, model_path, urls
+    if finished is None:
+        dit_config, layout = preflight.announce(cfg, acc, model_path, urls, zero_stage(acc))
+        if acc.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.write_config(cfg, launch, run_dir.loaded_model_record(cfg, model_path, dit_config, layout))
+    return acc, out_dir, model_path, urls, finished
 
 
 def _after_step(trainer: Trainer, out_dir: Path, stop: bool) -> None:
@@ -101,6 +106,9 @@ def _train(trainer: Trainer, reporter: StepReporter, out_dir: Path) -> tuple[str
 def _finish(trainer: Trainer, status: str, result: dict[str, Any]) -> None:
     cfg = trainer.cfg
     if status != "finished":
+        if trainer.acc.is_main_process:
+            print(f"[train] final validation and exports skipped: the run stopped early ({status}); rerun the "
+                  "same command to finish it", flush=True)
         return
     if cfg.train.validation:
         video = validate(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.state.step,
@@ -111,15 +119,35 @@ def _finish(trainer: Trainer, status: str, result: dict[str, Any]) -> None:
         result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
 
 
+def _reexport(cfg: Config, acc, model_path: Path, urls: list[str], finished: run_dir.Finished) -> dict[str, Any]:
+    """A finished run whose exports are missing: load its last checkpoint and export, nothing else."""
+    trainer = Trainer(cfg, acc, model_path, urls)
+    trainer.resume(cfg.train.output_dir)
+    ema = trainer.ema.state_dict() if trainer.ema is not None else None
+    result = {**finished.summary, "exports": export(cfg, acc, trainer.model, trainer.raw_dit, ema)}
+    if acc.is_main_process:
+        run_dir.write_summary(Path(cfg.train.output_dir), result)
+        print(f"[train] re-exported to {Path(cfg.train.output_dir) / 'export'}", flush=True)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
 def run(cfg: Config) -> dict[str, Any]:
     t_start = time.time()
-    acc, out_dir, model_path, urls = _start(cfg)
+    acc, out_dir, model_path, urls, finished = _start(cfg)
+    main = acc.is_main_process
+    if finished is not None:  # rerun of a finished run: no training, validation, wandb run or summary rewrite
+        if main:
+            print(f"[train] {run_dir.finished_message(cfg, finished)}", flush=True)
+        if finished.exports_missing:
+            return _reexport(cfg, acc, model_path, urls, finished)
+        acc.end_training()
+        return finished.summary
     trainer = Trainer(cfg, acc, model_path, urls)
     resumed = trainer.resume(out_dir) if cfg.train.resume else None
-    main = acc.is_main_process
     if resumed is not None and main:
         print(f"[train] resumed from {resumed} (step {trainer.state.step})", flush=True)
-    reporter = StepReporter(cfg, acc, trainer.raw_dit.config, out_dir, trainer.state.step, config_to_dict(cfg))
     if main:
         s = trainer.summary
         print(f"[train] mode={cfg.train.mode} world={acc.num_processes} zero={trainer.stage} trainable="
@@ -130,6 +158,8 @@ def run(cfg: Config) -> dict[str, Any]:
             print(f"[train] sequence_parallel={trainer.sp.size}: {trainer.sp.data_world} group(s) of "
                   f"{trainer.sp.size} ranks; effective batch {t.micro_batch_size * t.grad_accum * trainer.sp.data_world} "
                   "samples per step", flush=True)
+    # after the header lines: the progress bar starts here
+    reporter = StepReporter(cfg, acc, trainer.raw_dit.config, out_dir, trainer.state.step, config_to_dict(cfg))
     status, trained_keys = _train(trainer, reporter, out_dir)
     reporter.bar.close()
     if cfg.train.rank_report:
@@ -144,7 +174,7 @@ def run(cfg: Config) -> dict[str, Any]:
         result["metrics"] = str(out_dir / "metrics.jsonl")
         result["seconds"] = round(time.time() - t_start, 1)
         result["mfu_basis"] = reporter.peak_source
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+        run_dir.write_summary(out_dir, result)  # strict JSON: a NaN loss is null
         print(f"[train] {status} at step {trainer.state.step}; loss {reporter.last_loss:.4f}; outputs in {out_dir}",
               flush=True)
     reporter.close()

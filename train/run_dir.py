@@ -1,0 +1,196 @@
+"""One output folder, one run: what launched it, what it loaded, whether it already finished.
+
+``<output_dir>/config.json`` is written once per run: the resolved config, plus ``launch`` (world
+size, DeepSpeed / ZeRO stage, mode, model) and, under ``model.loaded``, what was actually loaded
+(the folder, its layout and its own DiT config; ``model.preset`` is only recorded when the
+quick-start model was built from it). A later launch on the same folder is compared with it
+**before any model loads**: a different world size, DeepSpeed setting, mode or model is refused
+with the difference and the fix (a resume under another launch ends deep inside DeepSpeed or with
+a wrong data position); the folder's ``config.json`` is never replaced by another run's.
+A finished run (``summary.json`` says so and the newest complete checkpoint is at
+``train.max_steps``) is a no-op, or only re-exports when its exports are missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train import checkpointing
+from train.config import Config, ConfigError, config_to_dict
+from wan_animate.files import atomic_write_json
+
+IDENTITY_KEYS = ("world_size", "deepspeed", "zero_stage", "sequence_parallel", "mode", "model")
+
+
+def launch_identity(cfg: Config, world_size: int, deepspeed: bool, zero_stage: int) -> dict[str, Any]:
+    """What a resume must share with the run that wrote the checkpoints."""
+    m = cfg.model
+    model = str(Path(m.path).resolve()) if m.path else f"quick-start preset {m.preset} (seed {m.init_seed})"
+    return {"world_size": world_size, "deepspeed": deepspeed, "zero_stage": zero_stage, "mode": cfg.train.mode,
+            "model": model, "sequence_parallel": getattr(cfg.train, "sequence_parallel", 1)}
+
+
+def _from_checkpoint(path: Path) -> dict[str, Any]:
+    """World size and DeepSpeed-or-not from a checkpoint's files (runs older than ``launch``)."""
+    ranks = [p for p in path.glob("rank*.json")]
+    out: dict[str, Any] = {"world_size": len(ranks)} if ranks else {}
+    if (path / "pytorch_model").is_dir() or any(path.glob("*/mp_rank_*_model_states.pt")):
+        out["deepspeed"] = True
+    elif any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+        out["deepspeed"] = False
+    return out
+
+
+def _describe(ident: dict[str, Any]) -> str:
+    ds = (f"DeepSpeed ZeRO-{ident['zero_stage']}" if ident.get("zero_stage") else "DeepSpeed") \
+        if ident.get("deepspeed") else "no DeepSpeed"
+    parts = [f"world size {ident['world_size']}" if "world_size" in ident else None,
+             ds if "deepspeed" in ident else None,
+             f"sequence_parallel={ident['sequence_parallel']}" if ident.get("sequence_parallel", 1) != 1 else None,
+             f"mode={ident['mode']}" if "mode" in ident else None,
+             f"model {ident['model']}" if "model" in ident else None]
+    return ", ".join(p for p in parts if p)
+
+
+def previous_identity(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(identity of the run in ``out_dir`` as far as known, its config.json or None)."""
+    saved = None
+    cfg_file = out_dir / "config.json"
+    if cfg_file.is_file():
+        try:
+            saved = json.loads(cfg_file.read_text())
+        except ValueError:
+            saved = None
+    ident: dict[str, Any] = {}
+    if isinstance(saved, dict):
+        if isinstance(saved.get("launch"), dict):
+            ident.update(saved["launch"])
+        else:  # written before ``launch`` existed: mode and model from the config itself
+            t, m = saved.get("train", {}), saved.get("model", {})
+            if "mode" in t:
+                ident["mode"] = t["mode"]
+            if m.get("path"):
+                ident["model"] = str(Path(m["path"]).resolve())
+    latest = checkpointing.latest_complete(out_dir)
+    if latest is not None:
+        found = _from_checkpoint(latest[1])
+        for k, v in found.items():
+            ident.setdefault(k, v)
+    return ident, saved
+
+
+def check_output_dir(cfg: Config, current: dict[str, Any]) -> None:
+    """Refuse (``ConfigError``) a launch that differs from the run already in ``train.output_dir``."""
+    out_dir = Path(cfg.train.output_dir)
+    has_run = checkpointing.latest_complete(out_dir) is not None or (out_dir / "summary.json").is_file()
+    if not has_run:
+        return
+    before, _ = previous_identity(out_dir)
+    differ = [k for k in IDENTITY_KEYS if k in before and before[k] != current[k]
+              and not (k == "zero_stage" and not before.get("deepspeed") and not current["deepspeed"])]
+    if not differ:
+        return
+    changes = "; ".join(f"{k}: {before[k]} -> {current[k]}" for k in differ)
+    raise ConfigError(
+        f"train.output_dir={out_dir} holds a run launched with {_describe(before)}; this launch differs "
+        f"({changes}). Continue it with the original launch, or start a new run with a new train.output_dir "
+        "(its checkpoints cannot be resumed under another world size, DeepSpeed setting, mode or model).")
+
+
+def loaded_model_record(cfg: Config, model_path: Path, dit_config, layout: str | None) -> dict[str, Any]:
+    """``model`` section of config.json: the keys, with what was actually loaded."""
+    rec = dict(config_to_dict(cfg)["model"])
+    loaded: dict[str, Any] = {"path": str(Path(model_path).resolve()), "layout": layout}
+    if dit_config is not None:
+        loaded["dit_config"] = dit_config.to_dict()
+    if cfg.model.path:
+        rec["preset"] = None  # the folder's own config is what was loaded, not a preset
+    else:
+        loaded["built_from_preset"] = cfg.model.preset
+    rec["loaded"] = loaded
+    return rec
+
+
+def write_config(cfg: Config, current: dict[str, Any], model_record: dict[str, Any]) -> Path:
+    """``config.json`` of a new run; a resume keeps the original and records changed keys next to it."""
+    out_dir = Path(cfg.train.output_dir)
+    record = {**config_to_dict(cfg), "model": model_record, "launch": current}
+    path = out_dir / "config.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if isinstance(old, dict) and (checkpointing.latest_complete(out_dir) is not None
+                                      or (out_dir / "summary.json").is_file()):
+            changed = _changed_keys(old, json.loads(json.dumps(record, default=str)))
+            if changed:
+                latest = checkpointing.latest_complete(out_dir)
+                step = latest[0] if latest else 0
+                other = out_dir / f"config.resume-step-{step}.json"
+                atomic_write_json(other, record, indent=1)
+                print(f"[train] resuming with changed settings ({', '.join(changed[:8])}"
+                      f"{', ...' if len(changed) > 8 else ''}); config.json keeps the original, this launch's "
+                      f"is {other.name}", flush=True)
+            return path
+    return atomic_write_json(path, record, indent=1)
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+@dataclass
+class Finished:
+    """A run in ``output_dir`` that already reached ``train.max_steps``."""
+
+    summary: dict[str, Any]
+    exports_missing: list[str]
+
+
+def finished_run(cfg: Config) -> Finished | None:
+    """The finished run in ``train.output_dir`` (None: nothing finished, or more steps asked for)."""
+    out_dir = Path(cfg.train.output_dir)
+    path = out_dir / "summary.json"
+    latest = checkpointing.latest_complete(out_dir)
+    if not path.is_file() or latest is None or latest[0] < cfg.train.max_steps or not cfg.train.resume:
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "finished" or summary.get("step") != latest[0]:
+        return None
+    missing: list[str] = []
+    if cfg.train.export:
+        exports = summary.get("exports") or {}
+        missing = [name for name, p in exports.items() if not Path(p).exists()]
+        if not exports or not (out_dir / "export").is_dir():
+            missing = missing or ["export/"]
+    return Finished(summary, missing)
+
+
+def finished_message(cfg: Config, fin: Finished) -> str:
+    step = fin.summary.get("step")
+    if fin.exports_missing:
+        return (f"{cfg.train.output_dir} already finished at step {step}; its exports are missing "
+                f"({', '.join(fin.exports_missing)}): re-exporting only (no training, validation or new wandb run).")
+    return (f"{cfg.train.output_dir} already finished at step {step} (summary.json); nothing to do. Raise "
+            "train.max_steps to train on, or set a new train.output_dir for a new run.")
+
+
+def write_summary(out_dir: Path, result: dict[str, Any]) -> Path:
+    """``summary.json`` as strict JSON (a NaN loss is written as null)."""
+    return atomic_write_json(out_dir / "summary.json", result, indent=1, default=str)
+
+
