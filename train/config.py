@@ -204,6 +204,9 @@ class TrainSettings:
     validate_every: int = 0  # 0 -> only at the end
     validation: bool = True
     validation_steps: int = 4  # sampler steps of the validation video
+    # Raw (schema v1) shards whose first sample is rendered for validation; empty -> the first
+    # training sample (cached training: decoded from its cached latents with the frozen VAE).
+    validation_urls: list[str] = field(default_factory=list)
     max_consecutive_nonfinite: int = 5
     resume: bool = True  # rerunning the same command continues from the newest complete checkpoint
     wandb: bool = False  # on -> online; off -> offline run files under output_dir/wandb
@@ -288,6 +291,9 @@ class Config:
                 f"train.checkpoint_every={t.checkpoint_every} > train.max_steps={t.max_steps}: no "
                 "intermediate checkpoint would be written; lower it or set 0 (end only)."
             )
+        if t.validation and t.validate_every > t.max_steps:
+            _fail(f"train.validate_every={t.validate_every} > train.max_steps={t.max_steps}: no validation before "
+                  "the end of the run; lower it or set 0 (validation at the end only).")
         if t.mode == "lora" and self.lora.init_from is not None and not self.lora.init_from.endswith(".safetensors"):
             _fail(f"lora.init_from={self.lora.init_from} must be a .safetensors LoRA file.")
         if t.mode != "lora" and self.lora.init_from:
