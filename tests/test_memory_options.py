@@ -361,7 +361,6 @@ def test_all_options_together_equal_fp8_alone():
 
 
 def test_adamw8bit_tracks_adamw():
-    pytest.importorskip("torchao")
     torch.manual_seed(0)
     p8 = nn.Parameter(torch.randn(64, 128))
     p32 = nn.Parameter(p8.detach().clone())
@@ -478,3 +477,15 @@ def test_every_option_runs_on_fake_tensors():
             loss.backward()
     assert state.fp8_layers and state.motion_encoder == "checkpointed"
     assert state.block_swap.copies > 0 and state.host_activation_peak_bytes > 0
+
+
+@pytest.mark.slow  # ~1 min on a busy 2-core machine
+def test_trainer_bf16_with_every_option_tracks_the_plain_run(quickstart_assets, tmp_path):
+    plain, _, _ = _trainer_run(quickstart_assets, tmp_path / "plain", "train.precision=bf16")
+    losses, _, memory = _trainer_run(
+        quickstart_assets, tmp_path / "all", "train.precision=bf16", "model.base_dtype=fp8", "model.block_swap=4",
+        "model.checkpoint_offload=true", "model.checkpoint_dtype=bf16", "model.motion_encoder_chunk=2",
+        "optim.name=adamw8bit")
+    assert memory.summary()["fp8_layers"] > 0 and memory.motion_encoder == "checkpointed"
+    assert all(abs(a - b) / b < 0.03 for a, b in zip(losses, plain)), (losses, plain)  # lossy, but close
+    assert losses[-1] < losses[0]  # and it trains
