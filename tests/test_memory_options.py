@@ -78,15 +78,15 @@ def lora_model(seed=0, train_adapters=True, dtype=torch.float32, rank=4) -> WanA
     return dit.train()
 
 
-def train_steps(dit: nn.Module, steps=3, lr=1e-3, autocast=False) -> tuple[list[torch.Tensor], dict]:
+def train_steps(dit: nn.Module, steps=3, lr=1e-3, autocast=False, device="cpu") -> tuple[list[torch.Tensor], dict]:
     """A few AdamW steps of the flow-matching loss with fixed draws; returns losses and final grads."""
     params = [p for p in dit.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses, grads = [], {}
     for step in range(steps):
-        batch = make_batch(dit.config, seed=step)
+        batch = {k: v.to(device) for k, v in make_batch(dit.config, seed=step).items()}
         g = torch.Generator().manual_seed(100 + step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
             out = flow_matching_loss(dit, batch, LossConfig(), generator=g)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in dit.named_parameters() if p.grad is not None}
@@ -489,3 +489,21 @@ def test_trainer_bf16_with_every_option_tracks_the_plain_run(quickstart_assets, 
     assert memory.summary()["fp8_layers"] > 0 and memory.motion_encoder == "checkpointed"
     assert all(abs(a - b) / b < 0.03 for a, b in zip(losses, plain)), (losses, plain)  # lossy, but close
     assert losses[-1] < losses[0]  # and it trains
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_block_swap_and_offload_on_side_streams_match_the_plain_path():
+    plain = lora_model().cuda()
+    mem = copy.deepcopy(plain).cpu()
+    apply_memory_options(plain, options(), device="cuda")
+    state = apply_memory_options(mem, options(block_swap=3, checkpoint_offload=True), device="cuda")
+    swap = state.block_swap
+    assert swap.stream is not None and state.checkpoint_store.stream is not None
+    assert all(p.device.type == "cpu" and p.is_pinned() for s in swap.slots.values() for _, _, p in s)
+    assert all(p.device.type == "cuda" for n, p in mem.named_parameters() if p.requires_grad)
+    (la, ga), (lb, gb) = train_steps(plain, device="cuda"), train_steps(mem, device="cuda")
+    torch.testing.assert_close(torch.stack(lb), torch.stack(la), rtol=1e-6, atol=0)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-7, msg=n)
+    assert swap.misses == 1 and state.checkpoint_store.live_bytes == 0
