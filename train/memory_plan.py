@@ -29,6 +29,7 @@ launch/deepspeed/*.json; everything else is *measured* on the fake step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 
 from train.config import Config
+from train.memory_plan_sequence import install_planned as install_planned_sequence_parallel
+from train.memory_plan_sequence import plan_fields as sequence_plan_fields
 from train.memory_plan_track import LiveBytes
 
 GIB = 1024**3
@@ -195,7 +198,7 @@ def _examples(cfg: Config, mcfg, shape: tuple[int, int], face: int) -> list[dict
     return out
 
 
-def _build(cfg: Config, mcfg, tracker: LiveBytes, use_ds: bool, meta: tuple) -> dict[str, Any]:
+def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = False) -> dict[str, Any]:
     """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
@@ -207,6 +210,10 @@ def _build(cfg: Config, mcfg, tracker: LiveBytes, use_ds: bool, meta: tuple) -> 
     bf16 = cfg.train.precision == "bf16"
     dit, (modules, sources) = meta
     dit.to_empty(device="cpu")
+    if init:  # a real-tensor run: touch every weight (untouched pages would not count) with sane values
+        with torch.no_grad():
+            for t in [*dit.parameters(), *dit.buffers()]:
+                t.normal_(0.0, 0.02)
     set_precision(dit, torch.bfloat16 if bf16 else torch.float32)
     for m in modules.values():
         m.to_empty(device="cpu")
@@ -214,7 +221,7 @@ def _build(cfg: Config, mcfg, tracker: LiveBytes, use_ds: bool, meta: tuple) -> 
     # the trainer's dtypes: umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
     offload = cfg.data.source == "cached"
     enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
-                        vae_dtype=torch.float32, offload=offload)
+                        vae_dtype=torch.float32, offload=offload) if modules else None
     with tracker:
         dit.train()
         torch.manual_seed(cfg.train.seed)
@@ -228,8 +235,9 @@ def _build(cfg: Config, mcfg, tracker: LiveBytes, use_ds: bool, meta: tuple) -> 
         tracker.track(list(dit.buffers()), "frozen_weights")
         for m in modules.values():
             tracker.track([*m.parameters(), *m.buffers()], "frozen_encoders", host=offload)
-    enc.sources = sources
-    enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
+    if enc is not None:
+        enc.sources = sources
+        enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
     return {"dit": dit, "optimizer": optimizer, "summary": summary, "options": options, "encoders": enc}
 
 
@@ -247,9 +255,19 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     face = cfg.data.face_size or mcfg.motion_encoder_size
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     input_dtype = torch.bfloat16 if built["use_ds"] else torch.float32
+    # Steady state (step 2 onwards): the optimizer states exist before the step starts. One step on
+    # zero gradients creates them the way the optimizer does (lazily, at its first step).
+    tracker.phase = "optimizer"
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     for _ in range(min(cfg.train.grad_accum, 2)):
         tracker.phase = "encode"
         examples = _examples(cfg, mcfg, shape, face)
+        if built.get("init"):
+            for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
+                t.uniform_(-1.0, 1.0)
         tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
         batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
         tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
@@ -332,8 +350,9 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
 
     with torch.device("meta"):
         meta = (WanAnimateDiT(mcfg), build_meta_encoders(folder))
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
+        install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only
         del meta
         built["use_ds"] = engine == "deepspeed"
         scale, extra, notes = _parallel_terms(cfg, built["dit"], world, engine, stage)
@@ -348,6 +367,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     plan = _result(cfg, tracker, world=world, engine=engine, stage=stage, tokens=tokens, shape=shape,
                    model_source=model_source, summary=summary, options=options, enc=enc, notes=notes,
                    seconds={"build": round(t_build, 1), "total": round(time.time() - t0, 1)})
+    plan.update(sequence_plan_fields(cfg, tokens))
     if suggest and not plan["fits"]:
         plan["options_tried"] = try_options(cfg, world)
     if write:
@@ -357,6 +377,39 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     if not quiet:
         print(format_plan(plan), flush=True)
     return plan
+
+
+class NullTracker(contextlib.nullcontext):
+    """Stands in for ``LiveBytes`` when the same step runs on real tensors (measured elsewhere)."""
+
+    phase = "setup"
+
+    def track(self, *args, **kwargs) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_module_conversion():
+    """Let ``Module.to()`` convert fake parameters (peft moves its LoRA layers, encoder wrappers cast).
+
+    ``Module._apply`` always swaps fake parameters with ``torch.utils.swap_tensors``, which refuses
+    tensors with a weak reference, and fake-mode parameters carry one. Within this context a fake
+    parameter gets the converted data by ``.data =`` instead (what ``_apply`` does for real ones)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    original = torch.utils.swap_tensors
+
+    def swap(t1, t2):
+        if isinstance(t1, FakeTensor):
+            t1.data = t2.data
+            return
+        original(t1, t2)
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
 
 
 class _NoStep:
@@ -425,6 +478,10 @@ def candidate_options(cfg: Config) -> list[dict[str, Any]]:
         c.append({"model.checkpoint_offload": True})
     if "base_dtype" in known and cfg.train.mode in ("lora", "adapters_only"):
         c.append({"model.base_dtype": "fp8"})
+    if "motion_encoder_chunk" in known and not cfg.model.motion_encoder_chunk:
+        c.append({"model.motion_encoder_chunk": 8})
+    if "name" in {f.name for f in dataclasses.fields(cfg.optim)} and cfg.optim.name == "adamw":
+        c.append({"optim.name": "adamw8bit"})
     if "block_swap" in known and cfg.train.mode in ("lora", "adapters_only"):
         c.append({"model.block_swap": 20})
         c.append({"model.block_swap": 40})
@@ -449,7 +506,8 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 def try_options(cfg: Config, world: int) -> list[dict[str, Any]]:
     out = []
     for overrides in candidate_options(cfg):
-        plan = plan_memory(with_overrides(cfg, overrides), world_size=world, write=False)
+        # one micro-batch per re-plan (the kept gradients are live in its backward peak anyway)
+        plan = plan_memory(with_overrides(cfg, {**overrides, "train.grad_accum": 1}), world_size=world, write=False)
         out.append({"overrides": overrides, "peak_device_gib": plan["peak_device_gib"], "fits": plan["fits"]})
     return out
 

@@ -1,0 +1,120 @@
+"""Memory plans of every 14B preset (train/memory_plan.py), written to bench/results/memory-plan.md.
+
+    python bench/memory_plan.py [--only animate14b_lora ...] [--out bench/results/memory-plan.md]
+
+Each preset is planned in its own process exactly as
+``accelerate launch train/main.py experiment=<preset> train.dry_run=memory model.path=<folder>``
+would: the model folder holds only the 14B ``config.json`` (no weights exist here), so the encoders
+come from their published sizes. 832x480 x 77 frames, micro-batch 1 (the sizes of issue 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# one micro-batch per plan: the kept gradients are live in its backward peak anyway (the planner runs
+# two when grad_accum > 1; one halves the time on a busy machine)
+SIZE = ["data.clip_len=77", "data.buckets=[[480,832]]", "train.grad_accum=1"]
+CASES = [  # (name, experiment, extra overrides, world size)
+    ("animate14b_lora", "animate14b_lora", [], 1),
+    ("animate14b_lora_24gb", "animate14b_lora_24gb", ["train.plan_budget_gib=22"], 1),
+    ("character_lora", "character_lora", [], 1),
+    ("character_lora_24gb", "character_lora_24gb", ["train.plan_budget_gib=22"], 1),
+    ("animate14b_full (1 of 8, ZeRO-3)", "animate14b_full", ["train.plan_world_size=8"], 8),
+    ("animate14b_full 720x1280 (1 of 8, ZeRO-3)", "animate14b_full",
+     ["train.plan_world_size=8", "data.buckets=[[720,1280]]"], 8),
+]
+COLUMNS = ["frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "temporaries",
+           "inputs", "frozen_encoders", "encoder_activations", "zero3_gathered_params", "ddp_grad_buckets"]
+
+
+def _plan(experiment: str, extra: list[str], folder: str, out: str, suggest: bool) -> dict:
+    overrides = [f"experiment={experiment}", f"model.path={folder}", "data.urls=[unused]", *SIZE, *extra,
+                 f"train.output_dir={out}", "train.dry_run=memory"]
+    code = ("import sys, json; from train.config import compose; from train.memory_plan import plan_memory; "
+            f"p = plan_memory(compose(sys.argv[1:]), suggest={suggest}, write=True, quiet=False)")
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-c", code, *overrides], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed",
+                "overrides": overrides}
+    plan = json.loads((Path(out) / "memory_plan.json").read_text())
+    plan["wall_s"] = round(time.time() - t0, 1)
+    plan["overrides"] = overrides
+    plan["table"] = res.stdout
+    return plan
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--suggest", action="store_true", help="re-plan non-fitting presets with each memory option")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/memory-plan.md"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="memory-plan-"))
+    folder = tmp / "Wan2.2-Animate-14B"
+    folder.mkdir()
+    from wan_animate.config import WanAnimateConfig
+
+    (folder / "config.json").write_text(json.dumps(WanAnimateConfig.preset("14b").to_official_config()))
+    rows = []
+    for name, exp, extra, world in CASES:
+        if args.only and name.split()[0] not in args.only:
+            continue
+        print(f"[bench] {name} ...", flush=True)
+        plan = _plan(exp, extra, str(folder), str(tmp / name.split()[0] / str(len(rows))), suggest=args.suggest)
+        rows.append((name, plan))
+        print(plan.get("table") or plan.get("error"), flush=True)
+        Path(args.out).write_text(render(rows))  # after every row: partial results survive
+    print(f"[bench] wrote {args.out}")
+    return 0
+
+
+def render(rows) -> str:
+    lines = ["# Memory plans of the 14B presets (train.dry_run=memory)", "",
+             "One training step of each preset at 832x480 (H x W = 480 x 832), 77 frames (latent 16 x 21 x 60 x 104,",
+             "32,760 tokens), micro-batch 1, planned on fake tensors by `train/memory_plan.py` (no GPU, no weights).",
+             "GiB per category at the device peak of one rank. Command per row:", "",
+             "    accelerate launch train/main.py experiment=<preset> train.dry_run=memory \\",
+             "      model.path=<folder with the 14B config.json> data.urls=[...] data.clip_len=77 \\",
+             "      data.buckets=[[480,832]] [row overrides]", "",
+             "Regenerate: `python bench/memory_plan.py`.", "",
+             "**Measured on fake tensors** (live storages during a real forward/backward/optimizer step): frozen",
+             "and trainable weights, gradients, optimizer states (single GPU), activations (created in forward,",
+             "alive at the peak), temporaries (created in backward: recompute + gradients of activations),",
+             "inputs, frozen encoders' weights and one encode's activations, pinned host memory.",
+             "**Computed** (formulas in the module docstring): under DeepSpeed the optimizer states (fp32 master",
+             "+ Adam m, v + fp32 gradient at the step, / N), the gradient partition + reduce bucket, and under",
+             "ZeRO-3 the 1/N of the weights plus the gathered working set (`zero3_gathered_params`); host RAM",
+             "adds the DiT read on the CPU before it moves to the device.", "",
+             "| preset | ranks | peak GiB | budget | fits | " + " | ".join(COLUMNS) + " | host pinned | host RAM | plan s |",
+             "|" + "---|" * (len(COLUMNS) + 8)]
+    for name, p in rows:
+        if "error" in p:
+            lines.append(f"| {name} | | error: {p['error'][:120]} |" + " |" * (len(COLUMNS) + 5))
+            continue
+        cats = " | ".join(f"{p['by_category'].get(c, 0.0):.1f}" for c in COLUMNS)
+        lines.append(f"| {name} | {p['world_size']} | **{p['peak_device_gib']:.1f}** | {p['budget_gib']:g} | "
+                     f"{'yes' if p['fits'] else 'no'} | {cats} | {p['host_pinned_gib']:.1f} | {p['host_ram_gib']:.1f} | "
+                     f"{p['wall_s']:.0f} |")
+    lines += ["", "## Options tried where a preset does not fit", ""]
+    for name, p in rows:
+        for t in p.get("options_tried", []):
+            opts = " ".join(f"{k}={v}" for k, v in t["overrides"].items())
+            lines.append(f"- {name}: `{opts}` -> {t['peak_device_gib']:.1f} GiB ({'fits' if t['fits'] else 'does not fit'})")
+    lines += ["", "## Planner output per preset", ""]
+    for name, p in rows:
+        lines += [f"### {name}", "", "```", (p.get("table") or p.get("error", "")).strip(), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
