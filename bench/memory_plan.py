@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def _plan(experiment: str, extra: list[str], folder: str, out: str, suggest: boo
     code = ("import sys, json; from train.config import compose; from train.memory_plan import plan_memory; "
             f"p = plan_memory(compose(sys.argv[1:]), suggest={suggest}, write=True, quiet=False)")
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-c", code, *overrides], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, *overrides], cwd=ROOT, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed",
                 "overrides": overrides}

@@ -33,7 +33,7 @@ def _model_folder(tmp_path: Path, name: str, config: WanAnimateConfig) -> str:
 def _measure(overrides: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-m", "train.memory_plan_measure", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -125,7 +125,7 @@ def test_zero3_plan_divides_sharded_state(tmp_path):
     one = plan_memory(cfg, world_size=1, write=False)
     eight = plan_memory(with_overrides(cfg, {"train.plan_world_size": 8}), write=False)
     assert eight["world_size"] == 8 and eight["zero_stage"] == 3
-    weights = lambda p: p["by_category"].get("trainable_weights", 0.0)  # noqa: E731
+    weights = lambda p: p["by_category"].get("trainable_weights", 0.0)
     assert weights(eight) == pytest.approx(weights(one) / 8, rel=0.05)
     assert eight["peak_device_gib"] < one["peak_device_gib"]
     with pytest.raises(ConfigError, match="train.dry_run"):

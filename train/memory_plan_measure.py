@@ -32,7 +32,14 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     import torch
 
     from train.config import compose
-    from train.memory_plan import NullTracker, _build, _model_config, _step, model_folder, planned_shape
+    from train.memory_plan import (
+        NullTracker,
+        _build,
+        _model_config,
+        _step,
+        model_folder,
+        planned_shape,
+    )
     from wan_animate.model import WanAnimateDiT
 
     cfg = compose(overrides)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,7 +37,7 @@ _aten = torch.ops.aten
 
 
 class _Entry:
-    __slots__ = ("nbytes", "category", "host")
+    __slots__ = ("category", "host", "nbytes")
 
     def __init__(self, nbytes: int, category: str, host: bool):
         self.nbytes, self.category, self.host = nbytes, category, host

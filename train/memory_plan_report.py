@@ -1,0 +1,102 @@
+"""The memory planner's result: the plan dict, the printed table and the options worth trying.
+
+Split from ``train.memory_plan`` (which runs the step); nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from train.config import Config
+
+GIB = 1024**3
+
+
+def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
+    enc, summary = kw["enc"], kw["summary"]
+    by_cat = {k: round(v / GIB, 3) for k, v in sorted(tracker.peak_by_category.items(), key=lambda kv: -kv[1])}
+    peak = tracker.peak / GIB
+    budget = cfg.train.plan_budget_gib
+    host_encoders = tracker.host.get("frozen_encoders", 0.0) / GIB  # constant over the step
+    bf16 = cfg.train.precision == "bf16"
+    load_copy = summary["total_params"] * (2 if bf16 else 4) / GIB
+    return {
+        "peak_device_gib": round(peak, 3),
+        "by_category": by_cat,
+        "peak_phase": tracker.peak_phase,
+        "peak_by_phase_gib": {k: round(v / GIB, 3) for k, v in tracker.peak_by_phase.items()},
+        "host_pinned_gib": round(tracker.host_peak / GIB - host_encoders, 3),
+        "host_encoders_gib": round(host_encoders, 3),
+        "host_ram_gib": round(max(tracker.host_peak / GIB, 0.0) + load_copy, 3),
+        "host_ram_note": "computed: host-held tensors of the plan + the DiT read on the CPU before it moves "
+                         f"to the device ({load_copy:.1f} GiB, transient)",
+        "world_size": kw["world"], "engine": kw["engine"], "zero_stage": kw["stage"],
+        "tokens_per_sample": kw["tokens"], "micro_batch_size": cfg.train.micro_batch_size,
+        "bucket_hw": list(kw["shape"]), "clip_len": cfg.data.clip_len, "precision": cfg.train.precision,
+        "mode": cfg.train.mode, "data_source": cfg.data.source, "experiment": cfg.experiment_name,
+        "activation_checkpointing": cfg.model.activation_checkpointing, "memory_options": kw["options"],
+        "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
+        "encoder_params": enc.params if enc else {}, "encoders_resident": bool(enc) and cfg.data.source != "cached",
+        "sources": {"model": kw["model_source"], **(enc.sources if enc else {}),
+                    "measured": "live storages of a full step on FakeTensorMode (LiveBytes)", **kw["notes"]},
+        "budget_gib": budget, "fits": peak <= budget, "seconds": kw["seconds"], "ops": tracker.ops,
+    }
+
+
+def candidate_options(cfg: Config) -> list[dict[str, Any]]:
+    """Overrides ({"model.key": value}) worth trying, among those the config supports."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cfg.model)}
+    c: list[dict[str, Any]] = []
+    if not cfg.model.activation_checkpointing:
+        c.append({"model.activation_checkpointing": True})
+    if "checkpoint_dtype" in known:
+        c.append({"model.checkpoint_dtype": "bf16"})
+    if "checkpoint_offload" in known:
+        c.append({"model.checkpoint_offload": True})
+    if "base_dtype" in known and cfg.train.mode in ("lora", "adapters_only"):
+        c.append({"model.base_dtype": "fp8"})
+    if "motion_encoder_chunk" in known and not cfg.model.motion_encoder_chunk:
+        c.append({"model.motion_encoder_chunk": 8})
+    if "name" in {f.name for f in dataclasses.fields(cfg.optim)} and cfg.optim.name == "adamw":
+        c.append({"optim.name": "adamw8bit"})
+    if "block_swap" in known and cfg.train.mode in ("lora", "adapters_only"):
+        c.append({"model.block_swap": 20})
+        c.append({"model.block_swap": 40})
+    if len(c) > 1:
+        merged: dict[str, Any] = {}
+        for o in c:
+            merged.update(o)
+        c.append(merged)
+    return c
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    import dataclasses
+
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        sec, name = key.split(".", 1)
+        sections.setdefault(sec, {})[name] = value
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = [(f"[plan] {plan['experiment']}: mode={plan['mode']} {plan['precision']} engine={plan['engine']}"
+              f" zero={plan['zero_stage']} rank 1 of {plan['world_size']}; {plan['bucket_hw'][0]}x{plan['bucket_hw'][1]}"
+              f" x {plan['clip_len']} frames = {plan['tokens_per_sample']:,} tokens x {plan['micro_batch_size']}"),
+             f"{'category':<28}{'GiB at peak':>12}"]
+    lines += [f"{k:<28}{v:>12.2f}" for k, v in plan["by_category"].items()]
+    lines += [f"{'peak device':<28}{plan['peak_device_gib']:>12.2f}   (phase: {plan['peak_phase']})",
+              f"{'host pinned':<28}{plan['host_pinned_gib']:>12.2f}",
+              f"{'host RAM (incl. load)':<28}{plan['host_ram_gib']:>12.2f}"]
+    verdict = "fits" if plan["fits"] else "does NOT fit"
+    lines.append(f"[plan] verdict: {plan['peak_device_gib']:.1f} GiB {verdict} in train.plan_budget_gib="
+                 f"{plan['budget_gib']:g}")
+    for t in plan.get("options_tried", []):
+        opts = " ".join(f"{k}={v}" for k, v in t["overrides"].items())
+        lines.append(f"  with {opts}: {t['peak_device_gib']:.1f} GiB -> {'fits' if t['fits'] else 'does not fit'}")
+    if not plan["fits"] and "options_tried" in plan and not any(t["fits"] for t in plan["options_tried"]):
+        lines.append("  no single option makes it fit: plan more ranks (train.plan_world_size) or a smaller bucket")
+    return "\n".join(lines)
