@@ -1,14 +1,26 @@
-"""Validation videos during and after training: rank 0 renders the first data sample through the
-shared ``AnimatePipeline.generate`` with the live DiT (ground truth | pose | generated)."""
+"""Validation videos during and after training: rank 0 renders one sample through the shared
+``AnimatePipeline.generate`` with the live DiT (ground truth | pose | generated).
+
+The sample is the first of ``train.validation_urls`` (raw shards) when given, else the first
+training sample. Cached training has no pixels: its sample's reference, pose and ground-truth
+latents are decoded with the frozen VAE and go through the same ``generate`` as raw pixels (the
+face crops are stored as pixels), so cached runs validate too.
+"""
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from train.config import Config
-from wan_animate.video_io import tensor_to_frames
+from wan_animate.video_io import VideoDecodeError, tensor_to_frames
+
+
+# what a sample that does not load raises: SampleDecodeError (a ValueError), VideoDecodeError, a bad
+# or truncated tar (TarError, OSError), an empty shard (StopIteration), a missing field (KeyError)
+_DATA_FAULTS = (ValueError, VideoDecodeError, KeyError, OSError, StopIteration, tarfile.TarError)
 
 
 def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage: int) -> Path | None:
@@ -22,34 +34,78 @@ def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage:
             print("[train] validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate "
                   "on the export instead.", flush=True)
         return None
-    if acc.process_index < cfg.train.sequence_parallel and cfg.data.source != "cached":
-        out = _render(cfg, acc, pipe, raw_dit, urls[0], step)
+    if acc.process_index < cfg.train.sequence_parallel:
+        try:
+            out = _render(cfg, acc, pipe, raw_dit, urls, step)
+        except _DATA_FAULTS as e:  # a bad validation sample must not cost the run its exports
+            if acc.is_main_process:
+                print(f"[train] validation at step {step} skipped: its sample does not load ({type(e).__name__}: "
+                      f"{str(e)[:300]}); fix or replace it (data_tools.inspect, train.validation_urls).", flush=True)
     acc.wait_for_everyone()
     return out
 
 
-def _render(cfg: Config, acc, pipe, raw_dit, url: str, step: int) -> Path:
+def _first_raw(url: str) -> dict:
     from webdataset.tariterators import tarfile_samples
 
-    from data_tools.dataset import decode_sample
+    return next(iter(tarfile_samples([{"url": url}])))
+
+
+def raw_inputs(url: str, clip_len: int) -> dict:
+    """First sample of raw shards -> uint8 frames ``ref``, ``pose``, ``face``, ``truth`` + ``caption``, ``fps``."""
+    from wan_animate.samples import decode_sample
+
+    s = decode_sample(_first_raw(url))
+    n = clip_len
+    return {"ref": tensor_to_frames(s["ref"]), "pose": tensor_to_frames(s["pose"][:, :n]),
+            "face": tensor_to_frames(s["face"][:, :n]), "truth": tensor_to_frames(s["video"][:, :n]),
+            "caption": s.get("caption"), "fps": float(s["meta"].get("fps", 30.0))}
+
+
+def cached_inputs(urls: list[str], vae) -> dict:
+    """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
+    import torch
+
+    from train.data import text_embeds_path
+    from wan_animate.samples import decode_cached_sample, load_text_embeds
+
+    path = text_embeds_path(urls)
+    if path is None:
+        raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
+    s = decode_cached_sample(_first_raw(urls[0]), load_text_embeds(path)[0])
+    with torch.no_grad():
+        decoded = {k: vae.decode(s[k].unsqueeze(0).float())[0] for k in ("ref", "pose", "target")}
+    n = decoded["target"].shape[1]
+    return {"ref": tensor_to_frames(decoded["ref"][:, 0]), "pose": tensor_to_frames(decoded["pose"]),
+            "face": tensor_to_frames(s["face"][:, :n]), "truth": tensor_to_frames(decoded["target"]),
+            "caption": s.get("caption"), "fps": float(s["meta"].get("fps", 30.0))}
+
+
+def validation_inputs(cfg: Config, pipe, urls: list[str]) -> dict:
+    if cfg.train.validation_urls:
+        from train.data import resolve_urls
+
+        return raw_inputs(resolve_urls(list(cfg.train.validation_urls))[0], cfg.data.clip_len)
+    if cfg.data.source == "cached":
+        return cached_inputs(urls, pipe.vae)
+    return raw_inputs(urls[0], cfg.data.clip_len)
+
+
+def _render(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int) -> Path | None:
     from wan_animate.pipeline import AnimatePipeline
     from wan_animate.video_io import write_video
 
-    sample = decode_sample(next(iter(tarfile_samples([{"url": url}]))))
-    n = cfg.data.clip_len
-    ref = tensor_to_frames(sample["ref"])
-    pose, face = tensor_to_frames(sample["pose"][:, :n]), tensor_to_frames(sample["face"][:, :n])
+    x = validation_inputs(cfg, pipe, urls)
     was_training = raw_dit.training
     val_pipe = AnimatePipeline(raw_dit, pipe.vae, pipe.text_encoder, pipe.image_encoder, device=acc.device)
-    video = val_pipe.generate(ref, pose, face, steps=cfg.train.validation_steps, seed=cfg.train.seed,
-                              clip_len=n, refert_num=min(cfg.data.refert_nums), progress=False,
-                              prompt=sample.get("caption") or cfg.data.default_caption)
+    video = val_pipe.generate(x["ref"], x["pose"], x["face"], steps=cfg.train.validation_steps, seed=cfg.train.seed,
+                              clip_len=cfg.data.clip_len, refert_num=min(cfg.data.refert_nums), progress=False,
+                              prompt=x["caption"] or cfg.data.default_caption)
     raw_dit.train(was_training)
     if not acc.is_main_process:  # another rank of rank 0's sequence-parallel group
         return None
-    truth = tensor_to_frames(sample["video"][:, :n])
-    panel = np.concatenate([truth, pose, video], axis=2)  # ground truth | pose | generated
+    panel = np.concatenate([x["truth"], x["pose"], video], axis=2)  # ground truth | pose | generated
     out = Path(cfg.train.output_dir) / "validation" / f"step-{step:06d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_video(out, panel, fps=float(sample["meta"].get("fps", 30.0)))
+    write_video(out, panel, fps=x["fps"])
     return out
