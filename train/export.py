@@ -13,6 +13,7 @@ README = (
     "official/  : DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.checkpoint.load_dit)\n"
     "diffusers/ : WanAnimateTransformer3DModel.from_pretrained folder\n"
     "lora.safetensors : community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)\n"
+    "adapters.safetensors : trained pose/face adapter weights, official names (lora / adapters_only modes)\n"
     "ema/       : EMA weights (when optim.ema_decay > 0)\n"
 )
 
@@ -33,9 +34,22 @@ def _lora_alpha(cfg: Config) -> float:
 
 def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None) -> dict[str, str]:
     """Collective (the state gather is, under ZeRO-3); rank 0 writes. ``ema``: name -> fp32 tensor
-    of the trainable parameters (``train.state.EMA.state_dict()``). Returns what was written."""
-    state = acc.get_state_dict(model)
+    of the trainable parameters (``train.state.EMA.state_dict()``). Returns what was written.
+
+    ``lora`` / ``adapters_only``: only the trained tensors are gathered and written (small files);
+    the merged full model only with ``train.export_merged`` (``train.export_trainable``)."""
+    from train.export_trainable import trainable_state, write_trainable_only
+    from train.trainable_state import is_trainable_only
+
     written: dict[str, str] = {}
+    if is_trainable_only(cfg.train.mode):
+        state = acc.get_state_dict(model) if cfg.train.export_merged else trainable_state(acc, model)
+        if acc.is_main_process:
+            written = write_trainable_only(cfg, raw_dit, state, ema)
+            (Path(cfg.train.output_dir) / "export" / "README.txt").write_text(README)
+        acc.wait_for_everyone()
+        return written
+    state = acc.get_state_dict(model)
     if acc.is_main_process:
         written = _write(cfg, raw_dit.config, state, ema)
     acc.wait_for_everyone()
