@@ -8,6 +8,12 @@ The non-accelerate parts are ``train.trainer.Trainer.state_dict()``: ``{"train":
 ..., "data": ..., "rng": ..., "ema": ...}``; this module only maps them to and from files. Everything is written into ``.tmp-step-<N>``; rank 0 renames it
 and writes ``COMPLETE`` last. Folders without ``COMPLETE`` are ignored (and cleaned up); only the
 newest ``keep_last`` complete checkpoints are kept.
+
+Reliability (``train.checkpoint_verify``, docs/reliability.md): a size/hash ``MANIFEST.json`` is
+written before ``COMPLETE``; resume checks it and every pickle (tensor-only unpickler, before
+DeepSpeed sees the folder) and falls back to the previous complete checkpoint when a file is
+damaged. No checkpoint is written while the current streak of non-finite steps lasts, so pruning
+never removes the last good one. Files are made group-readable.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from train.checkpoint_verify import check_pickles, make_group_readable, manifest_problem, write_manifest
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -68,21 +75,37 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
+        make_group_readable(tmp)
+        write_manifest(tmp)
         if final.exists():  # an older, incomplete or superseded copy of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        (final / COMPLETE).write_text(json.dumps({"step": step}))
+        streak = int(state["train"].get("consecutive_nonfinite", 0))
+        (final / COMPLETE).write_text(json.dumps({"step": step, "nonfinite_streak": streak}))
         _fsync_dir(final)
         prune(output_dir, keep_last)
     acc.wait_for_everyone()
     return final
 
 
+def _finite(path: Path) -> bool:
+    """Taken after a finite step (checkpoints of older versions carry no streak: counted as finite)."""
+    try:
+        return int(json.loads((path / COMPLETE).read_text()).get("nonfinite_streak", 0)) == 0
+    except (ValueError, OSError, AttributeError):
+        return True
+
+
 def prune(output_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints taken after a finite step (a NaN streak never
+    pushes the last good one out), and remove leftovers of killed saves."""
     complete = list_complete(output_dir)
-    for _, path in complete[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+    good = [(s, p) for s, p in complete if _finite(p)]
+    newest_good = good[-1][0] if good else -1
+    for step, path in complete:
+        if (step, path) in good[:-keep_last] or (not _finite(path) and step < newest_good):
+            shutil.rmtree(path, ignore_errors=True)
     root = checkpoints_dir(output_dir)
     newest = complete[-1][0] if complete else -1
     for p in root.iterdir():
@@ -90,6 +113,45 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
         # incomplete folders older than the newest complete one are leftovers of killed runs
         if m and not (p / COMPLETE).is_file() and int(m.group(1)) <= newest:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def last_good(output_dir: str | Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint taken after a finite step (what a NaN stop names)."""
+    good = [(s, p) for s, p in list_complete(output_dir) if _finite(p)]
+    return good[-1] if good else None
+
+
+def _choose_resume(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint whose files match their manifest and whose pickles are
+    tensor-only; damaged ones are skipped with a warning. Raises ``UnsafeCheckpointError``."""
+    for _, path in reversed(list_complete(output_dir)):
+        problem = manifest_problem(path) if _finite(path) else "taken during a streak of non-finite steps"
+        if problem is not None:
+            print(f"[train] WARNING: not resuming from {path}: {problem}; falling back to the previous "
+                  "complete checkpoint.", flush=True)
+            continue
+        check_pickles(path)
+        return path
+    return None
+
+
+def resume_point(acc, output_dir: str | Path) -> Path | None:
+    """Collective: rank 0 checks the candidates (manifest, pickles) and every rank gets its answer
+    (the path, or the error that stops all ranks)."""
+    from accelerate.utils import broadcast_object_list
+
+    answer: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            answer[0] = ("ok", _choose_resume(output_dir))
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            answer[0] = ("error", e)
+    if acc.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def load_checkpoint(acc, path: Path) -> dict[str, Any]:

@@ -130,6 +130,9 @@ class DataConfig:
                   f"in [0, 1), data.face_aug_noise={self.face_aug_noise} >= 0.")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             _fail("data.num_workers and data.shuffle_buffer must be >= 0.")
+        if self.face_size != 0 and not 16 <= self.face_size <= 2048:
+            _fail(f"data.face_size={self.face_size} must be 0 (the model's motion_encoder_size, 512 for Wan-Animate) "
+                  "or a side in [16, 2048] pixels.")
 
 
 @dataclass
@@ -160,7 +163,10 @@ class OptimConfig:
         if self.scheduler not in SCHEDULERS:
             _fail(f"optim.scheduler={self.scheduler!r}; choose one of {SCHEDULERS}.")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            _fail("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0.")
+            _fail(f"optim.warmup_steps={self.warmup_steps}, optim.grad_clip={self.grad_clip} and optim.weight_decay="
+                  f"{self.weight_decay} must be >= 0 (grad_clip 0 disables clipping).")
+        if not self.eps > 0:
+            _fail(f"optim.eps={self.eps} must be > 0 (AdamW divides by sqrt(v) + eps; 1e-8 is usual).")
         if not 0 <= self.ema_decay < 1:
             _fail(f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0 disables EMA).")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -371,14 +377,45 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
         unknown = sorted(set(values) - known)
         if unknown:
             _fail(f"Unknown key(s) {[f'{name}.{u}' for u in unknown]}; known {name}.* keys: {sorted(known)}.")
+        _check_finite(name, values)
         try:
             kwargs[name] = cls(**values)
-        except TypeError as e:  # pragma: no cover - OmegaConf normally catches types first
-            _fail(f"{name}: {e}")
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # schemas outside train/ (LossConfig) raise ValueError
+            _fail(f"{e}" if f"{name}." in str(e) else f"{name}: {e}")
     kwargs["experiment_name"] = container.pop("experiment_name", None)
     if container:
         _fail(f"Unknown top-level key(s) {sorted(container)}; groups are {sorted(sections)}.")
     return Config(**kwargs)
+
+
+def _check_finite(section: str, values: dict[str, Any]) -> None:
+    """No NaN / Inf anywhere in a section (``x < 0`` checks let NaN through; Inf overflows later)."""
+    import math
+
+    def bad(v) -> bool:
+        if isinstance(v, float):
+            return not math.isfinite(v)
+        return isinstance(v, (list, tuple)) and any(bad(x) for x in v)
+
+    for key, value in values.items():
+        if bad(value):
+            _fail(f"{section}.{key}={value} must be finite (no NaN or Inf).")
+
+
+def check_paths(cfg: Config) -> None:
+    """File-system checks of the launch machine, before any model loads (kept out of the
+    dataclasses so a config for another machine still composes)."""
+    import os
+
+    path = cfg.model.path
+    if path is not None and not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        _fail(f"model.path={path} {what}; give the Wan2.2-Animate-14B model folder (official or diffusers layout), "
+              "or drop model.path for the quick-start tiny model.")
+    if cfg.lora.init_from is not None and not os.path.isfile(cfg.lora.init_from):
+        _fail(f"lora.init_from={cfg.lora.init_from} does not exist; give a community-layout LoRA .safetensors file.")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -14,9 +14,14 @@ Design (what makes exact resume and multi-rank splitting work):
   skipping ``n`` batches on resume is cheap. The position saved in checkpoints is the number of
   batches this rank consumed; workers are read round-robin by the DataLoader, so worker ``w``
   skips the batches ``k < n`` with ``k % workers == w``.
-* A sample that fails to decode is dropped from its batch and counted (``data/skipped``).
+* Bad data is skipped, counted (``data/skipped`` in metrics and ``summary.json``) and explained
+  (the first reasons are printed), never a crash that repeats on every rerun: a sample that does
+  not decode is dropped from its batch; a sample whose ``json`` is missing, invalid, not an object
+  or mistyped is dropped before bucketing; a shard that is missing, empty or truncated counts once
+  and the stream goes on with the samples it could read. Faults found between two batches are
+  reported with the next batch, so the counts after a resume equal those of an uninterrupted run.
 
-Raw shards (schema v1, ``data_tools.dataset.decode_sample``) give pixels; cached shards
+Raw shards (schema v1, ``wan_animate.samples.decode_sample``) give pixels; cached shards
 (``decode_cached_sample``) give latents and embeddings. ``wan_animate.batch`` turns either into DiT inputs.
 """
 
@@ -227,6 +232,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_batch = start_batch
         self.cached = spec.cfg.source == "cached"
         self._text_embeds = None
+        self._faults: list[str] = []  # found since the last emitted batch (shard or json faults)
         if spec.cfg.buckets:
             self.buckets = [tuple(b) for b in spec.cfg.buckets]
         else:
@@ -236,28 +242,36 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
         from webdataset.tariterators import tarfile_samples
 
-        return tarfile_samples(({"url": u} for u in urls))
+        return tarfile_samples(({"url": u} for u in urls), handler=self._shard_fault)
+
+    def _shard_fault(self, exn: Exception) -> bool:
+        """webdataset's handler for a shard that does not open or read to its end: note it, go on."""
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
+        first = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+        self._faults.append(f"shard {url}: {type(exn).__name__}: {first or 'unreadable'} (empty or truncated tar?)")
+        return True
 
     def _bucket_of(self, raw: dict) -> tuple[int, int]:
+        from wan_animate.samples import decode_meta
+
+        meta = decode_meta(raw)  # SampleDecodeError when missing, invalid, not an object or mistyped
         if self.cached:
-            meta = json.loads(raw["json"])
             lat = meta.get("latent_shape")
             if lat:
                 return (int(lat[-2]) * 8, int(lat[-1]) * 8)
             return (int(meta.get("height", 0)), int(meta.get("width", 0)))
-        meta = json.loads(raw["json"])
         h, w = int(meta["height"]), int(meta["width"])
         if self.buckets:
             return nearest_bucket(h, w, self.buckets)
         return self.spec.default_size or (h, w)
 
     def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
-        from data_tools.dataset import decode_cached_sample, decode_sample
+        from wan_animate.samples import decode_cached_sample, decode_sample
 
         rng = _sample_rng(self.spec.seed, epoch, index)
         if self.cached:
             if self._text_embeds is None:
-                from data_tools.dataset import load_text_embeds
+                from wan_animate.samples import load_text_embeds
 
                 path = text_embeds_path(self.spec.urls)
                 if path is None:
@@ -299,7 +313,11 @@ class ShardStream(torch.utils.data.IterableDataset):
 
             def emit(item):
                 index, raw = item
-                size = self._bucket_of(raw)
+                try:
+                    size = self._bucket_of(raw)
+                except Exception as e:  # unreadable json: skip before bucketing, count with the next batch
+                    self._faults.append(f"{raw.get('__key__', '?')}: {e}")
+                    return None
                 group = pending.setdefault(size, [])
                 group.append((index, raw))
                 if len(group) == spec.micro_batch_size:
@@ -329,9 +347,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 while buffer:
                     yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
 
+            emitted = False
             for item in shuffled():
                 out = emit(item)
                 if out is not None:
+                    emitted = True
                     batch = self._finish(out, epoch, to_skip)
                     if to_skip:
                         to_skip -= 1
@@ -340,16 +360,24 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not seen_any:
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker} (slot {slot}) got no sample from {len(urls)} shard(s): the data set "
-                    f"has fewer samples than ranks x workers ({readers}); lower data.num_workers or add data."
+                    f"has fewer samples than ranks x workers ({readers}) or its shards are unreadable; lower "
+                    f"data.num_workers or add data. Faults: {self._faults[:5]}"
+                )
+            if not emitted:  # a whole pass without one batch would loop forever
+                raise RuntimeError(
+                    f"rank {spec.rank} worker {worker}: a full pass over {len(urls)} shard(s) gave no batch of "
+                    f"train.micro_batch_size={spec.micro_batch_size} samples of one bucket; first faults: "
+                    f"{self._faults[:5]}. Fix the data (data_tools.inspect) or lower train.micro_batch_size."
                 )
             # incomplete buckets are carried into the next epoch's order implicitly (dropped here)
             epoch += 1
 
     def _finish(self, out, epoch: int, to_skip: int) -> dict | None:
         size, group = out
-        if to_skip:
+        faults, self._faults = self._faults, []
+        if to_skip:  # counted before the checkpoint this run resumed from
             return None
-        examples, skipped, errors = [], 0, []
+        examples, skipped, errors = [], len(faults), list(faults)
         for index, raw in group:
             idx = index if isinstance(index, int) else hash(index) & 0x7FFFFFFF
             try:
@@ -378,8 +406,11 @@ def make_loader(spec: StreamSpec, start_batch: int = 0) -> torch.utils.data.Data
 
 class BatchIterator:
     """Iterator of micro-batches (lists of examples) over the loader: counts consumed batches (the
-    resume position), skipped samples, and stops the run when the skipped share exceeds
+    resume position), skipped samples (the first reasons printed, and kept in ``reasons`` for
+    ``summary.json``), and stops the run when the skipped share exceeds
     ``data.max_skipped_fraction``. ``state_dict()`` is what a checkpoint stores per rank."""
+
+    PRINTED = 5  # reasons printed per rank; the rest are counted only
 
     def __init__(self, spec: StreamSpec, start_batch: int = 0, skipped: int = 0, seen: int = 0):
         self.spec = spec
@@ -387,6 +418,7 @@ class BatchIterator:
         self.skipped = skipped
         self.seen = seen
         self.recent_errors: list[str] = []
+        self.reasons: list[str] = []  # the first 20 of this process
         self._it = iter(make_loader(spec, start_batch))
 
     def __iter__(self) -> "BatchIterator":
@@ -399,6 +431,13 @@ class BatchIterator:
             self.skipped += item["skipped"]
             self.seen += item["skipped"] + len(item["examples"])
             self.recent_errors = (self.recent_errors + item["errors"])[-5:]
+            for reason in item["errors"]:
+                if len(self.reasons) < self.PRINTED:
+                    print(f"[train] data (rank {self.spec.rank}): skipped {reason}", flush=True)
+                    if len(self.reasons) == self.PRINTED - 1:
+                        print("[train] data: further faults are counted in data/skipped and summary.json", flush=True)
+                if len(self.reasons) < 20:
+                    self.reasons.append(reason)
             if self.seen >= 8 and self.skipped > self.spec.cfg.max_skipped_fraction * self.seen:
                 raise RuntimeError(
                     f"{self.skipped} of {self.seen} samples failed to decode (> data.max_skipped_fraction="

@@ -167,6 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {"status": status, "step": trainer.state.step, "final_loss": reporter.last_loss,
                               "world_size": acc.num_processes, "zero_stage": trainer.stage,
                               "sequence_parallel": trainer.sp.size, **trainer.summary}
+    result.update(trainer.data_report())  # data/skipped over all ranks + the first reasons
     _finish(trainer, status, result)
     if main:
         curve = plot_loss_curve(out_dir)

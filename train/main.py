@@ -8,12 +8,13 @@ The project is installed (``pip install -e .``), so ``train`` imports from any w
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, register_configs, to_config
+from train.config import ConfigError, check_paths, register_configs, to_config
 
 register_configs()
 
@@ -25,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     quiet_third_party()  # before the libraries whose start-up lines it drops are imported
     try:
         config = to_config(cfg)  # validated before any model loads
+        check_paths(config)
     except ConfigError as e:
         print(f"[train] configuration error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -34,14 +36,43 @@ def main(cfg: DictConfig) -> None:
         run_dry(config)
         return
     from train.loop import run
+    from train.run_lock import RunLockedError, acquire, release
+    from train.signals import stop_with_launcher
 
+    lock = None
     try:
+        if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
+            lock = acquire(config.train.output_dir)
+            _record_hydra(cfg, config.train.output_dir)
+        stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
         run(config)
-    except ConfigError as e:  # launch-time checks (world, DeepSpeed, output_dir, data), before any model loads
+    except (ConfigError, RunLockedError) as e:  # launch-time checks (lock, world, DeepSpeed, output_dir, data)
         print(f"[train] configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         _teardown()
+        if lock is not None:
+            release(lock)
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _record_hydra(cfg: DictConfig, output_dir: str) -> None:
+    """What Hydra's ``.hydra`` folder held (composed config, command-line overrides), written only
+    once the run is accepted: ``<output_dir>/hydra/<time>/``."""
+    import time
+
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = os.path.join(output_dir, "hydra", time.strftime("%Y-%m-%d_%H-%M-%S"))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(cfg))
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    with open(os.path.join(folder, "overrides.yaml"), "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def _teardown() -> None:

@@ -30,7 +30,7 @@ from train.config import Config, ConfigError
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
 from train.parallel import all_ranks_true, frozen_loading, zero_stage
-from train.state import EMA, TrainState, rank_generator
+from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
 from wan_animate.batch import build_dit_inputs, fixed_draw
 from wan_animate.objective import flow_matching_loss
 
@@ -140,6 +140,15 @@ class Trainer:
                                        seen=int(self._data_state.get("seen", 0)))
         return self._data
 
+    def data_report(self) -> dict[str, Any]:
+        """Collective: samples skipped as unreadable over all ranks (a sequence-parallel group reads
+        the same ones: counted once) and this rank's first reasons, for ``summary.json``."""
+        mine = self._data.skipped if self._data is not None else int(self._data_state.get("skipped", 0))
+        total = float(mine)
+        if self.acc.num_processes > 1:
+            total = self.acc.reduce(torch.tensor([total], device=self.device), "sum").item() / self.sp.size
+        return {"data_skipped": int(round(total)), "data_skip_reasons": self._data.reasons if self._data else []}
+
     def next_micro_batches(self) -> list[dict[str, Any]]:
         """``train.grad_accum`` DiT input batches for the next optimizer step (frozen encoders run here)."""
         batches = [build_dit_inputs(next(self.data), self.pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
@@ -160,7 +169,13 @@ class Trainer:
         grad_norm, update_skipped = self._apply_update()
         nonfinite_loss = all_ranks_true(acc, not bool(torch.isfinite(loss_local)))
         skipped = update_skipped or nonfinite_loss
-        self.state.record_update(skipped, cfg.train.max_consecutive_nonfinite)
+        try:
+            self.state.record_update(skipped, cfg.train.max_consecutive_nonfinite)
+        except NonFiniteLossError as e:  # name the checkpoint a rerun resumes from
+            good = checkpointing.last_good(cfg.train.output_dir)
+            where = (f"Last good checkpoint: {good[1]} (step {good[0]}); a rerun resumes from it." if good
+                     else "No checkpoint was written before the streak.")
+            raise NonFiniteLossError(f"{e} {where}") from None
         if not skipped:
             self.scheduler.step()
             if self.ema is not None:
@@ -255,16 +270,21 @@ class Trainer:
             else:  # EMA switched on for a run that had none: start averaging from the loaded weights
                 self.ema.reset()
 
-    def save_checkpoint(self, output_dir: str | Path) -> Path:
-        """Collective."""
+    def save_checkpoint(self, output_dir: str | Path) -> Path | None:
+        """Collective. None while the current streak of non-finite steps lasts: those weights are
+        suspect, and saving them would push the last good checkpoint out of ``keep_last``."""
+        if self.state.consecutive_nonfinite:
+            if self.acc.is_main_process:
+                print(f"[train] step {self.state.step}: no checkpoint during a streak of "
+                      f"{self.state.consecutive_nonfinite} non-finite step(s)", flush=True)
+            return None
         return checkpointing.save_checkpoint(self.acc, output_dir, self.state.step, self.state_dict(),
                                              self.cfg.train.keep_last)
 
     def resume(self, output_dir: str | Path) -> Path | None:
         """Collective: load the newest complete checkpoint under ``output_dir``, if any."""
-        latest = checkpointing.latest_complete(output_dir)
-        if latest is None:
+        path = checkpointing.resume_point(self.acc, output_dir)  # manifest + pickle checks, fallback
+        if path is None:
             return None
-        path = latest[1]
         self.load_state_dict(checkpointing.load_checkpoint(self.acc, path))
         return path

@@ -1,0 +1,159 @@
+"""What makes a training checkpoint safe to load: a size/hash manifest, tensor-only pickles, and
+group-readable files.
+
+* ``write_manifest`` (at save, before ``COMPLETE``): every file's size and a SHA-256, of the
+  whole file up to 64 MiB and of its first, middle and last MiB above that, so saving a 14B
+  checkpoint does not re-read hundreds of GB (truncation always shows in the size; the sampled
+  hash catches a rewritten file). ``manifest_problem`` (at resume) names the first file that is
+  missing, truncated or changed.
+* ``check_pickles``: DeepSpeed unpickles its ``*.pt`` files with ``weights_only=False``, so a
+  pickle planted in a checkpoint would run code on resume. Every pickle of the folder is read
+  here first with ``torch.load(weights_only=True)``, allowing only tensors, accelerate's own safe
+  globals (numpy RNG states) and a few plain DeepSpeed classes that its optimizer files hold
+  (found on a real CPU ZeRO-2 checkpoint). Anything else raises ``UnsafeCheckpointError``.
+* ``make_group_readable``: safetensors writes 0600; a run shared by a group must be readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST = "MANIFEST.json"
+_FULL_HASH_LIMIT = 64 << 20
+_SAMPLE = 1 << 20
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch zip archive, raw pickle protocol >= 2
+# plain DeepSpeed classes inside its optimizer-state files (ZeRO-1/2/3, fp16/bf16 loss scalers)
+_DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file that would unpickle more than tensors: never loaded."""
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            yield path
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            for offset in (0, size // 2, size - _SAMPLE):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """``MANIFEST.json``: ``{relative path: {"size": bytes, "sha256": digest}}`` of every file."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in _files(folder)}
+    path = folder / MANIFEST
+    path.write_text(json.dumps({"hash": "sha256 of files <= 64 MiB, else of first/middle/last MiB",
+                                "files": files}, indent=1))
+    return path
+
+
+def manifest_problem(folder: str | Path) -> str | None:
+    """None when every file the manifest lists is there with its size and hash; else what is wrong.
+    A folder without a manifest (written before manifests existed) is accepted."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} does not parse ({e})"
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size:,} bytes, {want['size']:,} when saved (truncated or rewritten)"
+        if file_digest(p) != want["sha256"]:
+            return f"{rel} changed since it was saved (hash differs)"
+    return None
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    found = list(TORCH_SAFE_GLOBALS)
+    for module, name in _DEEPSPEED_GLOBALS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # DeepSpeed absent or renamed: its files then fail safe
+            pass
+    return found
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.suffix in _PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return any(head.startswith(m) for m in _PICKLE_MAGIC)
+
+
+def check_pickles(folder: str | Path) -> int:
+    """Read every pickle under ``folder`` with the tensor-only unpickler; returns how many.
+    Raises ``UnsafeCheckpointError`` (one line: file, what it pickles, the fix) otherwise."""
+    import torch
+
+    folder = Path(folder)
+    allowed = _safe_globals()
+    count = 0
+    for path in _files(folder):
+        if path.suffix in (".safetensors", ".json", ".py") or not _is_pickle(path):
+            continue
+        try:
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:  # noqa: BLE001 - any refusal means: do not hand the folder to DeepSpeed
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            detail = (f"it pickles {found.group(1)}" if found
+                      else (str(e).strip().splitlines() or [type(e).__name__])[0])
+            raise UnsafeCheckpointError(
+                f"{path.relative_to(folder.parent)} is not a tensor-only pickle ({detail[:200]}); refusing to resume "
+                "from it (it could run code). Delete that checkpoint folder if you did not write it, or start a new "
+                "train.output_dir.") from None
+        count += 1
+    return count
+
+
+def make_group_readable(folder: str | Path) -> None:
+    """Add group (and, as the umask allows, other) read permission to every file under ``folder``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in _files(Path(folder)):
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode & 0o777
+            os.chmod(path, mode | (0o044 & ~umask))
