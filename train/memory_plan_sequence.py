@@ -1,0 +1,94 @@
+"""The memory planner's model of one rank of a sequence-parallel group (``train.sequence_parallel=N``).
+
+The planned step runs in one process on fake tensors, so the group's collectives are simulated by
+tensors of the sizes the real ones produce on one rank (``wan_animate.parallel.sequence``):
+
+* the split after the embeddings: ceil(L / N) tokens per rank through every block (H8's own ``split``);
+* Ulysses self-attention: the all-to-all turns q / k / v [B, L/N, H, D] into full-length
+  [B, L, H/N, D] tensors (what the attention kernel reads and saves), and its output back;
+* the face adapter per frame part of the shard (H8's own ``face_update``);
+* the motion encoder on ceil(F / N) face frames, its output gathered to all F;
+* the head on the shard, its output [B, L, C] fp32 gathered on every rank.
+
+Everything else (the full-size inputs and frozen encoders on every rank, the ZeRO partitions over
+all P ranks) is what the plain plan already counts. The simulation is installed with
+``apply_sequence_parallel`` itself, so the seams and wrappers are exactly the trained ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from train.config import Config, ConfigError
+from wan_animate.model.attention import attention
+from wan_animate.parallel.sequence import SequenceParallel
+
+
+class PlannedShard(SequenceParallel):
+    """Rank 0 of a group of ``size`` in one process: the same split / layout / face code as the
+    trained plan; collectives replaced by same-size local tensors (differentiable, so backward's
+    saved tensors and gradients are counted too)."""
+
+    def __init__(self, size: int, num_heads: int):  # no process group, no DeepSpeed
+        self.group, self.size, self.rank = None, size, 0
+        self.num_heads = num_heads
+        self.layout = None
+
+    def gather(self, out: torch.Tensor) -> torch.Tensor:
+        layout = self._current(out.shape[1])
+        return torch.cat([out] * self.size, dim=1)[:, : layout.total]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        layout = self._current(q.shape[1])
+        heads = q.shape[2] // self.size
+
+        def scatter_heads(t: torch.Tensor) -> torch.Tensor:  # [B, L/N, H, D] -> [B, L, H/N, D]
+            return torch.cat([t[:, :, :heads]] * self.size, dim=1)
+
+        q, k, v = scatter_heads(q), scatter_heads(k), scatter_heads(v)
+        out = attention(q, k[:, : layout.total], v[:, : layout.total])  # [B, L_padded, H/N, D]
+        return torch.cat([out[:, : layout.local]] * self.size, dim=2)  # back: [B, L/N, H, D]
+
+    def encode_motion(self, encoder_forward, faces: torch.Tensor) -> torch.Tensor:
+        n = faces.shape[0]
+        per_rank = math.ceil(n / self.size)
+        return torch.cat([encoder_forward(faces[:per_rank])] * self.size, dim=0)[:n]
+
+
+def check_plan(cfg: Config, num_heads: int, world: int) -> None:
+    """The trainer's rules for N (train/sequence.py), on the planned world size."""
+    from wan_animate.parallel import check_sequence_parallel_size
+
+    n = cfg.train.sequence_parallel
+    if world % n:
+        raise ConfigError(f"train.sequence_parallel={n} must divide the planned world size {world} "
+                          "(train.plan_world_size): ranks form groups of N that share one sample.")
+    try:
+        check_sequence_parallel_size(num_heads, n)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
+    """Make ``dit`` run the planned rank's share of a sequence-parallel step (N > 1 only)."""
+    n = cfg.train.sequence_parallel
+    if n == 1:
+        return
+    from wan_animate.parallel import sequence as sp
+
+    check_plan(cfg, dit.config.num_heads, world)
+    trained = sp.SequenceParallel
+    sp.SequenceParallel = lambda group, num_heads: PlannedShard(n, num_heads)  # the same install, our plan
+    try:
+        sp.apply_sequence_parallel(dit, None)
+    finally:
+        sp.SequenceParallel = trained
+
+
+def plan_fields(cfg: Config, tokens: int) -> dict[str, Any]:
+    """What the plan dict records about sequence parallelism."""
+    n = cfg.train.sequence_parallel
+    return {"sequence_parallel": n, "tokens_per_rank": math.ceil(tokens / n)}
