@@ -288,3 +288,37 @@ def test_quiet_drops_only_the_named_third_party_lines(caplog):
         import os
 
         assert os.environ.get("DS_ACCELERATOR") == "cpu"
+
+
+# ---------------------------------------------------------------------------- exports
+
+
+def test_export_readme_lists_only_what_was_written(tmp_path):
+    from train.export import readme_text
+
+    out = tmp_path / "export"
+    (out / "official").mkdir(parents=True)
+    (out / "ema").mkdir()
+    for f in ("lora.safetensors", "ema/lora.safetensors"):
+        (out / f).write_bytes(b"")
+    text = readme_text(out, {"lora": str(out / "lora.safetensors"), "ema/lora": str(out / "ema" / "lora.safetensors")})
+    assert text.splitlines() == [
+        "ema/lora.safetensors : EMA of the trained weights (optim.ema_decay): community LoRA layout "
+        "(diffusers load_lora_weights, ComfyUI, eval.generate --lora)",
+        "lora.safetensors : community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)"]
+    assert "official" not in text and "diffusers/" not in text and "adapters" not in text  # not written
+    full = readme_text(out, {"official": str(out / "official")})
+    assert full.startswith("official/ : DiT in the Wan-AI/Wan2.2-Animate-14B layout")
+
+
+def test_validation_urls_pick_the_raw_validation_set(assets, tmp_path):
+    from train.validation import validation_inputs
+
+    cfg = compose(["data=cached", "data.urls=[/nonexistent]", "data.clip_len=9", f"train.output_dir={tmp_path}",
+                   f"train.validation_urls=[{assets.data}]"])
+    x = validation_inputs(cfg, pipe=None, urls=["/nonexistent/shard-000000.tar"])  # no VAE needed: raw pixels
+    assert x["pose"].shape == (9, 32, 32, 3) and x["truth"].shape == (9, 32, 32, 3) and x["ref"].shape == (32, 32, 3)
+    # negative control: without validation_urls a cached run reads its own (here missing) cached shards
+    with pytest.raises(FileNotFoundError, match="text_embeds.safetensors not found"):
+        validation_inputs(compose(["data=cached", "data.urls=[/nonexistent]", f"train.output_dir={tmp_path}"]),
+                          pipe=None, urls=["/nonexistent/shard-000000.tar"])

@@ -9,13 +9,25 @@ import torch
 
 from train.config import Config
 
-README = (
-    "official/  : DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.checkpoint.load_dit)\n"
-    "diffusers/ : WanAnimateTransformer3DModel.from_pretrained folder\n"
-    "lora.safetensors : community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)\n"
-    "adapters.safetensors : trained pose/face adapter weights, official names (lora / adapters_only modes)\n"
-    "ema/       : EMA weights (when optim.ema_decay > 0)\n"
-)
+_DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
+    "official": "DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.checkpoint.load_dit)",
+    "diffusers": "WanAnimateTransformer3DModel.from_pretrained folder",
+    "lora.safetensors": "community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)",
+    "adapters.safetensors": "trained pose/face adapter weights, official names",
+}
+
+
+def readme_text(out: Path, written: dict[str, str]) -> str:
+    """``export/README.txt``: one line per file or folder this export wrote, nothing else."""
+    lines = []
+    for path in sorted(set(written.values())):
+        rel = Path(path).relative_to(out)
+        ema = rel.parts[0] == "ema" and len(rel.parts) > 1
+        desc = _DESCRIBE.get(Path(*rel.parts[1:]).as_posix() if ema else rel.as_posix(), "")
+        if ema:
+            desc = f"EMA of the trained weights (optim.ema_decay): {desc}"
+        lines.append(f"{rel.as_posix()}{'/' if Path(path).is_dir() else ''} : {desc}")
+    return "".join(line + "\n" for line in lines)
 
 
 class _StateHolder:
@@ -46,7 +58,8 @@ def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None
         state = acc.get_state_dict(model) if cfg.train.export_merged else trainable_state(acc, model)
         if acc.is_main_process:
             written = write_trainable_only(cfg, raw_dit, state, ema)
-            (Path(cfg.train.output_dir) / "export" / "README.txt").write_text(README)
+            out = Path(cfg.train.output_dir) / "export"
+            (out / "README.txt").write_text(readme_text(out, written))
         acc.wait_for_everyone()
         return written
     state = acc.get_state_dict(model)
@@ -86,5 +99,6 @@ def _write(cfg: Config, dit_config, state: dict[str, torch.Tensor], ema) -> dict
         ema_lora = {k: v for k, v in ema.items() if ".lora_" in k}
         if cfg.train.mode == "lora" and ema_lora:
             save_lora(ema_lora, out / "ema" / "lora.safetensors", alpha=_lora_alpha(cfg))
-    (out / "README.txt").write_text(README)
+            written["ema/lora"] = str(out / "ema" / "lora.safetensors")
+    (out / "README.txt").write_text(readme_text(out, written))
     return written
