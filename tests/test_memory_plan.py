@@ -119,7 +119,8 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
 
 def test_zero3_plan_divides_sharded_state(tmp_path):
     """One rank of 8 under ZeRO-3 holds far less than one rank of 1; config keys are validated."""
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=256, ffn_dim=512, num_heads=4))
+    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=1024, ffn_dim=4096, num_heads=8,
+                                                                  num_layers=8))
     cfg = compose(["experiment=quickstart", f"model.path={folder}", "data.source=cached", "data.urls=[unused]",
                    "train.distributed=deepspeed", "train.precision=bf16", f"train.output_dir={tmp_path / 'o'}"])
     one = plan_memory(cfg, world_size=1, write=False)

@@ -35,6 +35,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -223,13 +224,23 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
             for t in [*dit.parameters(), *dit.buffers()]:
                 t.normal_(0.0, 0.02)
     set_precision(dit, torch.bfloat16 if bf16 else torch.float32)
-    for m in modules.values():
-        m.to_empty(device="cpu")
-    # cached shards: the encoders only serve validation, parked on the host (the trainer's offload);
     # the trainer's dtypes: umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
+    enc_dtype = torch.bfloat16 if bf16 else torch.float32
+    # cached shards: the encoders only serve validation, parked on the host (the trainer's offload):
+    # counted from their sizes, never run, so not materialised either
     offload = cfg.data.source == "cached"
-    enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=torch.bfloat16 if bf16 else torch.float32,
-                        vae_dtype=torch.float32, offload=offload) if modules else None
+    enc = SimpleNamespace() if modules else None
+    if modules and offload:
+        tracker.host["frozen_encoders"] += sum(
+            p.numel() * (4 if name == "vae" else enc_dtype.itemsize) for name, m in modules.items() for p in m.parameters())
+        modules_on_device = {}
+    else:
+        for m in modules.values():
+            m.to_empty(device="cpu")
+        if modules:
+            enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=enc_dtype, vae_dtype=torch.float32,
+                                offload=False)
+        modules_on_device = modules
     with tracker:
         dit.train()
         torch.manual_seed(cfg.train.seed)
@@ -241,8 +252,8 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         for p in dit.parameters():
             tracker.track([p], "trainable_weights" if p.requires_grad else "frozen_weights")
         tracker.track(list(dit.buffers()), "frozen_weights")
-        for m in modules.values():
-            tracker.track([*m.parameters(), *m.buffers()], "frozen_encoders", host=offload)
+        for m in modules_on_device.values():
+            tracker.track([*m.parameters(), *m.buffers()], "frozen_encoders")
     if enc is not None:
         enc.sources = sources
         enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}

@@ -14,7 +14,7 @@ GIB = 1024**3
 
 def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
     enc, summary = kw["enc"], kw["summary"]
-    by_cat = {k: round(v / GIB, 3) for k, v in sorted(tracker.peak_by_category.items(), key=lambda kv: -kv[1])}
+    by_cat = {k: round(v / GIB, 4) for k, v in sorted(tracker.peak_by_category.items(), key=lambda kv: -kv[1])}
     peak = tracker.peak / GIB
     budget = cfg.train.plan_budget_gib
     host_encoders = tracker.host.get("frozen_encoders", 0.0) / GIB  # constant over the step
