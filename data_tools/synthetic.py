@@ -1,7 +1,7 @@
 """``python -m data_tools.synthetic output=DIR [num_clips=8 clip_len=17 height=64 width=64 seed=0]``:
 the command that writes the synthetic set. The generator itself lives in
 ``data_tools.synthetic_data`` (a library module train/ and eval/ may import; they may not import
-command modules); its names are re-exported here for existing callers.
+command modules); import its names from there. ``make_synthetic_dataset`` stays importable from here.
 """
 
 from __future__ import annotations
@@ -9,18 +9,7 @@ from __future__ import annotations
 import json
 
 from data_tools.config import SyntheticConfig
-from data_tools.synthetic_data import (  # noqa: F401  (re-exported)
-    CAPTION,
-    REST,
-    Character,
-    FrameState,
-    animation_state,
-    character_keypoints,
-    draw_character,
-    make_synthetic_dataset,
-    random_character,
-    synthesize_clip,
-)
+from data_tools.synthetic_data import make_synthetic_dataset
 
 
 def _main(cfg: SyntheticConfig) -> None:

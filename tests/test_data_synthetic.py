@@ -12,7 +12,7 @@ import pytest
 from wan_animate.samples import SampleDecodeError, decode_sample
 from data_tools.inspect import inspect_dir
 from wan_animate.samples import list_shards, read_shard
-from data_tools.synthetic import (
+from data_tools.synthetic_data import (
     REST,
     animation_state,
     character_keypoints,

@@ -7,7 +7,7 @@ import pytest
 
 from data_tools.pose import PoseSequence
 from data_tools.pose.quality import PoseQualityRules, describe_pose_quality, pose_quality
-from data_tools.synthetic import synthesize_clip
+from data_tools.synthetic_data import synthesize_clip
 
 ARMS = ((2, 3, 4), (5, 6, 7))  # (shoulder, elbow, wrist), right and left
 

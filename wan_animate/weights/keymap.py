@@ -160,6 +160,15 @@ def _apply_table(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | No
     return None
 
 
+def _table_key_or_keep(key: str, table: list[tuple[re.Pattern[str], str]], unknown: list[str]) -> str:
+    """The table's name for ``key``; a key without one is noted in ``unknown`` and kept as it is."""
+    new_key = _apply_table(key, table)
+    if new_key is None:
+        unknown.append(key)
+        return key
+    return new_key
+
+
 # Per-key transforms (both directions are written out so each is obviously the other's inverse).
 _Op = Callable[[torch.Tensor], torch.Tensor]
 
@@ -293,11 +302,7 @@ def official_to_diffusers(
             if new_key is not None:
                 out[new_key] = op(tensor)
             continue
-        new_key = _apply_table(key, _OFFICIAL_TO_DIFFUSERS)
-        if new_key is None:
-            unknown.append(key)
-            new_key = key
-        out[new_key] = tensor
+        out[_table_key_or_keep(key, _OFFICIAL_TO_DIFFUSERS, unknown)] = tensor
     if unknown and strict:
         _raise_unknown(unknown, "diffusers")
     return out
@@ -330,11 +335,7 @@ def diffusers_to_official(
         if hit is not None:
             out[hit[0]] = hit[1](tensor)
             continue
-        new_key = _apply_table(key, _DIFFUSERS_TO_OFFICIAL)
-        if new_key is None:
-            unknown.append(key)
-            new_key = key
-        out[new_key] = tensor
+        out[_table_key_or_keep(key, _DIFFUSERS_TO_OFFICIAL, unknown)] = tensor
     for (block, param), parts in kv_parts.items():
         if set(parts) != {"k", "v"}:
             if not strict:  # pass the lone half through; the caller's key check reports it
