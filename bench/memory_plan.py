@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# one micro-batch per plan: the kept gradients are live in its backward peak anyway (the planner runs
-# two when grad_accum > 1; one halves the time on a busy machine)
-SIZE = ["data.clip_len=77", "data.buckets=[[480,832]]", "train.grad_accum=1"]
+SIZE = ["data.clip_len=77", "data.buckets=[[480,832]]"]
 CASES = [  # (name, experiment, extra overrides, world size)
     ("animate14b_lora", "animate14b_lora", [], 1),
     ("animate14b_lora_24gb", "animate14b_lora_24gb", ["train.plan_budget_gib=22"], 1),

@@ -8,9 +8,10 @@ or the model folder's ``config.json`` (no weight is read), its precision, the tr
 (``setup_trainable``: LoRA wrapping, adapters), fp32 master copies of the trainables, activation
 checkpointing, the memory options, the optimizer (``make_optimizer``), the frozen encoders at their
 real sizes (resident on the device for raw shards, parked on the host for cached shards). Then it
-runs one step as the trainer does: batch building (raw shards: VAE/umT5/CLIP encodes), forward
-under autocast, flow-matching loss, backward for every micro-batch of the accumulation, gradient
-clipping, ``optimizer.step()``, ``zero_grad``. Everything runs under ``FakeTensorMode`` on the CPU
+runs one step as the trainer does, in its steady state (optimizer states and, with gradient
+accumulation, the kept gradients already present): batch building (raw shards: VAE/umT5/CLIP
+encodes), forward under autocast, flow-matching loss, backward, gradient clipping,
+``optimizer.step()``, ``zero_grad``. Everything runs under ``FakeTensorMode`` on the CPU
 (fake CPU tensors run backward on a CPU-only torch) while ``LiveBytes`` counts live storages.
 
 Parallel engines (``train.plan_world_size=N`` plans one rank of N):
@@ -261,8 +262,9 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
 
 
 def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -> None:
-    """One optimizer step: grad_accum micro-batches (at most 2: the second already sees the kept
-    gradients), clipping, step, zero_grad."""
+    """One optimizer step in its steady state: optimizer states present, the gradients kept over
+    the accumulation present (grad_accum > 1), one micro-batch (batch building, forward, loss,
+    backward), clipping, step, zero_grad."""
     from wan_animate.batch import build_dit_inputs
     from wan_animate.objective import flow_matching_loss
 
@@ -281,22 +283,27 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for _ in range(min(cfg.train.grad_accum, 2)):
-        tracker.phase = "encode"
-        examples = _examples(cfg, mcfg, shape, face)
-        if built.get("init"):
-            for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
-                t.uniform_(-1.0, 1.0)
-        tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
-        batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
-        tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
-        del examples
-        tracker.phase = "forward"
-        with autocast:
-            out = flow_matching_loss(dit, batch, cfg.loss, generator=None)
-        tracker.phase = "backward"
-        out.loss.backward()
-        del out, batch
+    if cfg.train.grad_accum > 1:
+        # Micro-batches 2..N start with the gradients kept from the previous ones: one such
+        # micro-batch is the worst case of the accumulation (backward adds into them in place).
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+            tracker.track([p.grad], "gradients")
+    tracker.phase = "encode"
+    examples = _examples(cfg, mcfg, shape, face)
+    if built.get("init"):
+        for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
+            t.uniform_(-1.0, 1.0)
+    tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
+    batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
+    tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
+    del examples
+    tracker.phase = "forward"
+    with autocast:
+        out = flow_matching_loss(dit, batch, cfg.loss, generator=None)
+    tracker.phase = "backward"
+    out.loss.backward()
+    del out, batch
     tracker.phase = "optimizer"
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
@@ -455,8 +462,7 @@ def _rescale(tracker: LiveBytes, scale: dict, extra: dict) -> None:
 def try_options(cfg: Config, world: int) -> list[dict[str, Any]]:
     out = []
     for overrides in candidate_options(cfg):
-        # one micro-batch per re-plan (the kept gradients are live in its backward peak anyway)
-        plan = plan_memory(with_overrides(cfg, {**overrides, "train.grad_accum": 1}), world_size=world, write=False)
+        plan = plan_memory(with_overrides(cfg, overrides), world_size=world, write=False)
         out.append({"overrides": overrides, "peak_device_gib": plan["peak_device_gib"], "fits": plan["fits"]})
     return out
 
