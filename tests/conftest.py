@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +9,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The real sample clip kept in the repo (Wan2.2 examples, Apache-2.0; see its README.md).
+WAN_EXAMPLE = Path(__file__).parent / "fixtures" / "wan_examples" / "replace"
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def wan_example() -> Path:
+    """The folder holding ``video.mp4`` (driving) and ``image.jpeg`` (reference); a missing file fails the test."""
+    for name in ("video.mp4", "image.jpeg"):
+        path = WAN_EXAMPLE / name
+        assert path.is_file(), f"{path} is missing: the sample clip is part of the repo (git checkout tests/fixtures)"
+    return WAN_EXAMPLE
+
+
+def make_dit_inputs(cfg, batch: int = 2, latent_frames: int = 2, h: int = 4, w: int = 6, *, seed: int = 0,
+                    text_tokens: int = 512, image_tokens: int = 257) -> dict[str, torch.Tensor]:
+    """Random forward inputs of a ``WanAnimateDiT`` built from ``cfg``: ``latent_frames`` target latent
+    frames plus the reference frame, at ``h`` x ``w`` latent pixels (test_dit, test_sequence_parallel)."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.motion_encoder_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return {  # drawn in this order: the values depend on it
+        "x": rand(batch, cfg.out_dim, latent_frames + 1, h, w),
+        "t": torch.rand(batch, generator=g) * 1000,
+        "context": rand(batch, text_tokens, cfg.text_dim),
+        "clip_fea": rand(batch, image_tokens, cfg.image_dim),
+        "y": rand(batch, cfg.in_dim - cfg.out_dim, latent_frames + 1, h, w),
+        "pose_latents": rand(batch, cfg.latent_channels, latent_frames, h, w),
+        "face_pixel_values": torch.rand(batch, 3, 4 * latent_frames - 3, s, s, generator=g) * 2 - 1,
+    }

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_dit_inputs
 
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model import (
@@ -22,25 +23,6 @@ from wan_animate.model.rope import apply_rope, build_rope_tables
 # ------------------------------------------------------------------------------------------------
 
 
-def make_inputs(cfg: WanAnimateConfig, batch: int = 2, latent_frames: int = 2, h: int = 4, w: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    s = cfg.motion_encoder_size
-    f = 4 * latent_frames - 3
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return dict(
-        x=rand(batch, cfg.out_dim, latent_frames + 1, h, w),
-        t=torch.rand(batch, generator=g) * 1000,
-        context=rand(batch, 512, cfg.text_dim),
-        clip_fea=rand(batch, 257, cfg.image_dim),
-        y=rand(batch, cfg.in_dim - cfg.out_dim, latent_frames + 1, h, w),
-        pose_latents=rand(batch, cfg.latent_channels, latent_frames, h, w),
-        face_pixel_values=torch.rand(batch, 3, f, s, s, generator=g) * 2 - 1,
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     return WanAnimateDiT(WanAnimateConfig.preset("tiny")).eval()
@@ -55,7 +37,7 @@ def tiny_model():
 def test_forward_shapes_and_dtypes(preset):
     cfg = WanAnimateConfig.preset(preset)
     model = WanAnimateDiT(cfg).eval()
-    inputs = make_inputs(cfg)
+    inputs = make_dit_inputs(cfg)
     with torch.no_grad():
         out = model(**inputs)
     assert out.shape == inputs["x"].shape
@@ -73,7 +55,7 @@ def test_forward_shapes_and_dtypes(preset):
 def test_every_input_matters(tiny_model):
     """Each conditioning input changes the output (no silently ignored argument)."""
     cfg = tiny_model.config
-    inputs = make_inputs(cfg)
+    inputs = make_dit_inputs(cfg)
     with torch.no_grad():
         base = tiny_model(**inputs)
         for name in inputs:
@@ -90,11 +72,11 @@ def test_every_input_matters(tiny_model):
 
 
 def test_bad_face_frame_count_is_a_clear_error(tiny_model):
-    inputs = make_inputs(tiny_model.config)
+    inputs = make_dit_inputs(tiny_model.config)
     inputs["face_pixel_values"] = inputs["face_pixel_values"][:, :, :2]
     with pytest.raises(ValueError, match=r"4\*T-3 face frames"):
         tiny_model(**inputs)
-    inputs = make_inputs(tiny_model.config)
+    inputs = make_dit_inputs(tiny_model.config)
     inputs["pose_latents"] = inputs["pose_latents"][:, :, :1]
     with pytest.raises(ValueError, match="pose_latents must have shape"):
         tiny_model(**inputs)
@@ -271,7 +253,7 @@ def test_activation_checkpointing_same_gradients():
     apply_activation_checkpointing(ckpt)
     apply_activation_checkpointing(ckpt)  # idempotent
     assert list(ckpt.state_dict()) == list(plain.state_dict())  # names unchanged
-    inputs = make_inputs(cfg)
+    inputs = make_dit_inputs(cfg)
 
     calls = {"n": 0}
     ckpt.blocks[1].self_attn.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
@@ -294,7 +276,7 @@ def test_activation_checkpointing_same_gradients():
 
 
 def test_forward_has_no_host_syncs(tiny_model, monkeypatch):
-    inputs = make_inputs(tiny_model.config)
+    inputs = make_dit_inputs(tiny_model.config)
     tiny_model(**inputs)  # fill the RoPE cache outside the guarded call
 
     def forbidden(*_a, **_k):
@@ -309,7 +291,7 @@ def test_forward_has_no_host_syncs(tiny_model, monkeypatch):
 
 
 def test_forward_traces_as_one_graph(tiny_model):
-    inputs = make_inputs(tiny_model.config)
+    inputs = make_dit_inputs(tiny_model.config)
     torch._dynamo.reset()
     compiled = torch.compile(tiny_model, backend="eager", fullgraph=True)
     with torch.no_grad():
@@ -352,7 +334,7 @@ def test_every_parameter_is_used_through_its_own_module_forward(tiny_model):
     hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod))) for m in tiny_model.modules()]
     try:
         with torch.no_grad():
-            tiny_model(**make_inputs(tiny_model.config))
+            tiny_model(**make_dit_inputs(tiny_model.config))
     finally:
         for hook in hooks:
             hook.remove()
@@ -414,7 +396,7 @@ def test_compile_blocks_with_checkpointing_traces_each_block_whole():
     apply_activation_checkpointing(fast)
     torch._dynamo.reset()
     compile_blocks(fast, backend="eager", fullgraph=True)
-    inputs = make_inputs(cfg)
+    inputs = make_dit_inputs(cfg)
     outs, grads = [], []
     for model in (plain, fast):
         out = model(**inputs)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_dit_inputs
 
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model import WanAnimateDiT, apply_activation_checkpointing
@@ -33,21 +34,7 @@ CASES = {
 
 
 def _inputs(cfg: WanAnimateConfig, batch: int, frames: int, h: int, w: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    s = cfg.motion_encoder_size
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return dict(
-        x=rand(batch, cfg.out_dim, frames + 1, h, w),
-        t=torch.rand(batch, generator=g) * 1000,
-        context=rand(batch, 7, cfg.text_dim),
-        clip_fea=rand(batch, 5, cfg.image_dim),
-        y=rand(batch, cfg.in_dim - cfg.out_dim, frames + 1, h, w),
-        pose_latents=rand(batch, cfg.latent_channels, frames, h, w),
-        face_pixel_values=torch.rand(batch, 3, 4 * frames - 3, s, s, generator=g) * 2 - 1,
-    )
+    return make_dit_inputs(cfg, batch, frames, h, w, seed=1, text_tokens=7, image_tokens=5)
 
 
 def _forward_backward(model: WanAnimateDiT, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
