@@ -41,15 +41,17 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def make_trainer(assets, tmp_path, *overrides, model=None):
+def make_trainer(assets, tmp_path, *overrides, model=None, data=None):
     from train.parallel import make_accelerator
     from train.trainer import Trainer
 
-    base, _, data = assets
-    model = model or base
-    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.buckets=[[32,32]]",
-                   "data.num_workers=0", "train.micro_batch_size=1", f"train.output_dir={tmp_path}", f"model.path={model}",
-                   "train.mode=lora", "lora.rank=4", "optim.lr=5e-3", "optim.warmup_steps=0", "train.max_steps=8",
+    base, _, raw = assets
+    model, data = model or base, data or raw
+    group = next((o for o in overrides if o.startswith("data=")), "data=shards")  # one data group
+    overrides = tuple(o for o in overrides if o != group)
+    cfg = compose([group, f"data.urls=[{data}]", "data.clip_len=9", "data.buckets=[[32,32]]",
+                   "data.num_workers=0", "train.micro_batch_size=1", f"train.output_dir={tmp_path}",
+                   f"model.path={model}", "train.mode=lora", "lora.rank=4", "optim.lr=5e-3", "optim.warmup_steps=0", "train.max_steps=8",
                    "train.checkpoint_every=0", *overrides])
     return Trainer(cfg, make_accelerator(cfg), Path(model), resolve_urls([str(data)]))
 
@@ -189,3 +191,215 @@ def test_small_export_and_merged_export_reproduce_the_trained_model(assets, tmp_
     # negative control: the base alone (no LoRA, no adapters) is measurably another model
     assert _loss(load_dit(assets[0] / "transformer", dtype=torch.float32), batch, trainer.cfg) != pytest.approx(
         want, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------- frozen encoders placement
+
+
+class _EncoderSpy:
+    """Counts encoder constructions and tracks which encoders are inside their device context."""
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        from wan_animate import encoders
+
+        self.built, self.active, self.entered = 0, 0, 0
+        self.active_during_dit: list[int] = []
+        init, on_device = encoders._FrozenEncoder.__init__, encoders._FrozenEncoder._on_device
+        spy = self
+
+        def counting_init(enc, *a, **kw):
+            spy.built += 1
+            init(enc, *a, **kw)
+
+        @contextlib.contextmanager
+        def tracked(enc):
+            with on_device(enc) as module:
+                spy.active += 1
+                spy.entered += 1
+                try:
+                    yield module
+                finally:
+                    spy.active -= 1
+
+        monkeypatch.setattr(encoders._FrozenEncoder, "__init__", counting_init)
+        monkeypatch.setattr(encoders._FrozenEncoder, "_on_device", tracked)
+
+    def watch(self, dit):
+        dit.register_forward_pre_hook(lambda *_: self.active_during_dit.append(self.active))
+
+
+def test_cached_training_builds_no_encoder_until_validation_asks(assets, tmp_path, monkeypatch):
+    from data_tools.cache_latents import cache_latents
+    from data_tools.config import CacheLatentsConfig
+    from wan_animate.pipeline import AnimatePipeline
+
+    model, _, data = assets
+    pipe = AnimatePipeline.from_pretrained(model, dtype=torch.float32, device="cpu")
+    cache_latents(CacheLatentsConfig(input=str(data), output=str(tmp_path / "cached"), model=str(model),
+                                     device="cpu", dtype="fp32", refert_nums=[0, 1]),
+                  progress=False, encoders=(pipe.vae, pipe.text_encoder, pipe.image_encoder))
+    spy = _EncoderSpy(monkeypatch)
+    trainer = make_trainer(assets, tmp_path / "run", "data=cached", "data.buckets=[]", data=tmp_path / "cached")
+    _losses(trainer, 1)
+    assert spy.built == 0  # no VAE / umT5 / CLIP for the training steps
+    assert trainer.raw_dit.training
+    val = trainer.pipe  # what validation asks for: loaded now, parked on the host
+    assert spy.built == 3 and trainer.raw_dit.training
+    assert all(e.offload for e in (val.vae, val.text_encoder, val.image_encoder))
+
+
+def test_raw_shards_encode_on_the_device_only_between_dit_steps(assets, tmp_path, monkeypatch):
+    from train.frozen_encoders import placement
+
+    spy = _EncoderSpy(monkeypatch)
+    trainer = make_trainer(assets, tmp_path / "run")
+    encs = (trainer.pipe.vae, trainer.pipe.text_encoder, trainer.pipe.image_encoder)
+    assert spy.built == 3
+    assert all(e.offload and e.device == trainer.device for e in encs)  # model.encoders_device=device
+    spy.watch(trainer.raw_dit)
+    _losses(trainer, 1)
+    assert spy.entered >= 3 and spy.active == 0  # every encoder ran and went back to the host
+    assert spy.active_during_dit and set(spy.active_during_dit) == {0}  # none on the device in the DiT step
+    assert all(p.device.type == "cpu" for e in encs for p in e.module.parameters())
+    # model.encoders_device=cpu: encoders compute on the host and never move
+    host = compose(["model.encoders_device=cpu"])
+    assert placement(host, torch.device("cuda")) == (torch.device("cpu"), False)
+    assert placement(compose([]), torch.device("cuda")) == (torch.device("cuda"), True)
+    # negative control: a DiT forward inside an encoder's device context is seen by the spy
+    batch = trainer.next_micro_batches()[0]
+    spy.active_during_dit.clear()
+    with trainer.pipe.vae._on_device():
+        _loss(trainer.raw_dit, batch, trainer.cfg)
+    assert spy.active_during_dit == [1]
+
+
+# ---------------------------------------------------------------------------- DeepSpeed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_DS_SCRIPT = r'''
+import os, sys, torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import deepspeed
+from deepspeed.utils import safe_get_full_fp32_param
+from train.deepspeed_precision import Fp32ByDesign
+from wan_animate.config import WanAnimateConfig
+from wan_animate.lora import add_lora
+from wan_animate.model import WanAnimateDiT, is_fp32_by_design
+
+restore = sys.argv[2] == "restore"
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+cfg = WanAnimateConfig.preset("tiny")
+dit = WanAnimateDiT(cfg)
+with torch.no_grad():
+    for n, p in dit.named_parameters():
+        if is_fp32_by_design(n):
+            p.add_(1e-4 * torch.randn_like(p))  # values bf16 cannot hold
+add_lora(dit, rank=4)
+for n, p in dit.named_parameters():
+    p.requires_grad_(".lora_" in n or n.startswith("face_adapter"))  # lora mode + trained adapters
+keep = Fp32ByDesign(dit)
+opt = torch.optim.AdamW([p for p in dit.parameters() if p.requires_grad], lr=1e-3)
+ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+      "zero_optimization": {"stage": 2}, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+eng, opt, _, _ = deepspeed.initialize(model=dit, optimizer=opt, config=ds)
+if restore:
+    keep.restore(eng.module, 2)
+frozen = trained = 0
+for n, p in eng.module.named_parameters():
+    if n not in keep.saved:
+        continue
+    if p.requires_grad:
+        trained += torch.equal(safe_get_full_fp32_param(p).cpu(), keep.saved[n])
+    else:
+        frozen += p.dtype == torch.float32 and torch.equal(p, keep.saved[n])
+g, b, f, s = torch.Generator().manual_seed(1), torch.bfloat16, 2, cfg.motion_encoder_size
+x = [torch.randn(1, cfg.out_dim, f + 1, 4, 4, generator=g), torch.tensor([611.0]),
+     torch.randn(1, 512, cfg.text_dim, generator=g), torch.randn(1, 257, cfg.image_dim, generator=g),
+     torch.randn(1, cfg.in_dim - cfg.out_dim, f + 1, 4, 4, generator=g),
+     torch.randn(1, cfg.out_dim, f, 4, 4, generator=g), torch.rand(1, 3, 4 * f - 3, s, s, generator=g) * 2 - 1]
+loss = eng(*[t if i == 1 else t.to(b) for i, t in enumerate(x)]).float().pow(2).mean()
+eng.backward(loss)
+eng.step()
+print("RESULT", len(keep.saved), frozen, trained, float(loss))
+'''
+
+
+def _ds_run(mode: str) -> list[float]:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", _DS_SCRIPT, str(port), mode], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    return [float(v) for v in line.split()[1:]]
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_keeps_the_fp32_by_design_tensors():
+    """A DeepSpeed ZeRO-2 bf16 engine (1 CPU process, in a subprocess): after ``Fp32ByDesign.restore``
+    the frozen tables are fp32 with their exact values, the trained ones' fp32 masters hold the exact
+    values, and a step runs; without it (negative control) DeepSpeed has cast them all to bf16."""
+    total, frozen, trained, loss = _ds_run("restore")
+    assert total > 10 and frozen + trained == total and trained >= 1 and loss == loss
+    total, frozen, trained, _ = _ds_run("plain")
+    assert frozen == 0 and trained < total
+
+
+def _launch_zero2(out: Path, cache: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "launch/accelerate/cpu_2proc_zero2.yaml"), "--num_processes", "1", "--main_process_port",
+           str(port), str(ROOT / "train/main.py"), f"train.output_dir={out}", f"train.cache_dir={cache}",
+           "train.mode=lora", "lora.rank=4", "train.max_steps=4", "train.checkpoint_every=2", "train.progress=false",
+           "train.validation=false", "data.num_workers=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_trainable_only_checkpoint_resumes_exactly(tmp_path):
+    """`accelerate launch` + DeepSpeed ZeRO-2 (1 CPU process), train.mode=lora: the engine's module
+    file holds the trained tensors only (exclude_frozen_parameters), and a rerun from step 2 gives
+    the straight run's losses bit for bit."""
+    from train.trainable_state import BASE_FILE
+
+    cache, straight, resumed = tmp_path / "cache", tmp_path / "a", tmp_path / "b"
+    _launch_zero2(straight, cache)
+    module_file = straight / "checkpoints" / "step-2" / "pytorch_model" / "mp_rank_00_model_states.pt"
+    full = sum(p.stat().st_size for p in (cache / "model-tiny-seed0" / "transformer").glob("*.safetensors"))
+    assert module_file.stat().st_size < 0.5 * full  # fp32 trainables (~30% of the tiny DiT), no frozen weight
+    assert (straight / "checkpoints" / "step-2" / BASE_FILE).is_file()
+    # a run killed after its step-2 checkpoint: same folder without what came later
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    for later in ("summary.json", "export"):
+        shutil.rmtree(resumed / later, ignore_errors=True) if (resumed / later).is_dir() else (
+            resumed / later).unlink(missing_ok=True)
+    lines = (straight / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    _launch_zero2(resumed, cache)
+    steps = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(l) for l in lines]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["loss/train"] for r in steps] == [r["loss/train"] for r in want]
+    assert all(r["time"] > want[1]["time"] for r in steps[2:])  # steps 3-4 really ran again

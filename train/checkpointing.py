@@ -52,7 +52,8 @@ def latest_complete(output_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
+                    save_kwargs: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it with its own ``state`` (``Trainer.state_dict()``). Returns
     the final folder."""
     from safetensors.torch import save_file
@@ -65,7 +66,7 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp), **(save_kwargs or {}))  # e.g. DeepSpeed exclude_frozen_parameters
     save_file({"state": state["rng"]}, str(tmp / f"rng-rank{acc.process_index}.safetensors"))
     (tmp / f"rank{acc.process_index}.json").write_text(json.dumps(state["data"]))
     if acc.is_main_process:
@@ -154,7 +155,7 @@ def resume_point(acc, output_dir: str | Path) -> Path | None:
     return value
 
 
-def load_checkpoint(acc, path: Path) -> dict[str, Any]:
+def load_checkpoint(acc, path: Path, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective. Restores accelerate's state (model, optimizer, RNG) and returns this rank's
     ``Trainer.state_dict()`` from the files (``scheduler`` is None in checkpoints written before the
     scheduler state was saved)."""
@@ -162,7 +163,7 @@ def load_checkpoint(acc, path: Path) -> dict[str, Any]:
 
     if not (path / COMPLETE).is_file():
         raise RuntimeError(f"{path} has no {COMPLETE} mark; refusing to load a half-written checkpoint.")
-    acc.load_state(str(path))
+    acc.load_state(str(path), **(load_kwargs or {}))
     rng_file = path / f"rng-rank{acc.process_index}.safetensors"
     if not rng_file.is_file():
         raise RuntimeError(

@@ -50,6 +50,10 @@ class ModelConfig:
     checkpoint_offload: bool = False  # checkpointed block inputs to (pinned) host memory
     checkpoint_dtype: str = "fp32"  # fp32 | bf16: dtype the checkpointed fp32 block inputs are kept in
     motion_encoder_chunk: int = 0  # >0: motion encoder over N face frames at a time (checkpointed / no-grad)
+    # Where the frozen VAE / text / image encoders of raw-shard training live (cached shards never
+    # load them for training): "device" moves them to the device only to encode a batch and parks
+    # them in host memory during the DiT step; "cpu" runs them on the host.
+    encoders_device: str = "device"
 
     def __post_init__(self) -> None:
         from wan_animate.config import PRESETS
@@ -62,6 +66,9 @@ class ModelConfig:
                   "must be >= 0 (0 disables them).")
         if self.base_dtype not in BASE_DTYPES:
             _fail(f"model.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}.")
+        if self.encoders_device not in ("device", "cpu"):
+            _fail(f"model.encoders_device={self.encoders_device!r}; choose device (on the device only while "
+                  "encoding a batch) or cpu (encode on the host).")
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             _fail(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
         if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
@@ -219,6 +226,9 @@ class TrainSettings:
     wandb_project: str = "wan-animate"
     export: bool = True  # write output_dir/export/ at the end
     export_layouts: list[str] = field(default_factory=lambda: ["official", "diffusers"])
+    # lora / adapters_only export the small files (lora.safetensors, adapters.safetensors); true adds the
+    # merged full model (LoRA merged, trained adapters) in export_layouts, in the released dtype (bf16).
+    export_merged: bool = False
     progress: bool = True
     # Debug / overfit checks: one fixed noise + timestep draw per sample (keyed by its index), so
     # the loss of a memorised set can go to ~0 instead of plateauing at the flow-matching noise floor.

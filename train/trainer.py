@@ -29,8 +29,10 @@ from train import checkpointing, sequence
 from train.config import Config, ConfigError
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
-from train.parallel import all_ranks_true, frozen_loading, zero_stage
+from train.frozen_encoders import load_frozen_encoders, training_needs_encoders
+from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
+from train.trainable_state import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
 from wan_animate.batch import build_dit_inputs, fixed_draw
 from wan_animate.objective import flow_matching_loss
 
@@ -58,7 +60,7 @@ def startup_checks(cfg: Config, acc) -> None:
 
 
 def _load_models(cfg: Config, acc, model_path: Path):
-    """(DiT on the CPU, pipeline with the frozen encoders on the device)."""
+    """(DiT on the CPU, pipeline with the frozen encoders or None: ``train.frozen_encoders``)."""
     from wan_animate.checkpoint import load_dit
     from wan_animate.pipeline import AnimatePipeline
 
@@ -69,16 +71,8 @@ def _load_models(cfg: Config, acc, model_path: Path):
     layout = AnimatePipeline.detect_layout(model_path)
     dit = load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
                    dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
-    with frozen_loading():
-        pipe = AnimatePipeline.from_pretrained(
-            model_path, dit=dit, dtype=torch.float32, device=acc.device,
-            encoder_dtype=torch.bfloat16 if bf16 and acc.device.type == "cuda" else torch.float32,
-            offload=cfg.data.source == "cached",  # encoders only serve validation then
-        )
-    for enc in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-        inner = getattr(enc, "module", None) or getattr(enc, "model", None) or getattr(enc, "vae", None)
-        if isinstance(inner, torch.nn.Module):
-            inner.requires_grad_(False)
+    # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
+    pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
     return dit, pipe
 
 
@@ -93,7 +87,8 @@ class Trainer:
         self.batch_dtype = torch.bfloat16 if (bf16 and self.use_deepspeed) else torch.float32
         self.sp = sequence.sequence_layout(cfg, acc)  # groups of ranks sharing one sample (N = 1: off)
         torch.manual_seed(cfg.train.seed)  # identical initialisation of LoRA factors on every rank
-        dit, self.pipe = _load_models(cfg, acc, model_path)
+        self.model_path = Path(model_path)
+        dit, self._pipe = _load_models(cfg, acc, model_path)
         dit.train()
         self.groups, self.summary = setup_trainable(dit, cfg)
         if not self.use_deepspeed:
@@ -102,8 +97,11 @@ class Trainer:
         sequence.apply_to_dit(self.sp, dit)
         optimizer = make_optimizer(self.groups, cfg)
         self.scheduler = make_scheduler(optimizer, cfg)
-        self.model, self.optimizer = acc.prepare(dit, optimizer)
+        self.model, self.optimizer = self._prepare(dit, optimizer)
         self.raw_dit = acc.unwrap_model(self.model)
+        # lora / adapters_only: checkpoints hold the trainables only and reference the frozen base
+        self.trainable_ckpt = (TrainableOnlyCheckpoints(acc, fingerprint_base(model_path), cfg.train.mode)
+                               if is_trainable_only(cfg.train.mode) else None)
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
         self.state = TrainState()
         self.ema = EMA(self.trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -121,6 +119,30 @@ class Trainer:
             raise ConfigError("model.block_swap / model.base_dtype=fp8 do not combine with DeepSpeed; drop them or "
                               "train without DeepSpeed (launch/accelerate/1gpu.yaml).")
         self.memory = apply_memory_options(dit, m, device=self.device)
+
+    def _prepare(self, dit: torch.nn.Module, optimizer):
+        """``accelerate.prepare``; a DeepSpeed bf16 engine casts every parameter to bf16, so the
+        fp32-by-design tensors are put back afterwards (``train.deepspeed_precision``)."""
+        keep = None
+        if self.use_deepspeed and self.cfg.train.precision == "bf16":
+            from train.deepspeed_precision import Fp32ByDesign
+
+            keep = Fp32ByDesign(dit)
+        model, optimizer = self.acc.prepare(dit, optimizer)
+        if keep is not None:
+            counts = keep.restore(self.acc.unwrap_model(model), self.stage)
+            if counts["frozen_bf16"] and self.acc.is_main_process:
+                print(f"[train] ZeRO-3 keeps {counts['frozen_bf16']} frozen fp32-by-design tensors (norms, modulation) "
+                      "in bf16: DeepSpeed gathers parameters in one dtype; ZeRO-2 keeps them fp32.", flush=True)
+        return model, optimizer
+
+    @property
+    def pipe(self):
+        """``AnimatePipeline`` of the live DiT and the frozen encoders; with cached shards loaded on
+        first use (validation), never for the training steps."""
+        if self._pipe is None:
+            self._pipe = load_frozen_encoders(self.cfg, self.acc, self.model_path, self.raw_dit)
+        return self._pipe
 
     # ------------------------------------------------------------------ data position
 
@@ -151,7 +173,7 @@ class Trainer:
 
     def next_micro_batches(self) -> list[dict[str, Any]]:
         """``train.grad_accum`` DiT input batches for the next optimizer step (frozen encoders run here)."""
-        batches = [build_dit_inputs(next(self.data), self.pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
+        batches = [build_dit_inputs(next(self.data), self._pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
                    for _ in range(self.cfg.train.grad_accum)]
         sequence.check_first_batch(self.sp, batches[0], self.generator)
         return batches
@@ -278,13 +300,15 @@ class Trainer:
                 print(f"[train] step {self.state.step}: no checkpoint during a streak of "
                       f"{self.state.consecutive_nonfinite} non-finite step(s)", flush=True)
             return None
+        kw = self.trainable_ckpt.save_kwargs if self.trainable_ckpt else None
         return checkpointing.save_checkpoint(self.acc, output_dir, self.state.step, self.state_dict(),
-                                             self.cfg.train.keep_last)
+                                             self.cfg.train.keep_last, save_kwargs=kw)
 
     def resume(self, output_dir: str | Path) -> Path | None:
         """Collective: load the newest complete checkpoint under ``output_dir``, if any."""
         path = checkpointing.resume_point(self.acc, output_dir)  # manifest + pickle checks, fallback
         if path is None:
             return None
-        self.load_state_dict(checkpointing.load_checkpoint(self.acc, path))
+        kw = self.trainable_ckpt.load_kwargs if self.trainable_ckpt else None
+        self.load_state_dict(checkpointing.load_checkpoint(self.acc, path, load_kwargs=kw))
         return path

@@ -1,0 +1,51 @@
+"""Keep the fp32-by-design tensors of the DiT in fp32 under DeepSpeed bf16.
+
+A DeepSpeed engine in bf16 casts every parameter of its module to bf16 when it is built
+(``DeepSpeedEngine._configure_distributed_model`` -> ``_cast_module_mixed_precision``; its
+``data_types.keep_in_fp32_modules`` option keeps buffers only). The model keeps a few tensors in
+fp32 on purpose (``wan_animate.model.FP32_PATTERNS``: adaLN modulation tables, time path, head,
+norms; < 0.2% of the 14B parameters). ``Fp32ByDesign`` copies them before ``accelerate.prepare``
+and puts them back afterwards:
+
+* frozen ones (``lora`` / ``adapters_only`` trunks) become fp32 parameters again, with their
+  original values (ZeRO-0/1/2: they are whole on every rank and outside the optimizer's flat
+  buffers);
+* trained ones: their fp32 master copy in the optimizer gets the original fp32 values
+  (``deepspeed.utils.safe_set_full_fp32_param``, every stage), so nothing is lost to the bf16
+  cast; DeepSpeed still computes with its bf16 working copy of them (its flat buffers hold one dtype).
+
+Under ZeRO-3 frozen parameters are partitioned like the others and DeepSpeed gathers a bucket of
+parameters in one dtype, so they stay bf16 there; the trainer says so in one line.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Fp32ByDesign:
+    def __init__(self, dit: torch.nn.Module):
+        from wan_animate.model import is_fp32_by_design
+
+        self.saved = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in dit.named_parameters()
+                      if is_fp32_by_design(n) and p.is_floating_point()}
+
+    @torch.no_grad()
+    def restore(self, module: torch.nn.Module, stage: int) -> dict[str, int]:
+        """After the engine is built: returns counts ``{"frozen_fp32", "master_fp32", "frozen_bf16"}``."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        counts = {"frozen_fp32": 0, "master_fp32": 0, "frozen_bf16": 0}
+        for name, p in module.named_parameters():
+            value = self.saved.get(name)
+            if value is None:
+                continue
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, value.to(p.device))
+                counts["master_fp32"] += 1
+            elif stage < 3:
+                p.data = value.to(p.device)
+                counts["frozen_fp32"] += 1
+            else:
+                counts["frozen_bf16"] += 1
+        return counts

@@ -1,0 +1,49 @@
+"""Where the frozen VAE / umT5 / CLIP encoders live during training (issue 10: they never sit on
+the device during the DiT step).
+
+* ``data.source=cached``: training never needs them; the trainer loads them only when something
+  asks for them (validation), parked in host memory and moved to the device per use.
+* raw shards / synthetic data, ``model.encoders_device=device`` (default): parked in host memory,
+  moved to the device only to encode a batch (``wan_animate.encoders`` ``offload=True``), back on
+  the host before the DiT step. ~12 GiB of the 14B model's encoders stay off the device at the
+  price of a host->device copy of them per step.
+* ``model.encoders_device=cpu``: they stay on the host and encode there (no copies, slow encode).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from train.config import Config
+
+
+def placement(cfg: Config, device: torch.device) -> tuple[torch.device, bool]:
+    """(device the encoders compute on, whether they are parked on the host between uses)."""
+    if cfg.model.encoders_device == "cpu":
+        return torch.device("cpu"), False
+    return torch.device(device), True  # on a CPU-only machine the same path runs (moves are no-ops)
+
+
+def training_needs_encoders(cfg: Config) -> bool:
+    return cfg.data.source != "cached"
+
+
+def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Module):
+    """An ``AnimatePipeline`` over ``dit`` (the live training DiT, whose train/eval mode is kept)
+    with the folder's frozen encoders placed by ``placement``."""
+    from train.parallel import frozen_loading
+    from wan_animate.pipeline import AnimatePipeline
+
+    device, offload = placement(cfg, acc.device)
+    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    was_training = dit.training
+    with frozen_loading():
+        pipe = AnimatePipeline.from_pretrained(
+            model_path, dit=dit, dtype=torch.float32, device=device,
+            encoder_dtype=torch.bfloat16 if bf16 else torch.float32, offload=offload)
+    dit.train(was_training)  # from_pretrained puts the DiT in eval mode
+    for enc in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+        enc.module.requires_grad_(False)
+    return pipe
