@@ -58,6 +58,7 @@ def test_planner_peak_matches_real_run_at_full_width(tmp_path):
     assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_planner_peak_matches_real_run_when_activations_dominate(tmp_path, checkpointing):
     """A narrow model over many tokens (bf16 autocast, full fine-tuning): the peak is mostly
@@ -74,6 +75,7 @@ def test_planner_peak_matches_real_run_when_activations_dominate(tmp_path, check
     assert abs(plan["peak_device_gib"] - measured) <= 0.10 * measured, (plan["peak_device_gib"], measured)
 
 
+@pytest.mark.slow
 def test_checkpointing_lowers_the_planned_activations(tmp_path):
     """Negative control for the accounting: the same step without checkpointing keeps more."""
     folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", num_layers=4, face_adapter_period=2))
@@ -117,6 +119,7 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
         assert key in written
 
 
+@pytest.mark.slow
 def test_zero3_plan_divides_sharded_state(tmp_path):
     """One rank of 8 under ZeRO-3 holds far less than one rank of 1; config keys are validated."""
     folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=1024, ffn_dim=4096, num_heads=8,
@@ -129,6 +132,9 @@ def test_zero3_plan_divides_sharded_state(tmp_path):
     weights = lambda p: p["by_category"].get("trainable_weights", 0.0)
     assert weights(eight) == pytest.approx(weights(one) / 8, rel=0.05)
     assert eight["peak_device_gib"] < one["peak_device_gib"]
+
+
+def test_planner_config_keys_are_validated():
     with pytest.raises(ConfigError, match="train.dry_run"):
         compose(["train.dry_run=speed"])
     with pytest.raises(ConfigError, match="plan_budget_gib"):
