@@ -600,3 +600,77 @@ def test_sbatch_forwards_usr1_to_the_ranks_and_the_agent_exits_0(tmp_path, cache
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "preempted (SIGUSR1)" and summary["world_size"] == 2
     assert (out / "checkpoints" / f"step-{summary['step']}" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow  # one quick-start run on shards with validation and export (~40-80 s on 2 cores)
+def test_undecodable_validation_sample_skips_validation_not_the_export(tmp_path, cache, shards, capsys):
+    empty, truncated, badjson, *good = faulty_shards(tmp_path / "bad", shards)
+    urls = ",".join(str(u) for u in (badjson, empty, truncated, *good))  # validation renders urls[0]: bad json
+    out = tmp_path / "run"
+    summary = in_process(out, cache, "data.source=shards", f"data.urls=[{urls}]", "data.shuffle_buffer=0",
+                         "train.max_steps=2", "train.checkpoint_every=0", "train.validation=true",
+                         "train.validation_steps=1", "train.export=true", "data.max_skipped_fraction=0.9")
+    text = capsys.readouterr().out
+    assert "[train] validation at step 2 skipped: its sample does not load (SampleDecodeError" in text
+    assert summary["status"] == "finished" and summary["exports"]
+    assert (out / "export").is_dir() and summary["validation_video"] is None
+    assert summary["data_skipped"] >= 1 and summary["data_skip_reasons"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["data_skipped"] == summary["data_skipped"]
+
+
+def _fake_ds_accelerator(ds_config: dict):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(deepspeed_config=ds_config)
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=1)
+
+
+def test_deepspeed_json_cannot_switch_off_the_nonfinite_check():
+    from train.config import ConfigError, compose
+    from train.parallel import _fill_deepspeed_config
+
+    cfg = compose(["train.precision=bf16"])
+    for bad, message in (({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm=false"),
+                         ({"bf16": {"enabled": "auto", "check_grad_overflow": False}}, "check_grad_overflow=false")):
+        with pytest.raises(ConfigError, match=message):
+            _fill_deepspeed_config(_fake_ds_accelerator(bad), cfg)
+    ds = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}  # negative control: accepted, check on
+    _fill_deepspeed_config(_fake_ds_accelerator(ds), cfg)
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def _ds_phase(out: Path, cache: Path, precision: str, phase: str) -> dict:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "tests/_ds_nonfinite.py"), str(out), str(cache), precision, phase,
+                        str(port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow  # DeepSpeed ZeRO-2 on CPU, 3 processes in turn (~1 min each on 2 cores)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_skips_nonfinite_gradients_and_resumes_exactly(tmp_path, cache, precision):
+    out = tmp_path / "ds"
+    straight = _ds_phase(out, cache, precision, "straight")
+    assert straight["skipped"] == [False, True, False, False, False]  # step 2's gradient is inf/NaN
+    assert straight["changed"] == [True, False, True, True, True]  # ... and its update never happened
+    assert all(straight["finite_weights"]) and straight["total_nonfinite"] == 1
+    assert all(l == l for l in straight["loss"])  # the loss itself stayed finite: only the gradient path skipped
+    if precision == "bf16":
+        assert "torch.bfloat16" in straight["weight_dtypes"]  # DeepSpeed's bf16 engine trained bf16 weights
+        # negative control: with DeepSpeed's check off (refused by the trainer) step 2 reaches the weights
+        unchecked = _ds_phase(tmp_path / "unchecked", cache, precision, "unchecked")
+        assert unchecked["changed"][1] and not all(unchecked["finite_weights"])
+        return
+    resumed = _ds_phase(out, cache, precision, "resume")  # passes the pickle check on a real DeepSpeed checkpoint
+    assert resumed["resumed_from"] == str(out / "checkpoints" / "step-3")
+    assert resumed["loss"] == straight["loss"][3:]  # bit-exact after a skipped step

@@ -76,9 +76,20 @@ def _fill_deepspeed_config(acc, cfg: Config) -> None:
     ds.setdefault("fp16", {"enabled": False})
     if ds["fp16"].get("enabled") == "auto":
         ds["fp16"]["enabled"] = False
+    # A non-finite gradient must skip the update, never reach the weights. DeepSpeed skips it when
+    # its global gradient norm is not finite (ZeRO-1/2/3, fp32) or its overflow check fires (bf16
+    # ZeRO-2: bf16.check_grad_overflow); switching either off would let NaN/Inf into the weights.
+    zero = ds.get("zero_optimization", {})
+    if zero.get("compute_grad_norm") is False:
+        raise ConfigError("the DeepSpeed JSON sets zero_optimization.compute_grad_norm=false: DeepSpeed would then "
+                          "apply NaN/Inf gradients to the weights; remove that key.")
+    if ds["bf16"]["enabled"] is True:
+        if ds["bf16"].get("check_grad_overflow") is False:
+            raise ConfigError("the DeepSpeed JSON sets bf16.check_grad_overflow=false: a NaN/Inf gradient would update "
+                              "the weights; remove that key.")
+        ds["bf16"]["check_grad_overflow"] = True
     # Our optimizer (torch AdamW with param groups) is used unless the JSON asks for offload,
     # where DeepSpeed's CPUAdam is required.
-    zero = ds.get("zero_optimization", {})
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     if not offload:
         ds["zero_force_ds_cpu_optimizer"] = False
