@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import command_line, write_report
+
 
 def time_loader(urls, source, clip_len, size, batches, face_size):
     from train.config import DataConfig
@@ -47,12 +49,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=32)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    cmd = "python " + " ".join([os.path.relpath(__file__, Path(__file__).resolve().parents[1])] + sys.argv[1:])
+    cmd = command_line(__file__)
     torch.set_num_threads(1)
 
     from data_tools.cache_latents import cache_latents
     from data_tools.config import CacheLatentsConfig
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
     from wan_animate.testing import make_tiny_model_folder
 
     tmp = Path(tempfile.mkdtemp())
@@ -77,10 +79,7 @@ def main() -> None:
         f"| cached (decode_cached_sample: safetensors + face video) | {cached_sps:.1f} |",
         f"| ratio cached / raw | {cached_sps / raw_sps:.2f}x |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

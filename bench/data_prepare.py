@@ -21,14 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import SAMPLE_VIDEO, command_line, write_report
 from data_tools.config import PrepareConfig  # noqa: E402
 from data_tools.pose import crop_faces, get_pose_backend, render_pose  # noqa: E402
 from data_tools.prepare import prepare  # noqa: E402
 from wan_animate.geometry import ResizePlan, area_bucket  # noqa: E402
 from data_tools.shards import encode_sample  # noqa: E402
 from wan_animate.video_io import read_video  # noqa: E402
-
-DEFAULT_VIDEO = "/work/shared/data/wan_examples/replace/video.mp4"
 
 
 def timed(fn, *a, **k):
@@ -39,13 +38,13 @@ def timed(fn, *a, **k):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--video", default=DEFAULT_VIDEO)
+    ap.add_argument("--video", default=str(SAMPLE_VIDEO))
     ap.add_argument("--frames", type=int, default=66)
     ap.add_argument("--area", type=int, default=320 * 192, help="target area of the clips (pixels)")
     ap.add_argument("--max-side", type=int, nargs="+", default=[384, 640], help="mediapipe input sizes to time")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
-    cmd = "python " + " ".join([os.path.relpath(__file__, Path(__file__).resolve().parents[1])] + sys.argv[1:])
+    cmd = command_line(__file__)
 
     (frames, fps), t_dec = timed(read_video, args.video, max_frames=args.frames)
     n = len(frames)
@@ -92,10 +91,7 @@ def main() -> None:
         f"- input: {Path(args.video).name}, {n} frames of {src_w}x{src_h}; clips at {w}x{h}", "",
         "| stage | frames/s |", "|---|---|",
     ] + [f"| {name} | {v:.1f} |" for name, v in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    write_report(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Frame-accurate random access: decord vs PyAV on a real clip (issue 9: is decord the better tool?).
 
-    python bench/video_decode.py [--video /work/shared/data/wan_examples/replace/video.mp4] [--repeats 5]
+    python bench/video_decode.py [--video tests/fixtures/wan_examples/replace/video.mp4] [--repeats 5]
 
 Cases (fastest of ``--repeats`` runs: wall seconds, and CPU seconds of the whole process, all
 threads, which a busy shared machine distorts far less than wall time):
@@ -26,9 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench scripts run from a checkout
 
+from bench.common import SAMPLE_VIDEO
 from wan_animate.video_io import encode_video_bytes, read_video  # noqa: E402
-
-REAL = "/work/shared/data/wan_examples/replace/video.mp4"
 
 
 def pyav_frames(source, indices, threads: bool) -> np.ndarray:
@@ -88,7 +87,7 @@ def run(name, source, n, reference, repeats, rng):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--video", default=REAL)
+    ap.add_argument("--video", default=str(SAMPLE_VIDEO))
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)

@@ -1,7 +1,6 @@
 """Retargeting and the official inference inputs (preprocess_driving)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,6 @@ import pytest
 from data_tools.pose.format import PoseSequence
 from data_tools.retarget import LIMB_TREE, retarget_pose
 from wan_animate.video_io import read_video
-
-REAL = Path("/work/shared/data/wan_examples/replace")
 
 
 def _skeleton(scale, origin, t=3, sway=0.0):
@@ -59,13 +56,12 @@ def test_retarget_needs_a_neck():
         retarget_pose(drv, ref)
 
 
-@pytest.mark.skipif(not (REAL / "video.mp4").is_file(), reason="sample clip not available")
-def test_preprocess_driving_writes_official_inputs(tmp_path):
-    pytest.importorskip("mediapipe")
+def test_preprocess_driving_writes_official_inputs(tmp_path, wan_example):
     from data_tools.preprocess_driving import main
 
+    video, ref = str(wan_example / "video.mp4"), str(wan_example / "image.jpeg")
     out = tmp_path / "job"
-    rc = main(["--video", str(REAL / "video.mp4"), "--ref", str(REAL / "image.jpeg"), "--out", str(out),
+    rc = main(["--video", video, "--ref", ref, "--out", str(out),
                "--replace", "--target-area", str(256 * 144), "--max-frames", "9", "--face-size", "128",
                "--pose-option", "max_side=256"])
     assert rc == 0
@@ -83,7 +79,7 @@ def test_preprocess_driving_writes_official_inputs(tmp_path):
     assert meta["num_frames"] == 9 and not meta["retargeted"]
     # animate mode with retargeting onto the reference image
     out2 = tmp_path / "job2"
-    assert main(["--video", str(REAL / "video.mp4"), "--ref", str(REAL / "image.jpeg"), "--out", str(out2),
+    assert main(["--video", video, "--ref", ref, "--out", str(out2),
                  "--retarget", "--target-area", str(256 * 144), "--max-frames", "5", "--face-size", "64",
                  "--pose-option", "max_side=256"]) == 0
     meta2 = json.loads((out2 / "src_meta.json").read_text())

@@ -3,7 +3,9 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from data_tools.pose import PoseSequence, crop_faces, face_boxes, get_pose_backend, render_pose
 from data_tools.pose.backends import (
@@ -13,9 +15,6 @@ from data_tools.pose.backends import (
     person_crop_params,
 )
 from data_tools.pose.render import BODY_LIMBS, LIMB_BRIGHTNESS, OPENPOSE_COLORS
-
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +394,6 @@ def test_nms_is_opencv_and_matches_the_old_greedy_nms():
 def test_mediapipe_native_log_lines_stay_out_of_the_terminal(capfd):
     import os
 
-    pytest.importorskip("mediapipe")  # the [pose] extra
     from data_tools.pose.quiet import NOISE, native_stderr_filtered
     from data_tools.segment import get_segmenter
 

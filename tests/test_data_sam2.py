@@ -9,13 +9,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from transformers import Sam2VideoConfig, Sam2VideoInferenceSession, Sam2VideoModel
 
 from data_tools.config import PrepareConfig
 from data_tools.pose.format import PoseSequence
 from data_tools.segment import SAM2_PROMPT_JOINTS, CharacterSegmenter, Sam2Segmenter, get_segmenter
-
-transformers = pytest.importorskip("transformers")
-from transformers import Sam2VideoConfig, Sam2VideoInferenceSession, Sam2VideoModel  # noqa: E402
 
 S = 64  # model input size; the lowest feature map is S/16 = 4x4
 
@@ -230,7 +228,6 @@ def test_config_validation_names_the_fix():
 
 
 def test_mediapipe_segmenter_keeps_its_interface():
-    pytest.importorskip("mediapipe")
     seg = get_segmenter("mediapipe", threshold=0.5)
     assert isinstance(seg, CharacterSegmenter)
     frames = np.zeros((2, 32, 32, 3), np.uint8)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import WanAnimateTransformer3DModel
 
 from wan_animate.checkpoint import diffusers_to_official, load_dit, official_to_diffusers
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model import WanAnimateDiT, set_precision
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import WanAnimateTransformer3DModel  # noqa: E402
 
 FP32_TOL = 1e-5
 
