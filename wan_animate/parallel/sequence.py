@@ -16,7 +16,9 @@ video tokens (padded at the end to a multiple of N) and carries only those throu
   partial first frame, whole frames and a partial last frame; the face block runs once per part
   with that part's frames, so a frame split by a shard boundary is handled exactly;
 - motion encoder: the face-crop frames are split across the group, encoded, and gathered with the
-  autograd-aware ``torch.distributed.nn.functional.all_gather``;
+  autograd-aware ``all_gather_single_autograd`` (torch functional collectives; its backward is a
+  reduce-scatter over the group. ``torch.distributed.nn.functional.all_gather``'s gloo backward
+  treats group ranks as global ranks and fails in any group but the first);
 - head: per token, on the shard; its (narrow) output is gathered with the same all_gather and the
   padding dropped, then unpatchified as usual.
 
@@ -40,7 +42,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from wan_animate.model import WanAnimateDiT
 from wan_animate.model.attention import attention
@@ -196,7 +198,7 @@ class SequenceParallel:
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """Per-token head output [B, local, C] -> [B, L, C] on every rank (autograd-aware)."""
         layout = self._current(out.shape[1])
-        return torch.cat(all_gather(out.contiguous(), group=self.group), dim=1)[:, : layout.total]
+        return all_gather_single_autograd(out.contiguous(), gather_dim=1, group=self.group)[:, : layout.total]
 
     # ------------------------------------------------------------------------------------ attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -233,7 +235,7 @@ class SequenceParallel:
         per_rank = math.ceil(n / self.size)
         padded = F.pad(faces, (0, 0, 0, 0, 0, 0, 0, per_rank * self.size - n))
         mine = padded[self.rank * per_rank : (self.rank + 1) * per_rank]
-        return torch.cat(all_gather(encoder_forward(mine).contiguous(), group=self.group), dim=0)[:n]
+        return all_gather_single_autograd(encoder_forward(mine).contiguous(), gather_dim=0, group=self.group)[:n]
 
     # ------------------------------------------------------------------------------------ helpers
     def _current(self, local_len: int) -> TokenLayout:
