@@ -253,10 +253,12 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         for p in dit.parameters():
             tracker.track([p], "trainable_weights" if p.requires_grad else "frozen_weights")
         tracker.track(list(dit.buffers()), "frozen_weights")
-        for m in modules_on_device.values():
-            tracker.track([*m.parameters(), *m.buffers()], "frozen_encoders")
+        # raw shards: parked on the host too, on the device only to encode (train/frozen_encoders.py, _step)
+        enc_tensors = [t for m in modules_on_device.values() for t in (*m.parameters(), *m.buffers())]
+        tracker.track(enc_tensors, "frozen_encoders", host=True)
     if enc is not None:
         enc.sources = sources
+        enc.tensors = enc_tensors
         enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
     return {"dit": dit, "optimizer": optimizer, "summary": summary, "options": options, "encoders": enc}
 
@@ -279,6 +281,13 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     # Steady state (step 2 onwards): the optimizer states exist before the step starts. One step on
     # zero gradients creates them the way the optimizer does (lazily, at its first step).
     tracker.phase = "optimizer"
+    if type(optimizer).__module__.startswith("torchao"):
+        # torchao's 8-bit AdamW quantises with data-dependent ops that fake tensors cannot run: its
+        # states are computed (int8 exp_avg and exp_avg_sq + one fp32 scale per 256-value block each).
+        n = sum(p.numel() for p in trainable)
+        tracker.extra["optimizer_states"] = n * 2 * (1 + 4 / 256)
+        built["notes"]["optimizer_states"] = "computed: torchao AdamW8bit, 2 x (1 B + 4 B / 256) per trainable param"
+        optimizer = _NoStep()
     for p in trainable:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -295,7 +304,10 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
         for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
             t.uniform_(-1.0, 1.0)
     tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
+    on_device = getattr(built["encoders"], "tensors", []) if cfg.model.encoders_device == "device" else []
+    tracker.track(on_device, "frozen_encoders", host=False)  # moved in to encode this batch ...
     batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
+    tracker.track(on_device, "frozen_encoders", host=True)  # ... and parked again before the DiT step
     tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
     del examples
     tracker.phase = "forward"
@@ -386,6 +398,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
         t_build = time.time() - t0
         if engine == "deepspeed":  # DeepSpeed's own optimizer; its states are the computed terms
             built["optimizer"] = _NoStep()
+        built["notes"] = notes
         with tracker:
             _step(cfg, built, mcfg, shape, tracker)
         summary, options, enc = built["summary"], built["options"], built["encoders"]
