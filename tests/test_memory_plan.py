@@ -50,7 +50,7 @@ def test_planner_peak_matches_real_run_at_full_width(tmp_path):
     frozen weights + trainables + Adam + activations of one step; within 10% of the real run."""
     folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("14b", num_layers=2, face_adapter_period=2,
                                                                   text_len=32))
-    overrides = ["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]", "data.clip_len=5",
+    overrides = ["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]", "data.clip_len=5", "data.refert_nums=[1]",
                  "data.buckets=[[64,64]]", "train.precision=fp32", "train.grad_accum=1", "lora.train_adapters=false",
                  f"train.output_dir={tmp_path / 'out'}"]
     planned, measured = _agree(overrides)
