@@ -6,10 +6,14 @@
 ``src_meta.json`` (keypoints, sizes, options). The size follows the driving video (target area
 rule, multiples of 16); the reference is letterboxed into it. ``retarget`` re-proportions the
 driving pose to the reference (animate mode); in replace mode the pose stays on the driving person.
+
+Pose estimation is the slow part (a CPU pose model per frame): ``progress(done, total)`` is
+called once per frame as it finishes, so a caller can show frames done / total.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -28,8 +32,10 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
                        target_area: int = 1280 * 720, pose_backend: str = "mediapipe",
                        pose_options: dict | None = None, face_size: int = 512,
                        max_frames: int | None = None, segmenter: str = "mediapipe",
-                       sam2_path: str | None = None) -> dict[str, Path]:
-    """Write the official inference inputs to ``out``; returns {name: path}."""
+                       sam2_path: str | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
+    """Write the official inference inputs to ``out``; returns {name: path}. ``progress(done,
+    total)``: called once per frame of pose estimation (``done`` = 1 .. ``total``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seg = None
@@ -60,7 +66,8 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     ref_out = ref_plan.apply(ref_img)
 
     backend = get_pose_backend(pose_backend, **(pose_options or {}))
-    pose_src = backend.extract(frames_src, source=str(video), frame_indices=sel)
+    pose_src = backend.extract(frames_src, source=str(video), frame_indices=sel,
+                               progress=_per_frame(progress, len(frames_src)))
     pose = plan.pose(pose_src)
     retargeted = False
     if retarget and not replace:
@@ -89,3 +96,19 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     paths["src_meta.json"] = out / "src_meta.json"
     atomic_write_json(paths["src_meta.json"], meta, indent=None)
     return paths
+
+
+def _per_frame(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None] | None:
+    """The backends' hook (``n`` more frames done; a batched backend reports a batch at once) as
+    one ``progress(done, total)`` call per frame."""
+    if progress is None:
+        return None
+    done = 0
+
+    def frames_done(n: int) -> None:
+        nonlocal done
+        for _ in range(n):
+            done += 1
+            progress(done, total)
+
+    return frames_done

@@ -14,7 +14,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from wan_animate.options import canonical_dtype_name, check_solver
+from wan_animate.options import canonical_dtype_name, check_frames_4n1, check_solver
 
 METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker", "heldout")
 # Metrics that compare against the ground-truth video (self-reconstruction sets only).
@@ -159,11 +159,8 @@ class EvalConfig:
             raise ValueError(f"guide_scale={self.guide_scale} must be >= 1 (1 = no classifier-free guidance)")
         if self.max_samples < 0:
             raise ValueError("max_samples must be >= 0 (0 = all samples)")
-        if self.max_frames < 0 or (self.max_frames and (self.max_frames - 1) % 4):
-            raise ValueError(f"max_frames={self.max_frames} must be 0 (whole clips) or 4n+1 (5, 9, ..., 77)")
-        if self.clip_len != 0 and (self.clip_len < 5 or (self.clip_len - 1) % 4):
-            raise ValueError(f"clip_len={self.clip_len} must be 0 (the eval set's own clip length) or 4n+1 >= 5 "
-                             f"(5, 9, ..., 77 in the official model), e.g. clip_len={max(5, (self.clip_len - 1) // 4 * 4 + 1)}")
+        check_frames_4n1(self.max_frames, "max_frames", allow_zero=True)  # 0 = whole clips
+        check_frames_4n1(self.clip_len, "clip_len", minimum=5, allow_zero=True)  # 0 = the eval set's own length
         if self.refert_num not in (1, 5):
             raise ValueError(f"refert_num={self.refert_num} must be 1 or 5")
         if self.fps <= 0:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wan_animate.options import DTYPE_CHOICES, SOLVERS
+
 
 class CliError(Exception):
     pass
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shift", type=float, default=5.0)
     g.add_argument("--guide-scale", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--solver", default="unipc", choices=["unipc", "dpm++", "euler"])
+    g.add_argument("--solver", default="unipc", choices=list(SOLVERS))
     g.add_argument("--clip-len", type=int, default=77)
     g.add_argument("--refert-num", type=int, default=1)
     m = p.add_argument_group("model")
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale per --lora (default 1.0)")
     m.add_argument("--relight", nargs="?", const="", default=None, metavar="PATH",
                    help="replace mode: apply the official relighting LoRA (default PATH: MODEL/relighting_lora.ckpt)")
-    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
                    help="DiT/encoder dtype; auto = bfloat16 on CUDA, float32 on CPU")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto = cuda if available)")
     m.add_argument("--offload", action="store_true", help="park the encoders on the CPU between uses")
@@ -108,6 +110,7 @@ def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=Non
     """What generating ``num_frames`` frames at ``height`` x ``width`` will cost: segments x steps
     (x2 with guidance) DiT calls of ``tokens`` each, and a rough time from a FLOP count of the DiT
     (linear layers + self-attention) at ``ASSUMED_FLOPS``."""
+    from wan_animate.options import resolve_device
     from wan_animate.pipeline import num_segments
 
     segments = num_segments(num_frames, args.clip_len, args.refert_num)
@@ -120,17 +123,11 @@ def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=Non
     if dit_config is not None:
         d, layers, ffn = dit_config.dim, dit_config.num_layers, dit_config.ffn_dim
         flops = calls * layers * (2 * tokens * (6 * d * d + 2 * d * ffn) + 4 * tokens * tokens * d)
-        device = "cuda" if str(args.device).startswith("cuda") or (args.device == "auto" and _cuda()) else "cpu"
+        device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"  # _main checked --device
         seconds = flops / ASSUMED_FLOPS[device]
         text += (f"; roughly {_duration(seconds)} of DiT compute on {device} (~{flops / 1e12:,.0f} TFLOP at an "
                  f"assumed {ASSUMED_FLOPS[device] / 1e12:g} TFLOP/s; VAE and encoders extra)")
     return text
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _duration(seconds: float) -> str:
@@ -154,11 +151,19 @@ def _dit_config(model: str):
         return None
 
 
+def _flag_error(e: ValueError, key: str, flag: str) -> CliError:
+    """A ``wan_animate.options`` error ("key=value ...") in command-line spelling ("--flag value ...")."""
+    return CliError(str(e).replace(f"{key}=", f"{flag} "))
+
+
 def _check_sampling_args(args) -> None:
     """--clip-len / --refert-num / --steps, checked before any preprocessing or model work."""
-    if args.clip_len < 5 or (args.clip_len - 1) % 4:
-        raise CliError(f"--clip-len {args.clip_len} must be 4n+1 >= 5 (5, 9, ..., 77; official 77), e.g. "
-                       f"--clip-len {max(5, (args.clip_len - 1) // 4 * 4 + 1)}.")
+    from wan_animate.options import check_frames_4n1
+
+    try:
+        check_frames_4n1(args.clip_len, "clip_len", minimum=5)
+    except ValueError as e:
+        raise _flag_error(e, "clip_len", "--clip-len") from None
     if args.refert_num not in (1, 5) or args.refert_num >= args.clip_len:
         raise CliError(f"--refert-num {args.refert_num} must be 1 or 5 and below --clip-len {args.clip_len}.")
     if args.steps < 1:
@@ -166,29 +171,25 @@ def _check_sampling_args(args) -> None:
 
 
 @contextlib.contextmanager
-def _elapsed_bar(desc: str, enabled: bool):
-    """A bar that shows the elapsed time of a step that reports no progress of its own."""
+def _frames_bar(desc: str, total: int, enabled: bool):
+    """A bar of pose-estimated frames (done / total); yields ``preprocess_driving``'s ``progress``
+    hook (None when disabled). ``total`` starts as the estimate from the video header and becomes
+    the exact count with the first frame."""
     if not enabled:
-        yield
+        yield None
         return
-    import threading
-
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, total=None, unit="s", bar_format="{desc}: {elapsed} elapsed")
-    stop = threading.Event()
+    bar = tqdm(desc=desc, total=total, unit="frame")
 
-    def tick():
-        while not stop.wait(1.0):
-            bar.refresh()
+    def progress(done: int, frames: int) -> None:
+        if bar.total != frames:
+            bar.total = frames
+        bar.update(done - bar.n)
 
-    thread = threading.Thread(target=tick, daemon=True)
-    thread.start()
     try:
-        yield
+        yield progress
     finally:
-        stop.set()
-        thread.join()
         bar.close()
 
 
@@ -218,11 +219,11 @@ def _run_preprocess(args, out: Path) -> Path:
           "settings).", file=sys.stderr)
     print(f"preprocessing {video} -> {out} (pose backend {args.pose_backend})", file=sys.stderr)
     try:
-        with _elapsed_bar(f"preprocessing {video.name} ({frames} frames, pose {args.pose_backend})",
-                          not args.no_progress):
+        with _frames_bar(f"preprocessing {video.name}: pose ({args.pose_backend})", frames,
+                         not args.no_progress) as progress:
             preprocess_driving(video, ref, out, retarget=args.retarget, replace=args.replace,
                                fps=args.driving_fps, pose_backend=args.pose_backend,
-                               max_frames=args.max_frames, target_area=args.target_area)
+                               max_frames=args.max_frames, target_area=args.target_area, progress=progress)
     except (OSError, ValueError, RuntimeError) as e:
         raise CliError(f"preprocessing {video} failed: {e}") from None
     return out
@@ -289,17 +290,15 @@ def gather_inputs(args, work_dir: str | None = None) -> dict:
 
 
 def _resolve_device_dtype(args):
-    import torch
+    """``--device`` / ``--dtype`` through the shared rules (auto: CUDA when available; bfloat16 on
+    CUDA, float32 elsewhere)."""
+    from wan_animate.options import parse_dtype, resolve_device
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"--device {device} but CUDA is not available; use --device cpu.")
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = names[args.dtype] if args.dtype != "auto" else (
-        torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    return device, dtype
+    try:
+        device = resolve_device(args.device, "device")
+    except ValueError as e:
+        raise _flag_error(e, "device", "--device") from None
+    return str(device), parse_dtype(args.dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,8 +323,8 @@ def _main(args, work_dir: str | None) -> int:
         if not str(args.out).lower().endswith(".mp4"):
             raise CliError(f"--out {args.out} must end in .mp4.")
         AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
+        device, dtype = _resolve_device_dtype(args)  # before preprocessing: a bad --device fails now
         inputs = gather_inputs(args, work_dir)
-        device, dtype = _resolve_device_dtype(args)
         writer = True
         if args.sequence_parallel > 1:
             from wan_animate.parallel import start_generation_group

@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from eval.config import METRICS
-from eval.runner import METRICS_FILE, json_safe
+from eval.records import METRICS_FILE, RESULTS_FILE, loads_record, write_results
 
 log = logging.getLogger("eval.report")
 
@@ -53,7 +53,7 @@ def collect(sweep_dir: Path, skipped: set[str] = frozenset()) -> list[dict]:
         if ".hydra" in path.parts:
             continue
         try:
-            rec = json.loads(path.read_text())
+            rec = loads_record(path.read_text())
         except json.JSONDecodeError as e:
             rec = {"status": "failed", "error": f"unreadable metrics.json ({e})", "overrides": []}
         rec["cell"] = str(path.parent.relative_to(sweep_dir)) if path.parent != Path(sweep_dir) else "."
@@ -317,13 +317,10 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset(), 
                "cached": sum(bool(r.get("skipped")) for r in records), "swept": swept}
 
     # results.jsonl: one line per cell
-    with open(sweep_dir / "results.jsonl", "w") as f:
-        for r in records:
-            line = {"cell": r["cell"], "status": r.get("status"), "params": r["params"],
-                    "metrics": r.get("metrics") or {}, "not_computed": r.get("not_computed") or {},
-                    "seconds_per_sample": r.get("seconds_per_sample") or {},
-                    "seconds_total": r.get("seconds_total"), "error": r.get("error")}
-            f.write(json.dumps(json_safe(line), ensure_ascii=False) + "\n")
+    write_results(sweep_dir / RESULTS_FILE, [
+        {"cell": r["cell"], "status": r.get("status"), "params": r["params"], "metrics": r.get("metrics") or {},
+         "not_computed": r.get("not_computed") or {}, "seconds_per_sample": r.get("seconds_per_sample") or {},
+         "seconds_total": r.get("seconds_total"), "error": r.get("error")} for r in records])
 
     header, rows = results_rows(records, swept, cols)
     main_cols = [c for c in cols if c in PLOTTED]

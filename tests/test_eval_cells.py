@@ -14,7 +14,8 @@ from PIL import Image
 
 from eval.config import EvalConfig, MetricsConfig
 from eval.data import load_eval_set
-from eval.runner import clear_cache, resolve_checkpoint, run_cell
+from eval.resources import clear_cache, resolve_checkpoint
+from eval.runner import run_cell
 from wan_animate.video_io import write_video
 
 BLOB = "test_eval_sweep:make_blob_backend"  # deterministic stand-in pose backend (tests/ is on sys.path)

@@ -14,7 +14,8 @@ import pytest
 
 from eval.config import EvalConfig, MetricsConfig
 from eval.data import EvalSample, EvalSet, EvalSetError, load_eval_set
-from eval.runner import clear_cache, eval_set_clip_len, resolve_dtype_device, run_cell
+from eval.resources import clear_cache, resolve_dtype_device
+from eval.runner import eval_set_clip_len, run_cell
 
 
 @pytest.fixture(scope="module")

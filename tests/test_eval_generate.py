@@ -42,6 +42,9 @@ def env(tmp_path, monkeypatch, model):
         state["calls"].append(out)
         out.mkdir(parents=True, exist_ok=True)  # as the real one does
         (out / "partial.bin").write_bytes(b"x")
+        if kw.get("progress") is not None:  # pose estimation reports each frame
+            for done in range(1, T + 1):
+                kw["progress"](done, T)
         if state["behaviour"] == "error":
             raise ValueError("pose backend found nobody")
         if state["behaviour"] == "ctrl-c":
@@ -105,6 +108,17 @@ def test_clip_len_checked_before_preprocessing(env, capsys):
     assert env["state"]["calls"] == [] and "preprocessing" not in err and leftovers(env) == []
 
 
+def test_device_checked_before_preprocessing(env, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert cli.main(env["args"] + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda but CUDA is not available" in err and "--device cpu" in err
+    assert env["state"]["calls"] == [] and leftovers(env) == []
+
+
 def test_cost_estimate_counts_segments_steps_and_guidance():
     from wan_animate.config import WanAnimateConfig
 
@@ -113,3 +127,62 @@ def test_cost_estimate_counts_segments_steps_and_guidance():
     # (300 - 1) / 76 -> 4 segments; x 20 steps x 2 (guidance) = 160 calls of (20 + 1 reference) x 45 x 80 tokens
     assert "4 segment(s) of 77 frames x 20 steps x 2 (guidance) = 160 DiT calls of 75,600 tokens" in text
     assert " h of DiT compute on cpu" in text
+
+
+def test_preprocessing_shows_frames_done_of_total(env, capsys):
+    assert cli.main([a for a in env["args"] if a != "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "pose (mediapipe): 100%" in err and f"{T}/{T}" in err
+    # Negative control: --no-progress shows no bar.
+    assert cli.main(env["args"]) == 0
+    assert f"{T}/{T}" not in capsys.readouterr().err
+
+
+def test_preprocess_driving_calls_progress_once_per_frame_as_frames_finish(tmp_path, wan_example, monkeypatch):
+    """The real preprocessing with mediapipe on 3 frames of the sample clip: one progress call per
+    frame, each right after that frame's pose estimate (not all at the end)."""
+    from data_tools.driving import preprocess_driving
+    from data_tools.pose.mediapipe_backend import MediapipeBackend
+
+    events = []
+    holistic = MediapipeBackend._holistic
+
+    def spy_holistic(self, static):
+        tracker = holistic(self, static)
+
+        class Spy:
+            def __enter__(self):
+                tracker.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return tracker.__exit__(*exc)
+
+            def process(self, image):
+                events.append("frame")
+                return tracker.process(image)
+
+        return Spy()
+
+    monkeypatch.setattr(MediapipeBackend, "_holistic", spy_holistic)
+    preprocess_driving(wan_example / "video.mp4", wan_example / "image.jpeg", tmp_path / "job", max_frames=3,
+                       target_area=128 * 72, face_size=32, pose_options={"max_side": 128},
+                       progress=lambda done, total: events.append((done, total)))
+    assert events == ["frame", (1, 3), "frame", (2, 3), "frame", (3, 3)]
+
+
+def test_batched_backends_still_report_each_frame(tmp_path):
+    """A backend that reports a batch at once (precomputed keypoints: one file read) still gives
+    one progress call per frame."""
+    from data_tools.driving import preprocess_driving
+    from data_tools.pose.format import PoseSequence
+
+    frames = np.random.default_rng(1).integers(0, 255, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    write_video(tmp_path / "clip.mp4", frames, 30)
+    Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+    PoseSequence.empty(6, SIZE, SIZE).save_npz(tmp_path / "clip.npz")
+    calls = []
+    preprocess_driving(tmp_path / "clip.mp4", tmp_path / "ref.png", tmp_path / "job", max_frames=5,
+                       target_area=SIZE * SIZE, face_size=16, pose_backend="precomputed",
+                       pose_options={"path": str(tmp_path / "clip.npz")}, progress=lambda *a: calls.append(a))
+    assert calls == [(i, 5) for i in range(1, 6)]

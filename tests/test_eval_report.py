@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from eval.report import build_report, main
-from eval.runner import json_safe
+from eval.records import json_safe, loads_record
 
 
 def write_cell(root, name, overrides, status="ok", metrics=None, error=None):
@@ -24,6 +24,20 @@ def write_cell(root, name, overrides, status="ok", metrics=None, error=None):
     if error:
         rec["error"] = error
     (d / "metrics.json").write_text(json.dumps(json_safe(rec)))
+
+
+def _no_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def strict_json_files(root) -> dict:
+    """Every .json / .jsonl file under ``root`` parsed strictly (NaN / Infinity raise); {path: [objects]}."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()):
+        text = path.read_text()
+        lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+        out[path] = [json.loads(x, parse_constant=_no_constant) for x in lines if x.strip()]
+    return out
 
 
 class Tags(HTMLParser):
@@ -54,7 +68,7 @@ def test_report_from_hand_made_cells(tmp_path, monkeypatch):
     assert summary == {"cells": 6, "ok": 5, "failed": 1, "cached": 0, "swept": ["solver", "steps"]}
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run not written"
 
-    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lines = [loads_record(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(lines) == 6
     by_cell = {x["cell"]: x for x in lines}
     assert by_cell["solver=unipc,steps=8"]["metrics"]["psnr"] == math.inf
@@ -118,3 +132,28 @@ def test_plot_labels_keep_path_tails():
 
     assert short_label("/runs/a/checkpoints/step-2000") == "checkpoints/step-2000"
     assert short_label("unipc") == "unipc" and len(short_label("x" * 50)) == 22
+
+
+def test_records_and_results_are_strict_json_that_keep_inf(tmp_path):
+    """metrics.json written by the cell runner and results.jsonl are strict JSON; inf comes back
+    as inf through the project's reader, NaN as null, numpy numbers as numbers."""
+    import pytest
+
+    from eval.records import read_record, write_record
+
+    cell = tmp_path / "seed=0"
+    write_cell(tmp_path, "seed=0", ["seed=0"])  # frames/ for the report
+    rec = {"cell": "seed=0", "overrides": ["seed=0"], "status": "ok", "prompt": "inf",
+           "metrics": {"psnr": math.inf, "body_error": -math.inf, "ssim": float("nan"), "fvd": np.float32(3.5)},
+           "per_sample": {"a": {"psnr": math.inf}}}
+    write_record(cell / "metrics.json", rec)
+    build_report(tmp_path)
+    files = strict_json_files(tmp_path)
+    assert {p.name for p in files} == {"metrics.json", "results.jsonl"}
+    back = read_record(cell / "metrics.json")
+    assert back["metrics"] == {"psnr": math.inf, "body_error": -math.inf, "ssim": None, "fvd": 3.5}
+    assert back["per_sample"]["a"]["psnr"] == math.inf and back["prompt"] == "inf"  # text stays text
+    # Negative control: Python's default json.dumps writes Infinity, which the strict check refuses.
+    (tmp_path / "loose.json").write_text(json.dumps({"psnr": math.inf}))
+    with pytest.raises(ValueError, match="Infinity"):
+        strict_json_files(tmp_path)

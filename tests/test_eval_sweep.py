@@ -146,6 +146,12 @@ def test_sweep_report_rerun_and_failing_cell(assets):
     md = (out / "report.md").read_text()
     assert "6 cells: 4 ok, 2 failed" in md and "## Failed cells" in md and "guide_scale=0.5" in md
 
+    # Every JSON file the sweep wrote is strict (no NaN / Infinity).
+    from test_eval_report import strict_json_files
+
+    written = strict_json_files(out)
+    assert {p.name for p in written} >= {"metrics.json", "results.jsonl"} and len(written) >= 7
+
     # The report can be rebuilt by hand.
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-m", "eval.report", str(out)], cwd=ROOT, env=env, capture_output=True,

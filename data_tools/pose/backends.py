@@ -224,7 +224,7 @@ class VitPoseBackend(PoseBackend):
         out = self.detector.run(None, {self.detector.get_inputs()[0].name: np.ascontiguousarray(x)})[0]
         return decode_detections(out, (h, w), (in_h, in_w), conf=self.det_conf, iou=self.det_iou)
 
-    def extract(self, frames, *, source=None, frame_indices=None) -> PoseSequence:
+    def extract(self, frames, *, source=None, frame_indices=None, progress=None) -> PoseSequence:
         frames = check_frames(frames)
         t_len, h, w = frames.shape[:3]
         centres, whs, inputs = [], [], []
@@ -246,6 +246,8 @@ class VitPoseBackend(PoseBackend):
             heat = self.pose.run(None, {name: np.stack(inputs[s:s + self.batch_size])})[0]
             kps.append(decode_heatmaps(heat, np.stack(centres[s:s + self.batch_size]),
                                        np.stack(whs[s:s + self.batch_size])))
+            if progress is not None:
+                progress(len(heat))
         kps = np.concatenate(kps)
         if kps.shape[1] != 133:
             raise PoseBackendError(f"the pose model returned {kps.shape[1]} keypoints; the vitpose backend needs "
@@ -319,7 +321,7 @@ class PrecomputedBackend(PoseBackend):
                 return self.path / f"{stem}{ext}"
         raise PoseBackendError(f"no precomputed keypoints for {source}: expected {self.path}/{stem}.npz or .json")
 
-    def extract(self, frames, *, source=None, frame_indices=None) -> PoseSequence:
+    def extract(self, frames, *, source=None, frame_indices=None, progress=None) -> PoseSequence:
         frames = check_frames(frames)
         if self.path is None:
             raise PoseBackendError("this precomputed backend has ready videos but no keypoints (path=); "
@@ -333,6 +335,8 @@ class PrecomputedBackend(PoseBackend):
         if len(pose) != len(frames):
             raise PoseBackendError(f"precomputed keypoints have {len(pose)} frames for {len(frames)} video frames; "
                                    "give keypoints for every source frame")
+        if progress is not None:  # a file read: every frame at once
+            progress(len(frames))
         return pose.resized(frames.shape[1], frames.shape[2])
 
 

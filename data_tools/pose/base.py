@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,9 +19,10 @@ class PoseBackend(ABC):
 
     @abstractmethod
     def extract(self, frames: np.ndarray, *, source: str | None = None,
-                frame_indices=None) -> PoseSequence:
+                frame_indices=None, progress: Callable[[int], None] | None = None) -> PoseSequence:
         """Keypoints of every frame, in pixels of ``frames``. ``source`` (the video path) and
-        ``frame_indices`` (which source frames these are) matter only to ``precomputed``."""
+        ``frame_indices`` (which source frames these are) matter only to ``precomputed``.
+        ``progress(n)``: called as frames finish (``n`` more; the calls sum to ``len(frames)``)."""
 
     def extract_image(self, image: np.ndarray) -> PoseSequence:
         """Keypoints of one still image (e.g. the reference), a 1-frame sequence."""

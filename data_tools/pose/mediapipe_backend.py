@@ -82,7 +82,8 @@ class MediapipeBackend(PoseBackend):
         return mp.solutions.holistic.Holistic(static_image_mode=static, refine_face_landmarks=False,
                                               **self.options)
 
-    def extract(self, frames, *, source=None, frame_indices=None, static: bool | None = None) -> PoseSequence:
+    def extract(self, frames, *, source=None, frame_indices=None, static: bool | None = None,
+                progress=None) -> PoseSequence:
         frames = check_frames(frames)
         t_len, h, w = frames.shape[:3]
         scale = min(1.0, self.max_side / max(h, w))
@@ -106,6 +107,8 @@ class MediapipeBackend(PoseBackend):
                 face[t] = mesh[list(MP_FACE_TO_68)]
                 lhand[t] = _landmarks_array(res.left_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
                 rhand[t] = _landmarks_array(res.right_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
+                if progress is not None:
+                    progress(1)
         return PoseSequence(body, lhand, rhand, face, h, w)
 
     def extract_image(self, image) -> PoseSequence:

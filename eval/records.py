@@ -1,0 +1,104 @@
+"""A cell's record (``metrics.json``) and the sweep's ``results.jsonl``: strict JSON in and out,
+and the cell config as a record stores it.
+
+JSON has no NaN or Infinity, and strict readers refuse them. A metric can be infinite, though
+(PSNR of a perfect reconstruction), and the report must show ``inf`` rather than ``n/a``. So
+records are written with non-finite numbers as ``null`` (NaN: undefined) or the strings ``"inf"``
+/ ``"-inf"``, and ``loads_record`` turns those strings back into floats inside the numeric
+sections (``metrics``, ``per_sample``) only, so a prompt or override that reads "inf" stays text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from eval.config import EvalConfig
+from wan_animate.files import atomic_write_json, atomic_write_text, dumps_strict
+
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.jsonl"
+# Config fields that do not change a cell's numbers (a rerun with other values still skips it).
+NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device", "name")
+# Record sections whose leaves are numbers: "inf" / "-inf" there are decoded back to floats.
+NUMERIC_SECTIONS = ("metrics", "per_sample")
+INFINITIES = {"inf": math.inf, "-inf": -math.inf}
+
+
+def json_safe(x):
+    """A copy of ``x`` that strict JSON holds: NaN -> null, +-inf -> "inf" / "-inf" (read back
+    by ``loads_record``), numpy scalars -> Python numbers, keys -> str."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)) and getattr(x, "ndim", 1) == 0:
+        x = x.item()  # numpy / torch scalars
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+def _numbers(x):
+    if isinstance(x, dict):
+        return {k: _numbers(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_numbers(v) for v in x]
+    return INFINITIES.get(x, x) if isinstance(x, str) else x
+
+
+def decode_record(rec: dict) -> dict:
+    """``"inf"`` / ``"-inf"`` in the numeric sections of a parsed record -> float infinities."""
+    for key in NUMERIC_SECTIONS:
+        if isinstance(rec.get(key), dict):
+            rec[key] = _numbers(rec[key])
+    return rec
+
+
+def loads_record(text: str) -> dict:
+    """One record (``metrics.json`` or a ``results.jsonl`` line) with its infinities restored."""
+    return decode_record(json.loads(text))
+
+
+def read_record(path: str | Path) -> dict:
+    return loads_record(Path(path).read_text())
+
+
+def write_record(path: str | Path, rec: dict) -> Path:
+    """``metrics.json``: strict JSON, written atomically."""
+    return atomic_write_json(path, json_safe(rec))
+
+
+def write_results(path: str | Path, lines: list[dict]) -> Path:
+    """``results.jsonl``: one strict JSON record per line, written atomically."""
+    return atomic_write_text(path, "".join(dumps_strict(json_safe(x)) + "\n" for x in lines))
+
+
+def to_eval_config(cfg) -> EvalConfig:
+    """DictConfig (from Hydra) or EvalConfig -> validated EvalConfig (runs ``__post_init__``)."""
+    if isinstance(cfg, EvalConfig):
+        return cfg
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ValueError(f"{e.full_key} is required: python eval/main.py model_dir=MODEL_FOLDER "
+                         "eval_set=SHARDS_OR_PAIRS_FOLDER [overrides]") from None
+    if isinstance(obj, dict):  # a plain dict config (not from the ConfigStore schema)
+        from eval.config import MetricsConfig, WandbConfig
+
+        obj = EvalConfig(**{**obj, "metrics": MetricsConfig(**obj.get("metrics", {})),
+                            "wandb": WandbConfig(**obj.get("wandb", {}))})
+    return obj
+
+
+def result_config(cfg: EvalConfig) -> dict:
+    """The config fields that decide a cell's numbers (compared to skip a finished cell)."""
+    d = dataclasses.asdict(cfg)
+    for k in NON_RESULT_FIELDS:
+        d.pop(k, None)
+    return d

@@ -1,0 +1,145 @@
+"""The metrics of one eval cell: which ones it can compute (and why not the others), each sample's
+values, the mean over samples, and the held-out loss (shared by cells with the same DiT)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import numpy as np
+
+from eval.config import NEEDS_GROUND_TRUTH, EvalConfig
+from eval.data import EvalSample, EvalSet
+from eval.resources import driving_keypoints, get_lpips, get_pose_backend_cached, store
+from wan_animate.video_io import frames_to_tensor
+
+
+class Timer:
+    """Seconds spent per named step, summed over calls: ``with timer("generate"): ...``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+
+def planned_metrics(cfg: EvalConfig, eval_set: EvalSet) -> tuple[list[str], dict[str, str]]:
+    """Metrics to compute and, for every other metric, why it is not computed."""
+    from eval.config import METRICS
+
+    todo, not_computed = [], {}
+    for name in METRICS:
+        if name not in cfg.metrics.names:
+            not_computed[name] = "not requested (add it to metrics.names)"
+        elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
+            not_computed[name] = "needs ground truth; the eval set is cross-identity"
+        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "extract"
+              and any(s.driving is None for s in eval_set.samples)):
+            not_computed[name] = ("needs the driving RGB video (driving.mp4 in each pair folder) or "
+                                  "metrics.driving_keypoints=stored")
+        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "stored"
+              and any(s.stored_keypoints is None for s in eval_set.samples)):
+            not_computed[name] = "metrics.driving_keypoints=stored but some samples store no keypoints"
+        else:
+            todo.append(name)
+    return todo, not_computed
+
+
+def sample_metrics(cfg: EvalConfig, todo: list[str], pipe, sample: EvalSample, video: np.ndarray,
+                   timer: Timer, device) -> dict:
+    from eval.metrics import (expression_metrics, flicker, identity_similarity, motion_metrics, psnr, ssim,
+                              temporal_error)
+
+    m = cfg.metrics
+    out: dict = {}
+    gt = sample.target
+    if "psnr" in todo:
+        with timer("psnr"):
+            out["psnr"] = psnr(video, gt)
+    if "ssim" in todo:
+        with timer("ssim"):
+            out["ssim"] = ssim(video, gt)
+    if "lpips" in todo:
+        with timer("lpips"):
+            out["lpips"] = get_lpips(cfg, device).video_distance(video, gt)
+    if "flicker" in todo:
+        with timer("flicker"):
+            out["flicker"] = flicker(video)
+            if gt is not None:
+                out["flicker_gt"] = flicker(gt)
+                out["temporal_error"] = temporal_error(video, gt)
+    if "identity" in todo:
+        with timer("identity"):
+            out["identity"] = identity_similarity(pipe.image_encoder, sample.ref, video, max_frames=m.identity_max_frames)
+    if "motion" in todo or "expression" in todo:
+        backend = get_pose_backend_cached(cfg)
+        with timer("keypoints"):
+            gen_kp = backend.extract(video)
+            drv_kp = driving_keypoints(cfg, backend, sample, video.shape[1], video.shape[2])
+        if "motion" in todo:
+            with timer("motion"):
+                out.update(motion_metrics(gen_kp, drv_kp, threshold=m.keypoint_threshold,
+                                          pck_thresholds=tuple(m.pck_thresholds)))
+        if "expression" in todo:
+            with timer("expression"):
+                out.update(expression_metrics(gen_kp, drv_kp, threshold=m.keypoint_threshold))
+    return out
+
+
+def aggregate(per_sample: dict[str, dict]) -> dict:
+    """Mean of each metric over samples, ignoring NaN (undefined for that sample); counts kept."""
+    names = sorted({k for d in per_sample.values() for k in d})
+    out = {}
+    for k in names:
+        vals = [d[k] for d in per_sample.values() if k in d and d[k] is not None]
+        if k.endswith("_points") or k.endswith("_frames") or k.endswith("_without_person"):
+            out[k] = int(sum(vals))
+            continue
+        finite_or_inf = [float(v) for v in vals if not math.isnan(float(v))]
+        out[k] = float(np.mean(finite_or_inf)) if finite_or_inf else float("nan")
+    return out
+
+
+def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+    """Held-out loss of the cell's DiT; it does not depend on the sampling settings, so cells that
+    share model, checkpoint and LoRA share one computation."""
+    m = cfg.metrics
+    key = (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
+           cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
+    losses = store("heldout")
+    if key not in losses:
+        losses[key] = compute_heldout(pipe, eval_set, timesteps=m.heldout_timesteps, seed=m.heldout_seed,
+                                      clip_len=cfg.clip_len)
+    return losses[key]
+
+
+def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: int) -> dict:
+    """Encode the first clip (``clip_len`` frames, or the longest 4n+1 prefix of a shorter sample)
+    of every sample with the pipeline's frozen encoders (``wan_animate.batch.build_dit_inputs``, no
+    temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
+    from eval.metrics.heldout import heldout_loss
+    from wan_animate.batch import build_dit_inputs
+    from wan_animate.pipeline import DEFAULT_PROMPT, resize_face_video
+
+    dtype = next(pipe.dit.parameters()).dtype
+    size = pipe.config.motion_encoder_size
+
+    def batches():
+        for s in eval_set.samples:
+            n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
+            face = resize_face_video(frames_to_tensor(s.face[:n])[None], size)[0]
+            ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "pose": frames_to_tensor(s.pose[:n]),
+                  "ref": frames_to_tensor(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
+                  "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
+            yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)
+
+    return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed, progress=True)
