@@ -7,7 +7,8 @@ It builds what ``train.trainer`` builds, with the trainer's own functions: the D
 or the model folder's ``config.json`` (no weight is read), its precision, the trainable set
 (``setup_trainable``: LoRA wrapping, adapters), fp32 master copies of the trainables, activation
 checkpointing, the memory options, the optimizer (``make_optimizer``), the frozen encoders at their
-real sizes (resident on the device for raw shards, parked on the host for cached shards). Then it
+real sizes (parked on the host; raw shards move them to the device only for the encode phase, as
+``train/frozen_encoders.py`` does; cached shards never load them for training). Then it
 runs one step as the trainer does, in its steady state (optimizer states and, with gradient
 accumulation, the kept gradients already present): batch building (raw shards: VAE/umT5/CLIP
 encodes), forward under autocast, flow-matching loss, backward, gradient clipping,
@@ -57,7 +58,7 @@ from train.memory_plan_track import LiveBytes
 
 DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,
-               "stage3_param_persistence_threshold": 1e6}
+               "stage3_param_persistence_threshold": 1e6, "sub_group_size": 1e9}
 
 
 # ---------------------------------------------------------------------------- what is planned
@@ -319,6 +320,12 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     tracker.phase = "optimizer"
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    step_grad = built["notes"].get("ds_step_grad_elements", 0)
+    if step_grad:  # DeepSpeed's per-sub-group fp32 gradient copy, alive only during the step
+        flat = torch.empty(step_grad, dtype=input_dtype)
+        fp32_grad = flat.float()
+        tracker.track([flat, fp32_grad], "temporaries")
+        del flat, fp32_grad
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tracker.phase = "done"
@@ -348,9 +355,16 @@ def _parallel_terms(cfg: Config, dit, world: int, engine: str, stage: int) -> tu
     extra["gradients"] = n_train * w_bytes / world + ds["reduce_bucket_size"] * w_bytes
     notes["gradients"] = (f"computed: 1/{world} partition ({w_bytes} B/param) + one reduce bucket "
                           f"({ds['reduce_bucket_size']:.0e} elements)")
-    per_param = (16 if bf16 else 12)  # fp32 master (bf16 only) + m + v + fp32 gradient at the step
+    per_param = (12 if bf16 else 8)  # fp32 master (bf16 only) + Adam m + v, kept all the time
     extra["optimizer_states"] = n_train * per_param / world
-    notes["optimizer_states"] = f"computed: {per_param} B/trainable param / {world} (fp32 master, Adam m+v, fp32 grad)"
+    notes["optimizer_states"] = f"computed: {per_param} B/trainable param / {world} (fp32 master, Adam m+v)"
+    # At the step DeepSpeed makes an fp32 copy of the gradient partition one sub-group at a time
+    # (stage3 _prepare_fp32_grad_for_sub_group, freed by _release_sub_group): the planned step
+    # allocates it in its optimizer phase (``_step``), so it only counts there.
+    notes["ds_step_grad_elements"] = int(min(n_train / world, ds["sub_group_size"]))
+    notes["ds_step_fp32_grad"] = (f"computed size, allocated at the step only: fp32 gradient of one optimizer "
+                                  f"sub-group (min(partition, sub_group_size={ds['sub_group_size']:.0e}) elements) "
+                                  "+ its bf16 flattened source")
     if stage >= 3:
         scale["frozen_weights"] = scale["trainable_weights"] = 1.0 / world
         thr = ds["stage3_param_persistence_threshold"]

@@ -36,7 +36,8 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
         "mode": cfg.train.mode, "data_source": cfg.data.source, "experiment": cfg.experiment_name,
         "activation_checkpointing": cfg.model.activation_checkpointing, "memory_options": kw["options"],
         "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
-        "encoder_params": enc.params if enc else {}, "encoders_resident": bool(enc) and cfg.data.source != "cached",
+        "encoder_params": enc.params if enc else {}, "encoders_resident": False,  # never on the device in the DiT step
+        "encoders_placement": _encoders_placement(cfg, enc),
         "sources": {"model": kw["model_source"], **(enc.sources if enc else {}),
                     "measured": "live storages of a full step on FakeTensorMode (LiveBytes)", **kw["notes"]},
         "budget_gib": budget, "fits": peak <= budget, "seconds": kw["seconds"], "ops": tracker.ops,
@@ -100,3 +101,14 @@ def format_plan(plan: dict[str, Any]) -> str:
     if not plan["fits"] and "options_tried" in plan and not any(t["fits"] for t in plan["options_tried"]):
         lines.append("  no single option makes it fit: plan more ranks (train.plan_world_size) or a smaller bucket")
     return "\n".join(lines)
+
+
+def _encoders_placement(cfg: Config, enc) -> str:
+    """Where the trainer keeps the frozen encoders (train/frozen_encoders.py)."""
+    if not enc:
+        return "none"
+    if cfg.data.source == "cached":
+        return "not loaded for training (cached shards); host when validation loads them"
+    if cfg.model.encoders_device == "cpu":
+        return "host, encoding on the host (model.encoders_device=cpu)"
+    return "host, on the device only while encoding a batch (model.encoders_device=device)"
