@@ -108,6 +108,20 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
         time.sleep(0.05)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the ranks first, then the launcher: killing only the launcher would let the ranks
+    see their parent die and stop gracefully (checkpoint included), which is not what is tested."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [*reversed(parent.children(recursive=True)), parent]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate()
+
+
 @pytest.mark.slow
 def test_four_ranks_two_groups_zero2_resume_exactly_after_sigkill(tmp_path):
     """~5 min on 2 shared cores (two launches of 4 DeepSpeed processes; each step ~2 s, startup ~2 min).
@@ -119,16 +133,13 @@ def test_four_ranks_two_groups_zero2_resume_exactly_after_sigkill(tmp_path):
                    "train.rank_report=true", "train.max_steps=6", "train.checkpoint_every=3",
                    "train.sequence_parallel=2", "train.debug_step_delay_s=3", launch="cpu_2proc_zero2.yaml",
                    procs=4)
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_step(out, 5, proc)
         killed = metrics(out)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its 4 ranks, mid-run
-        proc.communicate()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)  # the 4 ranks and their launcher, mid-run
+    assert proc.returncode != 0  # killed (or exited on its killed ranks)
     assert (out / "checkpoints" / "step-3" / "COMPLETE").is_file()
     assert not (out / "checkpoints" / "step-6").exists() and not (out / "summary.json").exists()
     assert json.loads((out / "checkpoints" / "step-3" / "trainer_state.json").read_text())["sequence_parallel"] == 2
