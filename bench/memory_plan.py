@@ -28,6 +28,11 @@ CASES = [  # (name, experiment, extra overrides, world size)
     ("animate14b_full (1 of 8, ZeRO-3)", "animate14b_full", ["train.plan_world_size=8"], 8),
     ("animate14b_full 720x1280 (1 of 8, ZeRO-3)", "animate14b_full",
      ["train.plan_world_size=8", "data.buckets=[[720,1280]]"], 8),
+    # sequence parallelism (train/memory_plan_sequence.py): one rank of a group of 8 holds 1/8 of the tokens
+    ("animate14b_full 720x1280 SP=8 (1 of 8, ZeRO-3, train.sequence_parallel=8)", "animate14b_full",
+     ["train.plan_world_size=8", "data.buckets=[[720,1280]]", "train.sequence_parallel=8"], 8),
+    ("animate14b_full 720x1280 SP=8 cached latents (1 of 8, ZeRO-3, train.sequence_parallel=8)", "animate14b_full",
+     ["train.plan_world_size=8", "data.buckets=[[720,1280]]", "train.sequence_parallel=8", "data.source=cached"], 8),
 ]
 COLUMNS = ["frozen_weights", "trainable_weights", "gradients", "optimizer_states", "activations", "temporaries",
            "inputs", "frozen_encoders", "encoder_activations", "zero3_gathered_params", "ddp_grad_buckets"]
