@@ -321,4 +321,4 @@ def test_validation_urls_pick_the_raw_validation_set(assets, tmp_path):
     # negative control: without validation_urls a cached run reads its own (here missing) cached shards
     with pytest.raises(FileNotFoundError, match="text_embeds.safetensors not found"):
         validation_inputs(compose(["data=cached", "data.urls=[/nonexistent]", f"train.output_dir={tmp_path}"]),
-                          pipe=None, urls=["/nonexistent/shard-000000.tar"])
+                          pipe=SimpleNamespace(vae=None), urls=["/nonexistent/shard-000000.tar"])

@@ -40,7 +40,7 @@ def _first_shard_metas(url: str, limit: int = 256) -> list[dict]:
     try:
         with tarfile.open(url, "r") as tar:
             for member in tar:
-                if member.isfile() and member.name.endswith(".json") and not member.name.endswith(".mp4"):
+                if member.isfile() and member.name.endswith(".json"):
                     try:
                         meta = json.loads(tar.extractfile(member).read())
                     except ValueError:
