@@ -426,23 +426,17 @@ def test_generate_matches_diffusers_pipeline_end_to_end(pipe, peer, monkeypatch,
     assert diff.max() <= 2.0 / 255, diff.max() * 255
 
 
-def test_cli_driving_video_runs_preprocessing(folders, tmp_path):
+def test_cli_driving_video_runs_preprocessing(folders, tmp_path, wan_example):
     """--driving: raw video -> data_tools.preprocess_driving -> generate (6 real frames, tiny area)."""
-    pytest.importorskip("data_tools.preprocess_driving")
     import cv2
 
     from eval.generate import main
     from wan_animate.video_io import read_video, write_video
 
-    sample = "/work/shared/data/wan_examples/replace"
-    import os
-
-    if not os.path.exists(f"{sample}/video.mp4"):
-        pytest.skip("sample video not available")
-    frames, fps = read_video(f"{sample}/video.mp4", max_frames=6)
+    frames, fps = read_video(wan_example / "video.mp4", max_frames=6)
     write_video(tmp_path / "drive.mp4", np.stack([cv2.resize(f, (256, 144), interpolation=cv2.INTER_AREA)
                                                   for f in frames]), fps)
-    ref = cv2.imread(f"{sample}/image.jpeg")
+    ref = cv2.imread(str(wan_example / "image.jpeg"))
     cv2.imwrite(str(tmp_path / "ref.png"), cv2.resize(ref, (ref.shape[1] // 8, ref.shape[0] // 8)))
     out = tmp_path / "out.mp4"
     assert main([str(a) for a in ("--model", folders["diffusers"], "--ref", tmp_path / "ref.png", "--driving",
