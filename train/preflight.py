@@ -179,7 +179,7 @@ def run_header(cfg: Config, facts: DataFacts, world: int, dit_config, data_paral
     sizes = training_sizes(cfg, facts)
     size_text = ", ".join(f"{h}x{w}" for h, w in sizes) or "each sample's own size"
     stored = ", ".join(f"{h}x{w}" for h, w in facts.sizes)
-    lines = [f"data: {d.source} shards={facts.shards} samples={facts.samples if facts.samples is not None else 'unknown'}"
+    lines = [f"data: source={d.source} shards={facts.shards} samples={facts.samples if facts.samples is not None else 'unknown'}"
              + (f" stored at {stored}" if stored else "") + (f", {facts.num_frames} frames" if facts.num_frames else "")]
     geo = ""
     if sizes and dit_config is not None:
