@@ -20,9 +20,6 @@ from data_tools.shards import list_shards, read_shard, shard_keys
 from wan_animate.geometry import ResizePlan, area_bucket, choose_bucket
 from wan_animate.video_io import read_video, resample_indices, write_video
 
-REAL = Path("/work/shared/data/wan_examples/replace/video.mp4")
-pytest.importorskip("mediapipe")
-needs_real = pytest.mark.skipif(not REAL.is_file(), reason="sample clip not available")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,16 +54,16 @@ def test_bucket_and_resample_rules():
 # ---------------------------------------------------------------------------------------------
 # the real clip
 # ---------------------------------------------------------------------------------------------
-@needs_real
 @pytest.mark.slow  # ~30-70 s on 2 cores (mediapipe on the real clip)
-def test_prepare_real_clip_mediapipe(tmp_path):
+def test_prepare_real_clip_mediapipe(tmp_path, wan_example):
+    real = wan_example / "video.mp4"
     out = tmp_path / "shards"
-    m = prepare(_cfg(REAL, out, clip_len=33, target_area=320 * 192, max_clips_per_video=2, shard_size=1,
+    m = prepare(_cfg(real, out, clip_len=33, target_area=320 * 192, max_clips_per_video=2, shard_size=1,
                      replace=True), progress=False)
     assert m["counts"]["clips_written"] == 2 and m["counts"]["inputs_skipped"] == 0
     assert m["stats"]["person_frame_share"] >= 0.9
     assert 0.02 < m["stats"]["mask_coverage_mean"] < 0.9
-    src, _ = read_video(REAL, max_frames=100)
+    src, _ = read_video(real, max_frames=100)
     n_samples = 0
     assert m["stats"]["face_frame_share"] >= 0.8
     for shard in list_shards(out):
@@ -118,13 +115,11 @@ def test_prepare_real_clip_mediapipe(tmp_path):
 # bad inputs, kill + resume (small pieces of the real clip as good inputs)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_inputs(tmp_path_factory):
-    if not REAL.is_file():
-        pytest.skip("sample clip not available")
+def small_inputs(tmp_path_factory, wan_example):
     import cv2
 
     d = tmp_path_factory.mktemp("inputs")
-    src, fps = read_video(REAL, max_frames=164)
+    src, fps = read_video(wan_example / "video.mp4", max_frames=164)
     small = np.stack([cv2.resize(f, (320, 180), interpolation=cv2.INTER_AREA) for f in src])
     for i in range(8):
         write_video(d / f"good_{i}.mp4", small[40 + 14 * i: 40 + 14 * i + 20], fps)
