@@ -110,7 +110,8 @@ def check_data(cfg: Config, facts: DataFacts) -> None:
     where = f"{facts.first_shard} holds {n}-frame clips"
     if facts.kind == "cached" and want != n:
         raise ConfigError(f"data.clip_len={want} but the cached shards were encoded at {n} frames ({where}); "
-                          f"set data.clip_len={n} (or cache the data again at clip_len={want}).")
+                          f"set data.clip_len={n} (cached latents cover the clips prepare wrote; for {want}-frame clips prepare "
+                          f"and cache them again).")
     if facts.kind == "raw" and want > n:
         fix = (f"set data.clip_len={_largest_clip_len(n)}" if n >= 5 else "prepare clips of >= 5 frames")
         raise ConfigError(f"data.clip_len={want} is longer than the data ({where}); {fix} "
