@@ -33,7 +33,7 @@ def _model_folder(tmp_path: Path, name: str, config: WanAnimateConfig) -> str:
 def _measure(overrides: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-m", "train.memory_plan_measure", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
+                         capture_output=True, text=True, timeout=1800, check=False)  # minutes on a loaded 2-core box
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -52,6 +52,8 @@ def test_planner_peak_matches_real_run_at_full_width(tmp_path):
                                                                   text_len=32))
     overrides = ["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]", "data.clip_len=5", "data.refert_nums=[1]",
                  "data.buckets=[[64,64]]", "train.precision=fp32", "train.grad_accum=1", "lora.train_adapters=false",
+                 # the plain path (the preset's 8-bit AdamW states are computed, not run, by the planner)
+                 "optim.name=adamw", "model.checkpoint_dtype=fp32", "model.motion_encoder_chunk=0",
                  f"train.output_dir={tmp_path / 'out'}"]
     planned, measured = _agree(overrides)
     assert planned > 3.0  # weights of two full-width blocks in fp32 at least
@@ -88,9 +90,10 @@ def test_checkpointing_lowers_the_planned_activations(tmp_path):
 
 @pytest.mark.slow
 def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
-    """Frozen weights of the plain 14B LoRA preset = the real frozen parameters' bytes (bf16, the
-    fp32-by-design tables fp32), counted from the model directly; activations >= the checkpointed
-    fp32 block inputs (one [B, L, dim] fp32 tensor per DiT block and face block)."""
+    """The plain 14B LoRA preset as shipped (no swap / fp8 / offload), 832x480 x 77: frozen weights =
+    the real frozen parameters' bytes (bf16, the fp32-by-design tables fp32), counted from the model
+    directly; activations >= the checkpointed block inputs it keeps (one [B, L, dim] tensor per DiT
+    block and face block, in model.checkpoint_dtype); the peak meets issue 10's 64 GiB."""
     import torch
 
     from train.modes import setup_trainable
@@ -99,7 +102,8 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
     mcfg = WanAnimateConfig.preset("14b")
     folder = _model_folder(tmp_path, "m14", mcfg)
     cfg = compose(["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]",
-                   "train.grad_accum=1", f"train.output_dir={tmp_path / 'out'}"])
+                   "data.buckets=[[480,832]]", f"train.output_dir={tmp_path / 'out'}"])
+    assert not (cfg.model.block_swap or cfg.model.checkpoint_offload) and cfg.model.base_dtype == "bf16"
     plan = plan_memory(cfg, write=True)
     with torch.device("meta"):
         dit = WanAnimateDiT(mcfg)
@@ -112,8 +116,10 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
     assert plan["by_category"]["frozen_weights"] == pytest.approx(frozen / GIB, rel=0.01)
     tokens = plan["tokens_per_sample"]
     assert tokens == 21 * 30 * 52
-    block_inputs = (mcfg.num_layers + mcfg.num_layers // mcfg.face_adapter_period) * tokens * mcfg.dim * 4
+    kept_bytes = {"fp32": 4, "bf16": 2}[cfg.model.checkpoint_dtype]
+    block_inputs = (mcfg.num_layers + mcfg.num_layers // mcfg.face_adapter_period) * tokens * mcfg.dim * kept_bytes
     assert plan["by_category"]["activations"] >= block_inputs / GIB
+    assert plan["peak_device_gib"] <= 64.0, plan["by_category"]
     written = json.loads((Path(cfg.train.output_dir) / "memory_plan.json").read_text())
     for key in ("peak_device_gib", "by_category", "host_pinned_gib", "world_size", "tokens_per_sample"):
         assert key in written
