@@ -351,6 +351,8 @@ def test_undecodable_validation_sample_skips_validation_not_the_export(tmp_path,
     assert "[train] validation at step 2 skipped: its sample does not load (SampleDecodeError" in text
     assert summary["status"] == "finished" and summary["exports"]
     assert (out / "export").is_dir() and summary["validation_video"] is None
+    exported = list((out / "export").rglob("*.safetensors"))
+    assert exported and all(p.stat().st_mode & stat.S_IRGRP for p in exported)  # exports group-readable too
     assert summary["data_skipped"] >= 1 and summary["data_skip_reasons"]
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["data_skipped"] == summary["data_skipped"]
