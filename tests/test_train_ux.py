@@ -164,6 +164,20 @@ def test_another_launch_on_a_run_folder_is_refused_naming_the_difference(assets,
     check_output_dir(compose([f"train.output_dir={tmp_path / 'd'}"]), here)
 
 
+def test_a_moved_copy_of_the_model_resumes_another_model_is_refused(assets, tmp_path):
+    from train.run_dir import check_output_dir, launch_identity
+
+    cfg = _cfg(assets, tmp_path / "a")
+    here = launch_identity(cfg, 1, False, 0)
+    assert here["model"] == str(assets.model.resolve()) and here["model_config"]
+    _fake_run(tmp_path / "a", {**here, "model": "/old/place/of/the/model"})  # same DiT config, other path
+    check_output_dir(cfg, here)
+    cfg_b = _cfg(assets, tmp_path / "b")
+    _fake_run(tmp_path / "b", {**here, "model": "/another/model", "model_config": "0123456789abcdef"})
+    with pytest.raises(ConfigError, match=r"model: /another/model -> " + str(assets.model.resolve())):
+        check_output_dir(cfg_b, here)
+
+
 def test_config_json_records_the_loaded_model_folder_not_a_preset(assets, tmp_path):
     from train.preflight import model_facts
     from train.run_dir import launch_identity, loaded_model_record, write_config

@@ -25,12 +25,35 @@ from wan_animate.files import atomic_write_json
 IDENTITY_KEYS = ("world_size", "deepspeed", "zero_stage", "sequence_parallel", "mode", "model")
 
 
+def _model_config_digest(path: Path) -> str | None:
+    """SHA-1 of the folder's DiT config (headers / config.json only): the same model at another path
+    (a moved copy) matches; None when it cannot be read here."""
+    import hashlib
+
+    from train.preflight import model_facts
+
+    config, _ = model_facts(path)
+    if config is None:
+        return None
+    return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def launch_identity(cfg: Config, world_size: int, deepspeed: bool, zero_stage: int) -> dict[str, Any]:
     """What a resume must share with the run that wrote the checkpoints."""
     m = cfg.model
     model = str(Path(m.path).resolve()) if m.path else f"quick-start preset {m.preset} (seed {m.init_seed})"
     return {"world_size": world_size, "deepspeed": deepspeed, "zero_stage": zero_stage, "mode": cfg.train.mode,
-            "model": model, "sequence_parallel": getattr(cfg.train, "sequence_parallel", 1)}
+            "model": model, "model_config": _model_config_digest(Path(m.path)) if m.path else None,
+            "sequence_parallel": getattr(cfg.train, "sequence_parallel", 1)}
+
+
+def _same_model(before: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Same path, or two folders with the same DiT config (a moved copy: the trainable-only state's
+    base fingerprint, ``train.trainable_state``, checks the weights themselves on resume)."""
+    if before.get("model") == current["model"]:
+        return True
+    a, b = before.get("model_config"), current.get("model_config")
+    return a is not None and a == b
 
 
 def _from_checkpoint(path: Path) -> dict[str, Any]:
@@ -90,7 +113,8 @@ def check_output_dir(cfg: Config, current: dict[str, Any]) -> None:
         return
     before, _ = previous_identity(out_dir)
     differ = [k for k in IDENTITY_KEYS if k in before and before[k] != current[k]
-              and not (k == "zero_stage" and not before.get("deepspeed") and not current["deepspeed"])]
+              and not (k == "zero_stage" and not before.get("deepspeed") and not current["deepspeed"])
+              and not (k == "model" and _same_model(before, current))]
     if not differ:
         return
     changes = "; ".join(f"{k}: {before[k]} -> {current[k]}" for k in differ)
