@@ -227,6 +227,24 @@ def test_run_then_rerun_is_a_noop_and_another_mode_is_refused_before_loading(ass
     assert config["model"]["preset"] is None and config["launch"]["world_size"] == 1
     assert (out / "export" / "official").is_dir()
 
+    # exports missing: the rerun only re-exports (no step, no validation, no wandb run)
+    import shutil
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    shutil.rmtree(out / "export")
+    metrics = (out / "metrics.jsonl").read_text()
+    wandb_runs = sorted((out / "wandb").glob("offline-run-*"))
+    loop.run(_cfg(assets, out, *overrides))
+    assert "its exports are missing (official): re-exporting only" in capsys.readouterr().out
+    assert (out / "export" / "official").is_dir() and (out / "export" / "README.txt").is_file()
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert sorted((out / "wandb").glob("offline-run-*")) == wandb_runs
+    summary = _strict_load(out / "summary.json")
+    assert summary["step"] == 2 and summary["exports"]["official"] == str(out / "export" / "official")
+
     # rerun of the finished run: nothing loads, nothing is rewritten, no wandb run starts
     def no_model(*a, **k):
         raise AssertionError("a model was loaded")
