@@ -292,7 +292,8 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     for p in trainable:
         p.grad = torch.zeros_like(p)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for p in trainable:  # zero_grad(set_to_none=True), also where the optimizer is a computed stand-in
+        p.grad = None
     if cfg.train.grad_accum > 1:
         # Micro-batches 2..N start with the gradients kept from the previous ones: one such
         # micro-batch is the worst case of the accumulation (backward adds into them in place).
@@ -320,7 +321,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     tracker.phase = "optimizer"
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-    step_grad = built["notes"].get("ds_step_grad_elements", 0)
+    step_grad = built.get("notes", {}).get("ds_step_grad_elements", 0)
     if step_grad:  # DeepSpeed's per-sub-group fp32 gradient copy, alive only during the step
         flat = torch.empty(step_grad, dtype=input_dtype)
         fp32_grad = flat.float()

@@ -107,7 +107,9 @@ class LiveBytes(TorchDispatchMode):
         self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
         if total > self.peak:
             self.peak = total
-            self.peak_by_category = {**{k: v for k, v in self.device.items() if v}, **self.extra}
+            # a computed term adds to the measured bytes of its category (never hides them)
+            self.peak_by_category = {k: self.device.get(k, 0.0) + self.extra.get(k, 0.0)
+                                     for k in {*self.device, *self.extra} if self.device.get(k, 0.0) + self.extra.get(k, 0.0)}
             self.peak_phase = self.phase
         self.host_peak = max(self.host_peak, sum(self.host.values()))
 
