@@ -206,7 +206,6 @@ def test_summary_is_strict_json_with_a_nan_loss(tmp_path):
     assert "NaN" not in (tmp_path / "summary.json").read_text()
 
 
-@pytest.mark.slow  # one real 2-step run (20-75 s on 2 busy cores)
 def test_run_then_rerun_is_a_noop_and_another_mode_is_refused_before_loading(assets, tmp_path, capsys, monkeypatch):
     import train.loop as loop
 
