@@ -107,7 +107,8 @@ def _table(plan: dict) -> str:
 def command(experiment: str, extra: list[str]) -> str:
     """The training command that writes this row's plan (``<train.output_dir>/memory_plan.json``)."""
     return " ".join(["accelerate launch train/main.py", f"experiment={experiment}", "train.dry_run=memory",
-                     "model.path=<Wan2.2-Animate-14B folder>", "data.urls=[<shards>]", *SIZE, *extra])
+                     "model.path=<Wan2.2-Animate-14B folder>", "data.urls=[<shards>]",
+                     *(o for o in SIZE if o.split("=")[0] not in {e.split("=")[0] for e in extra}), *extra])
 
 
 def render(rows) -> str:
