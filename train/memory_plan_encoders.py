@@ -19,12 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, is_encoder_decoder=False,
-                use_cache=False, tie_word_embeddings=False)
-CLIP_VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                    image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False,
+            "use_cache": False, "tie_word_embeddings": False}
+CLIP_VIT_H14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
+                "image_size": 224, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
 
 
 def _folder_config(path: str | None, sub: str) -> dict | None:
