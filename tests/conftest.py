@@ -47,3 +47,27 @@ def make_dit_inputs(cfg, batch: int = 2, latent_frames: int = 2, h: int = 4, w: 
         "pose_latents": rand(batch, cfg.latent_channels, latent_frames, h, w),
         "face_pixel_values": torch.rand(batch, 3, 4 * latent_frames - 3, s, s, generator=g) * 2 - 1,
     }
+
+
+def make_tiny_assets(root: Path, *, num_clips: int = 2, clip_len: int = 9, shard_size: int = 1,
+                     model_seeds: tuple[int, ...] = (0,)) -> tuple[list[Path], Path]:
+    """The quick start's assets at test size: tiny random model folder(s) (diffusers layout, one per
+    seed) and synthetic 32x32 clips with 32-pixel face crops. Returns ([model folders], data folder)."""
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    models = [Path(make_tiny_model_folder(root / ("model" if s == model_seeds[0] else f"model-seed{s}"),
+                                          layout="diffusers", seed=s)) for s in model_seeds]
+    data = make_synthetic_dataset(root / "data", num_clips=num_clips, clip_len=clip_len, height=32, width=32,
+                                  seed=0, shard_size=shard_size, face_size=32)
+    return models, Path(data)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons: reset them after an in-process trainer test."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

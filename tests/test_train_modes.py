@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_tiny_assets
 from train.config import ConfigError, compose
 from train.data import StreamSpec, ShardStream, resolve_urls
 from train.modes import is_adapter, make_optimizer, setup_trainable
@@ -30,24 +31,15 @@ PRESETS = ["quickstart", "adapters_only", "animate14b_full", "animate14b_lora", 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tiny model folder + 2 synthetic clips, the quick start's assets."""
-    from data_tools.synthetic import make_synthetic_dataset
     from wan_animate.pipeline import AnimatePipeline
-    from wan_animate.testing import make_tiny_model_folder
 
-    root = tmp_path_factory.mktemp("assets")
-    model = make_tiny_model_folder(root / "model", layout="diffusers", seed=0)
-    data = make_synthetic_dataset(root / "data", num_clips=2, clip_len=9, height=32, width=32, seed=0,
-                                  shard_size=1, face_size=32)
+    (model,), data = make_tiny_assets(tmp_path_factory.mktemp("assets"))
     return model, data, AnimatePipeline
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def _fresh_accelerate_state(fresh_accelerate_state):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def make_trainer(assets, tmp_path, *overrides):

@@ -26,12 +26,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def _fresh_accelerate_state(fresh_accelerate_state):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     import wandb
 
     if wandb.run is not None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_tiny_assets
 from train.config import compose
 from train.data import resolve_urls
 from wan_animate.objective import flow_matching_loss
@@ -21,24 +22,13 @@ from wan_animate.objective import flow_matching_loss
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Two tiny model folders (same architecture, different weights) + 2 synthetic clips."""
-    from data_tools.synthetic_data import make_synthetic_dataset
-    from wan_animate.testing import make_tiny_model_folder
-
-    root = tmp_path_factory.mktemp("assets")
-    model = make_tiny_model_folder(root / "model", layout="diffusers", seed=0)
-    other = make_tiny_model_folder(root / "other", layout="diffusers", seed=1)
-    data = make_synthetic_dataset(root / "data", num_clips=2, clip_len=9, height=32, width=32, seed=0,
-                                  shard_size=1, face_size=32)
+    (model, other), data = make_tiny_assets(tmp_path_factory.mktemp("assets"), model_seeds=(0, 1))
     return model, other, data
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def _fresh_accelerate_state(fresh_accelerate_state):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def make_trainer(assets, tmp_path, *overrides, model=None, data=None):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import make_tiny_assets
 from train.config import ConfigError, compose
 
 
@@ -29,23 +30,14 @@ def _strict_load(path: Path):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Tiny model folder + 3 synthetic clips (13 frames, 32x32) in 2 shards, with a manifest."""
-    from data_tools.synthetic_data import make_synthetic_dataset
-    from wan_animate.testing import make_tiny_model_folder
-
     root = tmp_path_factory.mktemp("ux")
-    model = make_tiny_model_folder(root / "model", layout="diffusers", seed=0)
-    data = make_synthetic_dataset(root / "data", num_clips=3, clip_len=13, height=32, width=32, seed=0,
-                                  shard_size=2, face_size=32)
-    return SimpleNamespace(root=root, model=Path(model), data=Path(data))
+    (model,), data = make_tiny_assets(root, num_clips=3, clip_len=13, shard_size=2)
+    return SimpleNamespace(root=root, model=model, data=data)
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
+def _fresh_accelerate_state(fresh_accelerate_state):
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:  # a run stopped by an exception leaves it open
         wandb.finish()

@@ -1,6 +1,6 @@
 """Typed training configuration, registered in Hydra's ConfigStore.
 
-Every group of ``conf/`` (model, data, optim, lora, train, loss) maps to one dataclass here.
+Every group of ``conf/train/`` (model, data, optim, lora, loss) and the ``train`` node map to one dataclass here.
 Hydra composes YAML + command-line overrides against these schemas (type errors are caught by
 OmegaConf); ``to_config`` then builds the dataclasses, whose ``__post_init__`` checks values and
 cross-field combinations **before any model is loaded**, with messages that say what to change.
@@ -354,7 +354,7 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schema so ``conf/train.yaml`` composes against it (``- base_config`` default)."""
+    """Register the schema so ``conf/train/config.yaml`` composes against it (``- base_config`` default)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -433,7 +433,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> Config:
-    """Compose ``conf/train.yaml`` with overrides outside of ``@hydra.main`` (tests, notebooks)."""
+    """Compose ``conf/train/config.yaml`` with overrides outside of ``@hydra.main`` (tests, notebooks)."""
     import os
 
     from hydra import compose as hydra_compose
@@ -441,8 +441,8 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None) -
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "train")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base=None):
-        cfg = hydra_compose(config_name="train", overrides=list(overrides or []))
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return to_config(cfg)

@@ -19,7 +19,7 @@ from train.config import ConfigError, check_paths, register_configs, to_config
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path="../conf/train", config_name="config")
 def main(cfg: DictConfig) -> None:
     from train.quiet import quiet_third_party
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from wan_animate.config import WanAnimateConfig
+from wan_animate.files import dumps_strict
 
 # ---------------------------------------------------------------------------- FLOPs
 
@@ -110,7 +111,7 @@ class MetricsLogger:
             return
         rec = {"step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(dumps_strict(rec) + "\n")  # strict JSON: a NaN/Inf value is written as null
         if self._wandb is not None:
             self._wandb.log(values, step=step)
 
@@ -132,7 +133,9 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    # metrics.jsonl is strict JSON, so a non-finite value was written as null: read it back as NaN
+    return [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in recs]
 
 
 def plot_loss_curve(output_dir: str | Path) -> Path | None:

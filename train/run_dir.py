@@ -78,15 +78,17 @@ def _describe(ident: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or not JSON (a run killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def previous_identity(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(identity of the run in ``out_dir`` as far as known, its config.json or None)."""
-    saved = None
-    cfg_file = out_dir / "config.json"
-    if cfg_file.is_file():
-        try:
-            saved = json.loads(cfg_file.read_text())
-        except ValueError:
-            saved = None
+    saved = _read_json(out_dir / "config.json")
     ident: dict[str, Any] = {}
     if isinstance(saved, dict):
         if isinstance(saved.get("launch"), dict):
@@ -144,10 +146,7 @@ def write_config(cfg: Config, current: dict[str, Any], model_record: dict[str, A
     record = {**config_to_dict(cfg), "model": model_record, "launch": current}
     path = out_dir / "config.json"
     if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
+        old = _read_json(path)
         if isinstance(old, dict) and (checkpointing.latest_complete(out_dir) is not None
                                       or (out_dir / "summary.json").is_file()):
             changed = _changed_keys(old, json.loads(json.dumps(record, default=str)))
