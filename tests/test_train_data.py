@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from train.config import DataConfig
-from train.data import BatchIterator, StreamSpec, resolve_urls
+from train.data import BatchIterator, StreamSpec
+from train.data_urls import resolve_urls
 from wan_animate.geometry import nearest_bucket
 from wan_animate.objective import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
 

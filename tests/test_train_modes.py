@@ -18,7 +18,8 @@ import torch
 
 from conftest import make_tiny_assets
 from train.config import ConfigError, compose
-from train.data import StreamSpec, ShardStream, resolve_urls
+from train.data import StreamSpec, ShardStream
+from train.data_urls import resolve_urls
 from train.modes import is_adapter, make_optimizer, setup_trainable
 from wan_animate.batch import build_dit_inputs
 from wan_animate.model import ADAPTER_PREFIXES

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_assets
 from train.config import compose
-from train.data import resolve_urls
+from train.data_urls import resolve_urls
 from wan_animate.objective import flow_matching_loss
 
 
