@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.config import CacheLatentsConfig
-from data_tools.dataset import decode_sample
-from data_tools.shards import list_shards, read_shard, shard_keys
+from wan_animate.samples import decode_sample
+from wan_animate.samples import list_shards, read_shard, shard_keys
 from wan_animate.config import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -212,7 +212,7 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
     bar counts samples (not shards) and shows samples/s."""
     from tqdm import tqdm
 
-    from data_tools.dataset import load_text_embeds
+    from wan_animate.samples import load_text_embeds
 
     src, out = Path(cfg.input), Path(cfg.output)
     shards = list_shards(src)

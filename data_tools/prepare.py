@@ -28,7 +28,8 @@ import cv2
 
 from data_tools.clips import InputResult, estimate_clips, process_input
 from data_tools.config import PrepareConfig
-from data_tools.shards import ShardWriter, list_shards, shard_index, shard_keys
+from data_tools.shards import ShardWriter
+from wan_animate.samples import list_shards, shard_index, shard_keys
 from data_tools.workers import WorkerDied, run_in_workers
 from wan_animate.files import atomic_write_json, dumps_strict
 

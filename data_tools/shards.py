@@ -1,7 +1,7 @@
 """Writing shards: encoding one schema-v1 sample into webdataset fields, and an atomic tar writer.
 
 The schema itself and the readers (``list_shards``, ``read_shard``, ``shard_keys``, ``decode_sample``)
-live in ``wan_animate.samples``; they are re-exported here for the data tools. See docs/data.md for
+live in ``wan_animate.samples``. See docs/data.md for
 every field.
 """
 
@@ -19,13 +19,9 @@ from PIL import Image
 
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.files import dumps_strict
-from wan_animate.samples import (  # noqa: F401  (readers re-exported for the data tools)
+from wan_animate.samples import (
     SCHEMA_VERSION,
     SHARD_PATTERN,
-    list_shards,
-    read_shard,
-    shard_index,
-    shard_keys,
 )
 from wan_animate.video_io import encode_video_bytes
 

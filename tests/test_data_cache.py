@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from data_tools.config import CacheLatentsConfig
-from data_tools.dataset import decode_cached_sample, decode_sample, load_text_embeds
-from data_tools.shards import ShardWriter, list_shards, read_shard
+from wan_animate.samples import decode_cached_sample, decode_sample, load_text_embeds
+from data_tools.shards import ShardWriter
+from wan_animate.samples import list_shards, read_shard
 from data_tools.synthetic import make_synthetic_dataset
 
 

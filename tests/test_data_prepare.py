@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from data_tools.config import PrepareConfig
-from data_tools.dataset import decode_sample
+from wan_animate.samples import decode_sample
 from data_tools.inspect import inspect_dir
 from data_tools.pose.face import crop_boxes
 from data_tools.prepare import prepare
-from data_tools.shards import list_shards, read_shard, shard_keys
+from wan_animate.samples import list_shards, read_shard, shard_keys
 from wan_animate.geometry import ResizePlan, area_bucket, choose_bucket
 from wan_animate.video_io import read_video, resample_indices, write_video
 

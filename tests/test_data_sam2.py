@@ -253,9 +253,9 @@ def _person_video(tmp_path, t=9, h=64, w=96):
 
 
 def test_prepare_with_sam2_writes_mask_and_background(tmp_path, sam2_dir, monkeypatch):
-    from data_tools.dataset import decode_sample
+    from wan_animate.samples import decode_sample
     from data_tools.prepare import prepare
-    from data_tools.shards import list_shards, read_shard
+    from wan_animate.samples import list_shards, read_shard
     from wan_animate.video_io import read_video
 
     video, pose = _person_video(tmp_path)

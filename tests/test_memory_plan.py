@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from train.config import ConfigError, compose
-from train.memory_plan import GIB, plan_memory, with_overrides
+from train.memory_plan import plan_memory, with_overrides
+from train.memory_plan_report import GIB
 from wan_animate.config import WanAnimateConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,10 +27,8 @@ Raw shards (schema v1, ``wan_animate.samples.decode_sample``) give pixels; cache
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np

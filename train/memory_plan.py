@@ -48,7 +48,6 @@ import torch
 from train.config import Config
 from train.memory_plan_parallel import engine_of, parallel_terms
 from train.memory_plan_report import (  # noqa: F401
-    GIB,
     candidate_options,
     format_plan,
     plan_result,

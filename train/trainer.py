@@ -150,7 +150,7 @@ class Trainer:
     def data(self) -> BatchIterator:
         """The rank's batch stream, opened at the restored position on first use."""
         if self._data is None:
-            cfg, acc = self.cfg, self.acc
+            cfg = self.cfg
             spec = StreamSpec(
                 urls=self.urls, cfg=cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                 rank=self.sp.data_rank, world_size=self.sp.data_world,  # a group reads the same samples

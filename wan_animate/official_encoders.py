@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 
 from wan_animate.weights.diagnose import CheckpointError
-from wan_animate.weights.files import load_torch_file  # noqa: F401  (re-export: the official .pth files)
 from wan_animate.weights.load import assign_state, empty_model
 
 VAE_FILE = "Wan2.1_VAE.pth"

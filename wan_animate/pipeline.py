@@ -29,6 +29,7 @@ from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnima
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.sampling import SOLVERS, sample
 from wan_animate.video_io import frames_to_tensor, tensor_to_frames
+from wan_animate.weights.files import load_torch_file
 
 SIZE_MULTIPLE = 16
 
@@ -323,11 +324,11 @@ class AnimatePipeline:
             tok_dir = path / oe.T5_TOKENIZER_DIR
             if not tok_dir.is_dir():
                 raise FileNotFoundError(f"{tok_dir}: the umT5 tokenizer folder of the official layout is missing.")
-            vae = WanVAE(oe.vae_from_official(oe.load_torch_file(path / oe.VAE_FILE)), dtype=vae_dtype,
+            vae = WanVAE(oe.vae_from_official(load_torch_file(path / oe.VAE_FILE)), dtype=vae_dtype,
                          device=device, offload=offload, tiling=vae_tiling)
-            text = TextEncoder(oe.t5_from_official(oe.load_torch_file(path / oe.T5_FILE)),
+            text = TextEncoder(oe.t5_from_official(load_torch_file(path / oe.T5_FILE)),
                                AutoTokenizer.from_pretrained(str(tok_dir)), text_len=text_len, **enc_kw)
-            image = ImageEncoder(oe.clip_from_official(oe.load_torch_file(path / oe.CLIP_FILE)), **enc_kw)
+            image = ImageEncoder(oe.clip_from_official(load_torch_file(path / oe.CLIP_FILE)), **enc_kw)
         return cls(dit, vae, text, image, device=device)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
