@@ -1,4 +1,4 @@
-"""Memory plans of every 14B preset (train/memory_plan.py), written to bench/results/memory-plan.md.
+"""Memory plans of every 14B preset (train/plan/planner.py), written to bench/results/memory-plan.md.
 
     python bench/memory_plan.py [--only animate14b_lora ...] [--out bench/results/memory-plan.md]
 
@@ -28,7 +28,7 @@ CASES = [  # (name, experiment, extra overrides, world size); budgets: issue 10'
     ("animate14b_full (1 of 8, ZeRO-3)", "animate14b_full", ["train.plan_world_size=8", "train.plan_budget_gib=70"], 8),
     ("animate14b_full 720x1280 (1 of 8, ZeRO-3)", "animate14b_full",
      ["train.plan_world_size=8", "data.buckets=[[720,1280]]"], 8),
-    # sequence parallelism (train/memory_plan_sequence.py): one rank of a group of 8 holds 1/8 of the tokens
+    # sequence parallelism (train/plan/sequence.py): one rank of a group of 8 holds 1/8 of the tokens
     ("animate14b_full 720x1280 SP=8 (1 of 8, ZeRO-3, train.sequence_parallel=8)", "animate14b_full",
      ["train.plan_world_size=8", "data.buckets=[[720,1280]]", "train.sequence_parallel=8", "train.plan_budget_gib=70"],
      8),
@@ -51,7 +51,7 @@ COLUMNS = ["frozen_weights", "trainable_weights", "gradients", "optimizer_states
 def _plan(experiment: str, extra: list[str], folder: str, out: str, suggest: bool) -> dict:
     overrides = [f"experiment={experiment}", f"model.path={folder}", "data.urls=[unused]", *SIZE, *extra,
                  f"train.output_dir={out}", "train.dry_run=memory"]
-    code = ("import sys, json; from train.config import compose; from train.memory_plan import plan_memory; "
+    code = ("import sys, json; from train.config import compose; from train.plan.planner import plan_memory; "
             f"p = plan_memory(compose(sys.argv[1:]), suggest={suggest}, write=True, quiet=False)")
     t0 = time.time()
     res = subprocess.run([sys.executable, "-c", code, *overrides], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -99,7 +99,7 @@ def main() -> int:
 
 
 def _table(plan: dict) -> str:
-    from train.memory_plan_report import format_plan
+    from train.plan.report import format_plan
 
     return plan["error"] if "error" in plan else format_plan(plan)
 
@@ -114,7 +114,7 @@ def command(experiment: str, extra: list[str]) -> str:
 def render(rows) -> str:
     lines = ["# Memory plans of the 14B presets (train.dry_run=memory)", "",
              "One training step of each preset at 832x480 (H x W = 480 x 832), 77 frames (latent 16 x 21 x 60 x 104,",
-             "32,760 tokens), micro-batch 1, planned on fake tensors by `train/memory_plan.py` (no GPU, no weights).",
+             "32,760 tokens), micro-batch 1, planned on fake tensors by `train/plan/planner.py` (no GPU, no weights).",
              "GiB per category at the device peak of one rank; the exact command of each row is listed below.",
              "`target` is issue 10's budget for the row (`train.plan_budget_gib`), `meets` whether the peak is within it.",
              "", "Regenerate: `python bench/memory_plan.py` (one process per row, a few minutes each on 2 cores);",
@@ -125,7 +125,7 @@ def render(rows) -> str:
              "DeepSpeed also the step's fp32 gradient of one optimizer sub-group, allocated by the planned step at",
              "its computed size), inputs, frozen encoders' weights (on the device only in the encode phase) and",
              "one encode's activations, pinned host memory.",
-             "**Computed** (formulas in `train/memory_plan.py`): torchao AdamW8bit states (2 x (1 B + 4 B / 256)",
+             "**Computed** (formulas in `train/plan/planner.py`): torchao AdamW8bit states (2 x (1 B + 4 B / 256)",
              "per trainable parameter: its quantisation cannot run on fake tensors); under DeepSpeed the",
              "optimizer states (fp32 master + Adam m, v = 12 B per parameter / N), the bf16 gradient partition +",
              "one reduce bucket, and under ZeRO-3 the 1/N of the weights plus the gathered working set",

@@ -1,8 +1,8 @@
-"""The memory planner (train/memory_plan.py) against independent measurements and known sizes.
+"""The memory planner (train/plan/planner.py) against independent measurements and known sizes.
 
 Honesty: the planner's peak (fake tensors, live-storage accounting) is compared with the peak
 resident-set growth of the same step on real CPU tensors in a fresh process
-(``train.memory_plan_measure``: /proc VmHWM after clear_refs, glibc returning every freed block
+(``train.plan.measure``: /proc VmHWM after clear_refs, glibc returning every freed block
 >= 64 KiB), which shares no counting code with the planner.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from train.config import ConfigError, compose
-from train.memory_plan import plan_memory, with_overrides
-from train.memory_plan_report import GIB
+from train.plan.planner import plan_memory, with_overrides
+from train.plan.report import GIB
 from wan_animate.config import WanAnimateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _model_folder(tmp_path: Path, name: str, config: WanAnimateConfig) -> str:
 
 def _measure(overrides: list[str]) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-m", "train.memory_plan_measure", *overrides], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-m", "train.plan.measure", *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1800, check=False)  # minutes on a loaded 2-core box
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

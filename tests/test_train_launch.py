@@ -57,7 +57,7 @@ def _sleeper():
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     import socket
 
-    from train.run_lock import LOCK_NAME, RunLockedError, _start_time, acquire, release
+    from train.checkpoint.run_lock import LOCK_NAME, RunLockedError, _start_time, acquire, release
 
     lock = acquire(tmp_path)
     owner = json.loads(lock.read_text())
@@ -90,7 +90,7 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
 def test_second_run_on_a_locked_output_dir_refuses_before_loading(tmp_path):
     import socket
 
-    from train.run_lock import LOCK_NAME, _start_time
+    from train.checkpoint.run_lock import LOCK_NAME, _start_time
 
     out = tmp_path / "run"
     out.mkdir()

@@ -70,8 +70,8 @@ def _planted_checkpoint(out: Path, marker: Path) -> Path:
 
 
 def test_planted_pickle_is_refused_before_deepspeed_reads_it(tmp_path):
-    from train import checkpointing
-    from train.checkpoint_verify import UnsafeCheckpointError
+    from train.checkpoint import store as checkpointing
+    from train.checkpoint.verify import UnsafeCheckpointError
 
     marker = tmp_path / "pwned"
     ckpt = _planted_checkpoint(tmp_path / "run", marker)
@@ -91,7 +91,7 @@ def test_deepspeed_optimizer_globals_are_allowed(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from train.checkpoint_verify import UnsafeCheckpointError, check_pickles
+    from train.checkpoint.verify import UnsafeCheckpointError, check_pickles
 
     folder = tmp_path / "step-1" / "pytorch_model"
     folder.mkdir(parents=True)
@@ -129,7 +129,7 @@ def test_nan_streak_never_prunes_the_last_good_checkpoint(tmp_path, cache):
 
 
 def test_prune_counts_only_checkpoints_after_a_finite_step(tmp_path):
-    from train import checkpointing as ck
+    from train.checkpoint import store as ck
 
     root = tmp_path / "checkpoints"
     for step, streak in ((2, 0), (4, 0), (5, 1), (6, 2)):
@@ -145,7 +145,7 @@ def test_prune_counts_only_checkpoints_after_a_finite_step(tmp_path):
 
 
 def test_manifest_names_truncated_and_rewritten_files(tmp_path):
-    from train.checkpoint_verify import manifest_problem, write_manifest
+    from train.checkpoint.verify import manifest_problem, write_manifest
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.bin").write_bytes(b"x" * 1000)

@@ -147,7 +147,7 @@ def test_nan_loss_is_skipped_counted_then_stops(tmp_path, cache):
 
 
 def test_keep_last_and_incomplete_folders(tmp_path):
-    from train import checkpointing as ck
+    from train.checkpoint import store as ck
 
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3, 4, 5, 9):

@@ -209,7 +209,7 @@ def test_planned_rank_runs_the_shard_sizes(monkeypatch):
     frames; backward reaches every parameter."""
     import torch
 
-    import train.memory_plan_sequence as planned
+    import train.plan.sequence as planned
     from train.config import compose
     from wan_animate.config import WanAnimateConfig
     from wan_animate.model import WanAnimateDiT

@@ -58,7 +58,7 @@ def test_lora_quickstart_checkpoint_and_export_hold_no_frozen_weight(tmp_path):
     """The quick start with train.mode=lora: the checkpoint's model file is the trained tensors
     only; the export is lora.safetensors + adapters.safetensors, no full model."""
     from train.loop import run
-    from train.trainable_state import BASE_FILE, fingerprint_base
+    from train.checkpoint.trainable import BASE_FILE, fingerprint_base
     from wan_animate.checkpoint import load_dit
 
     out = tmp_path / "run"
@@ -116,7 +116,7 @@ def test_trainable_only_resume_is_exact(assets, tmp_path):
 
 
 def test_resume_on_another_base_is_refused_a_moved_copy_is_not(assets, tmp_path):
-    from train.trainable_state import BaseModelChangedError
+    from train.checkpoint.trainable import BaseModelChangedError
 
     base, other, _ = assets
     first = make_trainer(assets, tmp_path / "run", "train.mode=adapters_only")
@@ -133,7 +133,7 @@ def test_resume_on_another_base_is_refused_a_moved_copy_is_not(assets, tmp_path)
 
 
 def test_fingerprint_sees_a_changed_tensor(assets, tmp_path):
-    from train.trainable_state import fingerprint_base
+    from train.checkpoint.trainable import fingerprint_base
 
     base = assets[0]
     copy = tmp_path / "copy"
@@ -371,7 +371,7 @@ def test_deepspeed_zero2_trainable_only_checkpoint_resumes_exactly(tmp_path):
     """`accelerate launch` + DeepSpeed ZeRO-2 (1 CPU process), train.mode=lora: the engine's module
     file holds the trained tensors only (exclude_frozen_parameters), and a rerun from step 2 gives
     the straight run's losses bit for bit."""
-    from train.trainable_state import BASE_FILE
+    from train.checkpoint.trainable import BASE_FILE
 
     cache, straight, resumed = tmp_path / "cache", tmp_path / "a", tmp_path / "b"
     _launch_zero2(straight, cache)

@@ -134,7 +134,7 @@ def _fake_run(out: Path, launch: dict | None, ranks: int = 1, deepspeed: bool = 
 
 
 def test_another_launch_on_a_run_folder_is_refused_naming_the_difference(assets, tmp_path):
-    from train.run_dir import check_output_dir, launch_identity
+    from train.checkpoint.run_dir import check_output_dir, launch_identity
 
     cfg = compose([f"train.output_dir={tmp_path / 'a'}"])
     here = launch_identity(cfg, world_size=1, deepspeed=False, zero_stage=0)
@@ -157,7 +157,7 @@ def test_another_launch_on_a_run_folder_is_refused_naming_the_difference(assets,
 
 
 def test_a_moved_copy_of_the_model_resumes_another_model_is_refused(assets, tmp_path):
-    from train.run_dir import check_output_dir, launch_identity
+    from train.checkpoint.run_dir import check_output_dir, launch_identity
 
     cfg = _cfg(assets, tmp_path / "a")
     here = launch_identity(cfg, 1, False, 0)
@@ -172,7 +172,7 @@ def test_a_moved_copy_of_the_model_resumes_another_model_is_refused(assets, tmp_
 
 def test_config_json_records_the_loaded_model_folder_not_a_preset(assets, tmp_path):
     from train.preflight import model_facts
-    from train.run_dir import launch_identity, loaded_model_record, write_config
+    from train.checkpoint.run_dir import launch_identity, loaded_model_record, write_config
 
     cfg = _cfg(assets, tmp_path / "run", "model=14b")  # the preset group of the real model, path set
     dit_config, layout = model_facts(assets.model)
@@ -191,7 +191,7 @@ def test_config_json_records_the_loaded_model_folder_not_a_preset(assets, tmp_pa
 
 
 def test_summary_is_strict_json_with_a_nan_loss(tmp_path):
-    from train.run_dir import write_summary
+    from train.checkpoint.run_dir import write_summary
 
     write_summary(tmp_path, {"status": "finished", "final_loss": float("nan"), "step": 3})
     assert _strict_load(tmp_path / "summary.json")["final_loss"] is None

@@ -240,7 +240,7 @@ class TrainSettings:
     debug_step_delay_s: float = 0.0
     # Flop-count basis of the MFU figure (peak TFLOP/s per device); 0 -> guess from the device.
     peak_tflops: float = 0.0
-    # Memory planner (train/memory_plan.py): "memory" runs one step on fake tensors and writes
+    # Memory planner (train/plan/planner.py): "memory" runs one step on fake tensors and writes
     # <output_dir>/memory_plan.json instead of training; plan_world_size plans one rank of N
     # (0 -> the launched world size); plan_budget_gib is the device memory the verdict checks.
     dry_run: Optional[str] = None

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train import preflight, run_dir
+from train import preflight
+from train.checkpoint import run_dir
 from train.assets import prepare_assets
 from train.config import Config, config_to_dict
 from train.export import export

@@ -31,12 +31,12 @@ def main(cfg: DictConfig) -> None:
         print(f"[train] configuration error: {e}", file=sys.stderr)
         sys.exit(2)
     if config.train.dry_run == "memory":  # plan the step on fake tensors instead of training
-        from train.memory_plan import run_dry
+        from train.plan.planner import run_dry
 
         run_dry(config)
         return
     from train.loop import run
-    from train.run_lock import RunLockedError, acquire, release
+    from train.checkpoint.run_lock import RunLockedError, acquire, release
     from train.signals import stop_with_launcher
 
     lock = None

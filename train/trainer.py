@@ -25,14 +25,15 @@ from typing import Any, Sequence
 
 import torch
 
-from train import checkpointing, sequence
+from train import sequence
+from train.checkpoint import store as checkpointing
 from train.config import Config, ConfigError
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
 from train.frozen_encoders import load_frozen_encoders, training_needs_encoders
 from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
-from train.trainable_state import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
+from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
 from wan_animate.batch import build_dit_inputs, fixed_draw
 from wan_animate.objective import flow_matching_loss
 

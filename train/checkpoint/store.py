@@ -9,7 +9,7 @@ The non-accelerate parts are ``train.trainer.Trainer.state_dict()``: ``{"train":
 and writes ``COMPLETE`` last. Folders without ``COMPLETE`` are ignored (and cleaned up); only the
 newest ``keep_last`` complete checkpoints are kept.
 
-Reliability (``train.checkpoint_verify``, docs/reliability.md): a size/hash ``MANIFEST.json`` is
+Reliability (``train.checkpoint.verify``, docs/reliability.md): a size/hash ``MANIFEST.json`` is
 written before ``COMPLETE``; resume checks it and every pickle (tensor-only unpickler, before
 DeepSpeed sees the folder) and falls back to the previous complete checkpoint when a file is
 damaged. No checkpoint is written while the current streak of non-finite steps lasts, so pruning
@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint_verify import check_pickles, make_group_readable, manifest_problem, write_manifest
+from train.checkpoint.verify import check_pickles, make_group_readable, manifest_problem, write_manifest
 
 COMPLETE = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d+)$")

@@ -1,6 +1,6 @@
 """The memory planner's model of one rank of a parallel job (``train.plan_world_size=N``).
 
-Split from ``train.memory_plan`` (which runs the step); what each engine holds per rank is written
+Split from ``train.plan.planner`` (which runs the step); what each engine holds per rank is written
 there, in the module docstring. These terms are *computed* from the parameter counts and
 launch/deepspeed/*.json; the fake step measures everything else.
 """

@@ -28,7 +28,7 @@ Parallel engines (``train.plan_world_size=N`` plans one rank of N):
 * At the DeepSpeed step: the fp32 gradient of one optimizer sub-group (``sub_group_size``
   elements at most) and its bf16 flattened source, alive during the step only (allocated by the
   planned step at that size).
-Those optimizer/gradient/working-set figures are *computed* (``train.memory_plan_parallel``) from
+Those optimizer/gradient/working-set figures are *computed* (``train.plan.engines``) from
 the parameter counts and launch/deepspeed/*.json; everything else is *measured* on the fake step.
 """
 
@@ -46,18 +46,18 @@ from typing import Any
 import torch
 
 from train.config import Config
-from train.memory_plan_parallel import engine_of, parallel_terms
-from train.memory_plan_report import (  # noqa: F401
+from train.plan.engines import engine_of, parallel_terms
+from train.plan.report import (  # noqa: F401
     candidate_options,
     format_plan,
     plan_result,
     with_overrides,
 )
-from train.memory_plan_sequence import (
+from train.plan.sequence import (
     install_planned as install_planned_sequence_parallel,
 )
-from train.memory_plan_sequence import plan_fields as sequence_plan_fields
-from train.memory_plan_track import LiveBytes
+from train.plan.sequence import plan_fields as sequence_plan_fields
+from train.plan.track import LiveBytes
 
 DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
 
@@ -197,7 +197,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
     ``tracker`` is entered."""
-    from train.memory_plan_encoders import wrap_encoders
+    from train.plan.encoders import wrap_encoders
     from wan_animate.model import set_precision
 
     setup_trainable, make_optimizer, upcast_trainable = _trainer_functions()
@@ -334,7 +334,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     pt, ph, pw = mcfg.patch_size
     tokens = (t_lat // pt) * (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
     tracker = LiveBytes()
-    from train.memory_plan_encoders import build_meta_encoders
+    from train.plan.encoders import build_meta_encoders
     from wan_animate.model import WanAnimateDiT
 
     with torch.device("meta"):

@@ -49,9 +49,9 @@ def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None
     of the trainable parameters (``train.state.EMA.state_dict()``). Returns what was written.
 
     ``lora`` / ``adapters_only``: only the trained tensors are gathered and written (small files);
-    the merged full model only with ``train.export_merged`` (``train.export_trainable``)."""
-    from train.export_trainable import trainable_state, write_trainable_only
-    from train.trainable_state import is_trainable_only
+    the merged full model only with ``train.export_merged`` (``train.checkpoint.export_trainable``)."""
+    from train.checkpoint.export_trainable import trainable_state, write_trainable_only
+    from train.checkpoint.trainable import is_trainable_only
 
     written: dict[str, str] = {}
     if is_trainable_only(cfg.train.mode):

@@ -1,10 +1,10 @@
 """Independent check of the memory planner: the same step on real CPU tensors, measured by the kernel.
 
-    MALLOC_MMAP_THRESHOLD_=65536 python -m train.memory_plan_measure [hydra overrides]
+    MALLOC_MMAP_THRESHOLD_=65536 python -m train.plan.measure [hydra overrides]
 
 prints one JSON line ``{"peak_rss_delta_gib": ..., "seconds": ...}``. It builds the planned model
 with initialised weights (no encoders: meant for ``data.source=cached`` configs, where the planner
-parks them on the host), runs ``train.memory_plan``'s step on real tensors, and reads the
+parks them on the host), runs ``train.plan.planner``'s step on real tensors, and reads the
 process's peak resident set (``VmHWM``) after resetting it (``/proc/self/clear_refs``) once the
 imports are done. Nothing of the planner's accounting (``LiveBytes``, fake tensors, storage
 bookkeeping) is involved: the figure is what the operating system saw. The fixed mmap threshold
@@ -32,7 +32,7 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     import torch
 
     from train.config import compose
-    from train.memory_plan import (
+    from train.plan.planner import (
         NullTracker,
         _build,
         _model_config,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train import checkpointing
+from train.checkpoint import store as checkpointing
 from train.config import Config, ConfigError, config_to_dict
 from wan_animate.files import atomic_write_json
 
@@ -49,7 +49,7 @@ def launch_identity(cfg: Config, world_size: int, deepspeed: bool, zero_stage: i
 
 def _same_model(before: dict[str, Any], current: dict[str, Any]) -> bool:
     """Same path, or two folders with the same DiT config (a moved copy: the trainable-only state's
-    base fingerprint, ``train.trainable_state``, checks the weights themselves on resume)."""
+    base fingerprint, ``train.checkpoint.trainable``, checks the weights themselves on resume)."""
     if before.get("model") == current["model"]:
         return True
     a, b = before.get("model_config"), current.get("model_config")

@@ -1,6 +1,6 @@
 """The memory planner's result: the plan dict, the printed table and the options worth trying.
 
-Split from ``train.memory_plan`` (which runs the step); nothing here touches tensors.
+Split from ``train.plan.planner`` (which runs the step); nothing here touches tensors.
 """
 
 from __future__ import annotations

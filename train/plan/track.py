@@ -11,7 +11,7 @@ after accumulation), batch inputs, frozen encoder weights. Storages marked *host
 memory option, or parked on the CPU) are summed apart and never enter the device peak.
 
 Sharded categories (ZeRO) are counted at ``scale[category]`` of their bytes, so the same step
-plans one rank of an N-rank job (see ``train.memory_plan`` for the model of each engine).
+plans one rank of an N-rank job (see ``train.plan.planner`` for the model of each engine).
 """
 
 from __future__ import annotations

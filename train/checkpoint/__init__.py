@@ -1,0 +1,1 @@
+"""Checkpoints and the run folder: writing, verification, trainable-only state, exports, run lock and records."""
