@@ -7,7 +7,10 @@ Per sample, a tar member ``<key>.latents.safetensors`` with (normalised VAE late
 for n in ``refert_nums`` (the latent of the temporal-reference video: first n pixel frames ground
 truth, the rest zeros), ``clip`` [257, image_dim]; for replace-mode samples also
 ``cond_replace_r{n}`` (rest = background) and ``char_mask`` [1, T, h, w] (1 = character,
-nearest-downsampled per pixel frame). Plus ``<key>.face.mp4`` (copied pixels; the motion encoder
+nearest-downsampled per pixel frame); for samples with a driving video (schema version 2, the
+Animate-2 family) also ``driving`` [16, t, h, w] and ``clip_driving`` [257, image_dim] (CLIP of
+driving frame 0), with the driving pass's fixed prompt (``wan_animate.config.DRIVING_PROMPT``) in
+``text_embeds.safetensors`` under the json's ``driving_text_key``. Plus ``<key>.face.mp4`` (copied pixels; the motion encoder
 trains) and ``<key>.json`` (the raw json + ``text_key``, ``empty_text_key``, ``latent_shape``).
 Text embeddings are deduplicated per caption in ``text_embeds.safetensors`` at the output root
 (always including the empty prompt for condition dropout). Output shards keep the input shard
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from data_tools.config import CacheLatentsConfig
 from wan_animate.samples import decode_sample
 from wan_animate.samples import list_shards, read_shard, shard_keys
-from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.config import DEFAULT_PROMPT, DRIVING_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_EMBEDS = "text_embeds.safetensors"
@@ -124,6 +127,9 @@ class LatentCacher:
         _, t_pix, h, w = video.shape
         out = {"target": self._encode(video), "pose": self._encode(pose), "ref": self._encode(ref[:, None])}
         out["clip"] = self.image_encoder.encode(ref[None].to(self.device))[0].float().cpu()
+        if "driving" in d:  # schema v2: the driving stream of the Animate-2 family, and its CLIP (frame 0)
+            out["driving"] = self._encode(d["driving"])
+            out["clip_driving"] = self.image_encoder.encode(d["driving"][None, :, 0].to(self.device))[0].float().cpu()
         modes = [("cond_r", None)] + ([("cond_replace_r", d["bg"])] if "bg" in d else [])
         for prefix, bg in modes:
             for n in self.refert_nums:
@@ -195,7 +201,13 @@ def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: Latent
                 embeds.update(cacher.encode_texts([cap]))
                 captions[text_key(cap)] = cap
             tensors = cacher.encode_sample(d)
-            meta = dict(d["meta"], text_key=text_key(cap), empty_text_key=text_key(""),
+            extra = {}
+            if "driving" in d:  # the driving pass's fixed prompt, deduplicated like the captions
+                if text_key(DRIVING_PROMPT) not in embeds:
+                    embeds.update(cacher.encode_texts([DRIVING_PROMPT]))
+                    captions[text_key(DRIVING_PROMPT)] = DRIVING_PROMPT
+                extra["driving_text_key"] = text_key(DRIVING_PROMPT)
+            meta = dict(d["meta"], **extra, text_key=text_key(cap), empty_text_key=text_key(""),
                         latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
                         cached_from=str(shard), model=str(cfg.model))
             _write_members(tar, d["key"], {"latents.safetensors": save_safetensors(tensors),

@@ -3,7 +3,8 @@
 Decode (upright, with timestamps), re-sample to ``fps`` by time, cut clips of ``clip_len`` frames
 every ``clip_stride``, resize to a resolution bucket (``wan_animate.geometry``), extract keypoints
 on the source frames, render the pose video, crop the faces, pick a reference frame, and in replace
-mode segment the character. Problems with one input or clip are returned as reasons, never raised.
+mode (or for ``driving=appearance``, the driving video of schema version 2) segment the character.
+Problems with one input or clip are returned as reasons, never raised.
 """
 
 from __future__ import annotations
@@ -234,18 +235,33 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         else:
             pose_video = render_pose(pose_t, h, w)
             face = crop_boxes(frames_src[used[idx]], boxes_all[idx], cfg.face_size)
-        bg = mask = None
+        bg = mask = driving = None
         if segmenter is not None:
-            mask = segmenter.masks(target, pose=pose_t)
-            from data_tools.segment import background
+            masks = segmenter.masks(target, pose=pose_t)
+            if cfg.replace:
+                from data_tools.segment import background
 
-            bg = background(target, mask)
-            stats["mask_coverage_sum"] += float(mask.mean()) * len(idx)
+                bg, mask = background(target, masks), masks
+                stats["mask_coverage_sum"] += float(masks.mean()) * len(idx)
+            if cfg.driving == "appearance":
+                driving = _appearance_driving(cfg, key, target, masks, meta)
         res.samples.append(encode_sample(key, target=target, pose=pose_video, face=face,
                                          ref=ref, meta=meta, caption=caption, fps=out_fps, bg=bg, mask=mask,
-                                         crf=cfg.crf))
+                                         driving=driving, crf=cfg.crf))
     res.stats = stats
     return res
+
+
+def _appearance_driving(cfg: PrepareConfig, key: str, target: np.ndarray, masks: np.ndarray, meta: dict) -> np.ndarray:
+    """``driving=appearance``: the clip with the character recoloured and textured over a new
+    background (``data_tools.appearance``), every choice seeded by ``(seed, key)``; recorded in the json."""
+    from data_tools.appearance import change_appearance, draw_appearance
+
+    seed = int(hashlib.sha1(f"{cfg.seed}:{key}:driving".encode()).hexdigest()[:8], 16)
+    params = draw_appearance(np.random.default_rng(seed))
+    meta["driving"] = {"method": "appearance", "seed": seed, "params": params.to_dict(),
+                       "mask_coverage": round(float(np.mean(masks)), 4)}
+    return change_appearance(target, masks, params, seed=seed)
 
 
 def estimate_clips(path: str, cfg: PrepareConfig) -> int:

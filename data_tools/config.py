@@ -20,6 +20,7 @@ from wan_animate.options import canonical_dtype_name, check_frames_4n1
 POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
 SEGMENTERS = ("mediapipe", "sam2")
+DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PrepareConfig:
     reference_policy: str = "outside"  # outside | first | image
     reference_image: Optional[str] = None  # for policy "image": one image for all, else <video stem>.{png,jpg}
     replace: bool = False  # also write bg.mp4 + mask.mp4 (replace mode)
+    # driving.mp4 (schema v2, the Animate-2 family): none | appearance (the clip recoloured, textured and on a
+    # new background through the character mask; data_tools.appearance, docs/data.md)
+    driving: str = "none"
     mask_threshold: float = 0.5
     segmenter: str = "mediapipe"  # replace-mode masks: mediapipe | sam2
     sam2_path: Optional[str] = None  # segmenter=sam2: SAM2 folder in the transformers format
@@ -76,8 +80,12 @@ class PrepareConfig:
         if self.segmenter == "sam2" and not self.sam2_path:
             raise ValueError("segmenter=sam2 needs the SAM2 weights: set sam2_path=DIR (a transformers-format "
                              "SAM2 folder, e.g. facebook/sam2.1-hiera-large)")
-        if self.segmenter != "mediapipe" and not self.replace:
-            raise ValueError(f"segmenter={self.segmenter} only makes replace-mode masks: add replace=true")
+        if self.driving not in DRIVING_METHODS:
+            raise ValueError(f"driving={self.driving!r}: choose one of {DRIVING_METHODS} (appearance writes "
+                             f"driving.mp4 for the Animate-2 family)")
+        if self.segmenter != "mediapipe" and not (self.replace or self.driving == "appearance"):
+            raise ValueError(f"segmenter={self.segmenter} only makes character masks, which replace=true and "
+                             f"driving=appearance use: add one of them")
         if self.segmenter == "sam2" and self.pose_backend == "precomputed" and "path" not in self.pose_options:
             raise ValueError("segmenter=sam2 is prompted from keypoints, which ready pose videos lack: give "
                              "pose_options.path= (keypoint files) too, or use segmenter=mediapipe")
@@ -112,6 +120,7 @@ class SyntheticConfig:
     face_size: int = 64
     fps: float = 30.0
     replace: bool = False
+    driving: bool = False  # also write driving.mp4 (schema v2): the same animation by a second character
 
     def __post_init__(self) -> None:
         if self.output is None:

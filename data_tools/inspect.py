@@ -1,10 +1,11 @@
-"""Validate shards (raw schema v1 or cached latents) and draw contact sheets a person can look at.
+"""Validate shards (raw schema v1 / v2 or cached latents) and draw contact sheets a person can look at.
 
     python -m data_tools.inspect DIR [--sheet PATH] [--rows 12] [--frames 4] [--max-samples N]
         [--min-pose-quality 0.8]
 
 Raw shards: every stream decodes, frame counts agree, sizes are right (H, W multiples of 16; face
-square; ref H x W; json keypoints / face boxes per frame). Cached shards (``cache_latents`` output,
+square; ref H x W; json keypoints / face boxes per frame; a version-2 driving video covers the
+target frame for frame, and is a warning when it nearly equals the target). Cached shards (``cache_latents`` output,
 detected from the members): the latents load, their shapes agree with each other and with the
 json (latent frames ``(T - 1) / 4 + 1``, size ``H/8 x W/8``), the face video has T square frames,
 the caption's text embedding is in ``text_embeds.safetensors``. Both: keys are unique across
@@ -13,7 +14,7 @@ get a pose-quality score (``data_tools.pose.quality``): flagged clips are warnin
 frames, and errors below ``--min-pose-quality``; the score is on the contact sheet.
 
 The contact sheet covers every sample, ``--rows`` per page: ``contact_sheet.png``, then
-``contact_sheet-2.png``, ... One row per sample: reference | frames | pose | face (raw), or
+``contact_sheet-2.png``, ... One row per sample: reference | frames | pose | face [| driving] (raw), or
 target latents | pose latents | face (cached; latent channels 0-2 as colours). Exit status 1 when
 anything is wrong.
 """
@@ -76,6 +77,23 @@ def check_sample(d: dict) -> list[str]:
     return errs
 
 
+# A driving video this close to its target (mean absolute difference, in [-1, 1] pixel units) is a
+# copy: trained on it, a model learns to copy the driving frames instead of animating the reference.
+DRIVING_COPY_THRESHOLD = 0.02
+
+
+def check_driving(d: dict) -> list[str]:
+    """Warnings about the version-2 driving stream of one decoded raw sample (its shape is checked
+    by the decoder): a driving video that equals the target."""
+    if "driving" not in d:
+        return []
+    diff = float((d["driving"] - d["video"]).abs().mean())
+    if diff < DRIVING_COPY_THRESHOLD:
+        return [f"{d['key']}: driving.mp4 is nearly the target clip (mean |difference| {diff:.4f}); training on it "
+                f"teaches copying: make the driving video with another appearance (docs/data.md)"]
+    return []
+
+
 def check_cached_sample(d: dict) -> list[str]:
     """Shape agreement of one decoded cached sample (``decode_cached_sample`` output)."""
     key, meta = d["key"], d["meta"]
@@ -99,6 +117,8 @@ def check_cached_sample(d: dict) -> list[str]:
         errs.append(f"{key}: face video {tf} frames of {fh}x{fw}, want {t} square frames")
     if meta.get("replace") and "char_mask" not in d:
         errs.append(f"{key}: replace-mode sample without char_mask")
+    if meta.get("schema_version") == 2 and "driving" not in d:
+        errs.append(f"{key}: a version-2 sample cached without driving latents (re-run cache_latents)")
     return errs
 
 
@@ -117,12 +137,16 @@ def _strip(groups: list[list[np.ndarray]], height: int) -> np.ndarray:
 
 
 def contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:
-    """reference | frames | pose | face for one decoded raw sample, uint8 [height, W, 3]."""
+    """reference | frames | pose | face [| driving] for one decoded raw sample, uint8 [height, W, 3]."""
     t = d["video"].shape[1]
     picks = np.linspace(0, t - 1, num_frames).round().astype(int)
     video, pose, face = (tensor_to_frames(d[k]) for k in ("video", "pose", "face"))
     ref = tensor_to_frames(d["ref"][:, None])[0]
-    return _strip([[ref], [video[i] for i in picks], [pose[i] for i in picks], [face[i] for i in picks]], height)
+    groups = [[ref], [video[i] for i in picks], [pose[i] for i in picks], [face[i] for i in picks]]
+    if "driving" in d:
+        driving = tensor_to_frames(d["driving"])
+        groups.append([driving[i] for i in picks])
+    return _strip(groups, height)
 
 
 def _latent_image(lat) -> np.ndarray:
@@ -238,8 +262,10 @@ def inspect_dir(directory, *, sheet: str | None = None, rows: int = 12, frames: 
                 sheets.add(_label(cached_contact_row(d, frames), f"{key}  target latents | pose latents | face"))
             else:
                 rep.errors += [f"{shard.name}: {e}" for e in check_sample(d)]
+                rep.warnings += [f"{shard.name}: {w}" for w in check_driving(d)]
                 score = _pose_check(d, rep, shard.name, min_pose_quality)
-                sheets.add(_label(contact_row(d, frames), f"{key}{score}  ref | frames | pose | face"))
+                tail = " | driving" if "driving" in d else ""
+                sheets.add(_label(contact_row(d, frames), f"{key}{score}  ref | frames | pose | face{tail}"))
     sheets.flush()
     rep.sheets = sheets.paths
     rep.sheet = sheets.paths[0] if sheets.paths else None

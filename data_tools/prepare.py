@@ -80,7 +80,7 @@ def _make_tools(cfg: PrepareConfig):
 
     backend = get_pose_backend(cfg.pose_backend, **dict(cfg.pose_options))
     segmenter = None
-    if cfg.replace:
+    if cfg.replace or cfg.driving == "appearance":  # both need the character mask
         from data_tools.segment import get_segmenter
 
         if cfg.segmenter == "sam2":
@@ -115,6 +115,8 @@ def _config_fingerprint(cfg: PrepareConfig) -> str:
     d = asdict(cfg)
     for k in ("output", "workers", "input"):
         d.pop(k)
+    if d.get("driving") == "none":  # outputs made before the option existed stay resumable
+        d.pop("driving")
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

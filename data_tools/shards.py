@@ -1,4 +1,5 @@
-"""Writing shards: encoding one schema-v1 sample into webdataset fields, and an atomic tar writer.
+"""Writing shards: encoding one sample (schema version 1, or 2 with a driving video) into webdataset
+fields, and an atomic tar writer.
 
 The schema itself and the readers (``list_shards``, ``read_shard``, ``shard_keys``, ``decode_sample``)
 live in ``wan_animate.samples``. See docs/data.md for
@@ -19,10 +20,7 @@ from PIL import Image
 
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.files import dumps_strict
-from wan_animate.samples import (
-    SCHEMA_VERSION,
-    SHARD_PATTERN,
-)
+from wan_animate.samples import DRIVING_FIELD, SHARD_PATTERN, sample_schema_version
 from wan_animate.video_io import encode_video_bytes
 
 DEFAULT_CAPTION = DEFAULT_PROMPT
@@ -41,11 +39,13 @@ def safe_key(text: str) -> str:
 
 def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.ndarray, ref: np.ndarray,
                   meta: dict, caption: str, fps: float, bg: np.ndarray | None = None,
-                  mask: np.ndarray | None = None, crf: int = 18) -> dict[str, bytes]:
-    """One schema-v1 sample as ``{field: bytes}`` (plus ``__key__``). Checks the streams line up.
+                  mask: np.ndarray | None = None, driving: np.ndarray | None = None,
+                  crf: int = 18) -> dict[str, bytes]:
+    """One sample as ``{field: bytes}`` (plus ``__key__``). Checks the streams line up.
 
-    target/pose/bg uint8 [T, H, W, 3]; face uint8 [T, S, S, 3]; ref uint8 [H, W, 3];
-    mask uint8 or bool [T, H, W] (nonzero = character).
+    target/pose/bg/driving uint8 [T, H, W, 3]; face uint8 [T, S, S, 3]; ref uint8 [H, W, 3];
+    mask uint8 or bool [T, H, W] (nonzero = character). ``driving`` (the same motion performed by
+    another appearance) makes it a schema-version-2 sample; without it the sample is version 1.
     """
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'; use safe_key()")
@@ -58,10 +58,12 @@ def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.nd
         raise ValueError(f"{key}: face crops {face.shape} must be [T={t}, S, S, 3]")
     if ref.shape != (h, w, 3):
         raise ValueError(f"{key}: reference {ref.shape} must be {(h, w, 3)}")
+    if driving is not None and driving.shape != target.shape:
+        raise ValueError(f"{key}: driving video {driving.shape} differs from target {target.shape}")
     if (bg is None) != (mask is None):
         raise ValueError(f"{key}: replace mode needs both bg and mask")
     meta = dict(meta)
-    meta.update(schema_version=SCHEMA_VERSION, num_frames=int(t), height=int(h), width=int(w),
+    meta.update(schema_version=sample_schema_version(driving is not None), num_frames=int(t), height=int(h), width=int(w),
                 face_size=int(face.shape[1]), fps=float(fps), caption=caption, replace=bg is not None)
     sample = {
         "__key__": key,
@@ -72,6 +74,8 @@ def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.nd
         "json": dumps_strict(meta).encode(),
         "txt": caption.encode(),
     }
+    if driving is not None:
+        sample[DRIVING_FIELD] = encode_video_bytes(driving, fps, crf=crf)
     if bg is not None:
         if bg.shape != target.shape or mask.shape[:3] != (t, h, w):
             raise ValueError(f"{key}: bg {bg.shape} / mask {mask.shape} must match target {target.shape}")

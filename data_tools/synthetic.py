@@ -1,4 +1,4 @@
-"""``python -m data_tools.synthetic output=DIR [num_clips=8 clip_len=17 height=64 width=64 seed=0]``:
+"""``python -m data_tools.synthetic output=DIR [num_clips=8 clip_len=17 height=64 width=64 seed=0 driving=false]``:
 the command that writes the synthetic set. The generator itself lives in
 ``data_tools.synthetic_data`` (a library module train/ and eval/ may import; they may not import
 command modules); import its names from there. ``make_synthetic_dataset`` stays importable from here.
@@ -15,7 +15,8 @@ from data_tools.synthetic_data import make_synthetic_dataset
 def _main(cfg: SyntheticConfig) -> None:
     out = make_synthetic_dataset(cfg.output, num_clips=cfg.num_clips, clip_len=cfg.clip_len, height=cfg.height,
                                  width=cfg.width, seed=cfg.seed, shard_size=cfg.shard_size,
-                                 face_size=cfg.face_size, fps=cfg.fps, replace=cfg.replace, progress=True)
+                                 face_size=cfg.face_size, fps=cfg.fps, replace=cfg.replace, progress=True,
+                                 driving=cfg.driving)
     m = json.loads((out / "manifest.json").read_text())
     print(f"wrote {m['counts']['samples']} samples in {m['counts']['shards']} shards to {out} ({m['seconds']} s)")
 

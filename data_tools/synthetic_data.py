@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace as with_fields
 from pathlib import Path
 
 import cv2
@@ -234,17 +234,43 @@ def synthesize_clip(seed: int, index: int, clip_len: int, height: int, width: in
     return np.stack(frames), pose, ref, np.stack(masks), ch
 
 
+# The fields of ``Character`` that make its motion; the others are its appearance (colours, body shape).
+MOTION_FIELDS = ("arm_freq", "leg_freq", "arm_phase", "turn_freq", "blink_period", "mouth_freq", "drift")
+
+
+def driving_character(ch: Character, seed: int, index: int) -> Character:
+    """Another character (colours, body shape, background drawn from ``(seed, index)``'s own
+    stream) that performs exactly ``ch``'s motion: same joint angles, head turn, blinks and mouth
+    in every frame. Its clip is the driving video of a version-2 sample."""
+    other = random_character(np.random.default_rng([seed, index, 0xD21]))
+    return with_fields(other, **{name: getattr(ch, name) for name in MOTION_FIELDS})
+
+
+def render_animation(ch: Character, clip_len: int, height: int, width: int) -> np.ndarray:
+    """Frames uint8 [T, H, W, 3] of ``ch`` performing its animation."""
+    frames = []
+    for t in range(clip_len):
+        body, _, _, _, geo = character_keypoints(ch, animation_state(ch, t, clip_len), height, width)
+        frames.append(draw_character(ch, body, geo, height, width)[0])
+    return np.stack(frames)
+
+
 def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17, height: int = 64,
                            width: int = 64, seed: int = 0, shard_size: int = 4, face_size: int = 64,
-                           fps: float = 30.0, replace: bool = False, progress: bool = False) -> Path:
+                           fps: float = 30.0, replace: bool = False, progress: bool = False,
+                           driving: bool = False) -> Path:
     """Write ``num_clips`` synthetic samples as schema-v1 shards + manifest.json; returns the folder.
+
+    ``driving=True`` adds each clip's driving video (schema version 2): the same animation
+    rendered exactly with a second character (``driving_character``), the triplets the
+    Wan-Animate-2 family trains on.
 
     Deterministic: the same arguments give identical samples (videos are lossless H.264, so the
     decoded frames are exact; the mp4 bytes may differ because x264 is multi-threaded).
     """
     cfg = SyntheticConfig(output=str(output_dir), num_clips=num_clips, clip_len=clip_len, height=height,
                           width=width, seed=seed, shard_size=shard_size, face_size=face_size, fps=fps,
-                          replace=replace)
+                          replace=replace, driving=driving)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("shard-*.tar")) + list(out.glob("shard-*.tar.tmp")):
@@ -269,6 +295,8 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 "person_detected": [True] * clip_len, "face_detected": [True] * clip_len,
                 "synthetic": {"character": asdict(ch)},
             }
+            if driving:
+                meta["synthetic"]["driving_character"] = asdict(driving_character(ch, seed, i))
             bg = mask = None
             if replace:
                 bg = frames * (~masks[..., None])
@@ -276,6 +304,8 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 mask = masks
             writer.write(encode_sample(key, target=frames, pose=render_pose(pose, height, width), face=face,
                                        ref=ref, meta=meta, caption=CAPTION, fps=fps, bg=bg, mask=mask,
+                                       driving=render_animation(driving_character(ch, seed, i), clip_len, height,
+                                                                width) if driving else None,
                                        crf=0))  # lossless: decoded frames are exact and reproducible
             keys.append(key)
     manifest = {
@@ -283,6 +313,7 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
         "counts": {"samples": len(keys), "shards": len(writer.shards_written), "skipped_inputs": 0},
         "shards": [p.name for p in writer.shards_written], "face_size": face_size,
         "height": height, "width": width, "clip_len": clip_len, "fps": fps, "replace": replace,
+        "driving": driving,
         "seconds": round(time.time() - started, 3),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))

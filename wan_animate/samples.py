@@ -1,8 +1,16 @@
-"""Shard schema v1 and sample decoding: what the trainer, eval and ``data_tools.inspect`` read.
+"""Shard schema (versions 1 and 2) and sample decoding: what the trainer, eval and
+``data_tools.inspect`` read.
 
 A raw sample is a group of tar members sharing a key: ``<key>.mp4`` (target clip),
 ``<key>.pose.mp4``, ``<key>.face.mp4``, ``<key>.ref.png``, optional ``<key>.bg.mp4`` /
-``<key>.mask.mp4``, ``<key>.json`` and ``<key>.txt`` (docs/data.md lists every field). A cached
+``<key>.mask.mp4``, ``<key>.json`` and ``<key>.txt`` (docs/data.md lists every field).
+
+Version 2 adds ``<key>.driving.mp4``: the same motion as the target clip performed by another
+appearance (the driving video of the Wan-Animate-2 family), frame for frame, same ``T, H, W``. A
+sample is stamped with the lowest version that describes it (``sample_schema_version``): samples
+without a driving video stay version 1, so readers that know only version 1 still read them; a
+version-2 json without ``driving.mp4`` (or ``driving.mp4`` under a version-1 json) is a decode
+error. Both versions are read here. A cached
 sample (``data_tools.cache_latents``) is ``<key>.latents.safetensors`` + ``<key>.face.mp4`` +
 ``<key>.json``, with the text embeddings deduplicated in ``text_embeds.safetensors`` at the
 dataset root. Shards are ``shard-NNNNNN.tar``.
@@ -25,10 +33,12 @@ import numpy as np
 
 from wan_animate.video_io import VideoDecodeError, frames_to_tensor, read_video
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest version this module reads and ``data_tools.shards`` writes
+SCHEMA_VERSIONS = (1, 2)  # every version the readers accept
+DRIVING_FIELD = "driving.mp4"  # version 2
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-VIDEO_FIELDS = ("mp4", "pose.mp4", "face.mp4", "bg.mp4", "mask.mp4")
+VIDEO_FIELDS = ("mp4", "pose.mp4", "face.mp4", "bg.mp4", "mask.mp4", DRIVING_FIELD)
 RAW_FIELDS = ("mp4", "pose.mp4", "face.mp4", "ref.png", "json")  # required in a raw sample
 CACHED_FIELDS = ("latents.safetensors", "face.mp4", "json")  # required in a cached sample
 TEXT_EMBEDS = "text_embeds.safetensors"
@@ -39,6 +49,12 @@ _META_TYPES = {"schema_version": int, "num_frames": int, "height": int, "width":
 
 class SampleDecodeError(ValueError):
     """One shard sample is unusable (a stream does not decode, streams disagree, field missing)."""
+
+
+def sample_schema_version(has_driving: bool) -> int:
+    """The version a sample is stamped with: 2 when it carries ``driving.mp4``, else 1 (a v1 reader
+    reads it)."""
+    return 2 if has_driving else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +92,7 @@ def shard_keys(path: str | os.PathLike) -> list[str]:
 
 
 def sample_kind(raw: dict) -> str:
-    """``"cached"`` (cache_latents output), ``"raw"`` (schema v1) or ``"unknown"``, from the fields."""
+    """``"cached"`` (cache_latents output), ``"raw"`` (schema v1 or v2) or ``"unknown"``, from the fields."""
     if "latents.safetensors" in raw:
         return "cached"
     if "mp4" in raw or "pose.mp4" in raw:
@@ -104,7 +120,7 @@ def _field(raw: dict, name: str, key: str):
     kind = sample_kind(raw)
     if kind == "cached" and name in RAW_FIELDS:
         raise SampleDecodeError(f"sample {key!r}: these are cached shards (data_tools.cache_latents output), not "
-                                f"raw schema-v1 shards: use data=cached to train on them (eval needs the raw shards "
+                                f"raw shards: use data=cached to train on them (eval needs the raw shards "
                                 f"they were made from)")
     if kind == "raw" and name == "latents.safetensors":
         raise SampleDecodeError(f"sample {key!r}: these are raw schema-v1 shards, not cached latents: use "
@@ -161,10 +177,11 @@ def decode_meta(raw: dict) -> dict:
 # raw samples
 # ---------------------------------------------------------------------------------------------
 def decode_sample(raw: dict) -> dict:
-    """One raw schema-v1 sample (bytes per field) -> tensors.
+    """One raw sample (schema version 1 or 2; bytes per field) -> tensors.
 
     Returns ``video`` float [3, T, H, W] in [-1, 1], ``pose`` same, ``face`` [3, T, S, S],
-    ``ref`` [3, H, W], optional ``bg`` [3, T, H, W] and ``mask`` [1, T, H, W] in {0, 1}
+    ``ref`` [3, H, W], ``driving`` [3, T, H, W] (version 2), optional ``bg`` [3, T, H, W] and
+    ``mask`` [1, T, H, W] in {0, 1}
     (1 = character), ``meta`` (the json dict), ``caption`` (str), ``key``.
     Raises ``SampleDecodeError`` naming the sample key when a stream does not decode or the
     streams' frame counts / sizes disagree.
@@ -176,8 +193,14 @@ def decode_sample(raw: dict) -> dict:
         _field(raw, "mp4", key)  # raises the "these are cached shards" message
     meta = decode_meta(raw)
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SampleDecodeError(f"sample {key!r}: schema_version {version!r} is not supported (this reader knows 1)")
+    if version not in SCHEMA_VERSIONS:
+        raise SampleDecodeError(f"sample {key!r}: schema_version {version!r} is not supported (this reader knows "
+                                f"{', '.join(map(str, SCHEMA_VERSIONS))}); update wan-animate-train or remake the shards")
+    if (version == 2) != (DRIVING_FIELD in raw):
+        raise SampleDecodeError(
+            f"sample {key!r}: schema_version {version} " + ("needs a driving.mp4 stream, which is missing"
+                                                            if version == 2 else "has no driving.mp4 stream, but "
+                                                            "the sample carries one") + "; remake the sample")
     video = _video(raw, "mp4", key)
     pose = _video(raw, "pose.mp4", key)
     face = _video(raw, "face.mp4", key)
@@ -200,6 +223,12 @@ def decode_sample(raw: dict) -> dict:
         "meta": meta,
         "caption": _to_bytes(raw["txt"]).decode("utf-8") if "txt" in raw else meta.get("caption", ""),
     }
+    if DRIVING_FIELD in raw:
+        driving = _video(raw, DRIVING_FIELD, key)
+        if driving.shape != video.shape:
+            raise SampleDecodeError(f"sample {key!r}: driving.mp4 is {driving.shape[:3]} but mp4 is {video.shape[:3]} "
+                                    f"(T, H, W): the driving video must cover the target clip frame for frame")
+        out["driving"] = frames_to_tensor(driving)
     if "bg.mp4" in raw or "mask.mp4" in raw:
         bg = _video(raw, "bg.mp4", key)
         mask = _video(raw, "mask.mp4", key)
@@ -231,9 +260,11 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
 
     Returns every tensor of ``latents.safetensors`` under its own name (``target``, ``pose``,
     ``ref``, ``cond_r0`` / ``cond_r1`` / ``cond_r5``, ``clip``, and in replace mode
-    ``cond_replace_r*`` and ``char_mask``), ``face`` float [3, T, S, S] in [-1, 1], ``text``
-    [L, D] (the caption's embedding), ``text_empty`` (the "" embedding, for condition dropout,
-    when the file has it), ``meta``, ``caption``, ``key``.
+    ``cond_replace_r*`` and ``char_mask``; from version-2 samples also ``driving`` [16, t, h, w] and
+    ``clip_driving`` [257, image_dim], the CLIP embedding of driving frame 0), ``face`` float
+    [3, T, S, S] in [-1, 1], ``text`` [L, D] (the caption's embedding), ``text_empty`` (the ""
+    embedding, for condition dropout, when the file has it), ``text_driving`` (the driving pass's
+    prompt embedding, version 2), ``meta``, ``caption``, ``key``.
     """
     from safetensors.torch import load as load_safetensors
 
@@ -256,12 +287,24 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
                                 f"{tuple(tensors['target'].shape)}")
     if meta.get("num_frames") is not None and len(face) != meta["num_frames"]:
         raise SampleDecodeError(f"sample {key!r}: face.mp4 has {len(face)} frames, json says {meta['num_frames']}")
+    if "driving" in tensors:  # a version-2 sample: the driving stream of the Animate-2 family
+        if tensors["driving"].shape != tensors["target"].shape:
+            raise SampleDecodeError(f"sample {key!r}: driving latents {tuple(tensors['driving'].shape)} differ from "
+                                    f"target {tuple(tensors['target'].shape)}")
+        if "clip_driving" not in tensors:
+            raise SampleDecodeError(f"sample {key!r}: latents.safetensors has driving latents but no 'clip_driving' "
+                                    f"(CLIP of driving frame 0); re-run cache_latents")
+        if meta.get("driving_text_key") not in text_embeds:
+            raise SampleDecodeError(f"sample {key!r}: driving_text_key {meta.get('driving_text_key')!r} (the driving "
+                                    f"pass's prompt) not in {TEXT_EMBEDS}; re-run cache_latents")
     text_key = meta.get("text_key")
     if text_key not in text_embeds:
         raise SampleDecodeError(f"sample {key!r}: text_key {text_key!r} not in {TEXT_EMBEDS}")
     out = dict(tensors)
     out.update(key=key, face=frames_to_tensor(face), text=text_embeds[text_key], meta=meta,
                caption=meta.get("caption", ""))
+    if "driving" in tensors:
+        out["text_driving"] = text_embeds[meta["driving_text_key"]]
     empty_key = meta.get("empty_text_key")
     if empty_key in text_embeds:
         out["text_empty"] = text_embeds[empty_key]
