@@ -117,13 +117,18 @@ class SelfAttention(_QKVOAttention):
     # per-instance one that exchanges heads for tokens around it. Same signature as ``attention``.
     attention_fn = staticmethod(attention)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, dim] -> q, k (normed, before RoPE, fp32), v (compute dtype), each [B, L, H, D]."""
+        heads = (self.num_heads, -1)
+        q = _maybe_norm(self.norm_q, self.q(x)).unflatten(-1, heads)
+        k = _maybe_norm(self.norm_k, self.k(x)).unflatten(-1, heads)
+        return q, k, self.v(x).unflatten(-1, heads)
+
     def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim] (compute dtype) -> [B, L, dim] (compute dtype)."""
         dtype = x.dtype
-        heads = (self.num_heads, -1)
-        q = apply_rope(_maybe_norm(self.norm_q, self.q(x)).unflatten(-1, heads), rope_cos, rope_sin)
-        k = apply_rope(_maybe_norm(self.norm_k, self.k(x)).unflatten(-1, heads), rope_cos, rope_sin)
-        v = self.v(x).unflatten(-1, heads)  # [B, L, H, D]
+        q, k, v = self.project(x)
+        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         out = self.attention_fn(q.to(dtype), k.to(dtype), v)
         return self.o(out.flatten(2))
 

@@ -9,6 +9,7 @@ precision recipe (diffusers' port instead rounds the residual stream to the mode
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -55,6 +56,19 @@ class DiTBlock(nn.Module):
         rope_sin: torch.Tensor,
     ) -> torch.Tensor:
         """x [B, L, dim] fp32, time_mod [B, 6, dim] fp32, text/image tokens [B, *, dim] -> x fp32."""
+        return self.run(x, time_mod, text, image, lambda h: self.self_attn(h, rope_cos, rope_sin))
+
+    def run(
+        self,
+        x: torch.Tensor,
+        time_mod: torch.Tensor,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        self_attention: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The block with another self-attention: ``self_attention(h)`` maps the modulated, normed
+        stream [B, L, dim] (compute dtype) to the update [B, L, dim] before its gate (Animate-2's
+        driving and in-context attentions use this)."""
         dtype = self.ffn[0].weight.dtype
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (
             self.modulation.float() + time_mod
@@ -62,7 +76,7 @@ class DiTBlock(nn.Module):
 
         h = modulated_layer_norm(x, scale, shift, self.eps, dtype)
         # addcmul promotes the compute-dtype update to fp32 inside one kernel (no fp32 copy kept)
-        x = torch.addcmul(x, self.self_attn(h, rope_cos, rope_sin), gate)
+        x = torch.addcmul(x, self_attention(h), gate)
 
         h = self.norm3(x).to(dtype) if not isinstance(self.norm3, nn.Identity) else x.to(dtype)
         x = x + self.cross_attn(h, text, image)  # fp32 + compute dtype -> fp32

@@ -16,10 +16,11 @@ import torch
 # ------------------------------------------------------------------------------------------------
 
 
-def _axis_angles(num_positions: int, axis_dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
-    """Rotation angles of one axis: [num_positions, axis_dim // 2]."""
+def _axis_angles(num_positions: int, axis_dim: int, theta: float, dtype: torch.dtype, offset: int = 0,
+                 stride: int = 1) -> torch.Tensor:
+    """Rotation angles of one axis: [num_positions, axis_dim // 2] at positions offset + i * stride."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=dtype) / axis_dim))
-    positions = torch.arange(num_positions, dtype=dtype)
+    positions = torch.arange(num_positions, dtype=dtype) * stride + offset
     return torch.outer(positions, inv_freq)
 
 
@@ -29,16 +30,21 @@ def build_rope_tables(
     theta: float = 10000.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    offsets: tuple[int, int, int] = (0, 0, 0),
+    time_stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for a (frames, height, width) token grid.
 
     Returns two float32 tensors of shape ``[F*H*W, head_dim // 2]`` in token order
-    (frame-major, then row, then column), the order of the flattened patch grid.
+    (frame-major, then row, then column), the order of the flattened patch grid. Token (f, h, w)
+    sits at position ``(offsets[0] + f * time_stride, offsets[1] + h, offsets[2] + w)``; a second
+    stream placed beside the first (Animate-2's driving tokens) uses non-zero offsets.
     """
     frames, height, width = grid
     angles = []
     for axis, (n, axis_dim) in enumerate(zip(grid, split)):
-        a = _axis_angles(n, axis_dim, theta, dtype)  # [n, axis_dim/2]
+        stride = time_stride if axis == 0 else 1
+        a = _axis_angles(n, axis_dim, theta, dtype, offsets[axis], stride)  # [n, axis_dim/2]
         view = [1, 1, 1, a.shape[-1]]
         view[axis] = n
         angles.append(a.view(view).expand(frames, height, width, -1))
@@ -55,17 +61,20 @@ class RopeCache:
         self.max_entries = max_entries
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, grid: tuple[int, int, int], device: torch.device, offsets: tuple[int, int, int] = (0, 0, 0),
+                 time_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():
             # Inside a compiled graph a Python-side cache would cost guards and graph breaks; the
             # table is then built in float32 as part of the graph (cheap: L x head_dim/2 values).
-            return build_rope_tables(grid, self.split, self.theta, device=device, dtype=torch.float32)
-        key = (tuple(int(g) for g in grid), str(device))
+            return build_rope_tables(grid, self.split, self.theta, device=device, dtype=torch.float32,
+                                     offsets=offsets, time_stride=time_stride)
+        key = (tuple(int(g) for g in grid), str(device), tuple(int(o) for o in offsets), int(time_stride))
         tables = self._tables.get(key)
         if tables is None:
             if len(self._tables) >= self.max_entries:
                 self._tables.pop(next(iter(self._tables)))
-            tables = build_rope_tables(grid, self.split, self.theta, device=device)
+            tables = build_rope_tables(grid, self.split, self.theta, device=device, offsets=offsets,
+                                       time_stride=time_stride)
             self._tables[key] = tables
         return tables
 
