@@ -9,7 +9,7 @@ truth, the rest zeros), ``clip`` [257, image_dim]; for replace-mode samples also
 ``cond_replace_r{n}`` (rest = background) and ``char_mask`` [1, T, h, w] (1 = character,
 nearest-downsampled per pixel frame); for samples with a driving video (schema version 2, the
 Animate-2 family) also ``driving`` [16, t, h, w] and ``clip_driving`` [257, image_dim] (CLIP of
-driving frame 0), with the driving pass's fixed prompt (``wan_animate.config.DRIVING_PROMPT``) in
+driving frame 0), with the driving pass's fixed prompt (``wan_animate.animate2.config.REFERENCE_PROMPT``) in
 ``text_embeds.safetensors`` under the json's ``driving_text_key``. Plus ``<key>.face.mp4`` (copied pixels; the motion encoder
 trains) and ``<key>.json`` (the raw json + ``text_key``, ``empty_text_key``, ``latent_shape``).
 Text embeddings are deduplicated per caption in ``text_embeds.safetensors`` at the output root
@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from data_tools.config import CacheLatentsConfig
 from wan_animate.samples import decode_sample
 from wan_animate.samples import list_shards, read_shard, shard_keys
-from wan_animate.config import DEFAULT_PROMPT, DRIVING_PROMPT
+from wan_animate.animate2.config import REFERENCE_PROMPT
+from wan_animate.config import DEFAULT_PROMPT
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TEXT_EMBEDS = "text_embeds.safetensors"
@@ -203,10 +204,10 @@ def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: Latent
             tensors = cacher.encode_sample(d)
             extra = {}
             if "driving" in d:  # the driving pass's fixed prompt, deduplicated like the captions
-                if text_key(DRIVING_PROMPT) not in embeds:
-                    embeds.update(cacher.encode_texts([DRIVING_PROMPT]))
-                    captions[text_key(DRIVING_PROMPT)] = DRIVING_PROMPT
-                extra["driving_text_key"] = text_key(DRIVING_PROMPT)
+                if text_key(REFERENCE_PROMPT) not in embeds:
+                    embeds.update(cacher.encode_texts([REFERENCE_PROMPT]))
+                    captions[text_key(REFERENCE_PROMPT)] = REFERENCE_PROMPT
+                extra["driving_text_key"] = text_key(REFERENCE_PROMPT)
             meta = dict(d["meta"], **extra, text_key=text_key(cap), empty_text_key=text_key(""),
                         latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
                         cached_from=str(shard), model=str(cfg.model))

@@ -200,7 +200,7 @@ def test_cache_latents_cover_the_driving_stream(tmp_path, tiny_model):
     from data_tools.cache_latents import cache_latents, load_encoders, text_key
     from data_tools.config import CacheLatentsConfig
     from data_tools.inspect import inspect_dir as inspect
-    from wan_animate.config import DRIVING_PROMPT
+    from wan_animate.animate2.config import REFERENCE_PROMPT
     from wan_animate.samples import decode_cached_sample, load_text_embeds
 
     n = torch.get_num_threads()
@@ -213,19 +213,19 @@ def test_cache_latents_cover_the_driving_stream(tmp_path, tiny_model):
                                              dtype="fp32", refert_nums=[0, 1]), progress=False)
         assert m["samples_this_run"] == 2 and not m["skipped_samples"]
         embeds, captions = load_text_embeds(out / "text_embeds.safetensors")
-        assert DRIVING_PROMPT in captions.values()  # stored once, beside the captions
+        assert REFERENCE_PROMPT in captions.values()  # stored once, beside the captions
         vae, text_enc, image_enc = load_encoders(tiny_model, device="cpu", compute_dtype=torch.float32)
         d = decode_sample(read_shard(list_shards(raw)[0])[0])
         c = decode_cached_sample(read_shard(list_shards(out)[0])[0], embeds)
-        assert c["meta"]["driving_text_key"] == text_key(DRIVING_PROMPT)
+        assert c["meta"]["driving_text_key"] == text_key(REFERENCE_PROMPT)
         torch.testing.assert_close(c["driving"], vae.encode(d["driving"][None])[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(c["clip_driving"], image_enc.encode(d["driving"][None, :, 0])[0], atol=1e-5,
                                    rtol=1e-5)
-        torch.testing.assert_close(c["text_driving"], text_enc.encode([DRIVING_PROMPT])[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(c["text_driving"], text_enc.encode([REFERENCE_PROMPT])[0], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(c["driving"], c["target"])
         assert inspect(out).ok
         # a cached v2 sample without its driving prompt embedding is refused with the fix
-        del embeds[text_key(DRIVING_PROMPT)]
+        del embeds[text_key(REFERENCE_PROMPT)]
         with pytest.raises(SampleDecodeError, match="driving_text_key .* re-run cache_latents"):
             decode_cached_sample(read_shard(list_shards(out)[0])[0], embeds)
     finally:

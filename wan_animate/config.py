@@ -20,8 +20,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-# Wan-Animate-2: the fixed prompt of the driving (extract) pass ("reference video of the person's motion").
-DRIVING_PROMPT = "人物动作的参考视频"
 
 # Motion-encoder channel count at each feature-map resolution (LIA appearance encoder).
 # Keys are resolutions as strings because that is how the diffusers config serialises them.

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from wan_animate import conditioning
-from wan_animate.config import DRIVING_PROMPT
+from wan_animate.animate2.config import REFERENCE_PROMPT
 
 BATCH_KEYS = ("latents", "context", "clip_fea", "y", "driving", "context_ref", "clip_ref")
 
@@ -72,7 +72,7 @@ def build_inputs(examples: list[dict], encoders: Any, device: torch.device, dtyp
         "context": encoders.text_encoder.encode([e["caption"] for e in examples]).to(device, dtype),
         "clip_fea": encoders.image_encoder.encode(ref).to(device, dtype),
         "driving": driving_latents.to(dtype),
-        "context_ref": encoders.text_encoder.encode([DRIVING_PROMPT] * b).to(device, dtype),
+        "context_ref": encoders.text_encoder.encode([REFERENCE_PROMPT] * b).to(device, dtype),
         "clip_ref": encoders.image_encoder.encode(driving[:, :, 0]).to(device, dtype),
     }
     _add_common(batch, examples)
