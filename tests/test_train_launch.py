@@ -248,23 +248,6 @@ def _fake_slurm(tmp_path: Path) -> dict:
                 WANDB_MODE="offline")
 
 
-def test_old_sbatch_dies_on_usr1_without_telling_the_ranks(tmp_path):
-    """Negative control of the sbatch test below: the previous script had no trap."""
-    import signal
-    import subprocess
-    import time
-
-    old = tmp_path / "old.sbatch"
-    old.write_text(subprocess.run(["git", "show", "ec5cbb6:launch/slurm/train.sbatch"], cwd=ROOT, capture_output=True,
-                                  text=True, check=True).stdout.replace("accelerate launch", "sleep 30; echo"))
-    shell = subprocess.Popen(["bash", str(old)], cwd=ROOT, env=_fake_slurm(tmp_path), stdout=subprocess.PIPE, text=True)
-    time.sleep(2)
-    shell.send_signal(signal.SIGUSR1)
-    assert shell.wait(timeout=20) == -signal.SIGUSR1  # the batch shell itself is killed
-    assert not (tmp_path / "scancel.log").exists()
-    os.kill(int((tmp_path / "step.pid").read_text()), signal.SIGKILL)
-
-
 @pytest.mark.slow  # 2-process DDP run under the batch script (~1-2 min on 2 cores)
 def test_sbatch_forwards_usr1_to_the_ranks_and_the_agent_exits_0(tmp_path, cache):
     import signal
