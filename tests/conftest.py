@@ -8,15 +8,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# cuBLAS reads this when it creates its first handle: needed for deterministic CUDA matmuls (gpu tests).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # The real sample clip kept in the repo (Wan2.2 examples, Apache-2.0; see its README.md).
 WAN_EXAMPLE = Path(__file__).parent / "fixtures" / "wan_examples" / "replace"
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(request):
+    """Seeded; the gpu-marked tests compare CUDA runs tightly, so they run deterministic kernels
+    (a kernel without a deterministic version warns, naming itself)."""
     torch.manual_seed(0)
+    gpu = request.node.get_closest_marker("gpu") is not None
+    if gpu:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     yield
+    if gpu:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(scope="session")
