@@ -352,11 +352,7 @@ class TrainerStep:
 
 def _memory_check(ctx: Context, label: str, extra: list[str]):
     from train.config import compose
-
-    try:
-        from train.plan import plan_memory
-    except ImportError:
-        from train.memory_plan import plan_memory
+    from train.plan.planner import plan_memory
     from wan_animate.config import WanAnimateConfig
 
     cfg = compose(_plan_overrides(ctx, extra))
