@@ -330,3 +330,29 @@ def test_cli_two_processes_write_the_one_process_video(tmp_path):
     two, _ = read_video(tmp_path / "two.mp4")
     assert one.shape == two.shape == (6, 48, 48, 3)
     assert abs(one.astype(int) - two.astype(int)).max() <= 1
+
+
+def test_first_batch_check_moves_every_sum_to_the_collective_device(monkeypatch):
+    """With NCCL the batch lives on the GPU while the noise generator's state is a CPU tensor: the
+    check must bring every per-input sum to one device before stacking. A second device kind (meta)
+    stands in for the GPU; the gather sees one tensor on that device."""
+    from train.sequence import SequenceLayout, check_first_batch
+
+    seen = []
+
+    class Gathered(Exception):
+        pass
+
+    def all_gather(out, tensor, group=None):
+        seen.append(tensor)
+        raise Gathered  # meta tensors hold no values to compare: stop at the collective
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    batch = {"latents": torch.empty(1, 16, 3, 4, 6, device="meta"), "t": torch.empty(1, device="meta"),
+             "key": ["sample-0"]}
+    layout = SequenceLayout(size=2, data_rank=0, data_world=1, group=object())
+    with pytest.raises(Gathered):
+        check_first_batch(layout, batch, torch.Generator().manual_seed(0))
+    assert len(seen) == 1 and seen[0].device.type == "meta" and seen[0].shape == (3,)

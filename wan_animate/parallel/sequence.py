@@ -116,12 +116,15 @@ def check_same_sample(inputs: dict[str, torch.Tensor], group: dist.ProcessGroup)
     noise or timestep would silently train on a mixture. One small all_gather of per-tensor sums.
     """
     names = sorted(inputs)
-    device = "cpu" if dist.get_backend(group) == "gloo" else inputs[names[0]].device  # NCCL: on the GPU
-    sums = torch.stack([inputs[n].detach().double().sum() for n in names]).to(device)
+    device = _collective_device(group, inputs.values())
+    # Each sum is taken where its tensor lives, then moved: the inputs mix devices (the batch on the
+    # GPU, the noise generator's state on the host).
+    sums = torch.stack([inputs[n].detach().double().sum().to(device) for n in names])
     gathered = [torch.empty_like(sums) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, sums, group=group)
+    table = torch.stack(gathered).cpu()  # [ranks, inputs], one device-to-host copy
     for i, name in enumerate(names):
-        values = [float(g[i]) for g in gathered]
+        values = table[:, i].tolist()
         if any(v != values[0] for v in values):
             raise RuntimeError(
                 f"sequence parallelism: input {name!r} differs across the ranks of a group (sums "
@@ -129,6 +132,15 @@ def check_same_sample(inputs: dict[str, torch.Tensor], group: dist.ProcessGroup)
                 "timestep: shard the data and seed those generators by the data-parallel rank "
                 "(mesh['data'].get_local_rank()), not the global rank."
             )
+
+
+def _collective_device(group: dist.ProcessGroup, tensors) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the host for gloo, else (NCCL) the device
+    of the inputs that are not on the host (the current CUDA device when all are)."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    found = next((t.device for t in tensors if t.device.type != "cpu"), None)
+    return found if found is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass(frozen=True)
