@@ -148,3 +148,21 @@ def test_planner_config_keys_are_validated():
         compose(["train.dry_run=speed"])
     with pytest.raises(ConfigError, match="plan_budget_gib"):
         compose(["train.plan_budget_gib=0"])
+
+
+def test_pinned_copies_count_as_the_caching_host_allocator_holds_them():
+    """``pin_memory()`` goes through CUDA's caching host allocator, which rounds every block up to a
+    power of two: a 25 MiB fp8 weight holds 32 MiB, a 320 MiB checkpointed input 512 MiB. The
+    planner counts pinned bytes as held."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import torch
+
+    from train.plan.track import LiveBytes
+
+    sizes = [5120 * 5120, 13824 * 5120, 32760 * 5120 * 2]
+    tracker = LiveBytes()
+    with FakeTensorMode(), tracker:
+        kept = [torch.ops.aten._pin_memory.default(torch.empty(n, dtype=torch.uint8)) for n in sizes]
+    assert tracker.host_pinned_peak == tracker.host_peak == (32 + 128 + 512) * 2**20
+    del kept

@@ -71,6 +71,9 @@ class ModelConfig:
                   "encoding a batch) or cpu (encode on the host).")
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             _fail(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
+        if self.block_swap and not self.activation_checkpointing:
+            _fail(f"model.block_swap={self.block_swap} needs model.activation_checkpointing=true: without it "
+                  "backward keeps every swapped block's weights on the device and block swap saves nothing.")
         if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
             _fail("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; set "
                   "model.activation_checkpointing=true (or drop them).")

@@ -291,9 +291,12 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
     on_device = getattr(built["encoders"], "tensors", []) if cfg.model.encoders_device == "device" else []
     tracker.track(on_device, "frozen_encoders", host=False)  # moved in to encode this batch ...
+    # model.encoders_device=cpu (raw shards): the encode and its activations are host memory
+    tracker.new_on_host = built["encoders"] is not None and cfg.model.encoders_device == "cpu"
     batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
+    tracker.new_on_host = False
     tracker.track(on_device, "frozen_encoders", host=True)  # ... and parked again before the DiT step
-    tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
+    tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs", host=False)
     del examples
     tracker.phase = "forward"
     with autocast:

@@ -20,16 +20,27 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
     host_encoders = tracker.host.get("frozen_encoders", 0.0) / GIB  # constant over the step
     bf16 = cfg.train.precision == "bf16"
     load_copy = summary["total_params"] * (2 if bf16 else 4) / GIB
+    # Steady state: the checkpoint-offload pool keeps its buffers between steps, so they are also
+    # held while the next batch encodes (the planned step is a first one: the pool fills later).
+    pool = tracker.host.get("activations", 0.0)
+    step_host = max(tracker.host_peak, tracker.host_peak_by_phase.get("encode", 0.0) + pool) / GIB
     return {
         "peak_device_gib": round(peak, 3),
         "by_category": by_cat,
         "peak_phase": tracker.peak_phase,
         "peak_by_phase_gib": {k: round(v / GIB, 3) for k, v in tracker.peak_by_phase.items()},
-        "host_pinned_gib": round(tracker.host_peak / GIB - host_encoders, 3),
+        "host_pinned_gib": round(tracker.host_pinned_peak / GIB, 3),
         "host_encoders_gib": round(host_encoders, 3),
-        "host_ram_gib": round(max(tracker.host_peak / GIB, 0.0) + load_copy, 3),
-        "host_ram_note": "computed: host-held tensors of the plan + the DiT read on the CPU before it moves "
-                         f"to the device ({load_copy:.1f} GiB, transient)",
+        "host_ram_gib": round(max(step_host, load_copy), 3),
+        "host_ram_by_phase_gib": {"load": round(load_copy, 3), "step": round(step_host, 3)},
+        "host_ram_note": "the larger of loading (computed: the DiT read on the CPU in its load dtype, "
+                         f"{load_copy:.1f} GiB, before any other model or buffer is on the host) and the step "
+                         "(measured: host tensors at their peak: pinned block-swap weights and offloaded "
+                         "checkpoint inputs as held, host encoders and their activations); tensors only "
+                         "(no CUDA context, libraries or data workers)",
+        "host_pinned_note": "page-locked bytes as allocated: exact-size registered buffers of block swap "
+                            "and checkpoint offload; pin_memory() copies at the caching host allocator's "
+                            "power-of-two size",
         "world_size": kw["world"], "engine": kw["engine"], "zero_stage": kw["stage"],
         "tokens_per_sample": kw["tokens"], "micro_batch_size": cfg.train.micro_batch_size,
         "bucket_hw": list(kw["shape"]), "clip_len": cfg.data.clip_len, "precision": cfg.train.precision,

@@ -8,7 +8,9 @@ what the allocator would hold. A storage gets the category of the phase that cre
 (forward -> ``activations``, backward -> ``temporaries``, optimizer -> ``optimizer_states``,
 encode -> ``encoder_activations``) unless it is (re)classified: parameters, gradients (a hook
 after accumulation), batch inputs, frozen encoder weights. Storages marked *host* (pinned by a
-memory option, or parked on the CPU) are summed apart and never enter the device peak.
+memory option, or parked on the CPU) are summed apart and never enter the device peak; pinned
+host bytes are counted as held: a ``pin_memory()`` copy (CUDA's caching host allocator) at its
+power-of-two rounded size, the memory options' own exact-size buffers at their size.
 
 Sharded categories (ZeRO) are counted at ``scale[category]`` of their bytes, so the same step
 plans one rank of an N-rank job (see ``train.plan.planner`` for the model of each engine).
@@ -26,10 +28,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from wan_animate.memory.pinned import caching_host_bytes
+
 CATEGORIES = (
     "frozen_weights", "trainable_weights", "gradients", "optimizer_states", "inputs", "activations",
     "temporaries", "frozen_encoders", "encoder_activations",
 )
+# host categories that are ordinary (pageable) memory; every other host category is page-locked
+PAGEABLE_HOST = ("frozen_encoders", "encoder_activations", "inputs")
 PHASE_CATEGORY = {"setup": "activations", "encode": "encoder_activations", "forward": "activations",
                   "backward": "temporaries", "optimizer": "optimizer_states"}
 
@@ -60,6 +66,9 @@ class LiveBytes(TorchDispatchMode):
         self.peak_phase = "setup"
         self.peak_by_phase: dict[str, float] = defaultdict(float)
         self.host_peak = 0.0
+        self.host_pinned_peak = 0.0
+        self.host_peak_by_phase: dict[str, float] = defaultdict(float)
+        self.new_on_host = False  # storages created from now on live on the host (host encoders)
         self.ops = 0
 
     # ------------------------------------------------------------------ bookkeeping
@@ -72,15 +81,18 @@ class LiveBytes(TorchDispatchMode):
     def _on_free(self, entry: _Entry, _ref) -> None:
         self._add(entry, -1)
 
-    def track(self, tensors: Iterable[Any], category: str | None = None, host: bool | None = None) -> None:
-        """Register (or reclassify) the storages of ``tensors``."""
+    def track(self, tensors: Iterable[Any], category: str | None = None, host: bool | None = None,
+              held=None) -> None:
+        """Register (or reclassify) the storages of ``tensors``; ``held(nbytes)`` is what the allocator
+        holds for a new storage of ``nbytes`` (default: its size)."""
         for t in tensors:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             st = t.untyped_storage()
             e = self._entries.get(st)
             if e is None:
-                e = _Entry(st.nbytes(), category or PHASE_CATEGORY[self.phase], bool(host))
+                nbytes = st.nbytes() if held is None else held(st.nbytes())
+                e = _Entry(nbytes, category or PHASE_CATEGORY[self.phase], self.new_on_host if host is None else host)
                 self._entries[st] = e
                 self._refs.append(weakref.ref(st, lambda r, e=e: self._on_free(e, r)))
                 self._add(e, +1)
@@ -111,15 +123,24 @@ class LiveBytes(TorchDispatchMode):
             self.peak_by_category = {k: self.device.get(k, 0.0) + self.extra.get(k, 0.0)
                                      for k in {*self.device, *self.extra} if self.device.get(k, 0.0) + self.extra.get(k, 0.0)}
             self.peak_phase = self.phase
-        self.host_peak = max(self.host_peak, sum(self.host.values()))
+        host = sum(self.host.values())
+        self.host_peak = max(self.host_peak, host)
+        self.host_peak_by_phase[self.phase] = max(self.host_peak_by_phase[self.phase], host)
+        self.host_pinned_peak = max(self.host_pinned_peak,
+                                    sum(v for k, v in self.host.items() if k not in PAGEABLE_HOST))
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _aten._pin_memory.default:
-            # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here.
+            # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here, counted at
+            # what CUDA's caching host allocator holds for it.
             out = _aten.clone.default(args[0])
-            self.track([out], category=self._pinned_category(args[0]), host=True)
+            self.track([out], category=self._pinned_category(args[0]), host=True, held=caching_host_bytes)
+            return out
+        if kwargs.get("pin_memory") and func in (_aten.empty.memory_format, _aten.empty_strided.default):
+            out = func(*args, **{**kwargs, "pin_memory": False})
+            self.track([out], category=PHASE_CATEGORY[self.phase], host=True, held=caching_host_bytes)
             return out
         if func is _aten.is_pinned.default:
             return self.is_host(args[0])

@@ -4,7 +4,9 @@ the device one block ahead of use, in forward and in the backward recomputation.
 Mechanism (applied from outside the model, names and state dict unchanged):
 
 * Each frozen parameter of a swapped block keeps its ``nn.Parameter`` object (so ``state_dict``,
-  ``named_parameters`` and optimizers see the usual model), but its data lives on the host.
+  ``named_parameters`` and optimizers see the usual model), but its data lives on the host: all
+  frozen weights of one block in ONE exact-size page-locked buffer (``pinned.PinnedBuffer``; CUDA's
+  caching host allocator would round each weight up to a power of two, ~1.5x in all).
 * Every block's ``forward`` is wrapped (inside activation checkpointing, so the recomputation in
   backward runs the wrapper too). A swapped block's call takes the device copies of its frozen
   weights, puts them into the modules' ``_parameters`` for the duration of the call and restores
@@ -27,6 +29,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from wan_animate.memory.pinned import PinnedBuffer, pin_together
+
 
 def frozen_slots(block: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """(module, attribute name, parameter) of every frozen parameter of ``block``."""
@@ -36,12 +40,6 @@ def frozen_slots(block: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
             if param is not None and not param.requires_grad:
                 slots.append((module, name, param))
     return slots
-
-
-def to_host(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """A host copy of ``tensor``, page-locked when ``pin`` (only meaningful with CUDA)."""
-    host = tensor.detach().to("cpu")
-    return host.pin_memory() if pin else host
 
 
 class BlockSwap:
@@ -57,6 +55,7 @@ class BlockSwap:
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.slots = {i: frozen_slots(self.blocks[i]) for i in self.swapped}
+        self.buffers: dict[int, PinnedBuffer] = {}  # block index -> its host buffer (after offload)
         self._ready: dict[int, tuple[list[torch.Tensor], object]] = {}
         self._prev: int | None = None
         self._direction = 1
@@ -65,16 +64,23 @@ class BlockSwap:
 
     # ------------------------------------------------------------------ setup
     def offload(self) -> int:
-        """Move the swapped frozen weights to the host (pinned with CUDA). Returns their bytes."""
-        total = 0
+        """Move the swapped frozen weights to the host: one exact-size buffer per block, page-locked
+        with CUDA. Block by block, so the previous copy of a block is freed before the next one is
+        made. Returns the bytes held."""
         with torch.no_grad():
-            for slots in self.slots.values():
-                for _, _, param in slots:
-                    param.data = to_host(param.data, self.pin)
-                    total += param.numel() * param.element_size()
-        return total
+            for index, slots in self.slots.items():
+                if index in self.buffers:
+                    continue
+                buf, copies = pin_together([param.data for _, _, param in slots], self.pin)
+                for (_, _, param), host in zip(slots, copies):
+                    param.data = host
+                self.buffers[index] = buf
+        return self.host_bytes()
 
     def host_bytes(self) -> int:
+        """Host bytes of the swapped weights as held (their buffers, alignment included)."""
+        if self.buffers:
+            return sum(b.nbytes for b in self.buffers.values())
         return sum(p.numel() * p.element_size() for slots in self.slots.values() for _, _, p in slots)
 
     def is_swapped(self, param: torch.Tensor) -> bool:
@@ -152,6 +158,13 @@ class BlockSwap:
 
     # ------------------------------------------------------------------ call
     def run(self, index: int, inner, *args, **kwargs):
+        if torch.is_grad_enabled() and not getattr(self.blocks[index], "_activation_checkpointed", False):
+            # autograd would keep every block's device copy of its weights for backward: the
+            # whole trunk on the device again, plus the copies. Only no-grad runs may skip it.
+            raise RuntimeError(
+                "block swap under autograd needs activation checkpointing of the blocks (without it "
+                "backward keeps every swapped block's weights on the device and nothing is saved); set "
+                "model.activation_checkpointing=true, or run without gradients.")
         nxt = self._next_index(index)
         tensors = self._take(index) if index in self.slots else None
         if nxt == index and tensors is not None:

@@ -7,9 +7,11 @@ checkpointed call sees exactly them. ``CheckpointInputStore`` packs the one that
 hidden state (the fp32 residual stream ``[B, L, dim]``, 0.65 GiB per block at 480x832x77; matched
 by shape); RoPE tables, text/image/face tokens and modulation vectors stay where they are:
 
-* ``offload=True``: copy to host memory (pinned with CUDA) on a side stream, ordered by events, and
-  bring back for the recomputation; the next-older input is prefetched to the device while a block
-  recomputes. ``torch.autograd.graph.save_on_cpu`` is the library primitive for the same idea; it
+* ``offload=True``: copy to host memory on a side stream, ordered by events, and bring back for
+  the recomputation; the next-older input is prefetched to the device while a block recomputes.
+  The host copies live in exact-size page-locked buffers of a ``pinned.PinnedPool`` reused by
+  every step (CUDA's caching host allocator would round each 335 MB bf16 input up to 512 MiB);
+  ``held_bytes`` is what the pool keeps between steps. ``torch.autograd.graph.save_on_cpu`` is the library primitive for the same idea; it
   copies *every* saved tensor (also the per-call RoPE/text tensors, again for each block) and its
   device-to-host copy blocks the host, hence these ~60 lines.
 * ``store_dtype=torch.bfloat16``: keep fp32 inputs rounded to bf16 (half the bytes); the forward
@@ -27,9 +29,11 @@ import weakref
 import torch
 from torch import nn
 
+from wan_animate.memory.pinned import PinnedPool
+
 
 class _Packed:
-    __slots__ = ("device", "dtype", "stored", "event", "prefetched", "__weakref__")
+    __slots__ = ("device", "dtype", "stored", "event", "prefetched", "__weakref__")  # stored: a pool buffer's view
 
     def __init__(self, device, dtype, stored, event):
         self.device, self.dtype, self.stored, self.event = device, dtype, stored, event
@@ -44,6 +48,7 @@ class CheckpointInputStore:
         cuda = self.device.type == "cuda"
         self.pin = cuda and torch.cuda.is_available()
         self.stream = torch.cuda.Stream(self.device) if cuda and offload else None
+        self.pool = PinnedPool(self.pin)
         self._order: list[weakref.ref] = []
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -68,7 +73,8 @@ class CheckpointInputStore:
         with torch.no_grad():
             if not self.offload:
                 return _Packed(t.device, t.dtype, t.to(dtype), None)
-            host = torch.empty(t.shape, dtype=dtype, device="cpu", pin_memory=self.pin)
+            buffer = self.pool.take(t.numel() * dtype.itemsize)
+            host = buffer.carve(0, t.shape, dtype)
             event = None
             if self.stream is not None:
                 self.stream.wait_stream(torch.cuda.current_stream(t.device))
@@ -85,11 +91,19 @@ class CheckpointInputStore:
         packed = _Packed(t.device, t.dtype, host, event)
         self._order = [r for r in self._order if r() is not None]
         self._order.append(weakref.ref(packed))
-        weakref.finalize(packed, self._release, nbytes)
+        weakref.finalize(packed, self._release, nbytes, buffer)
         return packed
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, nbytes: int, buffer) -> None:
+        # Reuse is ordered: the next copy into ``buffer`` runs on the side stream after the compute
+        # stream, which waited for the last copy out of it.
         self.live_bytes -= nbytes
+        self.pool.give_back(buffer)
+
+    @property
+    def held_bytes(self) -> int:
+        """Host bytes the store keeps (its pool's buffers, in use or idle)."""
+        return self.pool.held_bytes
 
     def _to_device(self, packed: _Packed):
         """Start the host-to-device copy (side stream on CUDA); returns (tensor, event)."""

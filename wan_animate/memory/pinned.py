@@ -1,0 +1,124 @@
+"""Page-locked host buffers of exact size, for block swap's weights and offloaded checkpoint inputs.
+
+CUDA's caching host allocator (behind ``tensor.pin_memory()`` and ``torch.empty(..., pin_memory=True)``)
+rounds every request up to a power of two and caches freed blocks without giving them back:
+a 26 MB fp8 weight holds 32 MiB, a 71 MB one 128 MiB, a 335 MB bf16 checkpointed input 512 MiB
+(``caching_host_bytes``). For the few large, long-lived host buffers of the memory options this
+module allocates ordinary host memory of the exact size and page-locks it with ``cudaHostRegister``
+(the way ``torch.distributed.checkpoint`` stages its host copies), so pinned memory is what the
+tensors need:
+
+* ``PinnedBuffer(nbytes, pin)``: one flat buffer; ``carve`` cuts aligned tensors out of it (block
+  swap puts all frozen weights of one block in one buffer). Unregistered when the buffer object
+  dies; tensors carved out of it that outlive it stay valid (then pageable).
+* ``PinnedPool``: buffers handed out and taken back (checkpoint offload: every step packs the same
+  inputs), reused across steps, so the held bytes are those of the most inputs alive at once.
+
+Without CUDA (CPU runs, the memory planner's fake tensors) the same buffers are plain host memory.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+
+ALIGN = 256  # bytes: every carved tensor starts on this boundary (vectorised copies, any dtype)
+
+
+def caching_host_bytes(nbytes: int) -> int:
+    """Bytes CUDA's caching host allocator holds for a request of ``nbytes`` (torch's default
+    ``pinned_max_round_threshold``: every size is rounded up to the next power of two)."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
+def aligned(nbytes: int) -> int:
+    return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class PinnedBuffer:
+    """``nbytes`` of host memory, page-locked with ``cudaHostRegister`` when ``pin``."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = int(nbytes)
+        self.data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
+        self.pinned = False
+        if pin and self.nbytes:
+            ptr = self.data.data_ptr()
+            err = int(torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0))
+            if err != 0:
+                raise RuntimeError(f"cudaHostRegister of {self.nbytes / 2**20:.0f} MiB of host memory failed "
+                                   f"(cudaError {err}): the host lacks page-lockable memory; lower model.block_swap "
+                                   "or turn model.checkpoint_offload off.")
+            self.pinned = True
+            done = weakref.finalize(self, _unregister, ptr)
+            done.atexit = False  # at exit the process's memory goes back anyway
+
+    def carve(self, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape``/``dtype`` over this buffer's bytes from ``offset`` (ALIGN-aligned)."""
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        nbytes = numel * dtype.itemsize
+        if offset % ALIGN or offset + nbytes > self.nbytes:
+            raise ValueError(f"carve at {offset} of {nbytes} bytes does not fit a {self.nbytes}-byte buffer.")
+        return self.data[offset: offset + nbytes].view(dtype).view(tuple(shape))
+
+
+def pin_together(tensors: Sequence[torch.Tensor], pin: bool) -> tuple[PinnedBuffer, list[torch.Tensor]]:
+    """Copies of ``tensors`` in ONE exact-size host buffer (each ALIGN-aligned); returns the buffer
+    and the copies (views of it), in order."""
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += aligned(t.numel() * t.element_size())
+    buf = PinnedBuffer(total, pin)
+    copies = []
+    with torch.no_grad():
+        for t, off in zip(tensors, offsets):
+            host = buf.carve(off, t.shape, t.dtype)
+            host.copy_(t.detach())
+            copies.append(host)
+    return buf, copies
+
+
+class PinnedPool:
+    """Exact-size host buffers handed out by ``take`` and returned by ``give_back`` for reuse.
+
+    ``take(nbytes)`` returns the smallest idle buffer that holds ``nbytes``, or a new one of exactly
+    ``nbytes``; when it must allocate, idle buffers too small for the request are released first,
+    so the pool holds at most (inputs alive at once) x (largest input). ``held_bytes`` is what the
+    pool owns (idle + handed out)."""
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self._idle: list[PinnedBuffer] = []
+        self.held_bytes = 0
+        self.allocations = 0
+
+    def take(self, nbytes: int) -> PinnedBuffer:
+        fits = [b for b in self._idle if b.nbytes >= nbytes]
+        if fits:
+            best = min(fits, key=lambda b: b.nbytes)
+            self._idle.remove(best)
+            return best
+        for small in self._idle:
+            self.held_bytes -= small.nbytes
+        self._idle.clear()
+        self.allocations += 1
+        self.held_bytes += nbytes
+        return PinnedBuffer(nbytes, self.pin)
+
+    def give_back(self, buf: PinnedBuffer) -> None:
+        self._idle.append(buf)
+
+    def release(self) -> None:
+        """Drop the idle buffers (their memory goes back to the system)."""
+        for buf in self._idle:
+            self.held_bytes -= buf.nbytes
+        self._idle.clear()
