@@ -135,3 +135,19 @@ def test_full_size_official_layouts_on_meta():
     cc = oe.clip_config_from_official(csd)
     assert (cc.hidden_size, cc.num_attention_heads, cc.num_hidden_layers, cc.image_size, cc.patch_size) == (
         1280, 16, 32, 224, 14)
+
+
+def test_parked_encoder_visits_the_device_without_copying_back():
+    """A parked (offload) encoder gets device copies of its weights for one use and drops them: the
+    host tensors are never replaced (no copy back, no host allocation per micro-batch). A second
+    device kind (meta) stands in for the GPU: copying back from it is impossible."""
+    from wan_animate.encoders import _FrozenEncoder
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    enc = _FrozenEncoder(module, dtype=torch.float32, device="meta", offload=True)
+    host = [t.data_ptr() for t in (*module.parameters(), *module.buffers())]
+    for _ in range(2):
+        with enc._on_device() as m:
+            assert all(t.device.type == "meta" for t in (*m.parameters(), *m.buffers()))
+        assert [t.data_ptr() for t in (*module.parameters(), *module.buffers())] == host
+        assert all(t.device.type == "cpu" for t in (*module.parameters(), *module.buffers()))

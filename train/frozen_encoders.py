@@ -37,7 +37,9 @@ def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Modul
     from wan_animate.pipeline import AnimatePipeline
 
     device, offload = placement(cfg, acc.device)
-    bf16 = cfg.train.precision == "bf16" and device.type == "cuda"
+    # umT5 / CLIP in bf16 on a bf16 run, also on the host (umT5 is released in bf16: fp32 would
+    # double its ~11 GiB); the VAE in fp32
+    bf16 = cfg.train.precision == "bf16"
     was_training = dit.training
     with frozen_loading():
         pipe = AnimatePipeline.from_pretrained(

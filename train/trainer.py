@@ -2,7 +2,7 @@
 
 ``Trainer`` is built from stateful parts, each small and separately testable:
 
-* model + optimizer (``_load_models``, ``train.modes``): the DiT with its trainable set per mode,
+* model + optimizer (``_load_dit``, ``train.frozen_encoders``, ``train.modes``): the DiT with its trainable set per mode,
   frozen encoders, AdamW with per-group LRs, the LR schedule, ``accelerate.prepare``;
 * ``TrainState`` (step, non-finite counters), ``EMA``, the data position (``BatchIterator``) and
   the per-rank noise generator (``train.state``);
@@ -60,8 +60,10 @@ def startup_checks(cfg: Config, acc) -> None:
                           "set optim.ema_decay=0 or use ZeRO-2.")
 
 
-def _load_models(cfg: Config, acc, model_path: Path):
-    """(DiT on the CPU, pipeline with the frozen encoders or None: ``train.frozen_encoders``)."""
+def _load_dit(cfg: Config, model_path: Path):
+    """The DiT on the CPU. The frozen encoders load later (``Trainer.__init__``), once the memory
+    options have quantised / placed the DiT: the host never holds the DiT as read and the encoders
+    at once (docs/memory.md, host RAM)."""
     from wan_animate.checkpoint import load_dit
     from wan_animate.pipeline import AnimatePipeline
 
@@ -70,11 +72,8 @@ def _load_models(cfg: Config, acc, model_path: Path):
     # moved by accelerate/DeepSpeed after the trainable set is fixed, so no rank ever holds a
     # full-precision copy of the whole model on its GPU.
     layout = AnimatePipeline.detect_layout(model_path)
-    dit = load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
-                   dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
-    # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
-    pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
-    return dit, pipe
+    return load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
+                    dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
 
 
 class Trainer:
@@ -89,12 +88,14 @@ class Trainer:
         self.sp = sequence.sequence_layout(cfg, acc)  # groups of ranks sharing one sample (N = 1: off)
         torch.manual_seed(cfg.train.seed)  # identical initialisation of LoRA factors on every rank
         self.model_path = Path(model_path)
-        dit, self._pipe = _load_models(cfg, acc, model_path)
+        dit = _load_dit(cfg, model_path)
         dit.train()
         self.groups, self.summary = setup_trainable(dit, cfg)
         if not self.use_deepspeed:
             upcast_trainable(dit)
         self._apply_model_options(dit)
+        # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
+        self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
         sequence.apply_to_dit(self.sp, dit)
         optimizer = make_optimizer(self.groups, cfg)
         self.scheduler = make_scheduler(optimizer, cfg)

@@ -43,14 +43,38 @@ class _FrozenEncoder:
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[nn.Module]:
-        if self.offload:
-            self.module.to(self.device)
+        """The module on ``self.device`` for one use. Parked (``offload``): its weights are copied
+        in and the copies dropped afterwards; the host tensors stay as they are (frozen: nothing to
+        copy back, no host memory allocated per use)."""
+        parked = self._copy_in() if self.offload else []
         try:
             with torch.no_grad():
                 yield self.module
         finally:
-            if self.offload:
-                self.module.to("cpu")
+            for store, name, host in parked:
+                store[name] = host
+
+    def _copy_in(self) -> list:
+        """Put device copies in place of every parameter / buffer (a shared one copied once);
+        returns (dict, name, host tensor) to put back."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        if all(t.device == self.device for t in tensors):
+            return []
+        parked, copies = [], {}
+        with torch.no_grad():
+            for module in self.module.modules():
+                for store in (module._parameters, module._buffers):
+                    for name, host in store.items():
+                        if host is None:
+                            continue
+                        if id(host) not in copies:
+                            dev = host.detach().to(self.device)
+                            copies[id(host)] = nn.Parameter(dev, requires_grad=False) if isinstance(
+                                host, nn.Parameter) else dev
+                        parked.append((store, name, host))
+            for store, name, host in parked:
+                store[name] = copies[id(host)]
+        return parked
 
     def to(self, device: torch.device | str) -> "_FrozenEncoder":
         self.device = torch.device(device)
