@@ -464,7 +464,7 @@ def quickstart_assets(tmp_path_factory):
     return model, data
 
 
-def _trainer_run(assets, out, *overrides, steps=3):
+def _trainer_run(assets, out, *overrides, steps=3, then=None):
     from accelerate.state import AcceleratorState, GradientState
 
     from train.config import compose
@@ -481,6 +481,8 @@ def _trainer_run(assets, out, *overrides, steps=3):
         trainer = Trainer(cfg, make_accelerator(cfg), Path(model), resolve_urls([str(data)]))
         losses = [trainer.train_step(trainer.next_micro_batches()).loss for _ in range(steps)]
         weights = {n: p.detach().clone() for n, p in trainer.trainable}
+        if then is not None:
+            then(trainer)
         return losses, weights, trainer.memory
     finally:
         AcceleratorState._reset_state(True)
@@ -495,6 +497,41 @@ def test_trainer_steps_bit_identical_with_block_swap_and_checkpoint_offload(quic
     assert losses == plain_losses and all(x == x for x in losses)
     assert weights.keys() == plain_w.keys()
     assert all(torch.equal(weights[n], plain_w[n]) for n in weights)
+
+
+def test_fp8_forward_never_dequantizes_a_weight_to_learn_its_dtype(monkeypatch):
+    """The blocks read the compute dtype of their (LoRA-wrapped) fp8 layers without building the
+    dequantized weight (FP8Linear.weight is a full bf16 copy)."""
+    dit = lora_model(dtype=torch.bfloat16)
+    apply_memory_options(dit, options(base_dtype="fp8"), device="cpu")
+
+    def built(self):
+        raise AssertionError("FP8Linear.weight dequantized a whole weight")
+
+    monkeypatch.setattr(FP8Linear, "weight", property(built))
+    train_steps(dit, steps=1, autocast=True)
+
+
+def test_trainable_only_checkpoint_never_dequantizes_the_fp8_base(quickstart_assets, tmp_path, monkeypatch):
+    """A LoRA checkpoint of an fp8 run saves the trainables only, without dequantizing a single fp8
+    layer (accelerate builds the model's state dict before the trainable-only hook filters it)."""
+    import wan_animate.memory.fp8 as fp8
+    from safetensors import safe_open
+
+    saved = {}
+
+    def save(trainer):
+        def refuse(*args):
+            raise AssertionError("a checkpoint save dequantized an fp8 layer")
+
+        monkeypatch.setattr(fp8, "dequantize_fp8", refuse)
+        saved["path"] = trainer.save_checkpoint(tmp_path / "out")
+        saved["trainable"] = {n for n, _ in trainer.trainable}
+
+    _trainer_run(quickstart_assets, tmp_path / "out", "train.precision=bf16", "model.base_dtype=fp8", steps=1,
+                 then=save)
+    with safe_open(str(saved["path"] / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == saved["trainable"]
 
 
 def test_every_option_runs_on_fake_tensors():

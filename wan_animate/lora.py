@@ -152,7 +152,9 @@ def lora_state_dict(
         for name, module in model_or_state.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
                 alphas[name] = float(module.lora_alpha[ADAPTER_NAME])
-        state = model_or_state.state_dict()
+        # the parameters themselves: a state dict would also build every frozen weight (fp8 layers
+        # dequantize theirs)
+        state = {n: p for n, p in model_or_state.named_parameters() if ".lora_" in n}
     else:
         state = dict(model_or_state)
     out: dict[str, torch.Tensor] = {}

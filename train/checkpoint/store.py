@@ -66,7 +66,12 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), **(save_kwargs or {}))  # e.g. DeepSpeed exclude_frozen_parameters
+    from wan_animate.memory.fp8 import stored_state_dict
+
+    # fp8 layers exist only with a frozen base (trainable-only checkpoints, whose save hook keeps
+    # the trainables): their state dict stays as stored instead of dequantizing the frozen model
+    with stored_state_dict():
+        acc.save_state(str(tmp), **(save_kwargs or {}))  # e.g. DeepSpeed exclude_frozen_parameters
     save_file({"state": state["rng"]}, str(tmp / f"rng-rank{acc.process_index}.safetensors"))
     (tmp / f"rank{acc.process_index}.json").write_text(json.dumps(state["data"]))
     if acc.is_main_process:

@@ -8,11 +8,18 @@ of the input: the weight is frozen). Half the bytes of bf16; the error is measur
 
 The state dict of an ``FP8Linear`` looks like the plain layer's (``weight`` dequantized in the
 original dtype, ``bias``): exports and digests need no special case. Loading a state dict
-re-quantizes. Note: a dequantized weight is *not* the original bf16 weight (fp8 is lossy); keep
+re-quantizes. Inside ``stored_state_dict()`` it holds the stored tensors instead (``weight_fp8``,
+``weight_scale``, no copy): for callers that keep only the trainable tensors (trainable-only
+checkpoints), which would otherwise dequantize the whole frozen model on every save. The model
+reads a layer's compute dtype from ``compute_dtype`` (``wan_animate.model.attention``), never
+through ``.weight``, which dequantizes. Note: a dequantized weight is *not* the original bf16 weight (fp8 is lossy); keep
 the base model folder as the source of truth.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +86,23 @@ class FP8Linear(nn.Module):
                 f"bias={self.bias is not None}, storage=float8_e4m3fn, compute_dtype={self.compute_dtype}")
 
 
+_stored_state = 0  # > 0 inside stored_state_dict()
+
+
+@contextlib.contextmanager
+def stored_state_dict() -> Iterator[None]:
+    """Within: ``FP8Linear`` state dicts hold ``weight_fp8`` / ``weight_scale`` as stored."""
+    global _stored_state
+    _stored_state += 1
+    try:
+        yield
+    finally:
+        _stored_state -= 1
+
+
 def _state_dict_as_plain(module: FP8Linear, state_dict, prefix, local_metadata) -> None:
+    if _stored_state:
+        return
     w8 = state_dict.pop(prefix + "weight_fp8")
     scale = state_dict.pop(prefix + "weight_scale")
     state_dict[prefix + "weight"] = dequantize_fp8(w8, scale, module.compute_dtype)

@@ -14,6 +14,16 @@ from torch import nn
 from wan_animate.model.norms import rms_norm
 from wan_animate.model.rope import apply_rope
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in, read without materialising its weight: a layer stored
+    in another format says so with ``compute_dtype`` (fp8 storage), a wrapper (LoRA) through its
+    ``base_layer``; a plain layer by its weight's dtype."""
+    while getattr(layer, "compute_dtype", None) is None and getattr(layer, "base_layer", None) is not None:
+        layer = layer.base_layer
+    dtype = getattr(layer, "compute_dtype", None)
+    return dtype if dtype is not None else layer.weight.dtype
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention kernel
 # ------------------------------------------------------------------------------------------------

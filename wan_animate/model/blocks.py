@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from wan_animate.config import WanAnimateConfig
-from wan_animate.model.attention import CrossAttention, FP32LayerNorm, SelfAttention
+from wan_animate.model.attention import CrossAttention, FP32LayerNorm, SelfAttention, compute_dtype
 from wan_animate.model.norms import modulated_layer_norm
 
 # ------------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ class DiTBlock(nn.Module):
         """The block with another self-attention: ``self_attention(h)`` maps the modulated, normed
         stream [B, L, dim] (compute dtype) to the update [B, L, dim] before its gate (Animate-2's
         driving and in-context attentions use this)."""
-        dtype = self.ffn[0].weight.dtype
+        dtype = compute_dtype(self.ffn[0])
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (
             self.modulation.float() + time_mod
         ).chunk(6, dim=1)  # each [B, 1, dim]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_animate.config import WanAnimateConfig
-from wan_animate.model.attention import RMSNorm, attention, layer_norm
+from wan_animate.model.attention import RMSNorm, attention, compute_dtype, layer_norm
 
 # ------------------------------------------------------------------------------------------------
 # Face encoder
@@ -99,7 +99,7 @@ class FaceBlock(nn.Module):
 
         L must be T * (tokens per latent frame); each frame's tokens attend to its N face tokens.
         """
-        dtype = self.linear1_q.weight.dtype
+        dtype = compute_dtype(self.linear1_q)
         batch, frames, n_face, _ = face_tokens.shape
         q = self.linear1_q(layer_norm(x, self.eps).to(dtype)).unflatten(-1, (self.num_heads, -1))
         kv = self.linear1_kv(layer_norm(face_tokens, self.eps).to(dtype))
