@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +22,6 @@ from wan_animate.memory import (
 )
 from wan_animate.model import ADAPTER_PREFIXES, WanAnimateDiT, set_precision
 from wan_animate.objective import LossConfig, flow_matching_loss
-
-# deterministic cuBLAS for the bit-exact CUDA comparison (read when cuBLAS starts: set at import)
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
@@ -569,8 +565,8 @@ def test_trainer_bf16_with_every_option_tracks_the_plain_run(quickstart_assets, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_block_swap_and_offload_on_side_streams_match_the_plain_path():
-    """Side-stream copies change no value: with deterministic kernels (math SDPA, deterministic
-    cuBLAS) the swapped + offloaded run is bit-identical to the plain one. Its host memory is
+    """Side-stream copies change no value: with deterministic kernels (math SDPA; deterministic
+    algorithms and cuBLAS from conftest) the swapped + offloaded run is bit-identical to the plain one. Its host memory is
     page-locked, exact-size and registered, so CUDA's caching host allocator holds none of it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -584,13 +580,8 @@ def test_cuda_block_swap_and_offload_on_side_streams_match_the_plain_path():
     assert all(b.pinned for b in swap.buffers.values())
     assert all(p.device.type == "cpu" and p.is_pinned() for s in swap.slots.values() for _, _, p in s)
     assert all(p.device.type == "cuda" for n, p in mem.named_parameters() if p.requires_grad)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            a, b = train_steps(plain, device="cuda"), train_steps(mem, device="cuda")
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+    with sdpa_kernel(SDPBackend.MATH):  # deterministic algorithms: tests/conftest.py, for gpu tests
+        a, b = train_steps(plain, device="cuda"), train_steps(mem, device="cuda")
     assert_bit_identical(b, a)
     assert swap.misses == 1 and state.checkpoint_store.live_bytes == 0
     assert state.checkpoint_store.held_bytes > 0 and all(b.pinned for b in state.checkpoint_store.pool._idle)
