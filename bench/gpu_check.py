@@ -152,17 +152,15 @@ NEEDED = ["diffusers", "deepspeed", "hydra", "omegaconf", "webdataset", "peft", 
 @check("deps", 10)
 def deps(ctx: Context) -> tuple[str, str, dict]:
     import importlib
-    import importlib.metadata as md
 
     missing, versions = [], {}
     for name in NEEDED:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except Exception as e:  # a broken wheel as well as a missing one
             missing.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
             continue
-        dist = {"hydra": "hydra-core", "cv2": None}.get(name, name)
-        versions[name] = md.version(dist) if dist else "present"
+        versions[name] = str(getattr(module, "__version__", "present"))
     flash = f"flash-attn {getattr(importlib.import_module('flash_attn'), '__version__', '?')}" \
         if _flash_available() else "no flash-attn"
     cuda = f"cuda {torch.version.cuda}, {torch.cuda.get_device_name()}" if ctx.gpu else "cpu"
@@ -170,7 +168,9 @@ def deps(ctx: Context) -> tuple[str, str, dict]:
     if missing:
         raise Fail("not importable: " + ", ".join(missing) + "; build the wheels with scripts/gpu_wheelhouse.sh "
                    "and carry .whl (docs/gpu.md)", figure, versions=versions)
-    return figure, f"{len(versions)} packages import", {"versions": versions}
+    key = ", ".join(f"{k} {versions[k]}" for k in ("diffusers", "deepspeed", "accelerate", "peft", "transformers")
+                    if k in versions)
+    return figure, f"{len(versions)} packages import: {key}", {"versions": versions}
 
 
 @check("gpu_tests", 45)

@@ -44,7 +44,7 @@ def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from bench import gpu_check
 
-    monkeypatch.setattr(gpu_check, "NEEDED", [*gpu_check.NEEDED, "no_such_module_for_the_check"])
+    monkeypatch.setattr(gpu_check, "NEEDED", ["json", "no_such_module_for_the_check"])
     out = tmp_path / "summary.json"
     assert gpu_check.main(["--device", "cpu", "--only", "deps", "--json", str(out)]) == 1
     summary = json.loads(out.read_text())
