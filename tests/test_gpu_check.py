@@ -49,3 +49,32 @@ def test_a_failing_check_fails_the_run(tmp_path, monkeypatch):
     assert gpu_check.main(["--device", "cpu", "--only", "deps", "--json", str(out)]) == 1
     summary = json.loads(out.read_text())
     assert summary["failed"] == ["deps"] and "no_such_module_for_the_check" in summary["checks"][0]["reason"]
+
+
+def test_registered_host_bytes_counts_what_the_memory_options_page_lock(monkeypatch):
+    """The pinned measurement sees cudaHostRegister (wan_animate.memory.pinned), faked here on the CPU."""
+    import gc
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_check import RegisteredHostBytes
+    from wan_animate.memory.pinned import PinnedBuffer
+
+    calls = []
+    fake = SimpleNamespace(cudaHostRegister=lambda ptr, n, flags: calls.append(("register", n)) or 0,
+                           cudaHostUnregister=lambda ptr: calls.append(("unregister", ptr)) or 0)
+    original = fake.cudaHostRegister
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    with RegisteredHostBytes() as registered:
+        a, b = PinnedBuffer(3000, pin=True), PinnedBuffer(5000, pin=True)
+        assert registered.current == registered.peak == 8000
+        del a
+        gc.collect()
+        assert registered.current == 5000 and registered.peak == 8000
+        PinnedBuffer(100, pin=False)  # plain host memory: not counted
+        assert registered.current == 5000
+    assert fake.cudaHostRegister is original  # unwrapped on exit
+    assert [c[0] for c in calls] == ["register", "register", "unregister"]
+    del b
