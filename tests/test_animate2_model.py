@@ -21,8 +21,7 @@ def _config(**kw) -> Animate2Config:
 def _diffusers_model(cfg: Animate2Config):
     import diffusers.models.transformers.transformer_wan_animate_2 as dm
 
-    kw = cfg.to_diffusers_config()
-    kw.pop("_class_name")
+    kw = {k: v for k, v in cfg.to_diffusers_config().items() if not k.startswith("_")}
     return dm.WanAnimate2Transformer3DModel(**kw).eval()
 
 
@@ -237,8 +236,11 @@ def test_config_round_trips_and_validation():
         cfg = Animate2Config.preset(name)
         assert Animate2Config.from_official_config(cfg.to_official_config()) == cfg
         assert Animate2Config.from_dict(cfg.to_dict()) == cfg
-        back = Animate2Config.from_diffusers_config(cfg.to_diffusers_config())
-        assert back.to_diffusers_config() == cfg.to_diffusers_config()
+        assert Animate2Config.from_diffusers_config(cfg.to_diffusers_config()) == cfg
+    # a diffusers config.json written elsewhere: block 9 skipped when the model has it, no log_scale
+    plain = {k: v for k, v in Animate2Config.preset("tiny").to_diffusers_config().items() if not k.startswith("_")}
+    assert Animate2Config.from_diffusers_config(plain).uncond_skip_blocks == ()
+    assert Animate2Config.from_diffusers_config({**plain, "num_layers": 40}).uncond_skip_blocks == (9,)
     assert Animate2Config().refer_offsets((21, 30, 52)) == (1, 0, 52)
     with pytest.raises(ValueError, match="uncond_skip_blocks"):
         Animate2Config(num_layers=4)

@@ -6,7 +6,10 @@ working and is the CLI::
 
     python -m wan_animate.checkpoint convert SRC DST --to official|diffusers [--dtype bf16|fp32|keep]
     python -m wan_animate.checkpoint inspect PATH
-    python -m wan_animate.checkpoint make-tiny DST --layout diffusers|official [--seed N]
+    python -m wan_animate.checkpoint make-tiny DST --layout diffusers|official [--seed N] [--family animate2]
+
+``convert`` and ``inspect`` detect the model family (Animate v1 or Animate-2) from the tensor names;
+``inspect`` prints it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import sys
 
 import torch
 
+from wan_animate.animate2.config import PRESETS as ANIMATE2_PRESETS
+from wan_animate.animate2.config import Animate2Config
+from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
 from wan_animate.config import PRESETS, WanAnimateConfig
 from wan_animate.weights.diagnose import CheckpointError
 from wan_animate.weights.keymap import KeyMapError, diffusers_to_official, official_to_diffusers
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--to", required=True, choices=["official", "diffusers"])
     conv.add_argument("--dtype", default="keep", choices=sorted(DTYPES))
     conv.add_argument("--max-shard-size", default="5GB")
-    conv.add_argument("--preset", default=None, choices=sorted(PRESETS),
+    conv.add_argument("--preset", default=None, choices=sorted(set(PRESETS) | set(ANIMATE2_PRESETS)),
                       help="config for a single file without config metadata (default: from the files, else 14b)")
     info = sub.add_parser("inspect", help="print layout, config and size of a checkpoint (headers only)")
     info.add_argument("path")
@@ -55,16 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("dst")
     tiny.add_argument("--layout", default="diffusers", choices=["diffusers", "official"])
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--family", default="animate", choices=["animate", "animate2"],
+                      help="model family: Wan-Animate-14B (animate) or Wan-Animate-2 (animate2)")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "convert":
-            config = WanAnimateConfig.preset(args.preset) if args.preset else None
-            files = convert_checkpoint(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
-                                       max_shard_size=args.max_shard_size, config=config)
+            if checkpoint_family(args.src) == "animate2":
+                config = Animate2Config.preset(args.preset) if args.preset else None
+                files = convert_animate2(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+                                         max_shard_size=args.max_shard_size, config=config)
+            else:
+                config = WanAnimateConfig.preset(args.preset) if args.preset else None
+                files = convert_checkpoint(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+                                           max_shard_size=args.max_shard_size, config=config)
             print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
         elif args.command == "inspect":
-            found = inspect_checkpoint(args.path)
+            if checkpoint_family(args.path) == "animate2":
+                found = inspect_animate2(args.path)
+            else:
+                found = {"family": "animate", **inspect_checkpoint(args.path)}
             config = found.pop("config")
             for key, value in found.items():
                 print(f"{key}: {value}")
@@ -72,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from wan_animate.testing import make_tiny_model_folder
 
-            make_tiny_model_folder(args.dst, layout=args.layout, seed=args.seed)
-            print(f"wrote a tiny {args.layout} model folder to {args.dst}")
+            make_tiny_model_folder(args.dst, layout=args.layout, seed=args.seed, family=args.family)
+            print(f"wrote a tiny {args.family} {args.layout} model folder to {args.dst}")
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

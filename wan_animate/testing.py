@@ -75,11 +75,11 @@ def build_tiny_text_encoder(text_dim: int, vocab_size: int):
     return UMT5EncoderModel(cfg)
 
 
-def build_tiny_image_encoder(image_dim: int):
+def build_tiny_image_encoder(image_dim: int, num_layers: int = 2):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     heads = image_dim // 16 if image_dim % 16 == 0 else 1  # matches official_encoders._clip_heads
-    cfg = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim, num_hidden_layers=2,
+    cfg = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim, num_hidden_layers=num_layers,
                            num_attention_heads=heads, image_size=TINY_CLIP_IMAGE_SIZE,
                            patch_size=TINY_CLIP_PATCH, hidden_act="gelu", layer_norm_eps=1e-5)
     return CLIPVisionModel(cfg)
@@ -91,8 +91,16 @@ def build_tiny_vae():
     return AutoencoderKLWan(**TINY_VAE)
 
 
-def _save_dit(dst: Path, cfg: WanAnimateConfig, layout: str) -> None:
-    """Random tiny DiT, written in the requested layout."""
+def _save_dit(dst: Path, cfg, layout: str) -> None:
+    """Random tiny DiT of the config's family, written in the requested layout."""
+    if getattr(cfg, "family", "") == "animate2":
+        from wan_animate.animate2.model import Animate2DiT
+        from wan_animate.animate2.weights import save_animate2
+
+        model = Animate2DiT(cfg)
+        _randomize_zero_init(model)
+        save_animate2(model, dst, layout=layout)
+        return
     from wan_animate.model import WanAnimateDiT
     from wan_animate.weights.save import save_dit
 
@@ -125,22 +133,33 @@ def make_tiny_model_folder(
     layout: Literal["diffusers", "official"] = "diffusers",
     seed: int = 0,
     config_preset: str = "tiny",
+    family: Literal["animate", "animate2"] = "animate",
 ) -> Path:
-    """Write a complete tiny random Wan-Animate model folder; returns its path."""
+    """Write a complete tiny random model folder of ``family`` (Animate v1 or Animate-2); returns its path.
+
+    Animate-2 folders hold the same encoders; their CLIP width is 1280 (the DiT's fixed image width
+    in diffusers' class), with one layer to stay small."""
     if layout not in ("diffusers", "official"):
         raise ValueError(f"layout={layout!r} must be 'diffusers' or 'official'.")
+    if family not in ("animate", "animate2"):
+        raise ValueError(f"family={family!r} must be 'animate' or 'animate2'.")
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder.")
     dst.mkdir(parents=True, exist_ok=True)
-    cfg = WanAnimateConfig.preset(config_preset)
+    if family == "animate2":
+        from wan_animate.animate2.config import Animate2Config
+
+        cfg = Animate2Config.preset(config_preset)
+    else:
+        cfg = WanAnimateConfig.preset(config_preset)
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         tokenizer = build_tiny_tokenizer()
         text_encoder = build_tiny_text_encoder(cfg.text_dim, len(tokenizer))
-        image_encoder = build_tiny_image_encoder(cfg.image_dim)
+        image_encoder = build_tiny_image_encoder(cfg.image_dim, num_layers=1 if family == "animate2" else 2)
         vae = build_tiny_vae()
         if layout == "diffusers":
             _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae)
@@ -169,15 +188,16 @@ def _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> N
     UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000,
     ).save_pretrained(dst / "scheduler")
+    animate2 = getattr(cfg, "family", "") == "animate2"
     _write_json(dst / "model_index.json", {
-        "_class_name": "WanAnimatePipeline",
+        "_class_name": "WanAnimate2ModularPipeline" if animate2 else "WanAnimatePipeline",
         "_diffusers_version": diffusers.__version__,
         "image_encoder": ["transformers", "CLIPVisionModel"],
         "image_processor": ["transformers", "CLIPImageProcessor"],
         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
         "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanAnimateTransformer3DModel"],
+        "transformer": ["diffusers", "WanAnimate2Transformer3DModel" if animate2 else "WanAnimateTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     })
 

@@ -11,7 +11,8 @@ embedding, motion encoder and face adapter. What is new:
 
 ``to_official_config`` writes the keys of the official inference configuration (the
 ``transformer:`` section of its YAML); ``to_diffusers_config`` the ``WanAnimate2Transformer3DModel``
-config of diffusers 0.42.1 (which has no ``log_scale``).
+config of diffusers 0.42.1 (which has no ``log_scale`` and hard-codes the skipped block 9: both are
+kept as private ``_``-keys, which diffusers ignores).
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ class Animate2Config:
             "cross_attn_norm": self.cross_attn_norm, "eps": self.eps, "use_img_emb": True,
             "refer_offset_t": self.refer_offset_t, "refer_offset_h": self.refer_offset_h,
             "refer_offset_w": self.refer_offset_w, "refer_stride": self.refer_stride,
+            # not diffusers' (it skips block 9 and has no score modification); private keys, which
+            # diffusers' config loader drops, keep them for this package
+            "_uncond_skip_blocks": list(self.uncond_skip_blocks), "_log_scale": self.log_scale,
         }
 
     @classmethod
@@ -168,7 +172,8 @@ class Animate2Config:
         if "patch_size" in cfg:
             values["patch_size"] = tuple(cfg["patch_size"])
         layers = values.get("num_layers", cls.num_layers)
-        return cls(**values, uncond_skip_blocks=tuple(b for b in cls.uncond_skip_blocks if b < layers))
+        skip = cfg.get("_uncond_skip_blocks", [b for b in cls.uncond_skip_blocks if b < layers])
+        return cls(**values, uncond_skip_blocks=tuple(skip), log_scale=float(cfg.get("_log_scale", 0.0)))
 
 
 def _check_img_emb(cfg: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ pickle) are raised where the files are read.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -56,8 +56,9 @@ def _infer_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if blocks:
         sizes["num_layers"] = max(blocks) + 1
-    if "blocks.0.ffn.0.weight" in sd:
-        sizes["ffn_dim"] = sd["blocks.0.ffn.0.weight"].shape[0]
+    for ffn in ("blocks.0.ffn.0.weight", "blocks.0.block.ffn.0.weight"):  # Animate v1 / Animate-2 names
+        if ffn in sd:
+            sizes["ffn_dim"] = sd[ffn].shape[0]
     if "face_adapter.fuser_blocks.0.q_norm.weight" in sd and "dim" in sizes:
         sizes["num_heads"] = sizes["dim"] // sd["face_adapter.fuser_blocks.0.q_norm.weight"].shape[0]
     res = {int(m.group(1)) for k in sd if (m := re.match(r"motion_encoder\.enc\.net_app\.convs\.(\d+)\.conv1", k))}
@@ -68,12 +69,14 @@ def _infer_sizes(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
     return sizes
 
 
-def _suggest(sizes: Mapping[str, int], config: WanAnimateConfig) -> str:
+def _suggest(sizes: Mapping[str, int], config: WanAnimateConfig, presets: Mapping[str, Any] = PRESETS) -> str:
+    sizes = {k: v for k, v in sizes.items() if hasattr(config, k)}
     diffs = [f"{k}={v} (config: {getattr(config, k)})" for k, v in sizes.items() if getattr(config, k) != v]
-    matching = [name for name, p in PRESETS.items() if all(getattr(p, k) == v for k, v in sizes.items())]
+    matching = [name for name, p in presets.items() if all(getattr(p, k) == v for k, v in sizes.items())]
     hint = f"checkpoint has {', '.join(diffs)}" if diffs else "sub-module sizes differ from the config"
     if matching:
-        hint += f"; it looks like preset {matching[0]!r}: pass config=WanAnimateConfig.preset({matching[0]!r})"
+        hint += (f"; it looks like preset {matching[0]!r}: pass config={type(config).__name__}.preset("
+                 f"{matching[0]!r})")
     else:
         hint += "; pass the config the checkpoint was saved with (or load its folder with config.json)"
     return hint
@@ -104,10 +107,14 @@ def check_against_model(
     config_source: str,
     optional: set[str],
     src: Any = None,
+    model_name: str = "Wan-Animate DiT",
+    presets: Mapping[str, Any] = PRESETS,
+    rename: Callable[[dict], dict] | None = None,
 ) -> None:
     """Raise ``CheckpointError`` unless ``ckpt`` (official names, meta tensors are enough) has exactly
     the tensors of ``expected`` (``optional`` ones may be absent). ``src``: the ``weights.source.Source``
-    read, whose stored dtypes reveal quantised files."""
+    read, whose stored dtypes reveal quantised files. Another model family passes its ``model_name``,
+    ``presets`` and ``rename`` (its diffusers -> official names, non-strict; default: Animate v1's)."""
     missing = sorted(k for k in expected if k not in ckpt and k not in optional)
     unexpected = sorted(k for k in ckpt if k not in expected)
     mismatched = [(k, tuple(ckpt[k].shape), tuple(expected[k].shape))
@@ -126,8 +133,9 @@ def check_against_model(
     # layout file official names are already accepted as they are)
     renamed = 0
     if layout == "official" and unexpected:
-        as_official = diffusers_to_official({k: ckpt[k] for k in unexpected}, config, strict=False,
-                                            add_blur_kernels=False)
+        part = {k: ckpt[k] for k in unexpected}
+        as_official = (rename(part) if rename is not None else
+                       diffusers_to_official(part, config, strict=False, add_blur_kernels=False))
         renamed = len(set(as_official) & set(missing))
     prefixed = _extra_prefix(unexpected, set(missing))
     if lora:
@@ -144,21 +152,21 @@ def check_against_model(
                  "checkpoint that is otherwise official; the files come from two different exports, keep one "
                  "(or convert it)")
     elif known * 2 < len(ckpt) or not layout:
-        cause = ("foreign keys: these tensors do not belong to a Wan-Animate DiT (another model, e.g. a VAE or "
+        cause = (f"foreign keys: these tensors do not belong to a {model_name} (another model, e.g. a VAE or "
                  "text encoder, or a different architecture)")
     elif mismatched or (unexpected and missing):
-        cause = f"wrong preset/config (config from {config_source}): " + _suggest(_infer_sizes(ckpt), config)
+        cause = f"wrong preset/config (config from {config_source}): " + _suggest(_infer_sizes(ckpt), config, presets)
     elif missing:
         cause = (f"incomplete checkpoint: {len(missing)} of {len(expected)} tensors are absent (a partial "
                  "download, a file saved from part of the model, or the wrong layout)")
     else:
         cause = (f"the checkpoint has {len(unexpected)} tensors the model lacks: wrong preset/config (config from "
-                 f"{config_source}), e.g. fewer layers than the file: " + _suggest(_infer_sizes(ckpt), config))
+                 f"{config_source}), e.g. fewer layers than the file: " + _suggest(_infer_sizes(ckpt), config, presets))
 
     def listing(items: list[str]) -> str:
         return ", ".join(items[:SHOW]) + (f", ... (+{len(items) - SHOW} more)" if len(items) > SHOW else "")
 
-    lines = [f"Cannot load {where} as a Wan-Animate DiT ({layout or 'unrecognised'} layout, "
+    lines = [f"Cannot load {where} as a {model_name} ({layout or 'unrecognised'} layout, "
              f"config from {config_source}):"]
     if missing:
         lines.append(f"  missing keys ({len(missing)} of {len(expected)}): {listing(missing)}")
