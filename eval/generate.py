@@ -3,6 +3,13 @@
     python -m eval.generate --model DIR --ref IMAGE --pose POSE.mp4 --face FACE.mp4 --out OUT.mp4
     python -m eval.generate --model DIR --preprocessed SRC_DIR --out OUT.mp4      # src_ref.png, src_pose.mp4, ...
     python -m eval.generate --model DIR --ref IMAGE --driving RAW.mp4 --out OUT.mp4 [--replace] [--retarget]
+    python -m eval.generate --model A2_DIR --ref IMAGE --driving-video RAW.mp4 --out OUT.mp4 [--distilled]
+
+The model family is detected from the folder's DiT tensor names: Wan-Animate-14B takes pose + face
+streams (``--pose/--face``, ``--preprocessed`` or ``--driving`` with pose preprocessing);
+Wan-Animate-2 takes the raw driving video (``--driving-video``, resized to ``--target-area``; no pose
+or face extraction) and its own sampling defaults (81-frame segments, Euler, 40 steps, CFG 3.0 with
+the official block skip; ``--distilled``: 10 steps, no CFG, the distilled score modification).
 
 Replace mode: add ``--bg BG.mp4 --mask MASK.mp4`` (or a preprocessed folder with ``src_bg.mp4`` and
 ``src_mask.mp4``). Every input is read and checked before any model weight is loaded. The output
@@ -48,17 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--pose-backend", default="mediapipe", help="with --driving: pose estimator")
     src.add_argument("--max-frames", type=int, default=None, help="with --driving: keep the first N frames")
     src.add_argument("--target-area", type=int, default=1280 * 720,
-                     help="with --driving: output pixel area (official 1280*720; sides floored to x16)")
+                     help="with --driving / --driving-video: output pixel area (official 1280*720; sides floored to x16)")
+    src.add_argument("--driving-video", help="Animate-2 models: the raw driving video (attended in context, "
+                     "no preprocessing)")
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default=None, help="text prompt (default: the official one)")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--steps", type=int, default=None, help="default 20 (Animate-2: 40, distilled 10)")
     g.add_argument("--shift", type=float, default=5.0)
-    g.add_argument("--guide-scale", type=float, default=1.0)
+    g.add_argument("--guide-scale", type=float, default=None, help="default 1.0 (Animate-2: 3.0, distilled 1.0)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--solver", default="unipc", choices=list(SOLVERS))
-    g.add_argument("--clip-len", type=int, default=77)
+    g.add_argument("--solver", default=None, choices=list(SOLVERS), help="default unipc (Animate-2: euler)")
+    g.add_argument("--clip-len", type=int, default=None, help="default 77 (Animate-2: 81)")
     g.add_argument("--refert-num", type=int, default=1)
+    g.add_argument("--distilled", action="store_true",
+                   help="Animate-2 distilled checkpoint: 10 steps, no CFG, log_scale -1.3 on the first frame's keys")
     m = p.add_argument_group("model")
     m.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
     m.add_argument("--lora-scale", type=float, action="append", default=[],
@@ -154,6 +165,71 @@ def _dit_config(model: str):
 def _flag_error(e: ValueError, key: str, flag: str) -> CliError:
     """A ``wan_animate.options`` error ("key=value ...") in command-line spelling ("--flag value ...")."""
     return CliError(str(e).replace(f"{key}=", f"{flag} "))
+
+
+# Sampling defaults of Wan-Animate-14B (official); Animate-2's come from wan_animate.animate2.pipeline.
+V1_DEFAULTS = dict(steps=20, guide_scale=1.0, solver="unipc", clip_len=77)
+V1_ONLY = ("pose", "face", "bg", "mask", "preprocessed", "driving", "relight")
+
+
+def _model_family(model: str) -> str:
+    """"animate" or "animate2" from the DiT tensor names of the model folder (headers only)."""
+    from wan_animate.animate2.weights import checkpoint_family
+    from wan_animate.pipeline import AnimatePipeline
+
+    path = Path(model) / "transformer" if AnimatePipeline.detect_layout(model) == "diffusers" else Path(model)
+    return checkpoint_family(path)
+
+
+def _apply_family(args, family: str) -> None:
+    """Family-specific flag checks and the defaults of the flags left unset."""
+    if family == "animate2":
+        from wan_animate.animate2.pipeline import BASE, DISTILLED
+
+        given = [f"--{f.replace('_', '-')}" for f in V1_ONLY if getattr(args, f)]
+        if given or args.replace or args.retarget or args.lora:
+            given += [f for f, on in (("--replace", args.replace), ("--retarget", args.retarget),
+                                      ("--lora", bool(args.lora))) if on]
+            raise CliError(f"{args.model} is a Wan-Animate-2 model: it takes --ref and the raw --driving-video, "
+                           f"not {', '.join(given)}.")
+        if not (args.ref and args.driving_video):
+            raise CliError(f"{args.model} is a Wan-Animate-2 model: give --ref IMAGE and --driving-video VIDEO.")
+        if args.sequence_parallel > 1:
+            raise CliError("--sequence-parallel is not available for Wan-Animate-2 generation yet; run one process.")
+        d = DISTILLED if args.distilled else BASE
+        defaults = dict(steps=d.steps, guide_scale=d.guide_scale, solver=d.solver, clip_len=d.clip_len)
+        args.log_scale = d.log_scale
+    else:
+        if args.driving_video or args.distilled:
+            raise CliError(f"{args.model} is a Wan-Animate-14B model: --driving-video/--distilled are for "
+                           "Wan-Animate-2; use --driving (pose preprocessing), --preprocessed or --pose/--face.")
+        defaults = V1_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def gather_animate2_inputs(args) -> dict:
+    """``--ref`` + ``--driving-video`` read, cut to ``--max-frames``, resized to the ``--target-area``
+    bucket (sides multiples of 16) and checked; returns generate() kwargs plus the output fps."""
+    from wan_animate.animate2.pipeline import check_driving_video
+    from wan_animate.geometry import ResizePlan, area_bucket
+    from wan_animate.pipeline import InputError, load_image
+
+    ref = _need_file(args.ref, "reference image")
+    frames, fps = _read(_need_file(args.driving_video, "driving video"), "driving video")
+    if args.max_frames:
+        frames = frames[:args.max_frames]
+    height, width = area_bucket(frames.shape[1], frames.shape[2], args.target_area)
+    if (height, width) != tuple(frames.shape[1:3]):
+        frames = ResizePlan(frames.shape[1], frames.shape[2], height, width).apply_all(frames)
+    try:
+        image = load_image(ref)
+        check_driving_video(frames, clip_len=args.clip_len, refert_num=args.refert_num)
+    except InputError as e:
+        raise CliError(str(e)) from None
+    print(f"cost: {estimate_cost(args, len(frames), height, width, None)}", file=sys.stderr)
+    return dict(ref_image=image, driving_video=frames, fps=fps)
 
 
 def _check_sampling_args(args) -> None:
@@ -317,14 +393,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, work_dir: str | None) -> int:
     try:
-        _check_sampling_args(args)
         from wan_animate.pipeline import AnimatePipeline
 
         if not str(args.out).lower().endswith(".mp4"):
             raise CliError(f"--out {args.out} must end in .mp4.")
         AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
+        family = _model_family(args.model)  # from the DiT's tensor names (headers only)
+        _apply_family(args, family)
+        _check_sampling_args(args)
         device, dtype = _resolve_device_dtype(args)  # before preprocessing: a bad --device fails now
-        inputs = gather_inputs(args, work_dir)
+        inputs = gather_animate2_inputs(args) if family == "animate2" else gather_inputs(args, work_dir)
         writer = True
         if args.sequence_parallel > 1:
             from wan_animate.parallel import start_generation_group
@@ -338,6 +416,8 @@ def _main(args, work_dir: str | None) -> int:
     from wan_animate.video_io import write_video
 
     fps = inputs.pop("fps")
+    if family == "animate2":
+        return _generate_animate2(args, inputs, fps, device, dtype, writer)
     pipe = AnimatePipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
                                            vae_tiling=args.vae_tiling)
     for i, lora in enumerate(args.lora):
@@ -369,6 +449,29 @@ def _main(args, work_dir: str | None) -> int:
     write_video(args.out, np.asarray(frames), fps)
     print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps",
           file=sys.stderr)
+    return 0
+
+
+def _generate_animate2(args, inputs: dict, fps: float, device: str, dtype, writer: bool) -> int:
+    from wan_animate.animate2.pipeline import Animate2Pipeline
+    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+    from wan_animate.video_io import write_video
+
+    pipe = Animate2Pipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
+                                            vae_tiling=args.vae_tiling)
+    frames = pipe.generate(
+        **inputs,
+        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed, solver=args.solver,
+        clip_len=args.clip_len, refert_num=args.refert_num, log_scale=args.log_scale,
+        progress=not args.no_progress,
+    )
+    assert frames.shape[0] == len(inputs["driving_video"]), "generate() must return one frame per driving frame"
+    if writer:
+        write_video(args.out, np.asarray(frames), fps)
+        print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps "
+              "(Wan-Animate-2)", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -240,6 +240,9 @@ def _dit_dtype(dit: nn.Module) -> torch.dtype:
 class AnimatePipeline:
     """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components."""
 
+    # the DiT config this pipeline drives; another family's pipeline subclasses with its own
+    config_class: type = WanAnimateConfig
+
     def __init__(
         self,
         dit: nn.Module,
@@ -254,9 +257,10 @@ class AnimatePipeline:
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
-        self.config: WanAnimateConfig = getattr(dit, "config")
-        if not isinstance(self.config, WanAnimateConfig):
-            raise TypeError("dit.config must be a WanAnimateConfig (use WanAnimateDiT or DiffusersDiT).")
+        self.config = getattr(dit, "config")
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"dit.config must be a {self.config_class.__name__} for {type(self).__name__}, got "
+                            f"{type(self.config).__name__}: use the pipeline of the DiT's family.")
         if text_encoder.dim != self.config.text_dim:
             raise ValueError(f"text encoder width {text_encoder.dim} != DiT text_dim {self.config.text_dim}.")
         if image_encoder.dim != self.config.image_dim:
@@ -310,9 +314,7 @@ class AnimatePipeline:
         layout = cls.detect_layout(path)
         enc_kw = dict(dtype=encoder_dtype or dtype, device=device, offload=offload)
         if dit is None:
-            from wan_animate.checkpoint import load_dit
-
-            dit = load_dit(path / "transformer" if layout == "diffusers" else path, dtype=dtype, device=device)
+            dit = cls.load_dit(path / "transformer" if layout == "diffusers" else path, dtype=dtype, device=device)
         dit.eval()
         text_len = dit.config.text_len
         if layout == "diffusers":
@@ -330,6 +332,13 @@ class AnimatePipeline:
                                AutoTokenizer.from_pretrained(str(tok_dir)), text_len=text_len, **enc_kw)
             image = ImageEncoder(oe.clip_from_official(load_torch_file(path / oe.CLIP_FILE)), **enc_kw)
         return cls(dit, vae, text, image, device=device)
+
+    @staticmethod
+    def load_dit(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+        """The DiT of a model folder's weights (``transformer/`` or the official folder)."""
+        from wan_animate.checkpoint import load_dit
+
+        return load_dit(path, dtype=dtype, device=device)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
         """Merge a LoRA file (community layout, see ``wan_animate.lora``) into the DiT with ``scale``."""
@@ -397,31 +406,22 @@ class AnimatePipeline:
     def _generate_segments(self, inputs, ref_pixels, ref_latent, context, context_null, clip_fea, idx, n_seg,
                            real_len, *, seed, steps, shift, solver, guide_scale, clip_len, refert_num,
                            progress) -> np.ndarray:
-        from tqdm.auto import tqdm
-
         mode = inputs.mode
         dev = self.device
         dit_dtype = _dit_dtype(self.dit)
         face_size = self.config.motion_encoder_size
         cfg_on = guide_scale != 1.0
         height, width = inputs.pose.shape[1:3]
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
-                     height // self.vae.spatial_stride, width // self.vae.spatial_stride)
-        outputs: list[torch.Tensor] = []  # uint8 [t, H, W, 3] per segment
-        prev: torch.Tensor | None = None
-        seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
-        step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
-        for s in range(n_seg):
-            sel = idx[s * (clip_len - refert_num): s * (clip_len - refert_num) + clip_len]
+
+        def segment(start: int, prev: torch.Tensor | None) -> Denoiser:
+            sel = idx[start:start + clip_len]
             pose = _to_tensor_video(inputs.pose[sel]).to(dev)
             face = resize_face_video(_to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
             bg = _to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
             char = (torch.from_numpy(inputs.mask[sel])[None, None].to(dev) if mode == "replace" else None)
             pose_latents = self.vae.encode(pose).to(dit_dtype)
             y = encode_condition(
-                self.vae, ref_pixels, clip_len=clip_len, mode=mode,
-                prev_frames=None if prev is None else prev[:, :, -refert_num:],
+                self.vae, ref_pixels, clip_len=clip_len, mode=mode, prev_frames=prev,
                 bg_video=bg, character_mask=char, ref_latent=ref_latent,
             ).to(dit_dtype)
             face_null = torch.full_like(face, -1.0) if cfg_on else None
@@ -432,15 +432,68 @@ class AnimatePipeline:
                     face_null if uncond else face,
                 )
 
-            noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(dev)
-            latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
-                             progress=step_bar.update)
-            frames = self.vae.decode(latents[:, :, 1:])  # drop the reference slot
-            prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
-            kept = frames if s == 0 else frames[:, :, refert_num:]
-            # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
-            outputs.append(torch.from_numpy(tensor_to_frames(kept[0])))
-            seg_bar.update(1)
-        step_bar.close()
-        seg_bar.close()
-        return torch.cat(outputs, dim=0)[:real_len].numpy()  # [T, H, W, 3]
+            return denoise
+
+        lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
+                     height // self.vae.spatial_stride, width // self.vae.spatial_stride)
+        return run_segments(self.vae, segment, n_seg=n_seg, clip_len=clip_len, refert_num=refert_num,
+                            real_len=real_len, lat_shape=lat_shape, seed=seed, device=dev, steps=steps, shift=shift,
+                            solver=solver, guide_scale=guide_scale, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# The segment loop (shared by every model family's pipeline)
+# ---------------------------------------------------------------------------------------------
+
+# denoise(latents, t [B], uncond) -> velocity, for one segment's conditioning
+Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def run_segments(
+    vae: WanVAE,
+    segment: Callable[[int, torch.Tensor | None], Denoiser],
+    *,
+    n_seg: int,
+    clip_len: int,
+    refert_num: int,
+    real_len: int,
+    lat_shape: tuple[int, ...],
+    seed: int,
+    device: torch.device,
+    steps: int,
+    shift: float,
+    solver: str,
+    guide_scale: float,
+    progress: bool,
+) -> np.ndarray:
+    """Generate ``n_seg`` overlapping segments and join them.
+
+    Per segment ``s``: ``segment(start, prev)`` (``start = s * (clip_len - refert_num)``, the
+    segment's first index into the padded driving frames; ``prev`` the previous segment's last
+    ``refert_num`` decoded frames [1, 3, n, H, W], None on the first) builds the conditioning and
+    returns its denoiser; noise of ``lat_shape`` is drawn from one CPU generator seeded with
+    ``seed``; :func:`wan_animate.sampling.sample` integrates it; the latents after the reference slot
+    are decoded and the ``refert_num`` overlap frames of later segments dropped. Returns uint8
+    ``[real_len, H, W, 3]``.
+    """
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    outputs: list[torch.Tensor] = []  # uint8 [t, H, W, 3] per segment
+    prev: torch.Tensor | None = None
+    seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
+    step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
+    for s in range(n_seg):
+        denoise = segment(s * (clip_len - refert_num), prev)
+        noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(device)
+        latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
+                         progress=step_bar.update)
+        frames = vae.decode(latents[:, :, 1:])  # drop the reference slot
+        prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
+        kept = frames if s == 0 else frames[:, :, refert_num:]
+        # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
+        outputs.append(torch.from_numpy(tensor_to_frames(kept[0])))
+        seg_bar.update(1)
+    step_bar.close()
+    seg_bar.close()
+    return torch.cat(outputs, dim=0)[:real_len].numpy()  # [T, H, W, 3]

@@ -1,0 +1,123 @@
+"""Animate-2 generation on a tiny random Animate-2 folder: segments, the extract pass once per
+segment, CFG with the block skip, the distilled score modification, eval.generate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wan_animate.animate2.pipeline import DISTILLED, Animate2Pipeline, check_driving_video
+from wan_animate.pipeline import AnimatePipeline, InputError, num_segments
+from wan_animate.testing import make_tiny_model_folder
+
+CLIP, STEPS, SIZE, FRAMES = 5, 2, 32, 9  # 9 frames in 5-frame segments overlapping by 1 -> 2 segments
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("a2") / "tiny", layout="diffusers", seed=0,
+                                  family="animate2")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return Animate2Pipeline.from_pretrained(folder, dtype=torch.float32)
+
+
+def _video(frames=FRAMES, size=SIZE, seed=1):
+    return np.random.default_rng(seed).integers(0, 256, (frames, size, size, 3), dtype=np.uint8)
+
+
+class Spy:
+    """Records the extract and generate calls of an Animate-2 DiT."""
+
+    def __init__(self, dit):
+        self.dit, self.extracts, self.generates = dit, [], []
+        self._extract, self._generate = dit.extract, dit.generate
+
+        def extract(*a, **k):
+            self.extracts.append(a[0].shape)
+            return self._extract(*a, **k)
+
+        def generate(x, t, context, clip_fea, y, cache, **k):
+            self.generates.append(dict(context=context.clone(), y=y.clone(), skip=tuple(k.get("skip_blocks", ())),
+                                       log_scale=k.get("log_scale")))
+            return self._generate(x, t, context, clip_fea, y, cache, **k)
+
+        dit.extract, dit.generate = extract, generate
+
+    def undo(self):
+        del self.dit.extract, self.dit.generate
+
+
+def test_generates_a_video_with_segments_extract_once_and_cfg_block_skip(pipe):
+    ref = _video(1, seed=2)[0]
+    spy = Spy(pipe.dit)
+    try:
+        out = pipe.generate(ref, _video(), steps=STEPS, clip_len=CLIP, guide_scale=3.0, progress=False)
+    finally:
+        spy.undo()
+    assert out.shape == (FRAMES, SIZE, SIZE, 3) and out.dtype == np.uint8
+    n_seg = num_segments(FRAMES, CLIP, 1)
+    assert n_seg == 2
+    assert len(spy.extracts) == n_seg  # the extract pass once per segment, not per step
+    assert spy.extracts[0] == (1, 16, 2, SIZE // 8, SIZE // 8)
+    assert len(spy.generates) == n_seg * STEPS * 2  # conditional + unconditional
+    cond, uncond = spy.generates[0], spy.generates[1]
+    assert cond["skip"] == () and uncond["skip"] == pipe.config.uncond_skip_blocks == (1,)
+    assert not torch.equal(cond["context"], uncond["context"])  # the negative prompt
+    # the first segment's video slots carry no given frame; the second's first latent frame does
+    first, second = spy.generates[0]["y"], spy.generates[-1]["y"]
+    assert first[:, :4, 1:].abs().sum() == 0 and second[:, :4, 1].min() == 1
+    # the same seed gives the same video; another seed another one
+    again = pipe.generate(ref, _video(), steps=STEPS, clip_len=CLIP, guide_scale=3.0, progress=False)
+    np.testing.assert_array_equal(out, again)
+
+
+def test_distilled_settings_change_the_score_and_skip_cfg(pipe):
+    ref = _video(1, seed=2)[0]
+    spy = Spy(pipe.dit)
+    try:
+        distilled = pipe.generate(ref, _video(), steps=STEPS, clip_len=CLIP, guide_scale=DISTILLED.guide_scale,
+                                  log_scale=DISTILLED.log_scale, progress=False)
+    finally:
+        spy.undo()
+    assert len(spy.generates) == num_segments(FRAMES, CLIP, 1) * STEPS  # no unconditional branch
+    assert {g["log_scale"] for g in spy.generates} == {-1.3}
+    base = pipe.generate(ref, _video(), steps=STEPS, clip_len=CLIP, guide_scale=1.0, progress=False)
+    assert not np.array_equal(distilled, base)
+
+
+def test_driving_video_matters_and_inputs_are_checked(pipe):
+    ref = _video(1, seed=2)[0]
+    a = pipe.generate(ref, _video(seed=1), steps=1, clip_len=CLIP, guide_scale=1.0, progress=False)
+    b = pipe.generate(ref, _video(seed=3), steps=1, clip_len=CLIP, guide_scale=1.0, progress=False)
+    assert not np.array_equal(a, b)
+    with pytest.raises(InputError, match="multiples of 16"):
+        check_driving_video(_video(size=36), clip_len=CLIP, refert_num=1)
+    with pytest.raises(InputError, match="4n\\+1"):
+        check_driving_video(_video(), clip_len=6, refert_num=1)
+    with pytest.raises(TypeError, match="Animate2Config"):
+        AnimatePipeline(pipe.dit, pipe.vae, pipe.text_encoder, pipe.image_encoder)
+
+
+def test_eval_generate_detects_the_family(folder, tmp_path):
+    from PIL import Image
+
+    from eval.generate import main
+    from wan_animate.video_io import read_video, write_video
+
+    Image.fromarray(_video(1, size=40, seed=2)[0]).save(tmp_path / "ref.png")
+    write_video(tmp_path / "driving.mp4", _video(frames=FRAMES, size=48), 16.0)
+    args = ["--model", str(folder), "--ref", str(tmp_path / "ref.png"), "--driving-video",
+            str(tmp_path / "driving.mp4"), "--out", str(tmp_path / "out.mp4"), "--steps", "1", "--clip-len",
+            str(CLIP), "--target-area", str(32 * 32), "--no-progress"]
+    assert main(args) == 0
+    frames, fps = read_video(tmp_path / "out.mp4")
+    assert frames.shape == (FRAMES, 32, 32, 3) and fps == 16.0
+    # v1 inputs with an Animate-2 model, and the raw-video flag with a v1 model: one clear line each
+    assert main([*args[:4], "--pose", str(tmp_path / "driving.mp4"), "--face", str(tmp_path / "driving.mp4"),
+                 "--out", str(tmp_path / "x.mp4")]) == 2
+    v1 = make_tiny_model_folder(tmp_path / "v1", layout="diffusers")
+    assert main(["--model", str(v1), *args[2:]]) == 2
