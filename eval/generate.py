@@ -187,9 +187,8 @@ def _apply_family(args, family: str) -> None:
         from wan_animate.animate2.pipeline import BASE, DISTILLED
 
         given = [f"--{f.replace('_', '-')}" for f in V1_ONLY if getattr(args, f)]
-        if given or args.replace or args.retarget or args.lora:
-            given += [f for f, on in (("--replace", args.replace), ("--retarget", args.retarget),
-                                      ("--lora", bool(args.lora))) if on]
+        given += [f for f, on in (("--replace", args.replace), ("--retarget", args.retarget)) if on]
+        if given:
             raise CliError(f"{args.model} is a Wan-Animate-2 model: it takes --ref and the raw --driving-video, "
                            f"not {', '.join(given)}.")
         if not (args.ref and args.driving_video):
@@ -228,6 +227,15 @@ def gather_animate2_inputs(args) -> dict:
         check_driving_video(frames, clip_len=args.clip_len, refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
+    from wan_animate.lora import LoraError, WeightsFileError, read_lora
+
+    for lora in args.lora:
+        try:  # read and checked now: a bad file fails before any model weight is loaded
+            read_lora(_need_file(lora, "LoRA file"))
+        except (LoraError, WeightsFileError) as e:
+            raise CliError(str(e)) from None
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
     print(f"cost: {estimate_cost(args, len(frames), height, width, None)}", file=sys.stderr)
     return dict(ref_image=image, driving_video=frames, fps=fps)
 
@@ -459,6 +467,10 @@ def _generate_animate2(args, inputs: dict, fps: float, device: str, dtype, write
 
     pipe = Animate2Pipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
                                             vae_tiling=args.vae_tiling)
+    for i, lora in enumerate(args.lora):
+        scale = args.lora_scale[i] if args.lora_scale else 1.0
+        merged = pipe.load_lora(lora, scale=scale)
+        print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
     frames = pipe.generate(
         **inputs,
         prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,

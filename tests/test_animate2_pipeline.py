@@ -116,6 +116,17 @@ def test_eval_generate_detects_the_family(folder, tmp_path):
     assert main(args) == 0
     frames, fps = read_video(tmp_path / "out.mp4")
     assert frames.shape == (FRAMES, 32, 32, 3) and fps == 16.0
+    # a LoRA in the community layout (official module names) is merged and changes the video
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"diffusion_model.blocks.0.block.self_attn.q.lora_A.weight": torch.randn(4, 64, generator=g),
+               "diffusion_model.blocks.0.block.self_attn.q.lora_B.weight": torch.randn(64, 4, generator=g)},
+              str(tmp_path / "lora.safetensors"))
+    lora_args = [*args, "--lora", str(tmp_path / "lora.safetensors")]
+    lora_args[lora_args.index("--out") + 1] = str(tmp_path / "lora.mp4")
+    assert main(lora_args) == 0
+    assert not np.array_equal(read_video(tmp_path / "lora.mp4")[0], frames)
     # v1 inputs with an Animate-2 model, and the raw-video flag with a v1 model: one clear line each
     assert main([*args[:4], "--pose", str(tmp_path / "driving.mp4"), "--face", str(tmp_path / "driving.mp4"),
                  "--out", str(tmp_path / "x.mp4")]) == 2

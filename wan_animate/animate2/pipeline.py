@@ -96,10 +96,6 @@ class Animate2Pipeline(AnimatePipeline):
 
         return load_animate2(path, dtype=dtype, device=device)
 
-    def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
-        raise NotImplementedError("LoRA files for Animate-2 are not read by this pipeline yet; merge the LoRA into "
-                                  "the DiT (or pass dit=) instead.")
-
     @torch.no_grad()
     def generate(  # type: ignore[override]
         self,
