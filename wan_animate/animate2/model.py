@@ -79,10 +79,6 @@ class Animate2Block(nn.Module):
     """``block``: Animate v1's DiT block (official names ``blocks.N.block.*``), run with Animate-2's
     two self-attentions."""
 
-    # The generation stream's kernel; sequence parallelism may set a per-instance one with the same
-    # signature (the driving stream uses ``block.self_attn.attention_fn``, as Animate v1's blocks).
-    incontext_fn = staticmethod(incontext_attention)
-
     def __init__(self, config: Animate2Config):
         super().__init__()
         self.block = DiTBlock(config)  # type: ignore[arg-type]  # the fields DiTBlock reads are shared
@@ -114,7 +110,7 @@ class Animate2Block(nn.Module):
             q, k, v = sa.project(h)
             q, k = apply_rope(q, *rope_gen), apply_rope(k, *rope_gen)
             kd = apply_rope(k_drv, *rope_drv)
-            out = self.incontext_fn(q.to(dtype), k.to(dtype), v, kd.to(dtype), v_drv.to(dtype), layout, log_scale)
+            out = incontext_attention(q.to(dtype), k.to(dtype), v, kd.to(dtype), v_drv.to(dtype), layout, log_scale)
             return sa.o(out.flatten(2))
 
         return self.block.run(x, time_mod, text, image, attend)
