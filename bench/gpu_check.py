@@ -224,7 +224,7 @@ def blocks_speed(ctx: Context):
     mfu_txt = f"MFU ours {100 * mfu['ours']:.1f}%, diffusers {100 * mfu['diffusers']:.1f}%" if peak else "MFU n/a"
     figure = (f"speed-up {speedup:.2f}x (ours {1e3 * med['ours']:.0f} ms, diffusers {1e3 * med['diffusers']:.0f} ms "
               f"per step; {mfu_txt})")
-    ctx.keep["blocks"] = (ours, inputs, target, dtype, med["ours"])
+    ctx.keep["blocks"] = (ours, inputs, target, dtype)
     del peer
     if ctx.gpu and speedup < MIN_SPEEDUP:
         raise Fail(f"ours is slower than diffusers beyond {MIN_SPEEDUP}x", figure, **data)
@@ -243,7 +243,7 @@ def flash_attn(ctx: Context):
         raise Skip("flash-attn is not installed (SDPA picks its own flash kernel)")
     if "blocks" not in ctx.keep:
         raise Skip("blocks_speed did not leave its model")
-    ours, inputs, target, dtype, sdpa_s = ctx.keep.pop("blocks")
+    ours, inputs, target, dtype = ctx.keep.pop("blocks")
     with torch.no_grad(), no_math_sdpa():
         ref = ours(**inputs).float()
         set_attention_backend("flash")
@@ -389,8 +389,9 @@ def _memory_check(ctx: Context, label: str, extra: list[str]):
     release(ctx)
     figure = f"device planned {planned:.2f} / measured {measured:.2f} GiB ({100 * rel(planned, measured):+.1f}%)"
     if data["pinned_error"] is not None:
-        figure += (f"; pinned planned {planned_pin:.2f} / measured {pinned:.2f} GiB ({100 * data['pinned_error']:+.1f}%: "
-                   f"registered {gib(registered.peak):.2f} + caching allocator {cached:.2f})")
+        figure += (f"; pinned planned {planned_pin:.2f} / measured {pinned:.2f} GiB "
+                   f"({100 * data['pinned_error']:+.1f}%: registered {gib(registered.peak):.2f}"
+                   f" + caching allocator {cached:.2f})")
     if not math.isfinite(loss):
         raise Fail(f"loss {loss}", figure, **data)
     bad = [k for k in ("device_error", "pinned_error") if data[k] is not None and abs(data[k]) > MEMORY_TOLERANCE]
@@ -449,7 +450,8 @@ def block_swap(ctx: Context):
         raise Fail("a block was not prefetched (synchronous copy) after warm-up", figure, **data)
     if ctx.gpu and ratio > MAX_SWAP_SLOWDOWN:
         raise Fail(f"copies not hidden behind compute (above {MAX_SWAP_SLOWDOWN}x)", figure, **data)
-    return figure, f"{gib(host):.3g} GiB of frozen weights swapped" + ("" if ctx.gpu else "; CPU timing, not judged"), data
+    where = f"{gib(host):.3g} GiB of frozen weights swapped"
+    return figure, where if ctx.gpu else where + "; CPU timing, not judged", data
 
 
 @check("sequence_parallel", 35)
