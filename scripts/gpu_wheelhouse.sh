@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.whl}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 LIMIT_MB=60
 
 # What the GPU image lacks (and the project needs): distribution names, versions taken from this environment.
