@@ -7,9 +7,9 @@
 #
 # The versions are those of the environment running it (the project installed: the ones the tests ran
 # with). Binary wheels are fetched for CPython 3.12 manylinux x86-64; deepspeed has no wheel on PyPI
-# and is built locally from its sdist with DS_BUILD_OPS=0 (pure Python: its CUDA ops compile on first use, none of them is needed for
-# ZeRO with torch's AdamW), antlr4-python3-runtime likewise (sdist only). wandb is left out (~20 MB;
-# the trainer runs without it). Every wheel's requirements are checked against the carried wheels
+# and is built locally from its sdist with DS_BUILD_OPS=0 (pure Python: its CUDA ops compile on first
+# use, none of them is needed for ZeRO with torch's AdamW), antlr4-python3-runtime likewise (sdist
+# only). wandb is left out (~20 MB; the trainer runs without it). Every wheel's requirements are checked against the carried wheels
 # plus the packages the GPU image already holds (PRESENT below); a missing one stops the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
