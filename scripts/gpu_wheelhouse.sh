@@ -9,8 +9,9 @@
 # with). Binary wheels are fetched for CPython 3.12 manylinux x86-64; deepspeed has no wheel on PyPI
 # and is built locally from its sdist with DS_BUILD_OPS=0 (pure Python: its CUDA ops compile on first
 # use, none of them is needed for ZeRO with torch's AdamW), antlr4-python3-runtime likewise (sdist
-# only). wandb is left out (~20 MB; the trainer runs without it). Every wheel's requirements are checked against the carried wheels
-# plus the packages the GPU image already holds (PRESENT below); a missing one stops the script.
+# only). wandb is left out (~20 MB; the trainer runs without it). Every wheel's requirements are
+# checked against the carried wheels plus the packages the GPU image already holds (PRESENT below);
+# a missing one stops the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.whl}
