@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The list: what a one-GPU machine confirms first (bench/gpu_check.py, docs/gpu.md).
+# What a one-GPU machine confirms first (bench/gpu_check.py, docs/gpu.md), in run order.
 CHECKS = ["deps", "gpu_tests", "blocks_speed", "flash_attn", "memory_plain", "memory_options", "block_swap",
           "sequence_parallel", "zero2_lora", "zero3_lora"]
 RUN_ON_CPU = {"deps", "blocks_speed", "block_swap", "sequence_parallel"}
