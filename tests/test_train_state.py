@@ -155,7 +155,7 @@ def _loss(model, batch, cfg) -> float:
 
 
 def test_small_export_and_merged_export_reproduce_the_trained_model(assets, tmp_path):
-    from train.export import export
+    from train.checkpoint.export import export
     from wan_animate.checkpoint import load_dit
     from wan_animate.lora import apply_lora
     from wan_animate.model import is_fp32_by_design

@@ -317,7 +317,7 @@ def test_quiet_drops_only_the_named_third_party_lines(caplog):
 
 
 def test_export_readme_lists_only_what_was_written(tmp_path):
-    from train.export import readme_text
+    from train.checkpoint.export import readme_text
 
     out = tmp_path / "export"
     (out / "official").mkdir(parents=True)

@@ -19,7 +19,7 @@ from train import preflight
 from train.checkpoint import run_dir
 from train.assets import prepare_assets
 from train.config import Config, config_to_dict
-from train.export import export
+from train.checkpoint.export import export
 from train.metrics import StepReporter, plot_loss_curve
 from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report, zero_stage
 from train.trainer import Trainer, startup_checks
