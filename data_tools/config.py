@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.geometry import RESIZE_MODES
-from wan_animate.options import canonical_dtype_name, check_frames_4n1
+from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype_name, check_frames_4n1, to_dataclass
 
 POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
@@ -173,20 +173,15 @@ CONF_ROOT = Path(__file__).resolve().parent.parent / "conf"
 
 def register_configs() -> None:
     """``<app>_schema``: the typed defaults of each app; ``<app>``: its primary config (the schema,
-    then an optional ``preset=NAME`` from ``conf/<app>/preset/NAME.yaml``)."""
+    then an optional ``preset=NAME`` from ``conf/<app>/preset/NAME.yaml``; no run folder or log file:
+    these commands write only where ``output=`` says)."""
     cs = ConfigStore.instance()
     for app, cls in APPS.items():
         cs.store(name=f"{app}_schema", node=cls)
-        cs.store(name=app, node={"defaults": [f"{app}_schema", "_self_", {"preset": None}]})
-
-
-def to_dataclass(cfg, cls):
-    """Hydra DictConfig -> the validated dataclass (``__post_init__`` runs)."""
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.to_container(cfg, resolve=True)
-    data.pop("hydra", None)
-    return cls(**data)
+        cs.store(name=app, node={
+            "defaults": [f"{app}_schema", "_self_", {"preset": None},
+                         {"override hydra/job_logging": "disabled"}, {"override hydra/hydra_logging": "disabled"}],
+            "hydra": HYDRA_QUIET})
 
 
 def run_hydra(app: str, cls, fn) -> None:
@@ -200,11 +195,8 @@ def run_hydra(app: str, cls, fn) -> None:
     import hydra
 
     register_configs()
-    # No per-run output folders or log files: these commands write only where output= says.
-    sys.argv += ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=disabled",
-                 "hydra/hydra_logging=disabled"]
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_ROOT / app), config_name=app)
+    @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(CONF_ROOT / app), config_name=app)
     def _main(cfg) -> None:
         try:
             config = to_dataclass(cfg, cls)

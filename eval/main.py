@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.config import CONF_ROOT, register_configs
 from eval.runner import run_cell
+from wan_animate.options import HYDRA_VERSION_BASE
 
 # `python eval/main.py` puts eval/ first on sys.path; the project is installed (`pip install -e .`),
 # so `eval` still resolves to this package, and no module here shares a name with a dependency.
@@ -80,7 +81,7 @@ if not OmegaConf.has_resolver("eval_cell_name"):
 register_configs()
 
 
-@hydra.main(config_path=str(CONF_ROOT), config_name="eval", version_base="1.3")
+@hydra.main(config_path=str(CONF_ROOT), config_name="eval", version_base=HYDRA_VERSION_BASE)
 def main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     try:

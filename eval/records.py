@@ -17,6 +17,7 @@ from pathlib import Path
 
 from eval.config import EvalConfig
 from wan_animate.files import atomic_write_json, atomic_write_text, dumps_strict
+from wan_animate.options import to_dataclass
 
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.jsonl"
@@ -77,23 +78,14 @@ def write_results(path: str | Path, lines: list[dict]) -> Path:
 
 
 def to_eval_config(cfg) -> EvalConfig:
-    """DictConfig (from Hydra) or EvalConfig -> validated EvalConfig (runs ``__post_init__``)."""
-    if isinstance(cfg, EvalConfig):
-        return cfg
-    from omegaconf import OmegaConf
+    """DictConfig (from Hydra) or EvalConfig -> validated EvalConfig (``wan_animate.options.to_dataclass``)."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        obj = OmegaConf.to_object(cfg)
+        return to_dataclass(cfg, EvalConfig)
     except MissingMandatoryValue as e:
         raise ValueError(f"{e.full_key} is required: python eval/main.py model_dir=MODEL_FOLDER "
                          "eval_set=SHARDS_OR_PAIRS_FOLDER [overrides]") from None
-    if isinstance(obj, dict):  # a plain dict config (not from the ConfigStore schema)
-        from eval.config import MetricsConfig, WandbConfig
-
-        obj = EvalConfig(**{**obj, "metrics": MetricsConfig(**obj.get("metrics", {})),
-                            "wandb": WandbConfig(**obj.get("wandb", {}))})
-    return obj
 
 
 def result_config(cfg: EvalConfig) -> dict:

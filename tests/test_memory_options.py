@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +14,10 @@ from wan_animate.config import WanAnimateConfig
 from wan_animate.lora import add_lora
 from wan_animate.memory import (
     FP8Linear,
+    MemoryOptions,
     apply_memory_options,
     chunk_motion_encoder,
     lora_in_compute_dtype,
-    make_optimizer,
 )
 from wan_animate.model import ADAPTER_PREFIXES, WanAnimateDiT, set_precision
 from wan_animate.objective import LossConfig, flow_matching_loss
@@ -37,11 +36,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def options(**kw) -> SimpleNamespace:
-    base = dict(activation_checkpointing=True, block_swap=0, base_dtype="bf16", checkpoint_offload=False,
-                checkpoint_dtype="fp32", motion_encoder_chunk=0)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def options(**kw) -> MemoryOptions:
+    return MemoryOptions(**{"activation_checkpointing": True, **kw})
 
 
 def make_batch(cfg: WanAnimateConfig, batch=1, latent_frames=2, h=4, w=6, seed=0, dtype=torch.float32):
@@ -399,9 +395,12 @@ def test_adamw8bit_tracks_adamw():
     torch.manual_seed(0)
     p8 = nn.Parameter(torch.randn(64, 128))
     p32 = nn.Parameter(p8.detach().clone())
-    kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    o8 = make_optimizer("adamw8bit", [{"params": [p8]}], **kw)
-    o32 = make_optimizer("adamw", [{"params": [p32]}], **kw)
+    from train.config import OptimConfig
+    from train.modes import make_optimizer
+
+    kw = dict(lr=1e-3, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.01)
+    o8 = make_optimizer([{"params": [p8]}], OptimConfig(name="adamw8bit", **kw))
+    o32 = make_optimizer([{"params": [p32]}], OptimConfig(name="adamw", **kw))
     start = p32.detach().clone()
     for _ in range(5):
         g = torch.randn(64, 128)
@@ -412,7 +411,7 @@ def test_adamw8bit_tracks_adamw():
     assert ((p8 - p32).norm() / moved).item() < 0.05
     assert type(o8.state[p8]["exp_avg"]).__name__ == "OptimState8bit"  # 8-bit states really
     with pytest.raises(ValueError, match="optim.name='sgd'"):
-        make_optimizer("sgd", [{"params": [p32]}], **kw)
+        make_optimizer([{"params": [p32]}], OptimConfig(name="sgd", **kw))
 
 
 @pytest.mark.parametrize("preset", ["animate14b_lora_24gb", "character_lora_24gb"])

@@ -138,14 +138,14 @@ def test_every_preset_composes_and_instantiates(preset, assets):
     _, data, _ = assets
     overrides = [f"experiment={preset}"]
     if preset.startswith(("animate14b", "character")):
-        overrides += ["model=tiny", "data=shards", f"data.urls=[{data}]", "data.clip_len=9",
+        overrides += ["model.preset=tiny", "data=shards", f"data.urls=[{data}]", "data.clip_len=9",
                       "data.buckets=[[32,32]]", "data.num_workers=0"]
     cfg = compose(overrides)
     assert cfg.experiment_name == preset
     dit = WanAnimateDiT(WanAnimateConfig.preset(cfg.model.preset))
     groups, summary = setup_trainable(dit, cfg)
     assert summary["trainable_params"] > 0
-    make_optimizer(groups, cfg)
+    make_optimizer(groups, cfg.optim)
     full = compose([f"experiment={preset}", "model.path=/models/x", "data.urls=[/data/x]"]
                    if preset != "quickstart" and preset != "adapters_only" else [f"experiment={preset}"])
     if preset.startswith("animate14b") or preset == "character_lora":

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from wan_animate.memory import MemoryOptions
 from wan_animate.objective import LossConfig
 from wan_animate.config import DEFAULT_PROMPT
 
@@ -22,6 +23,7 @@ PRECISIONS = ("fp32", "bf16")
 DATA_SOURCES = ("synthetic", "shards", "cached")
 SCHEDULERS = ("constant", "cosine", "linear")
 DISTRIBUTED = ("auto", "ddp", "deepspeed", "none")
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class ConfigError(ValueError):
@@ -36,20 +38,16 @@ def _fail(msg: str) -> None:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(MemoryOptions):
+    """The model and its memory options (``wan_animate.memory.MemoryOptions``: activation_checkpointing,
+    block_swap, base_dtype, checkpoint_offload, checkpoint_dtype, motion_encoder_chunk; docs/memory.md)."""
+
     # Model folder (official or diffusers layout, with VAE/text/image encoders). Empty -> the
     # quick-start tiny random model folder, written on first use.
     path: Optional[str] = None
     # Size of the random quick-start model when ``path`` is empty (WanAnimateConfig preset).
     preset: str = "tiny"
-    activation_checkpointing: bool = False  # per DiT block, applied from outside the model
     init_seed: int = 0  # seed of the quick-start random model
-    # Memory options (wan_animate.memory, docs/memory.md), applied after the trainable set is fixed.
-    block_swap: int = 0  # frozen weights of the first N blocks in (pinned) host memory, prefetched a block ahead
-    base_dtype: str = "bf16"  # bf16 | fp8 (frozen block linears as float8_e4m3fn + per-channel scales)
-    checkpoint_offload: bool = False  # checkpointed block inputs to (pinned) host memory
-    checkpoint_dtype: str = "fp32"  # fp32 | bf16: dtype the checkpointed fp32 block inputs are kept in
-    motion_encoder_chunk: int = 0  # >0: motion encoder over N face frames at a time (checkpointed / no-grad)
     # Where the frozen VAE / text / image encoders of raw-shard training live (cached shards never
     # load them for training): "device" moves them to the device only to encode a batch and parks
     # them in host memory during the DiT step; "cpu" runs them on the host.
@@ -57,26 +55,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         from wan_animate.config import PRESETS
-        from wan_animate.memory import BASE_DTYPES, CHECKPOINT_DTYPES
 
+        try:
+            super().__post_init__()
+        except ValueError as e:
+            _fail(str(e))
         if self.path is None and self.preset not in PRESETS:
             _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)} or set model.path.")
-        if self.block_swap < 0 or self.motion_encoder_chunk < 0:
-            _fail(f"model.block_swap={self.block_swap} and model.motion_encoder_chunk={self.motion_encoder_chunk} "
-                  "must be >= 0 (0 disables them).")
-        if self.base_dtype not in BASE_DTYPES:
-            _fail(f"model.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}.")
         if self.encoders_device not in ("device", "cpu"):
             _fail(f"model.encoders_device={self.encoders_device!r}; choose device (on the device only while "
                   "encoding a batch) or cpu (encode on the host).")
-        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
-            _fail(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
-        if self.block_swap and not self.activation_checkpointing:
-            _fail(f"model.block_swap={self.block_swap} needs model.activation_checkpointing=true: without it "
-                  "backward keeps every swapped block's weights on the device and block swap saves nothing.")
-        if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
-            _fail("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; set "
-                  "model.activation_checkpointing=true (or drop them).")
 
 
 @dataclass
@@ -147,7 +135,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit (torchao AdamW8bit: 8-bit moments, wan_animate.memory.make_optimizer)
+    name: str = "adamw"  # adamw | adamw8bit (torchao AdamW8bit: 8-bit moments; train.modes.make_optimizer)
     lr: float = 1e-4  # DiT trunk (full mode) / LoRA factors (lora mode)
     adapter_lr: Optional[float] = None  # pose/face adapters; null -> lr
     weight_decay: float = 0.0
@@ -160,8 +148,6 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of trained weights
 
     def __post_init__(self) -> None:
-        from wan_animate.memory import OPTIMIZERS
-
         if self.name not in OPTIMIZERS:
             _fail(f"optim.name={self.name!r}; choose one of {OPTIMIZERS}.")
         if self.lr < 0:
@@ -328,17 +314,11 @@ class Config:
         if (m.base_dtype == "fp8" or m.block_swap) and not frozen_base:
             _fail(f"model.base_dtype={m.base_dtype} / model.block_swap={m.block_swap} act on frozen base weights; "
                   f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
-        if m.block_swap and t.distributed in ("ddp", "deepspeed"):
-            _fail(f"model.block_swap={m.block_swap} keeps weights on the host of one process; it does not combine "
-                  f"with train.distributed={t.distributed}. Set model.block_swap=0 or train one process.")
+        check_launch(m, t.distributed)
         if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
             from wan_animate.config import WanAnimateConfig
-            from wan_animate.parallel import check_sequence_parallel_size
 
-            try:
-                check_sequence_parallel_size(WanAnimateConfig.preset(self.model.preset).num_heads, t.sequence_parallel)
-            except ValueError as e:
-                _fail(str(e))
+            check_sequence_parallel(t.sequence_parallel, WanAnimateConfig.preset(self.model.preset).num_heads)
         if self.model.path is None and self.model.preset == "14b":
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
             _fail(
@@ -353,6 +333,36 @@ class Config:
         return self.train.cache_dir or os.path.join(self.train.output_dir, "cache")
 
 
+def check_launch(m: ModelConfig, distributed: str, processes: int = 1) -> None:
+    """Memory options that need one plain process: checked on the config (``train.distributed`` as
+    given) and again at launch (the engine and process count accelerate resolved)."""
+    if m.block_swap and (distributed in ("ddp", "deepspeed") or processes > 1):
+        _fail(f"model.block_swap={m.block_swap} keeps weights on the host of one process; it does not combine "
+              f"with train.distributed={distributed} ({processes} process(es)). Set model.block_swap=0 or train "
+              "one process (launch/accelerate/1gpu.yaml).")
+    if m.base_dtype == "fp8" and distributed == "deepspeed":
+        _fail("model.base_dtype=fp8 does not combine with DeepSpeed (its engine holds one dtype); drop it or train "
+              "without DeepSpeed (launch/accelerate/1gpu.yaml).")
+
+
+def check_sequence_parallel(n: int, num_heads: int | None = None, world: int | None = None,
+                            world_name: str = "the number of processes") -> None:
+    """``train.sequence_parallel=N``: N divides the world (ranks form groups of N sharing one sample)
+    and the model's attention heads (Ulysses gives each rank whole heads). The one home of the rule
+    (config, launch, planner)."""
+    from wan_animate.parallel import check_sequence_parallel_size
+
+    if world is not None and world % n:
+        _fail(f"train.sequence_parallel={n} must divide {world_name} ({world}): ranks form groups of N that share "
+              f"one sample. Valid values here: {[d for d in range(1, world + 1) if world % d == 0]}, or launch a "
+              f"multiple of {n} processes.")
+    try:
+        if num_heads is not None:
+            check_sequence_parallel_size(num_heads, n)
+    except ValueError as e:
+        _fail(str(e))
+
+
 # ---------------------------------------------------------------------------- Hydra glue
 
 
@@ -364,57 +374,37 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
-def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
-    """Composed Hydra config -> validated dataclasses (raises ``ConfigError`` with the fix)."""
-    if isinstance(cfg, DictConfig):
-        from omegaconf.errors import MissingMandatoryValue
+def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:
+    """Composed Hydra config -> validated dataclasses (``wan_animate.options.to_dataclass``);
+    raises ``ConfigError`` with the fix."""
+    from omegaconf.errors import OmegaConfBaseException
 
-        try:
-            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        except MissingMandatoryValue as e:
-            key = getattr(e, "full_key", None) or str(e)
-            hint = {"model.path": "model.path=/path/to/Wan2.2-Animate-14B (or model=tiny)",
-                    "data.urls": "data.urls=[/path/to/shards] (or data=synthetic)"}.get(str(key), f"{key}=...")
-            _fail(f"{key} is required by this preset; set {hint}.")
-    else:
-        container = dict(cfg)
-    container.pop("hydra", None)
-    sections = {
-        "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "lora": LoraSettings,
-        "train": TrainSettings, "loss": LossConfig,
-    }
-    kwargs: dict[str, Any] = {}
-    for name, cls in sections.items():
-        values = dict(container.pop(name, {}) or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            _fail(f"Unknown key(s) {[f'{name}.{u}' for u in unknown]}; known {name}.* keys: {sorted(known)}.")
-        _check_finite(name, values)
-        try:
-            kwargs[name] = cls(**values)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as e:  # schemas outside train/ (LossConfig) raise ValueError
-            _fail(f"{e}" if f"{name}." in str(e) else f"{name}: {e}")
-    kwargs["experiment_name"] = container.pop("experiment_name", None)
-    if container:
-        _fail(f"Unknown top-level key(s) {sorted(container)}; groups are {sorted(sections)}.")
-    return Config(**kwargs)
+    from wan_animate.options import to_dataclass
+
+    if not isinstance(cfg, Config):
+        _check_finite(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
+    try:
+        return to_dataclass(cfg, Config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OmegaConfBaseException) as e:  # LossConfig (wan_animate) raises ValueError
+        _fail(str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e))
 
 
-def _check_finite(section: str, values: dict[str, Any]) -> None:
-    """No NaN / Inf anywhere in a section (``x < 0`` checks let NaN through; Inf overflows later)."""
+def _check_finite(values: Any, key: str = "") -> None:
+    """No NaN / Inf anywhere (``x < 0`` checks let NaN through; Inf overflows later)."""
     import math
 
-    def bad(v) -> bool:
-        if isinstance(v, float):
-            return not math.isfinite(v)
-        return isinstance(v, (list, tuple)) and any(bad(x) for x in v)
-
-    for key, value in values.items():
-        if bad(value):
-            _fail(f"{section}.{key}={value} must be finite (no NaN or Inf).")
+    if isinstance(values, dict):
+        for k, v in values.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(values, list):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            _fail(f"{key}={values} must be finite (no NaN or Inf).")
+        for v in values:
+            _check_finite(v, key)
+    elif isinstance(values, float) and not math.isfinite(values):
+        _fail(f"{key}={values} must be finite (no NaN or Inf).")
 
 
 def check_paths(cfg: Config) -> None:
@@ -443,9 +433,11 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None) -
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from wan_animate.options import HYDRA_VERSION_BASE
+
     register_configs()
     config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "train")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
+    with initialize_config_dir(config_dir=config_dir, version_base=HYDRA_VERSION_BASE):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return to_config(cfg)

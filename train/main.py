@@ -12,14 +12,15 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from train.config import ConfigError, check_paths, register_configs, to_config
+from wan_animate.options import HYDRA_VERSION_BASE
 
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf/train", config_name="config")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path="../conf/train", config_name="config")
 def main(cfg: DictConfig) -> None:
     from train.quiet import quiet_third_party
 
@@ -42,8 +43,7 @@ def main(cfg: DictConfig) -> None:
     lock = None
     try:
         if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
-            lock = acquire(config.train.output_dir)
-            _record_hydra(cfg, config.train.output_dir)
+            lock = acquire(config.train.output_dir)  # the config is recorded once: <output_dir>/config.json
         stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
         run(config)
     except (ConfigError, RunLockedError) as e:  # launch-time checks (lock, world, DeepSpeed, output_dir, data)
@@ -59,33 +59,13 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _record_hydra(cfg: DictConfig, output_dir: str) -> None:
-    """What Hydra's ``.hydra`` folder held (composed config, command-line overrides), written only
-    once the run is accepted: ``<output_dir>/hydra/<time>/``."""
-    import time
-
-    from hydra.core.hydra_config import HydraConfig
-
-    folder = os.path.join(output_dir, "hydra", time.strftime("%Y-%m-%d_%H-%M-%S"))
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(cfg))
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    with open(os.path.join(folder, "overrides.yaml"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(overrides)))
-
-
 def _teardown() -> None:
     """Release what a crashed run would leave behind (the normal path already closed these)."""
     import torch.distributed as dist
+    import wandb
 
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=1)
-    except ImportError:
-        pass
+    if wandb.run is not None:
+        wandb.finish(exit_code=1)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

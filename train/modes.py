@@ -13,12 +13,13 @@ call them on a meta-device model. The frozen VAE / text / image encoders are nev
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from train.config import Config
+from train.config import Config, OptimConfig
 from wan_animate.lora import add_lora, is_lora_key, load_lora_into_peft
 from wan_animate.model import ADAPTER_PREFIXES
 
@@ -87,36 +88,36 @@ def upcast_trainable(dit: nn.Module) -> None:
     cast_training_params(dit, dtype=torch.float32)
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
-    o = cfg.optim
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    """``adamw`` (torch) or ``adamw8bit`` (torchao's ``AdamW8bit``: block-wise 8-bit moments)."""
     for g in groups:
-        g["initial_lr"] = g["lr"]
-    from wan_animate.memory import make_optimizer as make  # adamw | adamw8bit (optim.name)
+        g["initial_lr"] = g.get("lr", optim.lr)
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "adamw8bit":
+        from torchao.optim import AdamW8bit  # a dependency (pyproject)
 
-    return make(o.name, groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        return AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
 def lr_factor_fn(cfg: Config) -> Callable[[int], float]:
     """Multiplier of each group's LR after ``step`` scheduler steps.
 
     Warmup: ``(step + 1) / warmup_steps`` (the first update already runs at ``lr / warmup_steps``,
-    where diffusers' schedules start at 0). After it, the decay shape of
-    ``diffusers.optimization.get_scheduler`` (constant / cosine / linear over the steps after
-    warmup), lifted onto the floor ``optim.min_lr_ratio`` (diffusers decays to 0).
+    where diffusers' schedules start at 0). After it, over ``progress`` in [0, 1] of the steps after
+    warmup: constant 1, linear ``1 - progress``, cosine ``(1 + cos(pi progress)) / 2`` (the decay
+    shapes of diffusers' schedules), lifted onto the floor ``optim.min_lr_ratio`` (diffusers decays to 0).
     """
-    from diffusers.optimization import get_scheduler
-
     o, total = cfg.optim, cfg.train.max_steps
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only lends its lambda
-    shape = get_scheduler(o.scheduler, probe, num_warmup_steps=o.warmup_steps,
-                          num_training_steps=total).lr_lambdas[0]
 
     def factor(step: int) -> float:
         if o.warmup_steps and step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
-        if total <= o.warmup_steps:  # the run ends inside its warmup: nothing left to decay over
+        if total <= o.warmup_steps or o.scheduler == "constant":  # a run ending inside its warmup: no decay
             return 1.0
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape(min(step, total))
+        progress = (min(step, total) - o.warmup_steps) / (total - o.warmup_steps)
+        shape = (1 + math.cos(math.pi * progress)) / 2 if o.scheduler == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
 
     return factor
 

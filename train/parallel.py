@@ -135,11 +135,8 @@ def frozen_loading() -> Iterator[None]:
     which would partition the frozen umT5/CLIP weights although no DeepSpeed engine ever owns them
     (their forward then fails). The DiT is partitioned by ``accelerate.prepare`` instead.
     """
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except ImportError:  # pragma: no cover
-        yield
-        return
+    from transformers.integrations import deepspeed as hf_ds
+
     saved = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:

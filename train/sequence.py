@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, check_sequence_parallel
 
 STATE_KEY = "sequence_parallel"  # in trainer_state.json (the "train" part of Trainer.state_dict)
 
@@ -46,12 +46,7 @@ def sequence_layout(cfg: Config, acc) -> SequenceLayout:
         return SequenceLayout(1, acc.process_index, acc.num_processes)
     from wan_animate.parallel import sequence_parallel_mesh
 
-    world = acc.num_processes
-    if world % n:
-        raise ConfigError(
-            f"train.sequence_parallel={n} must divide the number of processes ({world}): ranks form groups of "
-            f"N that share one sample. Valid values here: {[d for d in range(1, world + 1) if world % d == 0]}, "
-            f"or launch a multiple of {n} processes.")
+    check_sequence_parallel(n, world=acc.num_processes)  # the heads: once the model is loaded (apply_to_dit)
     mesh = sequence_parallel_mesh(n, acc.device.type)
     return SequenceLayout(n, mesh["data"].get_local_rank(), mesh["data"].size(), mesh["sequence"].get_group(),
                           first_group=acc.process_index < n)
@@ -61,12 +56,9 @@ def apply_to_dit(layout: SequenceLayout, dit: torch.nn.Module) -> None:
     """Install Ulysses on the raw DiT (before ``accelerate.prepare`` / DeepSpeed wrap it)."""
     if not layout.enabled:
         return
-    from wan_animate.parallel import apply_sequence_parallel, check_sequence_parallel_size
+    from wan_animate.parallel import apply_sequence_parallel
 
-    try:
-        check_sequence_parallel_size(dit.config.num_heads, layout.size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_sequence_parallel(layout.size, dit.config.num_heads)
     apply_sequence_parallel(dit, layout.group)
 
 

@@ -27,7 +27,7 @@ import torch
 
 from train import sequence
 from train.checkpoint import store as checkpointing
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, check_launch
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
 from train.frozen_encoders import load_frozen_encoders, training_needs_encoders
@@ -55,6 +55,8 @@ class StepResult:
 
 def startup_checks(cfg: Config, acc) -> None:
     """Combinations only known once the launch is (DeepSpeed stage, world); before any model loads."""
+    engine = "deepspeed" if acc.state.deepspeed_plugin is not None else ("ddp" if acc.num_processes > 1 else "none")
+    check_launch(cfg.model, engine, acc.num_processes)
     if zero_stage(acc) == 3 and cfg.optim.ema_decay > 0:
         raise ConfigError("optim.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); "
                           "set optim.ema_decay=0 or use ZeRO-2.")
@@ -97,7 +99,7 @@ class Trainer:
         # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
         self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
         sequence.apply_to_dit(self.sp, dit)
-        optimizer = make_optimizer(self.groups, cfg)
+        optimizer = make_optimizer(self.groups, cfg.optim)
         self.scheduler = make_scheduler(optimizer, cfg)
         self.model, self.optimizer = self._prepare(dit, optimizer)
         self.raw_dit = acc.unwrap_model(self.model)
@@ -116,11 +118,7 @@ class Trainer:
         and before ``accelerate.prepare`` (block swap, fp8 base, checkpointing + its input storage, ...)."""
         from wan_animate.memory import apply_memory_options
 
-        m = self.cfg.model
-        if self.use_deepspeed and (m.block_swap or m.base_dtype != "bf16"):
-            raise ConfigError("model.block_swap / model.base_dtype=fp8 do not combine with DeepSpeed; drop them or "
-                              "train without DeepSpeed (launch/accelerate/1gpu.yaml).")
-        self.memory = apply_memory_options(dit, m, device=self.device)
+        self.memory = apply_memory_options(dit, self.cfg.model, device=self.device)
 
     def _prepare(self, dit: torch.nn.Module, optimizer):
         """``accelerate.prepare``; a DeepSpeed bf16 engine casts every parameter to bf16, so the

@@ -7,6 +7,8 @@
   there is none is an error that names the fix.
 * ``check_frames_4n1``: frame counts the VAE's 4x temporal stride accepts (1, 5, 9, ..., 77, ...).
 * ``SOLVERS``: the sampler names ``wan_animate.sampling`` implements.
+* ``to_dataclass``: the one path from a composed Hydra config to an app's validated dataclass.
+* ``HYDRA_QUIET``: the Hydra settings of apps that write only where their config says.
 
 Every function raises ``ValueError`` whose message names the key, the bad value and the fix, so
 config ``__post_init__`` checks and CLIs can show it as a one-line error.
@@ -88,3 +90,24 @@ def check_solver(solver: str, key: str = "solver") -> str:
     if solver not in SOLVERS:
         raise ValueError(f"{key}={solver!r} is not one of {SOLVERS}")
     return solver
+
+
+# No per-run folder, ``.hydra`` copy or log file: the apps write only where their config says.
+HYDRA_QUIET = {"output_subdir": None, "run": {"dir": "."}, "job": {"chdir": False}}
+HYDRA_VERSION_BASE = "1.3"  # every app's ``@hydra.main`` / ``initialize_config_dir``
+
+
+def to_dataclass(cfg: Any, cls: type) -> Any:
+    """A composed Hydra config (or a plain mapping) -> the validated dataclass ``cls``.
+
+    ``OmegaConf.to_object`` against the structured schema: unknown keys and wrong types are refused
+    by the merge, and every nested dataclass's ``__post_init__`` validates its values. An instance
+    of ``cls`` is returned as it is. Errors of the schema (``ValueError``) pass through unchanged.
+    """
+    if isinstance(cfg, cls):
+        return cfg
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg) and OmegaConf.get_type(cfg) is cls:
+        return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg))

@@ -70,10 +70,8 @@ def model_folder(cfg: Config) -> str | None:
     other than 14b the quick-start tiny folder training would write (written here if missing)."""
     if cfg.model.path or cfg.model.preset == "14b":
         return cfg.model.path
-    try:
-        from wan_animate.testing import make_tiny_model_folder
-    except ImportError:  # before the weights/testing split lands
-        from wan_animate.testing import make_tiny_model_folder
+    from wan_animate.testing import make_tiny_model_folder
+
     folder = Path(cfg.cache_dir) / f"model-{cfg.model.preset}-seed{cfg.model.init_seed}"
     if not (folder / ".complete").is_file():
         import shutil
@@ -114,31 +112,12 @@ def planned_shape(cfg: Config) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- the fake step
 
 
-def _trainer_functions():
-    try:
-        from train.modes import make_optimizer, setup_trainable, upcast_trainable
-    except ImportError:  # before the trainer refactor lands
-        from train.lora import make_optimizer, setup_trainable
-
-        def upcast_trainable(dit):
-            for p in dit.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
-    return setup_trainable, make_optimizer, upcast_trainable
-
-
 def apply_memory_options(dit, cfg: Config, tracker: LiveBytes) -> dict[str, Any]:
     """The model-level memory options of ``cfg.model`` through ``wan_animate.memory`` (it also
     applies activation checkpointing, after block swap), as training applies them; then tells
     ``tracker`` which storages live on the host."""
-    try:
-        from wan_animate.memory import apply_memory_options as apply
-    except ImportError:  # before the memory options land: checkpointing only
-        if cfg.model.activation_checkpointing:
-            from wan_animate.model import apply_activation_checkpointing
+    from wan_animate.memory import apply_memory_options as apply
 
-            apply_activation_checkpointing(dit)
-        return {}
     state = apply(dit, cfg.model, device="cpu")
     if state.block_swap is not None:  # the swapped frozen weights stay in (pinned) host memory
         tracker.track([p for slots in state.block_swap.slots.values() for _, _, p in slots], "frozen_weights",
@@ -197,10 +176,10 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
     ``tracker`` is entered."""
+    from train.modes import make_optimizer, setup_trainable, upcast_trainable
     from train.plan.encoders import wrap_encoders
     from wan_animate.model import set_precision
 
-    setup_trainable, make_optimizer, upcast_trainable = _trainer_functions()
     bf16 = cfg.train.precision == "bf16"
     dit, (modules, sources) = meta
     dit.to_empty(device="cpu")
@@ -233,7 +212,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         if not use_ds:
             upcast_trainable(dit)
         options = apply_memory_options(dit, cfg, tracker)
-        optimizer = make_optimizer(groups, cfg)
+        optimizer = make_optimizer(groups, cfg.optim)
         for p in dit.parameters():
             tracker.track([p], "trainable_weights" if p.requires_grad else "frozen_weights")
         tracker.track(list(dit.buffers()), "frozen_weights")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from train.config import Config, ConfigError
+from train.config import Config, check_sequence_parallel
 from wan_animate.model.attention import attention
 from wan_animate.parallel.sequence import SequenceParallel
 
@@ -60,16 +60,7 @@ class PlannedShard(SequenceParallel):
 
 def check_plan(cfg: Config, num_heads: int, world: int) -> None:
     """The trainer's rules for N (train/sequence.py), on the planned world size."""
-    from wan_animate.parallel import check_sequence_parallel_size
-
-    n = cfg.train.sequence_parallel
-    if world % n:
-        raise ConfigError(f"train.sequence_parallel={n} must divide the planned world size {world} "
-                          "(train.plan_world_size): ranks form groups of N that share one sample.")
-    try:
-        check_sequence_parallel_size(num_heads, n)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_sequence_parallel(cfg.train.sequence_parallel, num_heads, world, "the planned world size (train.plan_world_size)")
 
 
 def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:

@@ -1,6 +1,6 @@
 """Memory options for training the Wan-Animate DiT, applied from outside the model.
 
-    state = apply_memory_options(dit, cfg.model, device=acc.device)
+    state = apply_memory_options(dit, options, device=acc.device)   # options: MemoryOptions
 
 Call it once the trainable set is fixed (LoRA injected, ``requires_grad`` set, trainables in their
 master dtype) and before ``accelerate.prepare``. It applies, in this order (the order matters):
@@ -37,6 +37,7 @@ from wan_animate.memory.offload import CheckpointInputStore, wrap_checkpointed
 
 __all__ = [
     "apply_memory_options",
+    "MemoryOptions",
     "MemoryState",
     "BlockSwap",
     "CheckpointInputStore",
@@ -44,7 +45,6 @@ __all__ = [
     "quantize_frozen_linears",
     "lora_in_compute_dtype",
     "chunk_motion_encoder",
-    "make_optimizer",
     "BASE_DTYPES",
     "CHECKPOINT_DTYPES",
     "OPTIMIZERS",
@@ -52,8 +52,35 @@ __all__ = [
 
 BASE_DTYPES = ("bf16", "fp8")  # bf16: the frozen weights keep the dtype they were loaded in
 CHECKPOINT_DTYPES = ("fp32", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
 _STORE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class MemoryOptions:
+    """The memory options (train's ``model.*`` keys: ``train.config.ModelConfig`` extends this);
+    validated here, once."""
+
+    activation_checkpointing: bool = False  # per DiT block, applied from outside the model
+    block_swap: int = 0  # frozen weights of the first N blocks in (pinned) host memory, prefetched a block ahead
+    base_dtype: str = "bf16"  # bf16 | fp8 (frozen block linears as float8_e4m3fn + per-channel scales)
+    checkpoint_offload: bool = False  # checkpointed block inputs to (pinned) host memory
+    checkpoint_dtype: str = "fp32"  # fp32 | bf16: dtype the checkpointed fp32 block inputs are kept in
+    motion_encoder_chunk: int = 0  # >0: motion encoder over N face frames at a time (checkpointed / no-grad)
+
+    def __post_init__(self) -> None:
+        if self.block_swap < 0 or self.motion_encoder_chunk < 0:
+            raise ValueError(f"model.block_swap={self.block_swap} and model.motion_encoder_chunk="
+                             f"{self.motion_encoder_chunk} must be >= 0 (0 disables them).")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"model.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}.")
+        if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
+            raise ValueError(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
+        if self.block_swap and not self.activation_checkpointing:
+            raise ValueError(f"model.block_swap={self.block_swap} needs model.activation_checkpointing=true: without it "
+                             "backward keeps every swapped block's weights on the device and block swap saves nothing.")
+        if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
+            raise ValueError("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; "
+                             "set model.activation_checkpointing=true (or drop them).")
 
 
 @dataclass
@@ -88,21 +115,6 @@ class MemoryState:
         }
 
 
-def _option(cfg: Any, name: str, default):
-    return getattr(cfg, name, default)
-
-
-def _check_single_process(option: str) -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(
-            f"{option} keeps frozen weights on the host of ONE process and is not supported with "
-            f"{dist.get_world_size()} processes; set model.block_swap=0 or launch a single process "
-            "(launch/accelerate/1gpu.yaml)."
-        )
-
-
 def place_except(model: nn.Module, device: torch.device, keep: BlockSwap) -> None:
     """Move every parameter and buffer to ``device`` except the swapped host weights."""
     swapped = {id(p) for slots in keep.slots.values() for _, _, p in slots}
@@ -118,25 +130,14 @@ def place_except(model: nn.Module, device: torch.device, keep: BlockSwap) -> Non
     model.hf_device_map = {"": str(device), "blocks(swapped frozen weights)": "cpu"}
 
 
-def apply_memory_options(dit: nn.Module, model_cfg: Any, *, device: torch.device | str) -> MemoryState:
-    """Apply the memory options of ``model_cfg`` (a ``ModelConfig`` or any object with its fields)."""
+def apply_memory_options(dit: nn.Module, options: MemoryOptions, *, device: torch.device | str) -> MemoryState:
+    """Apply ``options`` (validated by ``MemoryOptions``; single process with block swap: the caller's launch check)."""
     device = torch.device(device)
     state = MemoryState()
-    base_dtype = _option(model_cfg, "base_dtype", "bf16")
-    swap = int(_option(model_cfg, "block_swap", 0))
-    chunk = int(_option(model_cfg, "motion_encoder_chunk", 0))
-    offload = bool(_option(model_cfg, "checkpoint_offload", False))
-    ckpt_dtype = _option(model_cfg, "checkpoint_dtype", "fp32")
-    checkpointing = bool(_option(model_cfg, "activation_checkpointing", False))
-    if base_dtype not in BASE_DTYPES:
-        raise ValueError(f"model.base_dtype={base_dtype!r}; choose one of {BASE_DTYPES}.")
-    if ckpt_dtype not in CHECKPOINT_DTYPES:
-        raise ValueError(f"model.checkpoint_dtype={ckpt_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
-    if (offload or ckpt_dtype != "fp32") and not checkpointing:
-        raise ValueError("model.checkpoint_offload / model.checkpoint_dtype act on checkpointed block inputs; "
-                         "set model.activation_checkpointing=true.")
+    swap, chunk, ckpt_dtype = options.block_swap, options.motion_encoder_chunk, options.checkpoint_dtype
+    offload, checkpointing = options.checkpoint_offload, options.activation_checkpointing
 
-    if base_dtype == "fp8":
+    if options.base_dtype == "fp8":
         state.fp8_layers = quantize_frozen_linears(dit)
         if not state.fp8_layers:
             raise ValueError("model.base_dtype=fp8 found no frozen linear layer in the DiT blocks (train.mode=full "
@@ -146,7 +147,6 @@ def apply_memory_options(dit: nn.Module, model_cfg: Any, *, device: torch.device
         state.motion_encoder = chunk_motion_encoder(dit.motion_encoder, chunk)
     blocks = list(dit.blocks)
     if swap > 0:
-        _check_single_process("model.block_swap")
         state.block_swap = BlockSwap(blocks, swapped_indices(len(blocks), swap), device)
         state.block_swap.install()
     if checkpointing:
@@ -162,17 +162,3 @@ def apply_memory_options(dit: nn.Module, model_cfg: Any, *, device: torch.device
         state.block_swap.offload()
         place_except(dit, device, state.block_swap)
     return state
-
-
-def make_optimizer(name: str, groups: list[dict[str, Any]], *, lr: float, betas, eps: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` (torch) or ``adamw8bit`` (torchao's ``AdamW8bit``: block-wise 8-bit moments)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        try:
-            from torchao.optim import AdamW8bit
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("optim.name=adamw8bit needs torchao (pip install torchao).") from e
-        return AdamW8bit(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"optim.name={name!r}; choose one of {OPTIMIZERS}.")

@@ -74,16 +74,12 @@ def sequence_parallel_mesh(size: int, device_type: str):
 
     ``mesh["sequence"].get_group()`` is this rank's group (pass it to ``apply_sequence_parallel``);
     ``mesh["data"].get_local_rank()`` / ``.size()`` are the data-parallel rank / size to shard the
-    data by (all ranks of a group read the same samples).
+    data by (all ranks of a group read the same samples). ``size`` divides the world size (the
+    caller's check: ``train.config.check_sequence_parallel``).
     """
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    if size < 1 or world % size:
-        raise ValueError(
-            f"train.sequence_parallel={size} must divide the number of processes ({world}): the "
-            "processes form groups of that size; pick a divisor or launch a multiple of it."
-        )
     return init_device_mesh(device_type, (world // size, size), mesh_dim_names=("data", "sequence"))
 
 
