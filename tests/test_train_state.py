@@ -183,6 +183,106 @@ def test_small_export_and_merged_export_reproduce_the_trained_model(assets, tmp_
         want, rel=1e-3)
 
 
+class _NewHostBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the CPU storages created inside the block that are still alive (weakly tracked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = torch.utils.weak.WeakIdKeyDictionary()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}  # views / aliases of a storage that existed before
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage() not in self.seen
+                    and t.untyped_storage().data_ptr() not in inputs):
+                st, n = t.untyped_storage(), t.untyped_storage().nbytes()
+                self.seen[st] = weakref.finalize(st, self._free, n)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, n):
+        self.live -= n
+
+
+def test_full_export_is_bf16_without_an_fp32_copy_of_the_model(assets, tmp_path):
+    """train.mode=full writes the released dtype (bf16, fp32-by-design tensors fp32) from weights held
+    in bf16 (what a DeepSpeed bf16 engine gathers) without building an fp32 copy of the model."""
+    from train.checkpoint.export import export
+    from wan_animate.checkpoint import load_dit
+    from wan_animate.model import is_fp32_by_design
+
+    trainer = make_trainer(assets, tmp_path, "train.mode=full", "train.export_layouts=[official]")
+    trainer.raw_dit.to(torch.bfloat16)  # every tensor bf16, as ZeRO-3 holds (and gathers) them
+    bf16_bytes = sum(t.numel() * 2 for t in trainer.raw_dit.state_dict().values())
+    fp32_by_design = sum(t.numel() * 4 for n, t in trainer.raw_dit.state_dict().items() if is_fp32_by_design(n))
+    with _NewHostBytes() as new:
+        written = export(trainer.cfg, trainer.acc, trainer.model, trainer.raw_dit, None)
+    assert set(written) == {"official"}
+    dtypes = {n: t.dtype for n, t in load_dit(tmp_path / "export" / "official", dtype=None).state_dict().items()}
+    assert all(d == (torch.float32 if is_fp32_by_design(n) else torch.bfloat16) for n, d in dtypes.items())
+    # new host bytes: the fp32-by-design tensors cast up and transients of the writer, well under one
+    # bf16 copy of the model (an fp32 copy of the gathered model is 2x bf16_bytes)
+    assert fp32_by_design <= new.peak < 0.5 * bf16_bytes, (new.peak, fp32_by_design, bf16_bytes)
+
+
+def _export_wait_rank(rank: int, port: int, out: str, wait: str) -> None:
+    """One of 2 gloo ranks whose collective timeout (2 s) is shorter than rank 0's write (4 s)."""
+    import datetime
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from train.checkpoint.export import on_rank0
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    acc = SimpleNamespace(num_processes=2, is_main_process=rank == 0)
+
+    def write():
+        time.sleep(4)
+        return {"official": "written"}
+
+    try:
+        if wait == "store":
+            got = on_rank0(acc, write, timeout_s=60)
+        else:  # the barrier every rank used to wait in
+            got = write() if rank == 0 else {}
+            dist.barrier()
+        dist.barrier()  # together again after the export
+        Path(out, f"{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wait", ["store", "barrier"])
+def test_other_ranks_wait_for_the_export_beyond_the_collective_timeout(tmp_path, wait):
+    import multiprocessing
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_export_wait_rank, args=(r, port, str(tmp_path), wait)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    done = sorted(p.name for p in tmp_path.glob("*.json"))
+    if wait == "store":
+        assert done == ["0.json", "1.json"]
+        assert json.loads((tmp_path / "1.json").read_text()) == {}  # rank 0 alone reports what it wrote
+    else:  # negative control: a barrier under the collective timeout fails on the waiting rank
+        assert "1.json" not in done
+
+
 # ---------------------------------------------------------------------------- frozen encoders placement
 
 

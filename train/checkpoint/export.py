@@ -1,13 +1,33 @@
-"""End-of-run exports under ``<output_dir>/export/``: the DiT in the requested layouts, the LoRA
-community file, and the EMA variant (when ``optim.ema_decay > 0``)."""
+"""End-of-run exports under ``<output_dir>/export/`` (and ``export/ema/`` from the EMA weights).
+
+* ``train.mode=full``: the DiT in ``train.export_layouts``;
+* ``lora`` / ``adapters_only``: ``lora.safetensors`` (community layout, ``wan_animate.lora.save_lora``)
+  and ``adapters.safetensors`` (the trained pose/face adapters under official names, in the dtype
+  they trained in); with ``train.export_merged`` also the DiT with the LoRA merged into its base
+  weights, in ``train.export_layouts``.
+
+A whole DiT is written in the released dtype: bf16, the fp32-by-design tensors in fp32
+(``wan_animate.model.set_precision``'s rule). It is gathered module by module (one DiT block's
+parameters at a time under ZeRO-3), each tensor cast to that dtype on rank 0's host as it arrives:
+no fp32 copy of the model exists, and only one merged LoRA tensor at a time is computed in fp32.
+
+Collective: every rank gathers, rank 0 writes, and the other ranks wait for it on the process
+group's key-value store with a timeout sized to the bytes written (an NCCL barrier would hold them
+under the collective timeout, shorter than writing a 14B model to a slow disk).
+"""
 
 from __future__ import annotations
 
+import datetime
+import itertools
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 
 from train.config import Config
+from train.checkpoint.trainable import is_trainable_only
+from train.modes import is_adapter
 
 _DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
     "official": "DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.checkpoint.load_dit)",
@@ -15,6 +35,8 @@ _DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
     "lora.safetensors": "community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)",
     "adapters.safetensors": "trained pose/face adapter weights, official names",
 }
+WRITE_BYTES_PER_S = 20e6  # a slow shared disk: the other ranks' wait is sized with it
+_calls = itertools.count()  # the store key of each export (every rank exports the same times)
 
 
 def readme_text(out: Path, written: dict[str, str]) -> str:
@@ -30,75 +52,201 @@ def readme_text(out: Path, written: dict[str, str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-class _StateHolder:
-    """Minimal object ``save_dit`` accepts: a state dict and the config."""
+def released_dtype(name: str, t: torch.Tensor) -> torch.dtype:
+    """The dtype a tensor of the released DiT has (``name``: official or peft-wrapped)."""
+    from wan_animate.model import is_fp32_by_design
 
-    def __init__(self, state: dict[str, torch.Tensor], config):
-        self._state, self.config = state, config
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self._state
-
-
-def _lora_alpha(cfg: Config) -> float:
-    return float(cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank)
+    if not t.is_floating_point():
+        return t.dtype
+    return torch.float32 if is_fp32_by_design(name.replace(".base_layer.", ".")) else torch.bfloat16
 
 
 def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None) -> dict[str, str]:
-    """Collective (the state gather is, under ZeRO-3); rank 0 writes. ``ema``: name -> fp32 tensor
-    of the trainable parameters (``train.state.EMA.state_dict()``). Returns what was written.
+    """Collective. ``ema``: name -> fp32 tensor of the trainable parameters
+    (``train.state.EMA.state_dict()``). Returns what was written (on rank 0; {} on the others)."""
+    small = is_trainable_only(cfg.train.mode)
+    whole = not small or cfg.train.export_merged
+    trained = {n for n, p in raw_dit.named_parameters() if p.requires_grad}
+    # the whole DiT only when it is written; else the trained tensors (small files)
+    state = gather_state(acc, model, keep=trained if small else set()) if whole else gather_trained(acc, model)
+    dit_bytes = 2 * sum(getattr(p, "ds_numel", p.numel()) for p in raw_dit.parameters())
+    copies = (len(cfg.train.export_layouts) if whole else 0) + (1 if whole and ema is not None else 0)
 
-    ``lora`` / ``adapters_only``: only the trained tensors are gathered and written (small files);
-    the merged full model only with ``train.export_merged`` (``train.checkpoint.export_trainable``)."""
-    from train.checkpoint.export_trainable import trainable_state, write_trainable_only
-    from train.checkpoint.trainable import is_trainable_only
-
-    written: dict[str, str] = {}
-    if is_trainable_only(cfg.train.mode):
-        state = acc.get_state_dict(model) if cfg.train.export_merged else trainable_state(acc, model)
-        if acc.is_main_process:
-            written = write_trainable_only(cfg, raw_dit, state, ema)
-            out = Path(cfg.train.output_dir) / "export"
-            (out / "README.txt").write_text(readme_text(out, written))
-        acc.wait_for_everyone()
+    def write() -> dict[str, str]:
+        out = Path(cfg.train.output_dir) / "export"
+        written = _write(cfg, raw_dit, out, state, ema, small, whole)
+        (out / "README.txt").write_text(readme_text(out, written))
         return written
-    state = acc.get_state_dict(model)
-    if acc.is_main_process:
-        written = _write(cfg, raw_dit.config, state, ema)
-    acc.wait_for_everyone()
+
+    return on_rank0(acc, write, timeout_s=600 + copies * dit_bytes / WRITE_BYTES_PER_S)
+
+
+def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
+           small: bool, whole: bool) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"train_mode": cfg.train.mode, "experiment": str(cfg.experiment_name)}
+    if whole and small:
+        meta["merged"] = "true"
+    written: dict[str, str] = {}
+    scalings = _lora_scalings(raw_dit) if whole and small else {}
+    if small:
+        trained = {n for n, p in raw_dit.named_parameters() if p.requires_grad}
+        written.update(_write_small(cfg, out, {k: v for k, v in state.items() if k in trained}, meta))
+    if whole:
+        for layout in cfg.train.export_layouts:
+            _save_dit(released_state(state, scalings), raw_dit.config, out / layout, layout, meta)
+            written[layout] = str(out / layout)
+    if ema is not None:
+        if small:
+            written.update({f"ema/{k}": v for k, v in _write_small(cfg, out / "ema", ema, meta).items()})
+        if whole:  # the averages on top of the final frozen tensors
+            _save_dit(released_state({**state, **ema}, scalings), raw_dit.config, out / "ema" / "official",
+                      "official", {**meta, "ema_decay": str(cfg.optim.ema_decay)})
+            written["ema"] = str(out / "ema" / "official")
     return written
 
 
-def _write(cfg: Config, dit_config, state: dict[str, torch.Tensor], ema) -> dict[str, str]:
-    from wan_animate.checkpoint import save_dit
-    from wan_animate.lora import save_lora, strip_lora_state_dict
+def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, str]:
+    """``lora.safetensors`` and ``adapters.safetensors`` from the trained tensors (peft names)."""
+    from wan_animate.lora import is_lora_key, save_lora
+    from wan_animate.weights.files import save_safetensors
 
-    out = Path(cfg.train.output_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
-    meta = {"train_mode": cfg.train.mode, "experiment": str(cfg.experiment_name)}
-    base = {k: v.detach().float().cpu() for k, v in strip_lora_state_dict(state).items()}
-    if cfg.train.mode != "lora" or cfg.lora.train_adapters:
-        for layout in cfg.train.export_layouts:
-            save_dit(_StateHolder(base, dit_config), out / layout, layout=layout, metadata=meta)
-            written[layout] = str(out / layout)
-    if cfg.train.mode == "lora":
-        lora_state = {k: v for k, v in state.items() if ".lora_" in k}
-        save_lora(lora_state, out / "lora.safetensors", alpha=_lora_alpha(cfg),
-                  metadata={"rank": cfg.lora.rank, "alpha": _lora_alpha(cfg), "train_mode": "lora"})
+    if cfg.train.mode == "lora" and any(is_lora_key(k) for k in state):
+        alpha = float(cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank)
+        save_lora(state, out / "lora.safetensors", alpha=alpha,
+                  metadata={"rank": cfg.lora.rank, "alpha": alpha, "train_mode": "lora"})
         written["lora"] = str(out / "lora.safetensors")
-    if ema is not None:
-        # EMA of the trained tensors on top of the final frozen ones (peft names -> plain names)
-        ema_state = dict(base)
-        for name, value in ema.items():
-            if ".lora_" not in name:
-                ema_state[name.replace(".base_layer.", ".")] = value
-        save_dit(_StateHolder(ema_state, dit_config), out / "ema" / "official", layout="official",
-                 metadata={**meta, "ema_decay": str(cfg.optim.ema_decay)})
-        written["ema"] = str(out / "ema" / "official")
-        ema_lora = {k: v for k, v in ema.items() if ".lora_" in k}
-        if cfg.train.mode == "lora" and ema_lora:
-            save_lora(ema_lora, out / "ema" / "lora.safetensors", alpha=_lora_alpha(cfg))
-            written["ema/lora"] = str(out / "ema" / "lora.safetensors")
-    (out / "README.txt").write_text(readme_text(out, written))
+    # a LoRA-wrapped adapter linear stores its weight under ``.base_layer.``
+    adapters = {k.replace(".base_layer.", "."): v for k, v in state.items() if is_adapter(k) and not is_lora_key(k)}
+    if adapters:
+        save_safetensors(adapters, out / "adapters.safetensors", metadata={**meta, "names": "official"})
+        written["adapters"] = str(out / "adapters.safetensors")
     return written
+
+
+def _save_dit(state: dict[str, torch.Tensor], config, path: Path, layout: str, meta: dict[str, Any]) -> None:
+    from wan_animate.checkpoint import save_dit
+
+    save_dit(state, path, layout=layout, metadata=meta, config=config)
+
+
+# ---------------------------------------------------------------------------- gathering
+
+
+def _units(module: torch.nn.Module, prefix: str = ""):
+    """(prefix, module, recurse) covering the state dict: a module is gathered whole unless it holds
+    a ``ModuleList`` (the DiT blocks, the face adapter's blocks), which is taken one item at a time."""
+    if not any(isinstance(m, torch.nn.ModuleList) for m in module.modules()):
+        yield prefix, module, True
+        return
+    yield prefix, module, False  # its own tensors
+    for name, child in module.named_children():
+        yield from _units(child, f"{prefix}{name}.")
+
+
+def gather_state(acc, model, keep: set[str]) -> dict[str, torch.Tensor]:
+    """Collective: the prepared ``model``'s state dict on rank 0's host ({} on the others), gathered
+    module by module; each tensor is cast to ``released_dtype`` as it arrives, except the LoRA
+    factors and the names in ``keep`` (kept in the dtype they train in)."""
+    from train.parallel import zero_stage
+    from wan_animate.lora import is_lora_key
+
+    raw = acc.unwrap_model(model)
+    zero3 = zero_stage(acc) == 3
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module, recurse in _units(raw):
+        params = list(module.parameters(recurse=recurse))
+        with _gathered(params, zero3):
+            if not acc.is_main_process:
+                continue
+            local = module.state_dict(prefix=prefix) if recurse else {  # the root's own tensors only
+                k: v for k, v in itertools.chain(module._parameters.items(), module._buffers.items())
+                if v is not None and k not in module._non_persistent_buffers_set}
+            for k, v in local.items():
+                dtype = v.dtype if (k in keep or is_lora_key(k)) else released_dtype(k, v)
+                t = v.detach().to("cpu", dtype)
+                if zero3 and t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr():
+                    t = t.clone()  # the gathered storage is released when the module is left
+                out[k] = t
+    return out
+
+
+def gather_trained(acc, model) -> dict[str, torch.Tensor]:
+    """Collective: name -> host copy of every trainable parameter (small; on every rank)."""
+    from train.parallel import zero_stage
+
+    named = [(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
+    with _gathered([p for _, p in named], zero_stage(acc) == 3):
+        return {n: p.detach().cpu().clone() for n, p in named}
+
+
+def _gathered(params: list[torch.nn.Parameter], zero3: bool):
+    import contextlib
+
+    if not zero3 or not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+# ---------------------------------------------------------------------------- the released DiT
+
+
+def _lora_scalings(raw_dit: torch.nn.Module) -> dict[str, float]:
+    """Module name -> alpha / rank of every peft LoRA layer (what a merge multiplies B @ A by)."""
+    from peft.tuners.lora import LoraLayer
+
+    from wan_animate.lora import ADAPTER_NAME
+
+    return {name: float(m.scaling[ADAPTER_NAME]) for name, m in raw_dit.named_modules()
+            if isinstance(m, LoraLayer) and ADAPTER_NAME in m.scaling}
+
+
+@torch.no_grad()
+def released_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """Plain official-named DiT state in the released dtype from a (peft-wrapped) one: ``W + scaling
+    * B @ A`` for every LoRA layer in ``scalings``; a tensor already in its dtype is not copied."""
+    from wan_animate.lora import ADAPTER_NAME, is_lora_key
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if is_lora_key(key):
+            continue
+        name = key.replace(".base_layer.", ".")
+        module = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        if module is not None and module in scalings:
+            a = state[f"{module}.lora_A.{ADAPTER_NAME}.weight"].float()
+            b = state[f"{module}.lora_B.{ADAPTER_NAME}.weight"].float()
+            value = value.float().addmm_(b, a, alpha=scalings[module])
+        out[name] = value.detach().to("cpu", released_dtype(name, value))
+    return out
+
+
+# ---------------------------------------------------------------------------- rank 0 writes
+
+
+def on_rank0(acc, write: Callable[[], dict[str, str]], timeout_s: float) -> dict[str, str]:
+    """Rank 0 runs ``write``; the others wait until it is done (up to ``timeout_s``) on the process
+    group's store, not in a collective, and raise if it failed. Returns ``write``'s result ({} off rank 0)."""
+    import torch.distributed as dist
+
+    if acc.num_processes == 1 or not dist.is_initialized():
+        return write()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"wan_animate_export/{next(_calls)}"
+    if acc.is_main_process:
+        try:
+            written = write()
+        except BaseException as e:
+            store.set(key, f"failed on rank 0: {type(e).__name__}: {e}")
+            raise
+        store.set(key, "ok")
+        return written
+    store.wait([key], datetime.timedelta(seconds=timeout_s))
+    status = store.get(key).decode()
+    if status != "ok":
+        raise RuntimeError(f"export {status}")
+    return {}
