@@ -65,6 +65,9 @@ class ModelConfig(MemoryOptions):
         if self.encoders_device not in ("device", "cpu"):
             _fail(f"model.encoders_device={self.encoders_device!r}; choose device (on the device only while "
                   "encoding a batch) or cpu (encode on the host).")
+        if self.block_swap and not self.activation_checkpointing:  # inference may swap without it; training not
+            _fail(f"model.block_swap={self.block_swap} needs model.activation_checkpointing=true: without it "
+                  "backward keeps every swapped block's weights on the device and block swap saves nothing.")
 
 
 @dataclass

@@ -75,9 +75,6 @@ class MemoryOptions:
             raise ValueError(f"model.base_dtype={self.base_dtype!r}; choose one of {BASE_DTYPES}.")
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise ValueError(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
-        if self.block_swap and not self.activation_checkpointing:
-            raise ValueError(f"model.block_swap={self.block_swap} needs model.activation_checkpointing=true: without it "
-                             "backward keeps every swapped block's weights on the device and block swap saves nothing.")
         if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
             raise ValueError("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; "
                              "set model.activation_checkpointing=true (or drop them).")
