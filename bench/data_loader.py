@@ -26,7 +26,7 @@ from bench.common import command_line, write_report
 def time_loader(urls, source, clip_len, size, batches, face_size):
     from train.config import DataConfig
     from train.data import BatchIterator, StreamSpec
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
 
     urls = resolve_urls([str(u) for u in urls])
     cfg = DataConfig(source=source, urls=[str(u) for u in urls], clip_len=clip_len, refert_nums=[1],

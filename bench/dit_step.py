@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wan_animate.checkpoint import diffusers_to_official  # noqa: E402
+from wan_animate.weights.keymap import diffusers_to_official  # noqa: E402
 from wan_animate.config import WanAnimateConfig  # noqa: E402
 from wan_animate.model import (  # noqa: E402
     WanAnimateDiT,

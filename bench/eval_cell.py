@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
     from eval.config import EvalConfig, MetricsConfig
     from wan_animate.testing import save_tiny_i3d
     from wan_animate.testing import save_tiny_lpips_files

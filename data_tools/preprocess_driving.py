@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from data_tools.driving import preprocess_driving  # noqa: F401  (the library function; importable from here too)
+from data_tools.driving import preprocess_driving
 
 
 def _option(text: str):

@@ -1,7 +1,5 @@
 """``python -m data_tools.synthetic output=DIR [num_clips=8 clip_len=17 height=64 width=64 seed=0 driving=false]``:
-the command that writes the synthetic set. The generator itself lives in
-``data_tools.synthetic_data`` (a library module train/ and eval/ may import; they may not import
-command modules); import its names from there. ``make_synthetic_dataset`` stays importable from here.
+the command that writes the synthetic set (the generator: ``data_tools.synthetic_data``).
 """
 
 from __future__ import annotations

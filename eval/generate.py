@@ -227,7 +227,8 @@ def gather_animate2_inputs(args) -> dict:
         check_driving_video(frames, clip_len=args.clip_len, refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
-    from wan_animate.lora import LoraError, WeightsFileError, read_lora
+    from wan_animate.lora import LoraError, read_lora
+    from wan_animate.weights.files import WeightsFileError
 
     for lora in args.lora:
         try:  # read and checked now: a bad file fails before any model weight is loaded
@@ -356,7 +357,8 @@ def gather_inputs(args, work_dir: str | None = None) -> dict:
                       refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
-    from wan_animate.lora import RELIGHT_FILE, LoraError, WeightsFileError, read_lora
+    from wan_animate.lora import RELIGHT_FILE, LoraError, read_lora
+    from wan_animate.weights.files import WeightsFileError
 
     if args.relight is not None and bg_frames is None:
         raise CliError("--relight applies to replace mode: add --replace (with --driving) or --bg and --mask.")

@@ -60,7 +60,8 @@ def load_pipeline(cfg: EvalConfig):
             raise FileNotFoundError(f"{what}={p!r} does not exist")
     dit = None
     if cfg.checkpoint:
-        from wan_animate.checkpoint import inspect_checkpoint, load_dit
+        from wan_animate.weights.load import load_dit
+        from wan_animate.weights.source import inspect_checkpoint
 
         path = resolve_checkpoint(cfg.checkpoint)
         config = None

@@ -14,13 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan_animate import checkpoint as ckpt
-from wan_animate.checkpoint import (
-    CheckpointError,
-    diffusers_to_official,
-    load_dit,
-    official_to_diffusers,
-    save_dit,
-)
+from wan_animate.weights.diagnose import CheckpointError
+from wan_animate.weights.keymap import KeyMapError, diffusers_to_official, official_to_diffusers
+from wan_animate.weights.load import load_dit
+from wan_animate.weights.save import save_dit
 from wan_animate.config import WanAnimateConfig
 from wan_animate.weights.keymap import blur_kernel_keys, lia_blur_kernel
 from wan_animate.model import WanAnimateDiT, set_precision
@@ -156,9 +153,9 @@ def test_official_diffusers_official_is_bit_identical(preset, dtype):
 
 def test_key_map_rejects_unknown_and_half_pairs():
     config = WanAnimateConfig.preset("tiny")
-    with pytest.raises(ckpt.KeyMapError, match="no diffusers name"):
+    with pytest.raises(KeyMapError, match="no diffusers name"):
         official_to_diffusers({"encoder.layer.0.weight": torch.zeros(1)}, config)
-    with pytest.raises(ckpt.KeyMapError, match="to_v.weight is missing"):
+    with pytest.raises(KeyMapError, match="to_v.weight is missing"):
         diffusers_to_official({"face_adapter.0.to_k.weight": torch.zeros(4, 4)}, config)
 
 

@@ -8,7 +8,7 @@ from data_tools.config import CacheLatentsConfig
 from wan_animate.samples import decode_cached_sample, decode_sample, load_text_embeds
 from data_tools.shards import ShardWriter
 from wan_animate.samples import list_shards, read_shard
-from data_tools.synthetic import make_synthetic_dataset
+from data_tools.synthetic_data import make_synthetic_dataset
 
 
 @pytest.fixture

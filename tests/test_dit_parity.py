@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import WanAnimateTransformer3DModel
 
-from wan_animate.checkpoint import diffusers_to_official, load_dit, official_to_diffusers
+from wan_animate.weights.keymap import diffusers_to_official, official_to_diffusers
+from wan_animate.weights.load import load_dit
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model import WanAnimateDiT, set_precision
 

@@ -23,7 +23,7 @@ BLOB = "test_eval_sweep:make_blob_backend"  # deterministic stand-in pose backen
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
     from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval_cells")
@@ -64,7 +64,7 @@ def test_training_checkpoint_folder_without_config(assets, tmp_path):
     base model's config and equals the same weights loaded from a folder with config.json."""
     from safetensors.torch import save_file
 
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
 
     step = tmp_path / "checkpoints" / "step-7"
     step.mkdir(parents=True)
@@ -180,7 +180,7 @@ def test_config_errors_are_clear():
 
 
 def test_replace_mode(assets, tmp_path):
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "replace", num_clips=1, clip_len=5, height=64, width=64, replace=True)
     metrics = MetricsConfig(names=["psnr"])

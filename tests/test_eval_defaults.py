@@ -20,7 +20,7 @@ from eval.runner import eval_set_clip_len, run_cell
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
     from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval_defaults")

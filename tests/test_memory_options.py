@@ -463,7 +463,7 @@ def _trainer_run(assets, out, *overrides, steps=3, then=None):
     from accelerate.state import AcceleratorState, GradientState
 
     from train.config import compose
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
     from train.parallel import make_accelerator
     from train.trainer import Trainer
 

@@ -12,14 +12,14 @@ import torch
 
 from train.config import DataConfig
 from train.data import BatchIterator, StreamSpec
-from train.data_urls import resolve_urls
+from train.data import resolve_urls
 from wan_animate.geometry import nearest_bucket
 from wan_animate.objective import LossConfig, add_noise, flow_matching_loss, sample_timesteps, shift_sigma
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn")
     return make_synthetic_dataset(out, num_clips=6, clip_len=9, height=32, width=32, seed=0, shard_size=3,

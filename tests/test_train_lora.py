@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import WanAnimatePipeline, WanAnimateTransformer3DModel
 
-from wan_animate.checkpoint import diffusers_to_official
+from wan_animate.weights.keymap import diffusers_to_official
 from wan_animate.config import WanAnimateConfig
 from wan_animate.lora import (
     LoraError, add_lora, apply_lora, default_lora_targets, read_lora, save_lora,
@@ -163,7 +163,8 @@ def test_trainer_lora_export_reproduces_the_trained_model(tmp_path):
     (which, like the export, holds only the trained tensors: tests/test_train_state.py)."""
     from safetensors.torch import load_file
 
-    from wan_animate.checkpoint import load_dit, save_dit
+    from wan_animate.weights.load import load_dit
+    from wan_animate.weights.save import save_dit
     from wan_animate.pipeline import DiffusersDiT
 
     from accelerate.state import AcceleratorState, GradientState

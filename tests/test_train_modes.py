@@ -19,7 +19,7 @@ import torch
 from conftest import make_tiny_assets
 from train.config import ConfigError, compose
 from train.data import StreamSpec, ShardStream
-from train.data_urls import resolve_urls
+from train.data import resolve_urls
 from train.modes import is_adapter, make_optimizer, setup_trainable
 from wan_animate.batch import build_dit_inputs
 from wan_animate.model import ADAPTER_PREFIXES
@@ -111,7 +111,7 @@ def test_negative_control_full_mode_moves_the_trunk(assets, tmp_path):
 
 
 def test_lora_mode_trains_factors_and_adapters_with_their_own_lr(assets, tmp_path):
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
 
     # warmup 0 + constant schedule: the groups' LRs stay the configured ones
     trainer = make_trainer(assets, tmp_path, "train.mode=lora", "lora.rank=4", "optim.lr=1e-3",
@@ -190,7 +190,7 @@ def test_main_rejects_bad_config_before_loading_a_model(tmp_path):
 
 def test_replace_mode_and_temporal_reference_reach_the_condition(assets, tmp_path):
     """Samples with bg+mask become replace-mode conditions; given frames set the mask channels."""
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "repl", num_clips=1, clip_len=9, height=32, width=32, seed=1,
                                   shard_size=1, face_size=32, replace=True)

@@ -198,7 +198,7 @@ def test_safetensors_writer_alone_is_not_group_readable(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data_tools.synthetic import make_synthetic_dataset
+    from data_tools.synthetic_data import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn")
     return make_synthetic_dataset(out, num_clips=6, clip_len=9, height=32, width=32, seed=0, shard_size=3,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_assets
 from train.config import compose
-from train.data_urls import resolve_urls
+from train.data import resolve_urls
 from wan_animate.objective import flow_matching_loss
 
 
@@ -59,7 +59,7 @@ def test_lora_quickstart_checkpoint_and_export_hold_no_frozen_weight(tmp_path):
     only; the export is lora.safetensors + adapters.safetensors, no full model."""
     from train.loop import run
     from train.checkpoint.trainable import BASE_FILE, fingerprint_base
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
 
     out = tmp_path / "run"
     result = run(compose([f"train.output_dir={out}", "train.mode=lora", "lora.rank=4", "train.max_steps=2",
@@ -156,7 +156,7 @@ def _loss(model, batch, cfg) -> float:
 
 def test_small_export_and_merged_export_reproduce_the_trained_model(assets, tmp_path):
     from train.checkpoint.export import export
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
     from wan_animate.lora import apply_lora
     from wan_animate.model import is_fp32_by_design
 
@@ -214,7 +214,7 @@ def test_full_export_is_bf16_without_an_fp32_copy_of_the_model(assets, tmp_path)
     """train.mode=full writes the released dtype (bf16, fp32-by-design tensors fp32) from weights held
     in bf16 (what a DeepSpeed bf16 engine gathers) without building an fp32 copy of the model."""
     from train.checkpoint.export import export
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
     from wan_animate.model import is_fp32_by_design
 
     trainer = make_trainer(assets, tmp_path, "train.mode=full", "train.export_layouts=[official]")

@@ -50,7 +50,7 @@ def _cfg(assets, out: Path, *overrides: str):
 
 
 def _urls(assets):
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
 
     return resolve_urls([str(assets.data)])
 
@@ -273,7 +273,7 @@ def test_cached_training_validates_from_its_latents(assets, tmp_path, capsys):
     cache_latents(CacheLatentsConfig(input=str(assets.data), output=str(cached), model=str(assets.model),
                                      device="cpu", dtype="fp32", refert_nums=[0, 1]),
                   progress=False, encoders=(pipe.vae, pipe.text_encoder, pipe.image_encoder))
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
 
     from train.preflight import read_data_facts
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from train.config import Config
-from train.data_urls import resolve_urls
+from train.data import resolve_urls
 from wan_animate.files import atomic_dir
 
 

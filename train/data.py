@@ -23,20 +23,22 @@ Design (what makes exact resume and multi-rank splitting work):
 
 Raw shards (schema v1, ``wan_animate.samples.decode_sample``) give pixels; cached shards
 (``decode_cached_sample``) give latents and embeddings. ``wan_animate.batch`` turns either into DiT inputs.
+Also here: ``data.urls`` resolution (``resolve_urls``) and the face-crop augmentation.
 """
 
 from __future__ import annotations
 
+import glob
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from train.augment import augment_face, draw_face_augment
 from train.config import DataConfig
-from train.data_urls import text_embeds_path
 from wan_animate.geometry import crop_box_map, nearest_bucket, resize_crop_tensor
 
 # ---------------------------------------------------------------------------- face regions
@@ -401,3 +403,101 @@ class BatchIterator:
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "skipped": self.skipped, "seen": self.seen}
 
+
+# ---------------------------------------------------------------------------- where the data lives
+# ``data.urls`` (folders, globs, brace patterns, files, ``pipe:``/remote URLs) resolved to shard
+# URLs, and the text-embedding file of a cached data set.
+
+
+def resolve_urls(urls: list[str]) -> list[str]:
+    """Directories -> their ``*.tar`` shards; globs expanded; brace patterns expanded; ``pipe:``,
+    ``http(s)://`` and other URLs kept as given. Raises when nothing is found."""
+    from webdataset.shardlists import expand_urls
+
+    out: list[str] = []
+    for url in urls:
+        if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
+            out.extend(expand_urls(url))
+            continue
+        for item in expand_urls(url):
+            p = Path(item)
+            if p.is_dir():
+                found = sorted(str(x) for x in p.glob("*.tar"))
+                if not found:
+                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards.")
+                out.extend(found)
+            elif any(c in item for c in "*?["):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise FileNotFoundError(f"data.urls: pattern {item} matches no file.")
+                out.extend(found)
+            elif p.is_file():
+                out.append(str(p))
+            else:
+                raise FileNotFoundError(f"data.urls: {item} does not exist (give shard files, folders, globs or pipe: URLs).")
+    if not out:
+        raise FileNotFoundError("data.urls resolved to no shard.")
+    return out
+
+
+def text_embeds_path(urls: list[str]) -> Path | None:
+    """``text_embeds.safetensors`` at the root of a cached data set (next to its shards)."""
+    for url in urls:
+        if url.startswith("pipe:"):
+            continue
+        p = Path(url)
+        for cand in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
+            if (cand / "text_embeds.safetensors").is_file():
+                return cand / "text_embeds.safetensors"
+    return None
+
+
+# ---------------------------------------------------------------------------- face-crop augmentation
+# The paper's stage-2 recipe (scale, colour jitter, noise): the face crops drive expressions through
+# the motion encoder; augmenting them keeps the model from copying the driving person's appearance
+# (identity, lighting, skin tone) into the output. One set of parameters is drawn per clip, so the
+# augmentation does not itself flicker over time.
+
+
+@dataclass(frozen=True)
+class FaceAugmentParams:
+    scale: float  # zoom factor around the crop centre (> 1 zooms in)
+    brightness: float  # added to all channels, in [-1, 1] pixel units
+    contrast: float  # multiplies the deviation from the per-frame mean
+    saturation: float  # 0 = grey, 1 = unchanged
+    noise_std: float  # Gaussian noise, [-1, 1] pixel units
+
+
+def draw_face_augment(rng: np.random.Generator, *, scale: float, color: float, noise: float) -> FaceAugmentParams:
+    """Parameters uniform in ``1 +- scale``, ``+- color`` (brightness) / ``1 +- color`` (contrast,
+    saturation) and noise std in ``[0, noise]``."""
+    return FaceAugmentParams(
+        scale=float(rng.uniform(1 - scale, 1 + scale)),
+        brightness=float(rng.uniform(-color, color)),
+        contrast=float(rng.uniform(1 - color, 1 + color)),
+        saturation=float(rng.uniform(1 - color, 1 + color)),
+        noise_std=float(rng.uniform(0, noise)),
+    )
+
+
+def augment_face(face: torch.Tensor, p: FaceAugmentParams, noise_seed: int) -> torch.Tensor:
+    """``face`` [3, F, S, S] in [-1, 1] -> augmented crop of the same shape, clipped to [-1, 1]."""
+    c, f, s, _ = face.shape
+    frames = face.transpose(0, 1).float()  # [F, 3, S, S]
+    if p.scale != 1.0:
+        # Sample a (1 / scale)-sized window around the centre: zoom in for scale > 1, out (edges
+        # repeated) for scale < 1; the face stays centred as the cropper placed it.
+        theta = torch.tensor([[1.0 / p.scale, 0.0, 0.0], [0.0, 1.0 / p.scale, 0.0]]).expand(f, 2, 3)
+        grid = F.affine_grid(theta, [f, c, s, s], align_corners=False)
+        frames = F.grid_sample(frames, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # [-1, 1] -> colour operations in [0, 1] pixel space
+    x = (frames + 1) / 2
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # [F, 1, S, S]
+    x = grey + p.saturation * (x - grey)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = mean + p.contrast * (x - mean) + p.brightness / 2
+    out = x * 2 - 1
+    if p.noise_std > 0:
+        g = torch.Generator().manual_seed(noise_seed)
+        out = out + p.noise_std * torch.randn(out.shape, generator=g)
+    return out.clamp(-1, 1).transpose(0, 1).to(face.dtype)

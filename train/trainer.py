@@ -66,7 +66,7 @@ def _load_dit(cfg: Config, model_path: Path):
     """The DiT on the CPU. The frozen encoders load later (``Trainer.__init__``), once the memory
     options have quantised / placed the DiT: the host never holds the DiT as read and the encoders
     at once (docs/memory.md, host RAM)."""
-    from wan_animate.checkpoint import load_dit
+    from wan_animate.weights.load import load_dit
     from wan_animate.pipeline import AnimatePipeline
 
     bf16 = cfg.train.precision == "bf16"

@@ -66,7 +66,7 @@ def cached_inputs(urls: list[str], vae) -> dict:
     """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
     import torch
 
-    from train.data_urls import text_embeds_path
+    from train.data import text_embeds_path
     from wan_animate.samples import decode_cached_sample, load_text_embeds
 
     path = text_embeds_path(urls)
@@ -83,7 +83,7 @@ def cached_inputs(urls: list[str], vae) -> dict:
 
 def validation_inputs(cfg: Config, pipe, urls: list[str]) -> dict:
     if cfg.train.validation_urls:
-        from train.data_urls import resolve_urls
+        from train.data import resolve_urls
 
         return raw_inputs(resolve_urls(list(cfg.train.validation_urls))[0], cfg.data.clip_len)
     if cfg.data.source == "cached":

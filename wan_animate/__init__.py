@@ -13,9 +13,9 @@ from wan_animate.config import WanAnimateConfig
 
 _LAZY = {
     "WanAnimateDiT": "wan_animate.model",
-    "load_dit": "wan_animate.checkpoint",
-    "save_dit": "wan_animate.checkpoint",
-    "CheckpointError": "wan_animate.checkpoint",
+    "load_dit": "wan_animate.weights.load",
+    "save_dit": "wan_animate.weights.save",
+    "CheckpointError": "wan_animate.weights.diagnose",
     "AnimatePipeline": "wan_animate.pipeline",
     "make_tiny_model_folder": "wan_animate.testing",
 }

@@ -1,8 +1,5 @@
-"""Wan-Animate DiT checkpoints: the command line, and the public names of ``wan_animate.weights``.
-
-Loading, saving, converting and diagnosing live in ``wan_animate.weights`` (one job per module);
-this module keeps ``from wan_animate.checkpoint import load_dit, save_dit, CheckpointError, ...``
-working and is the CLI::
+"""Wan-Animate DiT checkpoints: the command line over ``wan_animate.weights`` (loading, saving,
+converting and diagnosing, one job per module; ``from wan_animate import load_dit, save_dit``)::
 
     python -m wan_animate.checkpoint convert SRC DST --to official|diffusers [--dtype bf16|fp32|keep]
     python -m wan_animate.checkpoint inspect PATH
@@ -25,21 +22,8 @@ from wan_animate.animate2.config import Animate2Config
 from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
 from wan_animate.config import PRESETS, WanAnimateConfig
 from wan_animate.weights.diagnose import CheckpointError
-from wan_animate.weights.keymap import KeyMapError, diffusers_to_official, official_to_diffusers
-from wan_animate.weights.load import load_dit
-from wan_animate.weights.save import convert_checkpoint, save_dit
+from wan_animate.weights.save import convert_checkpoint
 from wan_animate.weights.source import inspect_checkpoint
-
-__all__ = [
-    "CheckpointError",
-    "KeyMapError",
-    "convert_checkpoint",
-    "diffusers_to_official",
-    "inspect_checkpoint",
-    "load_dit",
-    "official_to_diffusers",
-    "save_dit",
-]
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "keep": None}
 

@@ -35,13 +35,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from wan_animate.weights.files import (  # noqa: F401  (WeightsFileError: raised for unreadable files)
-    WeightsFileError,
-    iter_tensors,
-    load_torch_file,
-    read_header,
-    save_safetensors,
-)
+from wan_animate.weights.files import iter_tensors, load_torch_file, read_header, save_safetensors
 
 PREFIX = "diffusion_model."
 # Name prefixes a LoRA file may carry: community files, and peft's PeftModel wrapper.

@@ -336,7 +336,7 @@ class AnimatePipeline:
     @staticmethod
     def load_dit(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
         """The DiT of a model folder's weights (``transformer/`` or the official folder)."""
-        from wan_animate.checkpoint import load_dit
+        from wan_animate.weights.load import load_dit
 
         return load_dit(path, dtype=dtype, device=device)
 

@@ -30,7 +30,7 @@ from train.checkpoint.trainable import is_trainable_only
 from train.modes import is_adapter
 
 _DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
-    "official": "DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.checkpoint.load_dit)",
+    "official": "DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.load_dit)",
     "diffusers": "WanAnimateTransformer3DModel.from_pretrained folder",
     "lora.safetensors": "community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)",
     "adapters.safetensors": "trained pose/face adapter weights, official names",
@@ -127,7 +127,7 @@ def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta
 
 
 def _save_dit(state: dict[str, torch.Tensor], config, path: Path, layout: str, meta: dict[str, Any]) -> None:
-    from wan_animate.checkpoint import save_dit
+    from wan_animate.weights.save import save_dit
 
     save_dit(state, path, layout=layout, metadata=meta, config=config)
 

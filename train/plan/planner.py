@@ -47,7 +47,7 @@ import torch
 
 from train.config import Config
 from train.plan.engines import engine_of, parallel_terms
-from train.plan.report import (  # noqa: F401
+from train.plan.report import (
     candidate_options,
     format_plan,
     plan_result,

@@ -70,7 +70,7 @@ def _identify(src: source.Source, config: Animate2Config | None) -> tuple[Animat
     if family != "animate2":
         raise CheckpointError(f"{src.root}: the tensor names are not an Animate-2 DiT's (no blocks.N.block.* or "
                               "blocks.N.self_attn.to_q names); an Animate v1 checkpoint loads with "
-                              "wan_animate.checkpoint.load_dit.", cause="wrong model family")
+                              "wan_animate.load_dit.", cause="wrong model family")
     if config is not None:
         return config, "the config= argument"
     if src.folder_config is not None:
@@ -139,7 +139,7 @@ def load_animate2(
 ) -> nn.Module:
     """``Animate2DiT`` from an official file/folder, a diffusers folder or a pipeline folder.
 
-    As ``wan_animate.checkpoint.load_dit``: parameters on meta, names and shapes checked from the
+    As ``wan_animate.load_dit``: parameters on meta, names and shapes checked from the
     headers, then filled shard by shard; ``dtype`` casts as ``set_precision`` does (fp32-by-design
     tensors stay fp32), ``None`` keeps the stored dtypes. Returned in eval mode.
     """

@@ -47,7 +47,6 @@ __all__ = [
     "chunk_motion_encoder",
     "BASE_DTYPES",
     "CHECKPOINT_DTYPES",
-    "OPTIMIZERS",
 ]
 
 BASE_DTYPES = ("bf16", "fp8")  # bf16: the frozen weights keep the dtype they were loaded in

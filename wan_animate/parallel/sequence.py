@@ -268,7 +268,7 @@ def apply_sequence_parallel(dit: WanAnimateDiT, group: dist.ProcessGroup) -> Seq
     if not isinstance(dit, WanAnimateDiT):
         raise TypeError(
             f"sequence parallelism needs a wan_animate WanAnimateDiT (its split/gather seams), got "
-            f"{type(dit).__name__}; load the model with wan_animate.checkpoint.load_dit."
+            f"{type(dit).__name__}; load the model with wan_animate.load_dit."
         )
     if dit.sequence_shard is not None:
         raise ValueError("apply_sequence_parallel was already applied to this model.")

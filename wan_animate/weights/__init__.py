@@ -9,5 +9,6 @@
 * ``load``     -- ``load_dit`` (parameters on meta, filled shard by shard with ``assign=True``);
 * ``save``     -- ``save_dit`` and the streaming ``convert_checkpoint``.
 
-``wan_animate.checkpoint`` is the command line over these and re-exports the public names.
+``wan_animate.checkpoint`` is the command line over these; ``from wan_animate import load_dit,
+save_dit, CheckpointError`` the public names.
 """
