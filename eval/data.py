@@ -40,6 +40,9 @@ class EvalSample:
     face: np.ndarray  # uint8 [T, S, S, 3] face crops
     target: np.ndarray | None = None  # uint8 [T, H, W, 3] ground truth (self-reconstruction)
     driving: np.ndarray | None = None  # uint8 [T, h, w, 3] driving RGB video (keypoint source)
+    # uint8 [T, H, W, 3]: what an Animate-2 model is driven by (shards: schema version 2's driving.mp4,
+    # the same motion by another appearance; pairs: driving.mp4 when it has the output size)
+    raw_driving: np.ndarray | None = None
     bg: np.ndarray | None = None
     mask: np.ndarray | None = None  # uint8 [T, H, W, 3], 255 = character
     caption: str = ""
@@ -82,7 +85,7 @@ def detect_kind(path: Path) -> str:
 def _cut(sample: EvalSample, max_frames: int) -> EvalSample:
     if max_frames <= 0 or sample.num_frames <= max_frames:
         return sample
-    for name in ("pose", "face", "target", "driving", "bg", "mask"):
+    for name in ("pose", "face", "target", "driving", "raw_driving", "bg", "mask"):
         v = getattr(sample, name)
         if v is not None:
             setattr(sample, name, v[:max_frames])
@@ -121,6 +124,8 @@ def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -
                 face=_video_uint8(d["face"]), target=video, driving=video, caption=d.get("caption", ""),
                 stored_keypoints=PoseSequence.from_dict(kp) if kp else None, meta=d["meta"],
             )
+            if "driving" in d:  # schema version 2
+                s.raw_driving = _video_uint8(d["driving"])
             if "bg" in d:
                 s.bg = _video_uint8(d["bg"])
                 s.mask = np.repeat((d["mask"][0].numpy() > 0.5)[..., None] * np.uint8(255), 3, axis=-1)
@@ -151,6 +156,8 @@ def load_preprocessed(folder: Path, key: str) -> EvalSample:
         s.bg, s.mask = _read(folder / "src_bg.mp4"), _read(folder / "src_mask.mp4")
     if (folder / "driving.mp4").exists():
         s.driving = _read(folder / "driving.mp4")
+        if s.driving.shape[:3] == s.pose.shape[:3]:  # frame for frame at the output size
+            s.raw_driving = s.driving
     if (folder / "src_meta.json").exists():
         import json
 

@@ -22,7 +22,7 @@ import numpy as np
 from eval.config import OFFICIAL_CLIP_LEN, EvalConfig
 from eval.data import EvalSample, EvalSet
 from eval.records import METRICS_FILE, loads_record, result_config, to_eval_config, write_record
-from eval.resources import get_eval_set, get_i3d, get_pipeline, resolve_dtype_device
+from eval.resources import get_eval_set, get_i3d, get_pipeline, model_family, resolve_dtype_device
 from eval.scoring import Timer, aggregate, heldout_cached, planned_metrics, sample_metrics
 
 log = logging.getLogger("eval")
@@ -50,8 +50,16 @@ def generate(pipe, cfg: EvalConfig, sample: EvalSample) -> np.ndarray:
         kwargs["prompt"] = prompt
     if cfg.negative_prompt is not None:
         kwargs["negative_prompt"] = cfg.negative_prompt
-    video = pipe.generate(sample.ref, sample.pose, sample.face,
-                          sample.bg if replace else None, sample.mask if replace else None, **kwargs)
+    if getattr(pipe.config, "family", "") == "animate2":  # the raw driving video, attended in context
+        if replace:
+            raise ValueError("mode=replace is Wan-Animate-14B's; a Wan-Animate-2 model animates (mode=animate)")
+        if sample.raw_driving is None:
+            raise ValueError(f"sample {sample.key!r} has no driving video for a Wan-Animate-2 model: use schema-v2 "
+                             "shards (driving.mp4) or pair folders with driving.mp4 at the output size")
+        video = pipe.generate(sample.ref, sample.raw_driving, **kwargs)
+    else:
+        video = pipe.generate(sample.ref, sample.pose, sample.face,
+                              sample.bg if replace else None, sample.mask if replace else None, **kwargs)
     video = np.asarray(video)
     if video.shape[0] != sample.num_frames or video.shape[1:3] != sample.pose.shape[1:3]:
         raise RuntimeError(f"sample {sample.key!r}: the pipeline returned {video.shape} for a "
@@ -59,12 +67,14 @@ def generate(pipe, cfg: EvalConfig, sample: EvalSample) -> np.ndarray:
     return video
 
 
-def side_by_side(sample: EvalSample, generated: np.ndarray, height: int = 160) -> np.ndarray:
-    """reference | driving | generated at the middle frame, each panel ``height`` pixels tall."""
+def side_by_side(sample: EvalSample, generated: np.ndarray, height: int = 160, *, raw_driving: bool = False) -> np.ndarray:
+    """reference | driving | generated at the middle frame, each panel ``height`` pixels tall
+    (``raw_driving``: the Animate-2 input, ``sample.raw_driving``, in the middle)."""
     import cv2
 
     t = len(generated) // 2
-    driving = sample.driving[min(t, len(sample.driving) - 1)] if sample.driving is not None else sample.pose[t]
+    source = sample.raw_driving if raw_driving else sample.driving
+    driving = source[min(t, len(source) - 1)] if source is not None else sample.pose[t]
     panels = []
     for img in (sample.ref, driving, generated[t]):
         w = max(2, round(img.shape[1] * height / img.shape[0]))
@@ -124,7 +134,7 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
     if not cfg.clip_len:
         log.info("clip_len=0: using the eval set's own clip length %d", resolved["clip_len"])
     cfg = dataclasses.replace(cfg, clip_len=resolved["clip_len"])
-    todo, not_computed = planned_metrics(cfg, eval_set)
+    todo, not_computed = planned_metrics(cfg, eval_set, model_family(cfg.model_dir))
     with timer("load_pipeline"):
         pipe = get_pipeline(cfg)
     per_sample: dict[str, dict] = {}
@@ -138,7 +148,8 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
                 write_video(cell_dir / "videos" / f"{sample.key}.mp4", video, cfg.fps)
         from PIL import Image
 
-        Image.fromarray(side_by_side(sample, video)).save(cell_dir / "frames" / f"{sample.key}.png")
+        raw = getattr(pipe.config, "family", "") == "animate2"
+        Image.fromarray(side_by_side(sample, video, raw_driving=raw)).save(cell_dir / "frames" / f"{sample.key}.png")
         per_sample[sample.key] = sample_metrics(cfg, todo, pipe, sample, video, timer, device)
         if "fvd" in todo:
             videos.append(video)

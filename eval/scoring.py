@@ -32,14 +32,18 @@ class Timer:
             self.seconds[name] += time.perf_counter() - t0
 
 
-def planned_metrics(cfg: EvalConfig, eval_set: EvalSet) -> tuple[list[str], dict[str, str]]:
-    """Metrics to compute and, for every other metric, why it is not computed."""
+def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family: str = "animate") -> tuple[list[str], dict[str, str]]:
+    """Metrics to compute and, for every other metric, why it is not computed (``family``: the
+    model's, "animate" or "animate2")."""
     from eval.config import METRICS
 
     todo, not_computed = [], {}
     for name in METRICS:
         if name not in cfg.metrics.names:
             not_computed[name] = "not requested (add it to metrics.names)"
+        elif name == "heldout" and family == "animate2":
+            not_computed[name] = ("the held-out loss is built from Wan-Animate-14B batches (pose and face "
+                                  "streams); not computed for a Wan-Animate-2 model")
         elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
         elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "extract"

@@ -132,3 +132,33 @@ def test_eval_generate_detects_the_family(folder, tmp_path):
                  "--out", str(tmp_path / "x.mp4")]) == 2
     v1 = make_tiny_model_folder(tmp_path / "v1", layout="diffusers")
     assert main(["--model", str(v1), *args[2:]]) == 2
+
+
+def test_eval_cell_and_report_with_an_animate2_model(folder, tmp_path):
+    """An eval cell on schema-v2 synthetic shards (driving.mp4: the same motion by another character):
+    generated from the driving stream, scored against the target; the held-out loss is reported as
+    not computed (with its reason); the report reads the cell unchanged. Version-1 shards fail the
+    cell with the fix."""
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from eval.config import EvalConfig, MetricsConfig
+    from eval.report import build_report
+    from eval.runner import run_cell
+
+    data = make_synthetic_dataset(tmp_path / "v2", num_clips=1, clip_len=CLIP, height=SIZE, width=SIZE,
+                                  driving=True)
+    cfg = EvalConfig(model_dir=str(folder), eval_set=str(data), dtype="float32", device="cpu", steps=1,
+                     clip_len=CLIP, max_samples=1, skip_finished=False,
+                     metrics=MetricsConfig(names=["psnr", "ssim", "flicker", "heldout"]))
+    sweep = tmp_path / "sweep"
+    record = run_cell(cfg, sweep / "cell")
+    assert record["status"] == "ok", record.get("traceback")
+    assert {"psnr", "ssim", "flicker"} <= set(record["metrics"])
+    assert "Wan-Animate-2" in record["not_computed"]["heldout"]
+    summary = build_report(sweep)
+    assert (summary["cells"], summary["ok"]) == (1, 1)
+    assert "Wan-Animate-2" in (sweep / "report.md").read_text()  # the not-computed reason is listed
+    v1_data = make_synthetic_dataset(tmp_path / "v1", num_clips=1, clip_len=CLIP, height=SIZE, width=SIZE)
+    import dataclasses
+
+    failed = run_cell(dataclasses.replace(cfg, eval_set=str(v1_data)), tmp_path / "v1cell")
+    assert failed["status"] == "failed" and "driving.mp4" in failed["error"]
