@@ -115,7 +115,7 @@ def _attention_lse(q, k, v):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt)[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
-        return out.transpose(1, 2), lse.float()
+        return out.transpose(1, 2), lse[..., :q.shape[1]].float()  # the fp32 kernel pads lse to 32 rows
     scale = q.shape[-1] ** -0.5
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
     lse = torch.logsumexp(scores, dim=-1)  # [B, H, Lq]
