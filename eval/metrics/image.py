@@ -1,7 +1,7 @@
-"""Pixel-level reconstruction metrics: PSNR and SSIM.
+"""Pixel-level reconstruction metrics: PSNR and SSIM (torchmetrics' implementation).
 
-Both take uint8 videos ``[T, H, W, 3]`` (numpy or torch) and compare them frame by frame on the
-0..255 scale. They are deterministic and need no weights.
+Both take uint8 videos ``[T, H, W, 3]`` (numpy or torch) and compare them on the 0..255 scale in
+float64. They are deterministic and need no weights.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -33,11 +32,12 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- PSNR
+# ---------------------------------------------------------------------------- PSNR, SSIM (torchmetrics)
 
 
 def psnr(generated, target, *, data_range: float = 255.0) -> float:
-    """PSNR in dB of the whole video: ``10 log10(R^2 / MSE)`` with the MSE over all frames.
+    """PSNR in dB of the whole video: ``10 log10(R^2 / MSE)`` with the MSE over all frames (in float64:
+    torchmetrics' ``peak_signal_noise_ratio`` takes ``R`` in float32, ~1e-6 dB off).
 
     Using the video-level MSE (not the mean of per-frame PSNRs) means a single identical frame
     cannot make the score infinite; only identical videos give ``inf``.
@@ -45,55 +45,24 @@ def psnr(generated, target, *, data_range: float = 255.0) -> float:
     a, b = as_float_video(generated), as_float_video(target)
     check_same_shape(a, b, "psnr")
     mse = float(torch.mean((a - b) ** 2))
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
+    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range**2 / mse)
 
 
-# ---------------------------------------------------------------------------- SSIM
-# Wang, Bovik, Sheikh, Simoncelli (2004): Gaussian window 11x11, sigma 1.5, K1 0.01, K2 0.03,
-# statistics over the "valid" region of the window (no padding), averaged over the map.
+def ssim_per_frame(generated, target, *, data_range: float = 255.0, sigma: float = 1.5, k1: float = 0.01,
+                   k2: float = 0.03) -> torch.Tensor:
+    """SSIM of each frame -> ``[T]`` (Wang et al. 2004: Gaussian window, sigma 1.5 -> 11x11, K1 0.01,
+    K2 0.03), the mean over the colour channels and the map's valid region (where the window fits
+    the frame: torchmetrics' map cropped; its own mean also counts the reflect-padded border)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-
-def gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    return g / g.sum()  # [size], sums to 1
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    g = gaussian_1d(size, sigma)
-    return torch.outer(g, g)  # [size, size], sums to 1
-
-
-def ssim_per_frame(
-    generated,
-    target,
-    *,
-    data_range: float = 255.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
-    k1: float = 0.01,
-    k2: float = 0.03,
-) -> torch.Tensor:
-    """SSIM of each frame (mean over the SSIM map and the three colour channels) -> ``[T]``."""
     a, b = as_float_video(generated), as_float_video(target)
     check_same_shape(a, b, "ssim")
-    t, c, h, w = a.shape
-    if h < window_size or w < window_size:
-        raise ValueError(f"ssim: frames {h}x{w} are smaller than the {window_size}x{window_size} window")
-    # The Gaussian window is separable: two 1-D passes (11 + 11 taps) instead of one 11x11 pass.
-    g = gaussian_1d(window_size, sigma).to(a)
-    stats = torch.cat([a, b, a * a, b * b, a * b], dim=1).reshape(t * 5 * c, 1, h, w)
-    stats = F.conv2d(stats, g.view(1, 1, 1, -1))  # valid region along W
-    stats = F.conv2d(stats, g.view(1, 1, -1, 1))  # valid region along H
-    mu_a, mu_b, e_aa, e_bb, e_ab = stats.reshape(t, 5, c, *stats.shape[-2:]).unbind(1)
-    var_a = e_aa - mu_a**2
-    var_b = e_bb - mu_b**2
-    cov = e_ab - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim_map.mean(dim=(1, 2, 3))  # [T]
+    pad = int(3.5 * sigma + 0.5)  # torchmetrics' Gaussian window: 2 pad + 1 taps
+    if min(a.shape[-2:]) <= 2 * pad:
+        raise ValueError(f"ssim: frames {a.shape[-2]}x{a.shape[-1]} are smaller than the {2 * pad + 1}x{2 * pad + 1} window")
+    _, full = structural_similarity_index_measure(a, b, sigma=sigma, data_range=data_range, k1=k1, k2=k2,
+                                                  return_full_image=True)
+    return full[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
 
 
 def ssim(generated, target, **kwargs) -> float:
