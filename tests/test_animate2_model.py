@@ -217,6 +217,22 @@ def test_split_kernel_gradients_equal_dense():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_flex_on_cpu_equals_dense(monkeypatch):
+    """The compiled flex kernel (the GPU fast path's code, compiled by inductor for the CPU)."""
+    import wan_animate.animate2.attention as attention
+
+    monkeypatch.setattr(attention, "COMPILE_FLEX_ON_CPU", True)
+    layout = InContextLayout(4, 3, 40)  # 160 generation tokens: not a multiple of the 128-token blocks
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, layout.gen_len, 2, 16, generator=g) for _ in range(3))
+    kd, vd = (torch.randn(1, layout.drv_len, 2, 16, generator=g) for _ in range(2))
+    for log_scale in (0.0, -1.3):
+        dense = incontext_attention(q, k, v, kd, vd, layout, log_scale, backend="dense")
+        got = incontext_attention(q, k, v, kd, vd, layout, log_scale, backend="flex")
+        torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_incontext_fast_paths_equal_dense_on_gpu():
     if not torch.cuda.is_available():

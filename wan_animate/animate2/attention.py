@@ -18,7 +18,8 @@ Three kernels compute exactly this (``set_incontext_backend``):
   driving frame, as a batch of frames) merged through their log-sum-exps. Nothing quadratic beyond
   the kernels themselves; with flash / memory-efficient kernels on a GPU it never builds the mask.
 * ``"flex"``: ``flex_attention`` with a ``BlockMask`` (and a ``score_mod`` for ``log_scale``), compiled
-  on CUDA (the official kernel); eager elsewhere (slow, for tests).
+  on CUDA (the official kernel); eager elsewhere (materialises the scores: for tests), or compiled
+  for the CPU too with ``COMPILE_FLEX_ON_CPU`` (torch 2.13 compiles it; ~20 s per shape).
 
 ``"auto"`` (default): ``flex`` on CUDA, ``dense`` otherwise.
 """
@@ -36,6 +37,8 @@ __all__ = ["InContextLayout", "incontext_attention", "incontext_bias", "set_inco
 
 BACKENDS = ("auto", "dense", "split", "flex")
 _backend = "auto"
+# flex on a CPU runs eagerly (no compile wait); True compiles it there too (inductor's CPU kernels)
+COMPILE_FLEX_ON_CPU = False
 
 
 def set_incontext_backend(name: str) -> None:
@@ -194,7 +197,7 @@ def _flex(q, k, v, kd, vd, layout, log_scale):
             return torch.where(first, score + log_scale, score)
 
     block_mask = _block_mask(layout, str(q.device))
-    kernel = _compiled_flex() if q.is_cuda else flex_attention
+    kernel = _compiled_flex() if q.is_cuda or COMPILE_FLEX_ON_CPU else flex_attention
     out = kernel(q.transpose(1, 2), torch.cat([k, kd], 1).transpose(1, 2), torch.cat([v, vd], 1).transpose(1, 2),
                  score_mod=score_mod, block_mask=block_mask)
     return out.transpose(1, 2)
