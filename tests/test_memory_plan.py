@@ -128,6 +128,47 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
         assert key in written
 
 
+def test_dry_run_config_needs_no_model_folder_and_no_data():
+    """Training the 14B preset is refused without model.path or data.urls (each named); planning it is not."""
+    with pytest.raises(ConfigError, match="model.path"):
+        compose(["experiment=animate14b_lora", "data.urls=[/x]"])
+    with pytest.raises(ConfigError, match="data.urls"):
+        compose(["experiment=animate14b_lora", "model.path=/x"])
+    cfg = compose(["experiment=animate14b_lora", "train.dry_run=memory"])
+    assert cfg.model.path is None and cfg.data.urls == [] and cfg.model.preset == "14b"
+
+
+@pytest.mark.slow
+def test_plan_needs_nothing_downloaded(tmp_path):
+    """train.dry_run=memory plans the 14B LoRA preset with no model.path and no data.urls, and a model
+    folder holding only its config.json plans the same step: same parameters, same bytes per category."""
+    small = ["data.buckets=[[64,64]]", "data.clip_len=5", "data.refert_nums=[1]", f"train.output_dir={tmp_path / 'o'}"]
+    cfg = compose(["experiment=animate14b_lora", "train.dry_run=memory", *small])
+    from_preset = plan_memory(cfg, write=False)
+    assert from_preset["sources"]["model"] == "preset '14b'"
+    assert from_preset["sources"]["text_encoder"] == "umT5-XXL encoder (published sizes)"
+    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("14b"))
+    from_folder = plan_memory(compose(["experiment=animate14b_lora", "train.dry_run=memory", f"model.path={folder}",
+                                       *small]), write=False)
+    assert from_folder["sources"]["model"] == f"{folder}/config.json"
+    for key in ("total_params", "trainable_params", "by_category", "peak_device_gib", "tokens_per_sample"):
+        assert from_folder[key] == from_preset[key], key
+
+
+@pytest.mark.slow
+def test_dry_run_command_plans_the_preset_alone(tmp_path):
+    """The documented command (README, docs/memory.md) with no model or data: exit 0, verdict printed,
+    memory_plan.json written."""
+    out = subprocess.run([sys.executable, "-m", "train.main", "experiment=animate14b_lora", "train.dry_run=memory",
+                          "data.buckets=[[64,64]]", "data.clip_len=5", "data.refert_nums=[1]",
+                          f"train.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[plan] verdict:" in out.stdout
+    plan = json.loads((tmp_path / "memory_plan.json").read_text())
+    assert plan["sources"]["model"] == "preset '14b'" and plan["fits"]
+
+
 @pytest.mark.slow
 def test_zero3_plan_divides_sharded_state(tmp_path):
     """One rank of 8 under ZeRO-3 holds far less than one rank of 1; config keys are validated."""

@@ -42,10 +42,14 @@ class ModelConfig(MemoryOptions):
     """The model and its memory options (``wan_animate.memory.MemoryOptions``: activation_checkpointing,
     block_swap, base_dtype, checkpoint_offload, checkpoint_dtype, motion_encoder_chunk; docs/memory.md)."""
 
+    # Model family (wan_animate/family.py): animate = Wan-Animate-14B, animate2 = Wan-Animate-2;
+    # or package.module:ATTRIBUTE of a ModelFamily.
+    family: str = "animate"
     # Model folder (official or diffusers layout, with VAE/text/image encoders). Empty -> the
     # quick-start tiny random model folder, written on first use.
     path: Optional[str] = None
-    # Size of the random quick-start model when ``path`` is empty (WanAnimateConfig preset).
+    # Size of the model when ``path`` is empty (a preset of the family): the quick-start random model,
+    # or what the memory planner plans.
     preset: str = "tiny"
     init_seed: int = 0  # seed of the quick-start random model
     # Where the frozen VAE / text / image encoders of raw-shard training live (cached shards never
@@ -54,14 +58,15 @@ class ModelConfig(MemoryOptions):
     encoders_device: str = "device"
 
     def __post_init__(self) -> None:
-        from wan_animate.config import PRESETS
+        from wan_animate.family import get_family
 
         try:
             super().__post_init__()
-        except ValueError as e:
+            presets = get_family(self.family).presets
+        except (ValueError, TypeError) as e:
             _fail(str(e))
-        if self.path is None and self.preset not in PRESETS:
-            _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(PRESETS)} or set model.path.")
+        if self.path is None and self.preset not in presets:
+            _fail(f"model.preset={self.preset!r} is unknown; choose one of {sorted(presets)} or set model.path.")
         if self.encoders_device not in ("device", "cpu"):
             _fail(f"model.encoders_device={self.encoders_device!r}; choose device (on the device only while "
                   "encoding a batch) or cpu (encode on the host).")
@@ -105,8 +110,6 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source not in DATA_SOURCES:
             _fail(f"data.source={self.source!r}; choose one of {DATA_SOURCES}.")
-        if self.source in ("shards", "cached") and not self.urls:
-            _fail(f"data.source={self.source} needs data.urls=[...] (shard directories, globs or pipe: URLs).")
         if self.clip_len < 5 or (self.clip_len - 1) % 4:
             _fail(f"data.clip_len={self.clip_len} must be 4n+1 and >= 5 (e.g. 5, 9, ..., 77).")
         if self.source == "synthetic":
@@ -294,6 +297,10 @@ class Config:
 
     def __post_init__(self) -> None:
         t, d = self.train, self.data
+        # the memory planner reads no weights and no data: it plans from the preset (or a folder's config.json)
+        planning = t.dry_run == "memory"
+        if d.source in ("shards", "cached") and not d.urls and not planning:
+            _fail(f"data.source={d.source} needs data.urls=[...] (shard directories, globs or pipe: URLs).")
         if t.checkpoint_every and t.checkpoint_every > t.max_steps:
             _fail(
                 f"train.checkpoint_every={t.checkpoint_every} > train.max_steps={t.max_steps}: no "
@@ -319,14 +326,16 @@ class Config:
                   f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
         check_launch(m, t.distributed)
         if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
-            from wan_animate.config import WanAnimateConfig
+            from wan_animate.family import get_family
 
-            check_sequence_parallel(t.sequence_parallel, WanAnimateConfig.preset(self.model.preset).num_heads)
-        if self.model.path is None and self.model.preset == "14b":
+            heads = get_family(self.model.family).config(preset=self.model.preset)[0].num_heads
+            check_sequence_parallel(t.sequence_parallel, heads)
+        if self.model.path is None and self.model.preset == "14b" and not planning:
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
             _fail(
                 "model.preset=14b without model.path would build a random 14B model; set model.path to the "
-                "Wan2.2-Animate-14B folder (or model=tiny for the quick start)."
+                "Wan2.2-Animate-14B folder (or model=tiny for the quick start; train.dry_run=memory plans the "
+                "14B run from the preset alone)."
             )
 
     @property

@@ -84,6 +84,9 @@ class StreamSpec:
     world_size: int = 1
     face_size: int = 32
     default_size: tuple[int, int] | None = None  # bucket when data.buckets is empty and sizes vary
+    # driving streams the model family reads (``ModelFamily.streams``): "face" is cropped to
+    # ``face_size`` (augmentation, dropout); every other stream like the target clip
+    streams: tuple[str, ...] = ("pose", "face")
 
 
 def _face_choices(face: torch.Tensor, cfg, rng: np.random.Generator) -> torch.Tensor:
@@ -115,11 +118,10 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     src_hw = tuple(video.shape[-2:])
     ex: dict[str, Any] = {"key": sample["key"]}
     ex["video"] = resize_crop_tensor(video[:, sl], size)
-    ex["pose"] = resize_crop_tensor(sample["pose"][:, sl], size)
+    for stream in spec.streams:
+        if stream != "face":
+            ex[stream] = resize_crop_tensor(sample[stream][:, sl], size)
     ex["ref"] = resize_crop_tensor(sample["ref"], size)
-    face = sample["face"][:, sl]
-    if face.shape[-1] != spec.face_size or face.shape[-2] != spec.face_size:
-        face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
     replace = "bg" in sample and rng.random() < cfg.replace_prob
     ex["mode"] = "replace" if replace else "animate"
     if replace:
@@ -128,7 +130,11 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     ex["num_given"] = int(rng.choice(cfg.refert_nums)) if rng.random() < cfg.temporal_ref_prob else 0
     caption = sample.get("caption") or cfg.default_caption
     ex["caption"] = "" if rng.random() < cfg.text_dropout else caption
-    ex["face"] = _face_choices(face, cfg, rng)
+    if "face" in spec.streams:
+        face = sample["face"][:, sl]
+        if face.shape[-1] != spec.face_size or face.shape[-2] != spec.face_size:
+            face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
+        ex["face"] = _face_choices(face, cfg, rng)
     region = face_region_map(sample["meta"].get("face_boxes"), start, clip_len, src_hw, size)
     if region is not None:
         ex["face_region"] = region
@@ -141,7 +147,9 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     cfg = spec.cfg
     ex: dict[str, Any] = {"key": sample["key"], "cached": True}
     ex["latents_target"] = sample["target"]
-    ex["pose_latents"] = sample["pose"]
+    for stream in spec.streams:  # latents of the driving streams (the face crops stay pixels)
+        if stream != "face":
+            ex[f"{stream}_latents"] = sample[stream]
     ex["ref_latent"] = sample["ref"]
     ex["clip_fea"] = sample["clip"]
     replace = "char_mask" in sample and rng.random() < cfg.replace_prob
@@ -159,12 +167,12 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     if drop_text and "text_empty" not in sample:
         raise ValueError("data.text_dropout > 0 needs the empty-prompt embedding in text_embeds.safetensors.")
     ex["context"] = sample["text_empty"] if drop_text else sample["text"]
-    face = sample["face"]
     clip_frames = 4 * (sample["target"].shape[1] - 1) + 1
-    face = face[:, :clip_frames]
-    if face.shape[-1] != spec.face_size:
-        face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
-    ex["face"] = _face_choices(face, cfg, rng)
+    if "face" in spec.streams:
+        face = sample["face"][:, :clip_frames]
+        if face.shape[-1] != spec.face_size:
+            face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
+        ex["face"] = _face_choices(face, cfg, rng)
     # cached latents cover the stored clip from its first frame at its own size (8 px per cell)
     pixel_hw = (8 * sample["target"].shape[-2], 8 * sample["target"].shape[-1])
     region = face_region_map(sample["meta"].get("face_boxes"), 0, clip_frames, pixel_hw, pixel_hw)

@@ -31,10 +31,10 @@ def training_needs_encoders(cfg: Config) -> bool:
 
 
 def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Module):
-    """An ``AnimatePipeline`` over ``dit`` (the live training DiT, whose train/eval mode is kept)
+    """The family's pipeline over ``dit`` (the live training model, whose train/eval mode is kept)
     with the folder's frozen encoders placed by ``placement``."""
     from train.parallel import frozen_loading
-    from wan_animate.pipeline import AnimatePipeline
+    from wan_animate.family import get_family
 
     device, offload = placement(cfg, acc.device)
     # umT5 / CLIP in bf16 on a bf16 run, also on the host (umT5 is released in bf16: fp32 would
@@ -42,7 +42,7 @@ def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Modul
     bf16 = cfg.train.precision == "bf16"
     was_training = dit.training
     with frozen_loading():
-        pipe = AnimatePipeline.from_pretrained(
+        pipe = get_family(cfg.model.family).pipeline_class.from_pretrained(
             model_path, dit=dit, dtype=torch.float32, device=device,
             encoder_dtype=torch.bfloat16 if bf16 else torch.float32, offload=offload)
     dit.train(was_training)  # from_pretrained puts the DiT in eval mode

@@ -1,14 +1,15 @@
 """What learns, and how fast: the trainable set and optimizer groups of each ``train.mode``, the
 fp32 upcast of what trains, the optimizer and the LR schedule.
 
-* ``full``: every DiT parameter (trunk at ``optim.lr``, pose/face adapters at ``optim.adapter_lr``);
-* ``adapters_only``: only ``wan_animate.model.ADAPTER_PREFIXES`` modules; the trunk is frozen and
-  stays bit-identical;
-* ``lora``: peft LoRA factors on the block linears (``optim.lr``), plus the adapters trained fully
-  (``optim.adapter_lr``) when ``lora.train_adapters``.
+* ``full``: every parameter (trunk at ``optim.lr``, the family's adapters at ``optim.adapter_lr``);
+* ``adapters_only``: only the family's ``adapter_prefixes`` modules (Wan-Animate-14B: pose/face);
+  the trunk is frozen and stays bit-identical;
+* ``lora``: peft LoRA factors on the family's default targets or ``lora.targets`` (``optim.lr``),
+  plus the adapters trained fully (``optim.adapter_lr``) when ``lora.train_adapters``.
 
-Pure functions of a model and the config: no ``Accelerator`` is needed, so the memory planner can
-call them on a meta-device model. The frozen VAE / text / image encoders are never passed here.
+``prepare_model`` is the build order after the model exists, written once for the trainer and the
+memory planner. Pure functions of a model and the config: no ``Accelerator`` is needed, so the
+planner calls them on a fake-tensor model. The frozen VAE / text / image encoders are never passed here.
 """
 
 from __future__ import annotations
@@ -20,45 +21,51 @@ import torch
 from torch import nn
 
 from train.config import Config, OptimConfig
+from wan_animate.family import DEFAULT_FAMILY, ModelFamily, get_family
 from wan_animate.lora import add_lora, is_lora_key, load_lora_into_peft
-from wan_animate.model import ADAPTER_PREFIXES
 
 
-def is_adapter(name: str) -> bool:
-    return name.split(".", 1)[0] in ADAPTER_PREFIXES
+def is_adapter(name: str, family: ModelFamily | None = None) -> bool:
+    """Whether parameter ``name`` belongs to the family's adapters (default: Wan-Animate-14B's)."""
+    prefixes = (family or get_family(DEFAULT_FAMILY)).adapter_prefixes
+    return name.split(".", 1)[0] in prefixes
 
 
-def _mark_trainable(dit: nn.Module, cfg: Config) -> None:
+def _mark_trainable(dit: nn.Module, cfg: Config, family: ModelFamily) -> None:
     mode = cfg.train.mode
     for name, p in dit.named_parameters():
         if mode == "full":
             p.requires_grad_(True)
         elif mode == "adapters_only":
-            p.requires_grad_(is_adapter(name))
+            p.requires_grad_(is_adapter(name, family))
         else:
-            p.requires_grad_(is_lora_key(name) or (cfg.lora.train_adapters and is_adapter(name)))
+            p.requires_grad_(is_lora_key(name) or (cfg.lora.train_adapters and is_adapter(name, family)))
 
 
-def setup_trainable(dit: nn.Module, cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def setup_trainable(dit: nn.Module, cfg: Config, family: ModelFamily | None = None,
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Add LoRA factors (lora mode), set ``requires_grad`` for ``cfg.train.mode`` and return
-    (optimizer param groups ``{"params", "lr", "name"}``, summary of parameter counts)."""
+    (optimizer param groups ``{"params", "lr", "name"}``, summary of parameter counts).
+    ``family``: default ``get_family(cfg.model.family)``."""
+    family = family or get_family(cfg.model.family)
     mode = cfg.train.mode
     lr = cfg.optim.lr
     adapter_lr = cfg.optim.adapter_lr if cfg.optim.adapter_lr is not None else lr
     lora_targets: list[str] = []
     if mode == "lora":
-        lora_targets = add_lora(dit, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets or None,
+        targets = cfg.lora.targets or family.lora_targets
+        lora_targets = add_lora(dit, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=list(targets) if targets else None,
                                 dropout=cfg.lora.dropout)
         if cfg.lora.init_from:
             load_lora_into_peft(dit, cfg.lora.init_from)
-    _mark_trainable(dit, cfg)
+    _mark_trainable(dit, cfg, family)
     trunk, adapters, lora = [], [], []
     for name, p in dit.named_parameters():
         if not p.requires_grad:
             continue
         if is_lora_key(name):
             lora.append(p)
-        elif is_adapter(name):
+        elif is_adapter(name, family):
             adapters.append(p)
         else:
             trunk.append(p)
@@ -78,6 +85,22 @@ def setup_trainable(dit: nn.Module, cfg: Config) -> tuple[list[dict[str, Any]], 
         "lora_targets": len(lora_targets),
     }
     return groups, summary
+
+
+def prepare_model(dit: nn.Module, cfg: Config, family: ModelFamily, *, deepspeed: bool, device):
+    """What happens to a built (or loaded) model before the optimizer exists, in this order, for the
+    trainer and the memory planner alike: training mode, the trainable set (``setup_trainable``),
+    fp32 master copies of the trainables (``upcast_trainable``; not under DeepSpeed, whose optimizer
+    keeps its own), the memory options of ``cfg.model`` (``wan_animate.memory``: block swap, fp8
+    base, activation checkpointing, ...). Returns (param groups, summary, memory state)."""
+    from wan_animate.memory import apply_memory_options
+
+    dit.train()
+    groups, summary = setup_trainable(dit, cfg, family)
+    if not deepspeed:
+        upcast_trainable(dit)
+    memory = apply_memory_options(dit, cfg.model, device=device)
+    return groups, summary, memory
 
 
 def upcast_trainable(dit: nn.Module) -> None:

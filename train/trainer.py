@@ -2,8 +2,9 @@
 
 ``Trainer`` is built from stateful parts, each small and separately testable:
 
-* model + optimizer (``_load_dit``, ``train.frozen_encoders``, ``train.modes``): the DiT with its trainable set per mode,
-  frozen encoders, AdamW with per-group LRs, the LR schedule, ``accelerate.prepare``;
+* model + optimizer (``_load_dit``, ``train.frozen_encoders``, ``train.modes``): the model of
+  ``model.family`` (``wan_animate.family``) with its trainable set per mode, frozen encoders, AdamW
+  with per-group LRs, the LR schedule, ``accelerate.prepare``;
 * ``TrainState`` (step, non-finite counters), ``EMA``, the data position (``BatchIterator``) and
   the per-rank noise generator (``train.state``);
 * ``train_step(micro_batches) -> StepResult``: gradient accumulation through
@@ -29,12 +30,13 @@ from train import sequence
 from train.checkpoint import store as checkpointing
 from train.config import Config, ConfigError, check_launch
 from train.data import BatchIterator, StreamSpec
-from train.modes import make_optimizer, make_scheduler, setup_trainable, upcast_trainable
+from train.modes import make_optimizer, make_scheduler, prepare_model
 from train.frozen_encoders import load_frozen_encoders, training_needs_encoders
 from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
 from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
-from wan_animate.batch import build_dit_inputs, fixed_draw
+from wan_animate.batch import fixed_draw
+from wan_animate.family import ModelFamily, get_family
 from wan_animate.objective import flow_matching_loss
 
 
@@ -62,20 +64,15 @@ def startup_checks(cfg: Config, acc) -> None:
                           "set optim.ema_decay=0 or use ZeRO-2.")
 
 
-def _load_dit(cfg: Config, model_path: Path):
+def _load_dit(cfg: Config, model_path: Path, family: ModelFamily):
     """The DiT on the CPU. The frozen encoders load later (``Trainer.__init__``), once the memory
     options have quantised / placed the DiT: the host never holds the DiT as read and the encoders
     at once (docs/memory.md, host RAM)."""
-    from wan_animate.weights.load import load_dit
-    from wan_animate.pipeline import AnimatePipeline
-
     bf16 = cfg.train.precision == "bf16"
     # The DiT is read on the CPU (bf16 when training in bf16: the released weights are bf16) and
     # moved by accelerate/DeepSpeed after the trainable set is fixed, so no rank ever holds a
     # full-precision copy of the whole model on its GPU.
-    layout = AnimatePipeline.detect_layout(model_path)
-    return load_dit(model_path / "transformer" if layout == "diffusers" else model_path,
-                    dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
+    return family.load(family.dit_path(model_path), dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
 
 
 class Trainer:
@@ -90,12 +87,11 @@ class Trainer:
         self.sp = sequence.sequence_layout(cfg, acc)  # groups of ranks sharing one sample (N = 1: off)
         torch.manual_seed(cfg.train.seed)  # identical initialisation of LoRA factors on every rank
         self.model_path = Path(model_path)
-        dit = _load_dit(cfg, model_path)
-        dit.train()
-        self.groups, self.summary = setup_trainable(dit, cfg)
-        if not self.use_deepspeed:
-            upcast_trainable(dit)
-        self._apply_model_options(dit)
+        self.family = get_family(cfg.model.family)
+        dit = _load_dit(cfg, model_path, self.family)
+        # trainable set, fp32 masters, memory options: the order the memory planner builds too
+        self.groups, self.summary, self.memory = prepare_model(dit, cfg, self.family, deepspeed=self.use_deepspeed,
+                                                               device=self.device)
         # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
         self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
         sequence.apply_to_dit(self.sp, dit)
@@ -112,13 +108,6 @@ class Trainer:
         self.generator = rank_generator(cfg.train.seed, self.sp.data_rank)  # a group draws the same noise
         self._data_state = {"position": 0, "skipped": 0, "seen": 0}
         self._data: BatchIterator | None = None
-
-    def _apply_model_options(self, dit: torch.nn.Module) -> None:
-        """Memory / speed options applied to the DiT from outside, after the trainable set is fixed
-        and before ``accelerate.prepare`` (block swap, fp8 base, checkpointing + its input storage, ...)."""
-        from wan_animate.memory import apply_memory_options
-
-        self.memory = apply_memory_options(dit, self.cfg.model, device=self.device)
 
     def _prepare(self, dit: torch.nn.Module, optimizer):
         """``accelerate.prepare``; a DeepSpeed bf16 engine casts every parameter to bf16, so the
@@ -151,10 +140,11 @@ class Trainer:
         """The rank's batch stream, opened at the restored position on first use."""
         if self._data is None:
             cfg = self.cfg
+            sizes = self.family.stream_sizes(self.raw_dit.config)
             spec = StreamSpec(
                 urls=self.urls, cfg=cfg.data, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
                 rank=self.sp.data_rank, world_size=self.sp.data_world,  # a group reads the same samples
-                face_size=cfg.data.face_size or self.raw_dit.config.motion_encoder_size,
+                streams=tuple(sizes), face_size=cfg.data.face_size or sizes.get("face") or 0,
                 default_size=(cfg.data.synthetic_height, cfg.data.synthetic_width)
                 if cfg.data.source == "synthetic" else None)
             self._data = BatchIterator(spec, start_batch=int(self._data_state["position"]),
@@ -172,8 +162,9 @@ class Trainer:
         return {"data_skipped": int(round(total)), "data_skip_reasons": self._data.reasons if self._data else []}
 
     def next_micro_batches(self) -> list[dict[str, Any]]:
-        """``train.grad_accum`` DiT input batches for the next optimizer step (frozen encoders run here)."""
-        batches = [build_dit_inputs(next(self.data), self._pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
+        """``train.grad_accum`` model input batches for the next optimizer step (frozen encoders run here)."""
+        build = self.family.build_inputs
+        batches = [build(next(self.data), self._pipe, self.device, self.batch_dtype, self.cfg.data.clip_len)
                    for _ in range(self.cfg.train.grad_accum)]
         sequence.check_first_batch(self.sp, batches[0], self.generator)
         return batches
@@ -225,7 +216,7 @@ class Trainer:
             with acc.accumulate(*sync_models):
                 with acc.autocast():
                     out = flow_matching_loss(self.model, batch, cfg.loss, timesteps=ts, noise=noise,
-                                             generator=self.generator)
+                                             generator=self.generator, predict=self.family.predict)
                 acc.backward(out.loss)
             losses.append(out.loss.detach().float())
         if not acc.sync_gradients:

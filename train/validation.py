@@ -1,5 +1,5 @@
-"""Validation videos during and after training: rank 0 renders one sample through the shared
-``AnimatePipeline.generate`` with the live DiT (ground truth | pose | generated).
+"""Validation videos during and after training: rank 0 renders one sample through the model
+family's pipeline (``generate``) with the live model (ground truth | first driving stream | generated).
 
 The sample is the first of ``train.validation_urls`` (raw shards) when given, else the first
 training sample. Cached training has no pixels: its sample's reference, pose and ground-truth
@@ -51,18 +51,19 @@ def _first_raw(url: str) -> dict:
     return next(iter(tarfile_samples([{"url": url}])))
 
 
-def raw_inputs(url: str, clip_len: int) -> dict:
-    """First sample of raw shards -> uint8 frames ``ref``, ``pose``, ``face``, ``truth`` + ``caption``, ``fps``."""
+def raw_inputs(url: str, clip_len: int, streams: tuple[str, ...] = ("pose", "face")) -> dict:
+    """First sample of raw shards -> uint8 frames ``ref``, ``truth``, one per driving stream
+    (``pose``, ``face``, ...) + ``caption``, ``fps``."""
     from wan_animate.samples import decode_sample
 
     s = decode_sample(_first_raw(url))
     n = clip_len
-    return {"ref": tensor_to_frames(s["ref"]), "pose": tensor_to_frames(s["pose"][:, :n]),
-            "face": tensor_to_frames(s["face"][:, :n]), "truth": tensor_to_frames(s["video"][:, :n]),
+    return {"ref": tensor_to_frames(s["ref"]), "truth": tensor_to_frames(s["video"][:, :n]),
+            **{k: tensor_to_frames(s[k][:, :n]) for k in streams},
             "caption": s.get("caption"), "fps": float(s["meta"].get("fps", 30.0))}
 
 
-def cached_inputs(urls: list[str], vae) -> dict:
+def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "face")) -> dict:
     """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
     import torch
 
@@ -73,38 +74,42 @@ def cached_inputs(urls: list[str], vae) -> dict:
     if path is None:
         raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
     s = decode_cached_sample(_first_raw(urls[0]), load_text_embeds(path)[0])
+    latent = [k for k in streams if k != "face"]  # the face crops are stored as pixels
     with torch.no_grad():
-        decoded = {k: vae.decode(s[k].unsqueeze(0).float())[0] for k in ("ref", "pose", "target")}
+        decoded = {k: vae.decode(s[k].unsqueeze(0).float())[0] for k in ("ref", *latent, "target")}
     n = decoded["target"].shape[1]
-    return {"ref": tensor_to_frames(decoded["ref"][:, 0]), "pose": tensor_to_frames(decoded["pose"]),
-            "face": tensor_to_frames(s["face"][:, :n]), "truth": tensor_to_frames(decoded["target"]),
+    return {"ref": tensor_to_frames(decoded["ref"][:, 0]), **{k: tensor_to_frames(decoded[k]) for k in latent},
+            **({"face": tensor_to_frames(s["face"][:, :n])} if "face" in streams else {}),
+            "truth": tensor_to_frames(decoded["target"]),
             "caption": s.get("caption"), "fps": float(s["meta"].get("fps", 30.0))}
 
 
-def validation_inputs(cfg: Config, pipe, urls: list[str]) -> dict:
+def validation_inputs(cfg: Config, pipe, urls: list[str], streams: tuple[str, ...] = ("pose", "face")) -> dict:
     if cfg.train.validation_urls:
         from train.data import resolve_urls
 
-        return raw_inputs(resolve_urls(list(cfg.train.validation_urls))[0], cfg.data.clip_len)
+        return raw_inputs(resolve_urls(list(cfg.train.validation_urls))[0], cfg.data.clip_len, streams)
     if cfg.data.source == "cached":
-        return cached_inputs(urls, pipe.vae)
-    return raw_inputs(urls[0], cfg.data.clip_len)
+        return cached_inputs(urls, pipe.vae, streams)
+    return raw_inputs(urls[0], cfg.data.clip_len, streams)
 
 
 def _render(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int) -> Path | None:
-    from wan_animate.pipeline import AnimatePipeline
+    from wan_animate.family import get_family
     from wan_animate.video_io import write_video
 
-    x = validation_inputs(cfg, pipe, urls)
+    streams = tuple(get_family(cfg.model.family).streams)
+    x = validation_inputs(cfg, pipe, urls, streams)
     was_training = raw_dit.training
-    val_pipe = AnimatePipeline(raw_dit, pipe.vae, pipe.text_encoder, pipe.image_encoder, device=acc.device)
-    video = val_pipe.generate(x["ref"], x["pose"], x["face"], steps=cfg.train.validation_steps, seed=cfg.train.seed,
-                              clip_len=cfg.data.clip_len, refert_num=min(cfg.data.refert_nums), progress=False,
-                              prompt=x["caption"] or cfg.data.default_caption)
+    val_pipe = type(pipe)(raw_dit, pipe.vae, pipe.text_encoder, pipe.image_encoder, device=acc.device)
+    video = val_pipe.generate(x["ref"], **{f"{k}_video": x[k] for k in streams}, steps=cfg.train.validation_steps,
+                              seed=cfg.train.seed, clip_len=cfg.data.clip_len, refert_num=min(cfg.data.refert_nums),
+                              progress=False, prompt=x["caption"] or cfg.data.default_caption)
     raw_dit.train(was_training)
     if not acc.is_main_process:  # another rank of rank 0's sequence-parallel group
         return None
-    panel = np.concatenate([x["truth"], x["pose"], video], axis=2)  # ground truth | pose | generated
+    # ground truth | first driving stream (Wan-Animate-14B: pose) | generated
+    panel = np.concatenate([x["truth"], x[streams[0]], video], axis=2)
     out = Path(cfg.train.output_dir) / "validation" / f"step-{step:06d}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_video(out, panel, fps=x["fps"])

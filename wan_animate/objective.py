@@ -101,6 +101,19 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------- loss
 
 
+def predict_wan_animate(dit, x_t: torch.Tensor, timesteps: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+    """Wan-Animate-14B's forward on the batch ``flow_matching_loss`` documents (its family's ``predict``)."""
+    return dit(
+        x_t.to(batch["y"].dtype),  # the conditioning is already in the model's input dtype
+        timesteps,
+        batch["context"],
+        batch["clip_fea"],
+        batch["y"],
+        batch["pose_latents"],
+        batch["face_pixel_values"],
+    )
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, what backward() sees
@@ -116,6 +129,7 @@ def flow_matching_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    predict: Callable[..., torch.Tensor] | None = None,
 ) -> LossOutput:
     """Flow-matching loss of ``dit`` on one conditioned batch.
 
@@ -125,7 +139,9 @@ def flow_matching_loss(
       ``y`` [B, 20, T+1, h, w], ``pose_latents`` [B, 16, T, h, w], ``face_pixel_values`` [B, 3, F, S, S],
       optional ``face_region`` [B, T, h, w] in {0,1} (latent-grid face boxes of the target slots).
     ``timesteps`` [B] in [0, 1000] and ``noise`` (shape of ``latents``) fix the draw; otherwise they
-    are sampled from ``generator`` (or the global RNG).
+    are sampled from ``generator`` (or the global RNG). ``predict(dit, x_t, timesteps, batch)``
+    runs the model of another family (``wan_animate.family``); default: the Wan-Animate-14B
+    inputs above.
     """
     cfg = cfg or LossConfig()
     x0 = batch["latents"]
@@ -142,15 +158,7 @@ def flow_matching_loss(
 
     x_t = add_noise(x0.float(), noise, timesteps)  # [B, 16, T+1, h, w]
     target = (noise.float() - x0.float())[:, :, 1:]  # target slots only
-    pred = dit(
-        x_t.to(batch["y"].dtype),  # the conditioning is already in the model's input dtype
-        timesteps,
-        batch["context"],
-        batch["clip_fea"],
-        batch["y"],
-        batch["pose_latents"],
-        batch["face_pixel_values"],
-    )
+    pred = (predict or predict_wan_animate)(dit, x_t, timesteps, batch)
     pred = pred.float()[:, :, 1:]  # drop the reference slot
     sq = (pred - target).pow(2).mean(dim=1)  # [B, T, h, w]
 

@@ -40,7 +40,7 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
         model_folder,
         planned_shape,
     )
-    from wan_animate.model import WanAnimateDiT
+    from wan_animate.family import get_family
 
     cfg = compose(overrides)
     if cfg.data.source != "cached":
@@ -51,7 +51,7 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     # GPU run would not count either; the second run on a fresh model is measured.
     for measured in (False, True):
         with torch.device("meta"):
-            dit = WanAnimateDiT(mcfg)
+            dit = get_family(cfg.model.family).build(mcfg)
         gc.collect()
         if measured:
             with open("/proc/self/clear_refs", "w") as f:

@@ -3,10 +3,11 @@
     accelerate launch train/main.py experiment=animate14b_lora train.dry_run=memory [overrides]
     plan_memory(cfg) -> dict   (the same, in process)
 
-It builds what ``train.trainer`` builds, with the trainer's own functions: the DiT from the preset
-or the model folder's ``config.json`` (no weight is read), its precision, the trainable set
-(``setup_trainable``: LoRA wrapping, adapters), fp32 master copies of the trainables, activation
-checkpointing, the memory options, the optimizer (``make_optimizer``), the frozen encoders at their
+It builds what ``train.trainer`` builds, with the trainer's own functions: the model of
+``model.family`` (``wan_animate.family``) from the preset or the model folder's ``config.json`` (no
+weight is read, nothing needs downloading), its precision, then ``train.modes.prepare_model`` (the
+trainable set with LoRA wrapping and adapters, fp32 master copies of the trainables, activation
+checkpointing and the memory options), the optimizer (``make_optimizer``), the frozen encoders at their
 real sizes (parked on the host; raw shards move them to the device only for the encode phase, as
 ``train/frozen_encoders.py`` does; cached shards never load them for training). Then it
 runs one step as the trainer does, in its steady state (optimizer states and, with gradient
@@ -58,6 +59,7 @@ from train.plan.sequence import (
 )
 from train.plan.sequence import plan_fields as sequence_plan_fields
 from train.plan.track import LiveBytes
+from wan_animate.family import DEFAULT_FAMILY, get_family
 
 DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
 
@@ -68,7 +70,7 @@ DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
 def model_folder(cfg: Config) -> str | None:
     """The folder whose ``config.json`` files describe the model: ``model.path``, or for a preset
     other than 14b the quick-start tiny folder training would write (written here if missing)."""
-    if cfg.model.path or cfg.model.preset == "14b":
+    if cfg.model.path or cfg.model.preset == "14b" or cfg.model.family != DEFAULT_FAMILY:
         return cfg.model.path
     from wan_animate.testing import make_tiny_model_folder
 
@@ -86,17 +88,8 @@ def model_folder(cfg: Config) -> str | None:
 
 
 def _model_config(cfg: Config, folder: str | None):
-    """(WanAnimateConfig, where it came from): the folder's config.json, else the preset."""
-    from wan_animate.config import WanAnimateConfig
-
-    for sub in ("config.json", "transformer/config.json"):
-        f = Path(folder) / sub if folder else None
-        if f is not None and f.is_file():
-            raw = json.loads(f.read_text())
-            diffusers = raw.get("_class_name") == "WanAnimateTransformer3DModel" or "num_attention_heads" in raw
-            conv = WanAnimateConfig.from_diffusers_config if diffusers else WanAnimateConfig.from_official_config
-            return conv(raw), str(f)
-    return WanAnimateConfig.preset(cfg.model.preset), f"preset {cfg.model.preset!r}"
+    """(model config, where it came from): the folder's config.json, else the family's preset."""
+    return get_family(cfg.model.family).config(preset=cfg.model.preset, folder=folder)
 
 
 def planned_shape(cfg: Config) -> tuple[int, int]:
@@ -112,13 +105,9 @@ def planned_shape(cfg: Config) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- the fake step
 
 
-def apply_memory_options(dit, cfg: Config, tracker: LiveBytes) -> dict[str, Any]:
-    """The model-level memory options of ``cfg.model`` through ``wan_animate.memory`` (it also
-    applies activation checkpointing, after block swap), as training applies them; then tells
-    ``tracker`` which storages live on the host."""
-    from wan_animate.memory import apply_memory_options as apply
-
-    state = apply(dit, cfg.model, device="cpu")
+def account_memory_options(state, tracker: LiveBytes) -> dict[str, Any]:
+    """Tell ``tracker`` which storages the applied memory options (``wan_animate.memory``) keep on
+    the host; returns their summary."""
     if state.block_swap is not None:  # the swapped frozen weights stay in (pinned) host memory
         tracker.track([p for slots in state.block_swap.slots.values() for _, _, p in slots], "frozen_weights",
                       host=True)
@@ -149,24 +138,33 @@ def _account_offload(store, tracker: LiveBytes) -> None:
     store.pack, store.unpack = planned_pack, planned_unpack
 
 
-def _examples(cfg: Config, mcfg, shape: tuple[int, int], face: int) -> list[dict[str, Any]]:
-    """One micro-batch of examples at the planned shape (fake tensors; values never matter)."""
+def _examples(cfg: Config, mcfg, shape: tuple[int, int]) -> list[dict[str, Any]]:
+    """One micro-batch of examples at the planned shape, with the family's driving streams as the
+    data recipe (``train.data``) gives them (fake tensors; values never matter)."""
     h, w = shape
     n = cfg.data.clip_len
     t_lat = (n - 1) // 4 + 1
     lh, lw = h // 8, w // 8
+    sides = get_family(cfg.model.family).stream_sizes(mcfg)
+    cached = cfg.data.source == "cached"
     out = []
     for i in range(cfg.train.micro_batch_size):
         e: dict[str, Any] = {"num_given": max(cfg.data.refert_nums), "mode": "animate", "noise_seed": i,
-                             "key": f"plan-{i}", "face": torch.empty(3, n, face, face)}
-        if cfg.data.source == "cached":
+                             "key": f"plan-{i}"}
+        for stream, side in sides.items():
+            if stream == "face":  # pixels in both kinds of shards
+                face = cfg.data.face_size or side
+                e["face"] = torch.empty(3, n, face, face)
+            elif cached:
+                e[f"{stream}_latents"] = torch.empty(16, t_lat, lh, lw)
+            else:
+                e[stream] = torch.empty(3, n, h, w) if side is None else torch.empty(3, n, side, side)
+        if cached:
             e.update(cached=True, ref_latent=torch.empty(16, 1, lh, lw), temporal_latent=torch.empty(16, t_lat, lh, lw),
-                     latents_target=torch.empty(16, t_lat, lh, lw), pose_latents=torch.empty(16, t_lat, lh, lw),
-                     context=torch.empty(mcfg.text_len, mcfg.text_dim),
+                     latents_target=torch.empty(16, t_lat, lh, lw), context=torch.empty(mcfg.text_len, mcfg.text_dim),
                      clip_fea=torch.empty(mcfg.num_image_tokens, mcfg.image_dim))
         else:
-            e.update(video=torch.empty(3, n, h, w), pose=torch.empty(3, n, h, w), ref=torch.empty(3, h, w),
-                     caption="plan")
+            e.update(video=torch.empty(3, n, h, w), ref=torch.empty(3, h, w), caption="plan")
         out.append(e)
     return out
 
@@ -176,10 +174,10 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
     ``tracker`` is entered."""
-    from train.modes import make_optimizer, setup_trainable, upcast_trainable
+    from train.modes import make_optimizer, prepare_model
     from train.plan.encoders import wrap_encoders
-    from wan_animate.model import set_precision
 
+    family = get_family(cfg.model.family)
     bf16 = cfg.train.precision == "bf16"
     dit, (modules, sources) = meta
     dit.to_empty(device="cpu")
@@ -187,7 +185,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         with torch.no_grad():
             for t in [*dit.parameters(), *dit.buffers()]:
                 t.normal_(0.0, 0.02)
-    set_precision(dit, torch.bfloat16 if bf16 else torch.float32)
+    family.set_precision(dit, torch.bfloat16 if bf16 else torch.float32)  # what loading the weights does
     # the trainer's dtypes: umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
     enc_dtype = torch.bfloat16 if bf16 else torch.float32
     # cached shards: the encoders only serve validation, parked on the host (the trainer's offload):
@@ -206,12 +204,9 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
                                 offload=False)
         modules_on_device = modules
     with tracker:
-        dit.train()
         torch.manual_seed(cfg.train.seed)
-        groups, summary = setup_trainable(dit, cfg)
-        if not use_ds:
-            upcast_trainable(dit)
-        options = apply_memory_options(dit, cfg, tracker)
+        groups, summary, state = prepare_model(dit, cfg, family, deepspeed=use_ds, device="cpu")
+        options = account_memory_options(state, tracker)
         optimizer = make_optimizer(groups, cfg.optim)
         for p in dit.parameters():
             tracker.track([p], "trainable_weights" if p.requires_grad else "frozen_weights")
@@ -230,15 +225,15 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     """One optimizer step in its steady state: optimizer states present, the gradients kept over
     the accumulation present (grad_accum > 1), one micro-batch (batch building, forward, loss,
     backward), clipping, step, zero_grad."""
-    from wan_animate.batch import build_dit_inputs
     from wan_animate.objective import flow_matching_loss
+
+    family = get_family(cfg.model.family)
 
     dit, optimizer = built["dit"], built["optimizer"]
     trainable = [p for p in dit.parameters() if p.requires_grad]
     for p in trainable:
         p.register_post_accumulate_grad_hook(lambda p: tracker.track([p.grad], "gradients"))
     bf16 = cfg.train.precision == "bf16"
-    face = cfg.data.face_size or mcfg.motion_encoder_size
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     input_dtype = torch.bfloat16 if built["use_ds"] else torch.float32
     # Steady state (step 2 onwards): the optimizer states exist before the step starts. One step on
@@ -263,7 +258,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
             p.grad = torch.zeros_like(p)
             tracker.track([p.grad], "gradients")
     tracker.phase = "encode"
-    examples = _examples(cfg, mcfg, shape, face)
+    examples = _examples(cfg, mcfg, shape)
     if built.get("init"):
         for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
             t.uniform_(-1.0, 1.0)
@@ -272,14 +267,14 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     tracker.track(on_device, "frozen_encoders", host=False)  # moved in to encode this batch ...
     # model.encoders_device=cpu (raw shards): the encode and its activations are host memory
     tracker.new_on_host = built["encoders"] is not None and cfg.model.encoders_device == "cpu"
-    batch = build_dit_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
+    batch = family.build_inputs(examples, built["encoders"], torch.device("cpu"), input_dtype, cfg.data.clip_len)
     tracker.new_on_host = False
     tracker.track(on_device, "frozen_encoders", host=True)  # ... and parked again before the DiT step
     tracker.track([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs", host=False)
     del examples
     tracker.phase = "forward"
     with autocast:
-        out = flow_matching_loss(dit, batch, cfg.loss, generator=None)
+        out = flow_matching_loss(dit, batch, cfg.loss, generator=None, predict=family.predict)
     tracker.phase = "backward"
     out.loss.backward()
     del out, batch
@@ -317,10 +312,9 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     tokens = (t_lat // pt) * (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
     tracker = LiveBytes()
     from train.plan.encoders import build_meta_encoders
-    from wan_animate.model import WanAnimateDiT
 
     with torch.device("meta"):
-        meta = (WanAnimateDiT(mcfg), build_meta_encoders(folder))
+        meta = (get_family(cfg.model.family).build(mcfg), build_meta_encoders(folder))
     with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
         install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only
