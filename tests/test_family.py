@@ -33,7 +33,7 @@ def toy_assets(tmp_path_factory):
 
 
 def _toy_trainer(toy_assets, tmp_path, *overrides):
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
     from train.parallel import make_accelerator
     from train.trainer import Trainer
 
