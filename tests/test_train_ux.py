@@ -297,7 +297,7 @@ def test_cached_training_validates_from_its_latents(assets, tmp_path, capsys):
 
 
 def test_quiet_drops_only_the_named_third_party_lines(caplog):
-    from train.quiet import quiet_third_party
+    from wan_animate.quiet import quiet_third_party
 
     quiet_third_party()
     with caplog.at_level(logging.WARNING):

@@ -22,7 +22,7 @@ register_configs()
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path="../conf/train", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from train.quiet import quiet_third_party
+    from wan_animate.quiet import quiet_third_party
 
     quiet_third_party()  # before the libraries whose start-up lines it drops are imported
     try:

@@ -1,0 +1,160 @@
+"""What every command-line tool of the project does with an expected error: one line on stderr
+that names the problem and the fix, exit status 2, no traceback.
+
+An *expected* error is one the user can fix: a bad value or path, a checkpoint or LoRA that does
+not fit the model, an input that cannot be read. Each tool passes its own error types on top of
+the library's (:data:`LIBRARY_ERRORS`). Anything else is a bug and keeps its traceback.
+
+``--debug`` (stripped from the command line before the tool parses it) or ``HYDRA_FULL_ERROR=1``
+re-raise the expected error with its traceback.
+
+Hydra tools also get :func:`check_overrides`: a ``key=value`` whose key is not in the tool's typed
+config is refused before Hydra composes anything, with the closest key as the fix
+(``train.max_step=80`` -> "did you mean train.max_steps=80?"), instead of Hydra's advice to append
+the key with ``+``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from collections.abc import Iterable, Iterator
+from typing import NoReturn
+
+USAGE_STATUS = 2
+
+
+class UsageError(ValueError):
+    """A command line the tool cannot run as given (the message says what to change)."""
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    from wan_animate.lora import LoraError
+    from wan_animate.official_encoders import OfficialEncoderError
+    from wan_animate.pipeline import InputError
+    from wan_animate.samples import SampleDecodeError
+    from wan_animate.video_io import VideoDecodeError
+    from wan_animate.weights.diagnose import CheckpointError
+    from wan_animate.weights.keymap import KeyMapError
+
+    return (UsageError, CheckpointError, KeyMapError, LoraError, InputError, SampleDecodeError, VideoDecodeError,
+            OfficialEncoderError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def take_debug_flag(argv: list[str]) -> bool:
+    """Remove ``--debug`` from ``argv`` in place; True when it was there or ``HYDRA_FULL_ERROR=1``."""
+    found = "--debug" in argv
+    while "--debug" in argv:
+        argv.remove("--debug")
+    if found:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra tools: its own errors keep their traceback too
+    return found or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` as the tool prints it (an empty message names the type)."""
+    text = str(err).strip()
+    if isinstance(err, KeyError) and text.startswith("'"):
+        text = text.strip("'")
+    return text or type(err).__name__
+
+
+def fail(prog: str, message: str, status: int = USAGE_STATUS) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(status)
+
+
+@contextlib.contextmanager
+def expected_errors(prog: str, extra: Iterable[type[BaseException]] = (), debug: bool | None = None) -> Iterator[None]:
+    """``with expected_errors("python -m eval.generate", (CliError,)):`` around a tool's work."""
+    if debug is None:
+        debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        yield
+    except (*_library_errors(), *tuple(extra)) as err:
+        if debug:
+            raise
+        fail(prog, one_line(err))
+
+
+# ------------------------------------------------------------------------------ Hydra overrides
+
+
+def _fields(cls) -> dict[str, typing.Any] | None:
+    """Field name -> type of a dataclass, or None when ``cls`` is not one (any key is accepted below)."""
+    cls = _unwrap(cls)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+def _unwrap(tp):
+    """``Optional[X]`` -> ``X``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in (_fields(cls) or {}).items():
+        out.append(prefix + name)
+        out.extend(_all_keys(tp, prefix + name + "."))
+    return out
+
+
+def unknown_key(key: str, schema, groups: Iterable[str] = ()) -> str | None:
+    """None when ``key`` names a field of ``schema`` (or a config group), else the one-line refusal."""
+    groups = set(groups)
+    parts = key.split(".")
+    if len(parts) == 1 and key in groups:
+        return None
+    cls = schema
+    for i, part in enumerate(parts):
+        fields = _fields(cls)
+        if fields is None:  # a dict / Any field: free-form below this point
+            return None
+        if part not in fields:
+            candidates = _all_keys(schema) + sorted(groups)
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+            if not close:  # a typo in the last part only: compare with the siblings
+                parent = ".".join(parts[:i])
+                close = [f"{parent}.{m}" if parent else m
+                         for m in difflib.get_close_matches(part, list(fields), n=1, cutoff=0.6)]
+            hint = f"did you mean {close[0]}?" if close else (
+                "the keys here are " + ", ".join(sorted(fields)) if len(fields) <= 12 else "see the config reference")
+            return f"{key} is not a configuration key; {hint}"
+        cls = fields[part]
+    return None
+
+
+def check_overrides(prog: str, argv: list[str], schema, groups: Iterable[str] = ()) -> None:
+    """Refuse (one line, exit 2) the first ``key=value`` of ``argv`` whose key is not in ``schema``.
+    ``+key``/``++key``/``~key``, ``hydra.*``, flags and group/package syntax are left to Hydra."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key.startswith(("+", "~", "hydra.", "hydra/")) or key == "hydra" or "/" in key or "@" in key:
+            continue
+        problem = unknown_key(key, schema, groups)
+        if problem:
+            value = arg.split("=", 1)[1]
+            if problem.endswith("?"):
+                problem = problem[:-1] + f"={value}?"
+            fail(prog, problem)
+
+
+def config_groups(conf_dir: str) -> list[str]:
+    """Names of the config groups (sub-folders) of a Hydra config folder."""
+    try:
+        return sorted(e.name for e in os.scandir(conf_dir) if e.is_dir())
+    except FileNotFoundError:
+        return []
