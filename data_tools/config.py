@@ -194,15 +194,23 @@ def run_hydra(app: str, cls, fn) -> None:
     """
     import hydra
 
+    from wan_animate.cli import check_overrides, expected_errors, fail, take_debug_flag
+    from wan_animate.quiet import quiet_third_party
+
     register_configs()
+    debug = take_debug_flag(sys.argv)
+    check_overrides("error: ", sys.argv[1:], cls, ["preset"])
+    quiet_third_party()
 
     @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(CONF_ROOT / app), config_name=app)
     def _main(cfg) -> None:
         try:
             config = to_dataclass(cfg, cls)
         except (ValueError, TypeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        fn(config)
+            if debug:
+                raise
+            fail("error: ", str(e))
+        with expected_errors("error: ", debug=debug):
+            fn(config)
 
     _main()

@@ -288,6 +288,12 @@ def _check_manifest(directory: Path, rep: InspectReport, max_samples: int | None
 
 
 def main(argv=None) -> int:
+    from wan_animate.cli import run_tool
+
+    return run_tool(_main, argv)
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
     ap.add_argument("directory")
     ap.add_argument("--sheet", default=None, help="first contact sheet page (default DIR/contact_sheet.png)")

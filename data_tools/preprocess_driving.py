@@ -31,6 +31,12 @@ def _option(text: str):
 
 
 def main(argv=None) -> int:
+    from wan_animate.cli import run_tool
+
+    return run_tool(_main, argv)
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.preprocess_driving", description=__doc__.split("\n\n")[0])
     ap.add_argument("--video", required=True)
     ap.add_argument("--ref", required=True)

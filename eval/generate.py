@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--offload", action="store_true", help="park the encoders on the CPU between uses")
     m.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (720p on small GPUs)")
     m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--debug", action="store_true", help="show the traceback of an expected error (bad input, LoRA, checkpoint)")
     m.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                    help="split every denoising step over N processes (torchrun --nproc_per_node N); "
                         "same video as 1 process, rank 0 writes it")
@@ -393,7 +394,13 @@ def _resolve_device_dtype(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``--debug`` / ``HYDRA_FULL_ERROR=1``: tracebacks for expected errors too (wan_animate.cli)."""
+    from wan_animate.cli import run_tool
+
+    return run_tool(lambda a: _main_in_work_dir(build_parser().parse_args(a)), argv, extra=(CliError,))
+
+
+def _main_in_work_dir(args) -> int:
     # --driving without --work-dir: the preprocessed streams live in a temporary folder that is
     # removed when the run ends - after success, an error or Ctrl-C.
     temporary = args.driving and not args.work_dir

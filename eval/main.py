@@ -107,5 +107,18 @@ def report_interrupted(sweep_dir: str, cell: str) -> None:
           "(finished cells are skipped)", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``--debug`` / ``HYDRA_FULL_ERROR=1`` keep tracebacks; a key that is not in the schema is refused
+    with the closest one before Hydra composes anything; third-party start-up noise is dropped."""
+    from eval.config import EvalConfig
+    from wan_animate.cli import check_overrides, take_debug_flag
+    from wan_animate.quiet import quiet_third_party
+
+    take_debug_flag(sys.argv)
+    check_overrides("error: ", sys.argv[1:], EvalConfig, ["preset"])
+    quiet_third_party()
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -107,11 +107,21 @@ def test_cached_clip_len_must_match_the_cached_length(tmp_path):
     check_data(compose(["data=cached", "data.urls=[x]", "data.clip_len=9", f"train.output_dir={tmp_path}"]), facts)
 
 
-def test_validate_every_beyond_max_steps_fails_at_compose():
-    with pytest.raises(ConfigError, match=r"train.validate_every=250 > train.max_steps=100.*set 0"):
-        compose(["train.max_steps=100", "train.validate_every=250", "train.checkpoint_every=0"])
-    compose(["train.max_steps=100", "train.validate_every=100", "train.checkpoint_every=0"])
-    compose(["train.max_steps=100", "train.validate_every=250", "train.checkpoint_every=0", "train.validation=false"])
+def test_a_short_run_keeps_the_presets_cadence_and_says_so():
+    """train.max_steps=2 against checkpoint_every=30 / validate_every / warm-up: the user's choice runs,
+    the run header says what happens."""
+    from train.preflight import schedule_notes
+
+    cfg = compose(["train.max_steps=2", "train.validate_every=250", "optim.warmup_steps=5"])
+    notes = schedule_notes(cfg)
+    assert notes == [
+        "note: train.checkpoint_every=30 > train.max_steps=2: one checkpoint, at the end",
+        "note: train.validate_every=250 > train.max_steps=2: validation at the end only",
+        f"WARNING: optim.warmup_steps=5 >= train.max_steps=2: the run ends before the learning rate reaches "
+        f"optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps",
+    ]
+    assert schedule_notes(compose(["train.max_steps=100", "train.checkpoint_every=50", "train.validate_every=50"])) == []
+    assert schedule_notes(compose(["train.max_steps=2", "train.checkpoint_every=0", "train.validate_every=0"])) == []
 
 
 # ---------------------------------------------------------------------------- one run per folder

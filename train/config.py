@@ -301,14 +301,8 @@ class Config:
         planning = t.dry_run == "memory"
         if d.source in ("shards", "cached") and not d.urls and not planning:
             _fail(f"data.source={d.source} needs data.urls=[...] (shard directories, globs or pipe: URLs).")
-        if t.checkpoint_every and t.checkpoint_every > t.max_steps:
-            _fail(
-                f"train.checkpoint_every={t.checkpoint_every} > train.max_steps={t.max_steps}: no "
-                "intermediate checkpoint would be written; lower it or set 0 (end only)."
-            )
-        if t.validation and t.validate_every > t.max_steps:
-            _fail(f"train.validate_every={t.validate_every} > train.max_steps={t.max_steps}: no validation before "
-                  "the end of the run; lower it or set 0 (validation at the end only).")
+        # checkpoint_every / validate_every beyond max_steps are not refused: a preset's cadence meets a
+        # user's short run (train.max_steps=2); the run header says what happens (preflight.schedule_notes).
         if t.mode == "lora" and self.lora.init_from is not None and not self.lora.init_from.endswith(".safetensors"):
             _fail(f"lora.init_from={self.lora.init_from} must be a .safetensors LoRA file.")
         if t.mode != "lora" and self.lora.init_from:
@@ -431,6 +425,17 @@ def check_paths(cfg: Config) -> None:
               "or drop model.path for the quick-start tiny model.")
     if cfg.lora.init_from is not None and not os.path.isfile(cfg.lora.init_from):
         _fail(f"lora.init_from={cfg.lora.init_from} does not exist; give a community-layout LoRA .safetensors file.")
+    from train.data import resolve_urls
+
+    if cfg.train.dry_run == "memory":  # the planner reads no data
+        return
+    data_urls = cfg.data.urls if cfg.data.source != "synthetic" else []  # synthetic: written on first use
+    for key, urls in (("data.urls", data_urls), ("train.validation_urls", cfg.train.validation_urls)):
+        if urls:
+            try:
+                resolve_urls(list(urls))
+            except FileNotFoundError as e:
+                _fail(str(e).replace("data.urls", key, 1))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

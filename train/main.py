@@ -14,41 +14,44 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train.config import ConfigError, check_paths, register_configs, to_config
+from train.config import Config, ConfigError, check_paths, register_configs, to_config
+from wan_animate.cli import check_overrides, config_groups, expected_errors, take_debug_flag
 from wan_animate.options import HYDRA_VERSION_BASE
 
 register_configs()
+PREFIX = "[train] configuration error: "
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "train")
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path="../conf/train", config_name="config")
 def main(cfg: DictConfig) -> None:
     from wan_animate.quiet import quiet_third_party
 
-    quiet_third_party()  # before the libraries whose start-up lines it drops are imported
-    try:
+    with expected_errors(PREFIX, (ConfigError,)):
+        import torch
+
+        from train.parallel import check_launch_devices
+
+        check_launch_devices(dict(os.environ), torch.cuda.device_count())  # before DS_ACCELERATOR is set below
+        quiet_third_party()  # before the libraries whose start-up lines it drops are imported
         config = to_config(cfg)  # validated before any model loads
         check_paths(config)
-    except ConfigError as e:
-        print(f"[train] configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
     if config.train.dry_run == "memory":  # plan the step on fake tensors instead of training
         from train.plan.planner import run_dry
 
         run_dry(config)
         return
-    from train.loop import run
     from train.checkpoint.run_lock import RunLockedError, acquire, release
+    from train.loop import run
     from train.signals import stop_with_launcher
 
     lock = None
     try:
-        if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
-            lock = acquire(config.train.output_dir)  # the config is recorded once: <output_dir>/config.json
-        stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
-        run(config)
-    except (ConfigError, RunLockedError) as e:  # launch-time checks (lock, world, DeepSpeed, output_dir, data)
-        print(f"[train] configuration error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with expected_errors(PREFIX, (ConfigError, RunLockedError)):  # launch-time checks and bad inputs
+            if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
+                lock = acquire(config.train.output_dir)  # the config is recorded once: <output_dir>/config.json
+            stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
+            run(config)
     finally:
         _teardown()
         if lock is not None:
@@ -70,5 +73,13 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``--debug`` / ``HYDRA_FULL_ERROR=1`` keep tracebacks; a key that is not in the schema is refused
+    with the closest one before Hydra composes anything."""
+    take_debug_flag(sys.argv)
+    check_overrides(PREFIX, sys.argv[1:], Config, config_groups(CONF_DIR))
     main()
+
+
+if __name__ == "__main__":
+    cli()

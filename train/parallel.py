@@ -103,6 +103,30 @@ def zero_stage(acc) -> int:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+CPU_PROCESSES_WITHOUT_OPT_IN = 2  # the CPU launch files (launch/accelerate/cpu_2proc_*.yaml) start 2
+
+
+def check_launch_devices(env: dict[str, str], cuda_devices: int) -> None:
+    """Refuse a launch whose devices do not exist on this machine, before anything loads: more local
+    processes than CUDA devices, or a GPU launch file (more than 2 processes) on a machine without
+    CUDA. ``DS_ACCELERATOR=cpu`` (or accelerate's ``--cpu``) as set by the user asks for CPU ranks."""
+    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if local <= 1:
+        return
+    cpu_asked = env.get("DS_ACCELERATOR") == "cpu" or env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    if cpu_asked:
+        return
+    if cuda_devices == 0 and local > CPU_PROCESSES_WITHOUT_OPT_IN:
+        raise ConfigError(
+            f"the launch asks for {local} processes on this machine but it has no CUDA device; use "
+            "launch/accelerate/1gpu.yaml (or python -m train.main) here, or set DS_ACCELERATOR=cpu to start "
+            f"{local} CPU processes on purpose.")
+    if cuda_devices and local > cuda_devices:
+        raise ConfigError(
+            f"the launch asks for {local} processes on this machine but it has {cuda_devices} CUDA device(s); "
+            f"use a launch file with num_processes={cuda_devices} (or --num_processes {cuda_devices}).")
+
+
 def check_world(acc) -> None:
     """Fail fast when the launcher started independent single-rank jobs instead of one group."""
     expected = int(os.environ.get("WORLD_SIZE", "1"))

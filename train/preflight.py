@@ -193,6 +193,23 @@ def run_header(cfg: Config, facts: DataFacts, world: int, dit_config, data_paral
     return lines
 
 
+def schedule_notes(cfg: Config) -> list[str]:
+    """What a short run does with a longer cadence or warm-up (a preset's values meeting the user's
+    ``train.max_steps``): said, never refused. ``("note" | "WARNING", text)`` lines."""
+    t, o = cfg.train, cfg.optim
+    notes = []
+    if t.checkpoint_every > t.max_steps:
+        notes.append(f"note: train.checkpoint_every={t.checkpoint_every} > train.max_steps={t.max_steps}: "
+                     "one checkpoint, at the end")
+    if t.validation and t.validate_every > t.max_steps:
+        notes.append(f"note: train.validate_every={t.validate_every} > train.max_steps={t.max_steps}: "
+                     "validation at the end only")
+    if o.warmup_steps >= t.max_steps:
+        notes.append(f"WARNING: optim.warmup_steps={o.warmup_steps} >= train.max_steps={t.max_steps}: the run ends "
+                     f"before the learning rate reaches optim.lr={o.lr:g}; lower optim.warmup_steps")
+    return notes
+
+
 def validation_plan(cfg: Config, stage: int) -> str | None:
     """Why validation will not run, or None when it will."""
     t = cfg.train
@@ -218,6 +235,8 @@ def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) ->
                   flush=True)
         for line in upscale_warnings(cfg, facts):
             print(f"[train] WARNING: {line}", flush=True)
+        for line in schedule_notes(cfg):
+            print(f"[train] {line}", flush=True)
         why = validation_plan(cfg, stage)
         if why:
             print(f"[train] {why}", flush=True)

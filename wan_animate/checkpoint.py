@@ -29,7 +29,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One line and exit status 2 for a bad checkpoint / argument; ``--debug`` for the traceback."""
+    from wan_animate.cli import run_tool
+
+    return run_tool(_main, argv, extra=(ValueError,))
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_animate.checkpoint", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="convert a DiT checkpoint between the official and diffusers layouts")
     conv.add_argument("src", help="official/diffusers folder, pipeline folder or single .safetensors file")
@@ -49,34 +57,30 @@ def main(argv: list[str] | None = None) -> int:
                       help="model family: Wan-Animate-14B (animate) or Wan-Animate-2 (animate2)")
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "convert":
-            if checkpoint_family(args.src) == "animate2":
-                config = Animate2Config.preset(args.preset) if args.preset else None
-                files = convert_animate2(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
-                                         max_shard_size=args.max_shard_size, config=config)
-            else:
-                config = WanAnimateConfig.preset(args.preset) if args.preset else None
-                files = convert_checkpoint(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
-                                           max_shard_size=args.max_shard_size, config=config)
-            print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
-        elif args.command == "inspect":
-            if checkpoint_family(args.path) == "animate2":
-                found = inspect_animate2(args.path)
-            else:
-                found = {"family": "animate", **inspect_checkpoint(args.path)}
-            config = found.pop("config")
-            for key, value in found.items():
-                print(f"{key}: {value}")
-            print("config:", json.dumps(config.to_dict()))
+    if args.command == "convert":
+        if checkpoint_family(args.src) == "animate2":
+            config = Animate2Config.preset(args.preset) if args.preset else None
+            files = convert_animate2(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+                                     max_shard_size=args.max_shard_size, config=config)
         else:
-            from wan_animate.testing import make_tiny_model_folder
+            config = WanAnimateConfig.preset(args.preset) if args.preset else None
+            files = convert_checkpoint(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+                                       max_shard_size=args.max_shard_size, config=config)
+        print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
+    elif args.command == "inspect":
+        if checkpoint_family(args.path) == "animate2":
+            found = inspect_animate2(args.path)
+        else:
+            found = {"family": "animate", **inspect_checkpoint(args.path)}
+        config = found.pop("config")
+        for key, value in found.items():
+            print(f"{key}: {value}")
+        print("config:", json.dumps(config.to_dict()))
+    else:
+        from wan_animate.testing import make_tiny_model_folder
 
-            make_tiny_model_folder(args.dst, layout=args.layout, seed=args.seed, family=args.family)
-            print(f"wrote a tiny {args.family} {args.layout} model folder to {args.dst}")
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        make_tiny_model_folder(args.dst, layout=args.layout, seed=args.seed, family=args.family)
+        print(f"wrote a tiny {args.family} {args.layout} model folder to {args.dst}")
     return 0
 
 

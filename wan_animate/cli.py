@@ -63,15 +63,18 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def fail(prog: str, message: str, status: int = USAGE_STATUS) -> NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def fail(prefix: str, message: str, status: int = USAGE_STATUS) -> NoReturn:
+    """Print ``prefix + message`` on stderr and exit (the prefix names the tool: ``"error: "``,
+    ``"[train] configuration error: "``)."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per machine, not one per rank
+        print(f"{prefix}{message}", file=sys.stderr)
     sys.stderr.flush()
     raise SystemExit(status)
 
 
 @contextlib.contextmanager
-def expected_errors(prog: str, extra: Iterable[type[BaseException]] = (), debug: bool | None = None) -> Iterator[None]:
-    """``with expected_errors("python -m eval.generate", (CliError,)):`` around a tool's work."""
+def expected_errors(prefix: str = "error: ", extra: Iterable[type[BaseException]] = (), debug: bool | None = None) -> Iterator[None]:
+    """``with expected_errors("error: ", (CliError,)):`` around a tool's work."""
     if debug is None:
         debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
@@ -79,7 +82,7 @@ def expected_errors(prog: str, extra: Iterable[type[BaseException]] = (), debug:
     except (*_library_errors(), *tuple(extra)) as err:
         if debug:
             raise
-        fail(prog, one_line(err))
+        fail(prefix, one_line(err))
 
 
 # ------------------------------------------------------------------------------ Hydra overrides
@@ -135,7 +138,7 @@ def unknown_key(key: str, schema, groups: Iterable[str] = ()) -> str | None:
     return None
 
 
-def check_overrides(prog: str, argv: list[str], schema, groups: Iterable[str] = ()) -> None:
+def check_overrides(prefix: str, argv: list[str], schema, groups: Iterable[str] = ()) -> None:
     """Refuse (one line, exit 2) the first ``key=value`` of ``argv`` whose key is not in ``schema``.
     ``+key``/``++key``/``~key``, ``hydra.*``, flags and group/package syntax are left to Hydra."""
     for arg in argv:
@@ -149,7 +152,7 @@ def check_overrides(prog: str, argv: list[str], schema, groups: Iterable[str] = 
             value = arg.split("=", 1)[1]
             if problem.endswith("?"):
                 problem = problem[:-1] + f"={value}?"
-            fail(prog, problem)
+            fail(prefix, problem)
 
 
 def config_groups(conf_dir: str) -> list[str]:
@@ -158,3 +161,20 @@ def config_groups(conf_dir: str) -> list[str]:
         return sorted(e.name for e in os.scandir(conf_dir) if e.is_dir())
     except FileNotFoundError:
         return []
+
+
+def run_tool(fn, argv: list[str] | None = None, extra: Iterable[type[BaseException]] = (),
+             prefix: str = "error: ") -> int:
+    """Entry point of an argparse tool: ``sys.exit(run_tool(_main))`` with ``_main(argv) -> int``.
+    ``--debug`` is taken out of ``argv`` first; third-party start-up noise is dropped
+    (:mod:`wan_animate.quiet`); an expected error prints one line and returns 2."""
+    from wan_animate.quiet import quiet_third_party
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = take_debug_flag(argv)
+    quiet_third_party()
+    try:
+        with expected_errors(prefix, extra, debug=debug):
+            return fn(argv)
+    except SystemExit as e:  # the one line (or argparse's usage) was printed; the status is returned
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else USAGE_STATUS)
