@@ -22,8 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from eval.config import CONF_ROOT, register_configs
-from eval.runner import run_cell
+from wan_animate.quiet import quiet_third_party
+
+quiet_third_party()  # an entry point: before the libraries whose start-up lines it drops are imported
+
+from eval.config import CONF_ROOT, register_configs  # noqa: E402
+from eval.runner import run_cell  # noqa: E402
 from wan_animate.options import HYDRA_VERSION_BASE
 
 # `python eval/main.py` puts eval/ first on sys.path; the project is installed (`pip install -e .`),
@@ -112,11 +116,8 @@ def cli() -> None:
     with the closest one before Hydra composes anything; third-party start-up noise is dropped."""
     from eval.config import EvalConfig
     from wan_animate.cli import check_overrides, take_debug_flag
-    from wan_animate.quiet import quiet_third_party
-
     take_debug_flag(sys.argv)
     check_overrides("error: ", sys.argv[1:], EvalConfig, ["preset"])
-    quiet_third_party()
     main()
 
 

@@ -121,7 +121,8 @@ def test_a_short_run_keeps_the_presets_cadence_and_says_so():
         f"optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps",
     ]
     assert schedule_notes(compose(["train.max_steps=100", "train.checkpoint_every=50", "train.validate_every=50"])) == []
-    assert schedule_notes(compose(["train.max_steps=2", "train.checkpoint_every=0", "train.validate_every=0"])) == []
+    assert schedule_notes(compose(["train.max_steps=2", "train.checkpoint_every=0", "train.validate_every=0",
+                                   "optim.warmup_steps=0"])) == []
 
 
 # ---------------------------------------------------------------------------- one run per folder

@@ -75,8 +75,10 @@ class MemoryOptions:
         if self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise ValueError(f"model.checkpoint_dtype={self.checkpoint_dtype!r}; choose one of {CHECKPOINT_DTYPES}.")
         if (self.checkpoint_offload or self.checkpoint_dtype != "fp32") and not self.activation_checkpointing:
-            raise ValueError("model.checkpoint_offload / model.checkpoint_dtype act on the checkpointed block inputs; "
-                             "set model.activation_checkpointing=true (or drop them).")
+            raise ValueError(f"model.checkpoint_offload={self.checkpoint_offload} / model.checkpoint_dtype="
+                             f"{self.checkpoint_dtype} act on the checkpointed block inputs; set "
+                             "model.activation_checkpointing=true, or model.checkpoint_offload=false "
+                             "model.checkpoint_dtype=fp32 without it.")
 
 
 @dataclass
