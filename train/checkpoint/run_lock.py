@@ -1,98 +1,111 @@
-"""One run per ``train.output_dir``: ``<output_dir>/.run.lock`` holds the owner's pid, host, process
-start time and command; a second run refuses with one line naming the owner.
+"""One run per ``train.output_dir``: ``<output_dir>/.run.lock`` is held with a kernel lock
+(``fcntl.flock``) for as long as the run lives; a second run refuses with one line naming the owner.
 
-The lock is created atomically (written under a temporary name, then ``os.link``ed into place,
-which fails when the lock exists). A lock is stale, and taken over with a warning, when its
-process is gone on this host: the pid does not exist, or it now belongs to a process that started
-at another time (pid reuse). A lock from another host cannot be checked: the message says how to
-remove it if that run is gone.
+The kernel drops the lock when its holder dies, however it dies (SIGKILL, OOM killer, power loss
+of a client of a network filesystem that supports locks), so there is no stale lock to detect and
+no takeover to race: of any number of contenders exactly one gets it. The file's content (pid,
+host, start time, command) only names the owner in the refusal. ``release`` removes the file while
+still holding the lock; a contender that opened the old file before that sees, once it holds the
+lock, that the path no longer names its file and starts again (the usual lock-file pattern), so
+two runs never both hold a lock on ``.run.lock``.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_NAME = ".run.lock"
 
 
 class RunLockedError(RuntimeError):
-    """Another live run writes to this output_dir."""
+    """Another live run writes to this output_dir (or the lock cannot be taken at all)."""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process start time in clock ticks since boot (Linux ``/proc``), None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat, counted after the comm field
+@dataclass
+class RunLock:
+    """A held lock: keep the object alive for the run (closing ``fd`` releases the lock)."""
 
-
-def _alive(owner: dict) -> bool:
-    pid = int(owner.get("pid", -1))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    recorded, now = owner.get("start_time"), _start_time(pid)
-    return recorded is None or now is None or recorded == now
+    path: Path
+    fd: int
 
 
 def _describe(owner: dict) -> str:
+    if not owner:
+        return "a run that is starting"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("started", 0))))
     return f"pid {owner.get('pid')} on host {owner.get('host')} since {started}"
 
 
-def acquire(output_dir: str | os.PathLike) -> Path:
-    """Take the lock or raise ``RunLockedError``; returns the lock path (give it to ``release``)."""
+def _read_owner(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        owner = json.loads(data.decode("utf-8")) if data else {}
+    except (OSError, ValueError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a release unlinks it)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def acquire(output_dir: str | os.PathLike) -> RunLock:
+    """Take the lock or raise ``RunLockedError`` (one line); give the result to ``release``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-          "start_time": _start_time(os.getpid()), "argv": sys.argv}
-    tmp = out / f"{LOCK_NAME}.{me['host']}.{me['pid']}"
-    tmp.write_text(json.dumps(me))
+    path = out / LOCK_NAME
+    for _ in range(100):  # only a release between our open and our lock makes us go round again
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = _read_owner(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunLockedError(
+                    f"train.output_dir={out} is in use by another run ({_describe(owner)}); wait for it or use "
+                    "another train.output_dir.") from None
+            raise RunLockedError(
+                f"cannot lock {path} ({e.strerror}): the file system does not support locks; use a "
+                "train.output_dir on a local or lock-capable file system.") from None
+        if not _same_file(fd, path):
+            os.close(fd)
+            continue
+        before = _read_owner(fd)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise RunLockedError(f"cannot write {path} ({e.strerror}); free space in train.output_dir={out} "
+                                 "or use another one.") from None
+        if before:
+            print(f"[train] the previous run in {out} ({_describe(before)}) ended without releasing its lock "
+                  "(killed?); this run takes the folder over", flush=True)
+        return RunLock(path, fd)
+    raise RunLockedError(f"could not take {path}: other runs keep taking and releasing it; use another "
+                         "train.output_dir.")
+
+
+def release(lock: RunLock) -> None:
+    """Remove the lock file (while still holding the lock), then drop the lock."""
     try:
-        for _ in range(3):
-            try:
-                os.link(tmp, lock)
-                return lock
-            except FileExistsError:
-                pass
-            try:
-                owner = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                owner = {}
-            if owner.get("host") not in (None, me["host"]):
-                raise RunLockedError(
-                    f"train.output_dir={out} is in use by another run ({_describe(owner)}); wait for it, use another "
-                    f"train.output_dir, or delete {lock} if that run is gone.")
-            if owner and _alive(owner):
-                raise RunLockedError(
-                    f"train.output_dir={out} is in use by another run ({_describe(owner)}); wait for it or use another "
-                    "train.output_dir.")
-            print(f"[train] taking over a stale lock {lock} ({_describe(owner) if owner else 'unreadable'}: "
-                  "that process is gone)", flush=True)
-            lock.unlink(missing_ok=True)
-        raise RunLockedError(f"could not take {lock}: another run keeps creating it; use another train.output_dir.")
+        if _same_file(lock.fd, lock.path):
+            lock.path.unlink(missing_ok=True)
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def release(lock: Path) -> None:
-    """Remove the lock if this process still owns it."""
-    try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return
-    if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-        lock.unlink(missing_ok=True)
+        os.close(lock.fd)
