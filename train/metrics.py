@@ -82,17 +82,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # drop lines logged after the checkpoint we resume from (a killed run's tail)
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("step", 0) <= resume_step:
-                    keep.append(line)
-            self.path.write_text("".join(l + "\n" for l in keep))
+        truncate_metrics(self.path, resume_step)
         try:
             import wandb
 
@@ -123,6 +113,38 @@ class MetricsLogger:
                 pass
 
 
+def truncate_metrics(path: Path, resume_step: int) -> int:
+    """Drop the records logged after ``resume_step`` (a killed run's tail) and a torn last line
+    (killed mid-append); returns how many lines were dropped. The kept lines go to a temporary
+    sibling that replaces the file atomically (``os.replace``), so a kill or a full disk at any
+    point leaves the old file or the new one, never a prefix; nothing to drop: untouched."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and rec.get("step", 0) <= resume_step:
+                keep.append(line)
+            elif line.strip():
+                dropped += 1
+    if not dropped:
+        return 0
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write or the rename failed
+    return dropped
+
+
 def _run_id(output_dir: str | Path) -> str:
     import hashlib
 
@@ -133,7 +155,14 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # only the last line may be torn (a kill mid-append)
+                raise
     # metrics.jsonl is strict JSON, so a non-finite value was written as null: read it back as NaN
     return [{k: (float("nan") if v is None else v) for k, v in r.items()} for r in recs]
 
