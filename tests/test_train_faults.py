@@ -90,3 +90,61 @@ def test_torn_metrics_line_is_dropped_at_resume_and_ignored_when_read(tmp_path, 
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     MetricsLogger(tmp_path, enabled=True, wandb_on=False, project="p", config={}, resume_step=10)
     assert path.read_bytes() == whole  # nothing after the torn line is glued to it
+
+
+# ---------------------------------------------------------------------------- signals in the final phase
+
+FINAL = ["train.max_steps=2", "train.checkpoint_every=0", "train.validation=true", "train.validation_steps=1",
+         "train.export=true"]
+
+
+def _signal_during(monkeypatch, name: str) -> None:
+    """``train.loop.<name>`` receives SIGTERM while it runs (the signal arrives mid-phase)."""
+    import train.loop as loop
+
+    real = getattr(loop, name)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, name, signalled)
+
+
+@pytest.fixture
+def sigterm_must_not_escape():
+    """Where the run's own handlers are gone, SIGTERM would kill the trainer; here it fails the test."""
+    def escaped(signum, frame):
+        raise AssertionError("SIGTERM reached the process's default handler: the trainer would have died")
+
+    old = signal.signal(signal.SIGTERM, escaped)
+    yield
+    signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.slow  # two quick-start runs with validation and export (~1-2 min on 2 busy cores)
+def test_sigterm_during_final_validation_stops_cleanly_and_the_rerun_exports(tmp_path, cache, monkeypatch,
+                                                                              sigterm_must_not_escape, capsys):
+    out = tmp_path / "run"
+    _signal_during(monkeypatch, "validate")
+    summary = in_process(out, cache, *FINAL)
+    assert summary["status"] == "preempted (SIGTERM)"
+    assert json.loads((out / "summary.json").read_text())["status"] == "preempted (SIGTERM)"
+    assert not (out / "export").exists()  # no partial export
+    assert "SIGTERM before the final export: skipped" in capsys.readouterr().out
+    monkeypatch.undo()
+    summary = in_process(out, cache, *FINAL)  # the rerun resumes at step 2 and only validates / exports
+    assert summary["status"] == "finished" and summary["exports"]
+    assert all(Path(p).exists() for p in summary["exports"].values())
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} (step 2)" in capsys.readouterr().out
+    assert steps_logged(out) == [1, 2]
+
+
+def test_sigterm_during_the_export_completes_it(tmp_path, cache, monkeypatch, sigterm_must_not_escape, capsys):
+    out = tmp_path / "run"
+    _signal_during(monkeypatch, "export")
+    summary = in_process(out, cache, *FINAL, "train.validation=false")
+    assert summary["status"] == "finished"
+    written = json.loads((out / "summary.json").read_text())
+    assert written["status"] == "finished" and all(Path(p).exists() for p in written["exports"].values())
+    assert "SIGTERM during the final phase: it completed" in capsys.readouterr().out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,36 +20,10 @@ from train.assets import prepare_assets
 from train.config import Config, config_to_dict
 from train.checkpoint.export import export
 from train.metrics import StepReporter, plot_loss_curve
+from train.signals import Preemption
 from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report, zero_stage
 from train.trainer import Trainer, startup_checks
 from train.validation import validate
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 -> ``requested``: the loop checkpoints and stops after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal: str | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> "Preemption":
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is None:
-                continue
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _start(cfg: Config):
@@ -85,39 +58,58 @@ def _after_step(trainer: Trainer, out_dir: Path, stop: bool) -> None:
         time.sleep(t.debug_step_delay_s)
 
 
-def _train(trainer: Trainer, reporter: StepReporter, out_dir: Path) -> tuple[str, list[str]]:
+def _preempted(preempt: Preemption) -> str:
+    return f"preempted ({preempt.signal or 'signal on another rank'})"
+
+
+def _train(trainer: Trainer, reporter: StepReporter, out_dir: Path, preempt: Preemption) -> tuple[str, list[str]]:
     """Steps until ``train.max_steps`` or a preemption; returns (status, this rank's trained keys)."""
     cfg, acc = trainer.cfg, trainer.acc
     trained_keys: list[str] = []
-    with Preemption() as preempt:
-        while trainer.state.step < cfg.train.max_steps:
-            t0 = time.perf_counter()  # the step time includes loading and encoding its batches
-            result = trainer.train_step(trainer.next_micro_batches())
-            result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
-            reporter.report(result, trainer.data.skipped, trainer.state.total_nonfinite)
-            if cfg.train.rank_report:
-                trained_keys.extend(result.keys)
-            stop = all_ranks_true(acc, preempt.requested)
-            _after_step(trainer, out_dir, stop)
-            if stop:
-                return f"preempted ({preempt.signal or 'signal on another rank'})", trained_keys
+    if trainer.state.step < cfg.train.max_steps and all_ranks_true(acc, preempt.requested):
+        return _preempted(preempt), trained_keys  # signalled while loading: nothing new to save
+    while trainer.state.step < cfg.train.max_steps:
+        t0 = time.perf_counter()  # the step time includes loading and encoding its batches
+        result = trainer.train_step(trainer.next_micro_batches())
+        result = dataclasses.replace(result, seconds=time.perf_counter() - t0)
+        reporter.report(result, trainer.data.skipped, trainer.state.total_nonfinite)
+        if cfg.train.rank_report:
+            trained_keys.extend(result.keys)
+        stop = all_ranks_true(acc, preempt.requested)
+        _after_step(trainer, out_dir, stop)
+        if stop:
+            return _preempted(preempt), trained_keys
     return "finished", trained_keys
 
 
-def _finish(trainer: Trainer, status: str, result: dict[str, Any]) -> None:
-    cfg = trainer.cfg
+def _finish(trainer: Trainer, status: str, result: dict[str, Any], preempt: Preemption) -> str:
+    """Final validation, then exports; returns the run's status. A stop signal lets the phase in
+    progress complete and leaves the next one to the rerun (the checkpoint at ``max_steps`` is
+    complete, so the rerun resumes there and only validates / exports)."""
+    cfg, main = trainer.cfg, trainer.acc.is_main_process
     if status != "finished":
-        if trainer.acc.is_main_process:
+        if main:
             print(f"[train] final validation and exports skipped: the run stopped early ({status}); rerun the "
                   "same command to finish it", flush=True)
-        return
-    if cfg.train.validation:
-        video = validate(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.state.step,
-                         trainer.stage)
-        result["validation_video"] = str(video) if video else None
-    if cfg.train.export:
-        ema = trainer.ema.state_dict() if trainer.ema is not None else None
-        result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
+        return status
+    for phase in ("validation", "export"):
+        if not getattr(cfg.train, phase):
+            continue
+        if all_ranks_true(trainer.acc, preempt.requested):
+            if main:
+                print(f"[train] {preempt.signal or 'stop signal'} before the final {phase}: skipped; rerun the same "
+                      "command to finish (it resumes at the last step and only validates / exports)", flush=True)
+            return _preempted(preempt)
+        if phase == "validation":
+            video = validate(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.state.step,
+                             trainer.stage)
+            result["validation_video"] = str(video) if video else None
+        else:
+            ema = trainer.ema.state_dict() if trainer.ema is not None else None
+            result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
+    if preempt.requested and main:
+        print(f"[train] {preempt.signal} during the final phase: it completed; stopping", flush=True)
+    return status
 
 
 def _reexport(cfg: Config, acc, model_path: Path, urls: list[str], finished: run_dir.Finished) -> dict[str, Any]:
@@ -135,6 +127,12 @@ def _reexport(cfg: Config, acc, model_path: Path, urls: list[str], finished: run
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    """The whole run, with stop signals caught from the first line to the summary (``Preemption``)."""
+    with Preemption() as preempt:
+        return _run(cfg, preempt)
+
+
+def _run(cfg: Config, preempt: Preemption) -> dict[str, Any]:
     t_start = time.time()
     acc, out_dir, model_path, urls, finished = _start(cfg)
     main = acc.is_main_process
@@ -161,7 +159,7 @@ def run(cfg: Config) -> dict[str, Any]:
                   "samples per step", flush=True)
     # after the header lines: the progress bar starts here
     reporter = StepReporter(cfg, acc, trainer.raw_dit.config, out_dir, trainer.state.step, config_to_dict(cfg))
-    status, trained_keys = _train(trainer, reporter, out_dir)
+    status, trained_keys = _train(trainer, reporter, out_dir, preempt)
     reporter.bar.close()
     if cfg.train.rank_report:
         write_rank_report(out_dir, acc, trainer.raw_dit, trained_keys, trainer.state.step)
@@ -169,7 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
                               "world_size": acc.num_processes, "zero_stage": trainer.stage,
                               "sequence_parallel": trainer.sp.size, **trainer.summary}
     result.update(trainer.data_report())  # data/skipped over all ranks + the first reasons
-    _finish(trainer, status, result)
+    result["status"] = status = _finish(trainer, status, result, preempt)
     if main:
         curve = plot_loss_curve(out_dir)
         result["loss_curve"] = str(curve) if curve else None

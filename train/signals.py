@@ -1,10 +1,17 @@
-"""Stop signals reach the trainer even when they hit its launcher first.
+"""Stop signals: one home for how the trainer hears them.
+
+``Preemption``: SIGTERM / SIGUSR1 only set a flag, from the start of ``train.loop.run`` to its
+end (summary written): the step in progress finishes, a checkpoint is written and the run stops
+cleanly; during the final validation / export the phase in progress completes and the next one
+is left for the rerun (docs/reliability.md). No phase of a run dies of the signal itself.
+
+Stop signals also reach the trainer when they hit its launcher first.
 
 ``accelerate launch`` with one process starts the trainer with ``subprocess.Popen`` and waits:
 SIGTERM / SIGUSR1 to the launcher kills the launcher (Python's default action) and the trainer
 runs on, orphaned, with nobody to stop it. On Linux the trainer therefore asks the kernel for
 SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``): the launcher's death becomes a normal
-preemption (``train.loop.Preemption``: finish the step, checkpoint, exit 0). Only under a launcher
+preemption (``Preemption``: finish the step, checkpoint, exit 0). Only under a launcher
 (accelerate, torchrun): a trainer started from a shell (``python -m train.main``, ``nohup``) keeps
 running when that shell exits.
 
@@ -19,6 +26,7 @@ import os
 import signal
 import sys
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 _PR_SET_PDEATHSIG = 1
 _LAUNCHER_ENV = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
 
@@ -43,3 +51,30 @@ def stop_with_launcher() -> bool:
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+class Preemption:
+    """Context manager: SIGTERM / SIGUSR1 -> ``requested`` (and ``signal``, its name). The loop
+    checkpoints and stops after the current step; the final phase stops between validation and
+    export. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "Preemption":
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals go to the main thread's handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
