@@ -148,3 +148,103 @@ def test_sigterm_during_the_export_completes_it(tmp_path, cache, monkeypatch, si
     written = json.loads((out / "summary.json").read_text())
     assert written["status"] == "finished" and all(Path(p).exists() for p in written["exports"].values())
     assert "SIGTERM during the final phase: it completed" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- a finished run to resume
+
+RUN = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache):
+    """A quick-start run of 4 steps with checkpoints step-2 and step-4 (copied by each test)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    in_process(out, cache, *RUN)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def _no_model_load(monkeypatch):
+    """Fail the test if a model starts loading (refusals must come before)."""
+    import train.trainer
+
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(train.trainer, "_load_models", load)
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+# ---------------------------------------------------------------------------- resume with changed settings
+
+
+def test_resume_applies_changed_optimizer_settings(finished_run, tmp_path, cache, capsys):
+    """The restored optimizer / scheduler states carried the old lr, betas, eps and weight_decay:
+    a resume with new ones trained on with the old ones while saying they changed."""
+    from train.config import compose
+    from train.modes import lr_factor_fn
+
+    out = _copy(finished_run, tmp_path)
+    new = ["optim.lr=0.01", "optim.weight_decay=0.1", "optim.betas=[0.8,0.9]", "optim.eps=1e-6"]
+    in_process(out, cache, *RUN, "train.max_steps=5", *new)
+    text = capsys.readouterr().out
+    assert "optimizer settings from this launch applied over the checkpoint's: trunk lr 0.001 -> 0.01" in text
+    assert "weight_decay 0.0 -> 0.1" in text and "eps 1e-08 -> 1e-06" in text and "betas" in text
+    factor = lr_factor_fn(compose([*RUN, "train.max_steps=5"]))
+    lr = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["optim/lr"]
+    assert lr == pytest.approx(0.01 * factor(5))
+    groups = torch.load(out / "checkpoints" / "step-5" / "optimizer.bin", weights_only=True)["param_groups"]
+    assert {(g["initial_lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in groups} == {(0.01, (0.8, 0.9), 1e-6, 0.1)}
+    state = json.loads((out / "checkpoints" / "step-5" / "trainer_state.json").read_text())
+    assert state["scheduler"]["base_lrs"] == [0.01] * len(groups)
+
+
+def test_resume_refuses_what_a_checkpoint_cannot_follow_before_loading(finished_run, tmp_path, cache, monkeypatch):
+    from train.config import ConfigError
+
+    out = _copy(finished_run, tmp_path)
+    before = _tree(out)
+    _no_model_load(monkeypatch)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size \(1 -> 2: the saved data position counts batches"):
+        in_process(out, cache, *RUN, "train.max_steps=6", "train.micro_batch_size=2")
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("change, refused", [
+    (["lora.rank=8"], "lora.rank (16 -> 8"),
+    (["lora.alpha=64"], "lora.alpha (None -> 64.0"),
+    (["lora.train_adapters=false"], "lora.train_adapters (True -> False"),
+    (["lora.targets=[self_attn.q]"], "lora.targets"),
+    (["optim.name=adamw8bit"], "optim.name (adamw -> adamw8bit"),
+    (["lora.alpha=16"], None),  # alpha null means alpha = rank: the same scale
+    (["lora.dropout=0.1", "optim.lr=0.5"], None),  # applied
+])
+def test_lora_changes_a_resume_cannot_follow(change, refused):
+    from train.checkpoint.resume_settings import refusals
+    from train.config import compose, config_to_dict
+
+    saved = config_to_dict(compose(["train.mode=lora"]))
+    found = refusals(saved, compose(["train.mode=lora", *change]))
+    if refused is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and found[0].startswith(refused), found

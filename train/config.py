@@ -217,6 +217,9 @@ class TrainSettings:
     validation_urls: list[str] = field(default_factory=list)
     max_consecutive_nonfinite: int = 5
     resume: bool = True  # rerunning the same command continues from the newest complete checkpoint
+    # start over in an output_dir that holds a run: its files are moved to <output_dir>.replaced-<time>/
+    # first (train.resume=false alone refuses there: two runs must never mix in one folder)
+    overwrite: bool = False
     wandb: bool = False  # on -> online; off -> offline run files under output_dir/wandb
     wandb_project: str = "wan-animate"
     export: bool = True  # write output_dir/export/ at the end

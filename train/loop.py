@@ -16,6 +16,8 @@ from typing import Any
 
 from train import preflight
 from train.checkpoint import run_dir
+from train.checkpoint import store as checkpointing
+from train.checkpoint.resume_settings import check_resume_settings
 from train.assets import prepare_assets
 from train.config import Config, config_to_dict
 from train.checkpoint.export import export
@@ -35,7 +37,11 @@ def _start(cfg: Config):
     startup_checks(cfg, acc)
     out_dir = Path(cfg.train.output_dir)
     launch = run_dir.launch_identity(cfg, acc.num_processes, acc.state.deepspeed_plugin is not None, zero_stage(acc))
+    run_dir.check_fresh_start(cfg, acc.is_main_process)  # resume=false on a used folder: refused (or moved aside)
     run_dir.check_output_dir(cfg, launch)  # another launch on this run's folder: refused, nothing written
+    if cfg.train.resume and checkpointing.latest_complete(out_dir) is not None:
+        check_resume_settings(cfg, run_dir.previous_identity(out_dir)[1])  # keys a resume cannot apply: refused
+        checkpointing.resume_point(acc, out_dir)  # damaged checkpoints moved aside; none usable: refused
     finished = run_dir.finished_run(cfg)
     model_path, urls = prepare_assets(cfg, acc)
     if finished is None:

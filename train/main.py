@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import Config, ConfigError, check_paths, register_configs, to_config
-from wan_animate.cli import check_overrides, config_groups, expected_errors, take_debug_flag
+from wan_animate.cli import check_overrides, config_groups, expected_errors, fail, one_line, take_debug_flag
 from wan_animate.options import HYDRA_VERSION_BASE
 
 register_configs()
@@ -41,7 +41,10 @@ def main(cfg: DictConfig) -> None:
 
         run_dry(config)
         return
+    from train.checkpoint.run_dir import check_fresh_start
     from train.checkpoint.run_lock import RunLockedError, acquire, release
+    from train.checkpoint.store import CheckpointSaveError, NoUsableCheckpointError
+    from train.checkpoint.verify import UnsafeCheckpointError
     from train.loop import run
     from train.signals import stop_with_launcher
 
@@ -50,8 +53,14 @@ def main(cfg: DictConfig) -> None:
         with expected_errors(PREFIX, (ConfigError, RunLockedError)):  # launch-time checks and bad inputs
             if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
                 lock = acquire(config.train.output_dir)  # the config is recorded once: <output_dir>/config.json
+                check_fresh_start(config, main=True)  # rank 0, before the other ranks start: moved aside or refused
             stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
-            run(config)
+            try:
+                run(config)
+            except (NoUsableCheckpointError, UnsafeCheckpointError, CheckpointSaveError) as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":  # --debug
+                    raise
+                fail("[train] error: ", one_line(e), status=1)  # damaged / unwritable checkpoints: one line
     finally:
         _teardown()
         if lock is not None:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from train import sequence
+from train.checkpoint import resume_settings
 from train.checkpoint import store as checkpointing
 from train.config import Config, ConfigError, check_launch
 from train.data import BatchIterator, StreamSpec
@@ -301,5 +302,7 @@ class Trainer:
         if path is None:
             return None
         kw = self.trainable_ckpt.load_kwargs if self.trainable_ckpt else None
+        configured = resume_settings.snapshot(self.optimizer, self.scheduler)
         self.load_state_dict(checkpointing.load_checkpoint(self.acc, path, load_kwargs=kw))
+        resume_settings.reapply(configured, self.optimizer, self.scheduler, self.acc.is_main_process)  # config wins
         return path

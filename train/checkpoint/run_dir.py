@@ -9,11 +9,20 @@ with the difference and the fix (a resume under another launch ends deep inside 
 a wrong data position); the folder's ``config.json`` is never replaced by another run's.
 A finished run (``summary.json`` says so and the newest complete checkpoint is at
 ``train.max_steps``) is a no-op, or only re-exports when its exports are missing.
+
+Starting over (``train.resume=false``) in a folder that holds a run is refused (``check_fresh_start``):
+its checkpoints, metrics and summary would mix with the new run's and a later rerun would resume
+the old one. ``train.overwrite=true`` moves the old run to ``<output_dir>.replaced-<time>/`` first.
+Resuming with changed settings (``check_resume_settings``): what cannot be applied to a saved
+state (the trainable set, the optimizer kind, the batch size the data position counts in) is
+refused before any model loads; the rest is applied and named (``train.checkpoint.resume_settings``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +133,43 @@ def check_output_dir(cfg: Config, current: dict[str, Any]) -> None:
         f"train.output_dir={out_dir} holds a run launched with {_describe(before)}; this launch differs "
         f"({changes}). Continue it with the original launch, or start a new run with a new train.output_dir "
         "(its checkpoints cannot be resumed under another world size, DeepSpeed setting, mode or model).")
+
+
+_RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "export")
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """What a run left in ``out_dir`` (the lock and Hydra records do not count)."""
+    ckpts = checkpointing.checkpoints_dir(out_dir)
+    found = ["checkpoints/"] if ckpts.is_dir() and any(ckpts.iterdir()) else []
+    return found + [name for name in _RUN_FILES if (out_dir / name).exists()]
+
+
+def check_fresh_start(cfg: Config, main: bool) -> Path | None:
+    """``train.overwrite=true``: move a run in ``train.output_dir`` aside (rank 0) and return where;
+    ``train.resume=false`` on a folder that holds a run: ``ConfigError`` naming both ways out."""
+    from train.checkpoint.run_lock import LOCK_NAME
+
+    out_dir = Path(cfg.train.output_dir)
+    found = run_files(out_dir)
+    if not found:
+        return None
+    if cfg.train.overwrite:
+        if not main:
+            return None
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for entry in out_dir.iterdir():  # everything but the lock this run holds
+            if entry.name != LOCK_NAME:
+                os.replace(entry, aside / entry.name)
+        print(f"[train] train.overwrite=true: the previous run in {out_dir} moved to {aside}", flush=True)
+        return aside
+    if not cfg.train.resume:
+        raise ConfigError(
+            f"train.resume=false but train.output_dir={out_dir} holds a run ({', '.join(found)}): starting over there "
+            "would mix two runs. Use a new train.output_dir, or add train.overwrite=true to move the old run to "
+            f"{out_dir.name}.replaced-<time>/ and start over.")
+    return None
 
 
 def loaded_model_record(cfg: Config, model_path: Path, dit_config, layout: str | None) -> dict[str, Any]:

@@ -12,7 +12,10 @@ newest ``keep_last`` complete checkpoints are kept.
 Reliability (``train.checkpoint.verify``, docs/reliability.md): a size/hash ``MANIFEST.json`` is
 written before ``COMPLETE``; resume checks it and every pickle (tensor-only unpickler, before
 DeepSpeed sees the folder) and falls back to the previous complete checkpoint when a file is
-damaged. No checkpoint is written while the current streak of non-finite steps lasts, so pruning
+damaged; the damaged one is moved aside to ``checkpoints/damaged-step-<N>`` (kept, never "newest",
+never counted by ``keep_last``, so pruning cannot delete good checkpoints because of it). When no
+complete checkpoint is usable the run refuses (``NoUsableCheckpointError``) instead of starting
+over on top of them. No checkpoint is written while the current streak of non-finite steps lasts, so pruning
 never removes the last good one. Files are made group-readable.
 """
 
@@ -25,9 +28,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint.verify import check_pickles, make_group_readable, manifest_problem, write_manifest
+from train.checkpoint.verify import (DamagedCheckpointError, check_pickles, damage, make_group_readable,
+                                     write_manifest)
 
 COMPLETE = "COMPLETE"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error): one line, earlier ones untouched."""
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -56,11 +64,25 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
                     save_kwargs: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it with its own ``state`` (``Trainer.state_dict()``). Returns
     the final folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     root = checkpoints_dir(output_dir)
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
+    try:
+        _write(acc, root, tmp, final, step, state, save_kwargs, save_file)
+    except (OSError, RuntimeError, SafetensorError) as e:  # disk full, quota, I/O error (torch: with C++ frames)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(_save_failure(output_dir, root, step, e)) from None
+    if acc.is_main_process:
+        prune(output_dir, keep_last)
+    acc.wait_for_everyone()
+    return final
+
+
+def _write(acc, root: Path, tmp: Path, final: Path, step: int, state: dict[str, Any], save_kwargs, save_file) -> None:
     if acc.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -90,9 +112,19 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
         streak = int(state["train"].get("consecutive_nonfinite", 0))
         (final / COMPLETE).write_text(json.dumps({"step": step, "nonfinite_streak": streak}))
         _fsync_dir(final)
-        prune(output_dir, keep_last)
-    acc.wait_for_everyone()
-    return final
+
+
+def _save_failure(output_dir: str | Path, root: Path, step: int, e: BaseException) -> str:
+    """One line: what failed (first line of the error, without C++ frames), free space, what is safe."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**30:.1f} GiB free on {root}"
+    except OSError:
+        free = f"free space on {root} unknown"
+    good = last_good(output_dir)
+    where = (f"the newest complete checkpoint {good[1].name} is untouched; free space and rerun the same command to "
+             f"resume from step {good[0]}" if good else "no earlier checkpoint; free space and rerun the same command")
+    return f"checkpoint step-{step} could not be written ({type(e).__name__}: {first}); {free}; {where}."
 
 
 def _finite(path: Path) -> bool:
@@ -127,18 +159,62 @@ def last_good(output_dir: str | Path) -> tuple[int, Path] | None:
     return good[-1] if good else None
 
 
+class NoUsableCheckpointError(RuntimeError):
+    """The run folder holds checkpoints, none of them resumable: refused, nothing changed."""
+
+
+def _problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed (damaged file, streak), None when it can. Raises
+    ``UnsafeCheckpointError`` for a pickle that would run code."""
+    if not _finite(path):
+        return "taken during a streak of non-finite steps"
+    problem = damage(path)
+    if problem is None:
+        try:
+            check_pickles(path)
+        except DamagedCheckpointError as e:
+            problem = str(e)
+    return problem
+
+
+def _move_aside(path: Path) -> Path:
+    """``step-N`` -> ``damaged-step-N`` (``-2``, ... if taken): out of resume and pruning, kept."""
+    target, n = path.with_name(f"damaged-{path.name}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}-{n}")
+    os.replace(path, target)
+    return target
+
+
 def _choose_resume(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose files match their manifest and whose pickles are
-    tensor-only; damaged ones are skipped with a warning. Raises ``UnsafeCheckpointError``."""
-    for _, path in reversed(list_complete(output_dir)):
-        problem = manifest_problem(path) if _finite(path) else "taken during a streak of non-finite steps"
-        if problem is not None:
-            print(f"[train] WARNING: not resuming from {path}: {problem}; falling back to the previous "
-                  "complete checkpoint.", flush=True)
+    """The newest complete checkpoint whose files match their manifest (or, without one, whose
+    files parse) and whose pickles are tensor-only. Damaged newer ones are moved aside with a
+    warning; when none is usable nothing is touched and ``NoUsableCheckpointError`` names them.
+    Raises ``UnsafeCheckpointError`` for a pickle that would run code."""
+    complete = list_complete(output_dir)
+    rejected: list[tuple[Path, str]] = []
+    chosen = None
+    for _, path in reversed(complete):
+        problem = _problem(path)
+        if problem is None:
+            chosen = path
+            break
+        rejected.append((path, problem))
+    if chosen is None and rejected:
+        listed = "; ".join(f"{p.name}: {why}" for p, why in rejected[:3])
+        raise NoUsableCheckpointError(
+            f"no checkpoint in {checkpoints_dir(output_dir)} can be resumed ({listed}{'; ...' if len(rejected) > 3 else ''}); "
+            "nothing was changed. Restore the damaged files, or start over with train.overwrite=true (moves this run "
+            "aside) or a new train.output_dir.")
+    for path, problem in rejected:
+        if problem.startswith("taken during a streak"):  # pruned once a newer good one exists
+            print(f"[train] not resuming from {path}: {problem}", flush=True)
             continue
-        check_pickles(path)
-        return path
-    return None
+        moved = _move_aside(path)
+        print(f"[train] WARNING: not resuming from {path}: {problem}; moved to {moved.name} (kept, not counted by "
+              f"train.keep_last); resuming from {chosen.name}", flush=True)
+    return chosen
 
 
 def resume_point(acc, output_dir: str | Path) -> Path | None:

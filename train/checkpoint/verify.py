@@ -11,6 +11,10 @@ group-readable files.
   here first with ``torch.load(weights_only=True)``, allowing only tensors, accelerate's own safe
   globals (numpy RNG states) and a few plain DeepSpeed classes that its optimizer files hold
   (found on a real CPU ZeRO-2 checkpoint). Anything else raises ``UnsafeCheckpointError``.
+* ``damage`` (at resume): what is wrong with a checkpoint's files, or None: the manifest's
+  verdict, else (checkpoints written before manifests) every safetensors header must cover its
+  file. ``check_pickles`` tells a truncated or damaged pickle (``DamagedCheckpointError``: the
+  caller falls back) from one that would run code (``UnsafeCheckpointError``: refused).
 * ``make_group_readable``: safetensors writes 0600; a run shared by a group must be readable.
 """
 
@@ -20,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +45,10 @@ _DEEPSPEED_GLOBALS = (
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file that would unpickle more than tensors: never loaded."""
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A checkpoint file that is truncated or does not parse: that checkpoint cannot be resumed."""
 
 
 def _files(folder: Path) -> Iterator[Path]:
@@ -96,6 +105,30 @@ def manifest_problem(folder: str | Path) -> str | None:
     return None
 
 
+def _safetensors_problem(folder: Path) -> str | None:
+    """The first ``*.safetensors`` whose header does not parse or does not cover the file."""
+    from safetensors import safe_open
+
+    for path in _files(folder):
+        if path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is not whole
+            return f"{path.relative_to(folder)} is truncated or damaged ({str(e).strip().splitlines()[0][:160]})"
+    return None
+
+
+def damage(folder: str | Path) -> str | None:
+    """What is wrong with the checkpoint's files (manifest, or safetensors headers where there is
+    no manifest), None when nothing is found. Pickles: ``check_pickles``."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return manifest_problem(folder)
+    return _safetensors_problem(folder)
+
+
 def _safe_globals() -> list:
     import importlib
 
@@ -120,7 +153,8 @@ def _is_pickle(path: Path) -> bool:
 
 def check_pickles(folder: str | Path) -> int:
     """Read every pickle under ``folder`` with the tensor-only unpickler; returns how many.
-    Raises ``UnsafeCheckpointError`` (one line: file, what it pickles, the fix) otherwise."""
+    Raises ``UnsafeCheckpointError`` (one line: file, what it pickles, the fix) for a pickle of
+    anything but tensors and ``DamagedCheckpointError`` for one that is truncated or does not parse."""
     import torch
 
     folder = Path(folder)
@@ -138,13 +172,17 @@ def check_pickles(folder: str | Path) -> int:
                         raise
                     torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
         except Exception as e:  # noqa: BLE001 - any refusal means: do not hand the folder to DeepSpeed
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            detail = (f"it pickles {found.group(1)}" if found
-                      else (str(e).strip().splitlines() or [type(e).__name__])[0])
+            text = str(e)
+            if not isinstance(e, pickle.UnpicklingError) or "truncated" in text:  # zip / EOF / OS errors
+                first = (text.strip().splitlines() or [type(e).__name__])[0]
+                raise DamagedCheckpointError(
+                    f"{path.relative_to(folder)} is truncated or damaged ({type(e).__name__}: {first[:160]})") from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            detail = f"it pickles {found.group(1)}" if found else (text.strip().splitlines() or ["?"])[0]
             raise UnsafeCheckpointError(
-                f"{path.relative_to(folder.parent)} is not a tensor-only pickle ({detail[:200]}); refusing to resume "
-                "from it (it could run code). Delete that checkpoint folder if you did not write it, or start a new "
-                "train.output_dir.") from None
+                f"{path.relative_to(folder.parent)} is not a tensor-only pickle ({detail[:200]}); refusing "
+                "to resume from it (it could run code). Delete that checkpoint folder if you did not write it, or start "
+                "a new train.output_dir.") from None
         count += 1
     return count
 
