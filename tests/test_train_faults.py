@@ -248,3 +248,130 @@ def test_lora_changes_a_resume_cannot_follow(change, refused):
         assert found == []
     else:
         assert len(found) == 1 and found[0].startswith(refused), found
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints and pruning
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_never_prunes_good_ones(finished_run, tmp_path, cache, capsys):
+    """keep_last=1 with a damaged newest checkpoint: it used to count as the newest, so every new
+    checkpoint was pruned as soon as written (a kill then restarted the run from 0)."""
+    out = _copy(finished_run, tmp_path)
+    (out / "summary.json").unlink()  # as if killed after the step-4 checkpoint
+    _truncate(out / "checkpoints" / "step-4" / "optimizer.bin")
+    in_process(out, cache, "train.max_steps=3", "train.checkpoint_every=1", "train.keep_last=1")
+    text = capsys.readouterr().out
+    assert "not resuming from" in text and "moved to damaged-step-4" in text
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} (step 2)" in text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["damaged-step-4", "step-3"]
+    from train.checkpoint.store import _choose_resume
+
+    assert _choose_resume(out) == out / "checkpoints" / "step-3"  # the good new one is what a rerun resumes
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_no_usable_checkpoint_is_refused_not_restarted(finished_run, tmp_path, cache, monkeypatch, manifest):
+    """Every optimizer.bin truncated: the run used to restart from step 0 and overwrite them."""
+    from train.checkpoint.store import NoUsableCheckpointError
+
+    out = _copy(finished_run, tmp_path)
+    for ckpt in (out / "checkpoints").iterdir():
+        _truncate(ckpt / "optimizer.bin")
+        if not manifest:
+            (ckpt / "MANIFEST.json").unlink()
+    before = _tree(out)
+    _no_model_load(monkeypatch)
+    with pytest.raises(NoUsableCheckpointError) as e:
+        in_process(out, cache, *RUN, "train.max_steps=6")
+    text = str(e.value)
+    assert "\n" not in text and "step-4: optimizer.bin" in text and "step-2: optimizer.bin" in text
+    assert ("truncated or damaged" in text) != manifest and "could run code" not in text
+    assert "train.overwrite=true" in text
+    assert _tree(out) == before  # nothing changed
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors"])
+def test_damaged_file_without_manifest_falls_back_with_one_clear_line(finished_run, tmp_path, name):
+    """Checkpoints written before manifests: a truncated optimizer.bin was refused as a pickle
+    that 'could run code'; a truncated model.safetensors raised SafetensorError at load."""
+    from train.checkpoint.store import _choose_resume
+
+    out = _copy(finished_run, tmp_path)
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "MANIFEST.json").unlink()
+    _truncate(out / "checkpoints" / "step-4" / name)
+    assert _choose_resume(out) == out / "checkpoints" / "step-2"
+    assert (out / "checkpoints" / "damaged-step-4" / name).exists()
+
+
+def test_unsafe_pickle_is_still_refused_when_damage_is_told_apart(tmp_path):
+    """Negative control: a pickle of code stays an UnsafeCheckpointError, not 'damaged'."""
+    from train.checkpoint.verify import DamagedCheckpointError, UnsafeCheckpointError, check_pickles
+
+    torch.save({"f": Path}, tmp_path / "optimizer.bin")
+    with pytest.raises(UnsafeCheckpointError, match="it pickles pathlib"):
+        check_pickles(tmp_path)
+    torch.save({"x": torch.zeros(3)}, tmp_path / "optimizer.bin")
+    _truncate(tmp_path / "optimizer.bin")
+    with pytest.raises(DamagedCheckpointError, match="optimizer.bin is truncated or damaged"):
+        check_pickles(tmp_path)
+
+
+# ---------------------------------------------------------------------------- starting over in a used folder
+
+
+def test_resume_false_in_a_used_folder_is_refused_and_overwrite_moves_the_run_aside(finished_run, tmp_path, cache,
+                                                                                   monkeypatch, capsys):
+    """train.resume=false wrote a new step-2 next to the old step-4 and truncated metrics.jsonl;
+    the next plain rerun then 'resumed' the old run."""
+    from train.config import ConfigError
+
+    out = _copy(finished_run, tmp_path)
+    before = _tree(out)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        with pytest.raises(ConfigError, match="train.resume=false but train.output_dir=.* holds a run .*train.overwrite=true"):
+            in_process(out, cache, *RUN, "train.max_steps=2", "train.resume=false")
+    assert _tree(out) == before
+    summary = in_process(out, cache, "train.max_steps=2", "train.checkpoint_every=2", "train.overwrite=true")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and _tree(aside[0]) == before  # the old run, whole
+    assert summary["step"] == 2 and steps_logged(out) == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+
+
+# ---------------------------------------------------------------------------- a full disk during a save
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(finished_run, tmp_path, cache, monkeypatch):
+    """The kernel refuses writes past 4 KiB while the step-5 checkpoint is written (a full disk):
+    torch used to raise its C++ traceback. Now one line, no temporary folder, step-4 untouched."""
+    from accelerate import Accelerator
+
+    from train.checkpoint.store import CheckpointSaveError
+
+    out = _copy(finished_run, tmp_path)
+    (out / "summary.json").unlink()
+    real = Accelerator.save_state
+
+    def save_state_on_a_full_disk(self, *args, **kwargs):
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))
+        try:
+            return real(self, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+
+    with monkeypatch.context() as m:
+        m.setattr(Accelerator, "save_state", save_state_on_a_full_disk)
+        with pytest.raises(CheckpointSaveError) as e:
+            in_process(out, cache, *RUN, "train.max_steps=5", "train.checkpoint_every=1")
+    text = str(e.value)
+    assert text.startswith("checkpoint step-5 could not be written (") and "\n" not in text and "frame #" not in text
+    assert "step-4 is untouched" in text and "resume from step 4" in text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not list(out.glob(".run.lock*"))
+    summary = in_process(out, cache, *RUN, "train.max_steps=5", "train.checkpoint_every=1")
+    assert summary["step"] == 5 and steps_logged(out) == [1, 2, 3, 4, 5]
