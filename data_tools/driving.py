@@ -68,6 +68,9 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     backend = get_pose_backend(pose_backend, **(pose_options or {}))
     pose_src = backend.extract(frames_src, source=str(video), frame_indices=sel,
                                progress=_per_frame(progress, len(frames_src)))
+    if not pose_src.person_detected().any():  # nothing to animate from: refuse before any output is built
+        raise ValueError(f"no person found in {video}: the pose backend ({pose_backend}) detected no body in any of "
+                         f"its {len(pose_src)} frames; use a driving video that shows the moving person.")
     pose = plan.pose(pose_src)
     retargeted = False
     if retarget and not replace:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -254,6 +255,14 @@ def _check_sampling_args(args) -> None:
         raise CliError(f"--refert-num {args.refert_num} must be 1 or 5 and below --clip-len {args.clip_len}.")
     if args.steps < 1:
         raise CliError(f"--steps {args.steps} must be >= 1.")
+    # NaN passes every comparison: a NaN scale or shift sampled a black video and exited 0
+    if not (math.isfinite(args.shift) and args.shift > 0):
+        raise CliError(f"--shift {args.shift} must be a finite number > 0 (official 5.0).")
+    if not (math.isfinite(args.guide_scale) and args.guide_scale >= 0):
+        raise CliError(f"--guide-scale {args.guide_scale} must be a finite number >= 0 (1.0: no guidance).")
+    bad = [v for v in args.lora_scale if not math.isfinite(v)]
+    if bad:
+        raise CliError(f"--lora-scale {bad[0]} must be a finite number (1.0: the LoRA as trained).")
 
 
 @contextlib.contextmanager
@@ -429,12 +438,16 @@ def _main(args, work_dir: str | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+    from wan_animate.pipeline import NonFiniteOutputError
     from wan_animate.video_io import write_video
 
     fps = inputs.pop("fps")
     if family == "animate2":
-        return _generate_animate2(args, inputs, fps, device, dtype, writer)
+        try:
+            return _generate_animate2(args, inputs, fps, device, dtype, writer)
+        except NonFiniteOutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     pipe = AnimatePipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
                                            vae_tiling=args.vae_tiling)
     for i, lora in enumerate(args.lora):
@@ -452,14 +465,11 @@ def _main(args, work_dir: str | None) -> int:
         from wan_animate.parallel import apply_sequence_parallel
 
         apply_sequence_parallel(pipe.dit, dist.group.WORLD)
-    frames = pipe.generate(
-        **inputs,
-        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed,
-        solver=args.solver, clip_len=args.clip_len, refert_num=args.refert_num,
-        progress=not args.no_progress,
-    )
+    try:
+        frames = _generate(args, pipe, inputs)
+    except NonFiniteOutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     assert frames.shape[0] == len(inputs["pose_video"]), "generate() must return one frame per driving frame"
     if not writer:  # the other ranks of a sequence-parallel run hold the same frames
         return 0
@@ -494,6 +504,19 @@ def _generate_animate2(args, inputs: dict, fps: float, device: str, dtype, write
         print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps "
               "(Wan-Animate-2)", file=sys.stderr)
     return 0
+
+
+def _generate(args, pipe, inputs: dict) -> np.ndarray:
+    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+
+    return pipe.generate(
+        **inputs,
+        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed,
+        solver=args.solver, clip_len=args.clip_len, refert_num=args.refert_num,
+        progress=not args.no_progress,
+    )
 
 
 if __name__ == "__main__":

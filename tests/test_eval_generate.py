@@ -180,9 +180,105 @@ def test_batched_backends_still_report_each_frame(tmp_path):
     frames = np.random.default_rng(1).integers(0, 255, (6, SIZE, SIZE, 3), dtype=np.uint8)
     write_video(tmp_path / "clip.mp4", frames, 30)
     Image.fromarray(frames[0]).save(tmp_path / "ref.png")
-    PoseSequence.empty(6, SIZE, SIZE).save_npz(tmp_path / "clip.npz")
+    pose = PoseSequence.empty(6, SIZE, SIZE)
+    pose.body[:, :8] = (SIZE / 2, SIZE / 2, 1.0)  # a (tiny) person: a video without one is refused
+    pose.save_npz(tmp_path / "clip.npz")
     calls = []
     preprocess_driving(tmp_path / "clip.mp4", tmp_path / "ref.png", tmp_path / "job", max_frames=5,
                        target_area=SIZE * SIZE, face_size=16, pose_backend="precomputed",
                        pose_options={"path": str(tmp_path / "clip.npz")}, progress=lambda *a: calls.append(a))
     assert calls == [(i, 5) for i in range(1, 6)]
+
+
+# ---------------------------------------------------------------------------- silent wrong results
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--shift", "nan", "--shift nan must be a finite number > 0"),
+    ("--guide-scale", "nan", "--guide-scale nan must be a finite number >= 0"),
+    ("--lora-scale", "nan", "--lora-scale nan must be a finite number"),
+    ("--lora-scale", "inf", "--lora-scale inf must be a finite number"),
+])
+def test_non_finite_sampling_flags_are_refused_in_one_line(env, capsys, flag, value, message):
+    """NaN passes every comparison: these sampled an all-black video and exited 0."""
+    assert cli.main([*env["args"], flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message}" + err[len(f"error: {message}"):] and "\n" not in err
+    assert env["state"]["calls"] == []  # refused before preprocessing and before any model loads
+
+
+def _tiny_inputs(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    write_video(tmp_path / "pose.mp4", frames, 30)
+    write_video(tmp_path / "face.mp4", frames, 30)
+    Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+    return ["--ref", str(tmp_path / "ref.png"), "--pose", str(tmp_path / "pose.mp4"), "--face", str(tmp_path / "face.mp4")]
+
+
+def _lora_file(model, path, alpha: float):
+    """A LoRA of the tiny model with non-zero factors and the given alpha."""
+    import torch
+
+    from wan_animate.weights.load import load_dit
+    from wan_animate.lora import add_lora, save_lora
+
+    dit = load_dit(model / "transformer", dtype=torch.float32, device="cpu")
+    add_lora(dit, rank=4, alpha=alpha)
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    save_lora(dit, path)
+    return path
+
+
+def test_lora_alpha_that_blows_up_the_output_is_refused_not_written(model, tmp_path, capsys):
+    """A LoRA with alpha 1e30 turned every frame black (NaN latents) and exited 0."""
+    out = tmp_path / "out.mp4"
+    lora = _lora_file(model, tmp_path / "huge.safetensors", alpha=1e30)
+    args = ["--model", str(model), *_tiny_inputs(tmp_path), "--out", str(out), "--clip-len", "5", "--steps", "2",
+            "--no-progress", "--lora", str(lora)]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: segment 1 of 1: the denoised latents hold NaN/Inf values; nothing was written" in err
+    assert not out.exists()
+    # negative control: the same LoRA at alpha 4 (scale 1) generates
+    _lora_file(model, tmp_path / "fine.safetensors", alpha=4)
+    assert cli.main([*args[:-1], str(tmp_path / "fine.safetensors")]) == 0 and out.exists()
+
+
+def test_lora_file_with_a_nan_alpha_is_refused_before_loading(model, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    lora = _lora_file(model, tmp_path / "l.safetensors", alpha=4)
+    tensors = load_file(str(lora))
+    key = next(k for k in tensors if k.endswith(".alpha"))
+    tensors[key] = tensors[key] * float("nan")
+    save_file(tensors, str(lora))
+    args = ["--model", str(model), *_tiny_inputs(tmp_path), "--out", str(tmp_path / "o.mp4"), "--clip-len", "5",
+            "--lora", str(lora)]
+    assert cli.main(args) == 2
+    assert "alpha nan must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_driving_video_without_a_person_is_refused_in_one_line(model, tmp_path, monkeypatch, capsys):
+    """Preprocessing used to go on silently and the generation then ran for minutes on nothing."""
+    import data_tools.driving
+    from data_tools.pose.format import PoseSequence
+    from wan_animate import pipeline
+
+    class Nobody:
+        def extract(self, frames, **kw):
+            return PoseSequence.empty(len(frames), frames.shape[1], frames.shape[2])
+
+    monkeypatch.setattr(data_tools.driving, "get_pose_backend", lambda *a, **k: Nobody())
+    monkeypatch.setattr(pipeline.AnimatePipeline, "from_pretrained",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a model was loaded")))
+    frames = np.full((T, SIZE, SIZE, 3), 90, np.uint8)  # an empty room
+    write_video(tmp_path / "room.mp4", frames, 30)
+    Image.fromarray(frames[0]).save(tmp_path / "ref.png")
+    args = ["--model", str(model), "--ref", str(tmp_path / "ref.png"), "--driving", str(tmp_path / "room.mp4"),
+            "--out", str(tmp_path / "out.mp4"), "--clip-len", "5", "--no-progress", "--target-area", str(SIZE * SIZE)]
+    assert cli.main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no person found in" in lines[0] and "no body in any of its" in lines[0]

@@ -177,12 +177,12 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def _no_model_load(monkeypatch):
     """Fail the test if a model starts loading (refusals must come before)."""
-    import train.trainer
+    import train.loop
 
     def load(*a, **k):
         raise AssertionError("a model was loaded before the refusal")
 
-    monkeypatch.setattr(train.trainer, "_load_models", load)
+    monkeypatch.setattr(train.loop, "Trainer", load)
 
 
 def _tree(out: Path) -> dict[str, bytes]:
@@ -375,3 +375,71 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(finishe
     assert not list(out.glob(".run.lock*"))
     summary = in_process(out, cache, *RUN, "train.max_steps=5", "train.checkpoint_every=1")
     assert summary["step"] == 5 and steps_logged(out) == [1, 2, 3, 4, 5]
+
+
+# ---------------------------------------------------------------------------- shard metadata vs decoded video
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_tools.synthetic_data import make_synthetic_dataset
+
+    return Path(make_synthetic_dataset(tmp_path_factory.mktemp("syn"), num_clips=3, clip_len=9, height=32, width=32,
+                                       seed=0, shard_size=3, face_size=32))
+
+
+def _stream(urls, **kw):
+    from train.config import DataConfig
+    from train.data import BatchIterator, StreamSpec
+
+    default_size = kw.pop("default_size", None)
+    cfg = DataConfig(source="shards", urls=[str(u) for u in urls], clip_len=5, refert_nums=[1], shuffle_buffer=0,
+                     max_skipped_fraction=0.9, **kw)
+    return BatchIterator(StreamSpec(urls=[str(u) for u in urls], cfg=cfg, micro_batch_size=1, seed=3, face_size=32,
+                                    default_size=default_size))
+
+
+def test_shard_json_size_that_lies_about_the_video_is_skipped_counted_and_explained(shards, tmp_path):
+    """A 32x32 clip whose json said 64x64 trained upscaled (1024x32: as strips), without a word."""
+    import io
+    import tarfile
+
+    from wan_animate.samples import read_shard
+
+    template = read_shard(sorted(shards.glob("*.tar"))[0])[0]
+    meta = json.loads(template["json"])
+    bad = tmp_path / "a-lying.tar"
+    with tarfile.open(bad, "w") as tar:
+        for key, (h, w) in (("says64", (64, 64)), ("says1024", (1024, 32))):
+            for field, data in template.items():
+                if field.startswith("__"):
+                    continue
+                if field == "json":
+                    data = json.dumps({**meta, "height": h, "width": w}).encode()
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    it = _stream([bad, *sorted(shards.glob("*.tar"))])
+    batches = [next(it) for _ in range(4)]
+    assert all(ex["video"].shape[-2:] == (32, 32) for b in batches for ex in b)
+    assert not any(ex["key"].startswith("says") for b in batches for ex in b)
+    assert it.skipped == 2
+    text = " | ".join(it.reasons)
+    assert "says64: sample 'says64': json says 64x64, mp4 frames are 32x32" in text
+    assert "says1024: sample 'says1024': json says 1024x32" in text
+
+
+def test_quick_start_header_names_the_resolution_it_trains_at(shards):
+    """The synthetic quick start with data.buckets=[[16,16]] printed 32x32 and trained 16x16."""
+    from train.config import compose
+    from train.preflight import read_data_facts, training_sizes
+
+    cfg = compose(["data.buckets=[[16,16]]"])
+    assert cfg.data.source == "synthetic"
+    printed = training_sizes(cfg, read_data_facts([str(u) for u in sorted(shards.glob("*.tar"))]))
+    it = _stream(sorted(shards.glob("*.tar")), buckets=[[16, 16]],
+                 default_size=(cfg.data.synthetic_height, cfg.data.synthetic_width))
+    trained = {tuple(ex["video"].shape[-2:]) for _ in range(3) for ex in next(it)}
+    assert printed == sorted(trained) == [(16, 16)]
+    # without buckets the synthetic size is both printed and trained
+    assert training_sizes(compose([]), read_data_facts([str(u) for u in sorted(shards.glob("*.tar"))])) == [(32, 32)]

@@ -123,12 +123,13 @@ def training_sizes(cfg: Config, facts: DataFacts) -> list[tuple[int, int]]:
     d = cfg.data
     if facts.kind == "cached":
         return list(facts.sizes)
-    if d.source == "synthetic":
-        return [(d.synthetic_height, d.synthetic_width)]
-    if d.buckets:
+    if d.buckets:  # the stream buckets every raw sample, synthetic ones too (train.data.ShardStream)
         from wan_animate.geometry import nearest_bucket
 
-        return sorted({nearest_bucket(h, w, d.buckets) for h, w in facts.sizes}) or [tuple(b) for b in d.buckets]
+        stored = facts.sizes or ([(d.synthetic_height, d.synthetic_width)] if d.source == "synthetic" else [])
+        return sorted({nearest_bucket(h, w, d.buckets) for h, w in stored}) or [tuple(b) for b in d.buckets]
+    if d.source == "synthetic":
+        return [(d.synthetic_height, d.synthetic_width)]
     return list(facts.sizes)
 
 

@@ -28,6 +28,7 @@ path and the fix) and leaves the model untouched.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -286,7 +287,11 @@ def read_lora(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> Factors
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise LoraError(f"{where}: {name}: the factors hold NaN/Inf values; the LoRA is broken (e.g. a "
                             "diverged training run), export a good checkpoint.")
-        out[name] = (a, b, alphas.get(name))
+        alpha = alphas.get(name)
+        if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+            raise LoraError(f"{where}: {name}: alpha {alpha} must be a finite number > 0; the file is corrupt, "
+                            "export it again.")
+        out[name] = (a, b, alpha)
     return out
 
 
@@ -314,6 +319,8 @@ def apply_lora(dit: nn.Module, path_or_state: str | Path | Mapping[str, torch.Te
     cast back to the weight's dtype). Returns the merged module names. Unknown module names or
     shape mismatches raise ``LoraError`` naming the module, before any weight is changed."""
     where = _where(path_or_state)
+    if not math.isfinite(scale):
+        raise LoraError(f"{where}: scale {scale} must be a finite number; nothing was changed.")
     factors = read_lora(path_or_state)
     _check_fits(dit, factors, where)
     modules = dict(dit.named_modules())

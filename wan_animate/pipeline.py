@@ -15,6 +15,7 @@ Training validation, eval sweeps and ``python -m eval.generate`` all call
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,10 @@ SIZE_MULTIPLE = 16
 
 class InputError(ValueError):
     """Bad generation input (raised before any model work)."""
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The sampler produced NaN/Inf (a broken LoRA, an absurd scale): refused, nothing written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +379,10 @@ class AnimatePipeline:
             raise InputError(f"solver={solver!r} is not one of {SOLVERS}.")
         if steps < 1:
             raise InputError(f"steps={steps} must be >= 1.")
+        if not (math.isfinite(shift) and shift > 0):
+            raise InputError(f"shift={shift} must be a finite number > 0 (official 5.0).")
+        if not (math.isfinite(guide_scale) and guide_scale >= 0):
+            raise InputError(f"guide_scale={guide_scale} must be a finite number >= 0 (1.0: no guidance).")
         inputs = check_inputs(pose_video, face_video, bg_video, mask_video, clip_len=clip_len,
                               refert_num=refert_num)
         ref = load_image(ref_image)
@@ -488,6 +497,10 @@ def run_segments(
         noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(device)
         latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
                          progress=step_bar.update)
+        if not torch.isfinite(latents).all():  # would decode to a black / garbage video without a word
+            raise NonFiniteOutputError(
+                f"segment {s + 1} of {n_seg}: the denoised latents hold NaN/Inf values; nothing was written. "
+                "Check the LoRA (its alpha / scale), shift and guide_scale, or use dtype float32.")
         frames = vae.decode(latents[:, :, 1:])  # drop the reference slot
         prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
         kept = frames if s == 0 else frames[:, :, refert_num:]

@@ -214,6 +214,9 @@ def decode_sample(raw: dict) -> dict:
         raise SampleDecodeError(f"sample {key!r}: ref.png is {ref.shape[:2]} but frames are {(h, w)}")
     if meta.get("num_frames", t) != t:
         raise SampleDecodeError(f"sample {key!r}: json says {meta['num_frames']} frames, mp4 has {t}")
+    if (meta.get("height", h), meta.get("width", w)) != (h, w):  # the trainer buckets by the json size
+        raise SampleDecodeError(f"sample {key!r}: json says {meta.get('height')}x{meta.get('width')}, mp4 frames are "
+                                f"{h}x{w}; re-run data_tools.prepare for it (data_tools.inspect lists such samples)")
     out = {
         "key": key,
         "video": frames_to_tensor(video),
