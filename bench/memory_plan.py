@@ -5,7 +5,7 @@
 Each preset is planned in its own process exactly as
 ``accelerate launch train/main.py experiment=<preset> train.dry_run=memory model.path=<folder>``
 would: the model folder holds only the 14B ``config.json`` (no weights exist here), so the encoders
-come from their published sizes. 832x480 x 77 frames, micro-batch 1 (the sizes of issue 10).
+come from their published sizes. 832x480 x 77 frames, micro-batch 1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["data.clip_len=77", "data.buckets=[[480,832]]"]
-CASES = [  # (name, experiment, extra overrides, world size); budgets: issue 10's targets
+CASES = [  # (name, experiment, extra overrides, world size); budgets: each row's target card
     ("animate14b_lora", "animate14b_lora", ["train.plan_budget_gib=64"], 1),
     ("animate14b_lora_24gb", "animate14b_lora_24gb", ["train.plan_budget_gib=22"], 1),
     ("character_lora", "character_lora", ["train.plan_budget_gib=64"], 1),
@@ -116,7 +116,7 @@ def render(rows) -> str:
              "One training step of each preset at 832x480 (H x W = 480 x 832), 77 frames (latent 16 x 21 x 60 x 104,",
              "32,760 tokens), micro-batch 1, planned on fake tensors by `train/plan/planner.py` (no GPU, no weights).",
              "GiB per category at the device peak of one rank; the exact command of each row is listed below.",
-             "`target` is issue 10's budget for the row (`train.plan_budget_gib`), `meets` whether the peak is within it.",
+             "`target` is the device-memory budget of the row (`train.plan_budget_gib`), `meets` whether the peak is within it.",
              "", "Regenerate: `python bench/memory_plan.py` (one process per row, a few minutes each on 2 cores);",
              "`--plans DIR` keeps each row's `memory_plan.json` in `DIR/<row>/`, `--render-only` renders them.", "",
              "**Measured on fake tensors** (live storages during a real forward/backward/optimizer step): frozen",

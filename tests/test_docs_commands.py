@@ -110,7 +110,9 @@ COMMANDS: dict[str, Run | str] = {
     "model.path=/models/Wan2.2-Animate-14B data.urls=[/data/my_character]": REAL_MODEL + " (a 24 GB card)",
     "accelerate launch --config_file launch/accelerate/8gpu_zero3_sp.yaml train/main.py experiment=animate14b_full "
     "train.sequence_parallel=8 data.buckets=[[720,1280]] model.path=... data.urls=[/data/cached_720p]": MULTI_GPU,
-    "python -m train.main experiment=animate14b_lora train.dry_run=memory": Run(),
+    "python -m train.main experiment=animate14b_lora train.dry_run=memory":
+        "runs on this CPU but traces a 14B step on fake tensors for minutes; tests/test_memory_plan.py plans this "
+        "preset",
     "python -m train.main experiment=animate14b_lora train.dry_run=memory data.buckets=[[720,1280]] data.clip_len=81":
         "the same planner as the command before it, at 75,600 tokens (a few minutes of fake-tensor tracing on 2 cores)",
     "python -m train.main experiment=animate14b_lora_24gb train.dry_run=memory model.path=/models/only-config":

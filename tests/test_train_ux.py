@@ -356,3 +356,22 @@ def test_validation_urls_pick_the_raw_validation_set(assets, tmp_path):
     with pytest.raises(FileNotFoundError, match="text_embeds.safetensors not found"):
         validation_inputs(compose(["data=cached", "data.urls=[/nonexistent]", f"train.output_dir={tmp_path}"]),
                           pipe=SimpleNamespace(vae=None), urls=["/nonexistent/shard-000000.tar"])
+
+
+# ---------------------------------------------------------------------------- planner verdict
+
+
+def test_the_plan_verdict_judges_the_presets_target_machine():
+    """A 24 GB preset is judged against its card and host RAM, not the 80 GiB default."""
+    from train.plan.report import verdict_line
+
+    cfg = compose(["experiment=character_lora_24gb", "train.dry_run=memory"])
+    assert (cfg.train.plan_budget_gib, cfg.train.plan_host_gib) == (22, 64)
+    assert compose(["experiment=character_lora", "train.dry_run=memory"]).train.plan_host_gib is None
+    plan = {"peak_device_gib": 19.3, "budget_gib": 22, "host_ram_gib": 73.0, "host_budget_gib": 64,
+            "fits_device": True, "fits_host": False, "fits": False}
+    assert verdict_line(plan) == ("[plan] verdict: does NOT fit: device 19.3 GiB fits in train.plan_budget_gib=22; "
+                                  "host RAM 73.0 GiB does NOT fit in train.plan_host_gib=64")
+    plan.update(host_ram_gib=46.7, host_budget_gib=None, fits_host=None, fits=True, peak_device_gib=60.8, budget_gib=80)
+    assert verdict_line(plan) == ("[plan] verdict: fits: device 60.8 GiB fits in train.plan_budget_gib=80; host RAM "
+                                  "46.7 GiB not judged (set train.plan_host_gib to the machine's RAM)")

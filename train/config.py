@@ -240,10 +240,12 @@ class TrainSettings:
     peak_tflops: float = 0.0
     # Memory planner (train/plan/planner.py): "memory" runs one step on fake tensors and writes
     # <output_dir>/memory_plan.json instead of training; plan_world_size plans one rank of N
-    # (0 -> the launched world size); plan_budget_gib is the device memory the verdict checks.
+    # (0 -> the launched world size); the verdict judges the preset's target machine: plan_budget_gib
+    # of device memory per rank and plan_host_gib of host RAM per rank (null: host RAM not judged).
     dry_run: Optional[str] = None
     plan_world_size: int = 0
     plan_budget_gib: float = 80.0
+    plan_host_gib: Optional[float] = None
     # Sequence parallelism (train/sequence.py, docs/training.md): groups of N consecutive ranks share
     # one sample, each rank holding 1/N of its video tokens; N divides the process count and the heads.
     sequence_parallel: int = 1
@@ -258,6 +260,8 @@ class TrainSettings:
             _fail(f"train.plan_world_size={self.plan_world_size} must be >= 0 (0 -> the launched world size).")
         if not self.plan_budget_gib > 0:
             _fail(f"train.plan_budget_gib={self.plan_budget_gib} must be > 0 (GiB of device memory per rank).")
+        if self.plan_host_gib is not None and not self.plan_host_gib > 0:
+            _fail(f"train.plan_host_gib={self.plan_host_gib} must be > 0 (GiB of host RAM per rank) or null.")
         if self.mode not in MODES:
             _fail(f"train.mode={self.mode!r}; choose one of {MODES}.")
         if self.max_steps < 1:

@@ -334,7 +334,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
                    model_source=model_source, summary=summary, options=options, enc=enc, notes=notes,
                    seconds={"build": round(t_build, 1), "total": round(time.time() - t0, 1)})
     plan.update(sequence_plan_fields(cfg, tokens))
-    if suggest and not plan["fits"]:
+    if suggest and not plan["fits_device"]:  # the options tried lower device memory, not host RAM
         plan["options_tried"] = try_options(cfg, world)
     if write:
         out = Path(cfg.train.output_dir)

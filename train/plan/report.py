@@ -51,7 +51,11 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
         "encoders_placement": _encoders_placement(cfg, enc),
         "sources": {"model": kw["model_source"], **(enc.sources if enc else {}),
                     "measured": "live storages of a full step on FakeTensorMode (LiveBytes)", **kw["notes"]},
-        "budget_gib": budget, "fits": peak <= budget, "seconds": kw["seconds"], "ops": tracker.ops,
+        "budget_gib": budget, "host_budget_gib": cfg.train.plan_host_gib,
+        "fits_device": peak <= budget,
+        "fits_host": None if cfg.train.plan_host_gib is None else max(step_host, load_copy) <= cfg.train.plan_host_gib,
+        "fits": peak <= budget and (cfg.train.plan_host_gib is None or max(step_host, load_copy) <= cfg.train.plan_host_gib),
+        "seconds": kw["seconds"], "ops": tracker.ops,
     }
 
 
@@ -94,6 +98,21 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in sections.items()})
 
 
+def verdict_line(plan: dict[str, Any]) -> str:
+    """Device memory and host RAM against the preset's target machine (train.plan_budget_gib /
+    train.plan_host_gib)."""
+    fits_device = plan.get("fits_device", plan["fits"])
+    device = (f"device {plan['peak_device_gib']:.1f} GiB {'fits' if fits_device else 'does NOT fit'} in "
+              f"train.plan_budget_gib={plan['budget_gib']:g}")
+    host_budget = plan.get("host_budget_gib")
+    if host_budget is None:
+        host = f"host RAM {plan['host_ram_gib']:.1f} GiB not judged (set train.plan_host_gib to the machine's RAM)"
+    else:
+        host = (f"host RAM {plan['host_ram_gib']:.1f} GiB {'fits' if plan['fits_host'] else 'does NOT fit'} in "
+                f"train.plan_host_gib={host_budget:g}")
+    return f"[plan] verdict: {'fits' if plan['fits'] else 'does NOT fit'}: {device}; {host}"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     lines = [(f"[plan] {plan['experiment']}: mode={plan['mode']} {plan['precision']} engine={plan['engine']}"
               f" zero={plan['zero_stage']} rank 1 of {plan['world_size']}; {plan['bucket_hw'][0]}x{plan['bucket_hw'][1]}"
@@ -103,9 +122,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [f"{'peak device':<28}{plan['peak_device_gib']:>12.2f}   (phase: {plan['peak_phase']})",
               f"{'host pinned':<28}{plan['host_pinned_gib']:>12.2f}",
               f"{'host RAM (incl. load)':<28}{plan['host_ram_gib']:>12.2f}"]
-    verdict = "fits" if plan["fits"] else "does NOT fit"
-    lines.append(f"[plan] verdict: {plan['peak_device_gib']:.1f} GiB {verdict} in train.plan_budget_gib="
-                 f"{plan['budget_gib']:g}")
+    lines.append(verdict_line(plan))
     for t in plan.get("options_tried", []):
         opts = " ".join(f"{k}={v}" for k, v in t["overrides"].items())
         lines.append(f"  with {opts}: {t['peak_device_gib']:.1f} GiB -> {'fits' if t['fits'] else 'does not fit'}")
