@@ -162,3 +162,12 @@ def test_eval_cell_and_report_with_an_animate2_model(folder, tmp_path):
 
     failed = run_cell(dataclasses.replace(cfg, eval_set=str(v1_data)), tmp_path / "v1cell")
     assert failed["status"] == "failed" and "driving.mp4" in failed["error"]
+
+
+@pytest.mark.slow
+def test_official_and_diffusers_layouts_generate_the_same_video(folder, pipe, tmp_path):
+    official = make_tiny_model_folder(tmp_path / "official", layout="official", seed=0, family="animate2")
+    other = Animate2Pipeline.from_pretrained(official, dtype=torch.float32)
+    ref = _video(1, seed=2)[0]
+    kw = dict(steps=1, clip_len=CLIP, guide_scale=1.0, progress=False)
+    np.testing.assert_array_equal(other.generate(ref, _video(), **kw), pipe.generate(ref, _video(), **kw))
