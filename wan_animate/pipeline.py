@@ -85,7 +85,7 @@ class DrivingInputs:
         return "replace" if self.bg is not None else "animate"
 
 
-def _as_video(x: Any, name: str) -> np.ndarray:
+def as_video(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
@@ -123,8 +123,8 @@ def check_inputs(
         raise InputError(str(e)) from None
     if not 1 <= refert_num < clip_len:
         raise InputError(f"refert_num={refert_num} must be in [1, clip_len) (official: 1 or 5).")
-    pose = _as_video(pose_video, "pose_video")
-    face = _as_video(face_video, "face_video")
+    pose = as_video(pose_video, "pose_video")
+    face = as_video(face_video, "face_video")
     t, h, w = pose.shape[:3]
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise InputError(
@@ -139,7 +139,7 @@ def check_inputs(
         raise InputError("replace mode needs both bg_video and mask_video (or neither for animate mode).")
     bg = mask = None
     if bg_video is not None:
-        bg = _as_video(bg_video, "bg_video")
+        bg = as_video(bg_video, "bg_video")
         mask = _as_mask(mask_video)
         for name, arr in (("bg_video", bg), ("mask_video", mask)):
             if arr.shape[0] != t or tuple(arr.shape[1:3]) != (h, w):
@@ -191,7 +191,7 @@ def load_image(path_or_array: Any) -> np.ndarray:
     return arr
 
 
-def _to_tensor_video(frames: np.ndarray) -> torch.Tensor:
+def to_tensor_video(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1]."""
     return frames_to_tensor(frames).unsqueeze(0)
 
@@ -230,7 +230,7 @@ class DiffusersDiT(nn.Module):
         return out.float()
 
 
-def _dit_dtype(dit: nn.Module) -> torch.dtype:
+def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
     pe = getattr(dit, "patch_embedding", None)
     if pe is not None and hasattr(pe, "weight"):
         return pe.weight.dtype
@@ -391,13 +391,13 @@ class AnimatePipeline:
         idx = mirror_indices(real_len, target)
         n_seg = num_segments(real_len, clip_len, refert_num)
         dev = self.device
-        dit_dtype = _dit_dtype(self.dit)
+        dit_dtype = dit_compute_dtype(self.dit)
         cfg_on = guide_scale != 1.0
 
         # ---- per-call constants: text, reference latent, CLIP tokens
         context = self.text_encoder.encode([prompt]).to(dev, dit_dtype)
         context_null = self.text_encoder.encode([negative_prompt]).to(dev, dit_dtype) if cfg_on else None
-        ref_pixels = _to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
+        ref_pixels = to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
         clip_fea = self.image_encoder.encode(ref_pixels).to(dev, dit_dtype)
         ref_latent = self.vae.encode(ref_pixels.unsqueeze(2))
 
@@ -417,16 +417,16 @@ class AnimatePipeline:
                            progress) -> np.ndarray:
         mode = inputs.mode
         dev = self.device
-        dit_dtype = _dit_dtype(self.dit)
+        dit_dtype = dit_compute_dtype(self.dit)
         face_size = self.config.motion_encoder_size
         cfg_on = guide_scale != 1.0
         height, width = inputs.pose.shape[1:3]
 
         def segment(start: int, prev: torch.Tensor | None) -> Denoiser:
             sel = idx[start:start + clip_len]
-            pose = _to_tensor_video(inputs.pose[sel]).to(dev)
-            face = resize_face_video(_to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
-            bg = _to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
+            pose = to_tensor_video(inputs.pose[sel]).to(dev)
+            face = resize_face_video(to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
+            bg = to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
             char = (torch.from_numpy(inputs.mask[sel])[None, None].to(dev) if mode == "replace" else None)
             pose_latents = self.vae.encode(pose).to(dit_dtype)
             y = encode_condition(

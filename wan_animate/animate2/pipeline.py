@@ -35,15 +35,15 @@ from wan_animate.pipeline import (
     AnimatePipeline,
     Denoiser,
     InputError,
-    _as_video,
-    _dit_dtype,
-    _to_tensor_video,
+    as_video,
+    dit_compute_dtype,
     letterbox,
     load_image,
     mirror_indices,
     num_segments,
     padded_length,
     run_segments,
+    to_tensor_video,
 )
 from wan_animate.sampling import SOLVERS
 
@@ -75,7 +75,7 @@ def check_driving_video(driving_video: Any, *, clip_len: int, refert_num: int) -
         raise InputError(str(e)) from None
     if not 1 <= refert_num < clip_len:
         raise InputError(f"refert_num={refert_num} must be in [1, clip_len) (official: 1).")
-    video = _as_video(driving_video, "driving_video")
+    video = as_video(driving_video, "driving_video")
     t, h, w = video.shape[:3]
     if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
         raise InputError(f"driving video is {w}x{h}; width and height must be multiples of {SIZE_MULTIPLE} "
@@ -128,7 +128,7 @@ class Animate2Pipeline(AnimatePipeline):
         idx = mirror_indices(real_len, padded_length(real_len, clip_len, refert_num))
         n_seg = num_segments(real_len, clip_len, refert_num)
         dev = self.device
-        dit_dtype = _dit_dtype(self.dit)
+        dit_dtype = dit_compute_dtype(self.dit)
         cfg_on = guide_scale != 1.0
         dit = self.dit
         skip = tuple(self.config.uncond_skip_blocks)
@@ -137,12 +137,12 @@ class Animate2Pipeline(AnimatePipeline):
         context = self.text_encoder.encode([prompt]).to(dev, dit_dtype)
         context_null = self.text_encoder.encode([negative_prompt]).to(dev, dit_dtype) if cfg_on else None
         context_ref = self.text_encoder.encode([reference_prompt]).to(dev, dit_dtype)
-        ref_pixels = _to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
+        ref_pixels = to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
         clip_fea = self.image_encoder.encode(ref_pixels).to(dev, dit_dtype)
         ref_latent = self.vae.encode(ref_pixels.unsqueeze(2))
 
         def segment(start: int, prev: torch.Tensor | None) -> Denoiser:
-            clip = _to_tensor_video(driving[idx[start:start + clip_len]]).to(dev)  # [1, 3, clip_len, H, W]
+            clip = to_tensor_video(driving[idx[start:start + clip_len]]).to(dev)  # [1, 3, clip_len, H, W]
             driving_latents = self.vae.encode(clip).to(dit_dtype)
             clip_ref = self.image_encoder.encode(clip[:, :, 0]).to(dev, dit_dtype)
             cache = dit.extract(driving_latents, context_ref, clip_ref)  # once per segment

@@ -31,7 +31,7 @@ from wan_animate.weights import source
 from wan_animate.weights.diagnose import CheckpointError, check_against_model
 from wan_animate.weights.files import iter_tensors
 from wan_animate.weights.load import assign_state, empty_model, progress_bar
-from wan_animate.weights.save import _open_writer, _write_all
+from wan_animate.weights.save import open_writer, write_all
 
 __all__ = ["checkpoint_family", "convert_animate2", "inspect_animate2", "load_animate2", "save_animate2",
            "config_from_dict"]
@@ -205,8 +205,8 @@ def save_animate2(
                         model_name=MODEL_NAME, presets=PRESETS, rename=lambda d: diffusers_to_official(d, strict=False))
     if layout == "diffusers":
         sd = official_to_diffusers(sd)
-    writer = _open_writer(Path(path), sd, config, layout, max_shard_size, metadata, {})  # type: ignore[arg-type]
-    return _write_all(writer, sd.items())
+    writer = open_writer(Path(path), sd, config, layout, max_shard_size, metadata, {})  # type: ignore[arg-type]
+    return write_all(writer, sd.items())
 
 
 def convert_animate2(
@@ -232,7 +232,7 @@ def convert_animate2(
             batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
         return official_to_diffusers(batch) if to == "diffusers" else batch
 
-    writer = _open_writer(Path(dst_path), target(dict(ckpt)), config, to, max_shard_size, None, {})  # type: ignore[arg-type]
+    writer = open_writer(Path(dst_path), target(dict(ckpt)), config, to, max_shard_size, None, {})  # type: ignore[arg-type]
     bar = progress_bar(progress, total=src.total_bytes, desc=f"convert -> {to}")
 
     def tensors():
@@ -241,6 +241,6 @@ def convert_animate2(
             yield from target(batch).items()
 
     try:
-        return _write_all(writer, tensors())
+        return write_all(writer, tensors())
     finally:
         bar.close()

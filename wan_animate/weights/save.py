@@ -108,7 +108,7 @@ class _ShardWriter:
         return final
 
 
-def _open_writer(path: Path, plan: Mapping[str, torch.Tensor], config: WanAnimateConfig, layout: str,
+def open_writer(path: Path, plan: Mapping[str, torch.Tensor], config: WanAnimateConfig, layout: str,
                  max_shard_size: int | str, metadata: Mapping[str, Any] | None,
                  extra_meta: Mapping[str, str]) -> _ShardWriter:
     if layout not in ("official", "diffusers"):
@@ -119,7 +119,7 @@ def _open_writer(path: Path, plan: Mapping[str, torch.Tensor], config: WanAnimat
     return _ShardWriter(path, plan, parse_size(max_shard_size), meta, cfg)
 
 
-def _write_all(writer: _ShardWriter, tensors) -> list[Path]:
+def write_all(writer: _ShardWriter, tensors) -> list[Path]:
     try:
         for name, tensor in tensors:
             writer.add(name, tensor)
@@ -180,8 +180,8 @@ def save_dit(
         if kernels:
             extra[BLUR_DTYPE_METADATA_KEY] = str(kernels[0].dtype).removeprefix("torch.")
         sd = official_to_diffusers(sd, config)
-    writer = _open_writer(path, sd, config, layout, max_shard_size, metadata, extra)
-    return _write_all(writer, sd.items())
+    writer = open_writer(path, sd, config, layout, max_shard_size, metadata, extra)
+    return write_all(writer, sd.items())
 
 
 def convert_checkpoint(
@@ -222,7 +222,7 @@ def convert_checkpoint(
     plan = target(dict(ckpt))
     if add_kernels:  # the diffusers layout has no blur kernels: re-created, written last
         plan.update({k: lia_blur_kernel(blur_dtype).to("meta") for k in blur_kernel_keys(config)})
-    writer = _open_writer(Path(dst_path), plan, config, to, max_shard_size, None, extra)
+    writer = open_writer(Path(dst_path), plan, config, to, max_shard_size, None, extra)
     bar = progress_bar(progress, total=src.total_bytes, desc=f"convert -> {to}")
 
     def tensors():
@@ -233,6 +233,6 @@ def convert_checkpoint(
             yield from ((k, lia_blur_kernel(blur_dtype)) for k in blur_kernel_keys(config))
 
     try:
-        return _write_all(writer, tensors())
+        return write_all(writer, tensors())
     finally:
         bar.close()
