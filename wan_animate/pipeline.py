@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
+from wan_animate.geometry import letterbox
 from wan_animate.sampling import SOLVERS, sample
 from wan_animate.video_io import frames_to_tensor, tensor_to_frames
 from wan_animate.weights.files import load_torch_file
@@ -148,26 +149,6 @@ def check_inputs(
                     f"pose video ({t} frames of {w}x{h})."
                 )
     return DrivingInputs(pose, face, bg, mask)
-
-
-def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Fit ``image`` inside ``height x width`` keeping its aspect, centred on black (official
-    reference preprocessing; bilinear resize)."""
-    import cv2
-
-    ih, iw = image.shape[:2]
-    out = np.zeros((height, width, 3), dtype=np.uint8)
-    if ih / iw > height / width:
-        nw = int(height / ih * iw)
-        resized = cv2.resize(image, (nw, height), interpolation=cv2.INTER_LINEAR)
-        x0 = (width - nw) // 2
-        out[:, x0:x0 + nw] = resized
-    else:
-        nh = int(width / iw * ih)
-        resized = cv2.resize(image, (width, nh), interpolation=cv2.INTER_LINEAR)
-        y0 = (height - nh) // 2
-        out[y0:y0 + nh] = resized
-    return out
 
 
 def load_image(path_or_array: Any) -> np.ndarray:

@@ -30,6 +30,7 @@ from torch import nn
 from wan_animate.animate2.config import DISTILLED_LOG_SCALE, REFERENCE_PROMPT, Animate2Config
 from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+from wan_animate.geometry import letterbox
 from wan_animate.pipeline import (
     SIZE_MULTIPLE,
     AnimatePipeline,
@@ -37,7 +38,6 @@ from wan_animate.pipeline import (
     InputError,
     as_video,
     dit_compute_dtype,
-    letterbox,
     load_image,
     mirror_indices,
     num_segments,
