@@ -83,6 +83,8 @@ def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None
 
 def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
            small: bool, whole: bool) -> dict[str, str]:
+    from wan_animate.weights.save import save_dit
+
     out.mkdir(parents=True, exist_ok=True)
     meta = {"train_mode": cfg.train.mode, "experiment": str(cfg.experiment_name)}
     if whole and small:
@@ -94,14 +96,14 @@ def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema:
         written.update(_write_small(cfg, out, {k: v for k, v in state.items() if k in trained}, meta))
     if whole:
         for layout in cfg.train.export_layouts:
-            _save_dit(released_state(state, scalings), raw_dit.config, out / layout, layout, meta)
+            save_dit(released_state(state, scalings), out / layout, layout=layout, metadata=meta, config=raw_dit.config)
             written[layout] = str(out / layout)
     if ema is not None:
         if small:
             written.update({f"ema/{k}": v for k, v in _write_small(cfg, out / "ema", ema, meta).items()})
         if whole:  # the averages on top of the final frozen tensors
-            _save_dit(released_state({**state, **ema}, scalings), raw_dit.config, out / "ema" / "official",
-                      "official", {**meta, "ema_decay": str(cfg.optim.ema_decay)})
+            save_dit(released_state({**state, **ema}, scalings), out / "ema" / "official", layout="official",
+                     metadata={**meta, "ema_decay": str(cfg.optim.ema_decay)}, config=raw_dit.config)
             written["ema"] = str(out / "ema" / "official")
     return written
 
@@ -124,12 +126,6 @@ def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta
         save_safetensors(adapters, out / "adapters.safetensors", metadata={**meta, "names": "official"})
         written["adapters"] = str(out / "adapters.safetensors")
     return written
-
-
-def _save_dit(state: dict[str, torch.Tensor], config, path: Path, layout: str, meta: dict[str, Any]) -> None:
-    from wan_animate.weights.save import save_dit
-
-    save_dit(state, path, layout=layout, metadata=meta, config=config)
 
 
 # ---------------------------------------------------------------------------- gathering
