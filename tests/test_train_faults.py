@@ -133,8 +133,10 @@ def test_sigterm_during_final_validation_stops_cleanly_and_the_rerun_exports(tmp
     assert not (out / "export").exists()  # no partial export
     assert "SIGTERM before the final export: skipped" in capsys.readouterr().out
     monkeypatch.undo()
+    first_loss = summary["final_loss"]
     summary = in_process(out, cache, *FINAL)  # the rerun resumes at step 2 and only validates / exports
     assert summary["status"] == "finished" and summary["exports"]
+    assert summary["final_loss"] == first_loss  # the logged loss of step 2, not NaN
     assert all(Path(p).exists() for p in summary["exports"].values())
     assert f"resumed from {out / 'checkpoints' / 'step-2'} (step 2)" in capsys.readouterr().out
     assert steps_logged(out) == [1, 2]
@@ -288,6 +290,20 @@ def test_no_usable_checkpoint_is_refused_not_restarted(finished_run, tmp_path, c
     assert ("truncated or damaged" in text) != manifest and "could run code" not in text
     assert "train.overwrite=true" in text
     assert _tree(out) == before  # nothing changed
+
+
+def test_no_usable_checkpoint_is_one_line_from_the_command_line(finished_run, tmp_path, cache):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = _copy(finished_run, tmp_path)
+    for ckpt in (out / "checkpoints").iterdir():
+        _truncate(ckpt / "optimizer.bin")
+    p = subprocess.run([sys.executable, "-m", "train.main", f"train.output_dir={out}", f"train.cache_dir={cache}",
+                        *QUIET, *RUN, "train.max_steps=6"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(root)))
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert p.stderr.strip().startswith("[train] error: no checkpoint in ") and "\n" not in p.stderr.strip()
 
 
 @pytest.mark.parametrize("name", ["optimizer.bin", "model.safetensors"])

@@ -215,7 +215,9 @@ class StepReporter:
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                         disable=not (main and cfg.train.progress), dynamic_ncols=True)
         self._flops_per_sample: float | None = None
-        self.last_loss = float("nan")
+        # a rerun that only validates / exports (it resumes at the last step) reports the logged loss
+        logged = [r["loss/train"] for r in (read_metrics(output_dir) if main else []) if "loss/train" in r]
+        self.last_loss = float(logged[-1]) if logged else float("nan")
 
     def report(self, result, data_skipped: int, total_nonfinite: int) -> dict[str, float]:
         if self._flops_per_sample is None:  # from the first batch's latent size
