@@ -21,7 +21,6 @@ from wan_animate.animate2.config import PRESETS as ANIMATE2_PRESETS
 from wan_animate.animate2.config import Animate2Config
 from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
 from wan_animate.config import PRESETS, WanAnimateConfig
-from wan_animate.weights.diagnose import CheckpointError
 from wan_animate.weights.save import convert_checkpoint
 from wan_animate.weights.source import inspect_checkpoint
 
