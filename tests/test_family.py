@@ -104,3 +104,16 @@ def test_the_planner_plans_a_second_family_from_its_preset(tmp_path):
     assert plan["trainable_params"] == params
     assert plan["tokens_per_sample"] == (1 + 3) * 8 * 8  # reference slot + 3 latent frames, patch 1x1x1
     assert plan["peak_by_phase_gib"].keys() >= {"forward", "backward", "optimizer"}  # the step ran
+
+
+def test_preflight_reads_a_second_family_model_folder(toy_assets):
+    """The run header and config.json's model record come from the family's config and layout."""
+    from _fake_family import ToyConfig
+
+    from train.preflight import latent_geometry, model_facts
+
+    model, _ = toy_assets
+    config, layout = model_facts(model, FAKE)
+    assert isinstance(config, ToyConfig) and config.num_layers == ToyConfig().num_layers and layout == "toy"
+    assert latent_geometry(9, (32, 32), config) == ((16, 4, 4, 4), 4 * 4 * 4)
+    assert model_facts(model) == (None, None)  # not a registered family: nothing recognises its names

@@ -153,16 +153,18 @@ def upscale_warnings(cfg: Config, facts: DataFacts) -> list[str]:
     return out
 
 
-def model_facts(model_path: Path) -> tuple[object | None, str | None]:
-    """(DiT config, layout) of the model folder from its config / headers only (no weights read);
-    (None, None) when they cannot be read here (``load_dit`` reports a bad folder properly later)."""
-    from wan_animate.weights.source import inspect_checkpoint
+def model_facts(model_path: Path, family: str | None = None) -> tuple[object | None, str | None]:
+    """(model config, layout) of the model folder from its config / headers only (no weights read),
+    through its family (``model.family``; None: recognised from the tensor names); (None, None) when
+    they cannot be read here (loading reports a bad folder properly later)."""
+    from wan_animate.family import family_of, get_family
 
     try:
-        info = inspect_checkpoint(model_path)
+        fam = get_family(family) if family else family_of(model_path)
+        config = fam.config(folder=fam.dit_path(model_path))[0]
+        return config, fam.pipeline_class.detect_layout(model_path)
     except Exception:
         return None, None
-    return info["config"], info["layout"]
 
 
 def latent_geometry(clip_len: int, size: tuple[int, int], dit_config) -> tuple[tuple[int, int, int, int], int]:
@@ -226,7 +228,7 @@ def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) ->
     the warnings and why validation will not run. Returns (DiT config, layout) of the model folder."""
     facts = read_data_facts(urls)
     check_data(cfg, facts)
-    dit_config, layout = model_facts(model_path)
+    dit_config, layout = model_facts(model_path, cfg.model.family)
     if acc.is_main_process:
         dp = max(1, acc.num_processes // max(1, getattr(cfg.train, "sequence_parallel", 1)))
         for line in run_header(cfg, facts, acc.num_processes, dit_config, data_parallel=dp):
