@@ -67,19 +67,16 @@ class _ConfigOnlyDiT(torch.nn.Module):
 
 
 def load_encoders(model_dir, *, device: str, compute_dtype: torch.dtype):
-    """(vae, text_encoder, image_encoder) of a model folder via ``AnimatePipeline.from_pretrained``
-    with a config-only DiT, so the DiT weights are never read."""
-    from wan_animate.config import WanAnimateConfig
-    from wan_animate.pipeline import AnimatePipeline
+    """(vae, text_encoder, image_encoder) of a model folder (any model family: ``family_of`` reads
+    the tensor names) via its pipeline's ``from_pretrained`` with a config-only DiT, so the DiT
+    weights are never read."""
+    from wan_animate.family import family_of
 
     model_dir = Path(model_dir)
-    layout = AnimatePipeline.detect_layout(model_dir)
-    if layout == "diffusers":
-        cfg = WanAnimateConfig.from_diffusers_config(json.loads((model_dir / "transformer" / "config.json").read_text()))
-    else:
-        cfg = WanAnimateConfig.from_official_config(json.loads((model_dir / "config.json").read_text()))
-    pipe = AnimatePipeline.from_pretrained(model_dir, dtype=compute_dtype, device=device, dit=_ConfigOnlyDiT(cfg),
-                                           vae_dtype=compute_dtype)
+    family = family_of(model_dir)
+    cfg, _ = family.config(folder=model_dir)
+    pipe = family.pipeline_class.from_pretrained(model_dir, dtype=compute_dtype, device=device,
+                                                 dit=_ConfigOnlyDiT(cfg), vae_dtype=compute_dtype)
     return pipe.vae, pipe.text_encoder, pipe.image_encoder
 
 

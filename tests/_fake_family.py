@@ -103,6 +103,7 @@ class ToyFamily:
     streams = {"pose": None}
     adapter_prefixes = ("pose_in",)
     lora_targets = (r"blocks\.\d+\.proj",)
+    self_attention = r"blocks\.\d+\.proj\."  # the toy's stand-in for a self-attention
     pipeline_class = ToyPipeline
 
     def config(self, preset=None, folder=None):
@@ -130,6 +131,21 @@ class ToyFamily:
 
     def set_precision(self, model, dtype):
         return model.to(dtype) if dtype is not None else model
+
+    def save(self, model, path, *, layout, metadata=None, config=None):
+        from safetensors.torch import save_file
+
+        state = model if isinstance(model, dict) else model.state_dict()
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(path) / WEIGHTS))
+        (Path(path) / "config.json").write_text(json.dumps(asdict(config or model.config)))
+        return [Path(path) / WEIGHTS]
+
+    def export_lora(self, lora_file):
+        return {}
+
+    def apply_sequence_parallel(self, model, group):
+        raise NotImplementedError("the toy family has no sequence parallelism")
 
     def stream_sizes(self, config):
         return dict(self.streams)

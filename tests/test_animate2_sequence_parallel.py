@@ -124,3 +124,57 @@ def test_padding_and_broken_exchange(two_rank_results):
     """The odd case really pads (9 generation tokens over 2 ranks); a misplaced exchange is caught."""
     assert two_rank_results[0]["odd"]["lengths"] == {"generation": 9, "driving": 6}
     assert two_rank_results[0]["broken_exchange"]["out"] > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# training: 2 processes, one group of 2 (train.sequence_parallel=2) == 1 process
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_two_ranks_one_group_equal_one_process(tmp_path):
+    """~3 min on 2 shared cores: the tiny Animate-2 on cached synthetic triplets, 4 steps, one
+    process vs two ranks sharing every sample (accelerate launch, gloo)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data_tools.cache_latents import cache_latents
+    from data_tools.config import CacheLatentsConfig
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    root = Path(__file__).resolve().parents[1]
+    model = make_tiny_model_folder(tmp_path / "model", layout="diffusers", family="animate2")
+    raw = make_synthetic_dataset(tmp_path / "raw", num_clips=4, clip_len=9, height=32, width=48, face_size=32,
+                                 shard_size=2, driving=True)
+    cached = tmp_path / "cached"
+    cache_latents(CacheLatentsConfig(input=str(raw), output=str(cached), model=str(model), device="cpu",
+                                     dtype="fp32", refert_nums=[0, 1]), progress=False)
+    common = ["model=animate2_tiny", f"model.path={model}", "data=cached", f"data.urls=[{cached}]", "data.clip_len=9",
+              "data.num_workers=0", "data.refert_nums=[1]", "data.replace_prob=0", "train.max_steps=4",
+              "train.progress=false", "train.export=false", "train.validation=false", "train.checkpoint_every=0",
+              "train.rank_report=true", "optim.lr=1e-3", "optim.warmup_steps=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
+
+    def run(out, *extra, launch=False):
+        head = [sys.executable]
+        if launch:
+            head += ["-m", "accelerate.commands.launch", "--config_file",
+                     str(root / "launch/accelerate/cpu_2proc_ddp.yaml"), "--num_processes", "2",
+                     "--main_process_port", str(_free_port())]
+        p = subprocess.run([*head, str(root / "train/main.py"), f"train.output_dir={out}",
+                            f"train.cache_dir={tmp_path / 'cache'}", *common, *extra],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+        return {r["step"]: r["loss/train"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+    one = run(tmp_path / "one")
+    sp = run(tmp_path / "sp2", "train.sequence_parallel=2", launch=True)
+    assert sorted(one) == sorted(sp) == [1, 2, 3, 4]
+    rel = [abs(one[s] - sp[s]) / abs(one[s]) for s in one]
+    assert max(rel) <= 1e-5, (one, sp)
+    assert len({round(v, 4) for v in one.values()}) > 1  # the losses move: the comparison can fail
+    ranks = [json.loads((tmp_path / "sp2" / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]

@@ -13,21 +13,32 @@ from wan_animate.files import atomic_dir
 
 
 def synthetic_face_size(cfg: Config) -> int:
-    from wan_animate.config import WanAnimateConfig
+    from wan_animate.family import get_family
 
     m, d = cfg.model, cfg.data
-    return d.face_size or (WanAnimateConfig.preset(m.preset).motion_encoder_size if not m.path else 64)
+    family = get_family(m.family)
+    face = family.stream_sizes(family.config(preset=m.preset)[0]).get("face")
+    return d.face_size or (face if face and not m.path else 64)
+
+
+def synthetic_driving(cfg: Config) -> bool:
+    """Whether the family reads a driving video: the synthetic set then renders it (schema v2)."""
+    from wan_animate.family import get_family
+
+    return "driving" in get_family(cfg.model.family).streams
 
 
 def asset_paths(cfg: Config) -> tuple[Path, Path | None]:
     """(model folder, synthetic data folder or None) for this config, built or not."""
     cache = Path(cfg.cache_dir)
     m, d = cfg.model, cfg.data
-    model_path = Path(m.path) if m.path else cache / f"model-{m.preset}-seed{m.init_seed}"
+    family = "" if m.family == "animate" else f"{m.family}-"
+    model_path = Path(m.path) if m.path else cache / f"model-{family}{m.preset}-seed{m.init_seed}"
     data_dir = None
     if d.source == "synthetic":
-        tag = hashlib.sha1(json.dumps([d.synthetic_clips, d.synthetic_frames, d.synthetic_height, d.synthetic_width,
-                                       synthetic_face_size(cfg), cfg.train.seed]).encode()).hexdigest()[:8]
+        key = [d.synthetic_clips, d.synthetic_frames, d.synthetic_height, d.synthetic_width,
+               synthetic_face_size(cfg), cfg.train.seed] + (["driving"] if synthetic_driving(cfg) else [])
+        tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
         data_dir = cache / f"synthetic-{tag}"
     return model_path, data_dir
 
@@ -40,14 +51,14 @@ def build_assets(cfg: Config) -> None:
         from wan_animate.testing import make_tiny_model_folder
 
         atomic_dir(model_path, lambda p: make_tiny_model_folder(p, layout="diffusers", seed=m.init_seed,
-                                                                  config_preset=m.preset))
+                                                                  config_preset=m.preset, family=m.family))
     if data_dir is not None:
         from data_tools.synthetic_data import make_synthetic_dataset
 
         atomic_dir(data_dir, lambda p: make_synthetic_dataset(
             p, num_clips=d.synthetic_clips, clip_len=d.synthetic_frames, height=d.synthetic_height,
             width=d.synthetic_width, seed=cfg.train.seed, shard_size=max(1, d.synthetic_clips // 2),
-            face_size=synthetic_face_size(cfg)))
+            face_size=synthetic_face_size(cfg), driving=synthetic_driving(cfg)))
 
 
 def prepare_assets(cfg: Config, acc) -> tuple[Path, list[str]]:

@@ -18,7 +18,7 @@ from wan_animate.memory import MemoryOptions
 from wan_animate.objective import LossConfig
 from wan_animate.config import DEFAULT_PROMPT
 
-MODES = ("full", "adapters_only", "lora")
+MODES = ("full", "adapters_only", "lora", "self_attn")
 PRECISIONS = ("fp32", "bf16")
 DATA_SOURCES = ("synthetic", "shards", "cached")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -197,7 +197,7 @@ class LoraSettings:
 
 @dataclass
 class TrainSettings:
-    mode: str = "full"  # full | adapters_only | lora
+    mode: str = "full"  # full | adapters_only | lora | self_attn (the blocks' self-attention only)
     max_steps: int = 60
     output_dir: str = "outputs/quickstart"
     cache_dir: Optional[str] = None  # quick-start model + synthetic data; null -> <output_dir>/cache

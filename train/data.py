@@ -105,6 +105,14 @@ def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index, 0x5EED])
 
 
+def _check_streams(sample: dict, spec: StreamSpec) -> None:
+    missing = [s for s in spec.streams if s not in sample]
+    if missing:
+        fix = (" (driving.mp4: shard schema version 2; data_tools.prepare driving=appearance or data_tools.synthetic "
+               "driving=true, then cache_latents again for cached shards)" if "driving" in missing else "")
+        raise ValueError(f"sample {sample['key']!r} has no {missing} stream(s), which this model family reads{fix}")
+
+
 def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: np.random.Generator) -> dict:
     """Decoded raw sample -> one training example at bucket ``size`` (all random choices from ``rng``)."""
     cfg = spec.cfg
@@ -118,6 +126,7 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     src_hw = tuple(video.shape[-2:])
     ex: dict[str, Any] = {"key": sample["key"]}
     ex["video"] = resize_crop_tensor(video[:, sl], size)
+    _check_streams(sample, spec)
     for stream in spec.streams:
         if stream != "face":
             ex[stream] = resize_crop_tensor(sample[stream][:, sl], size)
@@ -147,9 +156,13 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     cfg = spec.cfg
     ex: dict[str, Any] = {"key": sample["key"], "cached": True}
     ex["latents_target"] = sample["target"]
+    _check_streams(sample, spec)
     for stream in spec.streams:  # latents of the driving streams (the face crops stay pixels)
         if stream != "face":
             ex[f"{stream}_latents"] = sample[stream]
+        for extra in (f"clip_{stream}", f"text_{stream}"):  # its cached CLIP / prompt embeddings, if any
+            if extra in sample:
+                ex[extra] = sample[extra]
     ex["ref_latent"] = sample["ref"]
     ex["clip_fea"] = sample["clip"]
     replace = "char_mask" in sample and rng.random() < cfg.replace_prob

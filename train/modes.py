@@ -5,7 +5,9 @@ fp32 upcast of what trains, the optimizer and the LR schedule.
 * ``adapters_only``: only the family's ``adapter_prefixes`` modules (Wan-Animate-14B: pose/face);
   the trunk is frozen and stays bit-identical;
 * ``lora``: peft LoRA factors on the family's default targets or ``lora.targets`` (``optim.lr``),
-  plus the adapters trained fully (``optim.adapter_lr``) when ``lora.train_adapters``.
+  plus the adapters trained fully (``optim.adapter_lr``) when ``lora.train_adapters``;
+* ``self_attn``: only the blocks' self-attention (the family's ``self_attention`` names: q, k, v,
+  o and their q/k norms; DiffSynth-Studio's Animate-2 "full" trains q, k, v), all else frozen.
 
 ``prepare_model`` is the build order after the model exists, written once for the trainer and the
 memory planner. Pure functions of a model and the config: no ``Accelerator`` is needed, so the
@@ -15,6 +17,7 @@ planner calls them on a fake-tensor model. The frozen VAE / text / image encoder
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import torch
@@ -38,6 +41,8 @@ def _mark_trainable(dit: nn.Module, cfg: Config, family: ModelFamily) -> None:
             p.requires_grad_(True)
         elif mode == "adapters_only":
             p.requires_grad_(is_adapter(name, family))
+        elif mode == "self_attn":
+            p.requires_grad_(re.match(family.self_attention, name) is not None)
         else:
             p.requires_grad_(is_lora_key(name) or (cfg.lora.train_adapters and is_adapter(name, family)))
 

@@ -52,14 +52,13 @@ def sequence_layout(cfg: Config, acc) -> SequenceLayout:
                           first_group=acc.process_index < n)
 
 
-def apply_to_dit(layout: SequenceLayout, dit: torch.nn.Module) -> None:
-    """Install Ulysses on the raw DiT (before ``accelerate.prepare`` / DeepSpeed wrap it)."""
+def apply_to_dit(layout: SequenceLayout, dit: torch.nn.Module, family) -> None:
+    """Install Ulysses on the raw DiT (before ``accelerate.prepare`` / DeepSpeed wrap it): the
+    model family's plan (``ModelFamily.apply_sequence_parallel``)."""
     if not layout.enabled:
         return
-    from wan_animate.parallel import apply_sequence_parallel
-
     check_sequence_parallel(layout.size, dit.config.num_heads)
-    apply_sequence_parallel(dit, layout.group)
+    family.apply_sequence_parallel(dit, layout.group)
 
 
 def check_first_batch(layout: SequenceLayout, batch: dict[str, Any], generator: torch.Generator) -> None:

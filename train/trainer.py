@@ -95,7 +95,7 @@ class Trainer:
                                                                device=self.device)
         # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
         self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
-        sequence.apply_to_dit(self.sp, dit)
+        sequence.apply_to_dit(self.sp, dit, self.family)
         optimizer = make_optimizer(self.groups, cfg.optim)
         self.scheduler = make_scheduler(optimizer, cfg)
         self.model, self.optimizer = self._prepare(dit, optimizer)

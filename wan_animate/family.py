@@ -42,6 +42,8 @@ class ModelFamily(Protocol):
       ``adapters_only`` mode);
     * ``lora_targets``: default LoRA targets (names or regexes), ``None`` = ``wan_animate.lora``'s
       default (every block linear except face and modulation layers);
+    * ``self_attention``: a regex matching the names of the blocks' self-attention parameters (what
+      ``train.mode=self_attn`` trains);
     * ``pipeline_class``: ``from_pretrained(folder, dit=..., ...)``, ``detect_layout(folder)``,
       ``generate(ref_image, **{f"{s}_video": ...})`` and the ``vae`` / ``text_encoder`` /
       ``image_encoder`` the batch builder uses.
@@ -52,6 +54,7 @@ class ModelFamily(Protocol):
     streams: dict[str, int | None]
     adapter_prefixes: tuple[str, ...]
     lora_targets: tuple[str, ...] | None
+    self_attention: str
     pipeline_class: type
 
     def config(self, preset: str | None = None, folder: str | Path | None = None) -> tuple[Any, str]:
@@ -70,6 +73,16 @@ class ModelFamily(Protocol):
              config: Any = None) -> nn.Module:
         """The model from a weights file or a denoiser folder, in any of the family's layouts, cast
         as ``set_precision`` casts."""
+
+    def save(self, model: nn.Module | dict, path: str | Path, *, layout: str, metadata: dict | None = None,
+             config: Any = None) -> list[Path]:
+        """Write a model or state dict (official names) in ``layout`` ("official" | "diffusers")."""
+
+    def export_lora(self, lora_file: Path) -> dict[str, str]:
+        """Extra files written beside an exported community-layout LoRA (name -> path; may be none)."""
+
+    def apply_sequence_parallel(self, model: nn.Module, group) -> Any:
+        """Install DeepSpeed-Ulysses sequence parallelism over ``group`` on the raw model; returns the plan."""
 
     def set_precision(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
         """Cast to ``dtype`` keeping the family's fp32-by-design tensors (norms, modulation) in fp32."""
@@ -96,6 +109,7 @@ class WanAnimateFamily:
     name = "animate"
     streams = {"pose": None, "face": 0}  # face: the model's motion_encoder_size
     lora_targets = None
+    self_attention = r"blocks\.\d+\.self_attn\."
 
     @property
     def presets(self) -> tuple[str, ...]:
@@ -152,6 +166,19 @@ class WanAnimateFamily:
 
         return set_precision(model, dtype)
 
+    def save(self, model, path, *, layout, metadata=None, config=None):
+        from wan_animate.weights.save import save_dit
+
+        return save_dit(model, path, layout=layout, metadata=metadata, config=config)
+
+    def export_lora(self, lora_file: Path) -> dict[str, str]:
+        return {}  # the community layout is what diffusers' WanLoraLoaderMixin reads
+
+    def apply_sequence_parallel(self, model, group):
+        from wan_animate.parallel import apply_sequence_parallel
+
+        return apply_sequence_parallel(model, group)
+
     def stream_sizes(self, config) -> dict[str, int | None]:
         return {"pose": None, "face": config.motion_encoder_size}
 
@@ -173,6 +200,7 @@ ANIMATE = WanAnimateFamily()
 # name -> "module:attribute" of the family object (imported on first use)
 _KNOWN: dict[str, str] = {
     "animate": "wan_animate.family:ANIMATE",
+    "animate2": "wan_animate.animate2.family:ANIMATE2",
 }
 
 

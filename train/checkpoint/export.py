@@ -1,10 +1,12 @@
 """End-of-run exports under ``<output_dir>/export/`` (and ``export/ema/`` from the EMA weights).
 
 * ``train.mode=full``: the DiT in ``train.export_layouts``;
-* ``lora`` / ``adapters_only``: ``lora.safetensors`` (community layout, ``wan_animate.lora.save_lora``)
-  and ``adapters.safetensors`` (the trained pose/face adapters under official names, in the dtype
-  they trained in); with ``train.export_merged`` also the DiT with the LoRA merged into its base
-  weights, in ``train.export_layouts``.
+* ``lora`` / ``adapters_only`` / ``self_attn``: ``lora.safetensors`` (community layout,
+  ``wan_animate.lora.save_lora``; plus the family's other layouts: Animate-2 writes
+  ``lora_diffusers.safetensors``), ``adapters.safetensors`` (the trained pose/face adapters under
+  official names, in the dtype they trained in), ``self_attn.safetensors`` (the trained
+  self-attention tensors); with ``train.export_merged`` also the DiT with the LoRA merged into its
+  base weights, in ``train.export_layouts``.
 
 A whole DiT is written in the released dtype: bf16, the fp32-by-design tensors in fp32
 (``wan_animate.model.set_precision``'s rule). It is gathered module by module (one DiT block's
@@ -34,6 +36,8 @@ _DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
     "diffusers": "WanAnimateTransformer3DModel.from_pretrained folder",
     "lora.safetensors": "community LoRA layout (diffusers load_lora_weights, ComfyUI, eval.generate --lora)",
     "adapters.safetensors": "trained pose/face adapter weights, official names",
+    "lora_diffusers.safetensors": "the LoRA in diffusers' names (WanAnimate2Transformer3DModel.load_lora_adapter)",
+    "self_attn.safetensors": "trained self-attention weights (train.mode=self_attn), official names",
 }
 WRITE_BYTES_PER_S = 20e6  # a slow shared disk: the other ranks' wait is sized with it
 _calls = itertools.count()  # the store key of each export (every rank exports the same times)
@@ -83,8 +87,9 @@ def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None
 
 def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
            small: bool, whole: bool) -> dict[str, str]:
-    from wan_animate.weights.save import save_dit
+    from wan_animate.family import get_family
 
+    save_dit = get_family(cfg.model.family).save  # the family's layouts (Animate-2: save_animate2)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"train_mode": cfg.train.mode, "experiment": str(cfg.experiment_name)}
     if whole and small:
@@ -109,7 +114,9 @@ def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema:
 
 
 def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, str]:
-    """``lora.safetensors`` and ``adapters.safetensors`` from the trained tensors (peft names)."""
+    """``lora.safetensors`` (+ the family's other LoRA layouts), ``adapters.safetensors`` and
+    ``self_attn.safetensors`` from the trained tensors (peft names)."""
+    from wan_animate.family import get_family
     from wan_animate.lora import is_lora_key, save_lora
     from wan_animate.weights.files import save_safetensors
 
@@ -120,6 +127,10 @@ def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta
         save_lora(state, out / "lora.safetensors", alpha=alpha,
                   metadata={"rank": cfg.lora.rank, "alpha": alpha, "train_mode": "lora"})
         written["lora"] = str(out / "lora.safetensors")
+        written.update(get_family(cfg.model.family).export_lora(out / "lora.safetensors"))
+    if cfg.train.mode == "self_attn":
+        save_safetensors(dict(state), out / "self_attn.safetensors", metadata={**meta, "names": "official"})
+        written["self_attn"] = str(out / "self_attn.safetensors")
     # a LoRA-wrapped adapter linear stores its weight under ``.base_layer.``
     adapters = {k.replace(".base_layer.", "."): v for k, v in state.items() if is_adapter(k) and not is_lora_key(k)}
     if adapters:

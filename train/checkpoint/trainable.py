@@ -1,4 +1,4 @@
-"""Trainable-only training state for ``train.mode=lora|adapters_only``.
+"""Trainable-only training state for ``train.mode=lora|adapters_only|self_attn``.
 
 A checkpoint of these modes holds only what trains: the trainable parameters (``model.safetensors``
 through accelerate's save hook, or DeepSpeed's ``exclude_frozen_parameters``), their optimizer
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-TRAINABLE_ONLY_MODES = ("lora", "adapters_only")
+TRAINABLE_ONLY_MODES = ("lora", "adapters_only", "self_attn")
 BASE_FILE = "base_model.json"
 SAMPLE_BYTES = 4096
 METHOD = f"sha256(config.json, per weight file: name, size, safetensors header, first {SAMPLE_BYTES} B of each tensor)"

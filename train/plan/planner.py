@@ -159,10 +159,14 @@ def _examples(cfg: Config, mcfg, shape: tuple[int, int]) -> list[dict[str, Any]]
                 e[f"{stream}_latents"] = torch.empty(16, t_lat, lh, lw)
             else:
                 e[stream] = torch.empty(3, n, h, w) if side is None else torch.empty(3, n, side, side)
+        image_tokens = getattr(mcfg, "num_image_tokens", 257)  # Animate-2's config has no field: CLIP ViT-H/14's 257
         if cached:
             e.update(cached=True, ref_latent=torch.empty(16, 1, lh, lw), temporal_latent=torch.empty(16, t_lat, lh, lw),
                      latents_target=torch.empty(16, t_lat, lh, lw), context=torch.empty(mcfg.text_len, mcfg.text_dim),
-                     clip_fea=torch.empty(mcfg.num_image_tokens, mcfg.image_dim))
+                     clip_fea=torch.empty(image_tokens, mcfg.image_dim))
+            if "driving" in sides:  # the driving pass's cached CLIP tokens and prompt embedding
+                e.update(clip_driving=torch.empty(image_tokens, mcfg.image_dim),
+                         text_driving=torch.empty(mcfg.text_len, mcfg.text_dim))
         else:
             e.update(video=torch.empty(3, n, h, w), ref=torch.empty(3, h, w), caption="plan")
         out.append(e)
@@ -309,7 +313,10 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     shape = planned_shape(cfg)
     t_lat = (cfg.data.clip_len - 1) // 4 + 1 + 1  # + reference slot
     pt, ph, pw = mcfg.patch_size
-    tokens = (t_lat // pt) * (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
+    hw = (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
+    tokens = (t_lat // pt) * hw
+    if "driving" in get_family(cfg.model.family).streams:  # Animate-2: + the driving stream (no reference slot)
+        tokens += (t_lat - 1) // pt * hw
     tracker = LiveBytes()
     from train.plan.encoders import build_meta_encoders
 
@@ -326,7 +333,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
         if engine == "deepspeed":  # DeepSpeed's own optimizer; its states are the computed terms
             built["optimizer"] = _NoStep()
         built["notes"] = notes
-        with tracker:
+        with tracker, _planned_kernels(cfg):
             _step(cfg, built, mcfg, shape, tracker)
         summary, options, enc = built["summary"], built["options"], built["encoders"]
         del built
@@ -343,6 +350,15 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     if not quiet:
         print(format_plan(plan), flush=True)
     return plan
+
+
+def _planned_kernels(cfg: Config):
+    """Animate-2: the in-context attention planned as its GPU kernel allocates (``train.plan.animate2``)."""
+    if get_family(cfg.model.family).name != "animate2":
+        return contextlib.nullcontext()
+    from train.plan.animate2 import planned_incontext
+
+    return planned_incontext()
 
 
 class NullTracker(contextlib.nullcontext):

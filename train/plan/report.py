@@ -59,6 +59,12 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
     }
 
 
+def _streams(cfg: Config) -> dict:
+    from wan_animate.family import get_family
+
+    return get_family(cfg.model.family).streams
+
+
 def candidate_options(cfg: Config) -> list[dict[str, Any]]:
     """Overrides ({"model.key": value}) worth trying, among those the config supports."""
     import dataclasses
@@ -73,7 +79,7 @@ def candidate_options(cfg: Config) -> list[dict[str, Any]]:
         c.append({"model.checkpoint_offload": True})
     if "base_dtype" in known and cfg.train.mode in ("lora", "adapters_only"):
         c.append({"model.base_dtype": "fp8"})
-    if "motion_encoder_chunk" in known and not cfg.model.motion_encoder_chunk:
+    if "motion_encoder_chunk" in known and not cfg.model.motion_encoder_chunk and "face" in _streams(cfg):
         c.append({"model.motion_encoder_chunk": 8})
     if "name" in {f.name for f in dataclasses.fields(cfg.optim)} and cfg.optim.name == "adamw":
         c.append({"optim.name": "adamw8bit"})

@@ -71,6 +71,11 @@ def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
     from wan_animate.parallel import sequence as sp
 
     check_plan(cfg, dit.config.num_heads, world)
+    if getattr(dit, "family", None) == "animate2":  # its own plan (train.plan.animate2)
+        from train.plan.animate2 import install_planned_shard
+
+        install_planned_shard(dit, n)
+        return
     trained = sp.SequenceParallel
     sp.SequenceParallel = lambda group, num_heads: PlannedShard(n, num_heads)  # the same install, our plan
     try:

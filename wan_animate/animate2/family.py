@@ -87,6 +87,24 @@ class Animate2Family:
 
         return set_precision(model, dtype)
 
+    def save(self, model, path, *, layout, metadata=None, config=None):
+        from wan_animate.animate2.weights import save_animate2
+
+        return save_animate2(model, path, layout=layout, metadata=metadata, config=config)
+
+    def export_lora(self, lora_file: Path) -> dict[str, str]:
+        """The diffusers-layout copy (``WanAnimate2Transformer3DModel.load_lora_adapter`` reads it)."""
+        from wan_animate.animate2.lora import save_diffusers_lora
+
+        path = Path(lora_file).with_name(Path(lora_file).stem + "_diffusers.safetensors")
+        save_diffusers_lora(lora_file, path)
+        return {"lora_diffusers": str(path)}
+
+    def apply_sequence_parallel(self, model, group):
+        from wan_animate.animate2.parallel import apply_sequence_parallel
+
+        return apply_sequence_parallel(model, group)
+
     def stream_sizes(self, config) -> dict[str, int | None]:
         return dict(self.streams)
 

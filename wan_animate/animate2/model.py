@@ -79,6 +79,10 @@ class Animate2Block(nn.Module):
     """``block``: Animate v1's DiT block (official names ``blocks.N.block.*``), run with Animate-2's
     two self-attentions."""
 
+    # the token streams' hidden states among forward's positional arguments (x_gen, x_drv): what
+    # wan_animate.memory stores in bf16 / offloads for activation checkpointing
+    hidden_state_args = (0, 1)
+
     def __init__(self, config: Animate2Config):
         super().__init__()
         self.block = DiTBlock(config)  # type: ignore[arg-type]  # the fields DiTBlock reads are shared

@@ -121,18 +121,20 @@ class Animate2SequenceParallel:
         return block.block.run(x, time_mod, text, image, attend)
 
 
-def apply_sequence_parallel(dit, group: dist.ProcessGroup) -> Animate2SequenceParallel:
+def apply_sequence_parallel(dit, group: dist.ProcessGroup | None,
+                            plan: Animate2SequenceParallel | None = None) -> Animate2SequenceParallel:
     """Make an ``Animate2DiT`` (before any DDP / ZeRO wrapping) run one sample across ``group``:
     its stream embedding splits tokens, each block's ``extract`` / ``generate`` exchange heads for
     tokens around the attention, the head's output is gathered (names and state dict unchanged).
-    All ranks of ``group`` must call the model with the same inputs. Returns the plan."""
+    All ranks of ``group`` must call the model with the same inputs. Returns the plan. ``plan``
+    installs another plan object instead (the memory planner's one-process model of a rank)."""
     from wan_animate.animate2.model import Animate2DiT
 
     if not isinstance(dit, Animate2DiT):
         raise TypeError(f"Animate-2 sequence parallelism needs an Animate2DiT, got {type(dit).__name__}.")
     if getattr(dit, "sequence_shard", None) is not None:
         raise ValueError("apply_sequence_parallel was already applied to this model.")
-    plan = Animate2SequenceParallel(group, dit.config.num_heads)
+    plan = plan or Animate2SequenceParallel(group, dit.config.num_heads)
     dit.sequence_shard = plan
     stream_fn = dit._stream
 

@@ -142,6 +142,9 @@ def apply_memory_options(dit: nn.Module, options: MemoryOptions, *, device: torc
                              "trains them all); use train.mode=lora or adapters_only, or model.base_dtype=bf16.")
     state.lora_layers = lora_in_compute_dtype(dit)
     if chunk > 0:
+        if not hasattr(dit, "motion_encoder"):
+            raise ValueError(f"model.motion_encoder_chunk={chunk}: this model has no motion encoder (a "
+                             f"{type(dit).__name__}); set model.motion_encoder_chunk=0.")
         state.motion_encoder = chunk_motion_encoder(dit.motion_encoder, chunk)
     blocks = list(dit.blocks)
     if swap > 0:

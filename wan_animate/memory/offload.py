@@ -55,16 +55,16 @@ class CheckpointInputStore:
         self.packed = 0  # tensors stored by this store (for tests)
 
     # ------------------------------------------------------------------ hooks
-    def hooks(self, shape: torch.Size) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, shape), self.unpack)
+    def hooks(self, shapes: set[torch.Size]) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, shapes), self.unpack)
 
     def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
         if self.store_dtype is not None and t.dtype == torch.float32:
             return self.store_dtype
         return t.dtype
 
-    def pack(self, t: torch.Tensor, shape: torch.Size):
-        if not t.is_floating_point() or t.shape != shape:
+    def pack(self, t: torch.Tensor, shapes: set[torch.Size]):
+        if not t.is_floating_point() or t.shape not in shapes:
             return t
         dtype = self._target_dtype(t)
         if not self.offload and dtype == t.dtype:
@@ -145,7 +145,9 @@ class CheckpointInputStore:
 def wrap_checkpointed(module: nn.Module, store: CheckpointInputStore) -> None:
     """Route the saved inputs of ``module`` (an already checkpointed block) through ``store``.
 
-    The hidden state is the first positional argument; saved tensors of its shape are packed.
+    The hidden state is the first positional argument; saved tensors of its shape are packed. A
+    block that carries several token streams names their positions in ``hidden_state_args``
+    (Animate-2's joint block: the generation and the driving stream, ``(0, 1)``).
     """
     if getattr(module, "_checkpoint_store", None) is not None:
         return
@@ -154,10 +156,13 @@ def wrap_checkpointed(module: nn.Module, store: CheckpointInputStore) -> None:
                            "(model.activation_checkpointing=true).")
     inner = module.forward
 
+    positions = getattr(module, "hidden_state_args", (0,))
+
     def forward(x, *args, **kwargs):
         if not torch.is_grad_enabled():
             return inner(x, *args, **kwargs)
-        with store.hooks(x.shape):
+        shapes = {(x, *args)[i].shape for i in positions}
+        with store.hooks(shapes):
             return inner(x, *args, **kwargs)
 
     module.forward = forward
