@@ -239,3 +239,26 @@ def test_lora_export_moves_diffusers_as_it_moves_ours(tmp_path, assets, _fresh):
 
     assert rel(got, moved) < 1e-5  # diffusers + our exported LoRA == our DiT + the same LoRA
     assert rel(moved, base) > 1e-3  # and the LoRA changed the output
+
+
+@pytest.mark.parametrize("preset", ["animate2_lora", "animate2_lora_24gb", "animate2_full"])
+def test_animate2_presets_compose_and_instantiate(preset, tmp_path):
+    """Each Animate-2 preset composes, builds its trainable set on the tiny model and names its budget."""
+    from train.config import compose
+    from train.modes import make_optimizer, setup_trainable
+    from wan_animate.family import get_family
+
+    cfg = compose([f"experiment={preset}", "model.preset=tiny", f"data.urls=[{tmp_path}]", "data.clip_len=9"])
+    family = get_family(cfg.model.family)
+    assert family.name == "animate2" and cfg.data.replace_prob == 0 and cfg.data.refert_nums == [1]
+    assert cfg.data.temporal_ref_prob > 0 and cfg.model.activation_checkpointing  # long-video training
+    dit = family.build(family.config(preset=cfg.model.preset)[0])
+    groups, summary = setup_trainable(dit, cfg, family)
+    make_optimizer(groups, cfg.optim)
+    trained = [n for n, p in dit.named_parameters() if p.requires_grad]
+    if cfg.train.mode == "lora":
+        assert trained and all(".block.self_attn." in n and ".lora_" in n for n in trained)
+        assert {n.split(".self_attn.")[1].split(".")[0] for n in trained} == {"q", "k", "v", "o"}
+    else:
+        assert cfg.train.distributed == "deepspeed" and summary["trainable_params"] == summary["total_params"]
+    assert cfg.train.plan_budget_gib == {"animate2_lora": 64, "animate2_lora_24gb": 22, "animate2_full": 70}[preset]
