@@ -493,3 +493,46 @@ def test_deepspeed_zero2_trainable_only_checkpoint_resumes_exactly(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["loss/train"] for r in steps] == [r["loss/train"] for r in want]
     assert all(r["time"] > want[1]["time"] for r in steps[2:])  # steps 3-4 really ran again
+
+
+@pytest.mark.parametrize("world", [3, 4, 7])
+def test_zero3_fp32_master_restore_when_the_size_does_not_divide_the_world(world):
+    """ZeRO-3 pads each parameter to ceil(numel / world) per rank. Restoring the fp32-by-design
+    master values must fill every rank's partition, the last ones too (DeepSpeed's own setter
+    narrows past the end of the unpadded value there). DeepSpeed's ZeRO-3 setter runs on stand-in
+    partitions, one rank at a time."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from train.deepspeed_precision import Fp32ByDesign
+
+    value = torch.randn(10)
+    part = -(-value.numel() // world)
+    partitions = []
+    for rank in range(world):
+        class Opt:  # the partition bookkeeping of a ZeRO-3 optimizer, for one rank
+            set_full_hp_param = DeepSpeedZeroOptimizer_Stage3.set_full_hp_param
+
+            def __init__(self):
+                self.partition = torch.full((part,), -1.0)
+
+            def _get_fp32_opt_state_partition(self, param, release_swap_buffers, optim_state_key=None):
+                return self.partition, 0
+
+            def _get_param_partition_rank(self, param, rank=rank):
+                return rank
+
+            def _swappable_optimizer_subgroup(self, group):
+                return False
+
+        head = torch.nn.Module()
+        head.modulation = torch.nn.Parameter(value.clone())
+        model = torch.nn.Module()
+        model.head = head
+        keep = Fp32ByDesign(model)
+        head.modulation.data = head.modulation.data.to(torch.bfloat16)  # the engine's cast
+        head.modulation.ds_id, head.modulation.ds_numel, head.modulation._z3_optimizer = 0, value.numel(), Opt()
+        assert keep.restore(model, stage=3)["master_fp32"] == 1
+        partitions.append(head.modulation._z3_optimizer.partition)
+    full = torch.cat(partitions)
+    assert torch.equal(full[: value.numel()], value)
+    assert (full[value.numel():] == -1).all()  # padding untouched

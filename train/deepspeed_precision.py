@@ -41,7 +41,10 @@ class Fp32ByDesign:
             if value is None:
                 continue
             if p.requires_grad:
-                safe_set_full_fp32_param(p, value.to(p.device))
+                if hasattr(p, "ds_id"):
+                    _set_zero3_master(p, value)
+                else:
+                    safe_set_full_fp32_param(p, value.to(p.device))
                 counts["master_fp32"] += 1
             elif stage < 3:
                 p.data = value.to(p.device)
@@ -49,3 +52,19 @@ class Fp32ByDesign:
             else:
                 counts["frozen_bf16"] += 1
         return counts
+
+
+def _set_zero3_master(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """This rank's slice of ``value`` into the fp32 master partition of a ZeRO-3 parameter.
+
+    ZeRO-3 pads a parameter to ceil(numel / world) elements per rank; DeepSpeed's own setter
+    (``set_full_hp_param``) narrows the unpadded value at rank x partition and fails on the ranks
+    past its end whenever the size does not divide the world size (the 5120-wide modulation
+    tables on 3, 6 or 7 ranks). The padding elements keep their value."""
+    opt = param._z3_optimizer
+    partition, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = partition.numel() * opt._get_param_partition_rank(param)
+    mine = value.flatten()[start: start + partition.numel()]
+    partition.data[: mine.numel()].copy_(mine.to(partition.device))
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
