@@ -356,3 +356,28 @@ def test_first_batch_check_moves_every_sum_to_the_collective_device(monkeypatch)
     with pytest.raises(Gathered):
         check_first_batch(layout, batch, torch.Generator().manual_seed(0))
     assert len(seen) == 1 and seen[0].device.type == "meta" and seen[0].shape == (3,)
+
+
+def test_split_keeps_only_this_ranks_rows_alive():
+    """Each rank's shard of the residual stream is its own tensor of local size (a view would keep
+    the whole padded sequence alive through every block); padding rows are zeros / the identity
+    rotation, and gradients flow back to the full stream."""
+    from wan_animate.parallel.sequence import SequenceParallel
+
+    h = torch.randn(1, 10, 8, requires_grad=True)
+    cos, sin = torch.randn(10, 4), torch.randn(10, 4)
+    plan = SequenceParallel.__new__(SequenceParallel)  # split() needs only the group's size and rank
+    plan.size = 4
+    total = torch.zeros(())
+    for rank in range(4):
+        plan.rank = rank
+        hl, cl, sl = plan.split(h * 1.0, cos, sin, (1, 2, 5))
+        for t in (hl, cl, sl):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        start, real = 3 * rank, max(0, min(3, 10 - 3 * rank))
+        assert hl.shape == (1, 3, 8) and torch.equal(hl[:, :real], h[:, start:start + real])
+        assert (hl[:, real:] == 0).all() and (cl[real:] == 1).all() and (sl[real:] == 0).all()
+        assert torch.equal(cl[:real], cos[start:start + real])
+        total = total + hl.sum()
+    total.backward()
+    assert torch.equal(h.grad, torch.ones_like(h))

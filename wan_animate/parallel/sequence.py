@@ -195,12 +195,12 @@ class SequenceParallel:
         total = h.shape[1]
         local = math.ceil(total / self.size)
         self.layout = TokenLayout(total, local * self.size, self.rank * local, local, grid[1] * grid[2])
-        pad = self.layout.padded - total
-        rows = slice(self.layout.start, self.layout.start + local)
+        start = self.layout.start
         # Padding rows: zero tokens and the identity rotation; keys there are dropped in attention.
-        h = F.pad(h, (0, 0, 0, pad))[:, rows]
-        rope_cos = F.pad(rope_cos, (0, 0, 0, pad), value=1.0)[rows]
-        rope_sin = F.pad(rope_sin, (0, 0, 0, pad))[rows]
+        # New tensors of the local size: a view would keep the full (padded) residual alive.
+        h = _rows(h, 1, start, local, total, 0.0)
+        rope_cos = _rows(rope_cos, 0, start, local, total, 1.0)
+        rope_sin = _rows(rope_sin, 0, start, local, total, 0.0)
         return h, rope_cos, rope_sin
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
@@ -255,6 +255,16 @@ class SequenceParallel:
                 "a forward of another size, and call the DiT itself (not its blocks) under SP."
             )
         return layout
+
+
+def _rows(t: torch.Tensor, dim: int, start: int, count: int, total: int, fill: float) -> torch.Tensor:
+    """Rows [start, start + count) of ``t`` along ``dim`` as a new tensor; rows past ``total``
+    (the padding) hold ``fill``."""
+    real = max(0, min(count, total - start))
+    part = t.narrow(dim, min(start, total), real)
+    shape = list(t.shape)
+    shape[dim] = count - real
+    return torch.cat([part, t.new_full(shape, fill)], dim=dim)
 
 
 def apply_sequence_parallel(dit: WanAnimateDiT, group: dist.ProcessGroup) -> SequenceParallel:
