@@ -240,6 +240,20 @@ def test_set_precision_keeps_fp32_tables():
     assert n_fp32 < 0.5 * sum(t.numel() for t in model.parameters())
 
 
+def test_fp32_by_design_layers_compute_in_fp32_under_autocast():
+    """The plain bf16 path runs the DiT under autocast: the time embedding / projection and the
+    head, fp32 by design (as the official model, and the DeepSpeed path), must not be computed in
+    bf16 there."""
+    model = set_precision(WanAnimateDiT(WanAnimateConfig.preset("tiny")), torch.bfloat16)
+    seen = {}
+    for name in ("time_embedding.0", "time_embedding.2", "time_projection.1", "head.head"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**make_dit_inputs(model.config))
+    assert seen == dict.fromkeys(seen, torch.float32) and len(seen) == 4, seen
+
+
 # ------------------------------------------------------------------------------------------------
 # Activation checkpointing
 # ------------------------------------------------------------------------------------------------
@@ -385,17 +399,17 @@ def test_fused_norm_backwards_match_autograd():
 
 
 def test_compile_blocks_with_checkpointing_traces_each_block_whole():
-    """Regional compilation (fullgraph per block: the custom-backward norms and RoPE trace) on top
-    of activation checkpointing gives the plain model's output and gradients."""
+    """Regional compilation (fullgraph per block: the custom-backward norms and RoPE trace) under
+    activation checkpointing gives the plain model's output and gradients."""
     from wan_animate.model import compile_blocks
 
     cfg = WanAnimateConfig.preset("tiny")
     plain = WanAnimateDiT(cfg)
     fast = WanAnimateDiT(cfg)
     fast.load_state_dict(plain.state_dict())
-    apply_activation_checkpointing(fast)
     torch._dynamo.reset()
     compile_blocks(fast, backend="eager", fullgraph=True)
+    apply_activation_checkpointing(fast)
     inputs = make_dit_inputs(cfg)
     outs, grads = [], []
     for model in (plain, fast):
@@ -406,3 +420,30 @@ def test_compile_blocks_with_checkpointing_traces_each_block_whole():
     torch._dynamo.reset()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_blocks_compiles_only_the_blocks_own_code(monkeypatch):
+    """Block swap's stream/event copies and the offload hooks wrap a block's forward from outside;
+    the compiled region is the block's own forward (not ``Module.__call__`` with whatever wraps it),
+    and compiling after those wrappers is refused."""
+    from types import SimpleNamespace
+
+    from wan_animate.memory import apply_memory_options
+    from wan_animate.model import compile_blocks
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    model = WanAnimateDiT(WanAnimateConfig.preset("tiny"))
+    compile_blocks(model)
+    blocks = [*model.blocks, *model.face_adapter.fuser_blocks]
+    assert len(compiled) == len(blocks)
+    assert all(getattr(fn, "__func__", None) is type(b).forward and fn.__self__ is b for fn, b in zip(compiled, blocks))
+
+    swapped = WanAnimateDiT(WanAnimateConfig.preset("tiny"))
+    for p in swapped.parameters():
+        p.requires_grad_(False)
+    apply_memory_options(swapped, SimpleNamespace(activation_checkpointing=True, block_swap=1, base_dtype="bf16",
+                                                  checkpoint_offload=True, checkpoint_dtype="fp32",
+                                                  motion_encoder_chunk=0), device="cpu")
+    with pytest.raises(RuntimeError, match="before activation checkpointing and the memory options"):
+        compile_blocks(swapped)

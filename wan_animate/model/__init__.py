@@ -117,13 +117,25 @@ def _block_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """``torch.compile`` every DiT block and face block in place (regional compilation).
+    """``torch.compile`` the own ``forward`` of every DiT block and face block (regional compilation).
 
     All blocks share one shape, so this compiles once and reuses the code (fast start-up, unlike
     compiling the whole model); the inductor fuses the fp32 norm/modulation/RoPE element-wise work
-    and keeps fewer activations. Combine freely with ``apply_activation_checkpointing`` (either
-    order). Names and the state dict are unchanged. Returns model.
+    and keeps fewer activations. Only the block's code is compiled: apply it BEFORE activation
+    checkpointing and the memory options (block swap's stream/event copies, checkpoint offload's
+    saved-tensor hooks), which then wrap the compiled forward and stay eager (traced, they would
+    recompile every call or break ``fullgraph=True``). Names and the state dict are unchanged.
+    Returns model.
     """
     for module in _block_modules(model):
-        module.compile(**compile_kwargs)
+        wrapped = [a for a in ("_activation_checkpointed", "_block_swap", "_checkpoint_store") if getattr(module, a, None)]
+        if wrapped:
+            raise RuntimeError(
+                "compile_blocks must run before activation checkpointing and the memory options (found "
+                f"{', '.join(wrapped)} on a block): they wrap the block's forward from outside and must stay "
+                "out of the compiled region. Call compile_blocks first.")
+        if getattr(module, "_compiled_forward", False):
+            continue
+        module.forward = torch.compile(module.forward, **compile_kwargs)
+        module._compiled_forward = True
     return model

@@ -105,7 +105,8 @@ class Head(nn.Module):
         """x [B, L, dim] fp32, time_emb [B, dim] fp32 -> [B, L, out_dim * prod(patch)] fp32."""
         shift, scale = (self.modulation.float() + time_emb.float().unsqueeze(1)).chunk(2, dim=1)
         h = modulated_layer_norm(x, scale, shift, self.eps, self.head.weight.dtype)
-        return self.head(h).float()
+        with torch.autocast(x.device.type, enabled=False):  # fp32 also inside a bf16 autocast region
+            return self.head(h).float()
 
 
 # ------------------------------------------------------------------------------------------------

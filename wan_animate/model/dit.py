@@ -192,10 +192,11 @@ class WanAnimateDiT(nn.Module):
         tokens = tokens.float()
         h = torch.cat([tokens[:, :1], tokens[:, 1:] + pose.float()], dim=1).flatten(1, 3)  # [B, L, dim]
 
-        # ---- time modulation (fp32)
+        # ---- time modulation (fp32 by design: also inside a bf16 autocast region)
         time_dtype = self.time_embedding[0].weight.dtype
-        e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim).to(time_dtype)).float()  # [B, dim]
-        time_mod = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        with torch.autocast(x.device.type, enabled=False):
+            e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim).to(time_dtype)).float()  # [B, dim]
+            time_mod = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         time_mod = time_mod.unflatten(1, (6, cfg.dim))  # [B, 6, dim]
 
         # ---- context tokens
