@@ -440,6 +440,7 @@ def test_24gb_presets_compose_with_every_option(preset):
     (["model.block_swap=2", "train.mode=lora", "model.activation_checkpointing=false"],
      "block_swap=2 needs model.activation_checkpointing=true"),
     (["optim.name=lion"], "optim.name='lion'"),
+    (["train.grad_accum_on_host=true", "train.distributed=ddp"], "grad_accum_on_host=true keeps one process"),
 ])
 def test_memory_config_errors_name_the_key(overrides, match):
     from train.config import ConfigError, compose
@@ -527,6 +528,30 @@ def test_trainable_only_checkpoint_never_dequantizes_the_fp8_base(quickstart_ass
                  then=save)
     with safe_open(str(saved["path"] / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == saved["trainable"]
+
+
+def test_gradient_accumulation_on_host_is_bit_identical_and_keeps_no_device_gradient():
+    """train.grad_accum_on_host: between micro-batches the running sum lives in host memory (none
+    on the device); the gradients of the last micro-batch, hence the update, equal the plain path's."""
+    from train.grad_host import HostGradAccumulation
+
+    plain, hosted = lora_model(), lora_model()
+    params = [p for p in hosted.parameters() if p.requires_grad]
+    acc = HostGradAccumulation(params, torch.device("cpu"))
+    for model in (plain, hosted):
+        apply_memory_options(model, options(), device="cpu")
+    count = 3
+    for index in range(count):
+        acc.micro_batch(index, count)
+        for model in (plain, hosted):
+            batch = make_batch(model.config, seed=index)
+            loss = flow_matching_loss(model, batch, LossConfig(), generator=torch.Generator().manual_seed(index)).loss
+            (loss / count).backward()
+        if index < count - 1:
+            assert all(p.grad is None for p in params)
+    for (name, a), b in zip(((n, p) for n, p in plain.named_parameters() if p.requires_grad), params):
+        assert torch.equal(a.grad, b.grad), name
+    assert acc.nbytes >= sum(p.numel() * 4 for p in params)
 
 
 def test_every_option_runs_on_fake_tensors():

@@ -206,6 +206,9 @@ class TrainSettings:
     seed: int = 0
     micro_batch_size: int = 1
     grad_accum: int = 1
+    # between micro-batches the gradients' running sum lives in pinned host memory (fp32, exact), not
+    # on the device: grad_accum > 1 at the device memory of grad_accum=1 (train/grad_host.py)
+    grad_accum_on_host: bool = False
     precision: str = "fp32"  # fp32 | bf16 (mixed precision through accelerate / DeepSpeed)
     distributed: str = "auto"  # auto (from `accelerate launch`) | ddp | deepspeed | none
     log_every: int = 1
@@ -326,6 +329,10 @@ class Config:
             _fail(f"model.base_dtype={m.base_dtype} / model.block_swap={m.block_swap} act on frozen base weights; "
                   f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
         check_launch(m, t.distributed)
+        if t.grad_accum_on_host and t.distributed in ("ddp", "deepspeed"):
+            _fail(f"train.grad_accum_on_host=true keeps one process's gradients on its host; it does not combine "
+                  f"with train.distributed={t.distributed} (DDP / DeepSpeed own the gradients). Set it false or "
+                  "train one process.")
         if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
             from wan_animate.family import get_family
 

@@ -104,6 +104,14 @@ class Trainer:
         self.trainable_ckpt = (TrainableOnlyCheckpoints(acc, fingerprint_base(model_path), cfg.train.mode)
                                if is_trainable_only(cfg.train.mode) else None)
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
+        self.host_grads = None
+        if cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1:
+            if self.use_deepspeed or acc.num_processes > 1:
+                raise ConfigError("train.grad_accum_on_host=true needs one process without DeepSpeed (DDP / "
+                                  "DeepSpeed own the gradients); set it false or launch one process.")
+            from train.grad_host import HostGradAccumulation
+
+            self.host_grads = HostGradAccumulation([p for _, p in self.trainable], self.device)
         self.state = TrainState()
         self.ema = EMA(self.trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.generator = rank_generator(cfg.train.seed, self.sp.data_rank)  # a group draws the same noise
@@ -210,7 +218,9 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         sync_models = () if self.use_deepspeed else (self.model,)
         losses = []
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            if self.host_grads is not None:
+                self.host_grads.micro_batch(index, len(micro_batches))
             ts = noise = None
             if cfg.train.fixed_noise_per_sample:
                 ts, noise = fixed_draw(batch, cfg.loss, self.device)

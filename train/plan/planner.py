@@ -255,7 +255,14 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     optimizer.step()
     for p in trainable:  # zero_grad(set_to_none=True), also where the optimizer is a computed stand-in
         p.grad = None
-    if cfg.train.grad_accum > 1:
+    if cfg.train.grad_accum > 1 and cfg.train.grad_accum_on_host:
+        # train/grad_host.py: the running sum waits in pinned host memory (fp32, exact-size); the
+        # device holds gradients only in the last backward, as at grad_accum=1 (planned below)
+        from wan_animate.memory.pinned import aligned
+
+        tracker.host["gradients"] += sum(aligned(p.numel() * 4) for p in trainable)
+        tracker._update_peak()
+    elif cfg.train.grad_accum > 1:
         # Micro-batches 2..N start with the gradients kept from the previous ones: one such
         # micro-batch is the worst case of the accumulation (backward adds into them in place).
         for p in trainable:

@@ -1,0 +1,61 @@
+"""Gradient accumulation with the running sum in host memory (``train.grad_accum_on_host=true``).
+
+Plain accumulation keeps every trainable's fp32 gradient on the device from the first micro-batch
+to the update, so micro-batches 2..N run their forward and backward next to it (4.6 GiB for
+``animate14b_lora``'s 1.24 B fp32 trainables, at the peak of early backward). Here, between
+micro-batches, each gradient lives in an exact-size page-locked host buffer (fp32, so nothing is
+rounded) and the device holds none:
+
+* micro-batch 1: as each gradient is complete (post-accumulate hook) it is copied to its host slot
+  and dropped on the device;
+* micro-batches 2..N-1: the new gradient + the host slot (brought in) -> host slot; dropped;
+* micro-batch N: the new gradient + the host slot stays in ``.grad`` for clipping and the step.
+
+The sums are the plain path's, in the same fp32 arithmetic (IEEE addition is commutative), so the
+update is bit-identical (tests/test_memory_options.py). The device holds the gradients only in
+the last backward, where plain ``grad_accum=1`` holds them too: the planned peak is that of
+``grad_accum=1``. Costs 4 B per trainable parameter of pinned host memory and one copy each way
+per parameter and micro-batch (stream-ordered on the compute stream). One process only (DDP's
+reducer and DeepSpeed own the gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from wan_animate.memory.pinned import PinnedBuffer, aligned
+
+
+class HostGradAccumulation:
+    def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
+        self.params = list(params)
+        pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        offsets, total = [], 0
+        for p in self.params:
+            offsets.append(total)
+            total += aligned(p.numel() * 4)
+        self.buffer = PinnedBuffer(total, pin)  # one exact-size buffer, a slot per parameter
+        self.host = {id(p): self.buffer.carve(o, p.shape, torch.float32) for p, o in zip(self.params, offsets)}
+        self.nbytes = total
+        self.index, self.count = 0, 1
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    def micro_batch(self, index: int, count: int) -> None:
+        """Call before the backward of micro-batch ``index`` (0-based) of ``count``."""
+        self.index, self.count = index, count
+
+    @torch.no_grad()
+    def _hook(self, p: torch.nn.Parameter) -> None:
+        if self.count == 1:
+            return
+        host = self.host[id(p)]
+        grad = p.grad
+        if self.index > 0:
+            grad.add_(host.to(grad.device, non_blocking=True).view_as(grad))
+        if self.index < self.count - 1:
+            host.copy_(grad.detach().float().view_as(host), non_blocking=True)
+            p.grad = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
