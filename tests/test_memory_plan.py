@@ -207,3 +207,21 @@ def test_pinned_copies_count_as_the_caching_host_allocator_holds_them():
         kept = [torch.ops.aten._pin_memory.default(torch.empty(n, dtype=torch.uint8)) for n in sizes]
     assert tracker.host_pinned_peak == tracker.host_peak == (32 + 128 + 512) * 2**20
     del kept
+
+
+def test_planner_materialises_encoders_with_their_shared_weights_shared():
+    """umT5's token embedding is one tensor under two names; the planner's fake encoders must not
+    count it twice (it did for raw shards: +1.05 B parameters, ~2 GiB of host RAM)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from train.plan.planner import _to_empty_keeping_ties, fake_module_conversion
+
+    with torch.device("meta"):
+        m = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=8))
+    before = sum(p.numel() for p in m.parameters())
+    with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
+        _to_empty_keeping_ties(m)
+    assert m.shared.weight is m.encoder.embed_tokens.weight
+    assert sum(p.numel() for p in m.parameters()) == before

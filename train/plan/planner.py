@@ -173,6 +173,21 @@ def _examples(cfg: Config, mcfg, shape: tuple[int, int]) -> list[dict[str, Any]]
     return out
 
 
+def _to_empty_keeping_ties(module: torch.nn.Module) -> None:
+    """``to_empty`` that keeps shared parameters shared (umT5's token embedding is one tensor under
+    two names; under the fake mode ``to_empty`` would give each name its own copy)."""
+    slots: dict[int, list] = {}
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                slots.setdefault(id(p), []).append((m, name))
+    module.to_empty(device="cpu")
+    for same in slots.values():
+        first = same[0][0]._parameters[same[0][1]]
+        for m, name in same[1:]:
+            m._parameters[name] = first
+
+
 def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = False) -> dict[str, Any]:
     """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
@@ -202,7 +217,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         modules_on_device = {}
     else:
         for m in modules.values():
-            m.to_empty(device="cpu")
+            _to_empty_keeping_ties(m)
         if modules:
             enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=enc_dtype, vae_dtype=torch.float32,
                                 offload=False)
