@@ -170,6 +170,22 @@ def test_dry_run_command_plans_the_preset_alone(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["animate14b_lora_24gb", "character_lora_24gb"])
+def test_24gb_presets_fit_a_64gb_workstation(tmp_path, preset):
+    """The 24 GB presets at 832x480 x 77: <= 22 GiB on the device, <= 32 GiB pinned as allocated
+    (exactly the swapped blocks' weights + the 48 bf16 checkpointed block inputs: no power-of-two
+    rounding) and <= 48 GiB of host RAM including loading."""
+    mcfg = WanAnimateConfig.preset("14b")
+    folder = _model_folder(tmp_path, "m14", mcfg)
+    cfg = compose([f"experiment={preset}", f"model.path={folder}", "data.urls=[unused]",
+                   "data.buckets=[[480,832]]", f"train.output_dir={tmp_path / 'out'}"])
+    plan = plan_memory(cfg, write=True)
+    inputs = (mcfg.num_layers + mcfg.num_layers // mcfg.face_adapter_period) * plan["tokens_per_sample"] * mcfg.dim * 2
+    assert plan["host_pinned_gib"] == pytest.approx(plan["memory_options"]["host_weight_gib"] + inputs / GIB, rel=0.005)
+    assert plan["peak_device_gib"] <= 22.0 and plan["host_pinned_gib"] <= 32.0 and plan["host_ram_gib"] <= 48.0, plan
+
+
+@pytest.mark.slow
 def test_zero3_plan_divides_sharded_state(tmp_path):
     """One rank of 8 under ZeRO-3 holds far less than one rank of 1; config keys are validated."""
     folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=1024, ffn_dim=4096, num_heads=8,
