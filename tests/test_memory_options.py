@@ -590,8 +590,9 @@ def test_trainer_bf16_with_every_option_tracks_the_plain_run(quickstart_assets, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_block_swap_and_offload_on_side_streams_match_the_plain_path():
     """Side-stream copies change no value: with deterministic kernels (math SDPA; deterministic
-    algorithms and cuBLAS from conftest) the swapped + offloaded run is bit-identical to the plain one. Its host memory is
-    page-locked, exact-size and registered, so CUDA's caching host allocator holds none of it."""
+    algorithms and cuBLAS from conftest) the swapped + offloaded run is bit-identical to the plain
+    one. Its host memory is page-locked, exact-size and registered, so CUDA's caching host
+    allocator holds none of it."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     plain = lora_model().cuda()

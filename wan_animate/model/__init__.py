@@ -128,7 +128,8 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     Returns model.
     """
     for module in _block_modules(model):
-        wrapped = [a for a in ("_activation_checkpointed", "_block_swap", "_checkpoint_store") if getattr(module, a, None)]
+        wrappers = ("_activation_checkpointed", "_block_swap", "_checkpoint_store")
+        wrapped = [a for a in wrappers if getattr(module, a, None)]
         if wrapped:
             raise RuntimeError(
                 "compile_blocks must run before activation checkpointing and the memory options (found "
