@@ -313,3 +313,20 @@ def test_bad_inputs_name_the_fix():
                        torch.randn(1, 20, 3, 4, 6), cache)
     with pytest.raises(ValueError, match="condition of x"):
         model.generate(inp["x"], inp["t"], inp["context"], inp["clip_fea"], inp["y"][:, :4], cache)
+
+
+def test_fp32_by_design_time_path_and_head_compute_in_fp32_under_autocast():
+    """The plain bf16 training path autocasts: the time embedding / projection and the head stay fp32."""
+    from wan_animate.model import set_precision
+
+    cfg = _config()
+    model = set_precision(Animate2DiT(cfg), torch.bfloat16)
+    seen = {}
+    for name in ("time_embedding.0", "time_embedding.2", "time_projection.1", "head.head"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, out.dtype))
+    inp = _inputs(cfg, 4, 3, 4, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(inp["x"], inp["t"], inp["context"], inp["clip_fea"], inp["y"], inp["driving"], inp["context_ref"],
+              inp["clip_ref"])
+    assert seen == dict.fromkeys(seen, torch.float32) and len(seen) == 4, seen

@@ -191,8 +191,10 @@ class Animate2DiT(nn.Module):
         x = self.patch_embedding(video).permute(0, 2, 3, 4, 1).float().flatten(1, 3)  # [B, L, dim]
         time_dtype = self.time_embedding[0].weight.dtype
         t = t.to(latents.device).float().expand(b) if t.ndim == 0 else t.float()
-        e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim).to(time_dtype)).float()  # [B, dim]
-        time_mod = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float().unflatten(1, (6, cfg.dim))
+        with torch.autocast(latents.device.type, enabled=False):  # fp32 by design, also under bf16 autocast
+            e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim).to(time_dtype)).float()  # [B, dim]
+            time_mod = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        time_mod = time_mod.unflatten(1, (6, cfg.dim))
         text = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
         return _Stream(x, time_mod, e, text, self.img_emb(clip_fea), grid)
 
