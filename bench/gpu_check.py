@@ -326,7 +326,7 @@ class TrainerStep:
         self.memory = apply_memory_options(dit, cfg.model, device=device)
         if not hasattr(dit, "hf_device_map"):  # block swap placed it already
             dit.to(device)
-        self.dit, self.optimizer = dit, make_optimizer(groups, cfg)
+        self.dit, self.optimizer = dit, make_optimizer(groups, cfg.optim)
         self.trainable = [p for p in dit.parameters() if p.requires_grad]
 
     def __call__(self) -> float:

@@ -77,7 +77,7 @@ def bench_one(model_cfg: WanAnimateConfig, mode: str, *, device, precision: str,
     if checkpointing:
         apply_activation_checkpointing(dit)
     dit.train()
-    opt = make_optimizer(groups, cfg)
+    opt = make_optimizer(groups, cfg.optim)
     data = make_batch(model_cfg, batch, frames, height, width, device, dtype)
     gen = torch.Generator().manual_seed(0)
     cuda = device.type == "cuda"

@@ -75,6 +75,7 @@ def test_generates_a_video_with_segments_extract_once_and_cfg_block_skip(pipe):
     np.testing.assert_array_equal(out, again)
 
 
+@pytest.mark.slow  # ~13 CPU s of sampling on 2 cores
 def test_distilled_settings_change_the_score_and_skip_cfg(pipe):
     ref = _video(1, seed=2)[0]
     spy = Spy(pipe.dit)
@@ -102,6 +103,7 @@ def test_driving_video_matters_and_inputs_are_checked(pipe):
         AnimatePipeline(pipe.dit, pipe.vae, pipe.text_encoder, pipe.image_encoder)
 
 
+@pytest.mark.slow  # ~13 CPU s of sampling on 2 cores
 def test_eval_generate_detects_the_family(folder, tmp_path):
     from PIL import Image
 

@@ -122,6 +122,7 @@ def test_sam2_prompts_from_pose_and_propagation_over_every_frame(sam2_dir, monke
     assert [p[0] for p in spy.prompts] == [0, 2, 5]
 
 
+@pytest.mark.slow  # ~13 CPU s on 2 cores
 def test_sam2_mask_is_model_logits_above_zero_at_frame_size(sam2_dir, monkeypatch):
     t, h, w = 5, 48, 80
     frames = np.full((t, h, w, 3), 100, np.uint8)

@@ -18,6 +18,9 @@ from eval.resources import clear_cache, resolve_checkpoint
 from eval.runner import run_cell
 from wan_animate.video_io import write_video
 
+# Every cell here samples videos with the tiny model (~110 CPU s for the file on 2 cores): whole suite only.
+pytestmark = pytest.mark.slow
+
 BLOB = "test_eval_sweep:make_blob_backend"  # deterministic stand-in pose backend (tests/ is on sys.path)
 
 

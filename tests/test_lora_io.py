@@ -270,6 +270,7 @@ def test_generate_relight_flag(base, tmp_path, monkeypatch, capsys):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     monkeypatch.setattr(pl.AnimatePipeline, "detect_layout", staticmethod(lambda path: "official"))
+    monkeypatch.setattr(cli, "_model_family", lambda model: "animate")  # the folder holds no weights
     loaded = []
 
     class FakePipeline:
