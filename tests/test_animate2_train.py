@@ -85,6 +85,7 @@ def _examples(raw_dir, cached_dir, num_given):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~45 s with the module's assets (tiny model, synthetic triplets, cache) and the encoders
 def test_raw_and_cached_batches_agree_and_carry_the_previous_segment(assets):
     """build_inputs of a raw triplet (encoders run) equals that of its cached latents; with
     num_given=1 the condition holds the first frame as the previous segment's tail (mask + latent)."""
@@ -113,6 +114,7 @@ def test_raw_and_cached_batches_agree_and_carry_the_previous_segment(assets):
                      FRAMES)
 
 
+@pytest.mark.slow  # ~35 s when it builds the module's assets
 def test_loss_drops_the_reference_slot_and_gradients_reach_both_streams(assets):
     """The shared flow-matching loss through the family: the reference slot's prediction is not in
     the loss, and one backward reaches the driving stream (its latents and the driving pass)."""
