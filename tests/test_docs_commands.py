@@ -146,7 +146,8 @@ COMMANDS: dict[str, Run | str] = {
     "python eval/main.py ... out_dir=runs/loras lora_path=runs/b/export/lora.safetensors name=styleB":
         "a fragment (...) of the sweep above",
     "python eval/main.py preset=cpu model_dir=MODEL eval_set=SHARDS out_dir=runs/eval-cpu":
-        Run(subs=(("MODEL", "{tmp}/tiny"), ("SHARDS", "{tmp}/synthetic"), ("runs/eval-cpu", "{tmp}/eval-cpu")),
+        Run(subs=(("eval/main.py", f"{ROOT}/eval/main.py"), ("MODEL", "{tmp}/tiny"), ("SHARDS", "{tmp}/synthetic"),
+                  ("runs/eval-cpu", "{tmp}/eval-cpu")),
             append=("max_samples=1", "steps=2"), needs=("tiny", "synthetic"), expect_out=("eval-cpu/report.md",)),
     # checkpoints
     "python -m wan_animate.checkpoint convert Wan2.2-Animate-14B out/diffusers --to diffusers "
