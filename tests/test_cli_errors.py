@@ -22,7 +22,8 @@ NOISE = ("Failed to load", "register_constant", "Unable to import `torchao` Tens
 
 def _run(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env)
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    for name in ("HYDRA_FULL_ERROR", "DS_ACCELERATOR"):  # in-process tests may have set them in this process
+        full_env.pop(name, None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
