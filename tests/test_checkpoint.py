@@ -406,7 +406,8 @@ def test_cli_convert_dtype_and_errors(tmp_path, capsys):
     assert ckpt.main([*argv, "--dtype", "fp32"]) == 0
     assert {v.dtype for v in load_file(tmp_path / "fp32.safetensors").values()} == {torch.float32}
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "foo.safetensors"))
-    assert ckpt.main(["convert", str(tmp_path / "foo.safetensors"), str(tmp_path / "x"), "--to", "diffusers"]) == 1
+    # an expected error: one line, exit status 2 (wan_animate.cli)
+    assert ckpt.main(["convert", str(tmp_path / "foo.safetensors"), str(tmp_path / "x"), "--to", "diffusers"]) == 2
     assert "Likely cause: foreign keys" in capsys.readouterr().err
     assert ckpt.main(["inspect", str(tmp_path / "official")]) == 0
     out = capsys.readouterr().out
