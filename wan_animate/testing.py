@@ -86,9 +86,104 @@ def build_tiny_image_encoder(image_dim: int, num_layers: int = 2):
 
 
 def build_tiny_vae():
+    """A real ``AutoencoderKLWan`` (the Wan 2.1 architecture at toy width) whose weights are set, not
+    random: an information-keeping pooling encoder and its smoothing inverse (``_pooling_vae``)."""
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(**TINY_VAE)
+    vae = AutoencoderKLWan(**TINY_VAE)
+    _pooling_vae(vae)
+    return vae
+
+
+# Latent layout of the tiny VAE: channel 3k + c is colour c (RGB) averaged over sub-block k of the
+# 8x8-pixel cell (k = 2 * row + column of its 4x4-pixel quarters) and over the latent's frames;
+# channel 12 holds the (known) constant that makes the encoder's output norm invertible; 13-15 are 0.
+_VAE_CONST = 8.0  # the constant channel's value; >> |features| keeps the output RMS norm near-linear
+_VAE_GAMMA = 0.05  # RMS-norm gain before SiLU: keeps SiLU's input within +-0.02, where it is near-linear
+_VAE_SCALE = 1.5  # normalised latent = _VAE_SCALE * pooled pixel value in [-1, 1]
+
+
+@torch.no_grad()
+def _pooling_vae(vae) -> None:
+    """Set every weight of the tiny ``AutoencoderKLWan`` (``TINY_VAE``): residual branches and
+    attention projections are zero (identity blocks), the convolutions of the main path average
+    pixels (2x2 per spatial downsample, 2 frames per temporal one) and the last downsample turns the
+    four 4x4-pixel quarters of each 8x8 cell into channels (space-to-depth), so a 1-3 pixel limb
+    still changes the latent of its cell. The encoder's RMS norm + SiLU head is made invertible by a
+    constant channel; its output is folded with the default ``latents_mean/std`` so that the
+    *normalised* latents are ``_VAE_SCALE`` x the pooled pixel values. The decoder maps a latent back
+    to its cell's mean colour, upsampled with [1, 2, 1] smoothing (a blurred inverse: the pooled
+    latent keeps 4x4-pixel quarters, a convolutional decoder cannot place them without position)."""
+    enc, dec = vae.encoder, vae.decoder
+    for p in vae.parameters():
+        p.zero_()
+    for name, p in vae.named_parameters():
+        if name.endswith("gamma"):
+            p.fill_(1.0)
+    mean = torch.tensor(vae.config.latents_mean)
+    std = torch.tensor(vae.config.latents_std)
+    smooth = torch.tensor([1.0, 2.0, 1.0]) / 4
+    smooth2d = smooth[:, None] * smooth[None, :]
+
+    def eye_center(conv, pairs, gain=1.0):  # current frame, centre pixel: out[o] += gain * in[i]
+        t = conv.weight.shape[2] - 1
+        ch, cw = conv.weight.shape[3] // 2, conv.weight.shape[4] // 2
+        for o, i in pairs:
+            conv.weight[o, i, t, ch, cw] = gain
+
+    def time_average(conv, channels):  # strided causal time conv: taps 1, 2 = the two new frames
+        for c in channels:
+            conv.weight[c, c, 1:, 0, 0] = 0.5
+
+    # ---- encoder: RGB + constant (4 ch) -> 2x2 average -> 4 copies -> 2x2 average -> quarters
+    eye_center(enc.conv_in, [(c, c) for c in range(3)])
+    enc.conv_in.bias[3] = _VAE_CONST
+    blocks = enc.down_blocks
+    for c in range(4):  # downsample2d: ZeroPad(0,1,0,1) + 3x3 stride 2 -> taps (0..1, 0..1) = 2x2 mean
+        blocks[1].resample[1].weight[c, c, :2, :2] = 0.25
+    for k in range(4):  # residual 8 -> 16: its 1x1 shortcut copies (R, G, B, const) four times
+        for c in range(4):
+            blocks[2].conv_shortcut.weight[4 * k + c, c, 0, 0, 0] = 1.0
+    for c in range(16):
+        blocks[3].resample[1].weight[c, c, :2, :2] = 0.25
+    time_average(blocks[3].time_conv, range(16))
+    for k in range(4):  # space-to-depth: copy k keeps quarter (k // 2, k % 2) of its 2x2 neighbourhood
+        for c in range(3):
+            blocks[5].resample[1].weight[4 * k + c, 4 * k + c, k // 2, k % 2] = 1.0
+    blocks[5].resample[1].weight[3, 3, 0, 0] = 1.0  # one constant channel
+    time_average(blocks[5].time_conv, range(16))
+    enc.norm_out.gamma.fill_(_VAE_GAMMA)
+    # norm_out: y = 4 g x / |x| with |x| ~ _VAE_CONST; SiLU(y) ~ y / 2 -> x ~ SiLU(y) * 2 C / (4 g)
+    gain = 2 * _VAE_CONST / (4 * _VAE_GAMMA)
+    for k in range(4):
+        for c in range(3):
+            z = 3 * k + c
+            eye_center(enc.conv_out, [(z, 4 * k + c)], float(std[z] * _VAE_SCALE * gain))
+    eye_center(enc.conv_out, [(12, 3)], float(std[12] * _VAE_SCALE * gain / _VAE_CONST))
+    enc.conv_out.bias[12] = -float(std[12] * _VAE_SCALE * gain / _VAE_CONST) * torch.nn.functional.silu(
+        torch.tensor(4 * _VAE_GAMMA)).item()
+    enc.conv_out.bias[:16] += mean  # mu = mean + std * latent: the normalised latent is the feature
+    vae.quant_conv.weight[:, :, 0, 0, 0] = torch.eye(32)
+
+    # ---- decoder: latent -> cell mean colour + constant, upsampled (x2 nearest, [1,2,1] smoothing)
+    vae.post_quant_conv.weight[:, :, 0, 0, 0] = torch.diag(1.0 / std)
+    vae.post_quant_conv.bias.copy_(-mean / std)
+    eye_center(dec.conv_in, [(c, 3 * k + c) for k in range(4) for c in range(3)], 1.0 / (4 * _VAE_SCALE))
+    dec.conv_in.bias[3] = _VAE_CONST
+    for up in dec.up_blocks:
+        for res in up.resnets:
+            if not isinstance(res.conv_shortcut, torch.nn.Identity):
+                eye_center(res.conv_shortcut, [(c, c) for c in range(4)])
+        if up.upsamplers is not None:
+            sampler = up.upsamplers[0]
+            if sampler.mode == "upsample3d":  # each latent frame -> two equal frames
+                half = sampler.time_conv.weight.shape[1]
+                eye_center(sampler.time_conv, [(c, c) for c in range(4)] + [(half + c, c) for c in range(4)])
+            for c in range(4):
+                sampler.resample[1].weight[c, c] = smooth2d
+    dec.norm_out.gamma.fill_(_VAE_GAMMA)
+    width = dec.norm_out.gamma.shape[0]
+    eye_center(dec.conv_out, [(c, c) for c in range(3)], 2 * _VAE_CONST / (width ** 0.5 * _VAE_GAMMA))
 
 
 def _save_dit(dst: Path, cfg, layout: str) -> None:

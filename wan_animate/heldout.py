@@ -1,0 +1,211 @@
+"""Held-out flow-matching loss at pinned draws, and condition sensitivity.
+
+``heldout_loss``: the training loss (``wan_animate.objective.flow_matching_loss``) with every draw
+pinned: each batch is evaluated at every timestep in ``timesteps``, with noise from a generator
+seeded by ``seed + batch index``, so two checkpoints (or two runs) see exactly the same noisy inputs
+and the numbers are comparable. One DiT forward per (batch, timestep), no sampling loop.
+
+``condition_sensitivity``: the same held-out loss with one condition of every sample replaced by
+another sample's (``swap_condition``), minus the loss with its own conditions, per condition and
+per timestep, on the *same* noise. A model that follows its pose video loses accuracy when it is
+given another clip's pose: a positive gap. A gap near 0 means the model ignores that condition.
+
+Conditions (``CONDITIONS``), as the DiT batch holds them:
+
+* ``pose``: ``pose_latents`` (the pose video's latents),
+* ``face``: ``face_pixel_values`` (the face crops the motion encoder reads),
+* ``ref``: the reference image everywhere it enters: ``clip_fea`` (CLIP of the reference), the
+  reference slot of ``y`` and of the latents (slot 0, noised with the target but never scored).
+
+Used by eval's ``heldout`` / ``sensitivity`` metrics and by training's end-of-run report.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+DEFAULT_TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
+CONDITIONS = ("pose", "face", "ref")
+
+
+def _check_timesteps(timesteps) -> list[float]:
+    timesteps = [float(t) for t in timesteps]
+    if not timesteps or any(not 0.0 <= t <= 1000.0 for t in timesteps):
+        raise ValueError(f"held-out timesteps must be a non-empty list in [0, 1000], got {timesteps}")
+    return timesteps
+
+
+def _plain_loss_cfg():
+    from wan_animate.objective import LossConfig
+
+    # Held-out numbers must not depend on the training weighting knobs: plain MSE per timestep.
+    return LossConfig(weighting="none", face_weight=1.0)
+
+
+def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
+                       loss_cfg) -> dict[float, torch.Tensor]:
+    """Loss [B] of ``batch`` at each timestep; noise from ``seed + index`` (the same for every call
+    with the same index and latent shape)."""
+    from wan_animate.objective import flow_matching_loss
+
+    x0 = batch["latents"]
+    b = x0.shape[0]
+    gen = torch.Generator(device=x0.device).manual_seed(int(seed) + index)
+    out = {}
+    for t in timesteps:
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=torch.float32)
+        ts = torch.full((b,), t, device=x0.device, dtype=torch.float32)
+        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise).per_sample.float().cpu()
+    return out
+
+
+class _EvalMode:
+    def __init__(self, dit):
+        self.dit = dit
+
+    def __enter__(self):
+        self.was_training = getattr(self.dit, "training", False)
+        if hasattr(self.dit, "eval"):
+            self.dit.eval()
+
+    def __exit__(self, *exc):
+        if self.was_training and hasattr(self.dit, "train"):
+            self.dit.train()
+
+
+@torch.no_grad()
+def heldout_loss(
+    dit: Callable[..., torch.Tensor],
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    timesteps=DEFAULT_TIMESTEPS,
+    seed: int = 0,
+    loss_cfg=None,
+    progress: bool = False,
+) -> dict:
+    """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
+    ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
+    "heldout_samples": int}``."""
+    loss_cfg = loss_cfg or _plain_loss_cfg()
+    timesteps = _check_timesteps(timesteps)
+    sums = {t: 0.0 for t in timesteps}
+    count = 0
+    with _EvalMode(dit):
+        it = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(batches, desc="held-out loss", unit="batch")
+        for i, batch in enumerate(it):
+            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg).items():
+                sums[t] += float(losses.sum())
+            count += batch["latents"].shape[0]
+    if count == 0:
+        raise ValueError("held-out loss got no batches; check the held-out set")
+    per_t = {f"heldout_loss@t{t:g}": sums[t] / count for t in timesteps}
+    return {"heldout_loss": sum(per_t.values()) / len(per_t), **per_t, "heldout_samples": count}
+
+
+# ---------------------------------------------------------------------------- condition swaps
+
+
+def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: str) -> dict:
+    """``own`` (a one-sample DiT batch) with ``condition`` taken from ``other`` (same shapes)."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition={condition!r}; choose one of {CONDITIONS}.")
+    out = dict(own)
+    if condition == "pose":
+        out["pose_latents"] = other["pose_latents"]
+    elif condition == "face":
+        out["face_pixel_values"] = other["face_pixel_values"]
+    else:
+        out["clip_fea"] = other["clip_fea"]
+        y, latents = own["y"].clone(), own["latents"].clone()
+        y[:, :, 0] = other["y"][:, :, 0]
+        latents[:, :, 0] = other["latents"][:, :, 0]
+        out["y"], out["latents"] = y, latents
+    return out
+
+
+def _signature(batch: Mapping[str, Any]) -> tuple:
+    keys = ("latents", "y", "pose_latents", "face_pixel_values", "clip_fea")
+    return tuple(tuple(batch[k].shape) for k in keys)
+
+
+def swap_partners(batches: Sequence[Mapping[str, Any]]) -> list[int | None]:
+    """For each one-sample batch, the index of the batch it borrows conditions from: the next batch
+    of the same shapes, cyclically (``None`` when no other batch has its shapes)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, b in enumerate(batches):
+        if b["latents"].shape[0] != 1:
+            raise ValueError(f"condition sensitivity needs one-sample batches; batch {i} holds "
+                             f"{b['latents'].shape[0]}.")
+        groups.setdefault(_signature(b), []).append(i)
+    partner: list[int | None] = [None] * len(batches)
+    for members in groups.values():
+        if len(members) > 1:
+            for j, i in enumerate(members):
+                partner[i] = members[(j + 1) % len(members)]
+    return partner
+
+
+@torch.no_grad()
+def condition_sensitivity(
+    dit: Callable[..., torch.Tensor],
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    timesteps=DEFAULT_TIMESTEPS,
+    seed: int = 0,
+    conditions: Sequence[str] = CONDITIONS,
+    loss_cfg=None,
+    progress: bool = False,
+) -> dict:
+    """Held-out loss with each condition swapped across ``batches`` (one sample each) minus the loss
+    with its own, on the same noise and timesteps.
+
+    Returns ``{"sensitivity_<c>": mean gap over timesteps, "sensitivity_<c>@t<t>": gap at t,
+    "sensitivity_own_loss": own loss (the same samples), "sensitivity_<c>_ratio": swapped / own,
+    "sensitivity_samples": n, "sensitivity_unpaired": samples with no partner of their shapes}``."""
+    loss_cfg = loss_cfg or _plain_loss_cfg()
+    timesteps = _check_timesteps(timesteps)
+    for c in conditions:
+        if c not in CONDITIONS:
+            raise ValueError(f"condition={c!r}; choose from {CONDITIONS}.")
+    batches = list(batches)
+    partner = swap_partners(batches)
+    own = {t: 0.0 for t in timesteps}
+    swapped = {c: {t: 0.0 for t in timesteps} for c in conditions}
+    count = 0
+    with _EvalMode(dit):
+        it = range(len(batches))
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="condition sensitivity", unit="sample")
+        for i in it:
+            j = partner[i]
+            if j is None:
+                continue
+            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg).items():
+                own[t] += float(loss.sum())
+            for c in conditions:
+                moved = swap_condition(batches[i], batches[j], c)
+                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg).items():
+                    swapped[c][t] += float(loss.sum())
+            count += 1
+    if count == 0:
+        raise ValueError(f"condition sensitivity needs at least two samples of the same shape; got "
+                         f"{len(batches)} sample(s) with no pair.")
+    out: dict[str, float | int] = {}
+    own_mean = sum(own.values()) / (count * len(timesteps))
+    for c in conditions:
+        gaps = {t: (swapped[c][t] - own[t]) / count for t in timesteps}
+        out[f"sensitivity_{c}"] = sum(gaps.values()) / len(gaps)
+        out[f"sensitivity_{c}_ratio"] = (own_mean + out[f"sensitivity_{c}"]) / own_mean if own_mean > 0 else float("nan")
+        out.update({f"sensitivity_{c}@t{t:g}": g for t, g in gaps.items()})
+    out["sensitivity_own_loss"] = own_mean
+    out["sensitivity_samples"] = count
+    out["sensitivity_unpaired"] = len(batches) - count
+    return out
