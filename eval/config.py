@@ -16,9 +16,11 @@ from hydra.core.config_store import ConfigStore
 
 from wan_animate.options import canonical_dtype_name, check_frames_4n1, check_solver
 
-METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker", "heldout")
+METRICS = ("psnr", "ssim", "lpips", "fvd", "motion", "expression", "identity", "flicker", "heldout", "sensitivity")
 # Metrics that compare against the ground-truth video (self-reconstruction sets only).
-NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd", "heldout")
+NEEDS_GROUND_TRUTH = ("psnr", "ssim", "lpips", "fvd", "heldout", "sensitivity")
+# Metrics of the DiT's loss (no sampler): a cell that asks only for these generates no video.
+LOSS_METRICS = ("heldout", "sensitivity")
 EVAL_SET_KINDS = ("auto", "shards", "pairs")
 OFFICIAL_CLIP_LEN = 77  # frames per generated segment in the official model
 
@@ -48,6 +50,9 @@ class MetricsConfig:
     # Held-out flow-matching loss: one DiT forward per sample and timestep, noise seeded per sample.
     heldout_timesteps: list[float] = field(default_factory=lambda: [100.0, 300.0, 500.0, 700.0, 900.0])
     heldout_seed: int = 0
+    # Condition sensitivity: held-out loss (same timesteps and seed) with each sample's pose, face
+    # crops or reference swapped for the next sample's, minus its own; these conditions.
+    sensitivity_conditions: list[str] = field(default_factory=lambda: ["pose", "face", "ref"])
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -78,6 +83,13 @@ class MetricsConfig:
         self.heldout_timesteps = [float(t) for t in self.heldout_timesteps]
         if not self.heldout_timesteps or any(not 0 <= t <= 1000 for t in self.heldout_timesteps):
             raise ValueError(f"metrics.heldout_timesteps must be values in [0, 1000], got {self.heldout_timesteps}")
+        from wan_animate.heldout import CONDITIONS
+
+        self.sensitivity_conditions = list(self.sensitivity_conditions)
+        bad = [c for c in self.sensitivity_conditions if c not in CONDITIONS]
+        if bad or not self.sensitivity_conditions or len(set(self.sensitivity_conditions)) != len(self.sensitivity_conditions):
+            raise ValueError(f"metrics.sensitivity_conditions={self.sensitivity_conditions}; list each of "
+                             f"{list(CONDITIONS)} at most once (at least one)")
         self.pck_thresholds = [float(a) for a in self.pck_thresholds]
         if not self.pck_thresholds or any(a <= 0 for a in self.pck_thresholds):
             raise ValueError(f"metrics.pck_thresholds must be positive fractions, got {self.pck_thresholds}")

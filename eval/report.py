@@ -32,11 +32,14 @@ HEADLINE = {
     "hands_error": False, "hands_pck@0.05": True, "hands_pck@0.1": True,
     "face_nme": False, "identity": True, "flicker": False, "temporal_error": False,
     "heldout_loss": False,
+    # condition sensitivity: loss with another sample's condition minus own; larger = the model follows it
+    "sensitivity_pose": True, "sensitivity_face": True, "sensitivity_ref": True,
 }
 MAX_FRAME_STRIPS = 2  # per cell in the HTML
 # The main table and the plots show these (when computed); every metric is in "All metrics".
 PLOTTED = ("psnr", "ssim", "lpips", "fvd", "body_pck@0.1", "hands_pck@0.1", "body_error", "face_nme",
-           "identity", "temporal_error", "flicker", "heldout_loss")
+           "identity", "temporal_error", "flicker", "heldout_loss", "sensitivity_pose", "sensitivity_face",
+           "sensitivity_ref")
 
 
 # ---------------------------------------------------------------------------- collect

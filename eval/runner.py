@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.config import OFFICIAL_CLIP_LEN, EvalConfig
+from eval.config import LOSS_METRICS, OFFICIAL_CLIP_LEN, EvalConfig
 from eval.data import EvalSample, EvalSet
 from eval.records import METRICS_FILE, loads_record, result_config, to_eval_config, write_record
 from eval.resources import get_eval_set, get_i3d, get_pipeline, model_family, resolve_dtype_device
-from eval.scoring import Timer, aggregate, heldout_cached, planned_metrics, sample_metrics
+from eval.scoring import Timer, aggregate, heldout_cached, planned_metrics, sample_metrics, sensitivity_cached
 
 log = logging.getLogger("eval")
 
@@ -139,8 +139,13 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
         pipe = get_pipeline(cfg)
     per_sample: dict[str, dict] = {}
     videos: list[np.ndarray] = []
-    (cell_dir / "frames").mkdir(exist_ok=True)
-    for sample in tqdm(eval_set.samples, desc=f"cell {cell_dir.name}", unit="sample"):
+    # the loss metrics need one DiT forward per sample and timestep, never the sampler
+    generating = any(name not in LOSS_METRICS for name in todo)
+    if not generating:
+        log.info("cell %s: only loss metrics (%s) requested; no video is generated", cell_dir.name, ", ".join(todo))
+    else:
+        (cell_dir / "frames").mkdir(exist_ok=True)
+    for sample in tqdm(eval_set.samples if generating else [], desc=f"cell {cell_dir.name}", unit="sample"):
         with timer("generate"):
             video = generate(pipe, cfg, sample)
         if cfg.save_videos:
@@ -157,6 +162,9 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
     if "heldout" in todo:
         with timer("heldout"):
             metrics.update(heldout_cached(cfg, pipe, eval_set))
+    if "sensitivity" in todo:
+        with timer("sensitivity"):
+            metrics.update(sensitivity_cached(cfg, pipe, eval_set))
     if "fvd" in todo:
         from eval.metrics.fvd import fvd
 
@@ -169,6 +177,7 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
         "eval_set": {"kind": eval_set.kind, "samples": len(eval_set.samples), "skipped": eval_set.skipped},
         "metrics": metrics,
         "not_computed": not_computed,
+        "generated_videos": generating,
         "per_sample": per_sample,
         "seconds": dict(timer.seconds),
         "seconds_per_sample": {k: v / len(eval_set.samples) for k, v in timer.seconds.items()

@@ -1,5 +1,6 @@
 """The metrics of one eval cell: which ones it can compute (and why not the others), each sample's
-values, the mean over samples, and the held-out loss (shared by cells with the same DiT)."""
+values, the mean over samples, and the loss metrics (held-out loss, condition sensitivity; shared
+by cells with the same DiT, computed without generating videos)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,14 @@ def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family: str = "animate")
     for name in METRICS:
         if name not in cfg.metrics.names:
             not_computed[name] = "not requested (add it to metrics.names)"
-        elif name == "heldout" and family == "animate2":
-            not_computed[name] = ("the held-out loss is built from Wan-Animate-14B batches (pose and face "
-                                  "streams); not computed for a Wan-Animate-2 model")
+        elif name in ("heldout", "sensitivity") and family == "animate2":
+            not_computed[name] = (f"the {'held-out loss' if name == 'heldout' else 'condition sensitivity'} is built "
+                                  "from Wan-Animate-14B batches (pose and face streams); not computed for a "
+                                  "Wan-Animate-2 model")
         elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
+        elif name == "sensitivity" and len(eval_set.samples) < 2:
+            not_computed[name] = "needs at least two samples (each borrows the next one's conditions)"
         elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "extract"
               and any(s.driving is None for s in eval_set.samples)):
             not_computed[name] = ("needs the driving RGB video (driving.mp4 in each pair folder) or "
@@ -113,37 +117,57 @@ def aggregate(per_sample: dict[str, dict]) -> dict:
     return out
 
 
-def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
-    """Held-out loss of the cell's DiT; it does not depend on the sampling settings, so cells that
-    share model, checkpoint and LoRA share one computation."""
+def _loss_key(cfg: EvalConfig) -> tuple:
+    """What a loss metric depends on: model, checkpoint, LoRA, dtype, eval set and clip; not the
+    sampling settings, so cells that differ only in those share one computation."""
     m = cfg.metrics
-    key = (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
-           cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
+    return (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
+            cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
+
+
+def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+    """Held-out loss of the cell's DiT (``wan_animate.heldout.heldout_loss``), shared by cells with
+    the same ``_loss_key``."""
+    from wan_animate.heldout import heldout_loss
+
+    m = cfg.metrics
     losses = store("heldout")
+    key = _loss_key(cfg)
     if key not in losses:
-        losses[key] = compute_heldout(pipe, eval_set, timesteps=m.heldout_timesteps, seed=m.heldout_seed,
-                                      clip_len=cfg.clip_len)
+        losses[key] = heldout_loss(pipe.dit, loss_batches(pipe, eval_set, cfg.clip_len), timesteps=m.heldout_timesteps,
+                                   seed=m.heldout_seed, progress=True)
     return losses[key]
 
 
-def compute_heldout(pipe, eval_set: EvalSet, *, timesteps, seed: int, clip_len: int) -> dict:
-    """Encode the first clip (``clip_len`` frames, or the longest 4n+1 prefix of a shorter sample)
-    of every sample with the pipeline's frozen encoders (``wan_animate.batch.build_dit_inputs``, no
-    temporal-reference frames, animate mode) and run ``eval.metrics.heldout_loss``."""
-    from eval.metrics.heldout import heldout_loss
+def sensitivity_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+    """Condition sensitivity of the cell's DiT (``wan_animate.heldout.condition_sensitivity``: the
+    held-out loss with each sample's pose / face / reference swapped for the next sample's, minus its
+    own), shared like the held-out loss."""
+    from wan_animate.heldout import condition_sensitivity
+
+    m = cfg.metrics
+    results = store("sensitivity")
+    key = (*_loss_key(cfg), tuple(m.sensitivity_conditions))
+    if key not in results:
+        results[key] = condition_sensitivity(pipe.dit, list(loss_batches(pipe, eval_set, cfg.clip_len)),
+                                             timesteps=m.heldout_timesteps, seed=m.heldout_seed,
+                                             conditions=m.sensitivity_conditions, progress=True)
+    return results[key]
+
+
+def loss_batches(pipe, eval_set: EvalSet, clip_len: int):
+    """One DiT batch per sample: its first clip (``clip_len`` frames, or the longest 4n+1 prefix of
+    a shorter sample) encoded with the pipeline's frozen encoders (``wan_animate.batch.build_dit_inputs``,
+    no temporal-reference frames, animate mode)."""
     from wan_animate.batch import build_dit_inputs
     from wan_animate.pipeline import DEFAULT_PROMPT, resize_face_video
 
     dtype = next(pipe.dit.parameters()).dtype
     size = pipe.config.motion_encoder_size
-
-    def batches():
-        for s in eval_set.samples:
-            n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
-            face = resize_face_video(frames_to_tensor(s.face[:n])[None], size)[0]
-            ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "pose": frames_to_tensor(s.pose[:n]),
-                  "ref": frames_to_tensor(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
-                  "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
-            yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)
-
-    return heldout_loss(pipe.dit, batches(), timesteps=timesteps, seed=seed, progress=True)
+    for s in eval_set.samples:
+        n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
+        face = resize_face_video(frames_to_tensor(s.face[:n])[None], size)[0]
+        ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "pose": frames_to_tensor(s.pose[:n]),
+              "ref": frames_to_tensor(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
+              "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
+        yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)

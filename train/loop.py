@@ -25,7 +25,7 @@ from train.metrics import StepReporter, plot_loss_curve
 from train.signals import Preemption
 from train.parallel import all_ranks_true, check_world, make_accelerator, write_rank_report, zero_stage
 from train.trainer import Trainer, startup_checks
-from train.validation import validate
+from train.validation import condition_gaps, validate
 
 
 def _start(cfg: Config):
@@ -110,6 +110,8 @@ def _finish(trainer: Trainer, status: str, result: dict[str, Any], preempt: Pree
             video = validate(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.state.step,
                              trainer.stage)
             result["validation_video"] = str(video) if video else None
+            result["condition_gaps"] = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls,
+                                                      trainer.batch_dtype, trainer.stage)
         else:
             ema = trainer.ema.state_dict() if trainer.ema is not None else None
             result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)

@@ -114,3 +114,82 @@ def _render(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     write_video(out, panel, fps=x["fps"])
     return out
+
+
+# ---------------------------------------------------------------------------- condition gaps
+
+GAP_SAMPLES = 4  # clips the end-of-run condition gaps are measured on
+GAP_TIMESTEPS = (300.0, 600.0, 900.0)
+
+
+def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype, face_size: int,
+                limit: int = GAP_SAMPLES) -> list[dict]:
+    """The first ``limit`` samples of ``urls`` (raw or ``cached`` shards) as one-sample DiT batches
+    with the training recipe's random choices off (no dropout, no temporal-reference frames,
+    animate mode; the clip window drawn from a seeded generator)."""
+    import dataclasses
+
+    from webdataset.tariterators import tarfile_samples
+
+    from train.data import StreamSpec, preprocess_cached, preprocess_raw
+    from train.data_urls import text_embeds_path
+    from wan_animate.batch import build_dit_inputs
+    from wan_animate.geometry import nearest_bucket
+    from wan_animate.samples import decode_cached_sample, decode_sample, load_text_embeds
+
+    recipe = dataclasses.replace(cfg.data, temporal_ref_prob=0.0, text_dropout=0.0, face_dropout=0.0,
+                                 face_aug_prob=0.0, replace_prob=0.0)
+    spec = StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed, face_size=face_size)
+    text = None
+    if cached:
+        path = text_embeds_path(urls)
+        if path is None:
+            raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
+        text = load_text_embeds(path)[0]
+    batches = []
+    for i, raw in enumerate(tarfile_samples([{"url": u} for u in urls])):
+        if len(batches) == limit:
+            break
+        rng = np.random.default_rng([cfg.train.seed, i, 0x6A95])
+        if cached:
+            ex = preprocess_cached(decode_cached_sample(raw, text), spec, rng)
+        else:
+            s = decode_sample(raw)
+            h, w = s["video"].shape[-2:]
+            size = nearest_bucket(h, w, [tuple(b) for b in cfg.data.buckets]) if cfg.data.buckets else (h, w)
+            ex = preprocess_raw(s, spec, size, rng)
+        batches.append(build_dit_inputs([ex], pipe, device, dtype, cfg.data.clip_len))
+    return batches
+
+
+def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stage: int) -> dict | None:
+    """Collective. Rank 0: held-out loss with each clip's pose / face crops / reference swapped for
+    the next clip's, minus its own (``wan_animate.heldout.condition_sensitivity``), on ``GAP_SAMPLES``
+    clips at ``GAP_TIMESTEPS``: a model that follows its conditions shows positive gaps."""
+    from wan_animate.heldout import condition_sensitivity
+
+    out = None
+    if acc.is_main_process:
+        if stage == 3 or cfg.train.sequence_parallel > 1:
+            print("[train] condition gaps skipped (ZeRO-3 / sequence parallelism: the DiT is partitioned); run "
+                  "eval with metrics.names=[sensitivity] on the export instead.", flush=True)
+        else:
+            try:
+                if cfg.train.validation_urls:
+                    from train.data_urls import resolve_urls
+
+                    urls, cached, where = resolve_urls(list(cfg.train.validation_urls)), False, "validation clips"
+                else:
+                    cached, where = cfg.data.source == "cached", "training clips"
+                batches = gap_batches(cfg, pipe, urls, cached, acc.device, dtype,
+                                      cfg.data.face_size or raw_dit.config.motion_encoder_size)
+                out = {"clips": where, **condition_sensitivity(raw_dit, batches, timesteps=GAP_TIMESTEPS,
+                                                               seed=cfg.train.seed)}
+            except (*_DATA_FAULTS, FileNotFoundError) as e:
+                print(f"[train] condition gaps skipped: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            if out is not None:
+                print(f"[train] condition gaps on {out['sensitivity_samples']} {out['clips']} (loss with another "
+                      f"clip's condition minus own {out['sensitivity_own_loss']:.4f}; > 0: the model follows it): "
+                      + ", ".join(f"{c} {out[f'sensitivity_{c}']:+.4f}" for c in ("pose", "face", "ref")), flush=True)
+    acc.wait_for_everyone()
+    return out

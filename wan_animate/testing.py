@@ -98,7 +98,7 @@ def build_tiny_vae():
 # Latent layout of the tiny VAE: channel 3k + c is colour c (RGB) averaged over sub-block k of the
 # 8x8-pixel cell (k = 2 * row + column of its 4x4-pixel quarters) and over the latent's frames;
 # channel 12 holds the (known) constant that makes the encoder's output norm invertible; 13-15 are 0.
-_VAE_CONST = 8.0  # the constant channel's value; >> |features| keeps the output RMS norm near-linear
+_VAE_CONST = 32.0  # the constant channel's value; >> |features| keeps the output RMS norm near-linear
 _VAE_GAMMA = 0.05  # RMS-norm gain before SiLU: keeps SiLU's input within +-0.02, where it is near-linear
 _VAE_SCALE = 1.5  # normalised latent = _VAE_SCALE * pooled pixel value in [-1, 1]
 

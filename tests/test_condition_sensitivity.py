@@ -1,0 +1,147 @@
+"""Condition sensitivity (``wan_animate.heldout``): swapping moves exactly the condition named, a
+model that ignores a condition shows a zero gap for it, an oracle that reads a condition shows a
+positive one; the tiny VAE keeps a skeleton's position in its latents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan_animate.heldout import CONDITIONS, condition_sensitivity, swap_condition, swap_partners
+from wan_animate.objective import NUM_TRAIN_TIMESTEPS
+
+
+def _batches(n: int = 3, t: int = 2, h: int = 4, w: int = 4, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        latents = torch.randn(1, 16, t + 1, h, w, generator=g)
+        out.append({
+            "latents": latents,
+            "context": torch.randn(1, 5, 8, generator=g),
+            "clip_fea": torch.randn(1, 7, 8, generator=g),
+            "y": torch.randn(1, 20, t + 1, h, w, generator=g),
+            # the pose latents carry the clean target: an oracle that reads them is exact
+            "pose_latents": latents[:, :, 1:].clone(),
+            "face_pixel_values": torch.randn(1, 3, 4 * (t - 1) + 1, 8, 8, generator=g),
+        })
+    return out
+
+
+def pose_oracle(x, t, context, clip_fea, y, pose, face):
+    """Velocity from x_t and the clean target read off the pose latents: exact with its own pose."""
+    s = (t / NUM_TRAIN_TIMESTEPS).view(-1, 1, 1, 1, 1)
+    pred = torch.zeros_like(x)
+    pred[:, :, 1:] = (x[:, :, 1:] - (1 - s) * pose) / s - pose
+    return pred
+
+
+def reads(condition):
+    """A model whose output depends on one condition only (through a fixed non-linear summary)."""
+    def dit(x, t, context, clip_fea, y, pose, face):
+        value = {"pose": pose, "face": face, "ref": torch.cat([clip_fea.flatten(1), y[:, :, 0].flatten(1),
+                                                                x[:, :, 0].flatten(1)], 1)}[condition]
+        return torch.zeros_like(x) + torch.tanh(value.flatten(1).sum(1)).view(-1, 1, 1, 1, 1)
+    return dit
+
+
+def test_swap_moves_exactly_the_named_condition():
+    a, b = _batches(2)
+    fields = ("latents", "context", "clip_fea", "y", "pose_latents", "face_pixel_values")
+    moved = {c: swap_condition(a, b, c) for c in CONDITIONS}
+    assert moved["pose"]["pose_latents"] is b["pose_latents"]
+    assert moved["face"]["face_pixel_values"] is b["face_pixel_values"]
+    ref = moved["ref"]
+    assert torch.equal(ref["clip_fea"], b["clip_fea"])
+    assert torch.equal(ref["y"][:, :, 0], b["y"][:, :, 0]) and torch.equal(ref["y"][:, :, 1:], a["y"][:, :, 1:])
+    assert torch.equal(ref["latents"][:, :, 0], b["latents"][:, :, 0])
+    assert torch.equal(ref["latents"][:, :, 1:], a["latents"][:, :, 1:])  # the scored target stays
+    changed = {"pose": {"pose_latents"}, "face": {"face_pixel_values"}, "ref": {"clip_fea", "y", "latents"}}
+    for c, batch in moved.items():
+        for f in fields:
+            assert torch.equal(batch[f], a[f]) == (f not in changed[c]), (c, f)
+    assert torch.equal(a["y"], _batches(2)[0]["y"])  # the original batch is not modified
+    with pytest.raises(ValueError, match="choose one of"):
+        swap_condition(a, b, "background")
+
+
+def test_partners_pair_samples_of_one_shape():
+    batches = _batches(3) + _batches(1, h=8)
+    assert swap_partners(batches) == [1, 2, 0, None]
+    out = condition_sensitivity(reads("pose"), batches, timesteps=(500,))
+    assert out["sensitivity_samples"] == 3 and out["sensitivity_unpaired"] == 1
+    with pytest.raises(ValueError, match="at least two samples"):
+        condition_sensitivity(reads("pose"), _batches(1))
+    two = _batches(2)
+    two[0] = {k: torch.cat([v, v]) for k, v in two[0].items()}
+    with pytest.raises(ValueError, match="one-sample batches"):
+        swap_partners(two)
+
+
+def test_oracle_gap_is_positive_and_ignored_conditions_give_zero():
+    out = condition_sensitivity(pose_oracle, _batches(4), timesteps=(200, 800), seed=3)
+    assert out["sensitivity_own_loss"] < 1e-8
+    assert out["sensitivity_pose"] > 1.0 and out["sensitivity_pose@t200"] > 0 and out["sensitivity_pose@t800"] > 0
+    assert out["sensitivity_face"] == 0.0 and out["sensitivity_ref"] == 0.0
+    assert out == condition_sensitivity(pose_oracle, _batches(4), timesteps=(200, 800), seed=3)  # pinned draws
+
+
+@pytest.mark.parametrize("condition", CONDITIONS)
+def test_each_condition_is_measured_alone(condition):
+    out = condition_sensitivity(reads(condition), _batches(3), timesteps=(300, 700))
+    for c in CONDITIONS:
+        assert (out[f"sensitivity_{c}"] != 0.0) == (c == condition), (c, out)
+        assert set(out) >= {f"sensitivity_{c}@t300", f"sensitivity_{c}@t700", f"sensitivity_{c}_ratio"}
+
+
+def test_tiny_vae_latents_keep_where_a_limb_is():
+    """The tiny VAE's latent at a cell changes when a 2-pixel line crosses that cell, and only in
+    the quarter of the cell the line crosses (the pooling keeps 4x4-pixel quarters)."""
+    from wan_animate.encoders import WanVAE
+    from wan_animate.testing import build_tiny_vae
+
+    vae = WanVAE(build_tiny_vae())
+    blank = -torch.ones(1, 3, 1, 64, 64)
+    line = blank.clone()
+    line[:, :, :, 20:22, 8:16] = 1.0  # rows 20-21, columns 8-15: cell (2, 1), its lower quarters (rows 20-23)
+    za, zb = vae.encode(blank), vae.encode(line)
+    diff = (zb - za)[0, :12, 0].abs().reshape(4, 3, 8, 8).amax(1)  # [quarter, cell row, cell col]
+    assert diff[:, 2, 1].amax() > 0.5  # the cell the line crosses
+    # its lower quarters (the other two move < 2% of that: the encoder's output norm is near-linear)
+    assert diff[2:, 2, 1].amin() > 1.0 and diff[:2, 2, 1].amax() < 0.02
+    rest = diff.clone()
+    rest[:, 2, 1] = 0
+    assert rest.amax() < 1e-5  # no other cell moves
+    decoded = vae.decode(zb)
+    assert decoded.shape == (1, 3, 1, 64, 64)
+    assert decoded[0, :, 0, 16:24, 8:16].mean() > decoded[0, :, 0, 40:48, 40:48].mean() + 0.05
+
+
+# ---------------------------------------------------------------------------- training teaches every condition
+
+H = 64  # 8x8 latent cells: the skeleton's limbs land in different cell quarters from clip to clip
+TRAIN_CLIPS, HELD_CLIPS = 24, 8
+GAP_TIMESTEPS = (300.0, 600.0, 900.0)
+
+
+@pytest.fixture(scope="module")
+def learn_assets(tmp_path_factory):
+    """Tiny model, 24 training + 8 held-out synthetic clips (another seed: other characters and
+    motions), raw and cached (data_tools.cache_latents' library function)."""
+    from data_tools.cache_latents import cache_latents
+    from data_tools.config import CacheLatentsConfig
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("learn")
+    model = make_tiny_model_folder(root / "model")
+    out = {"model": model}
+    for name, n, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
+        raw = make_synthetic_dataset(root / name, num_clips=n, clip_len=9, height=H, width=H, seed=seed,
+                                     shard_size=n // 2, face_size=32)
+        out[f"{name}_raw"] = raw
+        out[f"{name}_cached"] = root / f"{name}_cached"
+        cache_latents(CacheLatentsConfig(input=str(raw), output=str(out[f"{name}_cached"]), model=str(model),
+                                         device="cpu", dtype="fp32", refert_nums=[0, 1], shard_size=n // 2),
+                      progress=False)
+    return out
