@@ -4,6 +4,8 @@ positive one; the tiny VAE keeps a skeleton's position in its latents."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,3 +147,28 @@ def learn_assets(tmp_path_factory):
                                          device="cpu", dtype="fp32", refert_nums=[0, 1], shard_size=n // 2),
                       progress=False)
     return out
+
+
+def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
+    """The quick start's end-of-run gaps: the first clips of the training data (or of
+    train.validation_urls) through the training recipe with its random choices off."""
+    from conftest import make_tiny_assets
+    from train.config import compose
+    from train.data_urls import resolve_urls
+    from train.parallel import make_accelerator
+    from train.trainer import Trainer
+    from train.validation import condition_gaps
+
+    (model,), data = make_tiny_assets(tmp_path, num_clips=3)
+    held = make_tiny_assets(tmp_path / "held", num_clips=2)[1]
+    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0",
+                   f"train.output_dir={tmp_path / 'run'}", f"model.path={model}"])
+    trainer = Trainer(cfg, make_accelerator(cfg), Path(model), resolve_urls([str(data)]))
+    gaps = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.batch_dtype, 0)
+    assert gaps["clips"] == "training clips" and gaps["sensitivity_samples"] == 3
+    assert {f"sensitivity_{c}@t{t}" for c in CONDITIONS for t in (300, 600, 900)} <= set(gaps)
+    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0",
+                   f"train.output_dir={tmp_path / 'run'}", f"model.path={model}", f"train.validation_urls=[{held}]"])
+    again = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.batch_dtype, 0)
+    assert again["clips"] == "validation clips" and again["sensitivity_samples"] == 2
+    assert condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.batch_dtype, 3) is None

@@ -197,14 +197,9 @@ def test_replace_mode(assets, tmp_path):
 
 
 def test_loss_metrics_generate_no_video(assets, tmp_path, monkeypatch):
-    """heldout / sensitivity alone never run the sampler; their numbers equal those of a cell that
-    also generates; sensitivity reports every condition at every timestep."""
+    """heldout / sensitivity alone never run the sampler and write no video; sensitivity reports
+    every condition at every timestep, on the same samples and draws as the held-out loss."""
     import eval.runner
-
-    with_videos = run_cell(cfg_for(assets, metrics=MetricsConfig(names=["psnr", "heldout", "sensitivity"])),
-                           tmp_path / "with_videos")
-    assert with_videos["status"] == "ok" and with_videos["generated_videos"], with_videos.get("traceback")
-    clear_cache()
 
     def no_sampler(*a, **k):
         raise AssertionError("the sampler ran for a loss-only cell")
@@ -215,12 +210,10 @@ def test_loss_metrics_generate_no_video(assets, tmp_path, monkeypatch):
     assert rec["generated_videos"] is False
     assert not (tmp_path / "loss" / "videos").exists() and not (tmp_path / "loss" / "frames").exists()
     m = rec["metrics"]
-    for k in ("heldout_loss", "sensitivity_pose", "sensitivity_face", "sensitivity_ref"):
-        assert m[k] == with_videos["metrics"][k], k
     for c in ("pose", "face", "ref"):
-        assert {f"sensitivity_{c}@t{t}" for t in (100, 300, 500, 700, 900)} <= set(m)
+        assert {f"sensitivity_{c}", f"sensitivity_{c}_ratio"} | {f"sensitivity_{c}@t{t}" for t in (100, 300, 500, 700, 900)} <= set(m)
     assert m["sensitivity_samples"] == 2 and m["sensitivity_own_loss"] > 0
-    # own loss of the paired samples = the held-out loss of the same two samples
+    # the own loss of the paired samples is the held-out loss of the same two samples
     assert m["sensitivity_own_loss"] == pytest.approx(m["heldout_loss"], rel=1e-6)
     one = run_cell(cfg_for(assets, max_samples=1, metrics=MetricsConfig(names=["sensitivity"])), tmp_path / "one")
     assert one["status"] == "ok" and "at least two samples" in one["not_computed"]["sensitivity"]
