@@ -119,36 +119,6 @@ def test_tiny_vae_latents_keep_where_a_limb_is():
     assert decoded[0, :, 0, 16:24, 8:16].mean() > decoded[0, :, 0, 40:48, 40:48].mean() + 0.05
 
 
-# ---------------------------------------------------------------------------- training teaches every condition
-
-H = 64  # 8x8 latent cells: the skeleton's limbs land in different cell quarters from clip to clip
-TRAIN_CLIPS, HELD_CLIPS = 24, 8
-GAP_TIMESTEPS = (300.0, 600.0, 900.0)
-
-
-@pytest.fixture(scope="module")
-def learn_assets(tmp_path_factory):
-    """Tiny model, 24 training + 8 held-out synthetic clips (another seed: other characters and
-    motions), raw and cached (data_tools.cache_latents' library function)."""
-    from data_tools.cache_latents import cache_latents
-    from data_tools.config import CacheLatentsConfig
-    from data_tools.synthetic_data import make_synthetic_dataset
-    from wan_animate.testing import make_tiny_model_folder
-
-    root = tmp_path_factory.mktemp("learn")
-    model = make_tiny_model_folder(root / "model")
-    out = {"model": model}
-    for name, n, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
-        raw = make_synthetic_dataset(root / name, num_clips=n, clip_len=9, height=H, width=H, seed=seed,
-                                     shard_size=n // 2, face_size=32)
-        out[f"{name}_raw"] = raw
-        out[f"{name}_cached"] = root / f"{name}_cached"
-        cache_latents(CacheLatentsConfig(input=str(raw), output=str(out[f"{name}_cached"]), model=str(model),
-                                         device="cpu", dtype="fp32", refert_nums=[0, 1], shard_size=n // 2),
-                      progress=False)
-    return out
-
-
 def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
     """The quick start's end-of-run gaps: the first clips of the training data (or of
     train.validation_urls) through the training recipe with its random choices off."""
