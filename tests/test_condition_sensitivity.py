@@ -124,7 +124,7 @@ def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
     train.validation_urls) through the training recipe with its random choices off."""
     from conftest import make_tiny_assets
     from train.config import compose
-    from train.data_urls import resolve_urls
+    from train.data import resolve_urls
     from train.parallel import make_accelerator
     from train.trainer import Trainer
     from train.validation import condition_gaps

@@ -132,7 +132,7 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
     from webdataset.tariterators import tarfile_samples
 
     from train.data import StreamSpec, preprocess_cached, preprocess_raw
-    from train.data_urls import text_embeds_path
+    from train.data import text_embeds_path
     from wan_animate.batch import build_dit_inputs
     from wan_animate.geometry import nearest_bucket
     from wan_animate.samples import decode_cached_sample, decode_sample, load_text_embeds
@@ -170,13 +170,16 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
 
     out = None
     if acc.is_main_process:
-        if stage == 3 or cfg.train.sequence_parallel > 1:
+        if cfg.model.family != "animate":
+            print(f"[train] condition gaps skipped: they swap Wan-Animate-14B's pose / face / reference streams; "
+                  f"model.family={cfg.model.family} is not measured yet.", flush=True)
+        elif stage == 3 or cfg.train.sequence_parallel > 1:
             print("[train] condition gaps skipped (ZeRO-3 / sequence parallelism: the DiT is partitioned); run "
                   "eval with metrics.names=[sensitivity] on the export instead.", flush=True)
         else:
             try:
                 if cfg.train.validation_urls:
-                    from train.data_urls import resolve_urls
+                    from train.data import resolve_urls
 
                     urls, cached, where = resolve_urls(list(cfg.train.validation_urls)), False, "validation clips"
                 else:
