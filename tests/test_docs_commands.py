@@ -130,6 +130,10 @@ COMMANDS: dict[str, Run | str] = {
     "python eval/main.py model_dir=MODEL eval_set=VAL_SHARDS out_dir=runs/eval-base": REAL_MODEL,
     "python eval/main.py -m model_dir=MODEL eval_set=VAL_SHARDS out_dir=runs/sweep "
     "checkpoint=null,runs/ft/checkpoints/step-1000 guide_scale=1,2 seed=0,1": REAL_MODEL + " and a fine-tuned run",
+    "python eval/main.py -m model_dir=MODEL eval_set=data/val_shards out_dir=runs/sensitivity "
+    "checkpoint=null,runs/ft/checkpoints/step-1000,runs/ft/checkpoints/step-2000 metrics.names=[heldout,sensitivity] "
+    "metrics.heldout_timesteps=[300,600,900] max_samples=8":
+        REAL_MODEL + " and a fine-tuned run (tests/test_eval_sweep.py sweeps the metric on the tiny model)",
     "python -m eval.report runs/sweep": "reads the sweep the command before it writes (tests/test_eval_report.py)",
     "python eval/main.py model_dir=Wan2.2-Animate-14B eval_set=data/val_shards out_dir=runs/eval-base": REAL_MODEL,
     "python eval/main.py -m model_dir=Wan2.2-Animate-14B eval_set=data/val_shards out_dir=runs/sweep "

@@ -66,7 +66,7 @@ def common_args(a, out) -> list[str]:
     return [
         f"model_dir={a['model']}", f"eval_set={a['data']}", f"out_dir={out}", "dtype=float32", "device=cpu",
         "steps=2", "clip_len=5", "max_samples=2",
-        "metrics.names=[psnr,ssim,lpips,fvd,flicker,identity,motion,expression,heldout]",
+        "metrics.names=[psnr,ssim,lpips,fvd,flicker,identity,motion,expression,heldout,sensitivity]",
         f"metrics.lpips_backbone={a['lpips'][0]}", f"metrics.lpips_linear={a['lpips'][1]}",
         f"metrics.fvd_detector={a['i3d']}", "metrics.fvd_clip_frames=0",
         "metrics.pose_backend=test_eval_sweep:make_blob_backend",
@@ -108,7 +108,8 @@ def test_sweep_report_rerun_and_failing_cell(assets):
         assert len(list((c / "videos").glob("*.mp4"))) == 2 and len(list((c / "frames").glob("*.png"))) == 2
         m = rec["metrics"]
         for k in ("psnr", "ssim", "lpips", "fvd", "flicker", "temporal_error", "identity", "body_error",
-                  "body_pck@0.05", "hands_pck@0.1", "face_nme", "heldout_loss"):
+                  "body_pck@0.05", "hands_pck@0.1", "face_nme", "heldout_loss", "sensitivity_pose",
+                  "sensitivity_ref"):
             assert k in m and m[k] is not None and np.isfinite(m[k]), (k, m.get(k))
         assert rec["not_computed"] == {}
         assert rec["seconds_per_sample"]["generate"] > 0

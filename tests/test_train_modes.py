@@ -161,7 +161,6 @@ def test_every_preset_composes_and_instantiates(preset, assets):
     ("train.grad_accum=0", "train.grad_accum"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("optim.lr=-1", "optim.lr"),
-    ("train.checkpoint_every=500", "lower it"),
     ("data.clip_len=8", "4n+1"),
     ("train.mode=partial", "train.mode"),
 ])
