@@ -61,7 +61,8 @@ class CharacterSegmenter:
         return out
 
     def close(self) -> None:
-        self._seg.close()
+        with self._quiet():  # the graph's threads finish (and may log) while it closes
+            self._seg.close()
 
 
 # =============================================================================================

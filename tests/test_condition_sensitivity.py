@@ -119,6 +119,7 @@ def test_tiny_vae_latents_keep_where_a_limb_is():
     assert decoded[0, :, 0, 16:24, 8:16].mean() > decoded[0, :, 0, 40:48, 40:48].mean() + 0.05
 
 
+@pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
 def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
     """The quick start's end-of-run gaps: the first clips of the training data (or of
     train.validation_urls) through the training recipe with its random choices off."""

@@ -96,6 +96,7 @@ class SelfContained(HTMLParser):
             self.external.append(f"<{tag}>")
 
 
+@pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
 def test_sweep_report_rerun_and_failing_cell(assets):
     out = assets["root"] / "sweep"
     r = run_main(["-m", *common_args(assets, out), "guide_scale=1,2", "seed=0,1"])

@@ -58,6 +58,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
 def test_sigkill_then_rerun_reproduces_the_straight_run(tmp_path, cache):
     straight = tmp_path / "straight"
     run(straight, cache, f"train.max_steps={2 * N}")
@@ -130,6 +131,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, cache):
     assert (out / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
 def test_nan_loss_is_skipped_counted_then_stops(tmp_path, cache):
     from train.state import NonFiniteLossError
 
