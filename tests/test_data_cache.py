@@ -155,7 +155,7 @@ def test_cache_latents_progress_counts_samples_and_restores_threads(tmp_path, ti
 
 
 def test_synthetic_generator_is_a_library_module_for_train():
-    # Issue 9's rule: train/ and eval/ never import a data_tools command module; the quick start's
+    # The import rule: train/ and eval/ never import a data_tools command module; the quick start's
     # generator lives in data_tools.synthetic_data, the command (python -m data_tools.synthetic)
     # only wraps it. (Here because the cached quick start is built from it.)
     import ast

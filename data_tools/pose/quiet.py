@@ -1,4 +1,4 @@
-"""Keep mediapipe's native log lines out of the terminal (issue 13: 64 of 75 lines of an eval
+"""Keep mediapipe's native log lines out of the terminal (64 of 75 lines of an eval
 log were mediapipe / TFLite / absl lines inside progress bars).
 
 Mediapipe's C++ side logs through absl before ``absl::InitializeLog`` (so everything goes to the
