@@ -241,7 +241,7 @@ def test_precomputed_ready_videos(tmp_path, small_inputs):
 
 
 # ---------------------------------------------------------------------------------------------
-# faults and odd videos (issue 11) on tiny clips with ready pose/face videos: no pose model runs
+# faults and odd videos on tiny clips with ready pose/face videos: no pose model runs
 # ---------------------------------------------------------------------------------------------
 def _write_av(path, frames, *, pts_ms=None, rotation=None, fps=30):
     """Write frames with PyAV; ``pts_ms`` gives explicit timestamps (variable frame rate),

@@ -141,7 +141,7 @@ def test_inspect_cli_flags_broken_shards(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# cached shards in inspect / decode (issue 13), json faults, paged contact sheets
+# cached shards in inspect / decode, json faults, paged contact sheets
 # ---------------------------------------------------------------------------------------------
 def _cached_set(root, n=3, broken=None):
     """A hand-made cached set (the layout cache_latents writes): latents + face.mp4 + json per

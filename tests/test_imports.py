@@ -1,4 +1,4 @@
-"""The dependency rule (issue 9), checked statically on the source tree.
+"""The dependency rule, checked statically on the source tree.
 
     wan_animate (library)  <-  data_tools, train, eval
 

@@ -96,7 +96,7 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
     """The plain 14B LoRA preset as shipped (no swap / fp8 / offload), 832x480 x 77: frozen weights =
     the real frozen parameters' bytes (bf16, the fp32-by-design tables fp32), counted from the model
     directly; activations >= the checkpointed block inputs it keeps (one [B, L, dim] tensor per DiT
-    block and face block, in model.checkpoint_dtype); the peak meets issue 10's 64 GiB."""
+    block and face block, in model.checkpoint_dtype); the peak meets the preset budget of 64 GiB."""
     import torch
 
     from train.modes import setup_trainable

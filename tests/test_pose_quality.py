@@ -1,4 +1,4 @@
-"""Pose-quality score (issue 13): synthetic clips with exact keypoints, clean and broken."""
+"""Pose-quality score: synthetic clips with exact keypoints, clean and broken."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Launch-level reliability (issue 11): a refused config leaves no folder, one run per output_dir
+"""Launch-level reliability: a refused config leaves no folder, one run per output_dir
 (lock), stop signals reach the trainer through its launcher (single-process ``accelerate launch``)
 and through ``launch/slurm/train.sbatch`` (a 2-process DDP run under stand-in ``srun``/``scancel``).
 These tests start real processes: signals and launchers are the point. docs/reliability.md maps

@@ -1,4 +1,4 @@
-"""Nothing run, nothing lost (issue 11): planted pickles are refused before DeepSpeed unpickles
+"""Nothing run, nothing lost: planted pickles are refused before DeepSpeed unpickles
 them, a NaN streak never prunes the last good checkpoint, a damaged newest checkpoint falls back to
 the previous one, checkpoint files are group-readable, data faults are skipped and counted, config
 values are checked, DeepSpeed never applies a non-finite gradient. Training runs are in-process

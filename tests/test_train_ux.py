@@ -1,4 +1,4 @@
-"""A new user's first run (issue 13): the ``[train]`` header says what will train before any model
+"""A new user's first run: the ``[train]`` header says what will train before any model
 loads, bad combinations stop early with the fix, an output folder holds one run (another launch
 is refused, config.json records what was loaded and is never replaced), a finished run is a no-op,
 every JSON is strict, cached training validates too, and third-party start-up noise is dropped.

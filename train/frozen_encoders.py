@@ -1,4 +1,4 @@
-"""Where the frozen VAE / umT5 / CLIP encoders live during training (issue 10: they never sit on
+"""Where the frozen VAE / umT5 / CLIP encoders live during training (they never sit on
 the device during the DiT step).
 
 * ``data.source=cached``: training never needs them; the trainer loads them only when something

@@ -1,4 +1,4 @@
-"""A pose-quality score per clip, from its keypoints alone (issue 13: detectors such as mediapipe
+"""A pose-quality score per clip, from its keypoints alone (detectors such as mediapipe
 sometimes draw a wrong skeleton for a few frames, e.g. arms up while the person stands).
 
 ``pose_quality(seq)`` looks at the body points and marks frames as bad for three reasons:
