@@ -1,4 +1,4 @@
-"""Frame-accurate random access: decord vs PyAV on a real clip (issue 9: is decord the better tool?).
+"""Frame-accurate random access: decord vs PyAV on a real clip (is decord the better tool?).
 
     python bench/video_decode.py [--video tests/fixtures/wan_examples/replace/video.mp4] [--repeats 5]
 

@@ -352,7 +352,7 @@ def test_detection_decoding_and_crop_geometry():
 
 
 def _greedy_nms_reference(boxes, scores, iou):
-    """The hand-written NMS the backend used before cv2.dnn.NMSBoxes (issue 9), as a reference."""
+    """The hand-written NMS the backend used before cv2.dnn.NMSBoxes, as a reference."""
     order = np.argsort(-scores, kind="stable")
     keep = []
     while len(order):

@@ -1,4 +1,4 @@
-"""Trainable-only training state (issue 10, section 2): in lora / adapters_only modes a checkpoint
+"""Trainable-only training state: in lora / adapters_only modes a checkpoint
 holds only the trained tensors and references the frozen base by a content fingerprint; resume from
 it is exact; resume on another base is refused; exports are the small files unless the merged model
 is asked for (then in bf16). Everything runs in-process on the quick start's tiny model."""
