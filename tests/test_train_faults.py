@@ -15,28 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-QUIET = ["train.progress=false", "train.validation=false", "train.export=false"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state(fresh_accelerate_state):
-    yield
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
-def in_process(out: Path, cache: Path, *overrides: str):
-    from train.config import compose
-    from train.loop import run
-
-    return run(compose([f"train.output_dir={out}", f"train.cache_dir={cache}", *QUIET, *overrides]))
+# the in-process run and its fixtures are the reliability tests' own
+from test_train_reliability import QUIET, _fresh_accelerate_state, cache, in_process  # noqa: E402,F401
 
 
 def steps_logged(out: Path) -> list[int]:
