@@ -174,6 +174,21 @@ V1_DEFAULTS = dict(steps=20, guide_scale=1.0, solver="unipc", clip_len=77)
 V1_ONLY = ("pose", "face", "bg", "mask", "preprocessed", "driving", "relight")
 
 
+def _check_loras(files: list[str], scales, *, n_scaled: int | None = None) -> None:
+    """Read and check every LoRA file now, so a bad one fails before any model weight is loaded."""
+    from wan_animate.lora import LoraError, read_lora
+    from wan_animate.weights.files import WeightsFileError
+
+    for lora in files:
+        try:
+            read_lora(_need_file(lora, "LoRA file"))
+        except (LoraError, WeightsFileError) as e:
+            raise CliError(str(e)) from None
+    n = len(files) if n_scaled is None else n_scaled
+    if scales and len(scales) != n:
+        raise CliError(f"{len(scales)} --lora-scale values for {n} --lora files.")
+
+
 def _model_family(model: str) -> str:
     """"animate" or "animate2" from the DiT tensor names of the model folder (headers only)."""
     from wan_animate.animate2.weights import checkpoint_family
@@ -229,16 +244,7 @@ def gather_animate2_inputs(args) -> dict:
         check_driving_video(frames, clip_len=args.clip_len, refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
-    from wan_animate.lora import LoraError, read_lora
-    from wan_animate.weights.files import WeightsFileError
-
-    for lora in args.lora:
-        try:  # read and checked now: a bad file fails before any model weight is loaded
-            read_lora(_need_file(lora, "LoRA file"))
-        except (LoraError, WeightsFileError) as e:
-            raise CliError(str(e)) from None
-    if args.lora_scale and len(args.lora_scale) != len(args.lora):
-        raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
+    _check_loras(args.lora, args.lora_scale)
     print(f"cost: {estimate_cost(args, len(frames), height, width, None)}", file=sys.stderr)
     return dict(ref_image=image, driving_video=frames, fps=fps)
 
@@ -367,20 +373,13 @@ def gather_inputs(args, work_dir: str | None = None) -> dict:
                       refert_num=args.refert_num)
     except InputError as e:
         raise CliError(str(e)) from None
-    from wan_animate.lora import RELIGHT_FILE, LoraError, read_lora
-    from wan_animate.weights.files import WeightsFileError
+    from wan_animate.lora import RELIGHT_FILE
 
     if args.relight is not None and bg_frames is None:
         raise CliError("--relight applies to replace mode: add --replace (with --driving) or --bg and --mask.")
     if args.relight == "":
         args.relight = str(Path(args.model) / RELIGHT_FILE)
-    for lora in [*args.lora, *([args.relight] if args.relight else [])]:
-        try:  # read and checked now: a bad file fails before any model weight is loaded
-            read_lora(_need_file(lora, "LoRA file"))
-        except (LoraError, WeightsFileError) as e:
-            raise CliError(str(e)) from None
-    if args.lora_scale and len(args.lora_scale) != len(args.lora):
-        raise CliError(f"{len(args.lora_scale)} --lora-scale values for {len(args.lora)} --lora files.")
+    _check_loras([*args.lora, *([args.relight] if args.relight else [])], args.lora_scale, n_scaled=len(args.lora))
     return dict(ref_image=image, pose_video=pose_frames, face_video=face_frames, bg_video=bg_frames,
                 mask_video=mask_frames, fps=fps)
 
