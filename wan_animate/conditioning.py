@@ -9,9 +9,6 @@ The DiT sees ``y = [mask (4 ch) ; condition latent (16 ch)]`` on ``T + 1`` laten
   background video (replace mode). The mask is 1 on given pixel frames; in replace mode it is
   additionally 1 on the environment (``1 - character_mask``, nearest-downsampled to H/8 x W/8).
 
-Pixel-frame masks become 4 channels per latent frame: pixel frame 0 is repeated 4 times, then every
-following group of 4 pixel frames fills one latent frame (1 + 4 (T - 1) pixel frames -> 4 x T).
-
 The official sampler gives *no* frames on the first segment (``num_given = 0``: animate -> all
 zeros, replace -> the whole background clip) and ``refert_num`` frames on later segments.
 """
@@ -23,40 +20,23 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from wan_animate.options import check_frames_4n1
+
 Mode = Literal["animate", "replace"]
 
 VAE_TEMPORAL_STRIDE = 4
-VAE_SPATIAL_STRIDE = 8
 MASK_CHANNELS = 4
-
-
-# ---------------------------------------------------------------------------------------------
-# Frame arithmetic
-# ---------------------------------------------------------------------------------------------
 
 
 def num_latent_frames(num_pixel_frames: int) -> int:
     """Wan VAE time compression: ``T`` pixel frames -> ``(T - 1) // 4 + 1`` latent frames."""
-    check_clip_len(num_pixel_frames)
+    check_frames_4n1(num_pixel_frames)
     return (num_pixel_frames - 1) // VAE_TEMPORAL_STRIDE + 1
-
-
-def check_clip_len(clip_len: int) -> None:
-    if clip_len < 1 or (clip_len - 1) % VAE_TEMPORAL_STRIDE != 0:
-        raise ValueError(
-            f"clip_len={clip_len} must be 4n+1 (e.g. 5, 9, 13, ..., 77) so the Wan VAE packs it into "
-            "whole latent frames."
-        )
 
 
 def _check_mode(mode: str) -> None:
     if mode not in ("animate", "replace"):
         raise ValueError(f"mode={mode!r} must be 'animate' or 'replace'.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------------------------
 
 
 def pack_pixel_mask(pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -113,11 +93,6 @@ def temporal_mask(
     return pack_pixel_mask(pixel)
 
 
-# ---------------------------------------------------------------------------------------------
-# Pixel-space temporal reference
-# ---------------------------------------------------------------------------------------------
-
-
 def temporal_reference_video(
     clip_len: int,
     height: int,
@@ -141,7 +116,7 @@ def temporal_reference_video(
       (on a first segment the whole clip is the background).
     """
     _check_mode(mode)
-    check_clip_len(clip_len)
+    check_frames_4n1(clip_len)
     if mode == "replace":
         if bg_video is None:
             raise ValueError("mode='replace' needs bg_video [B, 3, clip_len, H, W].")
@@ -172,11 +147,6 @@ def temporal_reference_video(
     else:
         rest = torch.zeros(batch_size, 3, clip_len - n, height, width, device=device, dtype=dtype)
     return torch.cat([given, rest], dim=2), n
-
-
-# ---------------------------------------------------------------------------------------------
-# The builder
-# ---------------------------------------------------------------------------------------------
 
 
 def build_condition(

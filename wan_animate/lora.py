@@ -6,23 +6,14 @@ File layout (safetensors), the one diffusers' ``WanLoraLoaderMixin`` and ComfyUI
     diffusion_model.<official module name>.lora_B.weight   [out_features, rank]
     diffusion_model.<official module name>.alpha           scalar
 
-The update of a targeted linear is ``W + scale * (alpha / rank) * B @ A``. Files that name the
-factors ``lora_down`` / ``lora_up``, or that omit the ``diffusion_model.`` prefix, or that carry no
-alpha (then alpha = rank) are read too.
-
-Files named ``<official module name>.lora_A.weight`` (a peft ``state_dict``), optionally under
-``base_model.model.``, are read too: the official ``relighting_lora.ckpt`` is a torch file holding
-``{"state_dict": <peft state dict>}`` (read with ``weights_only=True`` only).
-
-Training: ``add_lora(dit, rank, alpha)`` wraps the default targets (every linear inside
-``blocks.N`` except face and modulation layers, as the official relighting LoRA) with peft;
-``lora_state_dict(dit)`` exports; ``apply_lora(dit, path, scale)`` merges a file into a plain DiT
-for inference (what ``AnimatePipeline.load_lora`` calls); ``apply_relighting_lora(dit, path)``
-applies the official relighting LoRA the way the official replace-mode pipeline does.
+The update of a targeted linear is ``W + scale * (alpha / rank) * B @ A``. Also read: factors named
+``lora_down`` / ``lora_up``, no ``diffusion_model.`` prefix (or peft's ``base_model.model.``), no
+alpha (then alpha = rank), and torch files holding ``{"state_dict": <peft state dict>}`` such as the
+official ``relighting_lora.ckpt`` (``weights_only=True`` only).
 
 Loading is atomic: every name, shape and value is checked before the first weight changes, so a
-bad file raises (``LoraError``, or ``WeightsFileError`` for an unreadable file: one line with the
-path and the fix) and leaves the model untouched.
+bad file raises (``LoraError``, or ``WeightsFileError`` for an unreadable file) and leaves the
+model untouched.
 """
 
 from __future__ import annotations
@@ -75,9 +66,7 @@ def default_lora_targets(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCL
 def resolve_lora_targets(model: nn.Module, targets: Iterable[str] | None) -> list[str]:
     """Expand user targets: ``None`` -> defaults; otherwise each entry is a full module name or a
     regular expression matched against full names of linears (e.g. ``blocks\\.\\d+\\.ffn\\.0``)."""
-    if targets is None:
-        return default_lora_targets(model)
-    targets = list(targets)
+    targets = list(targets or ())
     if not targets:
         return default_lora_targets(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -173,12 +162,6 @@ def lora_state_dict(
     if not out:
         raise LoraError("No LoRA factors found (was add_lora applied?).")
     return out
-
-
-def strip_lora_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Plain DiT state dict (official names) from a peft-wrapped one: LoRA factors dropped and
-    ``.base_layer.`` removed (the base weights, not merged)."""
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if not is_lora_key(k)}
 
 
 def save_lora(

@@ -1,16 +1,7 @@
-"""One home for the option vocabularies every app shares: dtypes, devices, frame counts, solvers.
+"""One home for the option vocabularies every app shares: dtypes, devices, frame counts, solvers,
+and the one path from a composed Hydra config to an app's validated dataclass.
 
-* ``parse_dtype``: ``"bf16"`` / ``"bfloat16"``, ``"fp32"`` / ``"float32"``, ``"fp16"`` / ``"float16"``
-  (or a ``torch.dtype``); ``"auto"`` is bfloat16 on CUDA and float32 elsewhere (bfloat16 is ~5x
-  slower than float32 on CPUs).
-* ``resolve_device``: ``"auto"`` -> ``cuda`` when available, else ``cpu``; asking for CUDA where
-  there is none is an error that names the fix.
-* ``check_frames_4n1``: frame counts the VAE's 4x temporal stride accepts (1, 5, 9, ..., 77, ...).
-* ``SOLVERS``: the sampler names ``wan_animate.sampling`` implements.
-* ``to_dataclass``: the one path from a composed Hydra config to an app's validated dataclass.
-* ``HYDRA_QUIET``: the Hydra settings of apps that write only where their config says.
-
-Every function raises ``ValueError`` whose message names the key, the bad value and the fix, so
+Every check raises ``ValueError`` whose message names the key, the bad value and the fix, so
 config ``__post_init__`` checks and CLIs can show it as a one-line error.
 """
 
@@ -18,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SOLVERS = ("unipc", "dpm++", "euler")
+SOLVERS = ("unipc", "dpm++", "euler")  # the samplers wan_animate.sampling implements
 
 # canonical short name -> accepted spellings
 DTYPE_NAMES = {
@@ -44,7 +35,7 @@ def canonical_dtype_name(value: Any, key: str = "dtype", *, allow_auto: bool = T
 
 def parse_dtype(value: Any, device: Any = None, key: str = "dtype"):
     """``torch.dtype`` for a name in either spelling, a ``torch.dtype``, or ``"auto"`` (bfloat16 on
-    CUDA ``device``, float32 otherwise)."""
+    CUDA ``device``, float32 otherwise: bfloat16 is ~5x slower than float32 on CPUs)."""
     import torch
 
     if isinstance(value, torch.dtype):
@@ -98,12 +89,9 @@ HYDRA_VERSION_BASE = "1.3"  # every app's ``@hydra.main`` / ``initialize_config_
 
 
 def to_dataclass(cfg: Any, cls: type) -> Any:
-    """A composed Hydra config (or a plain mapping) -> the validated dataclass ``cls``.
-
-    ``OmegaConf.to_object`` against the structured schema: unknown keys and wrong types are refused
-    by the merge, and every nested dataclass's ``__post_init__`` validates its values. An instance
-    of ``cls`` is returned as it is. Errors of the schema (``ValueError``) pass through unchanged.
-    """
+    """A composed Hydra config (or a plain mapping) -> the validated dataclass ``cls`` (an instance
+    is returned as it is). ``OmegaConf.to_object`` against the structured schema: the merge refuses
+    unknown keys and wrong types, each nested ``__post_init__`` validates the values."""
     if isinstance(cfg, cls):
         return cfg
     from omegaconf import OmegaConf

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
+from wan_animate.conditioning import encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.geometry import letterbox
-from wan_animate.sampling import SOLVERS, sample
+from wan_animate.options import SOLVERS, check_frames_4n1
+from wan_animate.sampling import sample
 from wan_animate.video_io import frames_to_tensor, tensor_to_frames
 from wan_animate.weights.files import load_torch_file
 
@@ -119,7 +120,7 @@ def check_inputs(
 ) -> DrivingInputs:
     """Validate driving streams; raises :class:`InputError` naming the problem and the fix."""
     try:
-        check_clip_len(clip_len)
+        check_frames_4n1(clip_len)
     except ValueError as e:
         raise InputError(str(e)) from None
     if not 1 <= refert_num < clip_len:

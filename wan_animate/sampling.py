@@ -26,15 +26,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-SOLVERS = ("unipc", "dpm++", "euler")
-NUM_TRAIN_TIMESTEPS = 1000
+from wan_animate.objective import NUM_TRAIN_TIMESTEPS, shift_sigma
+from wan_animate.options import SOLVERS
+
 # The official UniPC scheduler's sigma_max: 1 - 1/1000 stored as float32, read back as a Python float.
 UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
-
-
-def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
-    """The flow-matching timestep shift ``shift * s / (1 + (shift - 1) * s)`` (float64)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 def official_sigmas(solver: str, steps: int) -> np.ndarray:
@@ -97,7 +93,7 @@ def set_schedule(scheduler, steps: int, device=None) -> None:
         scheduler.set_timesteps(sigmas=grid, device=device)
         return
     scheduler.set_timesteps(steps, device=device)
-    shifted = shift_sigmas(grid, scheduler.config.flow_shift)
+    shifted = shift_sigma(grid, scheduler.config.flow_shift)  # float64
     sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)
     scheduler.sigmas = torch.from_numpy(sigmas)
     scheduler.timesteps = torch.from_numpy(shifted * NUM_TRAIN_TIMESTEPS).to(device=device, dtype=torch.int64)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from wan_animate.animate2.config import DISTILLED_LOG_SCALE, REFERENCE_PROMPT, Animate2Config
-from wan_animate.conditioning import check_clip_len, encode_condition, num_latent_frames
+from wan_animate.conditioning import encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from wan_animate.geometry import letterbox
 from wan_animate.pipeline import (
@@ -45,7 +45,7 @@ from wan_animate.pipeline import (
     run_segments,
     to_tensor_video,
 )
-from wan_animate.sampling import SOLVERS
+from wan_animate.options import SOLVERS, check_frames_4n1
 
 __all__ = ["Animate2Pipeline", "SamplingDefaults", "BASE", "DISTILLED", "check_driving_video"]
 
@@ -70,7 +70,7 @@ def check_driving_video(driving_video: Any, *, clip_len: int, refert_num: int) -
     """Validate the raw driving video (uint8 [T, H, W, 3], sides multiples of 16); raises
     :class:`InputError` naming the problem and the fix."""
     try:
-        check_clip_len(clip_len)
+        check_frames_4n1(clip_len)
     except ValueError as e:
         raise InputError(str(e)) from None
     if not 1 <= refert_num < clip_len:

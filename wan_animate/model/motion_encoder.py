@@ -20,16 +20,14 @@ from torch import nn
 
 from wan_animate.config import WanAnimateConfig
 
-# ------------------------------------------------------------------------------------------------
-# Equalised layers
-# ------------------------------------------------------------------------------------------------
 
-BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
+def make_blur_kernel() -> torch.Tensor:
+    """The 4x4 FIR kernel stored as ``*.kernel`` buffers: outer product of [1, 3, 3, 1], summing to 1.
 
-
-def make_blur_kernel(taps: tuple[float, ...] = BLUR_TAPS) -> torch.Tensor:
-    """The normalised 2D FIR kernel (outer product of ``taps``) stored as ``*.kernel`` buffers."""
-    k = torch.tensor(taps, dtype=torch.float32)
+    Built in fp32 as the official model does; every entry (k/64, k in {1, 3, 9}) is exact in
+    bf16/fp16 too, so a cast never rounds.
+    """
+    k = torch.tensor((1.0, 3.0, 3.0, 1.0), dtype=torch.float32)
     k = torch.outer(k, k)
     return k / k.sum()
 
@@ -84,11 +82,6 @@ class ScaledLeakyReLU(nn.Module):
         return F.leaky_relu(x + self.bias.to(x.dtype), 0.2) * math.sqrt(2.0)
 
 
-# ------------------------------------------------------------------------------------------------
-# Appearance conv net
-# ------------------------------------------------------------------------------------------------
-
-
 class DownBlock(nn.Module):
     """3x3 conv; blurred stride-2 3x3 conv; blurred stride-2 1x1 skip; (main + skip) / sqrt(2)."""
 
@@ -135,11 +128,6 @@ class _Encoder(nn.Module):
         )
 
 
-# ------------------------------------------------------------------------------------------------
-# Direction basis
-# ------------------------------------------------------------------------------------------------
-
-
 class _Direction(nn.Module):
     def __init__(self, out_dim: int, motion_dim: int):
         super().__init__()
@@ -157,11 +145,6 @@ class _Decoder(nn.Module):
     def __init__(self, config: WanAnimateConfig):
         super().__init__()
         self.direction = _Direction(config.motion_encoder_dim, config.motion_dim)
-
-
-# ------------------------------------------------------------------------------------------------
-# Motion encoder
-# ------------------------------------------------------------------------------------------------
 
 
 class MotionEncoder(nn.Module):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from wan_animate.config import WanAnimateConfig
+from wan_animate.model.motion_encoder import make_blur_kernel
 
 __all__ = [
     "KeyMapError",
@@ -45,23 +46,9 @@ class KeyMapError(ValueError):
         self.unknown = list(unknown or [])
 
 
-# ------------------------------------------------------------------------------------------------
-# LIA blur kernel (the only tensor the diffusers layout does not store)
-# ------------------------------------------------------------------------------------------------
-
-LIA_BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
-
-
 def lia_blur_kernel(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 4x4 FIR kernel of the LIA down-sampling blur: outer product of [1,3,3,1], summing to 1.
-
-    Computed in float32 (as the official model builds it) and then cast; every entry (k/64 with
-    k in {1,3,9}) is exact in bf16/fp16 too, so the cast never rounds.
-    """
-    taps = torch.tensor(LIA_BLUR_TAPS, dtype=torch.float32)
-    kernel = taps[None, :] * taps[:, None]
-    kernel = kernel / kernel.sum()
-    return kernel.to(device=device, dtype=dtype)
+    """The LIA blur kernel (the only tensor the diffusers layout does not store), cast exactly."""
+    return make_blur_kernel().to(device=device, dtype=dtype)
 
 
 def num_motion_res_blocks(config: WanAnimateConfig) -> int:
