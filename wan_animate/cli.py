@@ -85,7 +85,7 @@ def expected_errors(prefix: str = "error: ", extra: Iterable[type[BaseException]
         fail(prefix, one_line(err))
 
 
-# ------------------------------------------------------------------------------ Hydra overrides
+# ---- Hydra overrides
 
 
 def _fields(cls) -> dict[str, typing.Any] | None:

@@ -38,7 +38,7 @@ DEFAULT_MOTION_ENCODER_CHANNELS: dict[str, int] = {
 
 @dataclass
 class WanAnimateConfig:
-    # ---------------------------------------------------------------- DiT trunk
+    # ---- DiT trunk
     dim: int = 5120
     ffn_dim: int = 13824
     num_heads: int = 40
@@ -57,7 +57,7 @@ class WanAnimateConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_max_seq_len: int = 1024
-    # ---------------------------------------------------------------- motion encoder (LIA)
+    # ---- motion encoder (LIA)
     motion_encoder_size: int = 512
     motion_style_dim: int = 512
     motion_dim: int = 20
@@ -67,13 +67,13 @@ class WanAnimateConfig:
     )
     # Face frames pushed through the motion encoder at once; bounds activation memory.
     motion_encoder_batch_size: int = 8
-    # ---------------------------------------------------------------- face encoder / adapter
+    # ---- face encoder / adapter
     face_encoder_hidden_dim: int = 1024
     face_encoder_num_heads: int = 4
     # A face block follows every `face_adapter_period`-th DiT block (0, 5, 10, ...).
     face_adapter_period: int = 5
 
-    # ---------------------------------------------------------------- derived sizes
+    # ---- derived sizes
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
@@ -92,7 +92,7 @@ class WanAnimateConfig:
         d = self.head_dim
         return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
 
-    # ---------------------------------------------------------------- validation
+    # ---- validation
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
         self.window_size = tuple(int(w) for w in self.window_size)  # type: ignore[assignment]
@@ -135,7 +135,7 @@ class WanAnimateConfig:
         if self.motion_encoder_batch_size < 1:
             raise ValueError("motion_encoder_batch_size must be >= 1.")
 
-    # ---------------------------------------------------------------- presets
+    # ---- presets
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "WanAnimateConfig":
         if name not in PRESETS:
@@ -144,7 +144,7 @@ class WanAnimateConfig:
         values.update(overrides)
         return cls(**values)
 
-    # ---------------------------------------------------------------- (de)serialisation
+    # ---- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["patch_size"] = list(self.patch_size)

@@ -1,14 +1,6 @@
-"""One home for writing files safely: atomic writes, strict JSON, atomically built folders.
-
-Everything the project writes that a crash could leave half-written (manifests, summaries,
-configs, shards, checkpoints, cached model folders) goes through here:
-
-* ``atomic_write_bytes`` / ``atomic_write_text``: write ``path.tmp<pid>`` then ``os.replace``, so a
-  reader sees the old file or the new one, never a prefix.
-* ``atomic_write_json``: strict JSON (RFC 8259 has no NaN/Infinity): non-finite floats become
-  ``null`` and ``allow_nan=False`` guards the rest.
-* ``atomic_dir``: build a folder under a temporary name, mark it ``.complete``, rename it into place;
-  a finished folder is reused as is.
+"""One home for writing files safely: everything a crash could leave half-written (manifests,
+summaries, configs, shards, checkpoints, cached model folders) is written to a temporary sibling
+and renamed into place, so a reader sees the old file or the new one, never a prefix.
 """
 
 from __future__ import annotations

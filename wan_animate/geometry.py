@@ -1,20 +1,5 @@
-"""One home for frame geometry: resolution buckets, resize + centre-crop, letterbox.
-
-Rules (each used by data preparation, training, evaluation and inference alike):
-
-* ``area_bucket``: the official rule ``h = sqrt(area / aspect)``, ``w = area / h``, each floored to a
-  multiple of 16.
-* ``nearest_bucket``: the bucket whose aspect ratio is nearest in log space. Tie-break: the larger
-  bucket (more pixels), then the first listed -- so the choice never depends on how the list happens
-  to be ordered for equally good buckets of different size, and a 1:1 clip between a portrait and a
-  landscape bucket of the same area keeps the first one listed.
-* ``ResizePlan``: source ``(src_h, src_w)`` -> target ``(h, w)``: scale to cover and centre-crop
-  (``"crop"``) or scale to fit and centre on black (``"letterbox"``). The side that binds gets the
-  target size exactly; the other is rounded (``round``; the official reference letterbox floors).
-  It maps frames, keypoints and boxes the same way.
-* ``letterbox``: the official reference preprocessing (fit, floor, bilinear, centred on black).
-* ``resize_crop_tensor``: the same cover + centre-crop on torch tensors ``[..., H, W]`` (antialiased
-  bilinear, or nearest for masks), used where frames are already tensors (the training loader).
+"""One home for frame geometry (data preparation, training, evaluation and inference alike):
+resolution buckets, resize + centre-crop, letterbox, on numpy frames and on torch tensors.
 """
 
 from __future__ import annotations
@@ -28,9 +13,7 @@ import numpy as np
 RESIZE_MODES = ("crop", "letterbox")
 
 
-# ---------------------------------------------------------------------------------------------
-# buckets
-# ---------------------------------------------------------------------------------------------
+# ---- buckets
 def area_bucket(src_h: int, src_w: int, target_area: int, multiple: int = 16) -> tuple[int, int]:
     """Official rule: h = sqrt(area / aspect), w = area / h, each floored to a multiple of 16."""
     aspect = src_w / src_h
@@ -40,7 +23,8 @@ def area_bucket(src_h: int, src_w: int, target_area: int, multiple: int = 16) ->
 
 
 def nearest_bucket(height: int, width: int, buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """The ``(h, w)`` bucket with the nearest log aspect ratio; ties -> larger area, then first listed."""
+    """The ``(h, w)`` bucket with the nearest log aspect ratio; ties -> larger area, then first listed
+    (so the choice never depends on how equally good buckets happen to be ordered)."""
     if not buckets:
         raise ValueError("nearest_bucket needs at least one (h, w) bucket")
     aspect = math.log(height / width)
@@ -56,14 +40,14 @@ def choose_bucket(src_h: int, src_w: int, target_area: int, buckets=()) -> tuple
     return nearest_bucket(src_h, src_w, buckets)
 
 
-# ---------------------------------------------------------------------------------------------
-# numpy / OpenCV frames
-# ---------------------------------------------------------------------------------------------
+# ---- numpy / OpenCV frames
 @dataclass
 class ResizePlan:
-    """Source frame -> target (h, w): scale, then crop (offset < 0) or pad (offset > 0).
+    """Source frame -> target (h, w): scale to cover and centre-crop (``"crop"``, offset < 0) or to
+    fit and centre on black (``"letterbox"``, offset > 0); maps frames, keypoints and boxes alike.
 
-    ``rounding``: ``"round"`` (default) or ``"floor"`` (the official letterbox) for the free side.
+    The binding side gets the target size exactly; the free side is rounded by ``rounding``:
+    ``"round"`` (default) or ``"floor"`` (the official letterbox).
     ``interpolation``: ``"auto"`` (area when shrinking, bilinear when enlarging) or ``"linear"``.
     """
 
@@ -132,9 +116,7 @@ def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return plan.apply(image)
 
 
-# ---------------------------------------------------------------------------------------------
-# torch tensors
-# ---------------------------------------------------------------------------------------------
+# ---- torch tensors
 def crop_box_map(h: int, w: int, size: tuple[int, int]) -> tuple[float, int, int]:
     """``(scale, top, left)`` of ``resize_crop_tensor`` from ``(h, w)`` to ``size``, for mapping
     pixel boxes: ``x' = x * scale - left``."""

@@ -43,7 +43,7 @@ class LoraError(ValueError):
     """A LoRA file or target list that does not fit the model (one line: what, where, the fix)."""
 
 
-# ---------------------------------------------------------------------------- targets
+# ---- targets
 
 
 def default_lora_targets(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
@@ -87,7 +87,7 @@ def resolve_lora_targets(model: nn.Module, targets: Iterable[str] | None) -> lis
     return chosen
 
 
-# ---------------------------------------------------------------------------- training (peft)
+# ---- training (peft)
 
 
 def add_lora(
@@ -211,7 +211,7 @@ def _copy_into_peft(model: nn.Module, factors: Factors, where: str) -> list[str]
     return list(factors)
 
 
-# ---------------------------------------------------------------------------- reading / inference
+# ---- reading / inference
 
 
 def _where(path_or_state) -> str:

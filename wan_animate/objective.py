@@ -27,7 +27,7 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 LOSS_WEIGHTINGS = ("none", "cosmap", "logit_normal")
 
 
-# ---------------------------------------------------------------------------- config
+# ---- config
 
 
 @dataclass
@@ -54,7 +54,7 @@ class LossConfig:
             raise ValueError(f"loss.face_weight={self.face_weight} must be >= 1 (1 disables face up-weighting).")
 
 
-# ---------------------------------------------------------------------------- timesteps
+# ---- timesteps
 
 
 def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -98,7 +98,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
     return ((1.0 - s) * x0.float() + s * noise.float()).to(x0.dtype)
 
 
-# ---------------------------------------------------------------------------- loss
+# ---- loss
 
 
 def predict_wan_animate(dit, x_t: torch.Tensor, timesteps: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -58,9 +58,7 @@ def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, tor
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# VAE: official WanVAE (encoder/decoder with flat "downsamples"/"upsamples" lists)
-# ---------------------------------------------------------------------------------------------
+# ---- VAE: official WanVAE (encoder/decoder with flat "downsamples"/"upsamples" lists)
 
 _RESIDUAL = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
              "conv2": "residual.6", "conv_shortcut": "shortcut"}
@@ -151,9 +149,7 @@ def vae_to_official(vae) -> dict[str, torch.Tensor]:
     return {vae_key_to_official(k, nrb): v.detach().clone() for k, v in vae.state_dict().items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# umT5 encoder: official T5Encoder (per-block relative position embedding, gated GELU FFN)
-# ---------------------------------------------------------------------------------------------
+# ---- umT5 encoder: official T5Encoder (per-block relative position embedding, gated GELU FFN)
 
 _T5_BLOCK = {
     "layer.0.SelfAttention.q.weight": "attn.q.weight",
@@ -218,9 +214,7 @@ def t5_to_official(model) -> dict[str, torch.Tensor]:
     return {t5_key_to_official(k): v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP vision tower: official open-clip XLM-RoBERTa ViT-H/14 "visual.*" (fused qkv)
-# ---------------------------------------------------------------------------------------------
+# ---- CLIP vision tower: official open-clip XLM-RoBERTa ViT-H/14 "visual.*" (fused qkv)
 
 
 def _clip_heads(dim: int) -> int:

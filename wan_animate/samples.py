@@ -1,23 +1,13 @@
 """Shard schema (versions 1 and 2) and sample decoding: what the trainer, eval and
-``data_tools.inspect`` read.
+``data_tools.inspect`` read (``data_tools.shards`` writes; docs/data.md lists every field).
 
-A raw sample is a group of tar members sharing a key: ``<key>.mp4`` (target clip),
-``<key>.pose.mp4``, ``<key>.face.mp4``, ``<key>.ref.png``, optional ``<key>.bg.mp4`` /
-``<key>.mask.mp4``, ``<key>.json`` and ``<key>.txt`` (docs/data.md lists every field).
-
-Version 2 adds ``<key>.driving.mp4``: the same motion as the target clip performed by another
-appearance (the driving video of the Wan-Animate-2 family), frame for frame, same ``T, H, W``. A
-sample is stamped with the lowest version that describes it (``sample_schema_version``): samples
-without a driving video stay version 1, so readers that know only version 1 still read them; a
-version-2 json without ``driving.mp4`` (or ``driving.mp4`` under a version-1 json) is a decode
-error. Both versions are read here. A cached
-sample (``data_tools.cache_latents``) is ``<key>.latents.safetensors`` + ``<key>.face.mp4`` +
-``<key>.json``, with the text embeddings deduplicated in ``text_embeds.safetensors`` at the
-dataset root. Shards are ``shard-NNNNNN.tar``.
-
-Writers (``encode_sample``, ``ShardWriter``) live in ``data_tools.shards``; readers live here.
-``decode_sample`` / ``decode_cached_sample`` raise ``SampleDecodeError`` naming the sample key and
-the fix (a cached sample given to the raw reader says "use data=cached", and the reverse).
+A raw sample is the tar members sharing a key (``<key>.mp4``, ``.pose.mp4``, ``.face.mp4``,
+``.ref.png``, optional ``.bg.mp4`` / ``.mask.mp4``, ``.json``, ``.txt``). Version 2 adds
+``<key>.driving.mp4`` (the same motion performed by another appearance, frame for frame: the
+Animate-2 family's driving video); a sample is stamped with the lowest version that describes it,
+so readers of version 1 still read samples without one. A cached sample
+(``data_tools.cache_latents``) is ``<key>.latents.safetensors`` + ``.face.mp4`` + ``.json``, the text
+embeddings deduplicated in ``text_embeds.safetensors`` at the dataset root.
 """
 
 from __future__ import annotations
@@ -33,14 +23,11 @@ import numpy as np
 
 from wan_animate.video_io import VideoDecodeError, frames_to_tensor, read_video
 
-SCHEMA_VERSION = 2  # the newest version this module reads and ``data_tools.shards`` writes
 SCHEMA_VERSIONS = (1, 2)  # every version the readers accept
 DRIVING_FIELD = "driving.mp4"  # version 2
 SHARD_PATTERN = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar$")
-VIDEO_FIELDS = ("mp4", "pose.mp4", "face.mp4", "bg.mp4", "mask.mp4", DRIVING_FIELD)
 RAW_FIELDS = ("mp4", "pose.mp4", "face.mp4", "ref.png", "json")  # required in a raw sample
-CACHED_FIELDS = ("latents.safetensors", "face.mp4", "json")  # required in a cached sample
 TEXT_EMBEDS = "text_embeds.safetensors"
 # json fields with a fixed type when present (a mistyped one is a decode error, not a crash later)
 _META_TYPES = {"schema_version": int, "num_frames": int, "height": int, "width": int, "face_size": int,
@@ -57,9 +44,7 @@ def sample_schema_version(has_driving: bool) -> int:
     return 2 if has_driving else 1
 
 
-# ---------------------------------------------------------------------------------------------
-# shards on disk
-# ---------------------------------------------------------------------------------------------
+# ---- shards on disk
 def list_shards(directory: str | os.PathLike) -> list[Path]:
     """Completed shards (``shard-NNNNNN.tar``) in index order."""
     return sorted(p for p in Path(directory).glob("shard-*.tar") if SHARD_RE.match(p.name))
@@ -107,9 +92,7 @@ def shard_kind(path: str | os.PathLike) -> str:
     return sample_kind(dict.fromkeys(fields))
 
 
-# ---------------------------------------------------------------------------------------------
-# fields
-# ---------------------------------------------------------------------------------------------
+# ---- fields
 def sample_key(raw: dict) -> str:
     return str(raw.get("__key__", "<no key>"))
 
@@ -173,18 +156,13 @@ def decode_meta(raw: dict) -> dict:
     return meta
 
 
-# ---------------------------------------------------------------------------------------------
-# raw samples
-# ---------------------------------------------------------------------------------------------
+# ---- raw samples
 def decode_sample(raw: dict) -> dict:
     """One raw sample (schema version 1 or 2; bytes per field) -> tensors.
 
     Returns ``video`` float [3, T, H, W] in [-1, 1], ``pose`` same, ``face`` [3, T, S, S],
     ``ref`` [3, H, W], ``driving`` [3, T, H, W] (version 2), optional ``bg`` [3, T, H, W] and
-    ``mask`` [1, T, H, W] in {0, 1}
-    (1 = character), ``meta`` (the json dict), ``caption`` (str), ``key``.
-    Raises ``SampleDecodeError`` naming the sample key when a stream does not decode or the
-    streams' frame counts / sizes disagree.
+    ``mask`` [1, T, H, W] in {0, 1} (1 = character), ``meta`` (the json dict), ``caption``, ``key``.
     """
     import torch
 
@@ -243,9 +221,7 @@ def decode_sample(raw: dict) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# cached latents
-# ---------------------------------------------------------------------------------------------
+# ---- cached latents
 def load_text_embeds(path) -> tuple[dict, dict[str, str]]:
     """``text_embeds.safetensors`` -> ({text_key: [L, D] tensor}, {text_key: caption})."""
     from safetensors import safe_open

@@ -1,11 +1,10 @@
 """Video reading and writing shared by data_tools, the inference path, training and eval.
 
-Frames are always ``uint8`` arrays ``[T, H, W, 3]`` (RGB), upright (the container's rotation tag
-is applied, as players do). Reading is PyAV (FFmpeg): measured against decord for frame-accurate
-random access on the real clip and on shard clips (bench/video_decode.py, docs/data.md), decord
-used more CPU in every case and was not faster beyond noise, so the project does not use it.
-Writing produces H.264 (yuv420p) mp4, which every player opens. Decoding errors raise ``VideoDecodeError`` naming the file, so callers
-can skip and count bad inputs instead of crashing a whole job.
+Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB), upright (the container's rotation tag applied,
+as players do). Reading is PyAV: decord, measured on the real clip and on shard clips
+(bench/video_decode.py, docs/data.md), used more CPU and was not faster. Writing is H.264 (yuv420p)
+mp4. Decoding errors raise ``VideoDecodeError`` naming the file, so callers can skip and count bad
+inputs.
 """
 
 from __future__ import annotations
@@ -80,13 +79,9 @@ def decode_video(
     max_frames: int | None = None,
     threads: bool = False,
 ) -> DecodedVideo:
-    """Decode a video upright, with each frame's presentation time.
-
-    The display-matrix rotation (phone videos) is applied, as players do; ``times`` are the real
-    timestamps, so variable-frame-rate video can be re-sampled by time (``resample_indices``).
-    ``threads=True`` lets FFmpeg decode with frame threads (up to ~2.7x faster on the real clip
-    when cores are free; identical frames), best when one process decodes at a time.
-    """
+    """Decode a video upright, with each frame's presentation time (``times``: real timestamps,
+    so variable-frame-rate video can be re-sampled by time). ``threads=True``: FFmpeg frame threads
+    (up to ~2.7x faster on the real clip when cores are free; identical frames)."""
     container, name = _open(source)
     try:
         stream = container.streams.video[0]
@@ -154,9 +149,7 @@ def probe_video(source: str | os.PathLike | bytes, *, rotation: bool = True) -> 
     return VideoInfo(num_frames=num, fps=fps, height=h, width=w, rotation=turned)
 
 
-# ---------------------------------------------------------------------------------------------
-# frame timing
-# ---------------------------------------------------------------------------------------------
+# ---- frame timing
 def is_variable_frame_rate(times: np.ndarray, fps: float, tolerance: float = 0.25) -> bool:
     """True when some frame interval differs from ``1 / fps`` by more than ``tolerance`` of it."""
     if len(times) < 3 or fps <= 0:
@@ -168,11 +161,9 @@ def is_variable_frame_rate(times: np.ndarray, fps: float, tolerance: float = 0.2
 def resample_indices(num_frames: int, src_fps: float, fps: float, times: np.ndarray | None = None) -> np.ndarray:
     """Source frame index of each output frame at ``fps`` (-1 keeps all source frames).
 
-    Constant frame rate: output frame k takes source frame ``round(k / fps * src_fps)``. With
-    ``times`` (seconds per source frame) that are not evenly spaced (variable frame rate), output
-    frame k takes the source frame whose timestamp is nearest to ``k / fps`` (the same rule by
-    time instead of by index), so motion keeps its real speed; ``fps=-1`` then re-samples at the average rate
-    ``src_fps``, as a constant-rate file of the same length would play.
+    Constant frame rate: output frame k takes source frame ``round(k / fps * src_fps)``. Variable
+    frame rate (uneven ``times``, seconds per source frame): the frame whose timestamp is nearest to
+    ``k / fps``, so motion keeps its real speed; ``fps=-1`` then re-samples at the average rate.
     """
     if times is not None and is_variable_frame_rate(times[:num_frames], src_fps):
         t = np.asarray(times[:num_frames], np.float64)
@@ -197,18 +188,15 @@ def write_video(
     crf: int = 18,
     deterministic: bool = False,
 ) -> None:
-    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4. H and W must be even.
-
-    ``deterministic=True`` encodes on one thread: multi-threaded x264 output (and so the decoded
-    pixels) varies from run to run, which matters for byte-reproducible shards and tests.
-    """
+    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4 (H, W even). ``deterministic=True``
+    encodes on one thread: multi-threaded x264 output varies from run to run."""
     import av
 
     frames = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
     if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}; convert with to_uint8()")
+        raise ValueError(f"frames must be uint8, got {frames.dtype}; map float frames in [-1, 1] with tensor_to_frames()")
     t, h, w, _ = frames.shape
     if t == 0:
         raise ValueError("cannot write a video with zero frames")
@@ -258,11 +246,3 @@ def tensor_to_frames(x) -> np.ndarray:
 
     x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return (x.permute(1, 2, 3, 0) if x.ndim == 4 else x.permute(1, 2, 0)).cpu().numpy()
-
-
-def to_uint8(x) -> np.ndarray:
-    """Float frames in [-1, 1] (torch or numpy, [T, H, W, 3]) -> uint8."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -1,24 +1,14 @@
-"""Memory options for training the Wan-Animate DiT, applied from outside the model.
+"""Memory options for training the Wan-Animate DiT, applied from outside the model (docs/memory.md).
 
-    state = apply_memory_options(dit, options, device=acc.device)   # options: MemoryOptions
-
-Call it once the trainable set is fixed (LoRA injected, ``requires_grad`` set, trainables in their
-master dtype) and before ``accelerate.prepare``. It applies, in this order (the order matters):
-
-1. ``model.base_dtype=fp8``: frozen block / face-block linears -> ``FP8Linear`` (``fp8.py``);
-2. LoRA layers compute in the compute dtype (always; ``lora_dtype.py``);
-3. ``model.motion_encoder_chunk=N``: chunked motion encoder, checkpointed or no-grad (``motion.py``);
-4. ``model.block_swap=N``: swap wrappers *inside* the checkpoint (``block_swap.py``);
-5. ``model.activation_checkpointing``: ``wan_animate.model.apply_activation_checkpointing``
-   (idempotent, so a later call by the trainer is a no-op);
-6. ``model.checkpoint_offload`` / ``model.checkpoint_dtype``: saved-tensor hooks *around* the
-   checkpoint (``offload.py``);
-7. with block swap: places the model on ``device`` except the swapped weights, and marks it with a
-   multi-device ``hf_device_map`` so ``accelerate.prepare`` does not move it (accelerate's rule
-   for models it did not place; single process only).
+``apply_memory_options(dit, options, device=...)`` runs once the trainable set is fixed (LoRA
+injected, ``requires_grad`` set, trainables in their master dtype) and before
+``accelerate.prepare``, in an order that matters: fp8 frozen linears; LoRA in the compute dtype;
+chunked motion encoder; block-swap wrappers *inside* the activation checkpoint; the checkpoint;
+saved-tensor hooks *around* it; with block swap, the model placed on ``device`` except the swapped
+weights and marked with a multi-device ``hf_device_map`` so ``accelerate.prepare`` leaves it there.
 
 Everything is shape-only (no ``.item()``, no data-dependent branches; pinning only with CUDA), so
-the memory planner can run it on fake tensors. See docs/memory.md.
+the memory planner can run it on fake tensors.
 """
 
 from __future__ import annotations

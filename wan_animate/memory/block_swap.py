@@ -1,24 +1,16 @@
 """Block swap: the frozen weights of some DiT blocks live in (pinned) host memory and are copied to
 the device one block ahead of use, in forward and in the backward recomputation.
 
-Mechanism (applied from outside the model, names and state dict unchanged):
-
-* Each frozen parameter of a swapped block keeps its ``nn.Parameter`` object (so ``state_dict``,
-  ``named_parameters`` and optimizers see the usual model), but its data lives on the host: all
-  frozen weights of one block in ONE exact-size page-locked buffer (``pinned.PinnedBuffer``; CUDA's
-  caching host allocator would round each weight up to a power of two, ~1.5x in all).
-* Every block's ``forward`` is wrapped (inside activation checkpointing, so the recomputation in
-  backward runs the wrapper too). A swapped block's call takes the device copies of its frozen
-  weights, puts them into the modules' ``_parameters`` for the duration of the call and restores
-  the host parameters afterwards. Autograd keeps the device copies exactly as long as the graph
-  needs them (with checkpointing: only during the block's recompute + backward), then the caching
-  allocator reuses the memory.
-* Copies run on a side CUDA stream ordered by events; each call prefetches the next block in the
-  current direction (forward: i+1; backward recompute: i-1; a repeated index flips the
-  direction, which is what happens at the turn from the last forward block to its recompute).
-  A wrong guess only costs a synchronous copy (counted in ``misses``), never a wrong result.
-* Trainable parameters (LoRA factors, trained adapters) are never swapped. On CPU the same code
-  runs with plain host tensors and synchronous copies.
+Each frozen parameter of a swapped block keeps its ``nn.Parameter`` (``state_dict`` and optimizers
+see the usual model), its data in ONE exact-size page-locked buffer per block
+(``pinned.PinnedBuffer``). Every block's ``forward`` is wrapped *inside* activation checkpointing,
+so the recomputation runs the wrapper too: a swapped block's call puts device copies of its frozen
+weights into the modules' ``_parameters`` for the call and restores the host ones afterwards;
+autograd keeps the copies only as long as the graph needs them. Copies run on a side CUDA stream
+ordered by events, prefetching the next block in the current direction (a repeated index flips it:
+the turn from the last forward block to its recompute); a wrong guess costs a synchronous copy
+(``misses``), never a wrong result. Trainable parameters are never swapped. On CPU the same code
+runs with plain tensors and synchronous copies.
 """
 
 from __future__ import annotations
@@ -62,7 +54,7 @@ class BlockSwap:
         self.copies = 0  # host -> device block copies issued
         self.misses = 0  # calls whose block had not been prefetched (synchronous copy)
 
-    # ------------------------------------------------------------------ setup
+    # ---- setup
     def offload(self) -> int:
         """Move the swapped frozen weights to the host: one exact-size buffer per block, page-locked
         with CUDA. Block by block, so the previous copy of a block is freed before the next one is
@@ -83,9 +75,6 @@ class BlockSwap:
             return sum(b.nbytes for b in self.buffers.values())
         return sum(p.numel() * p.element_size() for slots in self.slots.values() for _, _, p in slots)
 
-    def is_swapped(self, param: torch.Tensor) -> bool:
-        return id(param) in {id(p) for slots in self.slots.values() for _, _, p in slots}
-
     def install(self) -> None:
         """Wrap every block's ``forward`` (all blocks, so a resident block prefetches a swapped one)."""
         for index, block in enumerate(self.blocks):
@@ -105,7 +94,7 @@ class BlockSwap:
             block.forward = forward
             block._block_swap = self
 
-    # ------------------------------------------------------------------ copies
+    # ---- copies
     def _copy(self, index: int) -> list[torch.Tensor]:
         self.copies += 1
         out = []
@@ -156,7 +145,7 @@ class BlockSwap:
         nxt = index + self._direction
         return nxt if 0 <= nxt < len(self.blocks) else index
 
-    # ------------------------------------------------------------------ call
+    # ---- call
     def run(self, index: int, inner, *args, **kwargs):
         if torch.is_grad_enabled() and not getattr(self.blocks[index], "_activation_checkpointed", False):
             # autograd would keep every block's device copy of its weights for backward: the

@@ -1,19 +1,16 @@
 """fp8 storage of frozen linear weights: ``float8_e4m3fn`` with one fp32 scale per output channel.
 
 ``FP8Linear`` replaces a frozen ``nn.Linear`` (or the ``base_layer`` of a peft LoRA layer, so LoRA
-composes unchanged). It stores ``weight_fp8 = round_e4m3(W / s)`` with ``s = max|W_row| / 448`` and
-dequantizes at use, in the compute dtype (the original weight dtype): ``W' = weight_fp8 * s``. The
-custom autograd function keeps only the fp8 weight for backward (no dequantized copy, and no copy
-of the input: the weight is frozen). Half the bytes of bf16; the error is measured in docs/memory.md.
+composes unchanged): ``weight_fp8 = round_e4m3(W / s)``, ``s = max|W_row| / 448``, dequantized at
+use in the original weight dtype. The autograd function keeps only the fp8 weight for backward.
+Half the bytes of bf16; the error is measured in docs/memory.md, and a dequantized weight is *not*
+the original (keep the base model folder as the source of truth).
 
-The state dict of an ``FP8Linear`` looks like the plain layer's (``weight`` dequantized in the
-original dtype, ``bias``): exports and digests need no special case. Loading a state dict
-re-quantizes. Inside ``stored_state_dict()`` it holds the stored tensors instead (``weight_fp8``,
-``weight_scale``, no copy): for callers that keep only the trainable tensors (trainable-only
-checkpoints), which would otherwise dequantize the whole frozen model on every save. The model
-reads a layer's compute dtype from ``compute_dtype`` (``wan_animate.model.attention``), never
-through ``.weight``, which dequantizes. Note: a dequantized weight is *not* the original bf16 weight (fp8 is lossy); keep
-the base model folder as the source of truth.
+Its state dict looks like the plain layer's (``weight`` dequantized, ``bias``), so exports need no
+special case, and loading re-quantizes. Inside ``stored_state_dict()`` it holds the stored tensors
+(``weight_fp8``, ``weight_scale``): trainable-only checkpoints would otherwise dequantize the whole
+frozen model on every save. The model reads a layer's compute dtype from ``compute_dtype``
+(``wan_animate.model.attention``), never through ``.weight``, which dequantizes.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """LoRA in the compute dtype.
 
-peft's ``lora.Linear.forward`` casts the layer input to the LoRA weight dtype before ``lora_A``
-(``x = self._cast_input_dtype(x, lora_A.weight.dtype)``). With fp32 LoRA factors (fp32 master
-weights) over a bf16 block that is an fp32 copy of every targeted block activation, kept for
-backward without autocast, and a second bf16 copy with autocast. peft's documented switch
-``cast_input_dtype_enabled = False`` (what ``peft.helpers.disable_input_dtype_casting`` sets) turns
-the input cast off; the factors are then cast to the input's dtype instead (rank x width, tiny),
-so ``lora_A`` saves the same activation tensor the base layer already saved. Gradients flow back
-to the fp32 factors through the cast. Under autocast this is exactly what autocast computes anyway.
+peft's ``lora.Linear.forward`` casts the layer input to the LoRA weight dtype before ``lora_A``:
+with fp32 factors over a bf16 block, an fp32 copy of every targeted activation kept for backward.
+peft's documented switch ``cast_input_dtype_enabled = False`` turns that off; the factors are then
+cast to the input's dtype instead (rank x width, tiny), so ``lora_A`` saves the activation the base
+layer already saved. Gradients reach the fp32 factors through the cast; under autocast this is what
+autocast computes anyway.
 """
 
 from __future__ import annotations
@@ -26,10 +24,8 @@ def _linear_in_input_dtype(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def lora_in_compute_dtype(model: nn.Module) -> int:
     """Make every peft LoRA layer of ``model`` compute in its input's dtype. Returns the layer count."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return 0
+    from peft.tuners.lora import LoraLayer
+
     count = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer):

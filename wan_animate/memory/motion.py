@@ -1,10 +1,6 @@
-"""The motion encoder over many 512x512 face frames: chunked, checkpointed when it trains.
-
-The encoder already pushes frames through its conv net ``chunk_size`` at a time. When it trains,
-autograd would still keep every chunk's conv activations until backward (all 77 frames at once);
-wrapping each chunk in a non-reentrant activation checkpoint keeps only the chunk inputs (the face
-frames, alive anyway) and recomputes one chunk at a time in backward. When it is frozen, it runs
-under ``torch.no_grad`` so nothing is recorded at all.
+"""The motion encoder over many face frames, chunked: when it trains, each chunk is a
+non-reentrant activation checkpoint (autograd would otherwise keep every chunk's conv activations,
+all 77 frames at once, until backward); when frozen, it runs under ``torch.no_grad``.
 """
 
 from __future__ import annotations

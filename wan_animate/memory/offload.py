@@ -1,25 +1,18 @@
 """Where and in which dtype checkpointed blocks keep their inputs.
 
-With non-reentrant activation checkpointing, a block keeps only its inputs for backward (and
-recomputes the rest). Those inputs are saved through autograd's saved-tensor mechanism *before*
-the checkpoint installs its own hooks, so ``torch.autograd.graph.saved_tensors_hooks`` around the
-checkpointed call sees exactly them. ``CheckpointInputStore`` packs the one that matters, the block's
-hidden state (the fp32 residual stream ``[B, L, dim]``, 0.65 GiB per block at 480x832x77; matched
-by shape); RoPE tables, text/image/face tokens and modulation vectors stay where they are:
+With non-reentrant activation checkpointing a block keeps only its inputs for backward, saved
+*before* the checkpoint installs its own hooks, so ``saved_tensors_hooks`` around the checkpointed
+call see exactly them. ``CheckpointInputStore`` packs the one that matters, the block's hidden state
+(the fp32 residual stream ``[B, L, dim]``, 0.65 GiB per block at 480x832x77; matched by shape):
 
-* ``offload=True``: copy to host memory on a side stream, ordered by events, and bring back for
-  the recomputation; the next-older input is prefetched to the device while a block recomputes.
-  The host copies live in exact-size page-locked buffers of a ``pinned.PinnedPool`` reused by
-  every step (CUDA's caching host allocator would round each 335 MB bf16 input up to 512 MiB);
-  ``held_bytes`` is what the pool keeps between steps. ``torch.autograd.graph.save_on_cpu`` is the library primitive for the same idea; it
-  copies *every* saved tensor (also the per-call RoPE/text tensors, again for each block) and its
-  device-to-host copy blocks the host, hence these ~60 lines.
-* ``store_dtype=torch.bfloat16``: keep fp32 inputs rounded to bf16 (half the bytes); the forward
-  is unchanged, the recomputation starts from the rounded input (a small gradient difference,
-  measured in docs/memory.md).
+* ``offload=True``: copied to exact-size page-locked host buffers (``pinned.PinnedPool``, reused by
+  every step) on a side stream, brought back for the recomputation, the next-older input
+  prefetched while a block recomputes. ``torch.autograd.graph.save_on_cpu`` copies *every* saved
+  tensor (also the per-call RoPE/text tensors, for each block) and blocks the host on the copy.
+* ``store_dtype=torch.bfloat16``: fp32 inputs kept rounded to bf16; the recomputation starts from
+  the rounded input (a small gradient difference, measured in docs/memory.md).
 
-On CPU the same path runs with synchronous copies. Shape-only decisions (no data-dependent
-branching), so it also runs on fake tensors; ``live_bytes`` / ``peak_bytes`` count host bytes.
+Shape-only decisions, so it also runs on fake tensors; ``live_bytes`` / ``peak_bytes`` count host bytes.
 """
 
 from __future__ import annotations
@@ -54,7 +47,7 @@ class CheckpointInputStore:
         self.peak_bytes = 0
         self.packed = 0  # tensors stored by this store (for tests)
 
-    # ------------------------------------------------------------------ hooks
+    # ---- hooks
     def hooks(self, shapes: set[torch.Size]) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, shapes), self.unpack)
 

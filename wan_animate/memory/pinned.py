@@ -1,20 +1,10 @@
 """Page-locked host buffers of exact size, for block swap's weights and offloaded checkpoint inputs.
 
-CUDA's caching host allocator (behind ``tensor.pin_memory()`` and ``torch.empty(..., pin_memory=True)``)
-rounds every request up to a power of two and caches freed blocks without giving them back:
-a 26 MB fp8 weight holds 32 MiB, a 71 MB one 128 MiB, a 335 MB bf16 checkpointed input 512 MiB
-(``caching_host_bytes``). For the few large, long-lived host buffers of the memory options this
-module allocates ordinary host memory of the exact size and page-locks it with ``cudaHostRegister``
-(the way ``torch.distributed.checkpoint`` stages its host copies), so pinned memory is what the
-tensors need:
-
-* ``PinnedBuffer(nbytes, pin)``: one flat buffer; ``carve`` cuts aligned tensors out of it (block
-  swap puts all frozen weights of one block in one buffer). Unregistered when the buffer object
-  dies; tensors carved out of it that outlive it stay valid (then pageable).
-* ``PinnedPool``: buffers handed out and taken back (checkpoint offload: every step packs the same
-  inputs), reused across steps, so the held bytes are those of the most inputs alive at once.
-
-Without CUDA (CPU runs, the memory planner's fake tensors) the same buffers are plain host memory.
+CUDA's caching host allocator (``tensor.pin_memory()``) rounds every request up to a power of two
+and keeps freed blocks: a 71 MB weight holds 128 MiB, a 335 MB bf16 checkpointed input 512 MiB
+(``caching_host_bytes``). These buffers are ordinary host memory of the exact size, page-locked
+with ``cudaHostRegister`` (as ``torch.distributed.checkpoint`` stages its host copies). Without
+CUDA (CPU runs, the planner's fake tensors) they are plain host memory.
 """
 
 from __future__ import annotations

@@ -33,9 +33,7 @@ __all__ = [
 # Top-level modules of the pose and face conditioning (everything else is the Wan I2V trunk).
 ADAPTER_PREFIXES = ("pose_patch_embedding", "motion_encoder", "face_encoder", "face_adapter")
 
-# ------------------------------------------------------------------------------------------------
-# Precision
-# ------------------------------------------------------------------------------------------------
+# ---- Precision
 
 # Tensors the official model keeps (or computes) in fp32 whatever the weight dtype:
 #   adaLN tables (blocks.N.modulation, head.modulation), the time path (time_embedding,
@@ -77,9 +75,7 @@ def set_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# Activation checkpointing
-# ------------------------------------------------------------------------------------------------
+# ---- Activation checkpointing
 
 
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -103,9 +99,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-# ------------------------------------------------------------------------------------------------
-# Regional compilation
-# ------------------------------------------------------------------------------------------------
+# ---- Regional compilation
 
 
 def _block_modules(model: nn.Module) -> list[nn.Module]:

@@ -24,9 +24,7 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
     return dtype if dtype is not None else layer.weight.dtype
 
 
-# ------------------------------------------------------------------------------------------------
-# Attention kernel
-# ------------------------------------------------------------------------------------------------
+# ---- Attention kernel
 
 _BACKENDS = ("sdpa", "flash")
 _backend = "sdpa"
@@ -67,9 +65,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)  # [B, Lq, H, D]
 
 
-# ------------------------------------------------------------------------------------------------
-# Norms (fp32 compute whatever the parameter dtype)
-# ------------------------------------------------------------------------------------------------
+# ---- Norms (fp32 compute whatever the parameter dtype)
 
 
 class RMSNorm(nn.Module):
@@ -102,9 +98,7 @@ def _maybe_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x) if not isinstance(norm, nn.Identity) else x.float()
 
 
-# ------------------------------------------------------------------------------------------------
-# Self-attention with 3D RoPE
-# ------------------------------------------------------------------------------------------------
+# ---- Self-attention with 3D RoPE
 
 
 class _QKVOAttention(nn.Module):
@@ -143,9 +137,7 @@ class SelfAttention(_QKVOAttention):
         return self.o(out.flatten(2))
 
 
-# ------------------------------------------------------------------------------------------------
-# Cross-attention to text tokens and CLIP image tokens
-# ------------------------------------------------------------------------------------------------
+# ---- Cross-attention to text tokens and CLIP image tokens
 
 
 class CrossAttention(_QKVOAttention):

@@ -18,9 +18,7 @@ from wan_animate.config import WanAnimateConfig
 from wan_animate.model.attention import CrossAttention, FP32LayerNorm, SelfAttention, compute_dtype
 from wan_animate.model.norms import modulated_layer_norm
 
-# ------------------------------------------------------------------------------------------------
-# Transformer block
-# ------------------------------------------------------------------------------------------------
+# ---- Transformer block
 
 
 class DiTBlock(nn.Module):
@@ -86,9 +84,7 @@ class DiTBlock(nn.Module):
         return x
 
 
-# ------------------------------------------------------------------------------------------------
-# Output head
-# ------------------------------------------------------------------------------------------------
+# ---- Output head
 
 
 class Head(nn.Module):
@@ -109,9 +105,7 @@ class Head(nn.Module):
             return self.head(h).float()
 
 
-# ------------------------------------------------------------------------------------------------
-# CLIP image tokens -> model width
-# ------------------------------------------------------------------------------------------------
+# ---- CLIP image tokens -> model width
 
 
 class ImageEmbedding(nn.Module):

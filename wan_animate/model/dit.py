@@ -25,9 +25,7 @@ from wan_animate.model.face import FaceAdapter, FaceEncoder
 from wan_animate.model.motion_encoder import MotionEncoder
 from wan_animate.model.rope import RopeCache
 
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
+# ---- Helpers
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,9 +59,7 @@ class PatchEmbedding(nn.Conv3d):
         return tokens.permute(0, 4, 1, 2, 3)
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
+# ---- Model
 
 
 class WanAnimateDiT(nn.Module):
@@ -106,7 +102,7 @@ class WanAnimateDiT(nn.Module):
         self.rope = RopeCache(config.rope_split, config.rope_theta)
         self.init_weights()
 
-    # -------------------------------------------------------------------------------------------- init
+    # ---- init
     @torch.no_grad()
     def init_weights(self) -> None:
         """Xavier linears with zero biases; small normal embeddings; LIA layers unit normal.
@@ -131,7 +127,7 @@ class WanAnimateDiT(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.face_encoder.padding_tokens, std=0.02)
 
-    # -------------------------------------------------------------------------------------------- checks
+    # ---- checks
     def _check_inputs(self, x, t, context, clip_fea, y, pose_latents, face_pixel_values) -> None:
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.out_dim:
@@ -161,7 +157,7 @@ class WanAnimateDiT(nn.Module):
                 f"(here {4 * (f // pt - 1) - 3})."
             )
 
-    # -------------------------------------------------------------------------------------------- forward
+    # ---- forward
     def forward(
         self,
         x: torch.Tensor,

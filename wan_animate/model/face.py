@@ -18,9 +18,7 @@ from torch import nn
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model.attention import RMSNorm, attention, compute_dtype, layer_norm
 
-# ------------------------------------------------------------------------------------------------
-# Face encoder
-# ------------------------------------------------------------------------------------------------
+# ---- Face encoder
 
 # The released face encoder uses eps 1e-6 for its LayerNorms regardless of the trunk's eps.
 _FACE_ENCODER_EPS = 1e-6
@@ -77,9 +75,7 @@ class FaceEncoder(nn.Module):
         return torch.cat([h, pad], dim=2)  # [B, T, heads + 1, dim]
 
 
-# ------------------------------------------------------------------------------------------------
-# Face adapter
-# ------------------------------------------------------------------------------------------------
+# ---- Face adapter
 
 
 class FaceBlock(nn.Module):

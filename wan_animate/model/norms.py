@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-# ------------------------------------------------------------------------------------------------
-# RMSNorm
-# ------------------------------------------------------------------------------------------------
+# ---- RMSNorm
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -42,9 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
-# ------------------------------------------------------------------------------------------------
-# adaLN: affine-free LayerNorm, then scale and shift
-# ------------------------------------------------------------------------------------------------
+# ---- adaLN: affine-free LayerNorm, then scale and shift
 
 
 class _ModulatedLayerNorm(torch.autograd.Function):

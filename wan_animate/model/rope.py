@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-# ------------------------------------------------------------------------------------------------
-# Tables
-# ------------------------------------------------------------------------------------------------
+# ---- Tables
 
 
 def _axis_angles(num_positions: int, axis_dim: int, theta: float, dtype: torch.dtype, offset: int = 0,
@@ -79,9 +77,7 @@ class RopeCache:
         return tables
 
 
-# ------------------------------------------------------------------------------------------------
-# Application
-# ------------------------------------------------------------------------------------------------
+# ---- Application
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,4 @@
-"""Parallelism applied to the single-device model from outside (the model code stays plain).
-
-- ``apply_sequence_parallel(dit, group)``: DeepSpeed-Ulysses sequence parallelism, one sample per
-  group of ranks (``wan_animate.parallel.sequence``).
-- ``sequence_parallel_mesh(size, device_type)``: the ("data", "sequence") DeviceMesh of all ranks.
-- ``start_generation_group(size, device)``: join torchrun's processes for sequence-parallel generation.
-"""
+"""Parallelism applied to the single-device model from outside (the model code stays plain)."""
 
 from wan_animate.parallel.sequence import (
     SequenceParallel,

@@ -5,28 +5,19 @@
     velocity = dit(**inputs)              # full output on every rank; each rank did 1/N of the work
 
 A group of N ranks shares one sample. After the embeddings each rank keeps a contiguous 1/N of the
-video tokens (padded at the end to a multiple of N) and carries only those through every block:
+video tokens (padded at the end to a multiple of N) through every block. Self-attention exchanges
+tokens for heads (all-to-all), so each rank attends over the whole sequence with num_heads / N
+heads; the padding is dropped from the keys. Cross-attention, FFN, modulation and the head are per
+token; RoPE takes the shard's rows. A face block runs once per part of the shard (partial first
+frame, whole frames, partial last frame), so a frame split by a shard boundary is exact. The motion
+encoder splits the face frames across the group; its output and the head's are gathered with
+``all_gather_single_autograd`` (``torch.distributed.nn.functional.all_gather``'s gloo backward
+treats group ranks as global ranks and fails in any group but the first).
 
-- self-attention: ``deepspeed.sequence.layer.DistributedAttention`` exchanges tokens for heads
-  (all-to-all), so each rank attends over the whole sequence with num_heads / N heads; the padding
-  sits at the end of the global sequence and is dropped from the keys, so it is never attended to;
-- cross-attention (text / CLIP), FFN and modulation are per token and run on the shard unchanged;
-- RoPE: the shard's rows of the full tables (its global positions);
-- face adapter: each latent frame's tokens attend to that frame's face tokens. A shard covers a
-  partial first frame, whole frames and a partial last frame; the face block runs once per part
-  with that part's frames, so a frame split by a shard boundary is handled exactly;
-- motion encoder: the face-crop frames are split across the group, encoded, and gathered with the
-  autograd-aware ``all_gather_single_autograd`` (torch functional collectives; its backward is a
-  reduce-scatter over the group. ``torch.distributed.nn.functional.all_gather``'s gloo backward
-  treats group ranks as global ranks and fails in any group but the first);
-- head: per token, on the shard; its (narrow) output is gathered with the same all_gather and the
-  padding dropped, then unpatchified as usual.
-
-Gradients: every rank of a group computes the same full output, so each backpropagates the same
-loss. The backward of all_gather sums the N ranks' gradients, so the gradients summed over the
-group are N times the single-process gradient, i.e. their *mean over the group* is exact. Data
-parallel / ZeRO gradient averaging over all ranks (G groups x N) therefore gives exactly the mean
-over the G samples: the trainer needs no loss scaling (``tests/test_sequence_parallel.py``).
+Gradients: every rank computes the same output and loss; the all_gather backward sums the N ranks'
+gradients, so the *mean over the group* is the single-process gradient, and data-parallel
+averaging over all G x N ranks gives the mean over the G samples with no loss scaling
+(``tests/test_sequence_parallel.py``).
 
 One forward records where the tokens lie (``TokenLayout``); activation-checkpoint recomputation
 reuses it, so run each forward's backward before a forward of another token count.
@@ -47,16 +38,6 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 from wan_animate.model import WanAnimateDiT
 from wan_animate.model.attention import attention
 
-__all__ = [
-    "TokenLayout",
-    "SequenceParallel",
-    "apply_sequence_parallel",
-    "check_same_sample",
-    "check_sequence_parallel_size",
-    "sequence_parallel_mesh",
-    "start_generation_group",
-]
-
 
 def check_sequence_parallel_size(num_heads: int, size: int, key: str = "train.sequence_parallel") -> None:
     """Ulysses gives each rank num_heads / size whole heads: ``size`` must divide ``num_heads``."""
@@ -70,13 +51,9 @@ def check_sequence_parallel_size(num_heads: int, size: int, key: str = "train.se
 
 
 def sequence_parallel_mesh(size: int, device_type: str):
-    """A 2D DeviceMesh ("data", "sequence") over all ranks: consecutive ranks form a sequence group.
-
-    ``mesh["sequence"].get_group()`` is this rank's group (pass it to ``apply_sequence_parallel``);
-    ``mesh["data"].get_local_rank()`` / ``.size()`` are the data-parallel rank / size to shard the
-    data by (all ranks of a group read the same samples). ``size`` divides the world size (the
-    caller's check: ``train.config.check_sequence_parallel``).
-    """
+    """A 2D DeviceMesh ("data", "sequence") over all ranks: consecutive ranks form a sequence group
+    (``mesh["sequence"].get_group()``); ``mesh["data"]`` gives the rank / size to shard the data by.
+    ``size`` divides the world size (the caller's check: ``train.config.check_sequence_parallel``)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
@@ -85,12 +62,8 @@ def sequence_parallel_mesh(size: int, device_type: str):
 
 def start_generation_group(size: int, device: str) -> tuple[str, bool]:
     """``torchrun --nproc_per_node N -m eval.generate ... --sequence-parallel N``: join the N
-    processes (torchrun's environment) and pick this rank's device ("cuda" -> cuda:LOCAL_RANK).
-
-    Returns (device, writes_output): every rank runs the same pipeline with the same seed, the DiT
-    (after ``apply_sequence_parallel(pipe.dit, torch.distributed.group.WORLD)``) splits each denoising
-    step, and all ranks end with the same video; rank 0 writes it.
-    """
+    processes and pick this rank's device ("cuda" -> cuda:LOCAL_RANK). Returns (device,
+    writes_output): all ranks end with the same video; rank 0 writes it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != size:
         raise ValueError(
@@ -106,11 +79,8 @@ def start_generation_group(size: int, device: str) -> tuple[str, bool]:
 
 
 def check_same_sample(inputs: dict[str, torch.Tensor], group: dist.ProcessGroup) -> None:
-    """Raise if the ranks of ``group`` do not hold the same DiT inputs (data, noise, timestep).
-
-    Sequence parallelism computes one sample across the group; a rank that drew another sample,
-    noise or timestep would silently train on a mixture. One small all_gather of per-tensor sums.
-    """
+    """Raise if the ranks of ``group`` do not hold the same DiT inputs (data, noise, timestep): a
+    rank that drew another one would silently train on a mixture. One all_gather of per-tensor sums."""
     names = sorted(inputs)
     device = _collective_device(group, inputs.values())
     # Each sum is taken where its tensor lives, then moved: the inputs mix devices (the batch on the
@@ -187,7 +157,6 @@ class SequenceParallel:
         # [B, S/N, H, D] -> heads scattered (dim 2), sequence gathered (dim 1) -> local kernel.
         self._ulysses = DistributedAttention(self._local_attention, group, scatter_idx=2, gather_idx=1)
 
-    # ------------------------------------------------------------------------------------ DiT forward
     def split(
         self, h: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, grid: tuple[int, int, int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,7 +177,6 @@ class SequenceParallel:
         layout = self._current(out.shape[1])
         return all_gather_single_autograd(out.contiguous(), gather_dim=1, group=self.group)[:, : layout.total]
 
-    # ------------------------------------------------------------------------------------ attention
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Self-attention kernel for the shard: q/k/v [B, local, H, D] -> [B, local, H, D]."""
         self._current(q.shape[1])
@@ -220,7 +188,6 @@ class SequenceParallel:
         total = self.layout.total
         return attention(q, k[:, :total], v[:, :total])
 
-    # ------------------------------------------------------------------------------------ face adapter
     def face_update(self, block_forward: Callable, x: torch.Tensor, face_tokens: torch.Tensor) -> torch.Tensor:
         """A face block on the shard: each part (see ``TokenLayout.frame_parts``) attends to its
         own frames' face tokens; padding rows get a zero update."""
@@ -236,7 +203,6 @@ class SequenceParallel:
             updates.append(x.new_zeros(x.shape[0], pad, x.shape[2], dtype=dtype))
         return torch.cat(updates, dim=1)
 
-    # ------------------------------------------------------------------------------------ motion encoder
     def encode_motion(self, encoder_forward: Callable, faces: torch.Tensor) -> torch.Tensor:
         """faces [n, 3, S, S] -> motion [n, C]: each rank encodes ceil(n / N) of them, then all_gather."""
         n = faces.shape[0]
@@ -245,7 +211,6 @@ class SequenceParallel:
         mine = padded[self.rank * per_rank : (self.rank + 1) * per_rank]
         return all_gather_single_autograd(encoder_forward(mine).contiguous(), gather_dim=0, group=self.group)[:n]
 
-    # ------------------------------------------------------------------------------------ helpers
     def _current(self, local_len: int) -> TokenLayout:
         layout = self.layout
         if layout is None or local_len != layout.local:
@@ -268,13 +233,9 @@ def _rows(t: torch.Tensor, dim: int, start: int, count: int, total: int, fill: f
 
 
 def apply_sequence_parallel(dit: WanAnimateDiT, group: dist.ProcessGroup) -> SequenceParallel:
-    """Make ``dit`` (a WanAnimateDiT, before any DDP/ZeRO wrapping) run one sample across ``group``.
-
-    Installs the plan on the model's seams: ``dit.sequence_shard`` (split after the embeddings,
-    gather after the head), each ``SelfAttention.attention_fn`` (Ulysses), and wraps each face
-    block's and the motion encoder's ``forward`` (names and state dict unchanged). All ranks of
-    ``group`` must call the model with the same inputs. Returns the plan.
-    """
+    """Make ``dit`` (before any DDP/ZeRO wrapping) run one sample across ``group``: installs the plan
+    on the model's seams (``dit.sequence_shard``, each ``SelfAttention.attention_fn``, the face
+    blocks' and motion encoder's ``forward``; names and state dict unchanged). Returns the plan."""
     if not isinstance(dit, WanAnimateDiT):
         raise TypeError(
             f"sequence parallelism needs a wan_animate WanAnimateDiT (its split/gather seams), got "

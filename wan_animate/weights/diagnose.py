@@ -19,8 +19,6 @@ import torch
 from wan_animate.config import PRESETS, WanAnimateConfig
 from wan_animate.weights.keymap import diffusers_to_official
 
-__all__ = ["CheckpointError", "check_against_model"]
-
 SHOW = 5  # how many names of each problem an error message lists
 _QUANT_SUFFIXES = ("scale_weight", "weight_scale", "scale_input", "input_scale", ".comfy_quant")
 

@@ -18,17 +18,6 @@ import torch
 
 from wan_animate.weights.diagnose import CheckpointError
 
-__all__ = [
-    "PICKLE_SUFFIXES",
-    "Shard",
-    "TensorInfo",
-    "WeightsFileError",
-    "iter_tensors",
-    "load_torch_file",
-    "read_header",
-    "save_safetensors",
-]
-
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training checkpoints nest their weights (one level down).
 NESTED_KEYS = ("state_dict", "model", "module", "ema")
@@ -66,9 +55,7 @@ class Shard:
         return self.path.suffix in PICKLE_SUFFIXES
 
 
-# ------------------------------------------------------------------------------------------------
-# safetensors
-# ------------------------------------------------------------------------------------------------
+# ---- safetensors
 
 
 def _safetensors_error(path: Path, err: Exception) -> WeightsFileError:
@@ -162,9 +149,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     return path
 
 
-# ------------------------------------------------------------------------------------------------
-# pickle (torch.load with weights_only=True, nothing else)
-# ------------------------------------------------------------------------------------------------
+# ---- pickle (torch.load with weights_only=True, nothing else)
 
 
 def _pickle_problem(path: Path, err: Exception) -> str:

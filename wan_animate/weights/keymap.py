@@ -28,15 +28,6 @@ import torch
 from wan_animate.config import WanAnimateConfig
 from wan_animate.model.motion_encoder import make_blur_kernel
 
-__all__ = [
-    "KeyMapError",
-    "official_to_diffusers",
-    "diffusers_to_official",
-    "lia_blur_kernel",
-    "blur_kernel_keys",
-    "num_motion_res_blocks",
-]
-
 
 class KeyMapError(ValueError):
     """A state dict holds names the map does not know, or a split pair is incomplete."""
@@ -173,9 +164,7 @@ def _unsqueeze_bias(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(1, -1, 1, 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Motion encoder convs: official convs.0 / convs.1..R / convs.R+1 <-> conv_in / res_blocks.0..R-1 / conv_out
-# ------------------------------------------------------------------------------------------------
+# ---- Motion encoder convs: official convs.0 / convs.1..R / convs.R+1 <-> conv_in / res_blocks.0..R-1 / conv_out
 
 _RE_ME_OFFICIAL = re.compile(r"^motion_encoder\.enc\.net_app\.convs\.(\d+)\.(.+)$")
 _RE_ME_DIFFUSERS = re.compile(r"^motion_encoder\.(conv_in|conv_out|res_blocks\.(\d+))\.(.+)$")
@@ -233,9 +222,7 @@ def _motion_conv_to_official(key: str, num_res: int) -> tuple[str, _Op] | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------
-# Face adapter key/value packing
-# ------------------------------------------------------------------------------------------------
+# ---- Face adapter key/value packing
 
 _RE_KV_OFFICIAL = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.linear1_kv\.(weight|bias)$")
 _RE_KV_DIFFUSERS = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
@@ -251,9 +238,7 @@ def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[:half].clone(), t[half:].clone()
 
 
-# ------------------------------------------------------------------------------------------------
-# Public maps
-# ------------------------------------------------------------------------------------------------
+# ---- Public maps
 
 
 def _raise_unknown(unknown: list[str], direction: str) -> None:

@@ -24,8 +24,6 @@ from wan_animate.weights import source
 from wan_animate.weights.diagnose import SHOW, CheckpointError, check_against_model
 from wan_animate.weights.keymap import blur_kernel_keys
 
-__all__ = ["assign_state", "build_empty_dit", "empty_model", "expected_official", "load_dit"]
-
 M = TypeVar("M", bound=nn.Module)
 
 

@@ -27,8 +27,6 @@ from wan_animate.weights.keymap import blur_kernel_keys, lia_blur_kernel, offici
 from wan_animate.weights.load import expected_official, progress_bar
 from wan_animate.weights.source import BLUR_DTYPE_METADATA_KEY, CONFIG_METADATA_KEY, WEIGHTS_NAME
 
-__all__ = ["convert_checkpoint", "parse_size", "save_dit"]
-
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -28,9 +28,6 @@ from wan_animate.weights.diagnose import SHOW, CheckpointError
 from wan_animate.weights.files import Shard, iter_tensors, read_header
 from wan_animate.weights.keymap import diffusers_to_official
 
-__all__ = ["Source", "detect_layout", "identify", "inspect_checkpoint", "open_source", "stream_official",
-           "virtual_official"]
-
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_METADATA_KEY = "config"
 BLUR_DTYPE_METADATA_KEY = "wan_animate_blur_kernel_dtype"
