@@ -61,19 +61,15 @@ def build_dit_inputs(examples: list[dict], encoders: Any, device: torch.device, 
 
 
 def _build_cached(examples: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    ys = []
+    ys, refs = [], []
     for e in examples:
-        ref = e["ref_latent"].unsqueeze(0).to(device)
-        if ref.ndim == 4:
-            ref = ref.unsqueeze(2)
+        ref = e["ref_latent"]
+        refs.append(ref if ref.ndim == 4 else ref.unsqueeze(1))  # [16, 1, h, w]
         ys.append(conditioning.build_condition(
-            ref, e["temporal_latent"].unsqueeze(0).to(device), num_given=e["num_given"], mode=e["mode"],
+            refs[-1].unsqueeze(0).to(device), e["temporal_latent"].unsqueeze(0).to(device),
+            num_given=e["num_given"], mode=e["mode"],
             character_mask=e["char_mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
         ))
-    refs = []
-    for e in examples:
-        r = e["ref_latent"]
-        refs.append(r if r.ndim == 4 else r.unsqueeze(1))
     batch = {
         "latents": torch.cat([torch.stack(refs), torch.stack([e["latents_target"] for e in examples])], dim=2)
         .to(device, dtype),

@@ -1,17 +1,11 @@
-"""What every command-line tool of the project does with an expected error: one line on stderr
-that names the problem and the fix, exit status 2, no traceback.
-
-An *expected* error is one the user can fix: a bad value or path, a checkpoint or LoRA that does
-not fit the model, an input that cannot be read. Each tool passes its own error types on top of
-the library's (:data:`LIBRARY_ERRORS`). Anything else is a bug and keeps its traceback.
-
-``--debug`` (stripped from the command line before the tool parses it) or ``HYDRA_FULL_ERROR=1``
-re-raise the expected error with its traceback.
+"""What every command-line tool of the project does with an expected error (one the user can fix:
+a bad value or path, a checkpoint or LoRA that does not fit, an unreadable input): one line on
+stderr naming the problem and the fix, exit status 2, no traceback. Anything else is a bug and keeps
+its traceback; ``--debug`` or ``HYDRA_FULL_ERROR=1`` re-raise the expected error with it too.
 
 Hydra tools also get :func:`check_overrides`: a ``key=value`` whose key is not in the tool's typed
-config is refused before Hydra composes anything, with the closest key as the fix
-(``train.max_step=80`` -> "did you mean train.max_steps=80?"), instead of Hydra's advice to append
-the key with ``+``.
+config is refused with the closest key as the fix (``train.max_step=80`` -> "did you mean
+train.max_steps=80?"), instead of Hydra's advice to append the key with ``+``.
 """
 
 from __future__ import annotations
@@ -21,6 +15,7 @@ import dataclasses
 import difflib
 import os
 import sys
+import types
 import typing
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
@@ -100,7 +95,7 @@ def _fields(cls) -> dict[str, typing.Any] | None:
 def _unwrap(tp):
     """``Optional[X]`` -> ``X``."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) and len(args) == 1:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return tp
 

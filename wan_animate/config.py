@@ -165,51 +165,14 @@ class WanAnimateConfig:
         The official file only carries the trunk sizes; the sub-module sizes we add under keys
         the official loader ignores, so tiny variants round-trip through the official layout.
         """
-        return {
-            "_class_name": "WanAnimateModel",
-            "patch_size": list(self.patch_size),
-            "text_len": self.text_len,
-            "in_dim": self.in_dim,
-            "dim": self.dim,
-            "ffn_dim": self.ffn_dim,
-            "freq_dim": self.freq_dim,
-            "text_dim": self.text_dim,
-            "out_dim": self.out_dim,
-            "num_heads": self.num_heads,
-            "num_layers": self.num_layers,
-            "window_size": list(self.window_size),
-            "qk_norm": self.qk_norm,
-            "cross_attn_norm": self.cross_attn_norm,
-            "eps": self.eps,
-            "motion_encoder_dim": self.motion_encoder_dim,
-            "use_img_emb": True,
-            # --- sizes the official file leaves implicit (defaults of the 14B model)
-            "image_dim": self.image_dim,
-            "motion_encoder_size": self.motion_encoder_size,
-            "motion_style_dim": self.motion_style_dim,
-            "motion_dim": self.motion_dim,
-            "motion_encoder_channel_sizes": dict(self.motion_encoder_channel_sizes),
-            "face_encoder_hidden_dim": self.face_encoder_hidden_dim,
-            "face_encoder_num_heads": self.face_encoder_num_heads,
-            "face_adapter_period": self.face_adapter_period,
-            "motion_encoder_batch_size": self.motion_encoder_batch_size,
-        }
+        d = self.to_dict()
+        return {"_class_name": "WanAnimateModel", **{k: d[k] for k in _OFFICIAL_KEYS}, "use_img_emb": True}
 
     @classmethod
     def from_official_config(cls, cfg: dict[str, Any]) -> "WanAnimateConfig":
-        kw: dict[str, Any] = {}
-        for key in (
-            "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim",
-            "out_dim", "num_heads", "num_layers", "window_size", "qk_norm", "cross_attn_norm",
-            "eps", "motion_encoder_dim", "image_dim", "motion_encoder_size", "motion_style_dim",
-            "motion_dim", "motion_encoder_channel_sizes", "face_encoder_hidden_dim",
-            "face_encoder_num_heads", "face_adapter_period", "motion_encoder_batch_size",
-        ):
-            if key in cfg and cfg[key] is not None:
-                kw[key] = cfg[key]
         if cfg.get("use_img_emb") is False:
             raise ValueError("use_img_emb=false is not a Wan-Animate checkpoint (it needs CLIP image tokens).")
-        return cls(**kw)
+        return cls(**{k: cfg[k] for k in _OFFICIAL_KEYS if cfg.get(k) is not None})
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments of diffusers' ``WanAnimateTransformer3DModel``."""
@@ -289,6 +252,14 @@ class WanAnimateConfig:
             face_adapter_period=int(cfg.get("inject_face_latents_blocks", 5)),
         )
 
+
+# The official config.json's keys (the trunk sizes), then the sub-module sizes it leaves implicit.
+_OFFICIAL_KEYS = (
+    "patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads",
+    "num_layers", "window_size", "qk_norm", "cross_attn_norm", "eps", "motion_encoder_dim",
+    "image_dim", "motion_encoder_size", "motion_style_dim", "motion_dim", "motion_encoder_channel_sizes",
+    "face_encoder_hidden_dim", "face_encoder_num_heads", "face_adapter_period", "motion_encoder_batch_size",
+)
 
 _TINY_CHANNELS = {"4": 32, "8": 32, "16": 16, "32": 8}
 

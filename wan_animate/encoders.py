@@ -21,12 +21,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _freeze(module: nn.Module) -> nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
 class _FrozenEncoder:
     """Shared device/dtype/offload handling."""
 
@@ -36,16 +30,15 @@ class _FrozenEncoder:
         self.dtype = dtype
         self.device = torch.device(device)
         self.offload = offload
-        module = _freeze(module)
+        module = module.eval().requires_grad_(False)
         if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
             module = module.to(dtype=dtype)
         self.module = module.to("cpu" if offload else self.device)
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[nn.Module]:
-        """The module on ``self.device`` for one use. Parked (``offload``): its weights are copied
-        in and the copies dropped afterwards; the host tensors stay as they are (frozen: nothing to
-        copy back, no host memory allocated per use)."""
+        """The module on ``self.device`` for one use; parked (``offload``), device copies of its
+        weights are swapped in and dropped afterwards (frozen: nothing to copy back)."""
         parked = self._copy_in() if self.offload else []
         try:
             with torch.no_grad():
@@ -76,12 +69,6 @@ class _FrozenEncoder:
                 store[name] = copies[id(host)]
         return parked
 
-    def to(self, device: torch.device | str) -> "_FrozenEncoder":
-        self.device = torch.device(device)
-        if not self.offload:
-            self.module.to(self.device)
-        return self
-
 
 # ---- VAE
 
@@ -99,8 +86,7 @@ class WanVAE(_FrozenEncoder):
         super().__init__(vae, dtype=dtype, device=device, offload=offload)
         cfg = vae.config
         self.z_dim = int(cfg.z_dim)
-        self.temporal_stride = int(getattr(cfg, "scale_factor_temporal", None) or 4)
-        self.spatial_stride = int(getattr(cfg, "scale_factor_spatial", None) or 8)
+        self.spatial_stride = int(cfg.scale_factor_spatial)
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         if self.mean.shape[1] != self.z_dim or self.std.shape[1] != self.z_dim:

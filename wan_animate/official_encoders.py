@@ -23,7 +23,6 @@ VAE_FILE = "Wan2.1_VAE.pth"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 T5_TOKENIZER_DIR = "google/umt5-xxl"
-CLIP_TOKENIZER_DIR = "xlm-roberta-large"
 
 
 class OfficialEncoderError(RuntimeError):
@@ -247,13 +246,9 @@ _CLIP_LAYER = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.out_pr
                "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
 
 
-def _strip_vision_prefix(key: str) -> str:
-    return key[len("vision_model."):] if key.startswith("vision_model.") else key
-
-
 def clip_key_to_official(key: str) -> tuple[str, int | None]:
     """CLIPVisionModel key -> (official key, q/k/v slice index of a fused ``to_qkv`` or None)."""
-    k = _strip_vision_prefix(key)
+    k = key.removeprefix("vision_model.")
     fixed = {"embeddings.class_embedding": "visual.cls_embedding",
              "embeddings.patch_embedding.weight": "visual.patch_embedding.weight",
              "embeddings.position_embedding.weight": "visual.pos_embedding"}
@@ -278,24 +273,16 @@ def clip_from_official(sd: dict[str, torch.Tensor]):
 
     model = CLIPVisionModel(clip_config_from_official(sd))
     target = model.state_dict()
-    out, used, missing = {}, set(), []
-    for k, ref in target.items():
-        if k.endswith("position_ids"):
-            out[k] = ref
-            continue
-        src, part = clip_key_to_official(k)
-        if src not in sd:
-            missing.append(src)
-            continue
-        used.add(src)
-        v = sd[src]
+    # the text tower, logit scale and visual projection head are not part of the vision model
+    visual = {k: v for k, v in sd.items() if k.startswith("visual.") and k != "visual.head"}
+    names = [k for k in target if not k.endswith("position_ids")]
+    picked = _strict_gather(names, lambda k: clip_key_to_official(k)[0], visual, "CLIP vision")
+    out = {k: v for k, v in target.items() if k.endswith("position_ids")}
+    for k, v in picked.items():
+        part = clip_key_to_official(k)[1]
         if part is not None:
             v = v.chunk(3, dim=0)[part]
-        out[k] = v.reshape(ref.shape).float()
-    # the text tower, logit scale and visual projection head are not part of the vision model
-    unused = sorted(k for k in set(sd) - used if k.startswith("visual.") and k != "visual.head")
-    if missing or unused:
-        raise OfficialEncoderError(f"CLIP vision: missing {missing[:5]}, unexpected {unused[:5]}.")
+        out[k] = v.reshape(target[k].shape).float()
     model.load_state_dict(out, strict=True)
     return model
 

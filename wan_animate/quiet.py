@@ -1,18 +1,9 @@
-"""Start-up lines of third-party libraries that tell a training user nothing they can act on.
-
-Each is dropped by name (a logging filter on the exact message, or the library's own switch), so
-every other warning of those libraries still shows:
-
-* transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to
-  `CLIPImageProcessorPil`" (the PIL processor is the one we want; torchvision is not a dependency);
-* DeepSpeed's "Setting accelerator to CPU. If you have GPU ..." on machines without CUDA: we name
-  the CPU accelerator up front (``DS_ACCELERATOR=cpu``, what ``train.parallel`` sets for CPU
-  process groups anyway), so DeepSpeed does not probe and warn;
-* torchao's import-time lines (prebuilt kernels for other Pythons / GPUs, no triton, torch's
-  pytree deprecation notes about torchao's enums) and diffusers' note that torchao-serialized
-  checkpoints may not load: torchao is only used for ``optim.name=adamw8bit``;
-* transformers' per-file "Loading weights" / "Writing model shards" bars (the ``[train]`` lines say
-  what is loaded; the training bar is the one progress bar).
+"""Start-up lines of third-party libraries that tell a training user nothing they can act on, each
+dropped by name (a logging filter on the exact message, or the library's own switch) so every other
+warning still shows: transformers' torchvision note (the PIL image processor is the one we want) and
+per-file loading bars (the training bar is the one progress bar); DeepSpeed's "Setting accelerator
+to CPU" probe (``DS_ACCELERATOR=cpu`` named up front without CUDA); torchao's import-time lines and
+diffusers' torchao note (torchao is only used for ``optim.name=adamw8bit``).
 """
 
 from __future__ import annotations
@@ -57,9 +48,6 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(texts))
-    try:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    hf_logging.disable_progress_bar()

@@ -14,6 +14,7 @@ from torch import nn
 from wan_animate.model.norms import rms_norm
 from wan_animate.model.rope import apply_rope
 
+
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a linear layer computes in, read without materialising its weight: a layer stored
     in another format says so with ``compute_dtype`` (fp8 storage), a wrapper (LoRA) through its

@@ -166,9 +166,6 @@ def _unsqueeze_bias(t: torch.Tensor) -> torch.Tensor:
 
 # ---- Motion encoder convs: official convs.0 / convs.1..R / convs.R+1 <-> conv_in / res_blocks.0..R-1 / conv_out
 
-_RE_ME_OFFICIAL = re.compile(r"^motion_encoder\.enc\.net_app\.convs\.(\d+)\.(.+)$")
-_RE_ME_DIFFUSERS = re.compile(r"^motion_encoder\.(conv_in|conv_out|res_blocks\.(\d+))\.(.+)$")
-
 _RES_OFFICIAL_TO_DIFFUSERS = {
     "conv1.0.weight": ("conv1.weight", _keep),
     "conv1.1.bias": ("conv1.act_fn.bias", _squeeze_bias),
@@ -176,50 +173,20 @@ _RES_OFFICIAL_TO_DIFFUSERS = {
     "conv2.2.bias": ("conv2.act_fn.bias", _squeeze_bias),
     "skip.1.weight": ("conv_skip.weight", _keep),
 }
-_RES_DIFFUSERS_TO_OFFICIAL = {d: (o, _unsqueeze_bias if op is _squeeze_bias else _keep)
-                              for o, (d, op) in _RES_OFFICIAL_TO_DIFFUSERS.items()}
 _BLUR_SUFFIXES = ("conv2.0.kernel", "skip.0.kernel")
 
 
-def _motion_conv_to_diffusers(key: str, num_res: int) -> tuple[str | None, _Op] | None:
-    """(diffusers key or None to drop, transform) for an official motion-encoder conv key."""
-    m = _RE_ME_OFFICIAL.match(key)
-    if not m:
-        return None
-    idx, rest = int(m.group(1)), m.group(2)
-    if idx == 0:
-        return {
-            "0.weight": ("motion_encoder.conv_in.weight", _keep),
-            "1.bias": ("motion_encoder.conv_in.act_fn.bias", _squeeze_bias),
-        }.get(rest)
-    if idx == num_res + 1:
-        return ("motion_encoder.conv_out.weight", _keep) if rest == "weight" else None
-    if 1 <= idx <= num_res:
-        if rest in _BLUR_SUFFIXES:
-            return None, _keep
-        hit = _RES_OFFICIAL_TO_DIFFUSERS.get(rest)
-        if hit:
-            return f"motion_encoder.res_blocks.{idx - 1}.{hit[0]}", hit[1]
-    return None
-
-
-def _motion_conv_to_official(key: str, num_res: int) -> tuple[str, _Op] | None:
-    m = _RE_ME_DIFFUSERS.match(key)
-    if not m:
-        return None
-    block, rest = m.group(1), m.group(3)
-    if block == "conv_in":
-        return {
-            "weight": (f"{_ME_APP}.convs.0.0.weight", _keep),
-            "act_fn.bias": (f"{_ME_APP}.convs.0.1.bias", _unsqueeze_bias),
-        }.get(rest)
-    if block == "conv_out":
-        return (f"{_ME_APP}.convs.{num_res + 1}.weight", _keep) if rest == "weight" else None
-    r = int(m.group(2))
-    hit = _RES_DIFFUSERS_TO_OFFICIAL.get(rest)
-    if hit and r < num_res:
-        return f"{_ME_APP}.convs.{r + 1}.{hit[0]}", hit[1]
-    return None
+def _motion_conv_names(num_res: int) -> dict[str, tuple[str, _Op]]:
+    """Official motion-encoder conv key -> (diffusers key, transform) for ``num_res`` residual blocks."""
+    names = {
+        f"{_ME_APP}.convs.0.0.weight": ("motion_encoder.conv_in.weight", _keep),
+        f"{_ME_APP}.convs.0.1.bias": ("motion_encoder.conv_in.act_fn.bias", _squeeze_bias),
+        f"{_ME_APP}.convs.{num_res + 1}.weight": ("motion_encoder.conv_out.weight", _keep),
+    }
+    for r in range(1, num_res + 1):
+        for official, (diffusers, op) in _RES_OFFICIAL_TO_DIFFUSERS.items():
+            names[f"{_ME_APP}.convs.{r}.{official}"] = (f"motion_encoder.res_blocks.{r - 1}.{diffusers}", op)
+    return names
 
 
 # ---- Face adapter key/value packing
@@ -258,7 +225,8 @@ def official_to_diffusers(
     Blur kernels are dropped (diffusers re-creates them). With ``strict=False`` keys without a
     diffusers name are passed through unchanged (so a later key-set check reports them).
     """
-    num_res = num_motion_res_blocks(config)
+    convs = _motion_conv_names(num_motion_res_blocks(config))
+    blur = set(blur_kernel_keys(config))
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in state_dict.items():
@@ -268,11 +236,11 @@ def official_to_diffusers(
             out[f"face_adapter.{m.group(1)}.to_k.{m.group(2)}"] = k
             out[f"face_adapter.{m.group(1)}.to_v.{m.group(2)}"] = v
             continue
-        hit = _motion_conv_to_diffusers(key, num_res)
-        if hit is not None:
-            new_key, op = hit
-            if new_key is not None:
-                out[new_key] = op(tensor)
+        if key in blur:
+            continue
+        if key in convs:
+            new_key, op = convs[key]
+            out[new_key] = op(tensor)
             continue
         out[_table_key_or_keep(key, _OFFICIAL_TO_DIFFUSERS, unknown)] = tensor
     if unknown and strict:
@@ -295,6 +263,8 @@ def diffusers_to_official(
     must both be present; they are concatenated into ``linear1_kv``.
     """
     num_res = num_motion_res_blocks(config)
+    convs = {d: (o, _unsqueeze_bias if op is _squeeze_bias else _keep)
+             for o, (d, op) in _motion_conv_names(num_res).items()}
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     kv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -303,7 +273,7 @@ def diffusers_to_official(
         if m:
             kv_parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
             continue
-        hit = _motion_conv_to_official(key, num_res)
+        hit = convs.get(key)
         if hit is not None:
             out[hit[0]] = hit[1](tensor)
             continue
