@@ -176,41 +176,24 @@ class WanAnimateConfig:
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments of diffusers' ``WanAnimateTransformer3DModel``."""
+        d = self.to_dict()
         return {
             "_class_name": "WanAnimateTransformer3DModel",
-            "patch_size": list(self.patch_size),
+            **{theirs: d[ours] for ours, theirs in _DIFFUSERS_NAMES.items()},
             "num_attention_heads": self.num_heads,
             "attention_head_dim": self.head_dim,
             "in_channels": self.in_dim,
             "latent_channels": self.out_dim,
             "out_channels": self.out_dim,
-            "text_dim": self.text_dim,
-            "freq_dim": self.freq_dim,
-            "ffn_dim": self.ffn_dim,
-            "num_layers": self.num_layers,
-            "cross_attn_norm": self.cross_attn_norm,
             "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
-            "eps": self.eps,
-            "image_dim": self.image_dim,
             "added_kv_proj_dim": self.dim,
-            "rope_max_seq_len": self.rope_max_seq_len,
             "pos_embed_seq_len": None,
-            "motion_encoder_channel_sizes": dict(self.motion_encoder_channel_sizes),
-            "motion_encoder_size": self.motion_encoder_size,
-            "motion_style_dim": self.motion_style_dim,
-            "motion_dim": self.motion_dim,
-            "motion_encoder_dim": self.motion_encoder_dim,
-            "face_encoder_hidden_dim": self.face_encoder_hidden_dim,
-            "face_encoder_num_heads": self.face_encoder_num_heads,
-            "inject_face_latents_blocks": self.face_adapter_period,
-            "motion_encoder_batch_size": self.motion_encoder_batch_size,
         }
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict[str, Any]) -> "WanAnimateConfig":
         heads = int(cfg.get("num_attention_heads", 40))
-        head_dim = int(cfg.get("attention_head_dim", 128))
-        dim = heads * head_dim
+        dim = heads * int(cfg.get("attention_head_dim", 128))
         if cfg.get("added_kv_proj_dim") not in (None, dim):
             raise ValueError(
                 f"added_kv_proj_dim={cfg.get('added_kv_proj_dim')} differs from the model width {dim}; "
@@ -222,35 +205,13 @@ class WanAnimateConfig:
                 f"set added_kv_proj_dim={dim} (Wan-Animate uses CLIP image tokens)."
             )
         latent = cfg.get("latent_channels") or (int(cfg.get("in_channels", 36)) - 4) // 2
-        channels = cfg.get("motion_encoder_channel_sizes") or DEFAULT_MOTION_ENCODER_CHANNELS
         qk = cfg.get("qk_norm", "rms_norm_across_heads")
         if qk not in (None, "rms_norm_across_heads"):
             raise ValueError(f"qk_norm={qk!r} is not supported; Wan-Animate uses 'rms_norm_across_heads'.")
-        return cls(
-            dim=dim,
-            ffn_dim=int(cfg.get("ffn_dim", 13824)),
-            num_heads=heads,
-            num_layers=int(cfg.get("num_layers", 40)),
-            freq_dim=int(cfg.get("freq_dim", 256)),
-            text_dim=int(cfg.get("text_dim", 4096)),
-            image_dim=int(cfg.get("image_dim") or 1280),
-            in_dim=2 * int(latent) + 4,
-            out_dim=int(cfg.get("out_channels") or latent),
-            patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-            qk_norm=qk is not None,
-            cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
-            eps=float(cfg.get("eps", 1e-6)),
-            rope_max_seq_len=int(cfg.get("rope_max_seq_len", 1024)),
-            motion_encoder_size=int(cfg.get("motion_encoder_size", 512)),
-            motion_style_dim=int(cfg.get("motion_style_dim", 512)),
-            motion_dim=int(cfg.get("motion_dim", 20)),
-            motion_encoder_dim=int(cfg.get("motion_encoder_dim", 512)),
-            motion_encoder_channel_sizes=dict(channels),
-            motion_encoder_batch_size=int(cfg.get("motion_encoder_batch_size", 8)),
-            face_encoder_hidden_dim=int(cfg.get("face_encoder_hidden_dim", 1024)),
-            face_encoder_num_heads=int(cfg.get("face_encoder_num_heads", 4)),
-            face_adapter_period=int(cfg.get("inject_face_latents_blocks", 5)),
-        )
+        # absent (or null) sizes keep our defaults, which are the 14B model's
+        same = {ours: cfg[theirs] for ours, theirs in _DIFFUSERS_NAMES.items() if cfg.get(theirs) is not None}
+        return cls(**same, dim=dim, num_heads=heads, in_dim=2 * int(latent) + 4,
+                   out_dim=int(cfg.get("out_channels") or latent), qk_norm=qk is not None)
 
 
 # The official config.json's keys (the trunk sizes), then the sub-module sizes it leaves implicit.
@@ -260,6 +221,17 @@ _OFFICIAL_KEYS = (
     "image_dim", "motion_encoder_size", "motion_style_dim", "motion_dim", "motion_encoder_channel_sizes",
     "face_encoder_hidden_dim", "face_encoder_num_heads", "face_adapter_period", "motion_encoder_batch_size",
 )
+
+# Sizes diffusers stores under the same meaning: our name -> diffusers' name.
+_DIFFUSERS_NAMES = {
+    "patch_size": "patch_size", "text_dim": "text_dim", "freq_dim": "freq_dim", "ffn_dim": "ffn_dim",
+    "num_layers": "num_layers", "cross_attn_norm": "cross_attn_norm", "eps": "eps", "image_dim": "image_dim",
+    "rope_max_seq_len": "rope_max_seq_len", "motion_encoder_channel_sizes": "motion_encoder_channel_sizes",
+    "motion_encoder_size": "motion_encoder_size", "motion_style_dim": "motion_style_dim",
+    "motion_dim": "motion_dim", "motion_encoder_dim": "motion_encoder_dim",
+    "face_encoder_hidden_dim": "face_encoder_hidden_dim", "face_encoder_num_heads": "face_encoder_num_heads",
+    "face_adapter_period": "inject_face_latents_blocks", "motion_encoder_batch_size": "motion_encoder_batch_size",
+}
 
 _TINY_CHANNELS = {"4": 32, "8": 32, "16": 16, "32": 8}
 

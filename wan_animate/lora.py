@@ -97,9 +97,8 @@ def add_lora(
     targets: Iterable[str] | None = None,
     dropout: float = 0.0,
 ) -> list[str]:
-    """Wrap the target linears of ``model`` in place with peft LoRA layers (B initialised to zero,
-    so the model output is unchanged). Returns the wrapped module names. Only LoRA factors stay
-    trainable afterwards; callers re-enable whatever else they train (e.g. the adapters)."""
+    """Wrap the target linears of ``model`` in place with peft LoRA layers (B = 0: output unchanged);
+    returns their names. Only the factors stay trainable; callers re-enable what else they train."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
@@ -125,10 +124,8 @@ def lora_state_dict(
     alpha: float | Mapping[str, float] | None = None,
     dtype: torch.dtype | None = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Community-layout LoRA tensors of a peft-wrapped DiT (or of its full state dict).
-
-    ``alpha`` is read from the peft layers when a module is given; with a state dict pass it
-    (one number, or a mapping module name -> alpha)."""
+    """Community-layout LoRA tensors of a peft-wrapped DiT (alpha read from its layers) or of its
+    state dict (pass ``alpha``: one number, or module name -> alpha)."""
     alphas: dict[str, float] = {}
     if isinstance(model_or_state, nn.Module):
         from peft.tuners.lora import LoraLayer
@@ -170,8 +167,7 @@ def save_lora(
     alpha: float | Mapping[str, float] | None = None,
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the community-layout safetensors file (group-readable, atomic); ``metadata`` values are
-    JSON-encoded."""
+    """Write the community-layout safetensors file; ``metadata`` values are JSON-encoded."""
     tensors = lora_state_dict(model_or_state, alpha=alpha)
     meta = {"format": "pt", "lora_layout": "diffusion_model"}
     for k, v in (metadata or {}).items():
@@ -183,8 +179,8 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor, "float | None"]]
 
 
 def load_lora_into_peft(model: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
-    """Copy a community-layout file into an ``add_lora``-wrapped model (to continue training).
-    The file's alpha must equal the wrapped layers' alpha. Everything is checked before any copy."""
+    """Copy a community-layout file into an ``add_lora``-wrapped model (to continue training); its
+    alpha must equal the wrapped layers'. Everything is checked before any copy."""
     return _copy_into_peft(model, read_lora(path_or_state), _where(path_or_state))
 
 
@@ -227,10 +223,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_lora(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> Factors:
-    """Parse a LoRA file/state dict into ``{official module name: (A [r,in], B [out,r], alpha|None)}``.
-
-    Every problem raises one line naming the file: ``WeightsFileError`` when the file cannot be read
-    (missing, truncated, an unsafe pickle), ``LoraError`` when it is not a LoRA."""
+    """Parse a LoRA file/state dict into ``{official module name: (A [r,in], B [out,r], alpha|None)}``;
+    ``WeightsFileError`` when the file cannot be read, ``LoraError`` when it is not a LoRA."""
     where = _where(path_or_state)
     state = _load_tensors(Path(path_or_state)) if isinstance(path_or_state, (str, Path)) else dict(path_or_state)
     downs: dict[str, torch.Tensor] = {}
@@ -279,8 +273,7 @@ def read_lora(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> Factors
 
 
 def _check_fits(dit: nn.Module, factors: Factors, where: str) -> None:
-    """Every targeted module exists, is a linear-like layer and has the delta's shape; one error
-    listing the first problems, raised before anything is changed."""
+    """Every targeted module exists and has the delta's shape, or one error listing the problems."""
     modules = dict(dit.named_modules())
     problems = []
     for name, (a, b, _) in factors.items():
@@ -298,9 +291,8 @@ def _check_fits(dit: nn.Module, factors: Factors, where: str) -> None:
 
 @torch.no_grad()
 def apply_lora(dit: nn.Module, path_or_state: str | Path | Mapping[str, torch.Tensor], scale: float = 1.0) -> list[str]:
-    """Merge a LoRA into a plain DiT in place: ``W += scale * alpha / rank * B @ A`` (fp32 math,
-    cast back to the weight's dtype). Returns the merged module names. Unknown module names or
-    shape mismatches raise ``LoraError`` naming the module, before any weight is changed."""
+    """Merge a LoRA into a plain DiT in place: ``W += scale * alpha / rank * B @ A`` (fp32 math, cast
+    back to the weight's dtype), after every module is checked. Returns the merged module names."""
     where = _where(path_or_state)
     if not math.isfinite(scale):
         raise LoraError(f"{where}: scale {scale} must be a finite number; nothing was changed.")
@@ -318,10 +310,8 @@ def apply_lora(dit: nn.Module, path_or_state: str | Path | Mapping[str, torch.Te
 
 def apply_relighting_lora(dit: nn.Module, path: str | Path) -> list[str]:
     """Apply the official relighting LoRA (``relighting_lora.ckpt``) as the official replace-mode
-    pipeline does: a peft LoRA adapter, not merged, on the file's target linears (every linear in
-    ``blocks.N`` except face and modulation ones), scale ``alpha / rank = 1`` (official rank 128,
-    alpha 128; the file stores no alpha). The file is read with ``weights_only=True`` and checked
-    against the model before the adapter is added. Returns the adapted module names."""
+    pipeline does: a peft adapter, not merged, on the file's target linears, scale ``alpha / rank =
+    1`` (rank 128; the file stores no alpha). Checked against the model first; returns the names."""
     from peft.tuners.lora import LoraLayer
 
     where = _where(path)

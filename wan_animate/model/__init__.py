@@ -1,10 +1,5 @@
-"""The Wan-Animate DiT and the helpers the trainer and the pipeline apply from outside.
-
-- ``WanAnimateDiT(config)``: the model, with the official parameter names.
-- ``ADAPTER_PREFIXES``: top-level modules that make up the pose/face adapters.
-- ``set_precision(model, dtype)``: cast to ``dtype`` keeping the fp32-by-design tensors fp32.
-- ``apply_activation_checkpointing(model)``: recompute every DiT block (and face block) in backward.
-- ``compile_blocks(model)``: regional ``torch.compile`` of each DiT block and face block.
+"""The Wan-Animate DiT (official parameter names) and what the trainer and the pipeline apply to it
+from outside: precision, activation checkpointing, regional compilation.
 """
 
 from __future__ import annotations
@@ -15,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from wan_animate.model.attention import get_attention_backend, set_attention_backend
+from wan_animate.model.attention import set_attention_backend
 from wan_animate.model.dit import WanAnimateDiT
 
 __all__ = [
@@ -27,7 +22,6 @@ __all__ = [
     "apply_activation_checkpointing",
     "compile_blocks",
     "set_attention_backend",
-    "get_attention_backend",
 ]
 
 # Top-level modules of the pose and face conditioning (everything else is the Wan I2V trunk).

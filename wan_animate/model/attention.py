@@ -50,10 +50,6 @@ def set_attention_backend(name: str) -> None:
     _backend = name
 
 
-def get_attention_backend() -> str:
-    return _backend
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention without mask. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
     if (
