@@ -15,16 +15,13 @@ import argparse
 import json
 import sys
 
-import torch
-
 from wan_animate.animate2.config import PRESETS as ANIMATE2_PRESETS
 from wan_animate.animate2.config import Animate2Config
 from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
 from wan_animate.config import PRESETS, WanAnimateConfig
+from wan_animate.options import DTYPE_NAMES, parse_dtype
 from wan_animate.weights.save import convert_checkpoint
 from wan_animate.weights.source import inspect_checkpoint
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "keep": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +39,7 @@ def _main(argv: list[str]) -> int:
     conv.add_argument("src", help="official/diffusers folder, pipeline folder or single .safetensors file")
     conv.add_argument("dst", help="output folder (or a .safetensors file for one file)")
     conv.add_argument("--to", required=True, choices=["official", "diffusers"])
-    conv.add_argument("--dtype", default="keep", choices=sorted(DTYPES))
+    conv.add_argument("--dtype", default="keep", choices=["keep", *DTYPE_NAMES])
     conv.add_argument("--max-shard-size", default="5GB")
     conv.add_argument("--preset", default=None, choices=sorted(set(PRESETS) | set(ANIMATE2_PRESETS)),
                       help="config for a single file without config metadata (default: from the files, else 14b)")
@@ -57,13 +54,14 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "convert":
+        dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
         if checkpoint_family(args.src) == "animate2":
             config = Animate2Config.preset(args.preset) if args.preset else None
-            files = convert_animate2(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+            files = convert_animate2(args.src, args.dst, args.to, dtype=dtype,
                                      max_shard_size=args.max_shard_size, config=config)
         else:
             config = WanAnimateConfig.preset(args.preset) if args.preset else None
-            files = convert_checkpoint(args.src, args.dst, args.to, dtype=DTYPES[args.dtype],
+            files = convert_checkpoint(args.src, args.dst, args.to, dtype=dtype,
                                        max_shard_size=args.max_shard_size, config=config)
         print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
     elif args.command == "inspect":

@@ -77,21 +77,13 @@ def vae_key_to_official(key: str, num_res_blocks: int) -> str:
         if key.startswith(lib):
             return off + key[len(lib):]
     side, rest = key.split(".", 1)  # encoder | decoder
-    m = re.match(r"conv_in\.(.*)", rest)
-    if m:
-        return f"{side}.conv1.{m.group(1)}"
-    m = re.match(r"norm_out\.(.*)", rest)
-    if m:
-        return f"{side}.head.0.{m.group(1)}"
-    m = re.match(r"conv_out\.(.*)", rest)
-    if m:
-        return f"{side}.head.2.{m.group(1)}"
+    for lib, off in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2."),
+                     ("mid_block.attentions.0.", "middle.1.")):  # middle = [residual, attention, residual]
+        if rest.startswith(lib):
+            return f"{side}.{off}{rest[len(lib):]}"
     m = re.match(r"mid_block\.resnets\.(\d)\.(.*)", rest)
-    if m:  # middle = [residual, attention, residual]
-        return f"{side}.middle.{2 * int(m.group(1))}.{_residual_name(m.group(2))}"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", rest)
     if m:
-        return f"{side}.middle.1.{m.group(1)}"
+        return f"{side}.middle.{2 * int(m.group(1))}.{_residual_name(m.group(2))}"
     m = re.match(r"down_blocks\.(\d+)\.(.*)", rest)
     if m:  # same flat list on both sides
         idx, p = m.groups()

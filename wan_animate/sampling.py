@@ -52,16 +52,12 @@ def make_scheduler(solver: str = "unipc", *, shift: float = 5.0):
 
     if shift <= 0:
         raise ValueError(f"shift={shift} must be > 0 (official default 5.0).")
+    flow = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
+                use_flow_sigmas=True, flow_shift=shift, solver_order=2)
     if solver == "unipc":
-        return UniPCMultistepScheduler(
-            num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
-            use_flow_sigmas=True, flow_shift=shift, solver_order=2,
-        )
+        return UniPCMultistepScheduler(**flow)
     if solver == "dpm++":
-        return DPMSolverMultistepScheduler(
-            num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
-            use_flow_sigmas=True, flow_shift=shift, algorithm_type="dpmsolver++", solver_order=2,
-        )
+        return DPMSolverMultistepScheduler(**flow, algorithm_type="dpmsolver++")
     if solver == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
     raise ValueError(f"solver={solver!r} is not one of {SOLVERS}.")

@@ -40,10 +40,7 @@ class BlockSwap:
     def __init__(self, blocks: Sequence[nn.Module], swapped: Sequence[int], device: torch.device | str):
         self.blocks = list(blocks)
         self.device = torch.device(device)
-        self.swapped = sorted(set(int(i) for i in swapped))
-        bad = [i for i in self.swapped if not 0 <= i < len(self.blocks)]
-        if bad:
-            raise ValueError(f"block_swap indices {bad} are outside 0..{len(self.blocks) - 1}.")
+        self.swapped = sorted(set(int(i) for i in swapped))  # from swapped_indices: in range
         self.pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.slots = {i: frozen_slots(self.blocks[i]) for i in self.swapped}

@@ -15,8 +15,6 @@ def chunk_motion_encoder(encoder: nn.Module, chunk: int) -> str:
 
     Returns "checkpointed" when any of its parameters trains, else "no_grad". Idempotent.
     """
-    if chunk < 1:
-        raise ValueError(f"model.motion_encoder_chunk={chunk} must be >= 1 (0 disables the option).")
     encoder.chunk_size = int(chunk)
     trains = any(p.requires_grad for p in encoder.parameters())
     if getattr(encoder, "_chunk_policy", None) is not None:

@@ -78,12 +78,9 @@ def pin_together(tensors: Sequence[torch.Tensor], pin: bool) -> tuple[PinnedBuff
 
 
 class PinnedPool:
-    """Exact-size host buffers handed out by ``take`` and returned by ``give_back`` for reuse.
-
-    ``take(nbytes)`` returns the smallest idle buffer that holds ``nbytes``, or a new one of exactly
-    ``nbytes``; when it must allocate, idle buffers too small for the request are released first,
-    so the pool holds at most (inputs alive at once) x (largest input). ``held_bytes`` is what the
-    pool owns (idle + handed out)."""
+    """Exact-size host buffers handed out by ``take`` (the smallest idle one that fits, else a new
+    one, the too-small idle ones released first) and returned by ``give_back`` for reuse: the pool
+    holds at most (inputs alive at once) x (largest input). ``held_bytes``: idle + handed out."""
 
     def __init__(self, pin: bool):
         self.pin = pin

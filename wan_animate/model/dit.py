@@ -69,13 +69,7 @@ class WanAnimateDiT(nn.Module):
 
     def __init__(self, config: WanAnimateConfig):
         super().__init__()
-        if config.num_layers % config.face_adapter_period != 0:
-            raise ValueError(
-                f"num_layers={config.num_layers} must be a multiple of face_adapter_period="
-                f"{config.face_adapter_period}: a face block follows blocks 0, period, 2*period, ... "
-                "and there are num_layers // period of them."
-            )
-        self.config = config
+        self.config = config  # validated by WanAnimateConfig
         dim = config.dim
         patch = tuple(config.patch_size)
 

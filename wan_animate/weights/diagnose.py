@@ -1,10 +1,5 @@
-"""Why a checkpoint does not fit the model: ``CheckpointError`` and the report behind it.
-
-``check_against_model`` compares a checkpoint's names and shapes (meta tensors built from the
-headers, official names) with the model's, and raises one ``CheckpointError`` listing the missing,
-unexpected and mismatched tensors plus the likely cause: wrong preset/config (sizes read off the
-shapes, matching preset suggested), foreign keys, a LoRA file, a quantised file, mixed layouts, an
-extra name prefix or an incomplete checkpoint. File-level causes (truncated, missing shard, unsafe
+"""Why a checkpoint does not fit the model: ``CheckpointError`` with the missing, unexpected and
+mismatched tensors and the likely cause. File-level causes (truncated, missing shard, unsafe
 pickle) are raised where the files are read.
 """
 

@@ -1,8 +1,6 @@
-"""Reading and writing weight files: safetensors through ``safetensors`` itself, pickles only through
-``torch.load(weights_only=True)``.
-
-Every failure is one ``WeightsFileError`` line naming the file, what is wrong and the fix, so a bad
-download or an unsafe pickle is reported before anything else happens.
+"""Reading and writing weight files: safetensors through ``safetensors``, pickles only through
+``torch.load(weights_only=True)``; every failure is one ``WeightsFileError`` line naming the file,
+the problem and the fix.
 """
 
 from __future__ import annotations

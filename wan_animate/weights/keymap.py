@@ -129,25 +129,17 @@ _OFFICIAL_TO_DIFFUSERS = [(_compile(o), d) for o, d in _RENAMES]
 _DIFFUSERS_TO_OFFICIAL = [(_compile(d), o) for o, d in _RENAMES]
 
 
-def _apply_table(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+def _table_key_or_keep(key: str, table: list[tuple[re.Pattern[str], str]], unknown: list[str]) -> str:
+    """The table's name for ``key``; a key without one is noted in ``unknown`` and kept as it is."""
     for pattern, target in table:
         m = pattern.match(key)
         if m:
-            out = target.replace("{n}", m.group("n")) if "{n}" in target else target
-            return out + m.group("rest")
-    return None
+            return (target.replace("{n}", m.group("n")) if "{n}" in target else target) + m.group("rest")
+    unknown.append(key)
+    return key
 
 
-def _table_key_or_keep(key: str, table: list[tuple[re.Pattern[str], str]], unknown: list[str]) -> str:
-    """The table's name for ``key``; a key without one is noted in ``unknown`` and kept as it is."""
-    new_key = _apply_table(key, table)
-    if new_key is None:
-        unknown.append(key)
-        return key
-    return new_key
-
-
-# Per-key transforms (both directions are written out so each is obviously the other's inverse).
+# Per-key transforms of the motion encoder's biases (the inverse map swaps the two reshapes).
 _Op = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -192,7 +184,7 @@ def _motion_conv_names(num_res: int) -> dict[str, tuple[str, _Op]]:
 # ---- Face adapter key/value packing
 
 _RE_KV_OFFICIAL = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.linear1_kv\.(weight|bias)$")
-_RE_KV_DIFFUSERS = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
+KV_DIFFUSERS_RE = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
 
 
 def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +261,7 @@ def diffusers_to_official(
     unknown: list[str] = []
     kv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        m = _RE_KV_DIFFUSERS.match(key)
+        m = KV_DIFFUSERS_RE.match(key)
         if m:
             kv_parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
             continue

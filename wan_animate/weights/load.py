@@ -1,11 +1,8 @@
 """``load_dit``: the DiT built with its parameters on the meta device, then filled shard by shard.
 
-One scheme for every model this package builds from a checkpoint (the DiT here, the official
-encoders in ``wan_animate.official_encoders``): ``empty_model`` (``accelerate.init_empty_weights``,
-buffers such as the blur kernels computed for real) and ``load_state_dict(assign=True)``, which puts
-the file's tensors into the model as they are, without a copy. Every name and shape is checked from
-the headers first, so a bad checkpoint fails before any weight is read; peak host memory is about
-the model plus one shard.
+The same scheme serves the official encoders (``wan_animate.official_encoders``): ``empty_model``
+then ``load_state_dict(assign=True)``, which puts the file's tensors in without a copy. Names and
+shapes are checked from the headers first; peak host memory is about the model plus one shard.
 """
 
 from __future__ import annotations

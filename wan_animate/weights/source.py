@@ -26,7 +26,7 @@ import torch
 from wan_animate.config import WanAnimateConfig
 from wan_animate.weights.diagnose import SHOW, CheckpointError
 from wan_animate.weights.files import Shard, iter_tensors, read_header
-from wan_animate.weights.keymap import diffusers_to_official
+from wan_animate.weights.keymap import KV_DIFFUSERS_RE, diffusers_to_official
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_METADATA_KEY = "config"
@@ -125,7 +125,7 @@ def detect_layout(names: list[str]) -> tuple[str, str]:
         if names and sum(n.startswith(p) for n in names) * 2 > len(names):
             prefix = p
             break
-    stripped = [n[len(prefix):] if n.startswith(prefix) else n for n in names]
+    stripped = [n.removeprefix(prefix) for n in names]
     official = sum(bool(_OFFICIAL_MARKERS.search(n)) for n in stripped)
     diffusers = sum(bool(_DIFFUSERS_MARKERS.search(n)) for n in stripped)
     if official == diffusers == 0:
@@ -173,9 +173,7 @@ def virtual_official(src: Source, config: WanAnimateConfig) -> dict[str, torch.T
     virtual = {}
     for shard in src.shards:
         for name, info in shard.tensors.items():
-            if src.prefix and name.startswith(src.prefix):
-                name = name[len(src.prefix):]
-            virtual[name] = torch.empty(info.shape, dtype=info.dtype, device="meta")
+            virtual[name.removeprefix(src.prefix)] = torch.empty(info.shape, dtype=info.dtype, device="meta")
     if src.layout == "diffusers":
         return diffusers_to_official(virtual, config, strict=False, add_blur_kernels=False)
     return virtual
@@ -208,13 +206,11 @@ def stream_official(
     until its partner arrives (two small matrices, never a whole shard).
     """
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    kv = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
     for shard in src.shards:
         batch: dict[str, torch.Tensor] = {}
         for name, tensor in iter_tensors(shard, device):
-            if src.prefix and name.startswith(src.prefix):
-                name = name[len(src.prefix):]
-            m = kv.match(name) if src.layout == "diffusers" else None
+            name = name.removeprefix(src.prefix)
+            m = KV_DIFFUSERS_RE.match(name) if src.layout == "diffusers" else None
             if m:
                 parts = pending.setdefault((m.group(1), m.group(3)), {})
                 parts[name] = tensor
