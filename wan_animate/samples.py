@@ -130,10 +130,9 @@ def _video(raw: dict, name: str, key: str) -> np.ndarray:
 def _image(raw: dict, name: str, key: str) -> np.ndarray:
     from PIL import Image
 
+    data = _field(raw, name, key)
     try:
-        return np.array(Image.open(io.BytesIO(_to_bytes(_field(raw, name, key)))).convert("RGB"))
-    except SampleDecodeError:
-        raise
+        return np.array(Image.open(io.BytesIO(_to_bytes(data))).convert("RGB"))
     except Exception as e:
         raise SampleDecodeError(f"sample {key!r}: {name!r} is not a readable image ({e})") from e
 
@@ -251,10 +250,9 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
     if sample_kind(raw) == "raw":
         _field(raw, "latents.safetensors", key)  # raises the "these are raw shards" message
     meta = decode_meta(raw)
+    data = _field(raw, "latents.safetensors", key)
     try:
-        tensors = load_safetensors(_to_bytes(_field(raw, "latents.safetensors", key)))
-    except SampleDecodeError:
-        raise
+        tensors = load_safetensors(_to_bytes(data))
     except Exception as e:
         raise SampleDecodeError(f"sample {key!r}: latents.safetensors does not load ({e})") from e
     face = _video(raw, "face.mp4", key)

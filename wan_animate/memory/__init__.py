@@ -24,19 +24,15 @@ from wan_animate.memory.fp8 import FP8Linear, quantize_frozen_linears
 from wan_animate.memory.lora_dtype import lora_in_compute_dtype
 from wan_animate.memory.motion import chunk_motion_encoder
 from wan_animate.memory.offload import CheckpointInputStore, wrap_checkpointed
+from wan_animate.model import apply_activation_checkpointing, block_modules
 
-__all__ = [
+__all__ = [  # what other packages import from here
     "apply_memory_options",
     "MemoryOptions",
-    "MemoryState",
-    "BlockSwap",
-    "CheckpointInputStore",
     "FP8Linear",
     "quantize_frozen_linears",
     "lora_in_compute_dtype",
     "chunk_motion_encoder",
-    "BASE_DTYPES",
-    "CHECKPOINT_DTYPES",
 ]
 
 BASE_DTYPES = ("bf16", "fp8")  # bf16: the frozen weights keep the dtype they were loaded in
@@ -141,13 +137,10 @@ def apply_memory_options(dit: nn.Module, options: MemoryOptions, *, device: torc
         state.block_swap = BlockSwap(blocks, swapped_indices(len(blocks), swap), device)
         state.block_swap.install()
     if checkpointing:
-        from wan_animate.model import apply_activation_checkpointing
-
         apply_activation_checkpointing(dit)
     if offload or ckpt_dtype != "fp32":
         state.checkpoint_store = CheckpointInputStore(device, offload, _STORE_DTYPES[ckpt_dtype])
-        modules = blocks + list(getattr(getattr(dit, "face_adapter", None), "fuser_blocks", []))
-        for module in modules:
+        for module in block_modules(dit):
             wrap_checkpointed(module, state.checkpoint_store)
     if state.block_swap is not None:
         state.block_swap.offload()

@@ -78,7 +78,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     Wraps the modules' ``forward`` from outside, so parameter names and the state dict are
     unchanged. Checkpointing only acts when gradients are enabled. Idempotent; returns model.
     """
-    for module in _block_modules(model):
+    for module in block_modules(model):
         if getattr(module, "_activation_checkpointed", False):
             continue
         inner = module.forward
@@ -96,7 +96,8 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 # ---- Regional compilation
 
 
-def _block_modules(model: nn.Module) -> list[nn.Module]:
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The DiT blocks, then the face blocks (what the outside wrappers act on)."""
     modules = list(model.blocks)
     face_adapter = getattr(model, "face_adapter", None)
     if face_adapter is not None:
@@ -115,7 +116,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     recompile every call or break ``fullgraph=True``). Names and the state dict are unchanged.
     Returns model.
     """
-    for module in _block_modules(model):
+    for module in block_modules(model):
         wrappers = ("_activation_checkpointed", "_block_swap", "_checkpoint_store")
         wrapped = [a for a in wrappers if getattr(module, a, None)]
         if wrapped:

@@ -107,9 +107,8 @@ def iter_tensors(shard: Shard, device: torch.device) -> Iterator[tuple[str, torc
         return
     from safetensors import safe_open
 
-    dev = "cpu" if device.type == "cpu" else str(device)
     try:
-        with safe_open(str(shard.path), framework="pt", device=dev) as f:
+        with safe_open(str(shard.path), framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118
                 yield name, f.get_tensor(name)
     except Exception as err:  # noqa: BLE001
