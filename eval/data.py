@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.pose.format import PoseSequence
-from wan_animate.video_io import VideoDecodeError, read_video, to_uint8
+from wan_animate.video_io import VideoDecodeError, read_video, tensor_to_frames
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -63,11 +63,6 @@ class EvalSet:
     @property
     def has_ground_truth(self) -> bool:
         return bool(self.samples) and all(s.target is not None for s in self.samples)
-
-
-def _video_uint8(x) -> np.ndarray:
-    """decode_sample's float [3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return to_uint8(x.permute(1, 2, 3, 0))
 
 
 def detect_kind(path: Path) -> str:
@@ -117,17 +112,17 @@ def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -
             except SampleDecodeError as e:
                 skipped.append({"key": raw.get("__key__", "?"), "reason": str(e)})
                 continue
-            video = _video_uint8(d["video"])
+            video = tensor_to_frames(d["video"])
             kp = d["meta"].get("keypoints")
             s = EvalSample(
-                key=d["key"], ref=_video_uint8(d["ref"][:, None])[0], pose=_video_uint8(d["pose"]),
-                face=_video_uint8(d["face"]), target=video, driving=video, caption=d.get("caption", ""),
+                key=d["key"], ref=tensor_to_frames(d["ref"][:, None])[0], pose=tensor_to_frames(d["pose"]),
+                face=tensor_to_frames(d["face"]), target=video, driving=video, caption=d.get("caption", ""),
                 stored_keypoints=PoseSequence.from_dict(kp) if kp else None, meta=d["meta"],
             )
             if "driving" in d:  # schema version 2
-                s.raw_driving = _video_uint8(d["driving"])
+                s.raw_driving = tensor_to_frames(d["driving"])
             if "bg" in d:
-                s.bg = _video_uint8(d["bg"])
+                s.bg = tensor_to_frames(d["bg"])
                 s.mask = np.repeat((d["mask"][0].numpy() > 0.5)[..., None] * np.uint8(255), 3, axis=-1)
             out.append(_cut(s, max_frames))
     return out

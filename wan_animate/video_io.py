@@ -196,7 +196,7 @@ def write_video(
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
     if frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8, got {frames.dtype}; convert with to_uint8()")
+        raise ValueError(f"frames must be uint8, got {frames.dtype}; map floats in [-1, 1] to 0..255 (tensor_to_frames)")
     t, h, w, _ = frames.shape
     if t == 0:
         raise ValueError("cannot write a video with zero frames")
@@ -247,10 +247,3 @@ def tensor_to_frames(x) -> np.ndarray:
     x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return (x.permute(1, 2, 3, 0) if x.ndim == 4 else x.permute(1, 2, 0)).cpu().numpy()
 
-
-def to_uint8(x) -> np.ndarray:
-    """Float frames in [-1, 1] (torch or numpy, [T, H, W, 3]) -> uint8."""
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
