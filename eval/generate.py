@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -90,28 +91,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------------
-# Input gathering (no model work)
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- the model family's inputs
+
+# The flags that give each ``generate`` input video (the pose preprocessing gives pose and face; --replace
+# and --relight belong to replace mode's bg); a flag of a video the family's pipeline does not take is refused.
+FLAGS = {"pose": ("pose", "preprocessed", "driving", "retarget"), "face": ("face",), "bg": ("bg", "replace", "relight"),
+         "mask": ("mask",), "driving": ("driving_video",)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _flag_error(e: Exception) -> CliError:
+    """A library error ("clip_len=8 ...") in command-line spelling ("--clip-len 8 ...")."""
+    return CliError(re.sub(r"\b(steps|shift|guide_scale|solver|clip_len|refert_num|device)=",
+                           lambda m: _flag(m.group(1)) + " ", str(e)))
 
 
 def _need_file(path: str | Path, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"{what} {p} does not exist.")
-    return p
+    if not Path(path).is_file():
+        raise CliError(f"{what} {path} does not exist.")
+    return Path(path)
 
 
-def _read(path: Path, what: str):
-    from wan_animate.video_io import VideoDecodeError, read_video
+def _model_family(model: str) -> str:
+    """The ``model.family`` of the model folder, from its DiT's tensor names (headers only)."""
+    from wan_animate.family import family_of
+
+    return family_of(model).name
+
+
+def _apply_family(args, family) -> None:
+    """Refuse the flags of another family's inputs; fill the sampling flags left unset with the
+    family's defaults (the family's own extra ``generate`` settings go to ``args.family_settings``)."""
+    from wan_animate.pipeline import InputError
+
+    pipe = family.pipeline_class
+    given = [_flag(d) for video, dests in FLAGS.items() if video not in pipe.input_videos
+             for d in dests if getattr(args, d)]
+    if given:
+        takes = " ".join(_flag(FLAGS[v][0]) for v in pipe.input_videos)
+        raise CliError(f"{args.model} is a model.family={family.name} model: it takes --ref and {takes}, not "
+                       f"{', '.join(given)}.")
+    if args.sequence_parallel > 1 and not pipe.sequence_parallel:
+        raise CliError(f"--sequence-parallel is not available for model.family={family.name} generation yet; "
+                       "run one process.")
+    try:
+        defaults = pipe.sampling_defaults(args.distilled)
+    except InputError as e:
+        raise CliError(f"--distilled: {e}") from None
+    args.family_settings = {k: v for k, v in defaults.items() if not hasattr(args, k)}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _check_sampling_args(args) -> None:
+    """The sampling flags, checked before any preprocessing or model work."""
+    from wan_animate.pipeline import InputError, check_sampling
 
     try:
-        frames, fps = read_video(path)
-    except VideoDecodeError as e:
-        raise CliError(f"{what}: {e}") from None
-    if len(frames) == 0:
-        raise CliError(f"{what}: {path} has no frames.")
-    return frames, fps
+        check_sampling(steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, solver=args.solver,
+                       clip_len=args.clip_len, refert_num=args.refert_num)
+    except InputError as e:
+        raise _flag_error(e) from None
+    if args.refert_num not in (1, 5):
+        raise CliError(f"--refert-num {args.refert_num} must be 1 or 5 and below --clip-len {args.clip_len}.")
+    bad = [v for v in args.lora_scale if not math.isfinite(v)]
+    if bad:
+        raise CliError(f"--lora-scale {bad[0]} must be a finite number (1.0: the LoRA as trained).")
 
 
 # Rough sustained DiT throughput for the cost estimate (FLOP/s): bf16 on a datacentre GPU at
@@ -138,144 +187,26 @@ def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=Non
         flops = calls * layers * (2 * tokens * (6 * d * d + 2 * d * ffn) + 4 * tokens * tokens * d)
         device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"  # _main checked --device
         seconds = flops / ASSUMED_FLOPS[device]
-        text += (f"; roughly {_duration(seconds)} of DiT compute on {device} (~{flops / 1e12:,.0f} TFLOP at an "
+        duration = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \
+            else f"{seconds / 3600:.1f} h"
+        text += (f"; roughly {duration} of DiT compute on {device} (~{flops / 1e12:,.0f} TFLOP at an "
                  f"assumed {ASSUMED_FLOPS[device] / 1e12:g} TFLOP/s; VAE and encoders extra)")
     return text
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _dit_config(model: str):
-    """The DiT config from the model folder's headers (no weights read), or None if unreadable."""
-    from wan_animate.pipeline import AnimatePipeline
-    from wan_animate.weights.source import inspect_checkpoint
-
-    path = Path(model) / "transformer" if AnimatePipeline.detect_layout(model) == "diffusers" else Path(model)
+def _dit_config(family, model: str):
+    """The DiT config from the model folder's config.json (no weights read), or None if unreadable."""
     try:
-        return inspect_checkpoint(path)["config"]
+        return family.config(folder=family.dit_path(model))[0]
     except (OSError, ValueError, RuntimeError) as e:  # CheckpointError is a RuntimeError; no time then
         print(f"note: no time estimate ({e})", file=sys.stderr)
         return None
 
 
-def _flag_error(e: ValueError, key: str, flag: str) -> CliError:
-    """A ``wan_animate.options`` error ("key=value ...") in command-line spelling ("--flag value ...")."""
-    return CliError(str(e).replace(f"{key}=", f"{flag} "))
-
-
-# Sampling defaults of Wan-Animate-14B (official); Animate-2's come from wan_animate.animate2.pipeline.
-V1_DEFAULTS = dict(steps=20, guide_scale=1.0, solver="unipc", clip_len=77)
-V1_ONLY = ("pose", "face", "bg", "mask", "preprocessed", "driving", "relight")
-
-
-def _check_loras(files: list[str], scales, *, n_scaled: int | None = None) -> None:
-    """Read and check every LoRA file now, so a bad one fails before any model weight is loaded."""
-    from wan_animate.lora import LoraError, read_lora
-    from wan_animate.weights.files import WeightsFileError
-
-    for lora in files:
-        try:
-            read_lora(_need_file(lora, "LoRA file"))
-        except (LoraError, WeightsFileError) as e:
-            raise CliError(str(e)) from None
-    n = len(files) if n_scaled is None else n_scaled
-    if scales and len(scales) != n:
-        raise CliError(f"{len(scales)} --lora-scale values for {n} --lora files.")
-
-
-def _model_family(model: str) -> str:
-    """"animate" or "animate2" from the DiT tensor names of the model folder (headers only)."""
-    from wan_animate.animate2.weights import checkpoint_family
-    from wan_animate.pipeline import AnimatePipeline
-
-    path = Path(model) / "transformer" if AnimatePipeline.detect_layout(model) == "diffusers" else Path(model)
-    return checkpoint_family(path)
-
-
-def _apply_family(args, family: str) -> None:
-    """Family-specific flag checks and the defaults of the flags left unset."""
-    if family == "animate2":
-        from wan_animate.animate2.pipeline import BASE, DISTILLED
-
-        given = [f"--{f.replace('_', '-')}" for f in V1_ONLY if getattr(args, f)]
-        given += [f for f, on in (("--replace", args.replace), ("--retarget", args.retarget)) if on]
-        if given:
-            raise CliError(f"{args.model} is a Wan-Animate-2 model: it takes --ref and the raw --driving-video, "
-                           f"not {', '.join(given)}.")
-        if not (args.ref and args.driving_video):
-            raise CliError(f"{args.model} is a Wan-Animate-2 model: give --ref IMAGE and --driving-video VIDEO.")
-        if args.sequence_parallel > 1:
-            raise CliError("--sequence-parallel is not available for Wan-Animate-2 generation yet; run one process.")
-        d = DISTILLED if args.distilled else BASE
-        defaults = dict(steps=d.steps, guide_scale=d.guide_scale, solver=d.solver, clip_len=d.clip_len)
-        args.log_scale = d.log_scale
-    else:
-        if args.driving_video or args.distilled:
-            raise CliError(f"{args.model} is a Wan-Animate-14B model: --driving-video/--distilled are for "
-                           "Wan-Animate-2; use --driving (pose preprocessing), --preprocessed or --pose/--face.")
-        defaults = V1_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-
-
-def gather_animate2_inputs(args) -> dict:
-    """``--ref`` + ``--driving-video`` read, cut to ``--max-frames``, resized to the ``--target-area``
-    bucket (sides multiples of 16) and checked; returns generate() kwargs plus the output fps."""
-    from wan_animate.animate2.pipeline import check_driving_video
-    from wan_animate.geometry import ResizePlan, area_bucket
-    from wan_animate.pipeline import InputError, load_image
-
-    ref = _need_file(args.ref, "reference image")
-    frames, fps = _read(_need_file(args.driving_video, "driving video"), "driving video")
-    if args.max_frames:
-        frames = frames[:args.max_frames]
-    height, width = area_bucket(frames.shape[1], frames.shape[2], args.target_area)
-    if (height, width) != tuple(frames.shape[1:3]):
-        frames = ResizePlan(frames.shape[1], frames.shape[2], height, width).apply_all(frames)
-    try:
-        image = load_image(ref)
-        check_driving_video(frames, clip_len=args.clip_len, refert_num=args.refert_num)
-    except InputError as e:
-        raise CliError(str(e)) from None
-    _check_loras(args.lora, args.lora_scale)
-    print(f"cost: {estimate_cost(args, len(frames), height, width, None)}", file=sys.stderr)
-    return dict(ref_image=image, driving_video=frames, fps=fps)
-
-
-def _check_sampling_args(args) -> None:
-    """--clip-len / --refert-num / --steps, checked before any preprocessing or model work."""
-    from wan_animate.options import check_frames_4n1
-
-    try:
-        check_frames_4n1(args.clip_len, "clip_len", minimum=5)
-    except ValueError as e:
-        raise _flag_error(e, "clip_len", "--clip-len") from None
-    if args.refert_num not in (1, 5) or args.refert_num >= args.clip_len:
-        raise CliError(f"--refert-num {args.refert_num} must be 1 or 5 and below --clip-len {args.clip_len}.")
-    if args.steps < 1:
-        raise CliError(f"--steps {args.steps} must be >= 1.")
-    # NaN passes every comparison: a NaN scale or shift sampled a black video and exited 0
-    if not (math.isfinite(args.shift) and args.shift > 0):
-        raise CliError(f"--shift {args.shift} must be a finite number > 0 (official 5.0).")
-    if not (math.isfinite(args.guide_scale) and args.guide_scale >= 0):
-        raise CliError(f"--guide-scale {args.guide_scale} must be a finite number >= 0 (1.0: no guidance).")
-    bad = [v for v in args.lora_scale if not math.isfinite(v)]
-    if bad:
-        raise CliError(f"--lora-scale {bad[0]} must be a finite number (1.0: the LoRA as trained).")
-
-
 @contextlib.contextmanager
 def _frames_bar(desc: str, total: int, enabled: bool):
-    """A bar of pose-estimated frames (done / total); yields ``preprocess_driving``'s ``progress``
-    hook (None when disabled). ``total`` starts as the estimate from the video header and becomes
-    the exact count with the first frame."""
+    """A bar of pose-estimated frames; yields ``preprocess_driving``'s ``progress`` hook (None when
+    disabled). ``total`` starts as the header's estimate and becomes exact with the first frame."""
     if not enabled:
         yield None
         return
@@ -284,8 +215,7 @@ def _frames_bar(desc: str, total: int, enabled: bool):
     bar = tqdm(desc=desc, total=total, unit="frame")
 
     def progress(done: int, frames: int) -> None:
-        if bar.total != frames:
-            bar.total = frames
+        bar.total = frames
         bar.update(done - bar.n)
 
     try:
@@ -294,7 +224,7 @@ def _frames_bar(desc: str, total: int, enabled: bool):
         bar.close()
 
 
-def _run_preprocess(args, out: Path) -> Path:
+def _run_preprocess(args, family, out: Path) -> Path:
     """``--driving``: raw video -> official src_* files in ``out`` via data_tools.driving."""
     from wan_animate.geometry import area_bucket
     from wan_animate.video_io import VideoDecodeError, probe_video
@@ -306,8 +236,7 @@ def _run_preprocess(args, out: Path) -> Path:
                        "preprocess the video yourself and pass --preprocessed DIR.") from None
     if not args.ref:
         raise CliError("--driving needs --ref IMAGE (the character to animate).")
-    video = _need_file(args.driving, "driving video")
-    ref = _need_file(args.ref, "reference image")
+    video, ref = _need_file(args.driving, "driving video"), _need_file(args.ref, "reference image")
     try:  # header and first frame only: fail on an undecodable file before any pose model starts
         info = probe_video(video)
     except VideoDecodeError as e:
@@ -315,7 +244,7 @@ def _run_preprocess(args, out: Path) -> Path:
     frames = info.num_frames if args.driving_fps == -1 else int(info.num_frames * args.driving_fps / info.fps)
     frames = max(1, min(frames, args.max_frames) if args.max_frames else frames)
     height, width = area_bucket(info.height, info.width, args.target_area)
-    print(f"cost: {estimate_cost(args, frames, height, width, _dit_config(args.model))}. Smaller: "
+    print(f"cost: {estimate_cost(args, frames, height, width, _dit_config(family, args.model))}. Smaller: "
           "--max-frames N, --target-area (e.g. 65536), --steps, --clip-len (docs/inference.md, CPU-sized "
           "settings).", file=sys.stderr)
     print(f"preprocessing {video} -> {out} (pose backend {args.pose_backend})", file=sys.stderr)
@@ -330,75 +259,68 @@ def _run_preprocess(args, out: Path) -> Path:
     return out
 
 
-def gather_inputs(args, work_dir: str | None = None) -> dict:
-    """Read and check every input; returns generate() kwargs plus the output fps. ``--driving``
-    writes its preprocessed streams to ``--work-dir`` (kept) or ``work_dir`` (the caller's
-    temporary folder)."""
-    from wan_animate.pipeline import InputError, check_inputs, load_image
+def gather_inputs(args, family, work_dir: str | None = None) -> dict:
+    """Read and check every input through the family's pipeline; returns generate() kwargs plus
+    the output fps. ``--driving`` writes its preprocessed streams to ``--work-dir`` (kept) or
+    ``work_dir`` (the caller's temporary folder)."""
+    from wan_animate.lora import RELIGHT_FILE
+    from wan_animate.pipeline import InputError
 
-    sources = [bool(args.preprocessed), bool(args.driving), bool(args.pose or args.face)]
-    if sum(sources) != 1:
-        raise CliError("give exactly one input source: --pose/--face (+ --ref), --preprocessed DIR, or --driving VIDEO.")
+    pipe = family.pipeline_class
+    streams = " ".join(_flag(FLAGS[s][0]) for s in family.streams)
+    own = [getattr(args, FLAGS[v][0]) for v in pipe.input_videos]
+    if sum([bool(args.preprocessed), bool(args.driving), any(own)]) != 1:
+        raise CliError(f"give exactly one input source: {streams} (+ --ref)"
+                       + (", --preprocessed DIR, or --driving VIDEO." if "pose" in pipe.input_videos else "."))
     if args.driving:
-        args.preprocessed = str(_run_preprocess(args, Path(args.work_dir or work_dir)))
+        args.preprocessed = str(_run_preprocess(args, family, Path(args.work_dir or work_dir)))
     if args.preprocessed:
         d = Path(args.preprocessed)
         if not d.is_dir():
             raise CliError(f"--preprocessed {d} is not a folder.")
-        ref = _need_file(d / "src_ref.png", "reference image")
-        pose = _need_file(d / "src_pose.mp4", "pose video")
-        face = _need_file(d / "src_face.mp4", "face video")
-        bg = d / "src_bg.mp4" if (d / "src_bg.mp4").exists() else None
-        mask = d / "src_mask.mp4" if (d / "src_mask.mp4").exists() else None
-        if (bg is None) != (mask is None):
+        ref, videos = d / "src_ref.png", {k: d / f"src_{k}.mp4" for k in pipe.input_videos}
+        videos = {k: p for k, p in videos.items() if k in family.streams or p.exists()}
+        if ("bg" in videos) != ("mask" in videos):
             raise CliError(f"{d}: replace mode needs both src_bg.mp4 and src_mask.mp4.")
     else:
-        if not (args.ref and args.pose and args.face):
-            raise CliError("--ref, --pose and --face are all required (or use --preprocessed DIR).")
-        ref = _need_file(args.ref, "reference image")
-        pose = _need_file(args.pose, "pose video")
-        face = _need_file(args.face, "face video")
+        ref, videos = args.ref, {v: path for v, path in zip(pipe.input_videos, own) if path}
+        if not ref or any(s not in videos for s in family.streams):
+            raise CliError(f"--ref and {streams} are all required"
+                           + (" (or use --preprocessed DIR)." if "pose" in pipe.input_videos else "."))
         if bool(args.bg) != bool(args.mask):
             raise CliError("replace mode needs both --bg and --mask.")
-        bg = _need_file(args.bg, "background video") if args.bg else None
-        mask = _need_file(args.mask, "mask video") if args.mask else None
-
-    pose_frames, fps = _read(pose, "pose video")
-    face_frames, _ = _read(face, "face video")
-    bg_frames = _read(bg, "background video")[0] if bg else None
-    mask_frames = _read(mask, "mask video")[0] if mask else None
     try:
-        image = load_image(ref)
-        check_inputs(pose_frames, face_frames, bg_frames, mask_frames, clip_len=args.clip_len,
-                      refert_num=args.refert_num)
+        inputs, fps = pipe.read_inputs(ref, videos, clip_len=args.clip_len, refert_num=args.refert_num,
+                                       max_frames=args.max_frames, target_area=args.target_area)
     except InputError as e:
         raise CliError(str(e)) from None
-    from wan_animate.lora import RELIGHT_FILE
-
-    if args.relight is not None and bg_frames is None:
+    if args.relight is not None and inputs.get("bg_video") is None:
         raise CliError("--relight applies to replace mode: add --replace (with --driving) or --bg and --mask.")
     if args.relight == "":
         args.relight = str(Path(args.model) / RELIGHT_FILE)
     _check_loras([*args.lora, *([args.relight] if args.relight else [])], args.lora_scale, n_scaled=len(args.lora))
-    return dict(ref_image=image, pose_video=pose_frames, face_video=face_frames, bg_video=bg_frames,
-                mask_video=mask_frames, fps=fps)
+    if args.driving_video:
+        video = inputs["driving_video"]
+        print(f"cost: {estimate_cost(args, len(video), *video.shape[1:3], _dit_config(family, args.model))}",
+              file=sys.stderr)
+    return dict(inputs, fps=fps)
 
 
-def _resolve_device_dtype(args):
-    """``--device`` / ``--dtype`` through the shared rules (auto: CUDA when available; bfloat16 on
-    CUDA, float32 elsewhere)."""
-    from wan_animate.options import parse_dtype, resolve_device
+def _check_loras(files: list[str], scales, *, n_scaled: int) -> None:
+    """Read and check every LoRA file now, so a bad one fails before any model weight is loaded."""
+    from wan_animate.lora import LoraError, read_lora
+    from wan_animate.weights.files import WeightsFileError
 
-    try:
-        device = resolve_device(args.device, "device")
-    except ValueError as e:
-        raise _flag_error(e, "device", "--device") from None
-    return str(device), parse_dtype(args.dtype, device)
+    for lora in files:
+        try:
+            read_lora(_need_file(lora, "LoRA file"))
+        except (LoraError, WeightsFileError) as e:
+            raise CliError(str(e)) from None
+    if scales and len(scales) != n_scaled:
+        raise CliError(f"{len(scales)} --lora-scale values for {n_scaled} --lora files.")
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,17 +339,24 @@ def _main_in_work_dir(args) -> int:
 
 
 def _main(args, work_dir: str | None) -> int:
-    try:
-        from wan_animate.pipeline import AnimatePipeline
+    from wan_animate.family import get_family
+    from wan_animate.options import parse_dtype, resolve_device
+    from wan_animate.pipeline import NonFiniteOutputError
+    from wan_animate.video_io import write_video
 
+    try:
         if not str(args.out).lower().endswith(".mp4"):
             raise CliError(f"--out {args.out} must end in .mp4.")
-        AnimatePipeline.detect_layout(args.model)  # layout check only: no weights read yet
-        family = _model_family(args.model)  # from the DiT's tensor names (headers only)
+        family = get_family(_model_family(args.model))  # from the DiT's tensor names (headers only)
+        family.pipeline_class.detect_layout(args.model)  # the folder's layout, no weights read yet
         _apply_family(args, family)
         _check_sampling_args(args)
-        device, dtype = _resolve_device_dtype(args)  # before preprocessing: a bad --device fails now
-        inputs = gather_animate2_inputs(args) if family == "animate2" else gather_inputs(args, work_dir)
+        try:  # before preprocessing: a bad --device fails now
+            device = resolve_device(args.device, "device")
+        except ValueError as e:
+            raise _flag_error(e) from None
+        device, dtype = str(device), parse_dtype(args.dtype, device)
+        inputs = gather_inputs(args, family, work_dir)
         writer = True
         if args.sequence_parallel > 1:
             from wan_animate.parallel import start_generation_group
@@ -437,18 +366,9 @@ def _main(args, work_dir: str | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from wan_animate.pipeline import NonFiniteOutputError
-    from wan_animate.video_io import write_video
-
     fps = inputs.pop("fps")
-    if family == "animate2":
-        try:
-            return _generate_animate2(args, inputs, fps, device, dtype, writer)
-        except NonFiniteOutputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    pipe = AnimatePipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
-                                           vae_tiling=args.vae_tiling)
+    pipe = family.pipeline_class.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
+                                                 vae_tiling=args.vae_tiling)
     for i, lora in enumerate(args.lora):
         scale = args.lora_scale[i] if args.lora_scale else 1.0
         merged = pipe.load_lora(lora, scale=scale)
@@ -461,61 +381,27 @@ def _main(args, work_dir: str | None) -> int:
     if args.sequence_parallel > 1:
         import torch.distributed as dist
 
-        from wan_animate.parallel import apply_sequence_parallel
+        family.apply_sequence_parallel(pipe.dit, dist.group.WORLD)
+    from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 
-        apply_sequence_parallel(pipe.dit, dist.group.WORLD)
     try:
-        frames = _generate(args, pipe, inputs)
+        frames = pipe.generate(
+            **inputs, prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
+            negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
+            steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed, solver=args.solver,
+            clip_len=args.clip_len, refert_num=args.refert_num, progress=not args.no_progress,
+            **args.family_settings)
     except NonFiniteOutputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    assert frames.shape[0] == len(inputs["pose_video"]), "generate() must return one frame per driving frame"
+    driving = inputs[f"{family.pipeline_class.input_videos[0]}_video"]
+    assert frames.shape[0] == len(driving), "generate() must return one frame per driving frame"
     if not writer:  # the other ranks of a sequence-parallel run hold the same frames
         return 0
     write_video(args.out, np.asarray(frames), fps)
-    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps",
-          file=sys.stderr)
+    print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps "
+          f"(model.family={family.name})", file=sys.stderr)
     return 0
-
-
-def _generate_animate2(args, inputs: dict, fps: float, device: str, dtype, writer: bool) -> int:
-    from wan_animate.animate2.pipeline import Animate2Pipeline
-    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-    from wan_animate.video_io import write_video
-
-    pipe = Animate2Pipeline.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
-                                            vae_tiling=args.vae_tiling)
-    for i, lora in enumerate(args.lora):
-        scale = args.lora_scale[i] if args.lora_scale else 1.0
-        merged = pipe.load_lora(lora, scale=scale)
-        print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
-    frames = pipe.generate(
-        **inputs,
-        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed, solver=args.solver,
-        clip_len=args.clip_len, refert_num=args.refert_num, log_scale=args.log_scale,
-        progress=not args.no_progress,
-    )
-    assert frames.shape[0] == len(inputs["driving_video"]), "generate() must return one frame per driving frame"
-    if writer:
-        write_video(args.out, np.asarray(frames), fps)
-        print(f"wrote {args.out}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]} at {fps:g} fps "
-              "(Wan-Animate-2)", file=sys.stderr)
-    return 0
-
-
-def _generate(args, pipe, inputs: dict) -> np.ndarray:
-    from wan_animate.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-
-    return pipe.generate(
-        **inputs,
-        prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT,
-        steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, seed=args.seed,
-        solver=args.solver, clip_len=args.clip_len, refert_num=args.refert_num,
-        progress=not args.no_progress,
-    )
 
 
 if __name__ == "__main__":

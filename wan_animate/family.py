@@ -1,18 +1,13 @@
 """Model families: what the trainer, the memory planner, validation and eval need to know about one
 kind of model, behind one small interface (docs/ARCHITECTURE.md, "Model families").
 
-A family says what its model is (config, presets, building it on any device, loading its
-checkpoint layouts), how training examples become its inputs (the driving streams it reads from a
-shard, batch building, one forward for the loss), what trains (adapter groups, default LoRA
-targets) and how it generates (its pipeline class). The trainer core only talks to a family; the
-family's code lives in its own package.
-
     family = get_family(cfg.model.family)        # by name: "animate" (the default), ...
     family = family_of(path_or_model)            # from the tensor names of a checkpoint / model
 
-``animate`` (Wan-Animate-14B) is the first family. A new family implements
-``ModelFamily`` in its own package and adds one line to ``_KNOWN``; a config may also name any
-``package.module:ATTRIBUTE`` holding a family object (tests use that for a fake family).
+``animate`` (Wan-Animate-14B) is the first family. A new family implements ``ModelFamily`` in its
+own package (``FamilyBase`` does the members that only name the family's objects) and adds one
+line to ``_KNOWN``; a config may also name any ``package.module:ATTRIBUTE`` holding a family object
+(tests use that for a fake family).
 """
 
 from __future__ import annotations
@@ -32,21 +27,17 @@ DEFAULT_FAMILY = "animate"
 class ModelFamily(Protocol):
     """The contract. Attributes:
 
-    * ``name``: the ``model.family`` value;
-    * ``presets``: preset names ``config(preset=...)`` accepts;
-    * ``streams``: the driving streams a decoded sample must carry for this family (shard member
-      ``<stream>.mp4``), stream -> fixed square side in pixels or ``None`` (cropped like the target
-      clip); a side of 0 means "from the model config" (``stream_sizes``). The pipeline's
-      ``generate`` takes each as ``<stream>_video`` after the reference image;
-    * ``adapter_prefixes``: top-level modules trained as "adapters" (``optim.adapter_lr``, the
-      ``adapters_only`` mode);
-    * ``lora_targets``: default LoRA targets (names or regexes), ``None`` = ``wan_animate.lora``'s
-      default (every block linear except face and modulation layers);
-    * ``self_attention``: a regex matching the names of the blocks' self-attention parameters (what
-      ``train.mode=self_attn`` trains);
-    * ``pipeline_class``: ``from_pretrained(folder, dit=..., ...)``, ``detect_layout(folder)``,
-      ``generate(ref_image, **{f"{s}_video": ...})`` and the ``vae`` / ``text_encoder`` /
-      ``image_encoder`` the batch builder uses.
+    * ``name``: the ``model.family`` value; ``presets``: preset names ``config(preset=...)`` accepts;
+    * ``streams``: the driving streams a decoded sample must carry (shard member ``<stream>.mp4``),
+      stream -> fixed square side in pixels, ``None`` (cropped like the target clip) or 0 (from the
+      model config: ``stream_sizes``). The pipeline's ``generate`` takes each as ``<stream>_video``;
+    * ``adapter_prefixes``: top-level modules trained as "adapters" (``optim.adapter_lr``,
+      ``adapters_only``); ``lora_targets``: default LoRA targets (names or regexes; ``None``:
+      ``wan_animate.lora``'s default); ``self_attention``: a regex of the self-attention parameter
+      names (``train.mode=self_attn``);
+    * ``pipeline_class``: the generation loop (``wan_animate.pipeline.AnimatePipeline``'s interface:
+      ``from_pretrained``, ``detect_layout``, ``sampling_defaults``, ``read_inputs``, ``generate``,
+      the frozen ``vae`` / ``text_encoder`` / ``image_encoder`` the batch builder uses).
     """
 
     name: str
@@ -71,8 +62,8 @@ class ModelFamily(Protocol):
 
     def load(self, path: str | Path, *, dtype: torch.dtype | None, device: torch.device | str,
              config: Any = None) -> nn.Module:
-        """The model from a weights file or a denoiser folder, in any of the family's layouts, cast
-        as ``set_precision`` casts."""
+        """The model from a weights file or a denoiser folder in any of the family's layouts, cast as
+        ``set_precision`` casts; ``config`` None: the checkpoint's own."""
 
     def save(self, model: nn.Module | dict, path: str | Path, *, layout: str, metadata: dict | None = None,
              config: Any = None) -> list[Path]:
@@ -92,105 +83,108 @@ class ModelFamily(Protocol):
 
     def build_inputs(self, examples: list[dict], encoders: Any, device: torch.device, dtype: torch.dtype,
                      clip_len: int) -> dict[str, Any]:
-        """One micro-batch of training examples -> the model inputs; must hold ``latents``
-        [B, C, T+1, h, w] (slot 0: the reference), ``noise_seeds`` and ``keys``."""
+        """One micro-batch of examples -> the model inputs; must hold ``latents`` [B, C, T+1, h, w]
+        (slot 0: the reference), ``noise_seeds`` and ``keys``."""
 
     def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 batch: dict[str, Any]) -> torch.Tensor:
         """The model's velocity prediction for ``noisy`` latents (shape of ``batch["latents"]``)."""
 
 
-# ---------------------------------------------------------------------------- Wan-Animate-14B
+def _obj(spec: str) -> Any:
+    """The object at ``package.module:ATTRIBUTE`` (imported on first use)."""
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-class WanAnimateFamily:
-    """Wan-Animate-14B (v1): pose latents + face crops through the motion encoder and face adapter."""
+class FamilyBase:
+    """The members that only name the family's objects (``"module:attribute"``, imported on first
+    use, so that ``wan_animate.family`` stays light): its config class (``preset(name)``) and
+    ``config.json`` reader, model class, pipeline, weights load / save, sequence parallelism, batch
+    building and forward."""
 
-    name = "animate"
-    streams = {"pose": None, "face": 0}  # face: the model's motion_encoder_size
-    lora_targets = None
-    self_attention = r"blocks\.\d+\.self_attn\."
+    name: str
+    streams: dict[str, int | None]
+    lora_targets: tuple[str, ...] | None = None
+    adapter_prefixes: tuple[str, ...] = ()
+    _presets = _config_class = _read_config = _model = _pipeline = _load = _save = ""
+    _sequence_parallel = _build_inputs = _predict = ""
 
     @property
     def presets(self) -> tuple[str, ...]:
-        from wan_animate.config import PRESETS
-
-        return tuple(PRESETS)
-
-    @property
-    def adapter_prefixes(self) -> tuple[str, ...]:
-        from wan_animate.model import ADAPTER_PREFIXES
-
-        return ADAPTER_PREFIXES
+        return tuple(_obj(self._presets))
 
     @property
     def pipeline_class(self) -> type:
-        from wan_animate.pipeline import AnimatePipeline
-
-        return AnimatePipeline
+        return _obj(self._pipeline)
 
     def config(self, preset: str | None = None, folder: str | Path | None = None):
-        from wan_animate.config import WanAnimateConfig
-
         for sub in ("config.json", "transformer/config.json"):
             f = Path(folder) / sub if folder else None
             if f is not None and f.is_file():
-                raw = json.loads(f.read_text())
-                diffusers = raw.get("_class_name") == "WanAnimateTransformer3DModel" or "num_attention_heads" in raw
-                conv = WanAnimateConfig.from_diffusers_config if diffusers else WanAnimateConfig.from_official_config
-                return conv(raw), str(f)
+                return _obj(self._read_config)(json.loads(f.read_text())), str(f)
         if preset is None:
             raise ValueError(f"{folder}: no config.json (or transformer/config.json) and no preset given.")
-        return WanAnimateConfig.preset(preset), f"preset {preset!r}"
+        return _obj(self._config_class).preset(preset), f"preset {preset!r}"
 
     def build(self, config) -> nn.Module:
-        from wan_animate.model import WanAnimateDiT
-
-        return WanAnimateDiT(config)
-
-    def owns(self, names: Iterable[str]) -> bool:
-        # the pose patch embedding and the motion encoder exist in both layouts (official / diffusers)
-        return any("pose_patch_embedding" in n or "motion_encoder." in n or "motion_network." in n for n in names)
+        return _obj(self._model)(config)
 
     def dit_path(self, model_folder: str | Path) -> Path:
         folder = Path(model_folder)
         return folder / "transformer" if self.pipeline_class.detect_layout(folder) == "diffusers" else folder
 
     def load(self, path, *, dtype, device, config=None) -> nn.Module:
-        from wan_animate.weights.load import load_dit
+        return _obj(self._load)(path, dtype=dtype, device=device, config=config)
 
-        return load_dit(path, dtype=dtype, device=device, config=config)
+    def save(self, model, path, *, layout, metadata=None, config=None):
+        return _obj(self._save)(model, path, layout=layout, metadata=metadata, config=config)
+
+    def export_lora(self, lora_file: Path) -> dict[str, str]:
+        return {}
+
+    def apply_sequence_parallel(self, model, group):
+        return _obj(self._sequence_parallel)(model, group)
 
     def set_precision(self, model, dtype):
         from wan_animate.model import set_precision
 
         return set_precision(model, dtype)
 
-    def save(self, model, path, *, layout, metadata=None, config=None):
-        from wan_animate.weights.save import save_dit
+    def stream_sizes(self, config) -> dict[str, int | None]:
+        return dict(self.streams)
 
-        return save_dit(model, path, layout=layout, metadata=metadata, config=config)
+    def build_inputs(self, examples, encoders, device, dtype, clip_len):
+        return _obj(self._build_inputs)(examples, encoders, device, dtype, clip_len)
 
-    def export_lora(self, lora_file: Path) -> dict[str, str]:
-        return {}  # the community layout is what diffusers' WanLoraLoaderMixin reads
+    def predict(self, model, noisy, timesteps, batch):
+        return _obj(self._predict)(model, noisy, timesteps, batch)
 
-    def apply_sequence_parallel(self, model, group):
-        from wan_animate.parallel import apply_sequence_parallel
 
-        return apply_sequence_parallel(model, group)
+class WanAnimateFamily(FamilyBase):
+    """Wan-Animate-14B (v1): pose latents + face crops through the motion encoder and face adapter;
+    its community-layout LoRA is what diffusers' ``WanLoraLoaderMixin`` reads (no extra export)."""
+
+    name = "animate"
+    streams = {"pose": None, "face": 0}  # face: the model's motion_encoder_size
+    self_attention = r"blocks\.\d+\.self_attn\."
+    _presets, _config_class = "wan_animate.config:PRESETS", "wan_animate.config:WanAnimateConfig"
+    _read_config, _model = "wan_animate.weights.source:_config_from_dict", "wan_animate.model:WanAnimateDiT"
+    _pipeline = "wan_animate.pipeline:AnimatePipeline"
+    _load, _save = "wan_animate.weights.load:load_dit", "wan_animate.weights.save:save_dit"
+    _sequence_parallel = "wan_animate.parallel:apply_sequence_parallel"
+    _build_inputs, _predict = "wan_animate.batch:build_dit_inputs", "wan_animate.objective:predict_wan_animate"
+
+    @property
+    def adapter_prefixes(self) -> tuple[str, ...]:
+        return _obj("wan_animate.model:ADAPTER_PREFIXES")
+
+    def owns(self, names: Iterable[str]) -> bool:
+        # the pose patch embedding and the motion encoder exist in both layouts (official / diffusers)
+        return any("pose_patch_embedding" in n or "motion_encoder." in n or "motion_network." in n for n in names)
 
     def stream_sizes(self, config) -> dict[str, int | None]:
         return {"pose": None, "face": config.motion_encoder_size}
-
-    def build_inputs(self, examples, encoders, device, dtype, clip_len):
-        from wan_animate.batch import build_dit_inputs
-
-        return build_dit_inputs(examples, encoders, device, dtype, clip_len)
-
-    def predict(self, model, noisy, timesteps, batch):
-        from wan_animate.objective import predict_wan_animate
-
-        return predict_wan_animate(model, noisy, timesteps, batch)
 
 
 ANIMATE = WanAnimateFamily()
@@ -209,8 +203,7 @@ def family_names() -> tuple[str, ...]:
 
 
 def _import(spec: str) -> ModelFamily:
-    module, _, attr = spec.partition(":")
-    family = getattr(importlib.import_module(module), attr)
+    family = _obj(spec)
     if not isinstance(family, ModelFamily):
         raise TypeError(f"{spec} is not a ModelFamily (see wan_animate/family.py for the interface).")
     return family

@@ -1,16 +1,13 @@
 """The one generation path: reference image + driving streams -> video.
 
-Training validation, eval sweeps and ``python -m eval.generate`` all call
-:meth:`AnimatePipeline.generate`. One call:
-
-1. checks the inputs (sizes multiple of 16, equal stream lengths, ...);
-2. mirror-pads the driving streams to ``n * (clip_len - refert_num) + refert_num`` frames;
-3. encodes the prompt(s) (umT5), the letterboxed reference (VAE + CLIP);
-4. per segment of ``clip_len`` frames: VAE-encodes the pose clip and the temporal reference
-   (previous segment's last ``refert_num`` generated frames; none on the first segment),
-   builds ``y`` with :mod:`wan_animate.conditioning`, samples with :mod:`wan_animate.sampling`,
-   decodes the target slots and drops the ``refert_num`` overlap frames;
-5. cuts the result back to the driving length and returns ``uint8 [T, H, W, 3]``.
+Training validation, eval sweeps and ``python -m eval.generate`` all call ``generate`` of a
+family's pipeline (:class:`AnimatePipeline` for Wan-Animate-14B, its subclasses for other families),
+which checks the inputs, mirror-pads the driving streams to ``n * (clip_len - refert_num) +
+refert_num`` frames, encodes the prompts and the letterboxed reference (umT5, VAE, CLIP) once, then
+per segment of ``clip_len`` frames builds the family's conditioning (v1: the pose clip's latents, the
+face crops and ``y`` from :mod:`wan_animate.conditioning` with the previous segment's last
+``refert_num`` generated frames as temporal reference), samples (:mod:`wan_animate.sampling`),
+decodes the target slots and drops the overlap; returns ``uint8 [T, H, W, 3]`` at the driving length.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -29,7 +27,7 @@ from wan_animate.conditioning import encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.geometry import letterbox
-from wan_animate.options import SOLVERS, check_frames_4n1
+from wan_animate.options import check_frames_4n1, check_solver
 from wan_animate.sampling import sample
 from wan_animate.video_io import frames_to_tensor, tensor_to_frames
 from wan_animate.weights.files import load_torch_file
@@ -45,9 +43,7 @@ class NonFiniteOutputError(RuntimeError):
     """The sampler produced NaN/Inf (a broken LoRA, an absurd scale): refused, nothing written."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Segment arithmetic and padding (facts section 6)
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- segments (facts section 6)
 
 
 def padded_length(num_frames: int, clip_len: int, refert_num: int) -> int:
@@ -70,9 +66,64 @@ def mirror_indices(num_frames: int, target: int) -> np.ndarray:
     return np.where(k < num_frames, k, period - k).astype(np.int64)
 
 
-# ---------------------------------------------------------------------------------------------
-# Input checks and preprocessing
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- input checks
+
+
+def check_segments(clip_len: int, refert_num: int) -> None:
+    try:
+        check_frames_4n1(clip_len, "clip_len", minimum=5)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if not 1 <= refert_num < clip_len:
+        raise InputError(f"refert_num={refert_num} must be in [1, clip_len) (official: 1 or 5).")
+
+
+def check_sampling(*, steps: int, shift: float, guide_scale: float, solver: str, clip_len: int,
+                   refert_num: int) -> None:
+    """The sampling settings every family's ``generate`` takes; :class:`InputError` naming the key."""
+    check_segments(clip_len, refert_num)
+    try:
+        check_solver(solver)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if steps < 1:
+        raise InputError(f"steps={steps} must be >= 1.")
+    # NaN passes every comparison: a NaN scale or shift sampled a black video
+    if not (math.isfinite(shift) and shift > 0):
+        raise InputError(f"shift={shift} must be a finite number > 0 (official 5.0).")
+    if not (math.isfinite(guide_scale) and guide_scale >= 0):
+        raise InputError(f"guide_scale={guide_scale} must be a finite number >= 0 (1.0: no guidance).")
+
+
+def as_video(x: Any, name: str) -> np.ndarray:
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise InputError(f"{name} must be a uint8 array [T, H, W, 3], got shape {x.shape}.")
+    if x.dtype != np.uint8:
+        raise InputError(f"{name} must be uint8 (0..255), got {x.dtype}.")
+    return x
+
+
+def check_driving(video: Any, name: str, refert_num: int) -> np.ndarray:
+    """The stream that sets the output: uint8 [T, H, W, 3], sides multiples of 16, > refert_num frames."""
+    video = as_video(video, name)
+    t, h, w = video.shape[:3]
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        m = SIZE_MULTIPLE
+        raise InputError(f"{name.replace('_', ' ')} is {w}x{h}; width and height must be multiples of {m} "
+                         f"(e.g. {w // m * m}x{h // m * m}).")
+    if t <= refert_num:
+        raise InputError(f"driving video has {t} frames; it needs more than refert_num={refert_num}.")
+    return video
+
+
+def _as_mask(x: Any) -> np.ndarray:
+    x = np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    if x.ndim == 4:  # a decoded mask video: first channel, as the official reader does
+        x = x[..., 0]
+    if x.ndim != 3:
+        raise InputError(f"mask_video must be [T, H, W] or [T, H, W, 3], got shape {x.shape}.")
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
 @dataclass
@@ -87,68 +138,24 @@ class DrivingInputs:
         return "replace" if self.bg is not None else "animate"
 
 
-def as_video(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise InputError(f"{name} must be a uint8 array [T, H, W, 3], got shape {x.shape}.")
-    if x.dtype != np.uint8:
-        raise InputError(f"{name} must be uint8 (0..255), got {x.dtype}.")
-    return x
-
-
-def _as_mask(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim == 4:  # a decoded mask video: first channel, as the official reader does
-        x = x[..., 0]
-    if x.ndim != 3:
-        raise InputError(f"mask_video must be [T, H, W] or [T, H, W, 3], got shape {x.shape}.")
-    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-
-
-def check_inputs(
-    pose_video: Any,
-    face_video: Any,
-    bg_video: Any = None,
-    mask_video: Any = None,
-    *,
-    clip_len: int = 77,
-    refert_num: int = 1,
-) -> DrivingInputs:
-    """Validate driving streams; raises :class:`InputError` naming the problem and the fix."""
-    try:
-        check_frames_4n1(clip_len)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if not 1 <= refert_num < clip_len:
-        raise InputError(f"refert_num={refert_num} must be in [1, clip_len) (official: 1 or 5).")
-    pose = as_video(pose_video, "pose_video")
+def check_inputs(pose_video: Any, face_video: Any, bg_video: Any = None, mask_video: Any = None, *,
+                 clip_len: int = 77, refert_num: int = 1) -> DrivingInputs:
+    """Validate Wan-Animate-14B's driving streams; raises :class:`InputError` naming the problem and the fix."""
+    check_segments(clip_len, refert_num)
+    pose = check_driving(pose_video, "pose_video", refert_num)
     face = as_video(face_video, "face_video")
     t, h, w = pose.shape[:3]
-    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-        raise InputError(
-            f"pose video is {w}x{h}; width and height must be multiples of {SIZE_MULTIPLE} "
-            f"(e.g. {w // SIZE_MULTIPLE * SIZE_MULTIPLE}x{h // SIZE_MULTIPLE * SIZE_MULTIPLE})."
-        )
     if face.shape[0] != t:
         raise InputError(f"pose video has {t} frames but face video has {face.shape[0]}; they must match.")
-    if t <= refert_num:
-        raise InputError(f"driving video has {t} frames; it needs more than refert_num={refert_num}.")
     if (bg_video is None) != (mask_video is None):
         raise InputError("replace mode needs both bg_video and mask_video (or neither for animate mode).")
     bg = mask = None
     if bg_video is not None:
-        bg = as_video(bg_video, "bg_video")
-        mask = _as_mask(mask_video)
+        bg, mask = as_video(bg_video, "bg_video"), _as_mask(mask_video)
         for name, arr in (("bg_video", bg), ("mask_video", mask)):
             if arr.shape[0] != t or tuple(arr.shape[1:3]) != (h, w):
-                raise InputError(
-                    f"{name} is {arr.shape[0]} frames of {arr.shape[2]}x{arr.shape[1]}; it must match the "
-                    f"pose video ({t} frames of {w}x{h})."
-                )
+                raise InputError(f"{name} is {arr.shape[0]} frames of {arr.shape[2]}x{arr.shape[1]}; it must "
+                                 f"match the pose video ({t} frames of {w}x{h}).")
     return DrivingInputs(pose, face, bg, mask)
 
 
@@ -173,6 +180,22 @@ def load_image(path_or_array: Any) -> np.ndarray:
     return arr
 
 
+def read_video_file(path: str | Path, what: str) -> tuple[np.ndarray, float]:
+    """(frames, fps) of an input video file; :class:`InputError` when missing, undecodable or empty."""
+    from wan_animate.video_io import VideoDecodeError, read_video
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path} does not exist.")
+    try:
+        frames, fps = read_video(path)
+    except VideoDecodeError as e:
+        raise InputError(f"{what}: {e}") from None
+    if len(frames) == 0:
+        raise InputError(f"{what}: {path} has no frames.")
+    return frames, fps
+
+
 def to_tensor_video(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [1, 3, T, H, W] in [-1, 1]."""
     return frames_to_tensor(frames).unsqueeze(0)
@@ -187,62 +210,51 @@ def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
     return flat.reshape(b, t, c, size, size).transpose(1, 2)
 
 
-# ---------------------------------------------------------------------------------------------
-# diffusers transformer behind our DiT's forward contract (peer checks, diffusers-only setups)
-# ---------------------------------------------------------------------------------------------
-
-
 class DiffusersDiT(nn.Module):
-    """Wraps diffusers' ``WanAnimateTransformer3DModel`` with ``WanAnimateDiT.forward``'s signature."""
+    """diffusers' ``WanAnimateTransformer3DModel`` behind ``WanAnimateDiT.forward``'s signature (peer checks)."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
-        cfg = dict(transformer.config)
-        self.config = WanAnimateConfig.from_diffusers_config(cfg)
+        self.config = WanAnimateConfig.from_diffusers_config(dict(transformer.config))
 
     def forward(self, x, t, context, clip_fea, y, pose_latents, face_pixel_values):
         dtype = self.transformer.dtype
-        out = self.transformer(
+        return self.transformer(
             hidden_states=torch.cat([x, y], dim=1).to(dtype), timestep=t,
             encoder_hidden_states=context.to(dtype), encoder_hidden_states_image=clip_fea.to(dtype),
             pose_hidden_states=pose_latents.to(dtype), face_pixel_values=face_pixel_values.to(dtype),
             return_dict=False,
-        )[0]
-        return out.float()
+        )[0].float()
 
 
 def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
     pe = getattr(dit, "patch_embedding", None)
-    if pe is not None and hasattr(pe, "weight"):
-        return pe.weight.dtype
-    return next(dit.parameters()).dtype
+    return pe.weight.dtype if pe is not None and hasattr(pe, "weight") else next(dit.parameters()).dtype
 
 
-# ---------------------------------------------------------------------------------------------
-# Pipeline
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------- pipeline
+
+# denoise(latents, t [B], uncond) -> velocity, for one segment's conditioning
+Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 class AnimatePipeline:
-    """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components."""
+    """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components.
 
-    # the DiT config this pipeline drives; another family's pipeline subclasses with its own
-    config_class: type = WanAnimateConfig
+    A family's pipeline subclasses it with its own ``config_class``, ``load_dit``, sampling
+    defaults, input videos (``input_videos``, ``read_inputs``) and ``generate``, which runs
+    :meth:`_run_segments` with the family's per-segment conditioning."""
 
-    def __init__(
-        self,
-        dit: nn.Module,
-        vae: WanVAE,
-        text_encoder: TextEncoder,
-        image_encoder: ImageEncoder,
-        *,
-        device: torch.device | str | None = None,
-    ):
-        self.dit = dit
-        self.vae = vae
-        self.text_encoder = text_encoder
-        self.image_encoder = image_encoder
+    config_class: type = WanAnimateConfig  # the DiT config this pipeline drives
+    # the videos ``generate`` takes (``<name>_video``), in its order; the first sets the output
+    input_videos: tuple[str, ...] = ("pose", "face", "bg", "mask")
+    sequence_parallel = True  # ``eval.generate --sequence-parallel N`` splits its denoising steps
+    DEFAULTS = dict(steps=20, guide_scale=1.0, solver="unipc", clip_len=77)  # the official sampling
+
+    def __init__(self, dit: nn.Module, vae: WanVAE, text_encoder: TextEncoder, image_encoder: ImageEncoder, *,
+                 device: torch.device | str | None = None):
+        self.dit, self.vae, self.text_encoder, self.image_encoder = dit, vae, text_encoder, image_encoder
         self.device = torch.device(device) if device is not None else next(dit.parameters()).device
         self.config = getattr(dit, "config")
         if not isinstance(self.config, self.config_class):
@@ -278,18 +290,10 @@ class AnimatePipeline:
         )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        dit: nn.Module | None = None,
-        encoder_dtype: torch.dtype | None = None,
-        vae_dtype: torch.dtype = torch.float32,
-        offload: bool = False,
-        vae_tiling: bool = False,
-    ) -> "AnimatePipeline":
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                        dit: nn.Module | None = None, encoder_dtype: torch.dtype | None = None,
+                        vae_dtype: torch.dtype = torch.float32, offload: bool = False,
+                        vae_tiling: bool = False) -> "AnimatePipeline":
         """Load a diffusers-layout or official-layout folder. ``dit`` replaces the folder's DiT
         (e.g. a live training model). Encoders run in ``encoder_dtype`` (default ``dtype``), the
         VAE in ``vae_dtype``; ``offload`` parks the encoders on the CPU between uses."""
@@ -333,162 +337,114 @@ class AnimatePipeline:
 
         return apply_lora(self.dit, path, scale=scale)
 
+    # ------------------------------------------------------------------ command-line inputs
+    @classmethod
+    def sampling_defaults(cls, distilled: bool = False) -> dict[str, Any]:
+        """``generate``'s sampling settings a command line does not give (``distilled``: the
+        settings of a distilled checkpoint, where the family has one)."""
+        if distilled:
+            raise InputError("distilled sampling is Wan-Animate-2's; this is a Wan-Animate-14B model.")
+        return dict(cls.DEFAULTS)
+
+    @classmethod
+    def read_inputs(cls, ref: str | Path, videos: dict[str, str | Path], *, clip_len: int, refert_num: int,
+                    max_frames: int | None = None, target_area: int | None = None) -> tuple[dict, float]:
+        """``generate``'s inputs from files (``videos``: ``input_videos`` name -> path), read and
+        checked, and the driving fps. Wan-Animate-14B's streams come preprocessed (``max_frames`` and
+        ``target_area`` were applied by ``data_tools.driving``)."""
+        read = {k: read_video_file(p, f"{k} video" if k != "bg" else "background video") for k, p in videos.items()}
+        frames = {f"{k}_video": v[0] for k, v in read.items()}
+        check_inputs(**frames, clip_len=clip_len, refert_num=refert_num)
+        return dict(ref_image=load_image(ref), **frames), read["pose"][1]
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(
-        self,
-        ref_image: Any,
-        pose_video: Any,
-        face_video: Any,
-        bg_video: Any = None,
-        mask_video: Any = None,
-        *,
-        prompt: str = DEFAULT_PROMPT,
-        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        steps: int = 20,
-        shift: float = 5.0,
-        guide_scale: float = 1.0,
-        seed: int = 0,
-        solver: str = "unipc",
-        clip_len: int = 77,
-        refert_num: int = 1,
-        progress: bool = True,
-    ) -> np.ndarray:
+    def generate(self, ref_image: Any, pose_video: Any, face_video: Any, bg_video: Any = None,
+                 mask_video: Any = None, *, prompt: str = DEFAULT_PROMPT, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+                 steps: int = 20, shift: float = 5.0, guide_scale: float = 1.0, seed: int = 0,
+                 solver: str = "unipc", clip_len: int = 77, refert_num: int = 1, progress: bool = True) -> np.ndarray:
         """Animate ``ref_image`` (uint8 [H, W, 3] or path) with driving ``pose_video`` /
         ``face_video`` (uint8 [T, H, W, 3]); replace mode with ``bg_video`` + ``mask_video``
         (1/white on the character). Returns uint8 ``[T, H, W, 3]`` with T = driving length."""
-        if solver not in SOLVERS:
-            raise InputError(f"solver={solver!r} is not one of {SOLVERS}.")
-        if steps < 1:
-            raise InputError(f"steps={steps} must be >= 1.")
-        if not (math.isfinite(shift) and shift > 0):
-            raise InputError(f"shift={shift} must be a finite number > 0 (official 5.0).")
-        if not (math.isfinite(guide_scale) and guide_scale >= 0):
-            raise InputError(f"guide_scale={guide_scale} must be a finite number >= 0 (1.0: no guidance).")
-        inputs = check_inputs(pose_video, face_video, bg_video, mask_video, clip_len=clip_len,
-                              refert_num=refert_num)
-        ref = load_image(ref_image)
-        real_len, height, width = inputs.pose.shape[:3]
-        target = padded_length(real_len, clip_len, refert_num)
-        idx = mirror_indices(real_len, target)
+        sampling = dict(steps=steps, shift=shift, guide_scale=guide_scale, solver=solver, clip_len=clip_len,
+                        refert_num=refert_num)
+        check_sampling(**sampling)
+        inputs = check_inputs(pose_video, face_video, bg_video, mask_video, clip_len=clip_len, refert_num=refert_num)
+        face_size, replace = self.config.motion_encoder_size, inputs.mode == "replace"
+
+        def conditioning(c: SimpleNamespace) -> Callable[[int, torch.Tensor | None], Denoiser]:
+            def segment(start: int, prev: torch.Tensor | None) -> Denoiser:
+                sel = c.idx[start:start + clip_len]
+                pose_latents = self.vae.encode(to_tensor_video(inputs.pose[sel]).to(c.device)).to(c.dtype)
+                face = resize_face_video(to_tensor_video(inputs.face[sel]), face_size).to(c.device, c.dtype)
+                y = encode_condition(
+                    self.vae, c.ref_pixels, clip_len=clip_len, mode=inputs.mode, prev_frames=prev,
+                    bg_video=to_tensor_video(inputs.bg[sel]).to(c.device) if replace else None,
+                    character_mask=torch.from_numpy(inputs.mask[sel])[None, None].to(c.device) if replace else None,
+                    ref_latent=c.ref_latent).to(c.dtype)
+                face_null = torch.full_like(face, -1.0) if c.cfg_on else None
+
+                def denoise(x: torch.Tensor, t: torch.Tensor, uncond: bool) -> torch.Tensor:
+                    return self.dit(x.to(c.dtype), t, c.context_null if uncond else c.context, c.clip_fea, y,
+                                    pose_latents, face_null if uncond else face)
+
+                return denoise
+
+            return segment
+
+        return self._run_segments(ref_image, inputs.pose, conditioning, prompt=prompt, negative_prompt=negative_prompt,
+                                  seed=seed, progress=progress, **sampling)
+
+    def _run_segments(self, ref_image: Any, driving: np.ndarray, conditioning, *, prompt: str, negative_prompt: str,
+                      steps: int, shift: float, guide_scale: float, seed: int, solver: str, clip_len: int,
+                      refert_num: int, progress: bool) -> np.ndarray:
+        """The segment loop of every family. Encodes the prompts and the letterboxed reference once;
+        ``conditioning(c)`` (``c``: device, dtype, idx (mirror-padded frame indices), cfg_on,
+        context / context_null, ref_pixels, ref_latent, clip_fea) returns ``segment(start, prev)``,
+        the denoiser of the segment starting at padded frame ``start`` (``prev``: the previous
+        segment's last ``refert_num`` decoded frames [1, 3, n, H, W], None on the first). Noise of
+        each segment from one CPU generator seeded with ``seed``; the latents after the reference
+        slot are decoded and the overlap frames of later segments dropped."""
+        from tqdm.auto import tqdm
+
+        real_len, height, width = driving.shape[:3]
+        dev, dtype, cfg_on = self.device, dit_compute_dtype(self.dit), guide_scale != 1.0
+        ref_pixels = to_tensor_video(letterbox(load_image(ref_image), height, width)[None])[:, :, 0].to(dev)
+        c = SimpleNamespace(
+            device=dev, dtype=dtype, cfg_on=cfg_on, ref_pixels=ref_pixels,  # [1, 3, H, W]
+            idx=mirror_indices(real_len, padded_length(real_len, clip_len, refert_num)),
+            context=self.text_encoder.encode([prompt]).to(dev, dtype),
+            context_null=self.text_encoder.encode([negative_prompt]).to(dev, dtype) if cfg_on else None,
+            clip_fea=self.image_encoder.encode(ref_pixels).to(dev, dtype),
+            ref_latent=self.vae.encode(ref_pixels.unsqueeze(2)))
+        segment = conditioning(c)
         n_seg = num_segments(real_len, clip_len, refert_num)
-        dev = self.device
-        dit_dtype = dit_compute_dtype(self.dit)
-        cfg_on = guide_scale != 1.0
-
-        # ---- per-call constants: text, reference latent, CLIP tokens
-        context = self.text_encoder.encode([prompt]).to(dev, dit_dtype)
-        context_null = self.text_encoder.encode([negative_prompt]).to(dev, dit_dtype) if cfg_on else None
-        ref_pixels = to_tensor_video(letterbox(ref, height, width)[None])[:, :, 0].to(dev)  # [1, 3, H, W]
-        clip_fea = self.image_encoder.encode(ref_pixels).to(dev, dit_dtype)
-        ref_latent = self.vae.encode(ref_pixels.unsqueeze(2))
-
+        lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
+                     height // self.vae.spatial_stride, width // self.vae.spatial_stride)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        outputs: list[torch.Tensor] = []  # uint8 [t, H, W, 3] per segment
+        prev: torch.Tensor | None = None
+        seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
+        step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
         was_training = self.dit.training  # training validation passes the live model
         self.dit.eval()
         try:
-            return self._generate_segments(
-                inputs, ref_pixels, ref_latent, context, context_null, clip_fea, idx, n_seg, real_len,
-                seed=seed, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
-                clip_len=clip_len, refert_num=refert_num, progress=progress,
-            )
+            for s in range(n_seg):
+                denoise = segment(s * (clip_len - refert_num), prev)
+                noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(dev)
+                latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
+                                 progress=step_bar.update)
+                if not torch.isfinite(latents).all():  # would decode to a black / garbage video without a word
+                    raise NonFiniteOutputError(
+                        f"segment {s + 1} of {n_seg}: the denoised latents hold NaN/Inf values; nothing was written. "
+                        "Check the LoRA (its alpha / scale), shift and guide_scale, or use dtype float32.")
+                frames = self.vae.decode(latents[:, :, 1:])  # drop the reference slot
+                prev = frames[:, :, -refert_num:].clone()  # the next segment's temporal reference
+                # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
+                outputs.append(torch.from_numpy(tensor_to_frames((frames if s == 0 else frames[:, :, refert_num:])[0])))
+                seg_bar.update(1)
         finally:
             self.dit.train(was_training)
-
-    def _generate_segments(self, inputs, ref_pixels, ref_latent, context, context_null, clip_fea, idx, n_seg,
-                           real_len, *, seed, steps, shift, solver, guide_scale, clip_len, refert_num,
-                           progress) -> np.ndarray:
-        mode = inputs.mode
-        dev = self.device
-        dit_dtype = dit_compute_dtype(self.dit)
-        face_size = self.config.motion_encoder_size
-        cfg_on = guide_scale != 1.0
-        height, width = inputs.pose.shape[1:3]
-
-        def segment(start: int, prev: torch.Tensor | None) -> Denoiser:
-            sel = idx[start:start + clip_len]
-            pose = to_tensor_video(inputs.pose[sel]).to(dev)
-            face = resize_face_video(to_tensor_video(inputs.face[sel]), face_size).to(dev, dit_dtype)
-            bg = to_tensor_video(inputs.bg[sel]).to(dev) if mode == "replace" else None
-            char = (torch.from_numpy(inputs.mask[sel])[None, None].to(dev) if mode == "replace" else None)
-            pose_latents = self.vae.encode(pose).to(dit_dtype)
-            y = encode_condition(
-                self.vae, ref_pixels, clip_len=clip_len, mode=mode, prev_frames=prev,
-                bg_video=bg, character_mask=char, ref_latent=ref_latent,
-            ).to(dit_dtype)
-            face_null = torch.full_like(face, -1.0) if cfg_on else None
-
-            def denoise(x: torch.Tensor, t: torch.Tensor, uncond: bool) -> torch.Tensor:
-                return self.dit(
-                    x.to(dit_dtype), t, context_null if uncond else context, clip_fea, y, pose_latents,
-                    face_null if uncond else face,
-                )
-
-            return denoise
-
-        lat_shape = (1, self.config.out_dim, num_latent_frames(clip_len) + 1,
-                     height // self.vae.spatial_stride, width // self.vae.spatial_stride)
-        return run_segments(self.vae, segment, n_seg=n_seg, clip_len=clip_len, refert_num=refert_num,
-                            real_len=real_len, lat_shape=lat_shape, seed=seed, device=dev, steps=steps, shift=shift,
-                            solver=solver, guide_scale=guide_scale, progress=progress)
-
-
-# ---------------------------------------------------------------------------------------------
-# The segment loop (shared by every model family's pipeline)
-# ---------------------------------------------------------------------------------------------
-
-# denoise(latents, t [B], uncond) -> velocity, for one segment's conditioning
-Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
-
-
-def run_segments(
-    vae: WanVAE,
-    segment: Callable[[int, torch.Tensor | None], Denoiser],
-    *,
-    n_seg: int,
-    clip_len: int,
-    refert_num: int,
-    real_len: int,
-    lat_shape: tuple[int, ...],
-    seed: int,
-    device: torch.device,
-    steps: int,
-    shift: float,
-    solver: str,
-    guide_scale: float,
-    progress: bool,
-) -> np.ndarray:
-    """Generate ``n_seg`` overlapping segments and join them.
-
-    Per segment ``s``: ``segment(start, prev)`` (``start = s * (clip_len - refert_num)``, the
-    segment's first index into the padded driving frames; ``prev`` the previous segment's last
-    ``refert_num`` decoded frames [1, 3, n, H, W], None on the first) builds the conditioning and
-    returns its denoiser; noise of ``lat_shape`` is drawn from one CPU generator seeded with
-    ``seed``; :func:`wan_animate.sampling.sample` integrates it; the latents after the reference slot
-    are decoded and the ``refert_num`` overlap frames of later segments dropped. Returns uint8
-    ``[real_len, H, W, 3]``.
-    """
-    from tqdm.auto import tqdm
-
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    outputs: list[torch.Tensor] = []  # uint8 [t, H, W, 3] per segment
-    prev: torch.Tensor | None = None
-    seg_bar = tqdm(total=n_seg, desc="segments", disable=not progress)
-    step_bar = tqdm(total=n_seg * steps, desc="steps", disable=not progress, leave=False)
-    for s in range(n_seg):
-        denoise = segment(s * (clip_len - refert_num), prev)
-        noise = torch.randn(lat_shape, generator=generator, dtype=torch.float32).to(device)
-        latents = sample(denoise, noise, steps=steps, shift=shift, solver=solver, guide_scale=guide_scale,
-                         progress=step_bar.update)
-        if not torch.isfinite(latents).all():  # would decode to a black / garbage video without a word
-            raise NonFiniteOutputError(
-                f"segment {s + 1} of {n_seg}: the denoised latents hold NaN/Inf values; nothing was written. "
-                "Check the LoRA (its alpha / scale), shift and guide_scale, or use dtype float32.")
-        frames = vae.decode(latents[:, :, 1:])  # drop the reference slot
-        prev = frames[:, :, -refert_num:].clone()  # carried into the next segment's temporal reference
-        kept = frames if s == 0 else frames[:, :, refert_num:]
-        # uint8 on the CPU right away: a 77-frame 720p segment is 0.85 GB as fp32
-        outputs.append(torch.from_numpy(tensor_to_frames(kept[0])))
-        seg_bar.update(1)
-    step_bar.close()
-    seg_bar.close()
-    return torch.cat(outputs, dim=0)[:real_len].numpy()  # [T, H, W, 3]
+            step_bar.close()
+            seg_bar.close()
+        return torch.cat(outputs, dim=0)[:real_len].numpy()  # [T, H, W, 3]
