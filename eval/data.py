@@ -53,6 +53,10 @@ class EvalSample:
     def num_frames(self) -> int:
         return len(self.pose)
 
+    def stream(self, name: str) -> np.ndarray | None:
+        """The driving stream a model family reads (``ModelFamily.streams``: pose, face; driving)."""
+        return self.raw_driving if name == "driving" else getattr(self, name)
+
 
 @dataclass
 class EvalSet:

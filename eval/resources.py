@@ -51,63 +51,32 @@ def resolve_dtype_device(cfg: EvalConfig) -> tuple[torch.dtype, torch.device]:
     return parse_dtype(cfg.dtype, device), device
 
 
-def model_family(model_dir: str) -> str:
-    """"animate" (Wan-Animate-14B) or "animate2" from the model folder's DiT tensor names (headers only)."""
-    from wan_animate.animate2.weights import checkpoint_family
-    from wan_animate.pipeline import AnimatePipeline
+def model_family(model_dir: str):
+    """The ``wan_animate.family.ModelFamily`` of ``model_dir`` (its DiT's tensor names, headers only)."""
+    from wan_animate.family import family_of
 
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"model_dir={model_dir!r} does not exist")
-    base = Path(model_dir)
-    return checkpoint_family(base / "transformer" if AnimatePipeline.detect_layout(base) == "diffusers" else base)
+    return family_of(model_dir)
 
 
 def load_pipeline(cfg: EvalConfig):
-    from wan_animate.pipeline import AnimatePipeline
+    """The family's pipeline of ``model_dir``; ``checkpoint`` replaces its DiT, ``lora_path`` is merged."""
+    from wan_animate.weights.source import CONFIG_METADATA_KEY, open_source
 
     dtype, device = resolve_dtype_device(cfg)
     for what, p in (("model_dir", cfg.model_dir), ("checkpoint", cfg.checkpoint), ("lora_path", cfg.lora_path)):
         if p is not None and not os.path.exists(p):
             raise FileNotFoundError(f"{what}={p!r} does not exist")
-    if model_family(cfg.model_dir) == "animate2":
-        return _load_animate2_pipeline(cfg, dtype, device)
-    dit = None
-    if cfg.checkpoint:
-        from wan_animate.weights.load import load_dit
-        from wan_animate.weights.source import inspect_checkpoint
-
-        path = resolve_checkpoint(cfg.checkpoint)
-        config = None
-        if inspect_checkpoint(path)["config_source"].startswith("the default"):
-            # A bare training state (checkpoints/step-N/model.safetensors) stores no config: the
-            # DiT has the base model's shape.
-            base = Path(cfg.model_dir)
-            if AnimatePipeline.detect_layout(base) == "diffusers":
-                base = base / "transformer"
-            config = inspect_checkpoint(base)["config"]
-        dit = load_dit(path, dtype=dtype, device=device, config=config)
-    pipe = AnimatePipeline.from_pretrained(cfg.model_dir, dtype=dtype, device=device, dit=dit)
-    if cfg.lora_path:
-        pipe.load_lora(cfg.lora_path, scale=cfg.lora_scale)
-    return pipe
-
-
-def _load_animate2_pipeline(cfg: EvalConfig, dtype: torch.dtype, device: torch.device):
-    """The Wan-Animate-2 pipeline of ``model_dir``; ``checkpoint`` replaces its DiT (a weights file
-    without config gets the base model's)."""
-    from wan_animate.animate2.pipeline import Animate2Pipeline
-    from wan_animate.animate2.weights import inspect_animate2, load_animate2
-
-    dit = None
+    family, dit = model_family(cfg.model_dir), None
     if cfg.checkpoint:
         path = resolve_checkpoint(cfg.checkpoint)
-        config = None
-        if inspect_animate2(path)["config_source"].startswith("the default"):
-            base = Path(cfg.model_dir)
-            config = inspect_animate2(base / "transformer" if Animate2Pipeline.detect_layout(base) == "diffusers"
-                                      else base)["config"]
-        dit = load_animate2(path, dtype=dtype, device=device, config=config)
-    pipe = Animate2Pipeline.from_pretrained(cfg.model_dir, dtype=dtype, device=device, dit=dit)
+        src = open_source(path)
+        # a bare training state (checkpoints/step-N/model.safetensors) stores no config: the base model's shape
+        own = src.folder_config is not None or src.shards[0].metadata.get(CONFIG_METADATA_KEY)
+        config = None if own else family.config(folder=family.dit_path(cfg.model_dir))[0]
+        dit = family.load(path, dtype=dtype, device=device, config=config)
+    pipe = family.pipeline_class.from_pretrained(cfg.model_dir, dtype=dtype, device=device, dit=dit)
     if cfg.lora_path:
         pipe.load_lora(cfg.lora_path, scale=cfg.lora_scale)
     return pipe

@@ -33,19 +33,18 @@ class Timer:
             self.seconds[name] += time.perf_counter() - t0
 
 
-def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family: str = "animate") -> tuple[list[str], dict[str, str]]:
-    """Metrics to compute and, for every other metric, why it is not computed (``family``: the
-    model's, "animate" or "animate2")."""
+def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[str], dict[str, str]]:
+    """Metrics to compute and, for every other metric, why it is not computed (``family``: the model's)."""
     from eval.config import METRICS
+    from wan_animate.heldout import CONDITIONS
 
     todo, not_computed = [], {}
     for name in METRICS:
         if name not in cfg.metrics.names:
             not_computed[name] = "not requested (add it to metrics.names)"
-        elif name in ("heldout", "sensitivity") and family == "animate2":
-            not_computed[name] = (f"the {'held-out loss' if name == 'heldout' else 'condition sensitivity'} is built "
-                                  "from Wan-Animate-14B batches (pose and face streams); not computed for a "
-                                  "Wan-Animate-2 model")
+        elif name == "sensitivity" and not set(family.streams) <= set(CONDITIONS):
+            not_computed[name] = (f"the condition swaps are Wan-Animate-14B's (pose, face, reference); not computed "
+                                  f"for a model.family={family.name} model (its streams: {', '.join(family.streams)})")
         elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
         elif name == "sensitivity" and len(eval_set.samples) < 2:
@@ -125,7 +124,7 @@ def _loss_key(cfg: EvalConfig) -> tuple:
             cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
 
 
-def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+def heldout_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
     """Held-out loss of the cell's DiT (``wan_animate.heldout.heldout_loss``), shared by cells with
     the same ``_loss_key``."""
     from wan_animate.heldout import heldout_loss
@@ -134,40 +133,42 @@ def heldout_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
     losses = store("heldout")
     key = _loss_key(cfg)
     if key not in losses:
-        losses[key] = heldout_loss(pipe.dit, loss_batches(pipe, eval_set, cfg.clip_len), timesteps=m.heldout_timesteps,
-                                   seed=m.heldout_seed, progress=True)
+        losses[key] = heldout_loss(pipe.dit, loss_batches(pipe, family, eval_set, cfg.clip_len), progress=True,
+                                   timesteps=m.heldout_timesteps, seed=m.heldout_seed, predict=family.predict)
     return losses[key]
 
 
-def sensitivity_cached(cfg: EvalConfig, pipe, eval_set: EvalSet) -> dict:
+def sensitivity_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
     """Condition sensitivity of the cell's DiT (``wan_animate.heldout.condition_sensitivity``: the
-    held-out loss with each sample's pose / face / reference swapped for the next sample's, minus its
-    own), shared like the held-out loss."""
+    held-out loss with each sample's conditions swapped for the next sample's, minus its own),
+    shared like the held-out loss."""
     from wan_animate.heldout import condition_sensitivity
 
     m = cfg.metrics
     results = store("sensitivity")
     key = (*_loss_key(cfg), tuple(m.sensitivity_conditions))
     if key not in results:
-        results[key] = condition_sensitivity(pipe.dit, list(loss_batches(pipe, eval_set, cfg.clip_len)),
+        results[key] = condition_sensitivity(pipe.dit, list(loss_batches(pipe, family, eval_set, cfg.clip_len)),
                                              timesteps=m.heldout_timesteps, seed=m.heldout_seed,
-                                             conditions=m.sensitivity_conditions, progress=True)
+                                             conditions=m.sensitivity_conditions, progress=True,
+                                             predict=family.predict)
     return results[key]
 
 
-def loss_batches(pipe, eval_set: EvalSet, clip_len: int):
-    """One DiT batch per sample: its first clip (``clip_len`` frames, or the longest 4n+1 prefix of
-    a shorter sample) encoded with the pipeline's frozen encoders (``wan_animate.batch.build_dit_inputs``,
-    no temporal-reference frames, animate mode)."""
-    from wan_animate.batch import build_dit_inputs
-    from wan_animate.pipeline import DEFAULT_PROMPT, resize_face_video
+def loss_batches(pipe, family, eval_set: EvalSet, clip_len: int):
+    """One batch of the family's model inputs per sample (``family.build_inputs`` with the
+    pipeline's frozen encoders): its first clip (``clip_len`` frames, or the longest 4n+1 prefix of a
+    shorter sample), its driving streams at the family's sizes, no temporal-reference frames, animate mode."""
+    from wan_animate.config import DEFAULT_PROMPT
+    from wan_animate.pipeline import resize_face_video
 
     dtype = next(pipe.dit.parameters()).dtype
-    size = pipe.config.motion_encoder_size
+    sizes = family.stream_sizes(pipe.config)
     for s in eval_set.samples:
         n = (min(s.num_frames, clip_len) - 1) // 4 * 4 + 1
-        face = resize_face_video(frames_to_tensor(s.face[:n])[None], size)[0]
-        ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "pose": frames_to_tensor(s.pose[:n]),
-              "ref": frames_to_tensor(s.ref[None])[:, 0], "face": face, "mode": "animate", "num_given": 0,
-              "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
-        yield build_dit_inputs([ex], pipe, pipe.device, dtype, clip_len=n)
+        ex = {"key": s.key, "video": frames_to_tensor(s.target[:n]), "ref": frames_to_tensor(s.ref[None])[:, 0],
+              "mode": "animate", "num_given": 0, "caption": s.caption or DEFAULT_PROMPT, "noise_seed": 0}
+        for name, size in sizes.items():
+            video = frames_to_tensor(s.stream(name)[:n])
+            ex[name] = resize_face_video(video[None], size)[0] if size else video
+        yield family.build_inputs([ex], pipe, pipe.device, dtype, n)

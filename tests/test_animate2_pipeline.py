@@ -138,9 +138,9 @@ def test_eval_generate_detects_the_family(folder, tmp_path):
 
 def test_eval_cell_and_report_with_an_animate2_model(folder, tmp_path):
     """An eval cell on schema-v2 synthetic shards (driving.mp4: the same motion by another character):
-    generated from the driving stream, scored against the target; the held-out loss is reported as
-    not computed (with its reason); the report reads the cell unchanged. Version-1 shards fail the
-    cell with the fix."""
+    generated from the driving stream, scored against the target; the held-out loss through the
+    family's batches and forward; condition sensitivity is reported as not computed (with its
+    reason); the report reads the cell unchanged. Version-1 shards fail the cell with the fix."""
     from data_tools.synthetic_data import make_synthetic_dataset
     from eval.config import EvalConfig, MetricsConfig
     from eval.report import build_report
@@ -150,15 +150,17 @@ def test_eval_cell_and_report_with_an_animate2_model(folder, tmp_path):
                                   driving=True)
     cfg = EvalConfig(model_dir=str(folder), eval_set=str(data), dtype="float32", device="cpu", steps=1,
                      clip_len=CLIP, max_samples=1, skip_finished=False,
-                     metrics=MetricsConfig(names=["psnr", "ssim", "flicker", "heldout"]))
+                     metrics=MetricsConfig(names=["psnr", "ssim", "flicker", "heldout", "sensitivity"]))
     sweep = tmp_path / "sweep"
     record = run_cell(cfg, sweep / "cell")
     assert record["status"] == "ok", record.get("traceback")
     assert {"psnr", "ssim", "flicker"} <= set(record["metrics"])
-    assert "Wan-Animate-2" in record["not_computed"]["heldout"]
+    m = record["metrics"]
+    assert m["heldout_samples"] == 1 and m["heldout_loss"] > 0 and {f"heldout_loss@t{t}" for t in (100, 900)} <= set(m)
+    assert "model.family=animate2" in record["not_computed"]["sensitivity"]
     summary = build_report(sweep)
     assert (summary["cells"], summary["ok"]) == (1, 1)
-    assert "Wan-Animate-2" in (sweep / "report.md").read_text()  # the not-computed reason is listed
+    assert "model.family=animate2" in (sweep / "report.md").read_text()  # the not-computed reason is listed
     v1_data = make_synthetic_dataset(tmp_path / "v1", num_clips=1, clip_len=CLIP, height=SIZE, width=SIZE)
     import dataclasses
 

@@ -25,7 +25,7 @@ DEFAULT_FAMILY = "animate"
 
 @runtime_checkable
 class ModelFamily(Protocol):
-    """The contract. Attributes:
+    """The contract (docs/ARCHITECTURE.md, "Model families", says who uses each member):
 
     * ``name``: the ``model.family`` value; ``presets``: preset names ``config(preset=...)`` accepts;
     * ``streams``: the driving streams a decoded sample must carry (shard member ``<stream>.mp4``),
@@ -37,7 +37,19 @@ class ModelFamily(Protocol):
       names (``train.mode=self_attn``);
     * ``pipeline_class``: the generation loop (``wan_animate.pipeline.AnimatePipeline``'s interface:
       ``from_pretrained``, ``detect_layout``, ``sampling_defaults``, ``read_inputs``, ``generate``,
-      the frozen ``vae`` / ``text_encoder`` / ``image_encoder`` the batch builder uses).
+      the frozen ``vae`` / ``text_encoder`` / ``image_encoder`` the batch builder uses);
+    * ``config(preset, folder)``: (model config, where it came from): the folder's ``config.json``,
+      else the preset; ``build(config)``: the model on the current default device (meta: no memory);
+    * ``owns(names)``: whether checkpoint tensor names (any of its layouts) are the family's;
+      ``dit_path(model_folder)``: where a full model folder's denoiser is (checks the layout);
+    * ``load(path, dtype=, device=, config=)``: the model from a file or denoiser folder in any of its
+      layouts (``config`` None: the checkpoint's own), cast as ``set_precision`` casts (fp32-by-design
+      norms and modulation kept fp32); ``save(model, path, layout=, metadata=, config=)``: official
+      names in ``layout``; ``export_lora(file)``: extra files beside an exported LoRA (name -> path);
+    * ``apply_sequence_parallel(model, group)``: Ulysses sequence parallelism on the raw model;
+    * ``build_inputs(examples, encoders, device, dtype, clip_len)``: a micro-batch -> the model
+      inputs, with ``latents`` [B, C, T+1, h, w] (slot 0: the reference), ``noise_seeds``, ``keys``;
+      ``predict(model, noisy, timesteps, batch)``: the velocity for ``noisy`` (shape of ``latents``).
     """
 
     name: str
@@ -48,47 +60,22 @@ class ModelFamily(Protocol):
     self_attention: str
     pipeline_class: type
 
-    def config(self, preset: str | None = None, folder: str | Path | None = None) -> tuple[Any, str]:
-        """(model config, where it came from): the folder's ``config.json`` when it has one, else the preset."""
-
-    def build(self, config: Any) -> nn.Module:
-        """The model for ``config`` on the current default device (``with torch.device("meta")``: no memory)."""
-
-    def owns(self, names: Iterable[str]) -> bool:
-        """Whether checkpoint tensor names (any of the family's layouts) are this family's."""
-
-    def dit_path(self, model_folder: str | Path) -> Path:
-        """Where the denoiser's weights of a full model folder are (checks the folder's layout)."""
-
+    def config(self, preset: str | None = None, folder: str | Path | None = None) -> tuple[Any, str]: ...
+    def build(self, config: Any) -> nn.Module: ...
+    def owns(self, names: Iterable[str]) -> bool: ...
+    def dit_path(self, model_folder: str | Path) -> Path: ...
     def load(self, path: str | Path, *, dtype: torch.dtype | None, device: torch.device | str,
-             config: Any = None) -> nn.Module:
-        """The model from a weights file or a denoiser folder in any of the family's layouts, cast as
-        ``set_precision`` casts; ``config`` None: the checkpoint's own."""
-
+             config: Any = None) -> nn.Module: ...
     def save(self, model: nn.Module | dict, path: str | Path, *, layout: str, metadata: dict | None = None,
-             config: Any = None) -> list[Path]:
-        """Write a model or state dict (official names) in ``layout`` ("official" | "diffusers")."""
-
-    def export_lora(self, lora_file: Path) -> dict[str, str]:
-        """Extra files written beside an exported community-layout LoRA (name -> path; may be none)."""
-
-    def apply_sequence_parallel(self, model: nn.Module, group) -> Any:
-        """Install DeepSpeed-Ulysses sequence parallelism over ``group`` on the raw model; returns the plan."""
-
-    def set_precision(self, model: nn.Module, dtype: torch.dtype) -> nn.Module:
-        """Cast to ``dtype`` keeping the family's fp32-by-design tensors (norms, modulation) in fp32."""
-
-    def stream_sizes(self, config: Any) -> dict[str, int | None]:
-        """``streams`` with the sides that come from the model config filled in."""
-
+             config: Any = None) -> list[Path]: ...
+    def export_lora(self, lora_file: Path) -> dict[str, str]: ...
+    def apply_sequence_parallel(self, model: nn.Module, group) -> Any: ...
+    def set_precision(self, model: nn.Module, dtype: torch.dtype) -> nn.Module: ...
+    def stream_sizes(self, config: Any) -> dict[str, int | None]: ...
     def build_inputs(self, examples: list[dict], encoders: Any, device: torch.device, dtype: torch.dtype,
-                     clip_len: int) -> dict[str, Any]:
-        """One micro-batch of examples -> the model inputs; must hold ``latents`` [B, C, T+1, h, w]
-        (slot 0: the reference), ``noise_seeds`` and ``keys``."""
-
+                     clip_len: int) -> dict[str, Any]: ...
     def predict(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                batch: dict[str, Any]) -> torch.Tensor:
-        """The model's velocity prediction for ``noisy`` latents (shape of ``batch["latents"]``)."""
+                batch: dict[str, Any]) -> torch.Tensor: ...
 
 
 def _obj(spec: str) -> Any:

@@ -45,7 +45,7 @@ def _plain_loss_cfg():
 
 
 def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
-                       loss_cfg) -> dict[float, torch.Tensor]:
+                       loss_cfg, predict=None) -> dict[float, torch.Tensor]:
     """Loss [B] of ``batch`` at each timestep; noise from ``seed + index`` (the same for every call
     with the same index and latent shape)."""
     from wan_animate.objective import flow_matching_loss
@@ -57,7 +57,7 @@ def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: lis
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=torch.float32)
         ts = torch.full((b,), t, device=x0.device, dtype=torch.float32)
-        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise).per_sample.float().cpu()
+        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise, predict=predict).per_sample.float().cpu()
     return out
 
 
@@ -84,9 +84,10 @@ def heldout_loss(
     seed: int = 0,
     loss_cfg=None,
     progress: bool = False,
+    predict=None,
 ) -> dict:
     """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
-    ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
+    ``wan_animate.objective.flow_matching_loss``; ``predict``: the model family's forward). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
     "heldout_samples": int}``."""
     loss_cfg = loss_cfg or _plain_loss_cfg()
     timesteps = _check_timesteps(timesteps)
@@ -99,7 +100,7 @@ def heldout_loss(
 
             it = tqdm(batches, desc="held-out loss", unit="batch")
         for i, batch in enumerate(it):
-            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg).items():
+            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, predict).items():
                 sums[t] += float(losses.sum())
             count += batch["latents"].shape[0]
     if count == 0:
@@ -161,6 +162,7 @@ def condition_sensitivity(
     conditions: Sequence[str] = CONDITIONS,
     loss_cfg=None,
     progress: bool = False,
+    predict=None,
 ) -> dict:
     """Held-out loss with each condition swapped across ``batches`` (one sample each) minus the loss
     with its own, on the same noise and timesteps.
@@ -188,11 +190,11 @@ def condition_sensitivity(
             j = partner[i]
             if j is None:
                 continue
-            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg).items():
+            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg, predict).items():
                 own[t] += float(loss.sum())
             for c in conditions:
                 moved = swap_condition(batches[i], batches[j], c)
-                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg).items():
+                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg, predict).items():
                     swapped[c][t] += float(loss.sum())
             count += 1
     if count == 0:
