@@ -103,9 +103,3 @@ class PinnedPool:
 
     def give_back(self, buf: PinnedBuffer) -> None:
         self._idle.append(buf)
-
-    def release(self) -> None:
-        """Drop the idle buffers (their memory goes back to the system)."""
-        for buf in self._idle:
-            self.held_bytes -= buf.nbytes
-        self._idle.clear()
