@@ -18,7 +18,6 @@ model untouched.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -167,12 +166,9 @@ def save_lora(
     alpha: float | Mapping[str, float] | None = None,
     metadata: Mapping[str, object] | None = None,
 ) -> Path:
-    """Write the community-layout safetensors file; ``metadata`` values are JSON-encoded."""
-    tensors = lora_state_dict(model_or_state, alpha=alpha)
-    meta = {"format": "pt", "lora_layout": "diffusion_model"}
-    for k, v in (metadata or {}).items():
-        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
-    return save_safetensors(tensors, path, metadata=meta)
+    """Write the community-layout safetensors file (non-string ``metadata`` values JSON-encoded)."""
+    meta = {"format": "pt", "lora_layout": "diffusion_model", **(metadata or {})}
+    return save_safetensors(lora_state_dict(model_or_state, alpha=alpha), path, metadata=meta)
 
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, "float | None"]]

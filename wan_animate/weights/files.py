@@ -5,6 +5,7 @@ the problem and the fix.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -124,9 +125,10 @@ def group_readable_mode() -> int:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
+                     metadata: Mapping[str, Any] | None = None) -> Path:
     """Write a safetensors file atomically (temporary name, then rename) with mode 0o644 minus the
     umask: safetensors' own writer leaves 0600, unreadable by the group that shares the run.
+    ``metadata`` values that are not strings are JSON-encoded.
 
     A model memory-mapped from an older file at ``path`` keeps its data: the rename never touches it.
     """
@@ -137,7 +139,8 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        safetensors.torch.save_file(data, str(tmp), metadata=dict(metadata) if metadata else None)
+        meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+        safetensors.torch.save_file(data, str(tmp), metadata=meta or None)
         os.chmod(tmp, group_readable_mode())
         tmp.replace(path)
     except BaseException:

@@ -53,7 +53,7 @@ def _config_json(config: WanAnimateConfig, layout: str) -> dict[str, Any]:
 class _ShardWriter:
     """Writes the planned shards (+ index) as their tensors arrive; renames them at ``finish``."""
 
-    def __init__(self, dst: Path, plan: Mapping[str, torch.Tensor], max_bytes: int, metadata: dict[str, str],
+    def __init__(self, dst: Path, plan: Mapping[str, torch.Tensor], max_bytes: int, metadata: dict[str, Any],
                  config_json: dict[str, Any]):
         from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -112,8 +112,7 @@ def open_writer(path: Path, plan: Mapping[str, torch.Tensor], config: WanAnimate
     if layout not in ("official", "diffusers"):
         raise ValueError(f"layout={layout!r}: choose 'official' or 'diffusers'.")
     cfg = _config_json(config, layout)
-    user = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in dict(metadata or {}).items()}
-    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg), **extra_meta, **user}
+    meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg), **extra_meta, **(metadata or {})}
     return _ShardWriter(path, plan, parse_size(max_shard_size), meta, cfg)
 
 
