@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +37,60 @@ DEFAULT_MOTION_ENCODER_CHANNELS: dict[str, int] = {
 }
 
 
+class DiTTrunk:
+    """What every Wan DiT config shares (Wan-Animate-14B's below, Animate-2's): the derived sizes, the
+    trunk checks (``check_trunk``, from ``__post_init__``), presets (the ``PRESETS`` of the config's
+    module) and the dict round-trip."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def latent_channels(self) -> int:
+        return self.out_dim
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of head_dim given to the (t, h, w) RoPE axes (44/42/42 for head_dim 128)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def check_trunk(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) != 3:
+            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}.")
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
+                             "choose dim = num_heads * head_dim.")
+        if self.head_dim % 2 != 0 or any(c % 2 for c in self.rope_split):
+            raise ValueError(f"head_dim={self.head_dim} gives RoPE split {self.rope_split}; every part must be "
+                             "even. Use a head_dim that is a multiple of 12 or 32 (e.g. 32, 64, 128).")
+        if self.in_dim != 2 * self.out_dim + 4:
+            raise ValueError(f"in_dim={self.in_dim} must equal 2 * out_dim + 4 = {2 * self.out_dim + 4} "
+                             "(noisy latent + 4 mask channels + condition latent).")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        presets = sys.modules[cls.__module__].PRESETS
+        if name not in presets:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(presets)}.")
+        return dataclasses.replace(presets[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known: {sorted(names)}.")
+        return cls(**d)
+
+
 @dataclass
-class WanAnimateConfig:
+class WanAnimateConfig(DiTTrunk):
     # ---- DiT trunk
     dim: int = 5120
     ffn_dim: int = 13824
@@ -73,49 +126,17 @@ class WanAnimateConfig:
     # A face block follows every `face_adapter_period`-th DiT block (0, 5, 10, ...).
     face_adapter_period: int = 5
 
-    # ---- derived sizes
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def latent_channels(self) -> int:
-        return self.out_dim
-
     @property
     def num_face_blocks(self) -> int:
         return self.num_layers // self.face_adapter_period
 
-    @property
-    def rope_split(self) -> tuple[int, int, int]:
-        """Channels of head_dim given to the (t, h, w) RoPE axes."""
-        d = self.head_dim
-        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
-
     # ---- validation
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        self.check_trunk()
         self.window_size = tuple(int(w) for w in self.window_size)  # type: ignore[assignment]
         self.motion_encoder_channel_sizes = {
             str(k): int(v) for k, v in dict(self.motion_encoder_channel_sizes).items()
         }
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}.")
-        if self.dim % self.num_heads != 0:
-            raise ValueError(
-                f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
-                "choose dim = num_heads * head_dim."
-            )
-        if self.head_dim % 2 != 0 or any(c % 2 for c in self.rope_split):
-            raise ValueError(
-                f"head_dim={self.head_dim} gives RoPE split {self.rope_split}; every part must be "
-                "even. Use a head_dim that is a multiple of 12 or 32 (e.g. 32, 64, 128)."
-            )
-        if self.in_dim != 2 * self.out_dim + 4:
-            raise ValueError(
-                f"in_dim={self.in_dim} must equal 2 * out_dim + 4 = {2 * self.out_dim + 4} "
-                "(noisy latent + 4 mask channels + condition latent)."
-            )
         if self.face_adapter_period < 1 or self.num_layers % self.face_adapter_period != 0:
             raise ValueError(
                 f"num_layers={self.num_layers} must be a positive multiple of face_adapter_period="
@@ -134,30 +155,6 @@ class WanAnimateConfig:
             )
         if self.motion_encoder_batch_size < 1:
             raise ValueError("motion_encoder_batch_size must be >= 1.")
-
-    # ---- presets
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "WanAnimateConfig":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        values = dataclasses.asdict(PRESETS[name])
-        values.update(overrides)
-        return cls(**values)
-
-    # ---- (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        d["window_size"] = list(self.window_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WanAnimateConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"Unknown WanAnimateConfig fields {unknown}; known: {sorted(names)}.")
-        return cls(**d)
 
     def to_official_config(self) -> dict[str, Any]:
         """The official ``config.json`` (``_class_name: WanAnimateModel``) plus our extra sizes.

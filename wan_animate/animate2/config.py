@@ -21,6 +21,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from wan_animate.config import DiTTrunk
+
 # The prompt of the extract pass (the official pipelines' default reference prompt:
 # "reference video of the person's motion").
 REFERENCE_PROMPT = "人物动作的参考视频"
@@ -33,7 +35,7 @@ DISTILLED_LOG_SCALE = -1.3
 
 
 @dataclass
-class Animate2Config:
+class Animate2Config(DiTTrunk):
     dim: int = 5120
     ffn_dim: int = 13824
     num_heads: int = 40
@@ -61,34 +63,9 @@ class Animate2Config:
 
     family = "animate2"  # class attribute, not a field: which model family this config describes
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.num_heads
-
-    @property
-    def latent_channels(self) -> int:
-        return self.out_dim
-
-    @property
-    def rope_split(self) -> tuple[int, int, int]:
-        """Channels of head_dim given to the (t, h, w) RoPE axes (44/42/42 for head_dim 128)."""
-        d = self.head_dim
-        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
-
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
+        self.check_trunk()
         self.uncond_skip_blocks = tuple(int(b) for b in self.uncond_skip_blocks)  # type: ignore[assignment]
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}.")
-        if self.dim % self.num_heads != 0:
-            raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
-                             "choose dim = num_heads * head_dim.")
-        if self.head_dim % 2 != 0 or any(c % 2 for c in self.rope_split):
-            raise ValueError(f"head_dim={self.head_dim} gives RoPE split {self.rope_split}; every part must be "
-                             "even. Use a head_dim that is a multiple of 12 or 32 (e.g. 16, 32, 128).")
-        if self.in_dim != 2 * self.out_dim + 4:
-            raise ValueError(f"in_dim={self.in_dim} must equal 2 * out_dim + 4 = {2 * self.out_dim + 4} "
-                             "(noisy latent + 4 mask channels + condition latent).")
         for axis in "thw":
             if getattr(self, f"refer_offset_{axis}") < -1:
                 raise ValueError(f"refer_offset_{axis}={getattr(self, f'refer_offset_{axis}')}: use an offset "
@@ -104,27 +81,6 @@ class Animate2Config:
         """The driving stream's RoPE offsets for a driving token grid (-1 resolved to its size)."""
         offsets = (self.refer_offset_t, self.refer_offset_h, self.refer_offset_w)
         return tuple(int(g) if o < 0 else int(o) for o, g in zip(offsets, driving_grid))  # type: ignore[return-value]
-
-    # ---------------------------------------------------------------- presets
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "Animate2Config":
-        if name not in PRESETS:
-            raise ValueError(f"Unknown Animate-2 preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        d["uncond_skip_blocks"] = list(self.uncond_skip_blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Animate2Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown Animate-2 config keys {unknown}; known: {sorted(names)}.")
-        return cls(**d)
 
     # ---------------------------------------------------------------- official config.json
     _OFFICIAL_KEYS = ("patch_size", "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
