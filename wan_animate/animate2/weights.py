@@ -31,7 +31,7 @@ from wan_animate.weights import source
 from wan_animate.weights.diagnose import CheckpointError, check_against_model
 from wan_animate.weights.files import iter_tensors
 from wan_animate.weights.load import assign_state, empty_model, progress_bar
-from wan_animate.weights.save import open_writer, write_all
+from wan_animate.weights.save import _unwrap, open_writer, write_all
 
 __all__ = ["checkpoint_family", "convert_animate2", "inspect_animate2", "load_animate2", "save_animate2",
            "config_from_dict"]
@@ -190,8 +190,7 @@ def save_animate2(
     if isinstance(model, Mapping):
         state = dict(model)
     else:
-        while isinstance(getattr(model, "_orig_mod", None) or getattr(model, "module", None), nn.Module):
-            model = getattr(model, "_orig_mod", None) or model.module  # torch.compile / DDP wrappers
+        model = _unwrap(model)  # torch.compile / DDP wrappers
         config = config or getattr(model, "config", None)
         state = model.state_dict()
     if not isinstance(config, Animate2Config):
