@@ -139,17 +139,13 @@ def _read(path: Path) -> np.ndarray:
     return read_video(path)[0]
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def load_preprocessed(folder: Path, key: str) -> EvalSample:
     for need in ("src_pose.mp4", "src_face.mp4"):
         if not (folder / need).exists():
             raise EvalSetError(f"{folder}: has src_ref.png but no {need}")
-    s = EvalSample(key=key, ref=_read_image(folder / "src_ref.png"),
+    from wan_animate.pipeline import load_image
+
+    s = EvalSample(key=key, ref=load_image(folder / "src_ref.png"),
                    pose=_read(folder / "src_pose.mp4"), face=_read(folder / "src_face.mp4"))
     if (folder / "src_bg.mp4").exists() and (folder / "src_mask.mp4").exists():
         s.bg, s.mask = _read(folder / "src_bg.mp4"), _read(folder / "src_mask.mp4")

@@ -205,23 +205,16 @@ def _dit_config(family, model: str):
 
 @contextlib.contextmanager
 def _frames_bar(desc: str, total: int, enabled: bool):
-    """A bar of pose-estimated frames; yields ``preprocess_driving``'s ``progress`` hook (None when
-    disabled). ``total`` starts as the header's estimate and becomes exact with the first frame."""
-    if not enabled:
-        yield None
-        return
+    """A bar of pose-estimated frames; yields ``preprocess_driving``'s ``progress(done, total)`` hook
+    (None when disabled); ``total`` starts as the header's estimate and becomes exact."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc=desc, total=total, unit="frame")
+    with tqdm(desc=desc, total=total, unit="frame", disable=not enabled) as bar:
+        def progress(done: int, frames: int) -> None:
+            bar.total = frames
+            bar.update(done - bar.n)
 
-    def progress(done: int, frames: int) -> None:
-        bar.total = frames
-        bar.update(done - bar.n)
-
-    try:
-        yield progress
-    finally:
-        bar.close()
+        yield progress if enabled else None
 
 
 def _run_preprocess(args, family, out: Path) -> Path:

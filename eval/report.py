@@ -311,79 +311,63 @@ def build_report(sweep_dir, *, wandb_cfg=None, skipped: set[str] = frozenset(), 
     ``note``: a line shown under the title (e.g. that the sweep was interrupted)."""
     sweep_dir = Path(sweep_dir)
     records = collect(sweep_dir, skipped)
-    swept = swept_keys(records)
-    cols = metric_columns(records)
-    skipped_metrics = not_computed(records)
-    n_ok = sum(r.get("status") == "ok" for r in records)
+    swept, cols = swept_keys(records), metric_columns(records)
     failed = [r for r in records if r.get("status") != "ok"]
-    summary = {"cells": len(records), "ok": n_ok, "failed": len(failed),
+    summary = {"cells": len(records), "ok": len(records) - len(failed), "failed": len(failed),
                "cached": sum(bool(r.get("skipped")) for r in records), "swept": swept}
-
-    # results.jsonl: one line per cell
     write_results(sweep_dir / RESULTS_FILE, [
         {"cell": r["cell"], "status": r.get("status"), "params": r["params"], "metrics": r.get("metrics") or {},
          "not_computed": r.get("not_computed") or {}, "seconds_per_sample": r.get("seconds_per_sample") or {},
          "seconds_total": r.get("seconds_total"), "error": r.get("error")} for r in records])
 
+    title, esc = f"Eval report: {sweep_dir.name}", html.escape
+    counts = f"{len(records)} cells: {summary['ok']} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}."
+    lists = [("Not computed", [(k, v) for k, v in sorted(not_computed(records).items())]),
+             ("Failed cells", [(r["cell"], str(r.get("error", "unknown error"))) for r in failed])]
     header, rows = results_rows(records, swept, cols)
     main_cols = [c for c in cols if c in PLOTTED]
-    mheader, mrows = results_rows(records, swept, main_cols)
-    theader, trows = timing_rows(records)
+    timing = timing_rows(records)
 
-    # report.md
-    md = [f"# Eval report: {sweep_dir.name}", "",
-          f"{len(records)} cells: {n_ok} ok, {len(failed)} failed; swept: {', '.join(swept) or 'nothing'}."
-          + (f" {summary['cached']} cells were finished before and reused." if summary["cached"] else ""),
+    md = [f"# {title}", "", counts + (f" {summary['cached']} cells were finished before and reused."
+                                      if summary["cached"] else ""),
           "↑ higher is better, ↓ lower is better; n/a = undefined for these samples.", "",
-          *([f"**Note:** {note}.", ""] if note else []),
-          "## Results", "", md_table(header, rows), ""]
-    if skipped_metrics:
-        md += ["## Not computed", ""] + [f"- **{k}**: {v}" for k, v in sorted(skipped_metrics.items())] + [""]
-    if failed:
-        md += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error', 'unknown error')}" for r in failed] + [""]
-    if trows:
-        md += ["## Seconds per sample", "", md_table(theader, trows), ""]
+          *([f"**Note:** {note}.", ""] if note else []), "## Results", "", md_table(header, rows), ""]
+    for name, items in lists:
+        if items:
+            md += [f"## {name}", ""] + [f"- **{k}**: {v}" if name == "Not computed" else f"- `{k}`: {v}"
+                                        for k, v in items] + [""]
+    if timing[1]:
+        md += ["## Seconds per sample", "", md_table(*timing), ""]
     (sweep_dir / "report.md").write_text("\n".join(md))
 
-    # report.html
-    parts = [f"<h1>Eval report: {html.escape(sweep_dir.name)}</h1>",
-             f"<p>{len(records)} cells: {n_ok} ok, <span class='{'failed' if failed else ''}'>{len(failed)} failed</span>;"
-             f" swept: {html.escape(', '.join(swept) or 'nothing')}. ↑ higher is better, ↓ lower is better.</p>",
-             *([f"<p class='failed'><b>Note:</b> {html.escape(note)}.</p>"] if note else []),
+    mheader, mrows = results_rows(records, swept, main_cols)
+    parts = [f"<h1>{esc(title)}</h1>", f"<p class='{'failed' if failed else ''}'>{esc(counts)} ↑ higher is better, "
+             "↓ lower is better.</p>", *([f"<p class='failed'><b>Note:</b> {esc(note)}.</p>"] if note else []),
              "<h2>Results</h2>", html_table(mheader, mrows, best_columns(mheader, main_cols))]
-    if skipped_metrics:
-        parts.append("<h2>Not computed</h2><ul>" + "".join(
-            f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in sorted(skipped_metrics.items())) + "</ul>")
-    if failed:
-        parts.append("<h2>Failed cells</h2><ul>" + "".join(
-            f"<li class='failed'><code>{html.escape(r['cell'])}</code>: {html.escape(str(r.get('error')))}</li>"
-            for r in failed) + "</ul>")
-    plots = [(p, plot_png(records, p, swept, cols)) for p in swept]
-    plots = [(p, png) for p, png in plots if png]
+    for name, items in lists:
+        if items:
+            parts.append(f"<h2>{name}</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in items)
+                         + "</ul>")
+    plots = [(p, png) for p in swept if (png := plot_png(records, p, swept, cols))]
     if plots:
         parts.append("<h2>Metrics against swept values</h2>")
-        parts += [f"<h3>{html.escape(p)}</h3>" + b64_img(png, f"metrics vs {p}", "max-width:100%") for p, png in plots]
+        parts += [f"<h3>{esc(p)}</h3>" + b64_img(png, f"metrics vs {p}", "max-width:100%") for p, png in plots]
     strips = []
     for r in records:
-        if r.get("status") != "ok":
-            continue
-        pngs = sorted((r["_dir"] / "frames").glob("*.png"))[:MAX_FRAME_STRIPS]
+        pngs = sorted((r["_dir"] / "frames").glob("*.png"))[:MAX_FRAME_STRIPS] if r.get("status") == "ok" else []
         if pngs:
-            imgs = "".join(f"<div class='strip-label'>{html.escape(p.stem)}</div>" + b64_img(p.read_bytes(), p.stem)
+            imgs = "".join(f"<div class='strip-label'>{esc(p.stem)}</div>" + b64_img(p.read_bytes(), p.stem)
                            for p in pngs)
-            strips.append(f"<div class='cell'><h3>{html.escape(r['cell'])}</h3>"
-                          "<div class='strip-label'>reference | driving | generated (middle frame)</div>"
-                          f"{imgs}</div>")
+            strips.append(f"<div class='cell'><h3>{esc(r['cell'])}</h3><div class='strip-label'>reference | "
+                          f"driving | generated (middle frame)</div>{imgs}</div>")
     if strips:
         parts.append("<h2>Frames</h2><div class='cells'>" + "".join(strips) + "</div>")
     parts += ["<h2>All metrics</h2>", html_table(header, rows, best_columns(header, cols))]
-    if trows:
-        parts += ["<h2>Seconds per sample</h2>", html_table(theader, trows)]
-    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           f"<title>Eval report: {html.escape(sweep_dir.name)}</title><style>{CSS}</style></head>"
-           f"<body>{''.join(parts)}</body></html>")
-    (sweep_dir / "report.html").write_text(doc, encoding="utf-8")
-
+    if timing[1]:
+        parts += ["<h2>Seconds per sample</h2>", html_table(*timing)]
+    (sweep_dir / "report.html").write_text(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
+                                           f"{esc(title)}</title><style>{CSS}</style></head><body>{''.join(parts)}"
+                                           "</body></html>", encoding="utf-8")
     if wandb_cfg is not None and wandb_cfg.get("enabled"):
         log_wandb(sweep_dir, records, swept, cols, wandb_cfg)
     return summary

@@ -185,10 +185,6 @@ _KNOWN: dict[str, str] = {
 }
 
 
-def family_names() -> tuple[str, ...]:
-    return tuple(_KNOWN)
-
-
 def _import(spec: str) -> ModelFamily:
     family = _obj(spec)
     if not isinstance(family, ModelFamily):

@@ -1,13 +1,10 @@
 """The one generation path: reference image + driving streams -> video.
 
-Training validation, eval sweeps and ``python -m eval.generate`` all call ``generate`` of a
-family's pipeline (:class:`AnimatePipeline` for Wan-Animate-14B, its subclasses for other families),
-which checks the inputs, mirror-pads the driving streams to ``n * (clip_len - refert_num) +
-refert_num`` frames, encodes the prompts and the letterboxed reference (umT5, VAE, CLIP) once, then
-per segment of ``clip_len`` frames builds the family's conditioning (v1: the pose clip's latents, the
-face crops and ``y`` from :mod:`wan_animate.conditioning` with the previous segment's last
-``refert_num`` generated frames as temporal reference), samples (:mod:`wan_animate.sampling`),
-decodes the target slots and drops the overlap; returns ``uint8 [T, H, W, 3]`` at the driving length.
+Training validation, eval sweeps and ``python -m eval.generate`` all call ``generate`` of a family's
+pipeline (:class:`AnimatePipeline` for Wan-Animate-14B; a subclass per other family): check the
+inputs, mirror-pad the driving streams to whole segments, encode the prompts and the reference once,
+then per ``clip_len`` segment build the family's conditioning, sample, decode and drop the overlap
+(:meth:`AnimatePipeline._run_segments`; facts section 6).
 """
 
 from __future__ import annotations
@@ -240,11 +237,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 class AnimatePipeline:
-    """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components.
-
-    A family's pipeline subclasses it with its own ``config_class``, ``load_dit``, sampling
-    defaults, input videos (``input_videos``, ``read_inputs``) and ``generate``, which runs
-    :meth:`_run_segments` with the family's per-segment conditioning."""
+    """DiT + frozen encoders. Build with :meth:`from_pretrained` or from live components. A family's
+    pipeline subclasses it: ``config_class``, ``load_dit``, ``DEFAULTS`` / ``sampling_defaults``,
+    ``input_videos`` / ``read_inputs`` and a ``generate`` that runs :meth:`_run_segments`."""
 
     config_class: type = WanAnimateConfig  # the DiT config this pipeline drives
     # the videos ``generate`` takes (``<name>_video``), in its order; the first sets the output
@@ -398,13 +393,11 @@ class AnimatePipeline:
     def _run_segments(self, ref_image: Any, driving: np.ndarray, conditioning, *, prompt: str, negative_prompt: str,
                       steps: int, shift: float, guide_scale: float, seed: int, solver: str, clip_len: int,
                       refert_num: int, progress: bool) -> np.ndarray:
-        """The segment loop of every family. Encodes the prompts and the letterboxed reference once;
-        ``conditioning(c)`` (``c``: device, dtype, idx (mirror-padded frame indices), cfg_on,
-        context / context_null, ref_pixels, ref_latent, clip_fea) returns ``segment(start, prev)``,
-        the denoiser of the segment starting at padded frame ``start`` (``prev``: the previous
-        segment's last ``refert_num`` decoded frames [1, 3, n, H, W], None on the first). Noise of
-        each segment from one CPU generator seeded with ``seed``; the latents after the reference
-        slot are decoded and the overlap frames of later segments dropped."""
+        """The segment loop of every family. ``conditioning(c)`` (``c``: device, dtype, idx (the
+        mirror-padded frame indices), cfg_on, context / context_null, ref_pixels, ref_latent,
+        clip_fea) returns ``segment(start, prev)``: the denoiser of the segment from padded frame
+        ``start`` (``prev``: the previous segment's last ``refert_num`` decoded frames, None first).
+        Noise from one CPU generator seeded with ``seed``; the reference slot is never decoded."""
         from tqdm.auto import tqdm
 
         real_len, height, width = driving.shape[:3]
