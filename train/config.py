@@ -1,10 +1,6 @@
-"""Typed training configuration, registered in Hydra's ConfigStore.
-
-Every group of ``conf/train/`` (model, data, optim, lora, loss) and the ``train`` node map to one dataclass here.
-Hydra composes YAML + command-line overrides against these schemas (type errors are caught by
-OmegaConf); ``to_config`` then builds the dataclasses, whose ``__post_init__`` checks values and
-cross-field combinations **before any model is loaded**, with messages that say what to change.
-"""
+"""Typed training configuration (Hydra ConfigStore): one dataclass per group of ``conf/train/``.
+Each option is validated once, in ``__post_init__``, before any model loads; launch-time
+combinations in ``check_launch``."""
 
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class ConfigError(ValueError):
-    """A configuration value or combination that cannot work; the message says what to change."""
+    """A value or combination that cannot work; the message says what to change."""
 
 
 def _fail(msg: str) -> None:
@@ -39,8 +35,7 @@ def _fail(msg: str) -> None:
 
 @dataclass
 class ModelConfig(MemoryOptions):
-    """The model and its memory options (``wan_animate.memory.MemoryOptions``: activation_checkpointing,
-    block_swap, base_dtype, checkpoint_offload, checkpoint_dtype, motion_encoder_chunk; docs/memory.md)."""
+    """The model and its memory options (``wan_animate.memory.MemoryOptions``, docs/memory.md)."""
 
     # Model family (wan_animate/family.py): animate = Wan-Animate-14B, animate2 = Wan-Animate-2;
     # or package.module:ATTRIBUTE of a ModelFamily.
@@ -328,11 +323,7 @@ class Config:
         if (m.base_dtype == "fp8" or m.block_swap) and not frozen_base:
             _fail(f"model.base_dtype={m.base_dtype} / model.block_swap={m.block_swap} act on frozen base weights; "
                   f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
-        check_launch(m, t.distributed)
-        if t.grad_accum_on_host and t.distributed in ("ddp", "deepspeed"):
-            _fail(f"train.grad_accum_on_host=true keeps one process's gradients on its host; it does not combine "
-                  f"with train.distributed={t.distributed} (DDP / DeepSpeed own the gradients). Set it false or "
-                  "train one process.")
+        check_launch(self, t.distributed)
         if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
             from wan_animate.family import get_family
 
@@ -353,16 +344,22 @@ class Config:
         return self.train.cache_dir or os.path.join(self.train.output_dir, "cache")
 
 
-def check_launch(m: ModelConfig, distributed: str, processes: int = 1) -> None:
-    """Memory options that need one plain process: checked on the config (``train.distributed`` as
-    given) and again at launch (the engine and process count accelerate resolved)."""
-    if m.block_swap and (distributed in ("ddp", "deepspeed") or processes > 1):
+def check_launch(cfg: Config, distributed: str, processes: int = 1) -> None:
+    """Options that need one plain process: checked on the config (``train.distributed`` as given)
+    and again at launch (the engine and process count accelerate resolved)."""
+    m, t = cfg.model, cfg.train
+    several = distributed in ("ddp", "deepspeed") or processes > 1
+    if m.block_swap and several:
         _fail(f"model.block_swap={m.block_swap} keeps weights on the host of one process; it does not combine "
               f"with train.distributed={distributed} ({processes} process(es)). Set model.block_swap=0 or train "
               "one process (launch/accelerate/1gpu.yaml).")
     if m.base_dtype == "fp8" and distributed == "deepspeed":
         _fail("model.base_dtype=fp8 does not combine with DeepSpeed (its engine holds one dtype); drop it or train "
               "without DeepSpeed (launch/accelerate/1gpu.yaml).")
+    if t.grad_accum_on_host and several:
+        _fail(f"train.grad_accum_on_host=true keeps one process's gradients on its host; it does not combine "
+              f"with train.distributed={distributed} ({processes} process(es); DDP / DeepSpeed own the gradients). "
+              "Set it false or train one process.")
 
 
 def check_sequence_parallel(n: int, num_heads: int | None = None, world: int | None = None,

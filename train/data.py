@@ -14,16 +14,13 @@ Design (what makes exact resume and multi-rank splitting work):
   skipping ``n`` batches on resume is cheap. The position saved in checkpoints is the number of
   batches this rank consumed; workers are read round-robin by the DataLoader, so worker ``w``
   skips the batches ``k < n`` with ``k % workers == w``.
-* Bad data is skipped, counted (``data/skipped`` in metrics and ``summary.json``) and explained
-  (the first reasons are printed), never a crash that repeats on every rerun: a sample that does
-  not decode is dropped from its batch; a sample whose ``json`` is missing, invalid, not an object
-  or mistyped is dropped before bucketing; a shard that is missing, empty or truncated counts once
-  and the stream goes on with the samples it could read. Faults found between two batches are
-  reported with the next batch, so the counts after a resume equal those of an uninterrupted run.
+* Bad data is skipped, counted (``data/skipped``) and explained (the first reasons printed), never a
+  crash that repeats on every rerun: an undecodable sample is dropped from its batch, one with a bad
+  ``json`` before bucketing; an unreadable shard counts once. Faults are reported with the next
+  batch, so the counts after a resume equal those of an uninterrupted run.
 
-Raw shards (schema v1, ``wan_animate.samples.decode_sample``) give pixels; cached shards
-(``decode_cached_sample``) give latents and embeddings. ``wan_animate.batch`` turns either into DiT inputs.
-Also here: ``data.urls`` resolution (``resolve_urls``) and the face-crop augmentation.
+Raw shards give pixels, cached shards latents and embeddings (``wan_animate.samples``); the model
+family turns either into DiT inputs. Also here: ``resolve_urls`` and the face-crop augmentation.
 """
 
 from __future__ import annotations
@@ -139,16 +136,7 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     ex["num_given"] = int(rng.choice(cfg.refert_nums)) if rng.random() < cfg.temporal_ref_prob else 0
     caption = sample.get("caption") or cfg.default_caption
     ex["caption"] = "" if rng.random() < cfg.text_dropout else caption
-    if "face" in spec.streams:
-        face = sample["face"][:, sl]
-        if face.shape[-1] != spec.face_size or face.shape[-2] != spec.face_size:
-            face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
-        ex["face"] = _face_choices(face, cfg, rng)
-    region = face_region_map(sample["meta"].get("face_boxes"), start, clip_len, src_hw, size)
-    if region is not None:
-        ex["face_region"] = region
-    ex["noise_seed"] = int(rng.integers(0, 2**62))
-    return ex
+    return _face_and_noise(ex, sample, spec, rng, sl, src_hw, size)
 
 
 def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
@@ -180,15 +168,22 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     if drop_text and "text_empty" not in sample:
         raise ValueError("data.text_dropout > 0 needs the empty-prompt embedding in text_embeds.safetensors.")
     ex["context"] = sample["text_empty"] if drop_text else sample["text"]
-    clip_frames = 4 * (sample["target"].shape[1] - 1) + 1
-    if "face" in spec.streams:
-        face = sample["face"][:, :clip_frames]
-        if face.shape[-1] != spec.face_size:
-            face = resize_crop_tensor(face, (spec.face_size, spec.face_size))
-        ex["face"] = _face_choices(face, cfg, rng)
     # cached latents cover the stored clip from its first frame at its own size (8 px per cell)
+    clip_frames = 4 * (sample["target"].shape[1] - 1) + 1
     pixel_hw = (8 * sample["target"].shape[-2], 8 * sample["target"].shape[-1])
-    region = face_region_map(sample["meta"].get("face_boxes"), 0, clip_frames, pixel_hw, pixel_hw)
+    return _face_and_noise(ex, sample, spec, rng, slice(0, clip_frames), pixel_hw, pixel_hw)
+
+
+def _face_and_noise(ex: dict, sample: dict, spec: StreamSpec, rng: np.random.Generator, frames: slice,
+                    src_hw: tuple[int, int], size: tuple[int, int]) -> dict:
+    """The face crop (resized, augmented, dropped), the face region map and the noise seed."""
+    if "face" in spec.streams:
+        face = sample["face"][:, frames]
+        side = (spec.face_size, spec.face_size)
+        if tuple(face.shape[-2:]) != side:
+            face = resize_crop_tensor(face, side)
+        ex["face"] = _face_choices(face, spec.cfg, rng)
+    region = face_region_map(sample["meta"].get("face_boxes"), frames.start, frames.stop - frames.start, src_hw, size)
     if region is not None:
         ex["face_region"] = region
     ex["noise_seed"] = int(rng.integers(0, 2**62))
@@ -208,10 +203,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.cached = spec.cfg.source == "cached"
         self._text_embeds = None
         self._faults: list[str] = []  # found since the last emitted batch (shard or json faults)
-        if spec.cfg.buckets:
-            self.buckets = [tuple(b) for b in spec.cfg.buckets]
-        else:
-            self.buckets = None
+        self.buckets = [tuple(b) for b in spec.cfg.buckets]
 
     # -- raw member iteration
     def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
@@ -259,14 +251,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         ex["epoch"] = epoch
         return ex
 
-    def _reader_slots(self) -> tuple[int, int]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return workers, worker
-
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
-        workers, worker = self._reader_slots()
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         # The DataLoader interleaves workers round-robin from worker 0, so after ``start_batch``
         # batches the next one belongs to stream ``start_batch % workers``: worker w resumes the
         # stream of that shifted slot and skips the batches that slot already delivered.

@@ -31,7 +31,6 @@ class SequenceLayout:
     data_rank: int  # which sample stream this rank reads (same for the whole group)
     data_world: int  # number of groups = distinct samples per micro-batch step
     group: Any = None  # this rank's torch.distributed group (None when size == 1)
-    first_group: bool = True  # this rank belongs to the group of rank 0 (the one that validates)
     checked: bool = False  # the first batch was checked to be the same on every rank of the group
 
     @property
@@ -48,8 +47,7 @@ def sequence_layout(cfg: Config, acc) -> SequenceLayout:
 
     check_sequence_parallel(n, world=acc.num_processes)  # the heads: once the model is loaded (apply_to_dit)
     mesh = sequence_parallel_mesh(n, acc.device.type)
-    return SequenceLayout(n, mesh["data"].get_local_rank(), mesh["data"].size(), mesh["sequence"].get_group(),
-                          first_group=acc.process_index < n)
+    return SequenceLayout(n, mesh["data"].get_local_rank(), mesh["data"].size(), mesh["sequence"].get_group())
 
 
 def apply_to_dit(layout: SequenceLayout, dit: torch.nn.Module, family) -> None:

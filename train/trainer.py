@@ -1,19 +1,10 @@
 """The trainer: one code path for CPU, one GPU, DDP and DeepSpeed ZeRO-2/3.
 
-``Trainer`` is built from stateful parts, each small and separately testable:
-
-* model + optimizer (``_load_dit``, ``train.frozen_encoders``, ``train.modes``): the model of
-  ``model.family`` (``wan_animate.family``) with its trainable set per mode, frozen encoders, AdamW
-  with per-group LRs, the LR schedule, ``accelerate.prepare``;
-* ``TrainState`` (step, non-finite counters), ``EMA``, the data position (``BatchIterator``) and
-  the per-rank noise generator (``train.state``);
-* ``train_step(micro_batches) -> StepResult``: gradient accumulation through
-  ``accelerate.accumulate`` and ONE update function (``_apply_update``) for both paths;
-* ``state_dict`` / ``load_state_dict``: everything a checkpoint holds besides accelerate's own
-  model / optimizer / RNG state (the LR scheduler's state is restored, never replayed).
-
-``train.loop.run(cfg)`` drives it: checks -> assets -> Trainer -> resume -> steps ->
-validation / exports.
+``Trainer`` holds the model of ``model.family`` with its trainable set (``train.modes``), the
+optimizer and LR schedule, ``TrainState`` / ``EMA`` / noise generator (``train.state``) and the data
+position (``BatchIterator``); ``train_step`` runs one optimizer step through ONE update function for
+both paths; ``state_dict`` is what a checkpoint adds to accelerate's own state. ``train.loop.run``
+drives it.
 """
 
 from __future__ import annotations
@@ -59,20 +50,17 @@ class StepResult:
 def startup_checks(cfg: Config, acc) -> None:
     """Combinations only known once the launch is (DeepSpeed stage, world); before any model loads."""
     engine = "deepspeed" if acc.state.deepspeed_plugin is not None else ("ddp" if acc.num_processes > 1 else "none")
-    check_launch(cfg.model, engine, acc.num_processes)
+    check_launch(cfg, engine, acc.num_processes)
     if zero_stage(acc) == 3 and cfg.optim.ema_decay > 0:
         raise ConfigError("optim.ema_decay > 0 is not supported with ZeRO-3 (parameters are partitioned); "
                           "set optim.ema_decay=0 or use ZeRO-2.")
 
 
 def _load_dit(cfg: Config, model_path: Path, family: ModelFamily):
-    """The DiT on the CPU. The frozen encoders load later (``Trainer.__init__``), once the memory
-    options have quantised / placed the DiT: the host never holds the DiT as read and the encoders
-    at once (docs/memory.md, host RAM)."""
+    """The DiT on the CPU (bf16 on a bf16 run: the released dtype), moved by accelerate/DeepSpeed
+    once the trainable set is fixed, so no rank holds a full-precision copy on its GPU. The frozen
+    encoders load after the memory options placed the DiT (docs/memory.md, host RAM)."""
     bf16 = cfg.train.precision == "bf16"
-    # The DiT is read on the CPU (bf16 when training in bf16: the released weights are bf16) and
-    # moved by accelerate/DeepSpeed after the trainable set is fixed, so no rank ever holds a
-    # full-precision copy of the whole model on its GPU.
     return family.load(family.dit_path(model_path), dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
 
 
@@ -105,10 +93,7 @@ class Trainer:
                                if is_trainable_only(cfg.train.mode) else None)
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
         self.host_grads = None
-        if cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1:
-            if self.use_deepspeed or acc.num_processes > 1:
-                raise ConfigError("train.grad_accum_on_host=true needs one process without DeepSpeed (DDP / "
-                                  "DeepSpeed own the gradients); set it false or launch one process.")
+        if cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1:  # one process (check_launch)
             from train.grad_host import HostGradAccumulation
 
             self.host_grads = HostGradAccumulation([p for _, p in self.trainable], self.device)
@@ -211,10 +196,9 @@ class Trainer:
             latent_shape=tuple(micro_batches[0]["latents"].shape[2:]))
 
     def _accumulate(self, micro_batches: Sequence[dict[str, Any]]) -> torch.Tensor:
-        """Backward of every micro-batch; returns this rank's mean loss. ``accelerate.accumulate``
-        syncs gradients (DDP all-reduce) on the last micro-batch only. DeepSpeed engines count
-        micro-batches themselves (no ``no_sync``; ZeRO-2/3 forbid it) and run their optimizer
-        step inside ``backward`` of the last one."""
+        """Backward of every micro-batch; returns this rank's mean loss. DDP syncs on the last
+        micro-batch only; DeepSpeed engines count micro-batches themselves (ZeRO-2/3 forbid
+        ``no_sync``) and step inside the last ``backward``."""
         cfg, acc = self.cfg, self.acc
         sync_models = () if self.use_deepspeed else (self.model,)
         losses = []
@@ -236,13 +220,9 @@ class Trainer:
         return torch.stack(losses).mean()
 
     def _apply_update(self) -> tuple[float, bool]:
-        """The update after the last backward; returns (gradient norm, skipped).
-
-        DeepSpeed: the engine already clipped (``gradient_clipping``), stepped and zeroed inside
-        ``acc.backward``; we only read whether it skipped (fp16 overflow) and its global norm, and
-        count a non-finite norm as a skip. Plain path: clip (or measure) the norm, agree on all
-        ranks whether it is finite, then step or skip, and zero the gradients either way.
-        """
+        """The update after the last backward; returns (gradient norm, skipped). DeepSpeed already
+        clipped, stepped and zeroed inside ``acc.backward``: read its skip flag and norm. Plain path:
+        clip, agree on all ranks whether the norm is finite, step or skip, zero the gradients."""
         if self.use_deepspeed:
             skipped = bool(self.acc.optimizer_step_was_skipped)
             gn = self.model.get_global_grad_norm() if hasattr(self.model, "get_global_grad_norm") else None

@@ -19,9 +19,6 @@ from data_tools.pose.base import PoseBackend, PoseBackendError, check_frames
 from data_tools.pose.format import PoseSequence
 from data_tools.pose.mediapipe_backend import MediapipeBackend
 
-__all__ = ["BACKENDS", "MediapipeBackend", "PoseBackend", "PoseBackendError", "PrecomputedBackend",
-           "VitPoseBackend", "get_pose_backend", "load_keypoints", "wholebody_to_pose"]
-
 
 # =============================================================================================
 # vitpose (official ONNX pair)

@@ -80,13 +80,6 @@ class PoseSequence:
         arrays = self._map_xy(lambda x, y: (x * scale_x + offset_x, y * scale_y + offset_y))
         return PoseSequence(*arrays, int(height), int(width))
 
-    def concat(self, other: "PoseSequence") -> "PoseSequence":
-        if (other.height, other.width) != (self.height, self.width):
-            other = other.resized(self.height, self.width)
-        return PoseSequence(*(np.concatenate([a, b]) for a, b in zip(
-            (self.body, self.left_hand, self.right_hand, self.face),
-            (other.body, other.left_hand, other.right_hand, other.face))), self.height, self.width)
-
     def person_detected(self, threshold: float = 0.5, min_points: int = 4) -> np.ndarray:
         """bool [T]: frames with at least ``min_points`` confident body points."""
         return (self.body[..., 2] >= threshold).sum(-1) >= min_points

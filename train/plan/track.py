@@ -30,10 +30,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from wan_animate.memory.pinned import caching_host_bytes
 
-CATEGORIES = (
-    "frozen_weights", "trainable_weights", "gradients", "optimizer_states", "inputs", "activations",
-    "temporaries", "frozen_encoders", "encoder_activations",
-)
 # host categories that are ordinary (pageable) memory; every other host category is page-locked
 PAGEABLE_HOST = ("frozen_encoders", "encoder_activations", "inputs")
 PHASE_CATEGORY = {"setup": "activations", "encode": "encoder_activations", "forward": "activations",
