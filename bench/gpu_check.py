@@ -308,8 +308,8 @@ class TrainerStep:
     """The trainer's model set-up and one optimizer step (train.modes + wan_animate.memory), on real tensors."""
 
     def __init__(self, cfg, mcfg, device: torch.device):
-        from train.modes import make_optimizer, setup_trainable, upcast_trainable
-        from wan_animate.memory import apply_memory_options
+        from train.modes import make_optimizer, prepare_model
+        from wan_animate.family import get_family
         from wan_animate.model import WanAnimateDiT, set_precision
 
         self.cfg, self.mcfg, self.device = cfg, mcfg, device
@@ -320,10 +320,7 @@ class TrainerStep:
             for t in [*dit.parameters(), *dit.buffers()]:
                 t.normal_(0.0, 0.02)
         set_precision(dit, torch.bfloat16)
-        dit.train()
-        groups, _ = setup_trainable(dit, cfg)
-        upcast_trainable(dit)
-        self.memory = apply_memory_options(dit, cfg.model, device=device)
+        groups, _, self.memory = prepare_model(dit, cfg, get_family(cfg.model.family), deepspeed=False, device=device)
         if not hasattr(dit, "hf_device_map"):  # block swap placed it already
             dit.to(device)
         self.dit, self.optimizer = dit, make_optimizer(groups, cfg.optim)

@@ -1,7 +1,3 @@
-"""Raw videos -> validated Wan-Animate training shards, cached latents, a synthetic set.
-
-Modules: ``pose`` (keypoint format, backends, renderer, face cropper), ``prepare``, ``inspect``,
-``dataset`` (``decode_sample`` / ``decode_cached_sample``), ``cache_latents``, ``synthetic``,
-``preprocess_driving``, ``retarget``, ``segment``, ``shards`` (schema v1 writer/reader),
-``config`` (Hydra dataclasses). See docs/data.md.
-"""
+"""Commands that turn raw videos into Wan-Animate training shards, cached latents and inference
+inputs (``prepare``, ``inspect``, ``cache_latents``, ``synthetic``, ``preprocess_driving``), with the
+pose tools they use (``pose``). See docs/data.md."""

@@ -1,28 +1,18 @@
-"""Encode raw schema-v1 shards once with the frozen VAE / CLIP / umT5 of a model folder.
+"""Encode raw shards once with the frozen VAE / CLIP / umT5 of a model folder.
 
     python -m data_tools.cache_latents input=RAW_DIR output=CACHED_DIR model=MODEL_DIR [device=auto dtype=bf16]
 
-Per sample, a tar member ``<key>.latents.safetensors`` with (normalised VAE latents, ``dtype``):
-``target`` [16, t, h, w], ``pose`` [16, t, h, w], ``ref`` [16, 1, h, w], ``cond_r{n}`` [16, t, h, w]
-for n in ``refert_nums`` (the latent of the temporal-reference video: first n pixel frames ground
-truth, the rest zeros), ``clip`` [257, image_dim]; for replace-mode samples also
-``cond_replace_r{n}`` (rest = background) and ``char_mask`` [1, T, h, w] (1 = character,
-nearest-downsampled per pixel frame); for samples with a driving video (schema version 2, the
-Animate-2 family) also ``driving`` [16, t, h, w] and ``clip_driving`` [257, image_dim] (CLIP of
-driving frame 0), with the driving pass's fixed prompt (``wan_animate.animate2.config.REFERENCE_PROMPT``) in
-``text_embeds.safetensors`` under the json's ``driving_text_key``. Plus ``<key>.face.mp4`` (copied pixels; the motion encoder
-trains) and ``<key>.json`` (the raw json + ``text_key``, ``empty_text_key``, ``latent_shape``).
-Text embeddings are deduplicated per caption in ``text_embeds.safetensors`` at the output root
-(always including the empty prompt for condition dropout). Output shards keep the input shard
-names; a finished shard is skipped on rerun (resume), partial ``*.tar.tmp`` files are removed.
+Per sample ``<key>.latents.safetensors`` (``target``, ``pose``, ``ref``, ``cond_r{n}``, ``clip``;
+replace mode ``cond_replace_r{n}``, ``char_mask``; schema v2 ``driving``, ``clip_driving``), the face
+crops as pixels and the json; prompt embeddings deduplicated in ``text_embeds.safetensors`` (the
+empty prompt always included). Layout: docs/data.md. Output shards keep the input names; finished
+ones are skipped on rerun.
 
-CPU threads (``threads``, 0 = auto): the encoders run hundreds of small ops per sample, and
-libgomp's default is to spin-wait between them. On a machine whose cores are busy with other
-processes, a spinning thread holds a core the thread it waits for needs: the tiny model took
-22 s per sample with 2 threads against 1.3 s with 1 (bench/results/cache-latents-cpu.md). The
-command therefore makes waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, unless you set it)
-before torch loads; auto uses every core then, and one thread when torch was loaded earlier
-with the spinning default (library use), where more threads cannot be made safe.
+CPU threads (``threads``, 0 = auto): libgomp spin-waits between the encoders' many small ops, and on
+a machine whose cores are busy a spinning thread holds the core the awaited one needs (the tiny
+model: 22 s per sample on 2 threads, 1.3 s on 1; bench/results/cache-latents-cpu.md). So waiting
+threads sleep (``OMP_WAIT_POLICY=PASSIVE`` unless set) before torch loads; auto then uses every
+core, or one thread when torch was loaded earlier with the spinning default (library use).
 """
 
 from __future__ import annotations
@@ -45,13 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.config import CacheLatentsConfig
-from wan_animate.samples import decode_sample
-from wan_animate.samples import list_shards, read_shard, shard_keys
+from data_tools.shards import add_members
 from wan_animate.animate2.config import REFERENCE_PROMPT
 from wan_animate.config import DEFAULT_PROMPT
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TEXT_EMBEDS = "text_embeds.safetensors"
+from wan_animate.options import parse_dtype, resolve_device
+from wan_animate.samples import TEXT_EMBEDS, decode_sample, list_shards, read_shard, shard_keys
 
 
 def text_key(caption: str) -> str:
@@ -95,14 +83,6 @@ def cpu_threads(requested: int) -> int:
     if omp_threads_sleep_when_waiting():
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 1
-
-
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: device={name} but CUDA is not available; use device=cpu or device=auto")
-    return name
 
 
 class LatentCacher:
@@ -156,6 +136,14 @@ class LatentCacher:
         emb = self.text_encoder.encode(captions).float().cpu()
         return {text_key(c): emb[i].to(self.store_dtype).contiguous() for i, c in enumerate(captions)}
 
+    def embed_once(self, text: str, embeds: dict, captions: dict) -> str:
+        """``text``'s key, encoding it into ``embeds`` / ``captions`` unless it is already there."""
+        key = text_key(text)
+        if key not in embeds:
+            embeds.update(self.encode_texts([text]))
+            captions[key] = text
+        return key
+
 
 def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dict[str, str]) -> None:
     from safetensors.torch import save_file
@@ -163,17 +151,6 @@ def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dic
     tmp = path.with_suffix(".safetensors.tmp")
     save_file(embeds, str(tmp), metadata={"captions": json.dumps(captions, ensure_ascii=False)})
     os.replace(tmp, path)
-
-
-def _write_members(tar, key: str, members: dict[str, bytes]) -> None:
-    import io
-    import tarfile
-
-    for field, data in members.items():
-        info = tarfile.TarInfo(f"{key}.{field}")
-        info.size = len(data)
-        info.mtime = time.time()
-        tar.addfile(info, io.BytesIO(data))
 
 
 def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: LatentCacher, embeds: dict,
@@ -194,21 +171,15 @@ def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: Latent
                 continue
             # An uncaptioned sample trains on the default prompt, as the raw-shard path does;
             # "" is reserved for condition dropout.
-            cap = d["caption"] or DEFAULT_PROMPT
-            if text_key(cap) not in embeds:
-                embeds.update(cacher.encode_texts([cap]))
-                captions[text_key(cap)] = cap
+            cap_key = cacher.embed_once(d["caption"] or DEFAULT_PROMPT, embeds, captions)
             tensors = cacher.encode_sample(d)
             extra = {}
             if "driving" in d:  # the driving pass's fixed prompt, deduplicated like the captions
-                if text_key(REFERENCE_PROMPT) not in embeds:
-                    embeds.update(cacher.encode_texts([REFERENCE_PROMPT]))
-                    captions[text_key(REFERENCE_PROMPT)] = REFERENCE_PROMPT
-                extra["driving_text_key"] = text_key(REFERENCE_PROMPT)
-            meta = dict(d["meta"], **extra, text_key=text_key(cap), empty_text_key=text_key(""),
+                extra["driving_text_key"] = cacher.embed_once(REFERENCE_PROMPT, embeds, captions)
+            meta = dict(d["meta"], **extra, text_key=cap_key, empty_text_key=text_key(""),
                         latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
                         cached_from=str(shard), model=str(cfg.model))
-            _write_members(tar, d["key"], {"latents.safetensors": save_safetensors(tensors),
+            add_members(tar, d["key"], {"latents.safetensors": save_safetensors(tensors),
                                            "face.mp4": raw["face.mp4"],
                                            "json": json.dumps(meta, ensure_ascii=False).encode()})
             n += 1
@@ -231,21 +202,18 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
-    device = _resolve_device(cfg.device)
+    device = str(resolve_device(cfg.device))
     threads_before = torch.get_num_threads()
     threads = cpu_threads(cfg.threads)
     torch.set_num_threads(threads)  # restored below: a library call leaves global state as it was
     try:
-        compute = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
-                   "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.compute_dtype]
+        compute = parse_dtype(cfg.compute_dtype, device)
         vae, text_enc, image_enc = encoders or load_encoders(cfg.model, device=device, compute_dtype=compute)
-        cacher = LatentCacher(vae, text_enc, image_enc, device=device, store_dtype=DTYPES[cfg.dtype],
+        cacher = LatentCacher(vae, text_enc, image_enc, device=device, store_dtype=parse_dtype(cfg.dtype),
                               refert_nums=cfg.refert_nums)
         embeds_path = out / TEXT_EMBEDS
         embeds, captions = load_text_embeds(embeds_path) if embeds_path.is_file() else ({}, {})
-        if text_key("") not in embeds:
-            embeds.update(cacher.encode_texts([""]))
-            captions[text_key("")] = ""
+        cacher.embed_once("", embeds, captions)
         todo = [s for s in shards if not (out / s.name).is_file()]
         started, n_done, skipped = time.time(), 0, []
         bar = tqdm(total=sum(len(shard_keys(s)) for s in todo), desc="cache_latents", unit="sample",

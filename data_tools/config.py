@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from data_tools.pose.backends import BACKENDS
+from data_tools.segment import SEGMENTERS
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.geometry import RESIZE_MODES
 from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype_name, check_frames_4n1, to_dataclass
 
-POSE_BACKENDS = ("mediapipe", "vitpose", "precomputed")
 REFERENCE_POLICIES = ("outside", "first", "image")
-SEGMENTERS = ("mediapipe", "sam2")
 DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
 
 
@@ -73,8 +73,8 @@ class PrepareConfig:
                 raise ValueError(f"bucket {list(b)} must be [height, width], both positive multiples of 16")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}")
-        if self.pose_backend not in POSE_BACKENDS:
-            raise ValueError(f"pose_backend={self.pose_backend!r}: choose one of {POSE_BACKENDS}")
+        if self.pose_backend not in BACKENDS:
+            raise ValueError(f"pose_backend={self.pose_backend!r}: choose one of {tuple(BACKENDS)}")
         if self.segmenter not in SEGMENTERS:
             raise ValueError(f"segmenter={self.segmenter!r}: choose one of {SEGMENTERS}")
         if self.segmenter == "sam2" and not self.sam2_path:

@@ -3,20 +3,11 @@
     python -m data_tools.inspect DIR [--sheet PATH] [--rows 12] [--frames 4] [--max-samples N]
         [--min-pose-quality 0.8]
 
-Raw shards: every stream decodes, frame counts agree, sizes are right (H, W multiples of 16; face
-square; ref H x W; json keypoints / face boxes per frame; a version-2 driving video covers the
-target frame for frame, and is a warning when it nearly equals the target). Cached shards (``cache_latents`` output,
-detected from the members): the latents load, their shapes agree with each other and with the
-json (latent frames ``(T - 1) / 4 + 1``, size ``H/8 x W/8``), the face video has T square frames,
-the caption's text embedding is in ``text_embeds.safetensors``. Both: keys are unique across
-shards, no partial ``*.tar.tmp`` is left, the manifest's count matches. Raw samples with keypoints
-get a pose-quality score (``data_tools.pose.quality``): flagged clips are warnings naming the bad
-frames, and errors below ``--min-pose-quality``; the score is on the contact sheet.
-
-The contact sheet covers every sample, ``--rows`` per page: ``contact_sheet.png``, then
-``contact_sheet-2.png``, ... One row per sample: reference | frames | pose | face [| driving] (raw), or
-target latents | pose latents | face (cached; latent channels 0-2 as colours). Exit status 1 when
-anything is wrong.
+What is checked (docs/data.md): every stream decodes and agrees in frames and size with the json
+(raw), the latents agree with each other and the json and the prompt embeddings exist (cached);
+unique keys, no partial ``*.tar.tmp``, the manifest's count. Raw keypoints get a pose-quality score
+(a warning when flagged, an error below ``--min-pose-quality``). The contact sheet draws every
+sample, ``--rows`` per page. Exit status 1 when anything is wrong.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""Raw videos -> validated schema-v1 webdataset shards.
+"""Raw videos -> validated webdataset shards.
 
     python -m data_tools.prepare input=PATH output=DIR [preset=cpu] [fps=30 clip_len=77 target_area=921600
         pose_backend=mediapipe reference_policy=outside replace=false shard_size=32 workers=1 ...]
 
-Per input video (``data_tools.clips.process_input``): decode upright (the rotation tag applied),
-re-sample to ``fps`` by timestamp (variable frame rate keeps its real speed), cut clips of
-``clip_len`` frames every ``clip_stride``, resize to a resolution bucket (multiples of 16; crop or
-letterbox), extract keypoints, render the pose video, crop 512 x 512 faces, pick a reference frame,
-and in replace mode segment the character. Bad inputs and clips are skipped, counted and listed in
-``manifest.json`` with their reasons; a worker process that dies (out-of-memory killer) fails only
-its input. A missing input path, or one without videos, stops the job before anything is written.
-Shards are written as ``*.tar.tmp`` and renamed when complete; a rerun resumes, keeping completed
-shards and never duplicating a sample. Progress is shown per clip.
+Per input video ``data_tools.clips.process_input`` does the work. Bad inputs and clips are skipped,
+counted and listed with their reasons in ``manifest.json``; a worker killed by the out-of-memory
+killer fails only its input; a missing input path stops the job before anything is written. Shards
+are written as ``*.tar.tmp`` and renamed when complete; a rerun resumes without duplicating a sample.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ import json
 import sys
 
 from data_tools.driving import preprocess_driving
+from data_tools.pose.backends import BACKENDS
+from data_tools.segment import SEGMENTERS
 
 
 def _option(text: str):
@@ -43,13 +45,13 @@ def _main(argv) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--retarget", action="store_true", help="re-proportion the pose to the reference (animate mode)")
     ap.add_argument("--replace", action="store_true", help="also write src_bg.mp4 and src_mask.mp4")
-    ap.add_argument("--segmenter", default="mediapipe", choices=["mediapipe", "sam2"],
+    ap.add_argument("--segmenter", default="mediapipe", choices=SEGMENTERS,
                     help="replace-mode character masks (sam2 needs --sam2-path)")
     ap.add_argument("--sam2-path", default=None,
                     help="SAM2 folder in the transformers format (e.g. sam2.1-hiera-large)")
     ap.add_argument("--fps", type=float, default=30.0, help="output frame rate (-1 keeps the source)")
     ap.add_argument("--target-area", type=int, default=1280 * 720)
-    ap.add_argument("--pose-backend", default="mediapipe", choices=["mediapipe", "vitpose", "precomputed"])
+    ap.add_argument("--pose-backend", default="mediapipe", choices=list(BACKENDS))
     ap.add_argument("--pose-option", type=_option, action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--face-size", type=int, default=512)
     ap.add_argument("--max-frames", type=int, default=None)

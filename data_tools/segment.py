@@ -1,14 +1,9 @@
-"""Character masks for replace mode.
+"""Character masks for replace mode (and ``driving=appearance``): ``get_segmenter(name, **options)``
+gives ``masks(frames, pose=None) -> bool [T, H, W]`` (True = character) and ``close()``.
 
-Two segmenters with one interface, ``masks(frames, pose=None) -> bool [T, H, W]`` (True = character)
-and ``close()``; ``get_segmenter(name, **options)`` builds one by name:
-
-- ``"mediapipe"`` (default): ``CharacterSegmenter``, mediapipe selfie segmentation, per frame, CPU.
-- ``"sam2"``: ``Sam2Segmenter``, SAM2 video segmentation from a user-given folder in the
-  transformers format, prompted with the body keypoints of the pose the pipeline already computed
-  and propagated through the video (CPU or CUDA).
-
-``background(frames, masks)`` blanks the character out: frame x (1 - mask).
+- ``"mediapipe"`` (default): mediapipe selfie segmentation, per frame, CPU.
+- ``"sam2"``: SAM2 video segmentation (a transformers-format folder the user gives), prompted with
+  the body keypoints the pipeline already computed and propagated through the video.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Writing shards: encoding one sample (schema version 1, or 2 with a driving video) into webdataset
-fields, and an atomic tar writer.
-
-The schema itself and the readers (``list_shards``, ``read_shard``, ``shard_keys``, ``decode_sample``)
-live in ``wan_animate.samples``. See docs/data.md for
-every field.
+"""Writing shards: one sample (schema version 1, or 2 with a driving video) as webdataset fields, and
+an atomic tar writer. The schema and the readers live in ``wan_animate.samples``; fields: docs/data.md.
 """
 
 from __future__ import annotations
@@ -85,6 +81,16 @@ def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.nd
     return sample
 
 
+def add_members(tar: tarfile.TarFile, key: str, members: dict[str, bytes], mtime: float | None = None) -> None:
+    """``<key>.<field>`` members of one sample (``mtime`` fixed: byte-reproducible shards)."""
+    now = time.time() if mtime is None else mtime
+    for field, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{field}")
+        info.size = len(data)
+        info.mtime = now
+        tar.addfile(info, io.BytesIO(data))
+
+
 class ShardWriter:
     """Writes samples into ``shard-NNNNNN.tar`` files of ``shard_size`` samples each.
 
@@ -116,14 +122,7 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         key = sample["__key__"]
-        now = time.time() if self.mtime is None else self.mtime
-        for field, data in sample.items():
-            if field.startswith("__"):
-                continue
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size = len(data)
-            info.mtime = now
-            self._tar.addfile(info, io.BytesIO(data))
+        add_members(self._tar, key, {k: v for k, v in sample.items() if not k.startswith("__")}, self.mtime)
         self._keys.append(key)
         if len(self._keys) >= self.shard_size:
             self._finish()

@@ -1,13 +1,9 @@
 """Run one function over many inputs in spawned worker processes, surviving workers that die.
 
-``multiprocessing.Pool`` waits forever for the result of a task whose worker was killed (the
-kernel's out-of-memory killer sends SIGKILL): the pool starts a new worker but the task is lost.
-Here each worker takes one task at a time from its own queue, so the parent always knows which
-task a worker was running; when a worker dies, that task gets a ``WorkerDied`` result naming the
-signal, a fresh worker takes the dead one's place, and the run goes on.
-
-The function runs as ``fn(task, progress)``; ``progress(n)`` reports ``n`` units of work done (the
-parent's ``on_progress`` receives them, e.g. to advance a per-clip progress bar).
+``multiprocessing.Pool`` waits forever for a task whose worker was killed (SIGKILL from the
+out-of-memory killer). Here each worker takes one task at a time from its own queue, so a dead
+worker's task gets a ``WorkerDied`` result naming the signal, a fresh worker replaces it and the run
+goes on. ``fn(task, progress)``: ``progress(n)`` reports ``n`` units done to the parent's ``on_progress``.
 """
 
 from __future__ import annotations

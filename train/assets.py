@@ -43,15 +43,21 @@ def asset_paths(cfg: Config) -> tuple[Path, Path | None]:
     return model_path, data_dir
 
 
+def build_model(cfg: Config) -> Path:
+    """The quick-start random model folder of ``model.preset`` (written once; one process)."""
+    from wan_animate.testing import make_tiny_model_folder
+
+    m = cfg.model
+    return atomic_dir(asset_paths(cfg)[0], lambda p: make_tiny_model_folder(
+        p, layout="diffusers", seed=m.init_seed, config_preset=m.preset, family=m.family))
+
+
 def build_assets(cfg: Config) -> None:
     """Write the quick-start model folder / synthetic data the config asks for (one process)."""
-    m, d = cfg.model, cfg.data
-    model_path, data_dir = asset_paths(cfg)
-    if not m.path:
-        from wan_animate.testing import make_tiny_model_folder
-
-        atomic_dir(model_path, lambda p: make_tiny_model_folder(p, layout="diffusers", seed=m.init_seed,
-                                                                  config_preset=m.preset, family=m.family))
+    d = cfg.data
+    data_dir = asset_paths(cfg)[1]
+    if not cfg.model.path:
+        build_model(cfg)
     if data_dir is not None:
         from data_tools.synthetic_data import make_synthetic_dataset
 

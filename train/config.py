@@ -5,7 +5,9 @@ combinations in ``check_launch``."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,6 +22,7 @@ DATA_SOURCES = ("synthetic", "shards", "cached")
 SCHEDULERS = ("constant", "cosine", "linear")
 DISTRIBUTED = ("auto", "ddp", "deepspeed", "none")
 OPTIMIZERS = ("adamw", "adamw8bit")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf" / "train")
 
 
 class ConfigError(ValueError):
@@ -339,8 +342,6 @@ class Config:
 
     @property
     def cache_dir(self) -> str:
-        import os
-
         return self.train.cache_dir or os.path.join(self.train.output_dir, "cache")
 
 
@@ -392,8 +393,7 @@ def register_configs() -> None:
 
 
 def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:
-    """Composed Hydra config -> validated dataclasses (``wan_animate.options.to_dataclass``);
-    raises ``ConfigError`` with the fix."""
+    """Composed Hydra config -> validated dataclasses; raises ``ConfigError`` with the fix."""
     from omegaconf.errors import OmegaConfBaseException
 
     from wan_animate.options import to_dataclass
@@ -427,14 +427,12 @@ def _check_finite(values: Any, key: str = "") -> None:
 def check_paths(cfg: Config) -> None:
     """File-system checks of the launch machine, before any model loads (kept out of the
     dataclasses so a config for another machine still composes)."""
-    import os
-
     path = cfg.model.path
-    if path is not None and not os.path.isdir(path):
-        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+    if path is not None and not Path(path).is_dir():
+        what = "is a file, not a folder" if Path(path).exists() else "does not exist"
         _fail(f"model.path={path} {what}; give the Wan2.2-Animate-14B model folder (official or diffusers layout), "
               "or drop model.path for the quick-start tiny model.")
-    if cfg.lora.init_from is not None and not os.path.isfile(cfg.lora.init_from):
+    if cfg.lora.init_from is not None and not Path(cfg.lora.init_from).is_file():
         _fail(f"lora.init_from={cfg.lora.init_from} does not exist; give a community-layout LoRA .safetensors file.")
     from train.data import resolve_urls
 
@@ -455,8 +453,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> Config:
     """Compose ``conf/train/config.yaml`` with overrides outside of ``@hydra.main`` (tests, notebooks)."""
-    import os
-
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -464,8 +460,7 @@ def compose(overrides: list[str] | None = None, config_dir: str | None = None) -
     from wan_animate.options import HYDRA_VERSION_BASE
 
     register_configs()
-    config_dir = config_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "train")
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base=HYDRA_VERSION_BASE):
+    with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base=HYDRA_VERSION_BASE):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
     return to_config(cfg)

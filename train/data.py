@@ -238,12 +238,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = _sample_rng(self.spec.seed, epoch, index)
         if self.cached:
             if self._text_embeds is None:
-                from wan_animate.samples import load_text_embeds
-
-                path = text_embeds_path(self.spec.urls)
-                if path is None:
-                    raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
-                self._text_embeds = load_text_embeds(path)[0]
+                self._text_embeds = cached_text_embeds(self.spec.urls)
             ex = preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
         else:
             ex = preprocess_raw(decode_sample(raw), self.spec, size, rng)
@@ -449,16 +444,19 @@ def resolve_urls(urls: list[str]) -> list[str]:
     return out
 
 
-def text_embeds_path(urls: list[str]) -> Path | None:
-    """``text_embeds.safetensors`` at the root of a cached data set (next to its shards)."""
+def cached_text_embeds(urls: list[str]) -> dict[str, torch.Tensor]:
+    """The prompt embeddings of a cached data set: ``text_embeds.safetensors`` next to its shards
+    (or one folder up)."""
+    from wan_animate.samples import TEXT_EMBEDS, load_text_embeds
+
     for url in urls:
         if url.startswith("pipe:"):
             continue
-        p = Path(url)
-        for cand in (p if p.is_dir() else p.parent, (p if p.is_dir() else p.parent).parent):
-            if (cand / "text_embeds.safetensors").is_file():
-                return cand / "text_embeds.safetensors"
-    return None
+        folder = Path(url) if Path(url).is_dir() else Path(url).parent
+        for cand in (folder / TEXT_EMBEDS, folder.parent / TEXT_EMBEDS):
+            if cand.is_file():
+                return load_text_embeds(cand)[0]
+    raise FileNotFoundError(f"cached data: {TEXT_EMBEDS} not found next to the shards.")
 
 
 # ---------------------------------------------------------------------------- face-crop augmentation

@@ -1,21 +1,11 @@
 """Keep the fp32-by-design tensors of the DiT in fp32 under DeepSpeed bf16.
 
-A DeepSpeed engine in bf16 casts every parameter of its module to bf16 when it is built
-(``DeepSpeedEngine._configure_distributed_model`` -> ``_cast_module_mixed_precision``; its
-``data_types.keep_in_fp32_modules`` option keeps buffers only). The model keeps a few tensors in
-fp32 on purpose (``wan_animate.model.FP32_PATTERNS``: adaLN modulation tables, time path, head,
-norms; < 0.2% of the 14B parameters). ``Fp32ByDesign`` copies them before ``accelerate.prepare``
-and puts them back afterwards:
-
-* frozen ones (``lora`` / ``adapters_only`` trunks) become fp32 parameters again, with their
-  original values (ZeRO-0/1/2: they are whole on every rank and outside the optimizer's flat
-  buffers);
-* trained ones: their fp32 master copy in the optimizer gets the original fp32 values
-  (``deepspeed.utils.safe_set_full_fp32_param``, every stage), so nothing is lost to the bf16
-  cast; DeepSpeed still computes with its bf16 working copy of them (its flat buffers hold one dtype).
-
-Under ZeRO-3 frozen parameters are partitioned like the others and DeepSpeed gathers a bucket of
-parameters in one dtype, so they stay bf16 there; the trainer says so in one line.
+A bf16 DeepSpeed engine casts every parameter to bf16 when built (``keep_in_fp32_modules`` keeps
+buffers only). ``Fp32ByDesign`` saves the fp32 tensors (``wan_animate.model.FP32_PATTERNS``:
+modulation, time path, head, norms; < 0.2% of 14B) before ``accelerate.prepare`` and restores them
+after: frozen ones become fp32 parameters again (ZeRO-0/1/2), trained ones get the original values
+in their fp32 master copy (every stage). Under ZeRO-3 frozen ones stay bf16 (DeepSpeed gathers in
+one dtype); the trainer says so.
 """
 
 from __future__ import annotations

@@ -1,13 +1,7 @@
-"""Where the frozen VAE / umT5 / CLIP encoders live during training (they never sit on
-the device during the DiT step).
-
-* ``data.source=cached``: training never needs them; the trainer loads them only when something
-  asks for them (validation), parked in host memory and moved to the device per use.
-* raw shards / synthetic data, ``model.encoders_device=device`` (default): parked in host memory,
-  moved to the device only to encode a batch (``wan_animate.encoders`` ``offload=True``), back on
-  the host before the DiT step. ~12 GiB of the 14B model's encoders stay off the device at the
-  price of a host->device copy of them per step.
-* ``model.encoders_device=cpu``: they stay on the host and encode there (no copies, slow encode).
+"""Where the frozen VAE / umT5 / CLIP encoders live during training: never on the device during the
+DiT step. Cached shards: loaded only when validation asks, parked on the host. Raw shards,
+``model.encoders_device=device``: parked on the host, on the device only to encode a batch (~12 GiB
+of the 14B model's encoders off the device for one copy per step). ``cpu``: encode on the host.
 """
 
 from __future__ import annotations

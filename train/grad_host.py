@@ -1,22 +1,11 @@
 """Gradient accumulation with the running sum in host memory (``train.grad_accum_on_host=true``).
 
-Plain accumulation keeps every trainable's fp32 gradient on the device from the first micro-batch
-to the update, so micro-batches 2..N run their forward and backward next to it (4.6 GiB for
-``animate14b_lora``'s 1.24 B fp32 trainables, at the peak of early backward). Here, between
-micro-batches, each gradient lives in an exact-size page-locked host buffer (fp32, so nothing is
-rounded) and the device holds none:
-
-* micro-batch 1: as each gradient is complete (post-accumulate hook) it is copied to its host slot
-  and dropped on the device;
-* micro-batches 2..N-1: the new gradient + the host slot (brought in) -> host slot; dropped;
-* micro-batch N: the new gradient + the host slot stays in ``.grad`` for clipping and the step.
-
-The sums are the plain path's, in the same fp32 arithmetic (IEEE addition is commutative), so the
-update is bit-identical (tests/test_memory_options.py). The device holds the gradients only in
-the last backward, where plain ``grad_accum=1`` holds them too: the planned peak is that of
-``grad_accum=1``. Costs 4 B per trainable parameter of pinned host memory and one copy each way
-per parameter and micro-batch (stream-ordered on the compute stream). One process only (DDP's
-reducer and DeepSpeed own the gradients).
+Plain accumulation keeps every trainable's fp32 gradient on the device through micro-batches 2..N
+(4.6 GiB for ``animate14b_lora``'s 1.24 B trainables). Here, between micro-batches, each gradient
+waits in an exact-size pinned host slot (fp32): micro-batch 1 copies it out and drops it, 2..N-1
+add the slot and copy back, N adds the slot and keeps the sum in ``.grad``. The sums are the plain
+path's in the same fp32 order, so updates are bit-identical (tests/test_memory_options.py); the
+device peak is that of ``grad_accum=1``. One process only (DDP / DeepSpeed own the gradients).
 """
 
 from __future__ import annotations

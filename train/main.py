@@ -14,13 +14,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train.config import Config, ConfigError, check_paths, register_configs, to_config
+from train.config import CONF_DIR, Config, ConfigError, check_paths, register_configs, to_config
 from wan_animate.cli import check_overrides, config_groups, expected_errors, fail, one_line, take_debug_flag
 from wan_animate.options import HYDRA_VERSION_BASE
 
 register_configs()
 PREFIX = "[train] configuration error: "
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "train")
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path="../conf/train", config_name="config")

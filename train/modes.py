@@ -1,17 +1,9 @@
-"""What learns, and how fast: the trainable set and optimizer groups of each ``train.mode``, the
-fp32 upcast of what trains, the optimizer and the LR schedule.
-
-* ``full``: every parameter (trunk at ``optim.lr``, the family's adapters at ``optim.adapter_lr``);
-* ``adapters_only``: only the family's ``adapter_prefixes`` modules (Wan-Animate-14B: pose/face);
-  the trunk is frozen and stays bit-identical;
-* ``lora``: peft LoRA factors on the family's default targets or ``lora.targets`` (``optim.lr``),
-  plus the adapters trained fully (``optim.adapter_lr``) when ``lora.train_adapters``;
-* ``self_attn``: only the blocks' self-attention (the family's ``self_attention`` names: q, k, v,
-  o and their q/k norms; DiffSynth-Studio's Animate-2 "full" trains q, k, v), all else frozen.
+"""What learns, and how fast: the trainable set and optimizer groups of each ``train.mode``
+(docs/training.md), the fp32 upcast of what trains, the optimizer and the LR schedule.
 
 ``prepare_model`` is the build order after the model exists, written once for the trainer and the
-memory planner. Pure functions of a model and the config: no ``Accelerator`` is needed, so the
-planner calls them on a fake-tensor model. The frozen VAE / text / image encoders are never passed here.
+memory planner: pure functions of a model and the config (no ``Accelerator``), so the planner calls
+them on a fake-tensor model.
 """
 
 from __future__ import annotations
@@ -50,8 +42,7 @@ def _mark_trainable(dit: nn.Module, cfg: Config, family: ModelFamily) -> None:
 def setup_trainable(dit: nn.Module, cfg: Config, family: ModelFamily | None = None,
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Add LoRA factors (lora mode), set ``requires_grad`` for ``cfg.train.mode`` and return
-    (optimizer param groups ``{"params", "lr", "name"}``, summary of parameter counts).
-    ``family``: default ``get_family(cfg.model.family)``."""
+    (optimizer param groups ``{"params", "lr", "name"}``, summary of parameter counts)."""
     family = family or get_family(cfg.model.family)
     mode = cfg.train.mode
     lr = cfg.optim.lr
@@ -93,27 +84,20 @@ def setup_trainable(dit: nn.Module, cfg: Config, family: ModelFamily | None = No
 
 
 def prepare_model(dit: nn.Module, cfg: Config, family: ModelFamily, *, deepspeed: bool, device):
-    """What happens to a built (or loaded) model before the optimizer exists, in this order, for the
-    trainer and the memory planner alike: training mode, the trainable set (``setup_trainable``),
-    fp32 master copies of the trainables (``upcast_trainable``; not under DeepSpeed, whose optimizer
-    keeps its own), the memory options of ``cfg.model`` (``wan_animate.memory``: block swap, fp8
-    base, activation checkpointing, ...). Returns (param groups, summary, memory state)."""
+    """A built (or loaded) model before the optimizer exists, for the trainer and the planner alike:
+    training mode, the trainable set, fp32 master copies of the trainables (autocast still runs the
+    matmuls in bf16; not under DeepSpeed, whose optimizer keeps its own), the memory options of
+    ``cfg.model``. Returns (param groups, summary, memory state)."""
+    from diffusers.training_utils import cast_training_params
+
     from wan_animate.memory import apply_memory_options
 
     dit.train()
     groups, summary = setup_trainable(dit, cfg, family)
     if not deepspeed:
-        upcast_trainable(dit)
+        cast_training_params(dit, dtype=torch.float32)
     memory = apply_memory_options(dit, cfg.model, device=device)
     return groups, summary, memory
-
-
-def upcast_trainable(dit: nn.Module) -> None:
-    """fp32 master weights for whatever trains (autocast still runs the matmuls in bf16). Not under
-    DeepSpeed, whose optimizer keeps its own fp32 copy of the (bf16) model weights."""
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params(dit, dtype=torch.float32)
 
 
 def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:

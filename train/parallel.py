@@ -1,9 +1,6 @@
-"""Distributed setup: accelerate (DDP or DeepSpeed ZeRO-2/3, optional offload), bf16, and the
-CPU quirks that make ``accelerate launch`` + DeepSpeed work on a machine without GPUs.
-
-On CPU, accelerate's DeepSpeed path finds no backend and silently builds one single-rank job per
-process (each rank sees world size 1). We pass ``backend="gloo"`` explicitly (with
-``DS_ACCELERATOR=cpu``) so every process joins one process group; ``check_world`` verifies it.
+"""Distributed setup: accelerate (DDP or DeepSpeed ZeRO-2/3), bf16, and the CPU quirks of
+``accelerate launch`` + DeepSpeed without GPUs: accelerate would build one single-rank job per
+process, so ``backend="gloo"`` (with ``DS_ACCELERATOR=cpu``) is passed and ``check_world`` verifies it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""What a run will do, said and checked before any model loads.
-
-``read_data_facts`` reads the first shard's sample metadata (member headers and ``json`` only, no
-video decoded) and counts samples where that is cheap; ``check_data`` turns a ``data.clip_len``
-the shards cannot give into a one-line ``ConfigError`` naming the fix; ``run_header`` is the
-``[train]`` header (resolution, clip length, latent shape, tokens per sample, data set size,
-effective batch) plus warnings (buckets that upscale the data, validation that will not run).
-"""
+"""What a run will do, said and checked before any model loads: the first shard's metadata
+(``json`` members only, no video decoded) against ``data.clip_len``, and the ``[train]`` header
+(resolution, latent shape, tokens per sample, data set size, effective batch) with its warnings."""
 
 from __future__ import annotations
 
@@ -98,10 +93,6 @@ def read_data_facts(urls: list[str]) -> DataFacts:
     return facts
 
 
-def _largest_clip_len(frames: int) -> int:
-    return 4 * ((frames - 1) // 4) + 1
-
-
 def check_data(cfg: Config, facts: DataFacts) -> None:
     """``data.clip_len`` against the first shard (raw: at most its frames; cached: exactly the cached length)."""
     n, want = facts.num_frames, cfg.data.clip_len
@@ -113,7 +104,7 @@ def check_data(cfg: Config, facts: DataFacts) -> None:
                           f"set data.clip_len={n} (cached latents cover the clips prepare wrote; for {want}-frame clips prepare "
                           f"and cache them again).")
     if facts.kind == "raw" and want > n:
-        fix = (f"set data.clip_len={_largest_clip_len(n)}" if n >= 5 else "prepare clips of >= 5 frames")
+        fix = f"set data.clip_len={4 * ((n - 1) // 4) + 1}" if n >= 5 else "prepare clips of >= 5 frames"
         raise ConfigError(f"data.clip_len={want} is longer than the data ({where}); {fix} "
                           f"(or prepare longer clips).")
 
@@ -213,16 +204,6 @@ def schedule_notes(cfg: Config) -> list[str]:
     return notes
 
 
-def validation_plan(cfg: Config, stage: int) -> str | None:
-    """Why validation will not run, or None when it will."""
-    t = cfg.train
-    if not t.validation:
-        return "validation off (train.validation=false)"
-    if stage == 3:
-        return "validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate on the export"
-    return None
-
-
 def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) -> tuple[object | None, str | None]:
     """Every rank: check the data against the config (``ConfigError``); rank 0: print the header,
     the warnings and why validation will not run. Returns (DiT config, layout) of the model folder."""
@@ -230,7 +211,7 @@ def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) ->
     check_data(cfg, facts)
     dit_config, layout = model_facts(model_path, cfg.model.family)
     if acc.is_main_process:
-        dp = max(1, acc.num_processes // max(1, getattr(cfg.train, "sequence_parallel", 1)))
+        dp = max(1, acc.num_processes // cfg.train.sequence_parallel)
         for line in run_header(cfg, facts, acc.num_processes, dit_config, data_parallel=dp):
             print(f"[train] {line}", flush=True)
         if cfg.data.buckets and facts.kind == "cached":
@@ -240,8 +221,10 @@ def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) ->
             print(f"[train] WARNING: {line}", flush=True)
         for line in schedule_notes(cfg):
             print(f"[train] {line}", flush=True)
-        why = validation_plan(cfg, stage)
-        if why:
-            print(f"[train] {why}", flush=True)
+        if not cfg.train.validation:
+            print("[train] validation off (train.validation=false)", flush=True)
+        elif stage == 3:
+            print("[train] validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate on the "
+                  "export", flush=True)
         print(f"[train] loading {model_path} ...", flush=True)
     return dit_config, layout

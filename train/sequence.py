@@ -1,16 +1,9 @@
-"""Sequence-parallel training (``train.sequence_parallel=N``): the trainer's side of
-``wan_animate.parallel`` (DeepSpeed-Ulysses over the DiT's video tokens).
+"""Sequence-parallel training (``train.sequence_parallel=N``, DeepSpeed-Ulysses over the video tokens).
 
-With P processes, consecutive ranks form P/N groups of N (``sequence_parallel_mesh``). The ranks of a
-group train ONE sample together, so everything that picks or randomises a sample is keyed by the
-*data-parallel* rank (``mesh["data"]``), not the global rank: the data stream's rank / world, the
-noise / timestep generator, and (through the stream's per-sample seeds) the augmentation. The loss
-needs no change: every rank of a group computes the full loss from the all-gathered head output, the
-gathers' backward sums the group, and the usual gradient averaging over all P ranks (DDP, ZeRO-2/3)
-is exactly the mean over the P/N samples (``wan_animate.parallel.sequence``).
-
-``SequenceLayout`` is what the trainer asks: data rank / world, the group, whether to check the
-first batch, and the checkpoint record (a resume with another N is refused).
+Consecutive ranks form P/N groups of N that train ONE sample together, so the data stream, the
+noise generator and the per-sample seeds are keyed by the *data-parallel* rank (``mesh["data"]``).
+The loss needs no change: every rank computes it from the gathered head output and the usual
+gradient averaging over P ranks is the mean over the P/N samples (``wan_animate.parallel.sequence``).
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
-"""Stop signals: one home for how the trainer hears them.
+"""Stop signals: SIGTERM / SIGUSR1 set a flag (``Preemption``) from the start of ``train.loop.run``
+to its summary: the step finishes, a checkpoint is written and the run stops cleanly; in the final
+phase the phase in progress completes and the next is left to the rerun (docs/reliability.md).
 
-``Preemption``: SIGTERM / SIGUSR1 only set a flag, from the start of ``train.loop.run`` to its
-end (summary written): the step in progress finishes, a checkpoint is written and the run stops
-cleanly; during the final validation / export the phase in progress completes and the next one
-is left for the rerun (docs/reliability.md). No phase of a run dies of the signal itself.
-
-Stop signals also reach the trainer when they hit its launcher first.
-
-``accelerate launch`` with one process starts the trainer with ``subprocess.Popen`` and waits:
-SIGTERM / SIGUSR1 to the launcher kills the launcher (Python's default action) and the trainer
-runs on, orphaned, with nobody to stop it. On Linux the trainer therefore asks the kernel for
-SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``): the launcher's death becomes a normal
-preemption (``Preemption``: finish the step, checkpoint, exit 0). Only under a launcher
-(accelerate, torchrun): a trainer started from a shell (``python -m train.main``, ``nohup``) keeps
-running when that shell exits.
-
-Multi-process launches (torchrun's agent) forward SIGTERM to the ranks themselves; under Slurm,
-``launch/slurm/train.sbatch`` sends the signal to the ranks, never only the agent (docs/reliability.md).
+``accelerate launch`` with one process waits on the trainer in ``subprocess.Popen``: a signal kills
+the launcher and would orphan the trainer, so a launched trainer asks Linux for SIGTERM when its
+parent dies (``prctl(PR_SET_PDEATHSIG)``). Multi-process launchers forward signals to the ranks.
 """
 
 from __future__ import annotations

@@ -67,13 +67,10 @@ def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "fac
     """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
     import torch
 
-    from train.data import text_embeds_path
-    from wan_animate.samples import decode_cached_sample, load_text_embeds
+    from train.data import cached_text_embeds
+    from wan_animate.samples import decode_cached_sample
 
-    path = text_embeds_path(urls)
-    if path is None:
-        raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
-    s = decode_cached_sample(_first_raw(urls[0]), load_text_embeds(path)[0])
+    s = decode_cached_sample(_first_raw(urls[0]), cached_text_embeds(urls))
     latent = [k for k in streams if k != "face"]  # the face crops are stored as pixels
     with torch.no_grad():
         decoded = {k: vae.decode(s[k].unsqueeze(0).float())[0] for k in ("ref", *latent, "target")}
@@ -131,21 +128,15 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
 
     from webdataset.tariterators import tarfile_samples
 
-    from train.data import StreamSpec, preprocess_cached, preprocess_raw
-    from train.data import text_embeds_path
+    from train.data import StreamSpec, cached_text_embeds, preprocess_cached, preprocess_raw
     from wan_animate.batch import build_dit_inputs
     from wan_animate.geometry import nearest_bucket
-    from wan_animate.samples import decode_cached_sample, decode_sample, load_text_embeds
+    from wan_animate.samples import decode_cached_sample, decode_sample
 
     recipe = dataclasses.replace(cfg.data, temporal_ref_prob=0.0, text_dropout=0.0, face_dropout=0.0,
                                  face_aug_prob=0.0, replace_prob=0.0)
     spec = StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed, face_size=face_size)
-    text = None
-    if cached:
-        path = text_embeds_path(urls)
-        if path is None:
-            raise FileNotFoundError("cached data: text_embeds.safetensors not found next to the shards.")
-        text = load_text_embeds(path)[0]
+    text = cached_text_embeds(urls) if cached else None
     batches = []
     for i, raw in enumerate(tarfile_samples([{"url": u} for u in urls])):
         if len(batches) == limit:

@@ -1,21 +1,12 @@
 """End-of-run exports under ``<output_dir>/export/`` (and ``export/ema/`` from the EMA weights).
 
-* ``train.mode=full``: the DiT in ``train.export_layouts``;
-* ``lora`` / ``adapters_only`` / ``self_attn``: ``lora.safetensors`` (community layout,
-  ``wan_animate.lora.save_lora``; plus the family's other layouts: Animate-2 writes
-  ``lora_diffusers.safetensors``), ``adapters.safetensors`` (the trained pose/face adapters under
-  official names, in the dtype they trained in), ``self_attn.safetensors`` (the trained
-  self-attention tensors); with ``train.export_merged`` also the DiT with the LoRA merged into its
-  base weights, in ``train.export_layouts``.
-
-A whole DiT is written in the released dtype: bf16, the fp32-by-design tensors in fp32
-(``wan_animate.model.set_precision``'s rule). It is gathered module by module (one DiT block's
-parameters at a time under ZeRO-3), each tensor cast to that dtype on rank 0's host as it arrives:
-no fp32 copy of the model exists, and only one merged LoRA tensor at a time is computed in fp32.
-
-Collective: every rank gathers, rank 0 writes, and the other ranks wait for it on the process
-group's key-value store with a timeout sized to the bytes written (an NCCL barrier would hold them
-under the collective timeout, shorter than writing a 14B model to a slow disk).
+``full``: the DiT in ``train.export_layouts``. ``lora`` / ``adapters_only`` / ``self_attn``: the small
+files (``lora.safetensors`` in the community layout plus the family's other layouts,
+``adapters.safetensors``, ``self_attn.safetensors``); ``train.export_merged`` adds the DiT with the
+LoRA merged. A whole DiT is written in the released dtype (bf16, fp32-by-design tensors fp32),
+gathered module by module and cast on rank 0's host as it arrives: no fp32 copy of the model exists.
+Rank 0 writes; the others wait on the process group's key-value store with a timeout sized to the bytes (an
+NCCL barrier's timeout is shorter than writing a 14B model to a slow disk).
 """
 
 from __future__ import annotations

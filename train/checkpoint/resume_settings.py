@@ -1,20 +1,11 @@
 """Resuming with changed settings: each changed key is applied visibly, or refused before any
 model loads.
 
-Refused (``refusals``, checked against the run's ``config.json`` before loading): what a saved
-state cannot follow. In ``train.mode=lora``: ``lora.rank``, ``lora.targets``, ``lora.train_adapters``
-(the trainable set and its optimizer state differ) and ``lora.alpha`` (the factors were trained at
-scale alpha/rank: a new alpha would silently scale what was learnt); always: ``optim.name`` (the
-optimizer state belongs to another optimizer) and ``train.micro_batch_size`` (the saved data
-position counts batches of the saved size).
-
-Applied (``snapshot`` before the state is loaded, ``reapply`` after): the restored optimizer
-and LR scheduler states carry the old run's hyper-parameters, so without this a changed
-``optim.lr`` / ``adapter_lr`` / ``betas`` / ``eps`` / ``weight_decay`` would be silently ignored.
-The configured values are put back into every param group, the scheduler's base LRs are the
-configured ones, and each group's LR is the (possibly changed) schedule at the restored step on
-that base; every change is printed. Everything else (steps, schedule shape, data, logging,
-memory options) is read from the config at every launch anyway.
+Refused (``refusals``, against the run's ``config.json``): what a saved state cannot follow (``_WHY``
+says why for each key). Applied (``snapshot`` before the state loads, ``reapply`` after): the
+restored optimizer / scheduler carry the old hyper-parameters, so the configured ``lr``,
+``adapter_lr``, ``betas``, ``eps`` and ``weight_decay`` are put back, each group's LR is the schedule
+at the restored step on the configured base, and every change is printed.
 """
 
 from __future__ import annotations

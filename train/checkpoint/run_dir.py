@@ -1,21 +1,11 @@
 """One output folder, one run: what launched it, what it loaded, whether it already finished.
 
-``<output_dir>/config.json`` is written once per run: the resolved config, plus ``launch`` (world
-size, DeepSpeed / ZeRO stage, mode, model) and, under ``model.loaded``, what was actually loaded
-(the folder, its layout and its own DiT config; ``model.preset`` is only recorded when the
-quick-start model was built from it). A later launch on the same folder is compared with it
-**before any model loads**: a different world size, DeepSpeed setting, mode or model is refused
-with the difference and the fix (a resume under another launch ends deep inside DeepSpeed or with
-a wrong data position); the folder's ``config.json`` is never replaced by another run's.
-A finished run (``summary.json`` says so and the newest complete checkpoint is at
-``train.max_steps``) is a no-op, or only re-exports when its exports are missing.
-
-Starting over (``train.resume=false``) in a folder that holds a run is refused (``check_fresh_start``):
-its checkpoints, metrics and summary would mix with the new run's and a later rerun would resume
-the old one. ``train.overwrite=true`` moves the old run to ``<output_dir>.replaced-<time>/`` first.
-Resuming with changed settings (``check_resume_settings``): what cannot be applied to a saved
-state (the trainable set, the optimizer kind, the batch size the data position counts in) is
-refused before any model loads; the rest is applied and named (``train.checkpoint.resume_settings``).
+``config.json`` is written once per run: the resolved config, ``launch`` (world size, DeepSpeed /
+ZeRO stage, mode, model) and ``model.loaded`` (folder, layout, its DiT config). A later launch with
+another world size, DeepSpeed setting, mode or model is refused before any model loads (a resume
+under another launch ends deep inside DeepSpeed or at a wrong data position). A finished run is a
+no-op, or only re-exports when its exports are missing. ``train.resume=false`` on a folder holding
+a run is refused (two runs would mix); ``train.overwrite=true`` moves the old run aside first.
 """
 
 from __future__ import annotations
@@ -53,7 +43,7 @@ def launch_identity(cfg: Config, world_size: int, deepspeed: bool, zero_stage: i
     model = str(Path(m.path).resolve()) if m.path else f"quick-start preset {m.preset} (seed {m.init_seed})"
     return {"world_size": world_size, "deepspeed": deepspeed, "zero_stage": zero_stage, "mode": cfg.train.mode,
             "model": model, "model_config": _model_config_digest(Path(m.path)) if m.path else None,
-            "sequence_parallel": getattr(cfg.train, "sequence_parallel", 1)}
+            "sequence_parallel": cfg.train.sequence_parallel}
 
 
 def _same_model(before: dict[str, Any], current: dict[str, Any]) -> bool:

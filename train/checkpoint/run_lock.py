@@ -1,13 +1,9 @@
-"""One run per ``train.output_dir``: ``<output_dir>/.run.lock`` is held with a kernel lock
-(``fcntl.flock``) for as long as the run lives; a second run refuses with one line naming the owner.
+"""One run per ``train.output_dir``: ``<output_dir>/.run.lock`` is held with ``fcntl.flock`` for the
+run's life; a second run refuses with one line naming the owner (the file's pid, host, start time).
 
-The kernel drops the lock when its holder dies, however it dies (SIGKILL, OOM killer, power loss
-of a client of a network filesystem that supports locks), so there is no stale lock to detect and
-no takeover to race: of any number of contenders exactly one gets it. The file's content (pid,
-host, start time, command) only names the owner in the refusal. ``release`` removes the file while
-still holding the lock; a contender that opened the old file before that sees, once it holds the
-lock, that the path no longer names its file and starts again (the usual lock-file pattern), so
-two runs never both hold a lock on ``.run.lock``.
+The kernel drops the lock when its holder dies however it dies, so there is no stale lock and no
+takeover race. ``release`` unlinks the file while still holding the lock; a contender that opened
+the old file sees, once it holds the lock, that the path names another file and starts again.
 """
 
 from __future__ import annotations

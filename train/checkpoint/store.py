@@ -1,22 +1,15 @@
 """Training checkpoints that are never half-loaded.
 
-Layout: ``<output_dir>/checkpoints/step-<N>/`` holding accelerate's state (model, optimizer,
-per-rank RNG; DeepSpeed engines write their partitions), ``trainer_state.json`` (step, non-finite
-counters, LR scheduler state), ``rank<R>.json`` (that rank's data position),
-``rng-rank<R>.safetensors`` (our noise generator per rank) and ``ema.safetensors`` (if EMA is on).
-The non-accelerate parts are ``train.trainer.Trainer.state_dict()``: ``{"train": ..., "scheduler":
-..., "data": ..., "rng": ..., "ema": ...}``; this module only maps them to and from files. Everything is written into ``.tmp-step-<N>``; rank 0 renames it
-and writes ``COMPLETE`` last. Folders without ``COMPLETE`` are ignored (and cleaned up); only the
-newest ``keep_last`` complete checkpoints are kept.
+``<output_dir>/checkpoints/step-<N>/``: accelerate's state (model, optimizer, per-rank RNG; DeepSpeed
+partitions), ``trainer_state.json`` (step, non-finite counters, LR scheduler), ``rank<R>.json``
+(data position), ``rng-rank<R>.safetensors`` (noise generator) and ``ema.safetensors``: the parts of
+``Trainer.state_dict()`` mapped to files. Written into ``.tmp-step-<N>``, renamed, ``COMPLETE``
+last; folders without it are ignored and cleaned up; the newest ``keep_last`` finite ones are kept.
 
-Reliability (``train.checkpoint.verify``, docs/reliability.md): a size/hash ``MANIFEST.json`` is
-written before ``COMPLETE``; resume checks it and every pickle (tensor-only unpickler, before
-DeepSpeed sees the folder) and falls back to the previous complete checkpoint when a file is
-damaged; the damaged one is moved aside to ``checkpoints/damaged-step-<N>`` (kept, never "newest",
-never counted by ``keep_last``, so pruning cannot delete good checkpoints because of it). When no
-complete checkpoint is usable the run refuses (``NoUsableCheckpointError``) instead of starting
-over on top of them. No checkpoint is written while the current streak of non-finite steps lasts, so pruning
-never removes the last good one. Files are made group-readable.
+Resume checks the ``MANIFEST.json`` and every pickle (``train.checkpoint.verify``) and falls back to
+the previous complete checkpoint, moving a damaged one to ``damaged-step-<N>`` (kept, never pruned
+or resumed); with none usable the run refuses (``NoUsableCheckpointError``) instead of starting
+over (docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Trainable-only training state for ``train.mode=lora|adapters_only|self_attn``.
 
-A checkpoint of these modes holds only what trains: the trainable parameters (``model.safetensors``
-through accelerate's save hook, or DeepSpeed's ``exclude_frozen_parameters``), their optimizer
-states, the RNG, the LR scheduler and the data position. The frozen base is not copied; it is
-referenced in ``base_model.json`` by its path and a content fingerprint (``fingerprint_base``),
-checked before a resume loads anything: a checkpoint trained on top of one base never resumes on
-another.
-
-The fingerprint is cheap but real: SHA-256 over the DiT folder's ``config.json`` and, for every
-weight file (in the index's order), its name, its size, its safetensors header (all tensor names,
-dtypes, shapes and offsets) and the first ``SAMPLE_BYTES`` bytes of every tensor's data. For the
-14B DiT that reads ~6 MB (1,500 tensors x 4 KiB) instead of 34 GB. It misses a change confined to
-bytes past the first 4 KiB of every tensor it touches; a fine-tune, a re-download of another
-release or a different model changes the sampled bytes.
+Their checkpoints hold what trains (parameters, optimizer states, RNG, scheduler, data position);
+the frozen base is referenced in ``base_model.json`` by path and a content fingerprint, checked
+before a resume loads anything. The fingerprint: SHA-256 over the DiT ``config.json`` and, per
+weight file, its name, size, safetensors header and the first ``SAMPLE_BYTES`` of every tensor
+(~6 MB read for the 14B DiT instead of 34 GB; it misses only a change past the first 4 KiB of
+every tensor touched).
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
-"""What makes a training checkpoint safe to load: a size/hash manifest, tensor-only pickles, and
-group-readable files.
+"""What makes a training checkpoint safe to load (docs/reliability.md).
 
-* ``write_manifest`` (at save, before ``COMPLETE``): every file's size and a SHA-256, of the
-  whole file up to 64 MiB and of its first, middle and last MiB above that, so saving a 14B
-  checkpoint does not re-read hundreds of GB (truncation always shows in the size; the sampled
-  hash catches a rewritten file). ``manifest_problem`` (at resume) names the first file that is
-  missing, truncated or changed.
-* ``check_pickles``: DeepSpeed unpickles its ``*.pt`` files with ``weights_only=False``, so a
-  pickle planted in a checkpoint would run code on resume. Every pickle of the folder is read
-  here first with ``torch.load(weights_only=True)``, allowing only tensors, accelerate's own safe
-  globals (numpy RNG states) and a few plain DeepSpeed classes that its optimizer files hold
-  (found on a real CPU ZeRO-2 checkpoint). Anything else raises ``UnsafeCheckpointError``.
-* ``damage`` (at resume): what is wrong with a checkpoint's files, or None: the manifest's
-  verdict, else (checkpoints written before manifests) every safetensors header must cover its
-  file. ``check_pickles`` tells a truncated or damaged pickle (``DamagedCheckpointError``: the
-  caller falls back) from one that would run code (``UnsafeCheckpointError``: refused).
+* ``write_manifest`` / ``manifest_problem``: every file's size and SHA-256 (whole file up to
+  64 MiB, else its first, middle and last MiB: truncation always shows in the size, the sampled
+  hash catches a rewritten file, and a 14B save does not re-read hundreds of GB).
+* ``check_pickles``: DeepSpeed unpickles its ``*.pt`` with ``weights_only=False``, so every pickle
+  is read here first with ``torch.load(weights_only=True)`` allowing only tensors, accelerate's safe
+  globals and a few plain DeepSpeed classes (found in a real ZeRO-2 checkpoint): anything else is
+  ``UnsafeCheckpointError`` (refused), a truncated file ``DamagedCheckpointError`` (fall back).
+* ``damage``: the manifest's verdict, or without one, whether every safetensors header parses.
 * ``make_group_readable``: safetensors writes 0600; a run shared by a group must be readable.
 """
 

@@ -1,13 +1,8 @@
-"""The frozen encoders at their real sizes for the memory planner, built without reading weights.
+"""The frozen encoders at their real sizes for the memory planner, built on ``meta`` (no weights read).
 
-Architectures come from the model folder's ``config.json`` files (diffusers layout: ``vae/``,
-``text_encoder/``, ``image_encoder/``) or, for the official layout and for a preset without a
-folder, from the published sizes of the Wan2.2-Animate-14B release (facts file): Wan2.1 VAE
-(diffusers ``AutoencoderKLWan`` defaults), umT5-XXL encoder (d_model 4096, 24 layers, 64 heads,
-d_ff 10240, vocabulary 256,384) and the open-clip ViT-H/14 vision tower (1280 wide, 32 layers,
-16 heads, MLP 5120, 224 px, patch 14). They are built on ``meta`` and materialised as fake
-tensors by the caller, then wrapped in the pipeline's own ``WanVAE`` / ``TextEncoder`` /
-``ImageEncoder`` so one encode runs the code training runs.
+Sizes come from the model folder's ``vae/``, ``text_encoder/``, ``image_encoder/`` ``config.json``, else
+the published ones (facts file): Wan2.1 VAE (diffusers defaults), umT5-XXL encoder, open-clip
+ViT-H/14. They are wrapped in the pipeline's own encoder classes so the planned encode is training's.
 """
 
 from __future__ import annotations

@@ -2,14 +2,10 @@
 
     MALLOC_MMAP_THRESHOLD_=65536 python -m train.plan.measure [hydra overrides]
 
-prints one JSON line ``{"peak_rss_delta_gib": ..., "seconds": ...}``. It builds the planned model
-with initialised weights (no encoders: meant for ``data.source=cached`` configs, where the planner
-parks them on the host), runs ``train.plan.planner``'s step on real tensors, and reads the
-process's peak resident set (``VmHWM``) after resetting it (``/proc/self/clear_refs``) once the
-imports are done. Nothing of the planner's accounting (``LiveBytes``, fake tensors, storage
-bookkeeping) is involved: the figure is what the operating system saw. The fixed mmap threshold
-makes glibc return every freed block of >= 64 KiB to the kernel at once, so freed tensors leave
-the resident set as they would leave a GPU allocator's "allocated" count.
+prints ``{"peak_rss_delta_gib": ..., "seconds": ...}``: the process's peak resident set (``VmHWM``,
+reset through ``/proc/self/clear_refs``) over the planner's step on initialised weights, without
+encoders (``data.source=cached`` configs). The mmap threshold makes glibc return freed blocks at
+once, as a GPU allocator's "allocated" count would.
 """
 
 from __future__ import annotations

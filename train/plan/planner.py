@@ -3,18 +3,12 @@
     accelerate launch train/main.py experiment=animate14b_lora train.dry_run=memory [overrides]
     plan_memory(cfg) -> dict   (the same, in process)
 
-It builds what ``train.trainer`` builds, with the trainer's own functions: the model of
-``model.family`` (``wan_animate.family``) from the preset or the model folder's ``config.json`` (no
-weight is read, nothing needs downloading), its precision, then ``train.modes.prepare_model`` (the
-trainable set with LoRA wrapping and adapters, fp32 master copies of the trainables, activation
-checkpointing and the memory options), the optimizer (``make_optimizer``), the frozen encoders at their
-real sizes (parked on the host; raw shards move them to the device only for the encode phase, as
-``train/frozen_encoders.py`` does; cached shards never load them for training). Then it
-runs one step as the trainer does, in its steady state (optimizer states and, with gradient
-accumulation, the kept gradients already present): batch building (raw shards: VAE/umT5/CLIP
-encodes), forward under autocast, flow-matching loss, backward, gradient clipping,
-``optimizer.step()``, ``zero_grad``. Everything runs under ``FakeTensorMode`` on the CPU
-(fake CPU tensors run backward on a CPU-only torch) while ``LiveBytes`` counts live storages.
+It builds what the trainer builds, with the trainer's own functions (``train.modes.prepare_model``,
+``make_optimizer``), from the preset or the model folder's ``config.json`` (no weight read, nothing
+downloaded), plus the frozen encoders at their real sizes placed as ``train/frozen_encoders.py``
+places them. Then it runs one step in its steady state (optimizer states and kept accumulated
+gradients present): batch building, forward under autocast, loss, backward, clipping, step,
+zero_grad, all under ``FakeTensorMode`` on the CPU while ``LiveBytes`` counts live storages.
 
 Parallel engines (``train.plan_world_size=N`` plans one rank of N):
 * DDP: every rank holds the whole model, gradients and optimizer states, plus DDP's gradient
@@ -48,15 +42,8 @@ import torch
 
 from train.config import Config
 from train.plan.engines import engine_of, parallel_terms
-from train.plan.report import (
-    candidate_options,
-    format_plan,
-    plan_result,
-    with_overrides,
-)
-from train.plan.sequence import (
-    install_planned as install_planned_sequence_parallel,
-)
+from train.plan.report import candidate_options, format_plan, plan_result, with_overrides
+from train.plan.sequence import install_planned as install_planned_sequence_parallel
 from train.plan.sequence import plan_fields as sequence_plan_fields
 from train.plan.track import LiveBytes
 from wan_animate.family import DEFAULT_FAMILY, get_family
@@ -72,19 +59,9 @@ def model_folder(cfg: Config) -> str | None:
     other than 14b the quick-start tiny folder training would write (written here if missing)."""
     if cfg.model.path or cfg.model.preset == "14b" or cfg.model.family != DEFAULT_FAMILY:
         return cfg.model.path
-    from wan_animate.testing import make_tiny_model_folder
+    from train.assets import build_model
 
-    folder = Path(cfg.cache_dir) / f"model-{cfg.model.preset}-seed{cfg.model.init_seed}"
-    if not (folder / ".complete").is_file():
-        import shutil
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_model_folder(tmp, layout="diffusers", seed=cfg.model.init_seed, config_preset=cfg.model.preset)
-        (tmp / ".complete").write_text("ok")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return str(folder)
+    return str(build_model(cfg))
 
 
 def _model_config(cfg: Config, folder: str | None):
@@ -191,8 +168,7 @@ def _to_empty_keeping_ties(module: torch.nn.Module) -> None:
 def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = False) -> dict[str, Any]:
     """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
-    seen cannot be swapped by ``to_empty``); call inside the mode. Materialising happens before
-    ``tracker`` is entered."""
+    seen cannot be swapped by ``to_empty``); call inside the mode."""
     from train.modes import make_optimizer, prepare_model
     from train.plan.encoders import wrap_encoders
 

@@ -1,7 +1,4 @@
-"""The memory planner's result: the plan dict, the printed table and the options worth trying.
-
-Split from ``train.plan.planner`` (which runs the step); nothing here touches tensors.
-"""
+"""The memory planner's result: the plan dict, the printed table and the options worth trying."""
 
 from __future__ import annotations
 
@@ -59,31 +56,23 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
     }
 
 
-def _streams(cfg: Config) -> dict:
+def candidate_options(cfg: Config) -> list[dict[str, Any]]:
+    """Overrides ({"model.key": value}) worth trying for this config."""
     from wan_animate.family import get_family
 
-    return get_family(cfg.model.family).streams
-
-
-def candidate_options(cfg: Config) -> list[dict[str, Any]]:
-    """Overrides ({"model.key": value}) worth trying, among those the config supports."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(cfg.model)}
+    frozen_base = cfg.train.mode in ("lora", "adapters_only")
     c: list[dict[str, Any]] = []
     if not cfg.model.activation_checkpointing:
         c.append({"model.activation_checkpointing": True})
-    if "checkpoint_dtype" in known:
-        c.append({"model.checkpoint_dtype": "bf16"})
-    if "checkpoint_offload" in known:
-        c.append({"model.checkpoint_offload": True})
-    if "base_dtype" in known and cfg.train.mode in ("lora", "adapters_only"):
+    c.append({"model.checkpoint_dtype": "bf16"})
+    c.append({"model.checkpoint_offload": True})
+    if frozen_base:
         c.append({"model.base_dtype": "fp8"})
-    if "motion_encoder_chunk" in known and not cfg.model.motion_encoder_chunk and "face" in _streams(cfg):
+    if not cfg.model.motion_encoder_chunk and "face" in get_family(cfg.model.family).streams:
         c.append({"model.motion_encoder_chunk": 8})
-    if "name" in {f.name for f in dataclasses.fields(cfg.optim)} and cfg.optim.name == "adamw":
+    if cfg.optim.name == "adamw":
         c.append({"optim.name": "adamw8bit"})
-    if "block_swap" in known and cfg.train.mode in ("lora", "adapters_only"):
+    if frozen_base:
         c.append({"model.block_swap": 20})
         c.append({"model.block_swap": 40})
     if len(c) > 1:
@@ -107,8 +96,7 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 def verdict_line(plan: dict[str, Any]) -> str:
     """Device memory and host RAM against the preset's target machine (train.plan_budget_gib /
     train.plan_host_gib)."""
-    fits_device = plan.get("fits_device", plan["fits"])
-    device = (f"device {plan['peak_device_gib']:.1f} GiB {'fits' if fits_device else 'does NOT fit'} in "
+    device = (f"device {plan['peak_device_gib']:.1f} GiB {'fits' if plan['fits_device'] else 'does NOT fit'} in "
               f"train.plan_budget_gib={plan['budget_gib']:g}")
     host_budget = plan.get("host_budget_gib")
     if host_budget is None:

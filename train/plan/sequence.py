@@ -1,18 +1,10 @@
 """The memory planner's model of one rank of a sequence-parallel group (``train.sequence_parallel=N``).
 
-The planned step runs in one process on fake tensors, so the group's collectives are simulated by
-tensors of the sizes the real ones produce on one rank (``wan_animate.parallel.sequence``):
-
-* the split after the embeddings: ceil(L / N) tokens per rank through every block (H8's own ``split``);
-* Ulysses self-attention: the all-to-all turns q / k / v [B, L/N, H, D] into full-length
-  [B, L, H/N, D] tensors (what the attention kernel reads and saves), and its output back;
-* the face adapter per frame part of the shard (H8's own ``face_update``);
-* the motion encoder on ceil(F / N) face frames, its output gathered to all F;
-* the head on the shard, its output [B, L, C] fp32 gathered on every rank.
-
-Everything else (the full-size inputs and frozen encoders on every rank, the ZeRO partitions over
-all P ranks) is what the plain plan already counts. The simulation is installed with
-``apply_sequence_parallel`` itself, so the seams and wrappers are exactly the trained ones.
+The planned step runs in one process, so the group's collectives are replaced by local tensors of
+the sizes they produce on one rank: ceil(L / N) tokens per rank through the blocks, Ulysses q / k / v
+as full-length [B, L, H/N, D], the motion encoder on ceil(F / N) frames gathered back, the head
+output [B, L, C] gathered. It is installed with ``apply_sequence_parallel`` itself, so the seams are
+the trained ones.
 """
 
 from __future__ import annotations

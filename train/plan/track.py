@@ -1,19 +1,10 @@
 """Live-tensor accounting for the memory planner: every storage counted once, by category.
 
-``LiveBytes`` is a ``TorchDispatchMode`` that sees the output of every aten op (forward, backward,
-the optimizer step) and registers each output's *untyped storage* once (views and aliases share
-it), with a weak reference whose callback subtracts the bytes when the storage dies. On fake
-tensors (``FakeTensorMode``) storages keep their real ``nbytes`` and identity, so the live total is
-what the allocator would hold. A storage gets the category of the phase that created it
-(forward -> ``activations``, backward -> ``temporaries``, optimizer -> ``optimizer_states``,
-encode -> ``encoder_activations``) unless it is (re)classified: parameters, gradients (a hook
-after accumulation), batch inputs, frozen encoder weights. Storages marked *host* (pinned by a
-memory option, or parked on the CPU) are summed apart and never enter the device peak; pinned
-host bytes are counted as held: a ``pin_memory()`` copy (CUDA's caching host allocator) at its
-power-of-two rounded size, the memory options' own exact-size buffers at their size.
-
-Sharded categories (ZeRO) are counted at ``scale[category]`` of their bytes, so the same step
-plans one rank of an N-rank job (see ``train.plan.planner`` for the model of each engine).
+``LiveBytes`` (a ``TorchDispatchMode``) registers the untyped storage of every aten op's output once,
+with a weak reference that subtracts its bytes when it dies; fake tensors keep real ``nbytes``. A
+storage gets its phase's category (``PHASE_CATEGORY``) unless reclassified (parameters, gradients,
+inputs, encoder weights). Host storages are summed apart, pinned ones at what the allocator holds
+(``pin_memory()`` rounded to a power of two); sharded categories count at ``scale[category]``.
 """
 
 from __future__ import annotations
