@@ -23,6 +23,12 @@ REFERENCE_POLICIES = ("outside", "first", "image")
 DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
 
 
+def _choice(obj: Any, name: str, choices) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: choose one of {tuple(choices)}")
+
+
 @dataclass
 class PrepareConfig:
     """``python -m data_tools.prepare input=PATH output=DIR [options]``."""
@@ -71,12 +77,9 @@ class PrepareConfig:
         for b in self.buckets:
             if len(b) != 2 or b[0] % 16 or b[1] % 16 or b[0] <= 0 or b[1] <= 0:
                 raise ValueError(f"bucket {list(b)} must be [height, width], both positive multiples of 16")
-        if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode={self.resize_mode!r}: choose one of {RESIZE_MODES}")
-        if self.pose_backend not in BACKENDS:
-            raise ValueError(f"pose_backend={self.pose_backend!r}: choose one of {tuple(BACKENDS)}")
-        if self.segmenter not in SEGMENTERS:
-            raise ValueError(f"segmenter={self.segmenter!r}: choose one of {SEGMENTERS}")
+        for name, choices in (("resize_mode", RESIZE_MODES), ("pose_backend", BACKENDS), ("segmenter", SEGMENTERS),
+                              ("reference_policy", REFERENCE_POLICIES)):
+            _choice(self, name, choices)
         if self.segmenter == "sam2" and not self.sam2_path:
             raise ValueError("segmenter=sam2 needs the SAM2 weights: set sam2_path=DIR (a transformers-format "
                              "SAM2 folder, e.g. facebook/sam2.1-hiera-large)")
@@ -89,8 +92,6 @@ class PrepareConfig:
         if self.segmenter == "sam2" and self.pose_backend == "precomputed" and "path" not in self.pose_options:
             raise ValueError("segmenter=sam2 is prompted from keypoints, which ready pose videos lack: give "
                              "pose_options.path= (keypoint files) too, or use segmenter=mediapipe")
-        if self.reference_policy not in REFERENCE_POLICIES:
-            raise ValueError(f"reference_policy={self.reference_policy!r}: choose one of {REFERENCE_POLICIES}")
         if self.face_size < 16 or self.face_size % 2:
             raise ValueError(f"face_size={self.face_size} must be an even number >= 16 (512 for Wan-Animate)")
         if not 0.0 <= self.min_person_fraction <= 1.0:

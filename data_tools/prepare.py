@@ -32,9 +32,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 STATE_FILE = "prepare_state.jsonl"
 
 
-# =============================================================================================
-# inputs
-# =============================================================================================
+# ---------------------------------------------------------------------------- inputs
 class PrepareError(ValueError):
     """A job that cannot start (bad input path, output of another job): one line, exit status 2."""
 
@@ -64,9 +62,7 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
     return [p]
 
 
-# =============================================================================================
-# workers
-# =============================================================================================
+# ---------------------------------------------------------------------------- workers
 _WORKER: dict = {}
 
 
@@ -103,9 +99,7 @@ def _worker_run(args, progress=None) -> InputResult:
         return InputResult(input=str(path), reason=f"internal error: {type(e).__name__}: {e}")
 
 
-# =============================================================================================
-# resumable job
-# =============================================================================================
+# ---------------------------------------------------------------------------- resumable job
 def _config_fingerprint(cfg: PrepareConfig) -> str:
     d = asdict(cfg)
     for k in ("output", "workers", "input"):

@@ -26,9 +26,7 @@ def _dilate(mask: np.ndarray, dilate: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), kernel) > 0
 
 
-# =============================================================================================
-# mediapipe
-# =============================================================================================
+# ---------------------------------------------------------------------------- mediapipe
 class CharacterSegmenter:
     """mediapipe selfie segmentation, frame by frame; the pose is not needed (and ignored)."""
 
@@ -60,9 +58,7 @@ class CharacterSegmenter:
             self._seg.close()
 
 
-# =============================================================================================
-# SAM2 (transformers Sam2VideoModel)
-# =============================================================================================
+# ---------------------------------------------------------------------------- SAM2 (transformers Sam2VideoModel)
 # Body points used as positive clicks (OpenPose order of data_tools.pose.format): nose, neck,
 # both shoulders, both hips, both ankles -- the same joints the official Wan-Animate
 # preprocessing clicks on. They sit inside the body outline, so each one is a safe "this is the
@@ -291,9 +287,7 @@ class Sam2Segmenter:
         self.model = None
 
 
-# =============================================================================================
-# factory + background
-# =============================================================================================
+# ---------------------------------------------------------------------------- factory + background
 def get_segmenter(name: str = "mediapipe", **options):
     """``"mediapipe"`` -> CharacterSegmenter(threshold=, dilate=, model_selection=);
     ``"sam2"`` -> Sam2Segmenter(path=, device=, dtype=, prompt=, keyframes=, chunk_len=, min_score=,

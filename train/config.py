@@ -33,6 +33,19 @@ def _fail(msg: str) -> None:
     raise ConfigError(msg)
 
 
+def _choice(section: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        _fail(f"{section}.{name}={value!r}; choose one of {choices}.")
+
+
+def _at_least(section: str, obj: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            _fail(f"{section}.{name}={value} must be >= {minimum}.")
+
+
 # ---------------------------------------------------------------------------- groups
 
 
@@ -106,13 +119,11 @@ class DataConfig:
     max_skipped_fraction: float = 0.5  # stop when more than this share of samples fails to decode
 
     def __post_init__(self) -> None:
-        if self.source not in DATA_SOURCES:
-            _fail(f"data.source={self.source!r}; choose one of {DATA_SOURCES}.")
+        _choice("data", self, "source", DATA_SOURCES)
         if self.clip_len < 5 or (self.clip_len - 1) % 4:
             _fail(f"data.clip_len={self.clip_len} must be 4n+1 and >= 5 (e.g. 5, 9, ..., 77).")
         if self.source == "synthetic":
-            if self.synthetic_clips < 1:
-                _fail("data.synthetic_clips must be >= 1.")
+            _at_least("data", self, 1, "synthetic_clips")
             if self.synthetic_frames < self.clip_len:
                 _fail(f"data.synthetic_frames={self.synthetic_frames} < data.clip_len={self.clip_len}; raise it.")
             if self.synthetic_height % 16 or self.synthetic_width % 16:
@@ -130,8 +141,7 @@ class DataConfig:
         if not (0.0 <= self.face_aug_scale < 1.0 and 0.0 <= self.face_aug_color < 1.0 and self.face_aug_noise >= 0.0):
             _fail(f"data.face_aug_scale={self.face_aug_scale} and data.face_aug_color={self.face_aug_color} must be "
                   f"in [0, 1), data.face_aug_noise={self.face_aug_noise} >= 0.")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            _fail("data.num_workers and data.shuffle_buffer must be >= 0.")
+        _at_least("data", self, 0, "num_workers", "shuffle_buffer")
         if self.face_size != 0 and not 16 <= self.face_size <= 2048:
             _fail(f"data.face_size={self.face_size} must be 0 (the model's motion_encoder_size, 512 for Wan-Animate) "
                   "or a side in [16, 2048] pixels.")
@@ -152,16 +162,13 @@ class OptimConfig:
     ema_decay: float = 0.0  # 0 disables the EMA of trained weights
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            _fail(f"optim.name={self.name!r}; choose one of {OPTIMIZERS}.")
-        if self.lr < 0:
-            _fail(f"optim.lr={self.lr} must be >= 0.")
+        _choice("optim", self, "name", OPTIMIZERS)
+        _choice("optim", self, "scheduler", SCHEDULERS)
+        _at_least("optim", self, 0, "lr")
         if self.adapter_lr is not None and self.adapter_lr < 0:
             _fail(f"optim.adapter_lr={self.adapter_lr} must be >= 0.")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             _fail(f"optim.betas={self.betas} must be two values in [0, 1).")
-        if self.scheduler not in SCHEDULERS:
-            _fail(f"optim.scheduler={self.scheduler!r}; choose one of {SCHEDULERS}.")
         if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             _fail(f"optim.warmup_steps={self.warmup_steps}, optim.grad_clip={self.grad_clip} and optim.weight_decay="
                   f"{self.weight_decay} must be >= 0 (grad_clip 0 disables clipping).")
@@ -185,8 +192,7 @@ class LoraSettings:
     init_from: Optional[str] = None  # community-layout file to continue from
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            _fail(f"lora.rank={self.rank} must be >= 1.")
+        _at_least("lora", self, 1, "rank")
         if self.alpha is not None and self.alpha <= 0:
             _fail(f"lora.alpha={self.alpha} must be > 0 (or null for alpha = rank).")
         if not 0 <= self.dropout < 1:
@@ -263,28 +269,16 @@ class TrainSettings:
             _fail(f"train.plan_budget_gib={self.plan_budget_gib} must be > 0 (GiB of device memory per rank).")
         if self.plan_host_gib is not None and not self.plan_host_gib > 0:
             _fail(f"train.plan_host_gib={self.plan_host_gib} must be > 0 (GiB of host RAM per rank) or null.")
-        if self.mode not in MODES:
-            _fail(f"train.mode={self.mode!r}; choose one of {MODES}.")
-        if self.max_steps < 1:
-            _fail(f"train.max_steps={self.max_steps} must be >= 1.")
+        _choice("train", self, "mode", MODES)
+        _choice("train", self, "precision", PRECISIONS)
+        _choice("train", self, "distributed", DISTRIBUTED)
+        _at_least("train", self, 1, "max_steps", "keep_last", "micro_batch_size", "grad_accum", "log_every",
+                  "validation_steps", "max_consecutive_nonfinite")
+        _at_least("train", self, 0, "validate_every")
         if not self.output_dir:
             _fail("train.output_dir must be a folder path.")
         if self.checkpoint_every < 0:
             _fail(f"train.checkpoint_every={self.checkpoint_every} must be >= 0 (0 -> only at the end).")
-        if self.keep_last < 1:
-            _fail(f"train.keep_last={self.keep_last} must be >= 1.")
-        if self.micro_batch_size < 1:
-            _fail(f"train.micro_batch_size={self.micro_batch_size} must be >= 1.")
-        if self.grad_accum < 1:
-            _fail(f"train.grad_accum={self.grad_accum} must be >= 1.")
-        if self.precision not in PRECISIONS:
-            _fail(f"train.precision={self.precision!r}; choose one of {PRECISIONS}.")
-        if self.distributed not in DISTRIBUTED:
-            _fail(f"train.distributed={self.distributed!r}; choose one of {DISTRIBUTED}.")
-        if self.log_every < 1 or self.validate_every < 0 or self.validation_steps < 1:
-            _fail("train.log_every >= 1, train.validate_every >= 0 and train.validation_steps >= 1 are required.")
-        if self.max_consecutive_nonfinite < 1:
-            _fail("train.max_consecutive_nonfinite must be >= 1.")
         bad = [x for x in self.export_layouts if x not in ("official", "diffusers")]
         if bad:
             _fail(f"train.export_layouts has {bad}; allowed: official, diffusers.")

@@ -113,19 +113,22 @@ def _finish(trainer: Trainer, status: str, result: dict[str, Any], preempt: Pree
             result["condition_gaps"] = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls,
                                                       trainer.batch_dtype, trainer.stage)
         else:
-            ema = trainer.ema.state_dict() if trainer.ema is not None else None
-            result["exports"] = export(cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
+            result["exports"] = _export(trainer)
     if preempt.requested and main:
         print(f"[train] {preempt.signal} during the final phase: it completed; stopping", flush=True)
     return status
+
+
+def _export(trainer: Trainer) -> dict[str, str]:
+    ema = trainer.ema.state_dict() if trainer.ema is not None else None
+    return export(trainer.cfg, trainer.acc, trainer.model, trainer.raw_dit, ema)
 
 
 def _reexport(cfg: Config, acc, model_path: Path, urls: list[str], finished: run_dir.Finished) -> dict[str, Any]:
     """A finished run whose exports are missing: load its last checkpoint and export, nothing else."""
     trainer = Trainer(cfg, acc, model_path, urls)
     trainer.resume(cfg.train.output_dir)
-    ema = trainer.ema.state_dict() if trainer.ema is not None else None
-    result = {**finished.summary, "exports": export(cfg, acc, trainer.model, trainer.raw_dit, ema)}
+    result = {**finished.summary, "exports": _export(trainer)}
     if acc.is_main_process:
         run_dir.write_summary(Path(cfg.train.output_dir), result)
         print(f"[train] re-exported to {Path(cfg.train.output_dir) / 'export'}", flush=True)

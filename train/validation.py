@@ -70,7 +70,8 @@ def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "fac
     from train.data import cached_text_embeds
     from wan_animate.samples import decode_cached_sample
 
-    s = decode_cached_sample(_first_raw(urls[0]), cached_text_embeds(urls))
+    text = cached_text_embeds(urls)
+    s = decode_cached_sample(_first_raw(urls[0]), text)
     latent = [k for k in streams if k != "face"]  # the face crops are stored as pixels
     with torch.no_grad():
         decoded = {k: vae.decode(s[k].unsqueeze(0).float())[0] for k in ("ref", *latent, "target")}

@@ -20,9 +20,7 @@ from data_tools.pose.format import PoseSequence
 from data_tools.pose.mediapipe_backend import MediapipeBackend
 
 
-# =============================================================================================
-# vitpose (official ONNX pair)
-# =============================================================================================
+# ---------------------------------------------------------------------------- vitpose (official ONNX pair)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # COCO-WholeBody (133) -> our 20 body points: mean of the two listed points (same point twice =
@@ -253,9 +251,7 @@ class VitPoseBackend(PoseBackend):
         return wholebody_to_pose(kps, h, w)
 
 
-# =============================================================================================
-# precomputed
-# =============================================================================================
+# ---------------------------------------------------------------------------- precomputed
 def load_keypoints(path: str | Path) -> PoseSequence:
     """A PoseSequence from ``.npz`` (``PoseSequence.save_npz``) or ``.json`` (``to_dict``)."""
     path = Path(path)
