@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import FaceAugmentParams, augment_face, draw_face_augment
+from train.face_augment import FaceAugmentParams, augment_face, draw_face_augment
 
 IDENTITY = FaceAugmentParams(scale=1.0, brightness=0.0, contrast=1.0, saturation=1.0, noise_std=0.0)
 
