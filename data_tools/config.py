@@ -1,8 +1,5 @@
-"""Typed configs of the data_tools commands (Hydra primary configs in ``conf/``).
-
-Each dataclass is registered in Hydra's ConfigStore under ``<name>_schema`` and validated in
-``__post_init__`` with messages saying what to change.
-"""
+"""Typed configs of the data_tools commands: registered in Hydra's ConfigStore as ``<app>_schema``,
+validated in ``__post_init__`` with messages saying what to change."""
 
 from __future__ import annotations
 
@@ -186,13 +183,9 @@ def register_configs() -> None:
 
 
 def run_hydra(app: str, cls, fn) -> None:
-    """Run ``fn(config)`` as a Hydra app: the dataclass defaults, an optional ``preset=NAME``
-    (``conf/<app>/preset/NAME.yaml``), then ``key=value`` overrides from the command line.
-    Validation errors print one line and exit 2.
-
-    Each app has its own config root ``conf/<app>/`` holding only its presets, so an override such
-    as ``model=MODEL_DIR`` can never be taken for another app's config group.
-    """
+    """Run ``fn(config)`` as a Hydra app: the dataclass defaults, an optional ``preset=NAME``, then
+    ``key=value`` overrides; validation errors print one line and exit 2. Each app has its own config
+    root ``conf/<app>/`` (its presets only), so ``model=MODEL_DIR`` is never taken for a config group."""
     import hydra
 
     from wan_animate.cli import check_overrides, expected_errors, fail, take_debug_flag

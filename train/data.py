@@ -265,56 +265,29 @@ class ShardStream(torch.utils.data.IterableDataset):
             if shard_split:
                 urls = urls[reader::readers]
             shuffle_rng = np.random.default_rng([spec.seed, epoch, reader, 0xB0F])
-            buffer: list[tuple[int, dict]] = []
+            # index per sample for its seeds: (reader, position) when readers split the shards
+            samples = (((reader, i) if shard_split else i, raw) for i, raw in enumerate(self._raw_samples(urls))
+                       if shard_split or i % readers == reader)
             pending: dict[tuple[int, int], list[tuple[int, dict]]] = {}
-            seen_any = False
-
-            def emit(item):
-                index, raw = item
+            seen_any = emitted = False
+            for index, raw in _shuffled(samples, spec.cfg.shuffle_buffer, shuffle_rng):
+                seen_any = True
                 try:
                     size = self._bucket_of(raw)
                 except Exception as e:  # unreadable json: skip before bucketing, count with the next batch
                     self._faults.append(f"{raw.get('__key__', '?')}: {e}")
-                    return None
+                    continue
                 group = pending.setdefault(size, [])
                 group.append((index, raw))
-                if len(group) == spec.micro_batch_size:
-                    pending[size] = []
-                    return size, group
-                return None
-
-            def sample_iter():
-                for i, raw in enumerate(self._raw_samples(urls)):
-                    if shard_split:
-                        # unique index per (shard position, sample) for per-sample seeds
-                        yield (reader, i), raw
-                    elif i % readers == reader:
-                        yield i, raw
-
-            def shuffled():
-                # A seeded shuffle buffer: fill it, then emit a random member per new sample.
-                nonlocal seen_any
-                for item in sample_iter():
-                    seen_any = True
-                    if spec.cfg.shuffle_buffer <= 1:
-                        yield item
-                        continue
-                    buffer.append(item)
-                    if len(buffer) >= spec.cfg.shuffle_buffer:
-                        yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
-                while buffer:
-                    yield buffer.pop(int(shuffle_rng.integers(len(buffer))))
-
-            emitted = False
-            for item in shuffled():
-                out = emit(item)
-                if out is not None:
-                    emitted = True
-                    batch = self._finish(out, epoch, to_skip)
-                    if to_skip:
-                        to_skip -= 1
-                    if batch is not None:
-                        yield batch
+                if len(group) < spec.micro_batch_size:
+                    continue
+                pending[size] = []
+                emitted = True
+                batch = self._finish(size, group, epoch, to_skip)
+                if to_skip:
+                    to_skip -= 1
+                if batch is not None:
+                    yield batch
             if not seen_any:
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker} (slot {slot}) got no sample from {len(urls)} shard(s): the data set "
@@ -330,8 +303,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             # incomplete buckets are carried into the next epoch's order implicitly (dropped here)
             epoch += 1
 
-    def _finish(self, out, epoch: int, to_skip: int) -> dict | None:
-        size, group = out
+    def _finish(self, size: tuple[int, int], group: list, epoch: int, to_skip: int) -> dict | None:
         faults, self._faults = self._faults, []
         if to_skip:  # counted before the checkpoint this run resumed from
             return None
@@ -346,20 +318,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         return {"examples": examples, "skipped": skipped, "errors": errors, "size": size}
 
 
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer of ``size``: fill it, then emit a random member per new item."""
+    buffer: list = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
 def collate_identity(batch):
     return batch
 
 
 def make_loader(spec: StreamSpec, start_batch: int = 0) -> torch.utils.data.DataLoader:
     ds = ShardStream(spec, start_batch=start_batch)
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=None,
-        num_workers=spec.cfg.num_workers,
-        collate_fn=collate_identity,
-        persistent_workers=False,
-        prefetch_factor=2 if spec.cfg.num_workers > 0 else None,
-    )
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=spec.cfg.num_workers, collate_fn=collate_identity)
 
 
 class BatchIterator:
