@@ -5,12 +5,12 @@ generation, with token counts that need padding; a broken head exchange is caugh
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_sequence_parallel import _free_port, _rel, compare_to_one_process
 
 TOL = 1e-5
 
@@ -35,18 +35,6 @@ def _inputs(cfg, batch, frames, h, w):
                 context_ref=rand(batch, 6, cfg.text_dim), clip_ref=rand(batch, 5, cfg.image_dim))
 
 
-def _rel(a, b):
-    d = b.norm().item()
-    return (a - b).norm().item() / d if d > 0 else (a - b).norm().item()
-
-
-def _forward_backward(model, inputs):
-    out = model(**inputs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    (out * weight).sum().backward()  # a generic linear functional: every output element matters
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
 def _run_case(case, group):
     from wan_animate.animate2.config import Animate2Config
     from wan_animate.animate2.model import Animate2DiT
@@ -65,20 +53,12 @@ def _run_case(case, group):
         to_tokens = plan.to_tokens
         plan.to_tokens = lambda t, stream: to_tokens(t.roll(1, dims=1), stream)
     inputs = _inputs(cfg, batch, frames, h, w)
-    ref_out, ref_grads = _forward_backward(reference, inputs)
-    out, grads = _forward_backward(parallel, inputs)
-    worst_name, worst = "", 0.0
-    for name, grad in grads.items():
-        dist.all_reduce(grad, group=group)  # data-parallel averaging over the group ...
-        err = _rel(grad / dist.get_world_size(group), ref_grads[name])  # ... gives the exact gradient
-        if err > worst:
-            worst_name, worst = name, err
+    errors = compare_to_one_process(reference, parallel, inputs, group)
     with torch.no_grad():  # inference: the extract pass once, then a denoising step against its cache
         args = (inputs["x"], inputs["t"], inputs["context"], inputs["clip_fea"], inputs["y"])
         drv = (inputs["driving"], inputs["context_ref"], inputs["clip_ref"])
         cached = _rel(parallel.generate(*args, parallel.extract(*drv)), reference.generate(*args, reference.extract(*drv)))
-    return {"out": _rel(out, ref_out), "grad": worst, "grad_name": worst_name, "cached": cached,
-            "lengths": dict(plan.lengths), "grads_nonzero": all(g.norm() > 0 for g in ref_grads.values())}
+    return {**errors, "cached": cached, "lengths": dict(plan.lengths)}
 
 
 def _worker(rank, world, port, result_dir):
@@ -93,12 +73,6 @@ def _worker(rank, world, port, result_dir):
             json.dump(results, f)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -63,8 +63,13 @@ def _run_case(case: str, group: dist.ProcessGroup) -> dict:
     plan = apply_sequence_parallel(parallel, group)
     if unmasked:  # negative control: attend to the padding keys too
         plan._ulysses.local_attn = attention
-    inputs = _inputs(cfg, batch, frames, h, w)
+    errors = compare_to_one_process(reference, parallel, _inputs(cfg, batch, frames, h, w), group)
+    return {**errors, "layout": [plan.layout.total, plan.layout.padded, plan.layout.start, plan.layout.tokens_per_frame]}
 
+
+def compare_to_one_process(reference, parallel, inputs: dict, group: dist.ProcessGroup) -> dict:
+    """Relative errors of the sequence-parallel model's output and of every parameter gradient (mean
+    over the group) against the plain model on the same inputs (any model family)."""
     ref_out, ref_grads = _forward_backward(reference, inputs)
     out, grads = _forward_backward(parallel, inputs)
     worst_name, worst = "", 0.0
@@ -73,13 +78,8 @@ def _run_case(case: str, group: dist.ProcessGroup) -> dict:
         err = _rel(grad / dist.get_world_size(group), ref_grads[name])  # ... gives the exact gradient
         if err > worst:
             worst_name, worst = name, err
-    return {
-        "out": _rel(out, ref_out),
-        "grad": worst,
-        "grad_name": worst_name,
-        "layout": [plan.layout.total, plan.layout.padded, plan.layout.start, plan.layout.tokens_per_frame],
-        "grads_nonzero": all(g.norm() > 0 for g in ref_grads.values()),
-    }
+    return {"out": _rel(out, ref_out), "grad": worst, "grad_name": worst_name,
+            "grads_nonzero": all(g.norm() > 0 for g in ref_grads.values())}
 
 
 def _generate(pipe, recorded: list) -> "np.ndarray":
