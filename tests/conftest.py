@@ -80,3 +80,16 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Wan-Animate-14B model folder (diffusers layout), built once per session."""
+    from wan_animate.testing import make_tiny_model_folder
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return make_tiny_model_folder(tmp_path_factory.mktemp("m") / "tiny", layout="diffusers")
+    finally:
+        torch.set_num_threads(n)

@@ -184,18 +184,6 @@ def test_prepare_driving_appearance_on_the_real_clip(tmp_path, wan_example):
 # ---------------------------------------------------------------------------------------------
 # cached latents cover the driving stream
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from wan_animate.testing import make_tiny_model_folder
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return make_tiny_model_folder(tmp_path_factory.mktemp("m") / "tiny", layout="diffusers")
-    finally:
-        torch.set_num_threads(n)
-
-
 def test_cache_latents_cover_the_driving_stream(tmp_path, tiny_model):
     from data_tools.cache_latents import cache_latents, load_encoders, text_key
     from data_tools.config import CacheLatentsConfig

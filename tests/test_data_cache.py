@@ -20,18 +20,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from wan_animate.testing import make_tiny_model_folder
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return make_tiny_model_folder(tmp_path_factory.mktemp("m") / "tiny", layout="diffusers")
-    finally:
-        torch.set_num_threads(n)
-
-
 def _raw_set(tmp_path):
     src = make_synthetic_dataset(tmp_path / "syn", num_clips=3, clip_len=9, height=32, width=32, face_size=32,
                                  shard_size=2, replace=True)
