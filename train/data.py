@@ -36,6 +36,8 @@ import torch
 
 from train.config import DataConfig
 from train.face_augment import augment_face, draw_face_augment
+
+REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")  # data.urls streamed as given, never globbed
 from wan_animate.geometry import crop_box_map, nearest_bucket, resize_crop_tensor
 
 # ---------------------------------------------------------------------------- face regions
@@ -396,7 +398,7 @@ def resolve_urls(urls: list[str]) -> list[str]:
 
     out: list[str] = []
     for url in urls:
-        if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")):
+        if url.startswith(REMOTE):
             out.extend(expand_urls(url))
             continue
         for item in expand_urls(url):

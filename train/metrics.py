@@ -6,6 +6,7 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -115,10 +116,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._wandb is not None:
-            try:
+            with contextlib.suppress(Exception):  # wandb must never fail the run
                 self._wandb.finish()
-            except Exception:
-                pass
 
 
 def truncate_metrics(path: Path, resume_step: int) -> int:

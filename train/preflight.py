@@ -29,7 +29,9 @@ class DataFacts:
 
 def _first_shard_metas(url: str, limit: int = 256) -> list[dict]:
     """The ``json`` of the first shard's samples (up to ``limit``); [] when it cannot be read here."""
-    if url.startswith(("pipe:", "http://", "https://", "gs://", "s3://")) or not Path(url).is_file():
+    from train.data import REMOTE
+
+    if url.startswith(REMOTE) or not Path(url).is_file():
         return []
     metas = []
     try:

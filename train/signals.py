@@ -9,6 +9,7 @@ parent dies (``prctl(PR_SET_PDEATHSIG)``). Multi-process launchers forward signa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -53,10 +54,8 @@ class Preemption:
 
     def __enter__(self) -> "Preemption":
         for sig in STOP_SIGNALS:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: signals go to the main thread's handlers
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals go to the main thread's handlers
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:

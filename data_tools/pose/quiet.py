@@ -31,13 +31,9 @@ def import_mediapipe():
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import mediapipe
+    from absl import logging as absl_logging  # a dependency of mediapipe
 
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # pragma: no cover - absl comes with mediapipe
-        pass
+    absl_logging.set_verbosity(absl_logging.ERROR)
     return mediapipe
 
 

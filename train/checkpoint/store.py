@@ -14,6 +14,7 @@ over (docs/reliability.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -256,13 +257,9 @@ def load_checkpoint(acc, path: Path, load_kwargs: dict[str, Any] | None = None) 
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # best effort: the rename is done either way
         fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

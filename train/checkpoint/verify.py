@@ -129,10 +129,8 @@ def _safe_globals() -> list:
 
     found = list(TORCH_SAFE_GLOBALS)
     for module, name in _DEEPSPEED_GLOBALS:
-        try:
+        with contextlib.suppress(ImportError, AttributeError):  # DeepSpeed absent or renamed: its files fail safe
             found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):  # DeepSpeed absent or renamed: its files then fail safe
-            pass
     return found
 
 

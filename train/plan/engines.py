@@ -20,8 +20,9 @@ DS_DEFAULTS = {"reduce_bucket_size": 5e8, "stage3_max_live_parameters": 1e9,
 def engine_of(cfg: Config, world: int) -> tuple[str, int]:
     """("single" | "ddp" | "deepspeed", zero stage) for one rank of ``world``."""
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0)
-    ds = cfg.train.distributed == "deepspeed" or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    if ds:
+    from train.parallel import launched_with_deepspeed
+
+    if cfg.train.distributed == "deepspeed" or launched_with_deepspeed():
         return "deepspeed", stage or 3
     return ("ddp" if world > 1 else "single"), 0
 
