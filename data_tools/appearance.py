@@ -14,10 +14,6 @@ everything a model could copy and keeping everything it must transfer (the body 
 Every random choice comes from one generator seeded by the sample key (reproducible per clip, and
 constant over the clip's frames: the driving video is one consistent other person). Training with
 driving == target would teach the model to copy the driving frames (docs/data.md).
-
-    from data_tools.appearance import draw_appearance, change_appearance
-    params = draw_appearance(np.random.default_rng(seed))
-    driving = change_appearance(frames, masks, params)   # uint8 [T, H, W, 3]
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wan_animate.config import WanAnimateConfig
-from wan_animate.files import dumps_strict
+from wan_animate.files import atomic_write_bytes, dumps_strict
 
 # ---------------------------------------------------------------------------- FLOPs
 
@@ -122,9 +122,8 @@ class MetricsLogger:
 
 def truncate_metrics(path: Path, resume_step: int) -> int:
     """Drop the records logged after ``resume_step`` (a killed run's tail) and a torn last line
-    (killed mid-append); returns how many lines were dropped. The kept lines go to a temporary
-    sibling that replaces the file atomically (``os.replace``), so a kill or a full disk at any
-    point leaves the old file or the new one, never a prefix; nothing to drop: untouched."""
+    (killed mid-append); returns how many lines were dropped. Rewritten atomically: a kill or a full
+    disk at any point leaves the old file or the new one, never a prefix."""
     if not path.exists():
         return 0
     keep, dropped = [], 0
@@ -138,17 +137,8 @@ def truncate_metrics(path: Path, resume_step: int) -> int:
                 keep.append(line)
             elif line.strip():
                 dropped += 1
-    if not dropped:
-        return 0
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when the write or the rename failed
+    if dropped:
+        atomic_write_bytes(path, b"".join(keep))
     return dropped
 
 

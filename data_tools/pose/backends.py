@@ -1,10 +1,7 @@
-"""Pose backends. Every backend turns RGB frames uint8 [T, H, W, 3] into a ``PoseSequence`` in
-pixels of those frames (20 OpenPose body points, 2 x 21 hand points, 68 face landmarks).
-
-- ``mediapipe``   : the embedded default (mediapipe 0.10.21 holistic; no download, CPU), in
-                    ``data_tools.pose.mediapipe_backend``.
-- ``vitpose``     : the official ONNX pair (YOLOv10m person detector + ViTPose-H WholeBody).
-- ``precomputed`` : keypoints supplied by the user (PoseSequence NPZ / JSON).
+"""Pose backends: RGB frames uint8 [T, H, W, 3] -> ``PoseSequence`` in pixels of those frames.
+``mediapipe`` (the embedded default, CPU, no download; ``data_tools.pose.mediapipe_backend``),
+``vitpose`` (the official ONNX pair: YOLOv10m detector + ViTPose-H WholeBody), ``precomputed``
+(keypoints or pose / face videos the user supplies).
 """
 
 from __future__ import annotations
