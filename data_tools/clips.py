@@ -34,14 +34,6 @@ def input_id(path: Path) -> str:
     return f"{safe_key(Path(path).stem)[:48]}-{digest}"
 
 
-def _sidecar(video: Path, extensions) -> Path | None:
-    for ext in extensions:
-        q = video.with_suffix(ext)
-        if q.is_file():
-            return q
-    return None
-
-
 def _load_image(path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
@@ -114,7 +106,8 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         return res
     ref_image = None
     if cfg.reference_policy == "image":
-        ref_path = Path(cfg.reference_image) if cfg.reference_image else _sidecar(path, IMAGE_EXTENSIONS)
+        sidecars = (path.with_suffix(ext) for ext in IMAGE_EXTENSIONS)  # <video stem>.png / .jpg / ...
+        ref_path = Path(cfg.reference_image) if cfg.reference_image else next((q for q in sidecars if q.is_file()), None)
         if ref_path is None or not ref_path.is_file():
             res.reason = (f"reference_policy=image but no reference image: set reference_image= or put "
                           f"{path.stem}.png/.jpg next to the video")

@@ -409,3 +409,23 @@ def test_pose_quality_in_prepare_and_inspect(tmp_path):
     m = prepare(_tiny_cfg(inp, tmp_path / "kept", kp, min_pose_quality=0.95, **cfg), progress=False)
     assert m["counts"]["clips_written"] == 1 and m["counts"]["clips_skipped"] == 1
     assert "min_pose_quality 0.95" in m["skipped_clips"][0]["reason"] and "broken" in m["skipped_clips"][0]["input"]
+
+
+def test_reference_policy_image_reads_the_sidecar_next_to_the_video(tmp_path):
+    """reference_policy=image without reference_image=: <video stem>.png/.jpg is the reference; without
+    one the input is skipped with the fix."""
+    import cv2
+
+    inp, ready = tmp_path / "in", tmp_path / "ready"
+    inp.mkdir()
+    write_video(inp / "a.mp4", np.random.default_rng(0).integers(0, 255, (6, 64, 96, 3), dtype=np.uint8), 30)
+    _ready(ready, "a", 6, 64, 96)
+    m = prepare(_tiny_cfg(inp, tmp_path / "none", ready, reference_policy="image"), progress=False)
+    assert "put a.png/.jpg next to the video" in m["skipped_inputs"][0]["reason"]
+    red = np.zeros((64, 96, 3), np.uint8)
+    red[..., 0] = 200
+    cv2.imwrite(str(inp / "a.png"), red[..., ::-1])
+    prepare(_tiny_cfg(inp, tmp_path / "out", ready, reference_policy="image"), progress=False)
+    (sample,) = _samples(tmp_path / "out")
+    assert sample["meta"]["reference"]["policy"] == "image"
+    assert sample["ref"][0].mean() > 0.5 and sample["ref"][1:].mean() < -0.9  # the red sidecar, not a frame

@@ -20,10 +20,6 @@ def placement(cfg: Config, device: torch.device) -> tuple[torch.device, bool]:
     return torch.device(device), True  # on a CPU-only machine the same path runs (moves are no-ops)
 
 
-def training_needs_encoders(cfg: Config) -> bool:
-    return cfg.data.source != "cached"
-
-
 def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Module):
     """The family's pipeline over ``dit`` (the live training model, whose train/eval mode is kept)
     with the folder's frozen encoders placed by ``placement``."""

@@ -23,7 +23,7 @@ from train.checkpoint import store as checkpointing
 from train.config import Config, ConfigError, check_launch
 from train.data import BatchIterator, StreamSpec
 from train.modes import make_optimizer, make_scheduler, prepare_model
-from train.frozen_encoders import load_frozen_encoders, training_needs_encoders
+from train.frozen_encoders import load_frozen_encoders
 from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
 from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
@@ -82,7 +82,7 @@ class Trainer:
         self.groups, self.summary, self.memory = prepare_model(dit, cfg, self.family, deepspeed=self.use_deepspeed,
                                                                device=self.device)
         # cached shards: no encoder is loaded for training (``Trainer.pipe`` loads them on demand)
-        self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if training_needs_encoders(cfg) else None
+        self._pipe = load_frozen_encoders(cfg, acc, model_path, dit) if cfg.data.source != "cached" else None
         sequence.apply_to_dit(self.sp, dit, self.family)
         optimizer = make_optimizer(self.groups, cfg.optim)
         self.scheduler = make_scheduler(optimizer, cfg)
