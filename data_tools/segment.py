@@ -35,10 +35,7 @@ class CharacterSegmenter:
             raise ValueError(f"mask threshold must be in (0, 1), got {threshold}")
         from data_tools.pose.quiet import import_mediapipe, native_stderr_filtered
 
-        try:
-            mp = import_mediapipe()
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise RuntimeError("replace-mode masks need mediapipe: pip install -e '.[pose]'") from e
+        mp = import_mediapipe("replace-mode masks")
         self._quiet = native_stderr_filtered  # mediapipe's native log lines stay out of progress bars
         with self._quiet():
             self._seg = mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=model_selection)

@@ -58,10 +58,7 @@ class MediapipeBackend(PoseBackend):
         if unused:
             raise TypeError(f"unknown mediapipe backend options {sorted(unused)}; valid: model_complexity, "
                             "max_side, min_detection_confidence, min_tracking_confidence, static_image_mode")
-        try:
-            mediapipe = import_mediapipe()
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise PoseBackendError("the mediapipe pose backend needs mediapipe: pip install -e '.[pose]'") from e
+        mediapipe = import_mediapipe()
         if model_complexity not in (0, 1, 2):
             raise ValueError(f"model_complexity must be 0, 1 or 2, got {model_complexity}")
         if model_complexity != 1:

@@ -26,11 +26,17 @@ NOISE = re.compile(
 )
 
 
-def import_mediapipe():
-    """``import mediapipe`` with its log switches set first (only where the user has not)."""
+def import_mediapipe(what: str = "the mediapipe pose backend"):
+    """``import mediapipe`` with its log switches set first (only where the user has not); without
+    the ``[pose]`` extra a ``PoseBackendError`` saying that ``what`` needs it."""
+    from data_tools.pose.base import PoseBackendError
+
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import mediapipe
+    try:
+        import mediapipe
+    except ImportError as e:
+        raise PoseBackendError(f"{what}: mediapipe is not installed; pip install -e '.[pose]'") from e
     from absl import logging as absl_logging  # a dependency of mediapipe
 
     absl_logging.set_verbosity(absl_logging.ERROR)
