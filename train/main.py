@@ -50,7 +50,7 @@ def main(cfg: DictConfig) -> None:
     lock = None
     try:
         with expected_errors(PREFIX, (ConfigError, RunLockedError)):  # launch-time checks and bad inputs
-            if _global_rank() == 0:  # one run per output_dir; the other ranks follow rank 0
+            if os.environ.get("RANK", "0") == "0":  # one run per output_dir; the other ranks follow rank 0
                 lock = acquire(config.train.output_dir)  # the config is recorded once: <output_dir>/config.json
                 check_fresh_start(config, main=True)  # rank 0, before the other ranks start: moved aside or refused
             stop_with_launcher()  # a launcher killed by SIGTERM/SIGUSR1 still stops this trainer cleanly
@@ -64,10 +64,6 @@ def main(cfg: DictConfig) -> None:
         _teardown()
         if lock is not None:
             release(lock)
-
-
-def _global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _teardown() -> None:
