@@ -50,9 +50,10 @@ class MetricsConfig:
     # Held-out flow-matching loss: one DiT forward per sample and timestep, noise seeded per sample.
     heldout_timesteps: list[float] = field(default_factory=lambda: [100.0, 300.0, 500.0, 700.0, 900.0])
     heldout_seed: int = 0
-    # Condition sensitivity: held-out loss (same timesteps and seed) with each sample's pose, face
-    # crops or reference swapped for the next sample's, minus its own; these conditions.
-    sensitivity_conditions: list[str] = field(default_factory=lambda: ["pose", "face", "ref"])
+    # Condition sensitivity: held-out loss (same timesteps and seed) with each sample's conditions
+    # (Wan-Animate-14B: pose, face, ref; Wan-Animate-2: driving, ref) swapped for the next sample's,
+    # minus its own; these conditions, empty = every condition of the model's family.
+    sensitivity_conditions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -83,13 +84,14 @@ class MetricsConfig:
         self.heldout_timesteps = [float(t) for t in self.heldout_timesteps]
         if not self.heldout_timesteps or any(not 0 <= t <= 1000 for t in self.heldout_timesteps):
             raise ValueError(f"metrics.heldout_timesteps must be values in [0, 1000], got {self.heldout_timesteps}")
-        from wan_animate.heldout import CONDITIONS
+        from wan_animate.family import family_names, get_family
 
+        known = list(dict.fromkeys(c for name in family_names() for c in get_family(name).conditions))
         self.sensitivity_conditions = list(self.sensitivity_conditions)
-        bad = [c for c in self.sensitivity_conditions if c not in CONDITIONS]
-        if bad or not self.sensitivity_conditions or len(set(self.sensitivity_conditions)) != len(self.sensitivity_conditions):
-            raise ValueError(f"metrics.sensitivity_conditions={self.sensitivity_conditions}; list each of "
-                             f"{list(CONDITIONS)} at most once (at least one)")
+        bad = [c for c in self.sensitivity_conditions if c not in known]
+        if bad or len(set(self.sensitivity_conditions)) != len(self.sensitivity_conditions):
+            raise ValueError(f"metrics.sensitivity_conditions={self.sensitivity_conditions}; list each of {known} "
+                             "at most once (empty: every condition of the model's family)")
         self.pck_thresholds = [float(a) for a in self.pck_thresholds]
         if not self.pck_thresholds or any(a <= 0 for a in self.pck_thresholds):
             raise ValueError(f"metrics.pck_thresholds must be positive fractions, got {self.pck_thresholds}")

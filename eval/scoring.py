@@ -36,15 +36,15 @@ class Timer:
 def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[str], dict[str, str]]:
     """Metrics to compute and, for every other metric, why it is not computed (``family``: the model's)."""
     from eval.config import METRICS
-    from wan_animate.heldout import CONDITIONS
 
     todo, not_computed = [], {}
     for name in METRICS:
         if name not in cfg.metrics.names:
             not_computed[name] = "not requested (add it to metrics.names)"
-        elif name == "sensitivity" and not set(family.streams) <= set(CONDITIONS):
-            not_computed[name] = (f"the condition swaps are Wan-Animate-14B's (pose, face, reference); not computed "
-                                  f"for a model.family={family.name} model (its streams: {', '.join(family.streams)})")
+        elif name == "sensitivity" and not set(cfg.metrics.sensitivity_conditions) <= set(family.conditions):
+            not_computed[name] = (f"metrics.sensitivity_conditions={cfg.metrics.sensitivity_conditions} are not all "
+                                  f"conditions of a model.family={family.name} model ({', '.join(family.conditions)});"
+                                  " leave it empty for every one")
         elif name in NEEDS_GROUND_TRUTH and not eval_set.has_ground_truth:
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
         elif name == "sensitivity" and len(eval_set.samples) < 2:
@@ -134,7 +134,7 @@ def heldout_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
     key = _loss_key(cfg)
     if key not in losses:
         losses[key] = heldout_loss(pipe.dit, loss_batches(pipe, family, eval_set, cfg.clip_len), progress=True,
-                                   timesteps=m.heldout_timesteps, seed=m.heldout_seed, predict=family.predict)
+                                   timesteps=m.heldout_timesteps, seed=m.heldout_seed, family=family)
     return losses[key]
 
 
@@ -150,8 +150,8 @@ def sensitivity_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict
     if key not in results:
         results[key] = condition_sensitivity(pipe.dit, list(loss_batches(pipe, family, eval_set, cfg.clip_len)),
                                              timesteps=m.heldout_timesteps, seed=m.heldout_seed,
-                                             conditions=m.sensitivity_conditions, progress=True,
-                                             predict=family.predict)
+                                             conditions=m.sensitivity_conditions or None, progress=True,
+                                             family=family)
     return results[key]
 
 

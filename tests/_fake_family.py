@@ -104,6 +104,7 @@ class ToyFamily:
     adapter_prefixes = ("pose_in",)
     lora_targets = (r"blocks\.\d+\.proj",)
     self_attention = r"blocks\.\d+\.proj\."  # the toy's stand-in for a self-attention
+    conditions = {"pose": ("pose_latents",)}
     pipeline_class = ToyPipeline
 
     def config(self, preset=None, folder=None):

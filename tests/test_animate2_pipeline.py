@@ -138,32 +138,37 @@ def test_eval_generate_detects_the_family(folder, tmp_path):
 
 def test_eval_cell_and_report_with_an_animate2_model(folder, tmp_path):
     """An eval cell on schema-v2 synthetic shards (driving.mp4: the same motion by another character):
-    generated from the driving stream, scored against the target; the held-out loss through the
-    family's batches and forward; condition sensitivity is reported as not computed (with its
-    reason); the report reads the cell unchanged. Version-1 shards fail the cell with the fix."""
+    generated from the driving stream, scored against the target; the held-out loss and condition
+    sensitivity (driving video, reference) through the family's batches and forward; conditions the
+    family lacks are reported as not computed with the reason; the report reads the cells.
+    Version-1 shards fail the cell with the fix."""
+    import dataclasses
+
     from data_tools.synthetic_data import make_synthetic_dataset
     from eval.config import EvalConfig, MetricsConfig
     from eval.report import build_report
     from eval.runner import run_cell
 
-    data = make_synthetic_dataset(tmp_path / "v2", num_clips=1, clip_len=CLIP, height=SIZE, width=SIZE,
+    data = make_synthetic_dataset(tmp_path / "v2", num_clips=2, clip_len=CLIP, height=SIZE, width=SIZE,
                                   driving=True)
     cfg = EvalConfig(model_dir=str(folder), eval_set=str(data), dtype="float32", device="cpu", steps=1,
                      clip_len=CLIP, max_samples=1, skip_finished=False,
-                     metrics=MetricsConfig(names=["psnr", "ssim", "flicker", "heldout", "sensitivity"]))
+                     metrics=MetricsConfig(names=["psnr", "ssim", "flicker", "heldout"]))
     sweep = tmp_path / "sweep"
     record = run_cell(cfg, sweep / "cell")
     assert record["status"] == "ok", record.get("traceback")
-    assert {"psnr", "ssim", "flicker"} <= set(record["metrics"])
     m = record["metrics"]
+    assert {"psnr", "ssim", "flicker"} <= set(m)
     assert m["heldout_samples"] == 1 and m["heldout_loss"] > 0 and {f"heldout_loss@t{t}" for t in (100, 900)} <= set(m)
-    assert "model.family=animate2" in record["not_computed"]["sensitivity"]
+    loss_only = dataclasses.replace(cfg, max_samples=2, metrics=MetricsConfig(names=["sensitivity"]))
+    m = run_cell(loss_only, sweep / "sensitivity")["metrics"]
+    assert m["sensitivity_samples"] == 2 and {"sensitivity_driving", "sensitivity_ref"} <= set(m)
+    assert not any(k.startswith(("sensitivity_pose", "sensitivity_face")) for k in m)
+    wrong = dataclasses.replace(loss_only, metrics=MetricsConfig(names=["sensitivity"], sensitivity_conditions=["pose"]))
+    assert "model.family=animate2" in run_cell(wrong, sweep / "pose")["not_computed"]["sensitivity"]
     summary = build_report(sweep)
-    assert (summary["cells"], summary["ok"]) == (1, 1)
-    assert "model.family=animate2" in (sweep / "report.md").read_text()  # the not-computed reason is listed
+    assert (summary["cells"], summary["ok"]) == (3, 3) and "sensitivity_driving" in (sweep / "report.md").read_text()
     v1_data = make_synthetic_dataset(tmp_path / "v1", num_clips=1, clip_len=CLIP, height=SIZE, width=SIZE)
-    import dataclasses
-
     failed = run_cell(dataclasses.replace(cfg, eval_set=str(v1_data)), tmp_path / "v1cell")
     assert failed["status"] == "failed" and "driving.mp4" in failed["error"]
 

@@ -34,7 +34,9 @@ class ModelFamily(Protocol):
     * ``adapter_prefixes``: top-level modules trained as "adapters" (``optim.adapter_lr``,
       ``adapters_only``); ``lora_targets``: default LoRA targets (names or regexes; ``None``:
       ``wan_animate.lora``'s default); ``self_attention``: a regex of the self-attention parameter
-      names (``train.mode=self_attn``);
+      names (``train.mode=self_attn``); ``conditions``: what the model follows, condition -> the
+      batch keys that carry it (swapped whole by ``wan_animate.heldout``'s condition sensitivity;
+      ``ref`` also swaps slot 0 of ``y`` and ``latents``);
     * ``pipeline_class``: the generation loop (``wan_animate.pipeline.AnimatePipeline``'s interface:
       ``from_pretrained``, ``detect_layout``, ``sampling_defaults``, ``read_inputs``, ``generate``,
       the frozen ``vae`` / ``text_encoder`` / ``image_encoder`` the batch builder uses);
@@ -58,6 +60,7 @@ class ModelFamily(Protocol):
     adapter_prefixes: tuple[str, ...]
     lora_targets: tuple[str, ...] | None
     self_attention: str
+    conditions: dict[str, tuple[str, ...]]
     pipeline_class: type
 
     def config(self, preset: str | None = None, folder: str | Path | None = None) -> tuple[Any, str]: ...
@@ -154,6 +157,7 @@ class WanAnimateFamily(FamilyBase):
 
     name = "animate"
     streams = {"pose": None, "face": 0}  # face: the model's motion_encoder_size
+    conditions = {"pose": ("pose_latents",), "face": ("face_pixel_values",), "ref": ("clip_fea",)}
     self_attention = r"blocks\.\d+\.self_attn\."
     _presets, _config_class = "wan_animate.config:PRESETS", "wan_animate.config:WanAnimateConfig"
     _read_config, _model = "wan_animate.weights.source:_config_from_dict", "wan_animate.model:WanAnimateDiT"
@@ -183,6 +187,10 @@ _KNOWN: dict[str, str] = {
     "animate": "wan_animate.family:ANIMATE",
     "animate2": "wan_animate.animate2.family:ANIMATE2",
 }
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(_KNOWN)
 
 
 def _import(spec: str) -> ModelFamily:

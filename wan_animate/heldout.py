@@ -10,12 +10,16 @@ another sample's (``swap_condition``), minus the loss with its own conditions, p
 per timestep, on the *same* noise. A model that follows its pose video loses accuracy when it is
 given another clip's pose: a positive gap. A gap near 0 means the model ignores that condition.
 
-Conditions (``CONDITIONS``), as the DiT batch holds them:
+Conditions: the model family's ``conditions`` (``wan_animate.family``), each the batch keys
+swapped whole; Wan-Animate-14B's (``CONDITIONS``):
 
 * ``pose``: ``pose_latents`` (the pose video's latents),
 * ``face``: ``face_pixel_values`` (the face crops the motion encoder reads),
-* ``ref``: the reference image everywhere it enters: ``clip_fea`` (CLIP of the reference), the
-  reference slot of ``y`` and of the latents (slot 0, noised with the target but never scored).
+* ``ref``: the reference image everywhere it enters: ``clip_fea`` (CLIP of the reference) and, for
+  every family, the reference slot of ``y`` and of the latents (slot 0, noised with the target but
+  never scored).
+
+Wan-Animate-2's: ``driving`` (the driving video's latents and CLIP of its first frame) and ``ref``.
 
 Used by eval's ``heldout`` / ``sensitivity`` metrics and by training's end-of-run report.
 """
@@ -26,8 +30,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from wan_animate.family import ANIMATE
+
 DEFAULT_TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
-CONDITIONS = ("pose", "face", "ref")
+CONDITIONS = tuple(ANIMATE.conditions)
 
 
 def _check_timesteps(timesteps) -> list[float]:
@@ -45,7 +51,7 @@ def _plain_loss_cfg():
 
 
 def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
-                       loss_cfg, predict=None) -> dict[float, torch.Tensor]:
+                       loss_cfg, family=ANIMATE) -> dict[float, torch.Tensor]:
     """Loss [B] of ``batch`` at each timestep; noise from ``seed + index`` (the same for every call
     with the same index and latent shape)."""
     from wan_animate.objective import flow_matching_loss
@@ -57,7 +63,8 @@ def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: lis
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=torch.float32)
         ts = torch.full((b,), t, device=x0.device, dtype=torch.float32)
-        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise, predict=predict).per_sample.float().cpu()
+        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise,
+                                    predict=family.predict).per_sample.float().cpu()
     return out
 
 
@@ -84,10 +91,10 @@ def heldout_loss(
     seed: int = 0,
     loss_cfg=None,
     progress: bool = False,
-    predict=None,
+    family=ANIMATE,
 ) -> dict:
     """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
-    ``wan_animate.objective.flow_matching_loss``; ``predict``: the model family's forward). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
+    ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
     "heldout_samples": int}``."""
     loss_cfg = loss_cfg or _plain_loss_cfg()
     timesteps = _check_timesteps(timesteps)
@@ -100,7 +107,7 @@ def heldout_loss(
 
             it = tqdm(batches, desc="held-out loss", unit="batch")
         for i, batch in enumerate(it):
-            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, predict).items():
+            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, family).items():
                 sums[t] += float(losses.sum())
             count += batch["latents"].shape[0]
     if count == 0:
@@ -112,17 +119,13 @@ def heldout_loss(
 # ---------------------------------------------------------------------------- condition swaps
 
 
-def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: str) -> dict:
-    """``own`` (a one-sample DiT batch) with ``condition`` taken from ``other`` (same shapes)."""
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition={condition!r}; choose one of {CONDITIONS}.")
+def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: str, family=ANIMATE) -> dict:
+    """``own`` (a one-sample batch of ``family``) with ``condition`` taken from ``other`` (same shapes)."""
+    if condition not in family.conditions:
+        raise ValueError(f"condition={condition!r}; choose one of {tuple(family.conditions)}.")
     out = dict(own)
-    if condition == "pose":
-        out["pose_latents"] = other["pose_latents"]
-    elif condition == "face":
-        out["face_pixel_values"] = other["face_pixel_values"]
-    else:
-        out["clip_fea"] = other["clip_fea"]
+    out.update({k: other[k] for k in family.conditions[condition]})
+    if condition == "ref":  # the reference slot of the condition and of the (noised, unscored) latents
         y, latents = own["y"].clone(), own["latents"].clone()
         y[:, :, 0] = other["y"][:, :, 0]
         latents[:, :, 0] = other["latents"][:, :, 0]
@@ -130,12 +133,12 @@ def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: 
     return out
 
 
-def _signature(batch: Mapping[str, Any]) -> tuple:
-    keys = ("latents", "y", "pose_latents", "face_pixel_values", "clip_fea")
+def _signature(batch: Mapping[str, Any], family=ANIMATE) -> tuple:
+    keys = ("latents", "y", *(k for keys in family.conditions.values() for k in keys))
     return tuple(tuple(batch[k].shape) for k in keys)
 
 
-def swap_partners(batches: Sequence[Mapping[str, Any]]) -> list[int | None]:
+def swap_partners(batches: Sequence[Mapping[str, Any]], family=ANIMATE) -> list[int | None]:
     """For each one-sample batch, the index of the batch it borrows conditions from: the next batch
     of the same shapes, cyclically (``None`` when no other batch has its shapes)."""
     groups: dict[tuple, list[int]] = {}
@@ -143,7 +146,7 @@ def swap_partners(batches: Sequence[Mapping[str, Any]]) -> list[int | None]:
         if b["latents"].shape[0] != 1:
             raise ValueError(f"condition sensitivity needs one-sample batches; batch {i} holds "
                              f"{b['latents'].shape[0]}.")
-        groups.setdefault(_signature(b), []).append(i)
+        groups.setdefault(_signature(b, family), []).append(i)
     partner: list[int | None] = [None] * len(batches)
     for members in groups.values():
         if len(members) > 1:
@@ -159,24 +162,26 @@ def condition_sensitivity(
     *,
     timesteps=DEFAULT_TIMESTEPS,
     seed: int = 0,
-    conditions: Sequence[str] = CONDITIONS,
+    conditions: Sequence[str] | None = None,
     loss_cfg=None,
     progress: bool = False,
-    predict=None,
+    family=ANIMATE,
 ) -> dict:
-    """Held-out loss with each condition swapped across ``batches`` (one sample each) minus the loss
-    with its own, on the same noise and timesteps.
+    """Held-out loss with each condition (default: all of ``family.conditions``) swapped across
+    ``batches`` (one sample each of ``family``) minus the loss with its own, on the same noise and
+    timesteps.
 
     Returns ``{"sensitivity_<c>": mean gap over timesteps, "sensitivity_<c>@t<t>": gap at t,
     "sensitivity_own_loss": own loss (the same samples), "sensitivity_<c>_ratio": swapped / own,
     "sensitivity_samples": n, "sensitivity_unpaired": samples with no partner of their shapes}``."""
     loss_cfg = loss_cfg or _plain_loss_cfg()
     timesteps = _check_timesteps(timesteps)
+    conditions = tuple(family.conditions) if conditions is None else conditions
     for c in conditions:
-        if c not in CONDITIONS:
-            raise ValueError(f"condition={c!r}; choose from {CONDITIONS}.")
+        if c not in family.conditions:
+            raise ValueError(f"condition={c!r}; choose from {tuple(family.conditions)}.")
     batches = list(batches)
-    partner = swap_partners(batches)
+    partner = swap_partners(batches, family)
     own = {t: 0.0 for t in timesteps}
     swapped = {c: {t: 0.0 for t in timesteps} for c in conditions}
     count = 0
@@ -190,11 +195,11 @@ def condition_sensitivity(
             j = partner[i]
             if j is None:
                 continue
-            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg, predict).items():
+            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg, family).items():
                 own[t] += float(loss.sum())
             for c in conditions:
-                moved = swap_condition(batches[i], batches[j], c)
-                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg, predict).items():
+                moved = swap_condition(batches[i], batches[j], c, family)
+                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg, family).items():
                     swapped[c][t] += float(loss.sum())
             count += 1
     if count == 0:

@@ -28,6 +28,7 @@ class Animate2Family(FamilyBase):
 
     name = "animate2"
     streams = {"driving": None}  # driving.mp4, cropped like the target clip
+    conditions = {"driving": ("driving", "clip_ref"), "ref": ("clip_fea",)}
     lora_targets = SELF_ATTN_LORA_TARGETS
     # parameters ``train.mode=self_attn`` trains: q, k, v, o and the q / k norms of each block
     self_attention = r"blocks\.\d+\.block\.self_attn\."
