@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from data_tools.config import PrepareConfig
 from data_tools.shards import ShardWriter
 from wan_animate.samples import list_shards, shard_index, shard_keys
 from data_tools.workers import WorkerDied, run_in_workers
+from wan_animate.cli import UsageError
 from wan_animate.files import atomic_write_json, dumps_strict
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -33,7 +33,7 @@ STATE_FILE = "prepare_state.jsonl"
 
 
 # ---------------------------------------------------------------------------- inputs
-class PrepareError(ValueError):
+class PrepareError(UsageError):
     """A job that cannot start (bad input path, output of another job): one line, exit status 2."""
 
 
@@ -288,11 +288,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
 
 
 def _main(cfg: PrepareConfig) -> None:
-    try:
-        m = prepare(cfg)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    m = prepare(cfg)  # a PrepareError is one line and exit status 2 (run_hydra)
     c = m["counts"]
     print(f"{c['clips_written']} clips in {c['shards']} shards at {cfg.output}; inputs: {c['inputs_processed']} "
           f"processed, {c['inputs_skipped']} skipped; clips skipped: {c['clips_skipped']}; "
