@@ -50,11 +50,6 @@ class PlannedShard(SequenceParallel):
         return torch.cat([encoder_forward(faces[:per_rank])] * self.size, dim=0)[:n]
 
 
-def check_plan(cfg: Config, num_heads: int, world: int) -> None:
-    """The trainer's rules for N (train/sequence.py), on the planned world size."""
-    check_sequence_parallel(cfg.train.sequence_parallel, num_heads, world, "the planned world size (train.plan_world_size)")
-
-
 def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
     """Make ``dit`` run the planned rank's share of a sequence-parallel step (N > 1 only)."""
     n = cfg.train.sequence_parallel
@@ -62,7 +57,8 @@ def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
         return
     from wan_animate.parallel import sequence as sp
 
-    check_plan(cfg, dit.config.num_heads, world)
+    # the trainer's rules for N, on the planned world size
+    check_sequence_parallel(n, dit.config.num_heads, world, "the planned world size (train.plan_world_size)")
     if getattr(dit, "family", None) == "animate2":  # its own plan (train.plan.animate2)
         from train.plan.animate2 import install_planned_shard
 
