@@ -335,11 +335,6 @@ def collate_identity(batch):
     return batch
 
 
-def make_loader(spec: StreamSpec, start_batch: int = 0) -> torch.utils.data.DataLoader:
-    ds = ShardStream(spec, start_batch=start_batch)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=spec.cfg.num_workers, collate_fn=collate_identity)
-
-
 class BatchIterator:
     """Iterator of micro-batches (lists of examples) over the loader: counts consumed batches (the
     resume position), skipped samples (the first reasons printed, and kept in ``reasons`` for
@@ -355,7 +350,8 @@ class BatchIterator:
         self.seen = seen
         self.recent_errors: list[str] = []
         self.reasons: list[str] = []  # the first 20 of this process
-        self._it = iter(make_loader(spec, start_batch))
+        self._it = iter(torch.utils.data.DataLoader(ShardStream(spec, start_batch), batch_size=None,
+                                                    num_workers=spec.cfg.num_workers, collate_fn=collate_identity))
 
     def __iter__(self) -> "BatchIterator":
         return self
