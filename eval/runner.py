@@ -23,7 +23,7 @@ from eval.config import LOSS_METRICS, OFFICIAL_CLIP_LEN, EvalConfig
 from eval.data import EvalSample, EvalSet
 from eval.records import METRICS_FILE, loads_record, result_config, to_eval_config, write_record
 from eval.resources import get_eval_set, get_i3d, get_pipeline, model_family, resolve_dtype_device
-from eval.scoring import Timer, aggregate, heldout_cached, planned_metrics, sample_metrics, sensitivity_cached
+from eval.scoring import Timer, aggregate, loss_metric, planned_metrics, sample_metrics
 
 log = logging.getLogger("eval")
 
@@ -160,12 +160,10 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
         if "fvd" in todo:
             videos.append(video)
     metrics = aggregate(per_sample)
-    if "heldout" in todo:
-        with timer("heldout"):
-            metrics.update(heldout_cached(cfg, pipe, family, eval_set))
-    if "sensitivity" in todo:
-        with timer("sensitivity"):
-            metrics.update(sensitivity_cached(cfg, pipe, family, eval_set))
+    for name in LOSS_METRICS:
+        if name in todo:
+            with timer(name):
+                metrics.update(loss_metric(name, cfg, pipe, family, eval_set))
     if "fvd" in todo:
         from eval.metrics.fvd import fvd
 

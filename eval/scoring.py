@@ -118,40 +118,26 @@ def aggregate(per_sample: dict[str, dict]) -> dict:
 
 def _loss_key(cfg: EvalConfig) -> tuple:
     """What a loss metric depends on: model, checkpoint, LoRA, dtype, eval set and clip; not the
-    sampling settings, so cells that differ only in those share one computation."""
+    sampling settings."""
     m = cfg.metrics
     return (cfg.model_dir, cfg.checkpoint, cfg.lora_path, cfg.lora_scale, cfg.dtype, os.path.abspath(cfg.eval_set),
             cfg.max_samples, cfg.max_frames, cfg.clip_len, tuple(m.heldout_timesteps), m.heldout_seed)
 
 
-def heldout_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
-    """Held-out loss of the cell's DiT (``wan_animate.heldout.heldout_loss``), shared by cells with
-    the same ``_loss_key``."""
-    from wan_animate.heldout import heldout_loss
+def loss_metric(name: str, cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
+    """``heldout`` (``wan_animate.heldout.heldout_loss``) or ``sensitivity`` (``condition_sensitivity``:
+    the held-out loss with each sample's conditions swapped for the next sample's, minus its own) of
+    the cell's DiT, shared by the cells with the same ``_loss_key``."""
+    from wan_animate.heldout import condition_sensitivity, heldout_loss
 
     m = cfg.metrics
-    losses = store("heldout")
-    key = _loss_key(cfg)
-    if key not in losses:
-        losses[key] = heldout_loss(pipe.dit, loss_batches(pipe, family, eval_set, cfg.clip_len), progress=True,
-                                   timesteps=m.heldout_timesteps, seed=m.heldout_seed, family=family)
-    return losses[key]
-
-
-def sensitivity_cached(cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> dict:
-    """Condition sensitivity of the cell's DiT (``wan_animate.heldout.condition_sensitivity``: the
-    held-out loss with each sample's conditions swapped for the next sample's, minus its own),
-    shared like the held-out loss."""
-    from wan_animate.heldout import condition_sensitivity
-
-    m = cfg.metrics
-    results = store("sensitivity")
-    key = (*_loss_key(cfg), tuple(m.sensitivity_conditions))
+    results = store(name)
+    key = (*_loss_key(cfg), tuple(m.sensitivity_conditions) if name == "sensitivity" else ())
     if key not in results:
-        results[key] = condition_sensitivity(pipe.dit, list(loss_batches(pipe, family, eval_set, cfg.clip_len)),
-                                             timesteps=m.heldout_timesteps, seed=m.heldout_seed,
-                                             conditions=m.sensitivity_conditions or None, progress=True,
-                                             family=family)
+        batches = list(loss_batches(pipe, family, eval_set, cfg.clip_len))
+        common = dict(timesteps=m.heldout_timesteps, seed=m.heldout_seed, progress=True, family=family)
+        results[key] = (heldout_loss(pipe.dit, batches, **common) if name == "heldout" else
+                        condition_sensitivity(pipe.dit, batches, conditions=m.sensitivity_conditions or None, **common))
     return results[key]
 
 
