@@ -74,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Animate-2 distilled checkpoint: 10 steps, no CFG, log_scale -1.3 on the first frame's keys")
     m = p.add_argument_group("model")
     m.add_argument("--lora", action="append", default=[], help="LoRA file (repeatable)")
-    m.add_argument("--lora-scale", type=float, action="append", default=[],
-                   help="scale per --lora (default 1.0)")
+    m.add_argument("--lora-scale", type=float, action="append", default=[], help="scale per --lora (default 1.0)")
     m.add_argument("--relight", nargs="?", const="", default=None, metavar="PATH",
                    help="replace mode: apply the official relighting LoRA (default PATH: MODEL/relighting_lora.ckpt)")
     m.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
