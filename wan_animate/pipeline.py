@@ -207,24 +207,6 @@ def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
     return flat.reshape(b, t, c, size, size).transpose(1, 2)
 
 
-class DiffusersDiT(nn.Module):
-    """diffusers' ``WanAnimateTransformer3DModel`` behind ``WanAnimateDiT.forward``'s signature (peer checks)."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-        self.config = WanAnimateConfig.from_diffusers_config(dict(transformer.config))
-
-    def forward(self, x, t, context, clip_fea, y, pose_latents, face_pixel_values):
-        dtype = self.transformer.dtype
-        return self.transformer(
-            hidden_states=torch.cat([x, y], dim=1).to(dtype), timestep=t,
-            encoder_hidden_states=context.to(dtype), encoder_hidden_states_image=clip_fea.to(dtype),
-            pose_hidden_states=pose_latents.to(dtype), face_pixel_values=face_pixel_values.to(dtype),
-            return_dict=False,
-        )[0].float()
-
-
 def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
     pe = getattr(dit, "patch_embedding", None)
     return pe.weight.dtype if pe is not None and hasattr(pe, "weight") else next(dit.parameters()).dtype
