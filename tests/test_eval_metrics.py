@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from data_tools.pose.format import PoseSequence
 from eval.metrics import (
-    LPIPS, FVDError, LPIPSError, expression_metrics, flicker, frechet_distance, fvd, heldout_loss,
+    LPIPS, FVDError, LPIPSError, expression_metrics, flicker, frechet_distance, fvd,
     identity_similarity, load_i3d, motion_metrics, psnr, ssim, temporal_error,
 )
+from wan_animate.heldout import heldout_loss
 from wan_animate.testing import save_tiny_i3d
 from wan_animate.testing import save_tiny_lpips_files
 
