@@ -30,7 +30,7 @@ from wan_animate.animate2.keymap import detect_family, diffusers_to_official, of
 from wan_animate.weights import source
 from wan_animate.weights.diagnose import CheckpointError, check_against_model
 from wan_animate.weights.files import iter_tensors
-from wan_animate.weights.load import assign_state, empty_model, progress_bar
+from wan_animate.weights.load import empty_model, fill_model, progress_bar
 from wan_animate.weights.save import _unwrap, open_writer, write_all
 
 __all__ = ["checkpoint_family", "convert_animate2", "inspect_animate2", "load_animate2", "save_animate2",
@@ -144,31 +144,13 @@ def load_animate2(
     tensors stay fp32), ``None`` keeps the stored dtypes. Returned in eval mode.
     """
     from wan_animate.animate2.model import Animate2DiT
-    from wan_animate.model import is_fp32_by_design, set_precision
 
     device = torch.device(device)
     src = source.open_source(path)
     config, config_source = _identify(src, config)
     _check(src, config, config_source, str(path))
-    model = empty_model(lambda: Animate2DiT(config))
-
-    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if dtype is None or not tensor.is_floating_point():
-            return tensor
-        want = torch.float32 if is_fp32_by_design(name) else dtype
-        return tensor if tensor.dtype == want else tensor.to(want)
-
-    show = src.total_bytes > 1e9 if progress is None else progress
-    bar = progress_bar(show, total=src.total_bytes, desc=f"load {Path(path).name}")
-    state: dict[str, torch.Tensor] = {}
-    for batch in _stream_official(src, device):
-        bar.update(sum(t.numel() * t.element_size() for t in batch.values()))
-        state.update({k: cast(k, v) for k, v in batch.items()})
-    bar.close()
-    assign_state(model, state, str(path))
-    if dtype is not None:
-        set_precision(model, dtype)
-    return model.eval()
+    return fill_model(empty_model(lambda: Animate2DiT(config)), _stream_official(src, device), device=device,
+                      dtype=dtype, total_bytes=src.total_bytes, what=str(path), progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ shapes are checked from the headers first; peak host memory is about the model p
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -102,8 +102,6 @@ def load_dit(
     need no cast stay memory-mapped from the file (copy-on-write) until written or moved.
     ``progress=None`` shows a bar for checkpoints over 1 GB. The model is returned in eval mode.
     """
-    import wan_animate.model as model_module
-
     device = torch.device(device)
     src = source.open_source(path)
     config, config_source = source.identify(src, config)
@@ -112,26 +110,36 @@ def load_dit(
                         where=str(path), layout=src.layout, config_source=config_source,
                         optional=set(blur_kernel_keys(config)), src=src)
 
+    return fill_model(model, source.stream_official(src, config, device), device=device, dtype=dtype,
+                      total_bytes=src.total_bytes, what=str(path), progress=progress)
+
+
+def fill_model(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], *, device: torch.device,
+               dtype: torch.dtype | None, total_bytes: int, what: str, progress: bool | None) -> nn.Module:
+    """Fill a meta-device model (names and shapes already checked) with ``batches`` of official-named
+    tensors, one shard each, cast as they arrive by the rule of ``set_precision(model, dtype)``
+    (``None``: stored dtypes); buffers the file lacks (computed by the skeleton) go to ``device``.
+    Refuses a half model; returns it in eval mode. Every family's loader ends here."""
+    import wan_animate.model as model_module
+
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if dtype is None or not tensor.is_floating_point():
             return tensor
         want = torch.float32 if model_module.is_fp32_by_design(name) else dtype
         return tensor if tensor.dtype == want else tensor.to(want)
 
-    show = src.total_bytes > 1e9 if progress is None else progress
-    bar = progress_bar(show, total=src.total_bytes, desc=f"load {Path(path).name}")
-    for batch in source.stream_official(src, config, device):
+    show = total_bytes > 1e9 if progress is None else progress
+    bar = progress_bar(show, total=total_bytes, desc=f"load {Path(what).name}")
+    for batch in batches:
         bar.update(sum(t.numel() * t.element_size() for t in batch.values()))
         model.load_state_dict({k: cast(k, v) for k, v in batch.items()}, strict=False, assign=True)
         del batch  # the shard's tensors now live in the model only
     bar.close()
-
-    # buffers the file lacks (blur kernels of a diffusers file) were computed by the skeleton
     for name, buf in list(model.named_buffers()):
         if buf.device != device and not buf.is_meta:
             module_name, _, leaf = name.rpartition(".")
             model.get_submodule(module_name)._buffers[leaf] = buf.to(device)
-    _refuse_meta_leftovers(model, str(path))  # never hand out a half model
+    _refuse_meta_leftovers(model, what)  # never hand out a half model
     if dtype is not None:
         model_module.set_precision(model, dtype)  # buffers computed by the skeleton
     return model.eval()
