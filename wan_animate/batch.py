@@ -48,16 +48,9 @@ def build_dit_inputs(examples: list[dict], encoders: Any, device: torch.device, 
     y = torch.cat(ys)
     context = encoders.text_encoder.encode([e["caption"] for e in examples]).to(device)
     clip_fea = encoders.image_encoder.encode(ref).to(device)
-    batch = {
-        "latents": torch.cat([ref_latent, target_latents], dim=2).to(dtype),  # [B, 16, T+1, h, w]
-        "context": context.to(dtype),
-        "clip_fea": clip_fea.to(dtype),
-        "y": y.to(dtype),
-        "pose_latents": pose_latents.to(dtype),
-        "face_pixel_values": face.to(dtype),
-    }
-    _add_common(batch, examples, device)
-    return batch
+    latents = torch.cat([ref_latent, target_latents], dim=2)  # [B, 16, T+1, h, w]
+    return _finish(examples, device, dtype, latents=latents, context=context, clip_fea=clip_fea, y=y,
+                   pose_latents=pose_latents, face_pixel_values=face)
 
 
 def _build_cached(examples: list[dict], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -70,24 +63,23 @@ def _build_cached(examples: list[dict], device: torch.device, dtype: torch.dtype
             num_given=e["num_given"], mode=e["mode"],
             character_mask=e["char_mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
         ))
-    batch = {
-        "latents": torch.cat([torch.stack(refs), torch.stack([e["latents_target"] for e in examples])], dim=2)
-        .to(device, dtype),
-        "context": torch.stack([e["context"] for e in examples]).to(device, dtype),
-        "clip_fea": torch.stack([e["clip_fea"] for e in examples]).to(device, dtype),
-        "y": torch.cat(ys).to(dtype),
-        "pose_latents": torch.stack([e["pose_latents"] for e in examples]).to(device, dtype),
-        "face_pixel_values": torch.stack([e["face"] for e in examples]).to(device, dtype),
-    }
-    _add_common(batch, examples, device)
-    return batch
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.stack([e[key] for e in examples])
+
+    latents = torch.cat([torch.stack(refs), stack("latents_target")], dim=2)
+    return _finish(examples, device, dtype, latents=latents, context=stack("context"), clip_fea=stack("clip_fea"),
+                   y=torch.cat(ys), pose_latents=stack("pose_latents"), face_pixel_values=stack("face"))
 
 
-def _add_common(batch: dict, examples: list[dict], device: torch.device) -> None:
+def _finish(examples: list[dict], device: torch.device, dtype: torch.dtype, **tensors: torch.Tensor) -> dict:
+    """The DiT inputs on ``device`` in ``dtype``, plus the face regions, noise seeds and keys."""
+    batch = {name: t.to(device, dtype) for name, t in tensors.items()}
     if all("face_region" in e for e in examples):
         batch["face_region"] = torch.stack([e["face_region"] for e in examples]).to(device)
     batch["noise_seeds"] = [int(e["noise_seed"]) for e in examples]
     batch["keys"] = [e["key"] for e in examples]
+    return batch
 
 
 def fixed_draw(batch: dict, loss_cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

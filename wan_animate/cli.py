@@ -43,8 +43,7 @@ def _library_errors() -> tuple[type[BaseException], ...]:
 def take_debug_flag(argv: list[str]) -> bool:
     """Remove ``--debug`` from ``argv`` in place; True when it was there or ``HYDRA_FULL_ERROR=1``."""
     found = "--debug" in argv
-    while "--debug" in argv:
-        argv.remove("--debug")
+    argv[:] = [arg for arg in argv if arg != "--debug"]
     if found:
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra tools: its own errors keep their traceback too
     return found or os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -25,15 +25,7 @@ DEFAULT_NEGATIVE_PROMPT = (
 # Motion-encoder channel count at each feature-map resolution (LIA appearance encoder).
 # Keys are resolutions as strings because that is how the diffusers config serialises them.
 DEFAULT_MOTION_ENCODER_CHANNELS: dict[str, int] = {
-    "4": 512,
-    "8": 512,
-    "16": 512,
-    "32": 512,
-    "64": 256,
-    "128": 128,
-    "256": 64,
-    "512": 32,
-    "1024": 16,
+    "4": 512, "8": 512, "16": 512, "32": 512, "64": 256, "128": 128, "256": 64, "512": 32, "1024": 16,
 }
 
 

@@ -53,18 +53,14 @@ class _FrozenEncoder:
         tensors = [*self.module.parameters(), *self.module.buffers()]
         if all(t.device == self.device for t in tensors):
             return []
-        parked, copies = [], {}
+        stores = [s for module in self.module.modules() for s in (module._parameters, module._buffers)]
+        parked = [(store, name, host) for store in stores for name, host in store.items() if host is not None]
+        copies = {}
         with torch.no_grad():
-            for module in self.module.modules():
-                for store in (module._parameters, module._buffers):
-                    for name, host in store.items():
-                        if host is None:
-                            continue
-                        if id(host) not in copies:
-                            dev = host.detach().to(self.device)
-                            copies[id(host)] = nn.Parameter(dev, requires_grad=False) if isinstance(
-                                host, nn.Parameter) else dev
-                        parked.append((store, name, host))
+            for store, name, host in parked:
+                if id(host) not in copies:
+                    dev = host.detach().to(self.device)
+                    copies[id(host)] = nn.Parameter(dev, requires_grad=False) if isinstance(host, nn.Parameter) else dev
             for store, name, host in parked:
                 store[name] = copies[id(host)]
         return parked

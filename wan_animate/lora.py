@@ -36,6 +36,8 @@ ADAPTER_NAME = "default"
 # Module-name fragments never targeted by default (face adapter/encoder, modulation tables).
 DEFAULT_EXCLUDE: tuple[str, ...] = ("face", "modulation", "motion")
 _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
+_PEFT_FACTOR_RE = re.compile(rf"(.+)\.(lora_[AB])\.{ADAPTER_NAME}\.weight")  # peft's parameter names
+_FILE_FACTOR_RE = re.compile(r"(.+)\.lora_(A|down|B|up)\.weight")  # A = down, B = up
 
 
 class LoraError(ValueError):
@@ -125,36 +127,30 @@ def lora_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Community-layout LoRA tensors of a peft-wrapped DiT (alpha read from its layers) or of its
     state dict (pass ``alpha``: one number, or module name -> alpha)."""
-    alphas: dict[str, float] = {}
     if isinstance(model_or_state, nn.Module):
         from peft.tuners.lora import LoraLayer
 
-        for name, module in model_or_state.named_modules():
-            if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-                alphas[name] = float(module.lora_alpha[ADAPTER_NAME])
+        alphas = {name: float(module.lora_alpha[ADAPTER_NAME]) for name, module in model_or_state.named_modules()
+                  if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A}
         # the parameters themselves: a state dict would also build every frozen weight (fp8 layers
         # dequantize theirs)
         state = {n: p for n, p in model_or_state.named_parameters() if ".lora_" in n}
     else:
+        alphas = dict(alpha) if isinstance(alpha, Mapping) else {}
         state = dict(model_or_state)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        for factor in ("lora_A", "lora_B"):
-            tag = f".{factor}.{ADAPTER_NAME}.weight"
-            if key.endswith(tag):
-                module = key[: -len(tag)]
-                t = value.detach()
-                out[f"{PREFIX}{module}.{factor}.weight"] = t.to(dtype) if dtype is not None else t.clone()
-                if factor == "lora_A":
-                    if module in alphas:
-                        a = alphas[module]
-                    elif isinstance(alpha, Mapping):
-                        a = float(alpha[module])
-                    elif alpha is not None:
-                        a = float(alpha)
-                    else:
-                        raise LoraError(f"alpha of {module} unknown; pass alpha= when exporting a state dict.")
-                    out[f"{PREFIX}{module}.alpha"] = torch.tensor(a, dtype=torch.float32)
+        m = _PEFT_FACTOR_RE.fullmatch(key)
+        if m is None:
+            continue
+        module, factor = m.groups()
+        t = value.detach()
+        out[f"{PREFIX}{module}.{factor}.weight"] = t.to(dtype) if dtype is not None else t.clone()
+        if factor == "lora_A":
+            a = alphas.get(module, None if isinstance(alpha, Mapping) else alpha)
+            if a is None:
+                raise LoraError(f"alpha of {module} unknown; pass alpha= when exporting a state dict.")
+            out[f"{PREFIX}{module}.alpha"] = torch.tensor(float(a), dtype=torch.float32)
     if not out:
         raise LoraError("No LoRA factors found (was add_lora applied?).")
     return out
@@ -229,16 +225,13 @@ def read_lora(path_or_state: str | Path | Mapping[str, torch.Tensor]) -> Factors
     unknown = []
     for key, value in state.items():
         name = next((key[len(p):] for p in FILE_PREFIXES if key.startswith(p)), key)
-        for tag, bucket in ((".lora_A.weight", downs), (".lora_down.weight", downs),
-                            (".lora_B.weight", ups), (".lora_up.weight", ups)):
-            if name.endswith(tag):
-                bucket[name[: -len(tag)]] = value
-                break
+        m = _FILE_FACTOR_RE.fullmatch(name)
+        if m:
+            (downs if m.group(2) in ("A", "down") else ups)[m.group(1)] = value
+        elif name.endswith(".alpha") and value.numel() == 1:
+            alphas[name.removesuffix(".alpha")] = float(value.item())
         else:
-            if name.endswith(".alpha") and value.numel() == 1:
-                alphas[name[: -len(".alpha")]] = float(value.item())
-            else:
-                unknown.append(key)
+            unknown.append(key)
     fix = "expected '<official module name>.lora_A.weight' / '.lora_B.weight' (+ '.alpha'), optionally under 'diffusion_model.'"
     if unknown:
         raise LoraError(f"{where} has {len(unknown)} tensors that are not LoRA factors or alphas "

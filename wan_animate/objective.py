@@ -104,15 +104,9 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.T
 
 def predict_wan_animate(dit, x_t: torch.Tensor, timesteps: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
     """Wan-Animate-14B's forward on the batch ``flow_matching_loss`` documents (its family's ``predict``)."""
-    return dit(
-        x_t.to(batch["y"].dtype),  # the conditioning is already in the model's input dtype
-        timesteps,
-        batch["context"],
-        batch["clip_fea"],
-        batch["y"],
-        batch["pose_latents"],
-        batch["face_pixel_values"],
-    )
+    inputs = [batch[k] for k in ("context", "clip_fea", "y", "pose_latents", "face_pixel_values")]
+    # the conditioning is already in the model's input dtype
+    return dit(x_t.to(batch["y"].dtype), timesteps, *inputs)
 
 
 @dataclass

@@ -40,21 +40,14 @@ def _load_assigned(build, state: dict[str, torch.Tensor], what: str):
 
 def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, torch.Tensor], what: str):
     """Pick ``sd[name_of(k)]`` for every library key ``k``; fail naming missing and unused keys."""
-    out, missing = {}, []
-    used = set()
-    for k in target_keys:
-        src = name_of(k)
-        if src not in sd:
-            missing.append(f"{src} (for {k})")
-            continue
-        out[k] = sd[src]
-        used.add(src)
-    unused = sorted(set(sd) - used)
+    sources = {k: name_of(k) for k in target_keys}
+    missing = [f"{src} (for {k})" for k, src in sources.items() if src not in sd]
+    unused = sorted(set(sd) - set(sources.values()))
     if missing or unused:
         raise OfficialEncoderError(
             f"{what}: {len(missing)} keys missing {missing[:5]}, {len(unused)} unexpected {unused[:5]}."
         )
-    return out
+    return {k: sd[src] for k, src in sources.items()}
 
 
 # ---- VAE: official WanVAE (encoder/decoder with flat "downsamples"/"upsamples" lists)
@@ -72,8 +65,7 @@ def _residual_name(rest: str) -> str:
 
 def vae_key_to_official(key: str, num_res_blocks: int) -> str:
     """diffusers ``AutoencoderKLWan`` key -> official ``Wan2.1_VAE.pth`` key."""
-    simple = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
-    for lib, off in simple.items():
+    for lib, off in (("quant_conv.", "conv1."), ("post_quant_conv.", "conv2.")):
         if key.startswith(lib):
             return off + key[len(lib):]
     side, rest = key.split(".", 1)  # encoder | decoder
@@ -210,10 +202,7 @@ def t5_to_official(model) -> dict[str, torch.Tensor]:
 
 def _clip_heads(dim: int) -> int:
     # open-clip ViT-H/14 uses 80-wide heads (1280 / 16); tiny test towers use 16-wide heads.
-    for width in (80, 64, 16):
-        if dim % width == 0:
-            return dim // width
-    return 1
+    return next((dim // width for width in (80, 64, 16) if dim % width == 0), 1)
 
 
 def clip_config_from_official(sd: dict[str, torch.Tensor]):
@@ -288,10 +277,8 @@ def clip_to_official(model) -> dict[str, torch.Tensor]:
             continue
         dst, part = clip_key_to_official(k)
         if part is None:
-            if dst == "visual.cls_embedding":
-                v = v.view(1, 1, -1)
-            elif dst == "visual.pos_embedding":
-                v = v.unsqueeze(0)
+            if dst in ("visual.cls_embedding", "visual.pos_embedding"):  # official: [1, n, dim]
+                v = v.reshape(1, -1, v.shape[-1])
             out[dst] = v.detach().clone()
         else:
             qkv.setdefault(dst, [None] * 3)[part] = v

@@ -11,19 +11,18 @@ from __future__ import annotations
 import logging
 import os
 
-# (logger name, substring of the message to drop)
-_DROP = (
-    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
-    ("torchao", "Failed to load"),
-    ("torchao", "Detected no triton"),
-    ("torchao.kernel.intmm", "Detected no triton"),
-    ("torch.utils._pytree", "is an Enum subclass and is now natively supported"),
-    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
-)
+# logger name -> substrings of the messages to drop
+_DROP = {
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    "torchao": ("Failed to load", "Detected no triton"),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+}
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, substrings: list[str]):
+    def __init__(self, substrings: tuple[str, ...]):
         super().__init__()
         self.substrings = substrings
 
@@ -41,10 +40,7 @@ def quiet_third_party() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    by_logger: dict[str, list[str]] = {}
-    for name, text in _DROP:
-        by_logger.setdefault(name, []).append(text)
-    for name, texts in by_logger.items():
+    for name, texts in _DROP.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(texts))

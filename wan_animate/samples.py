@@ -69,11 +69,8 @@ def read_shard(path: str | os.PathLike) -> list[dict[str, bytes]]:
 
 
 def shard_keys(path: str | os.PathLike) -> list[str]:
-    keys: dict[str, None] = {}
-    with tarfile.open(path, "r") as tar:
-        for name in tar.getnames():
-            keys.setdefault(name.rsplit("/", 1)[-1].partition(".")[0], None)
-    return list(keys)
+    with tarfile.open(path, "r") as tar:  # in tar order, each key once
+        return list(dict.fromkeys(name.rsplit("/", 1)[-1].partition(".")[0] for name in tar.getnames()))
 
 
 def sample_kind(raw: dict) -> str:
@@ -225,12 +222,9 @@ def load_text_embeds(path) -> tuple[dict, dict[str, str]]:
     """``text_embeds.safetensors`` -> ({text_key: [L, D] tensor}, {text_key: caption})."""
     from safetensors import safe_open
 
-    tensors = {}
     with safe_open(str(path), framework="pt") as f:
         captions = json.loads((f.metadata() or {}).get("captions", "{}"))
-        for name in f.keys():
-            tensors[name] = f.get_tensor(name)
-    return tensors, captions
+        return {name: f.get_tensor(name) for name in f.keys()}, captions
 
 
 def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:

@@ -114,14 +114,10 @@ def decode_video(
     return DecodedVideo(np.ascontiguousarray(np.stack(frames)), fps, t - t[0], _quarter_turns(rotation) * 90)
 
 
-def read_video(
-    source: str | os.PathLike | bytes | BinaryIO,
-    *,
-    max_frames: int | None = None,
-    threads: bool = False,
-) -> tuple[np.ndarray, float]:
+def read_video(source: str | os.PathLike | bytes | BinaryIO, *,
+               max_frames: int | None = None) -> tuple[np.ndarray, float]:
     """Decode a whole video (upright). Returns ``(frames [T, H, W, 3] uint8, fps)``."""
-    v = decode_video(source, max_frames=max_frames, threads=threads)
+    v = decode_video(source, max_frames=max_frames)
     return v.frames, v.fps
 
 

@@ -118,28 +118,27 @@ def apply_memory_options(dit: nn.Module, options: MemoryOptions, *, device: torc
     """Apply ``options`` (validated by ``MemoryOptions``; single process with block swap: the caller's launch check)."""
     device = torch.device(device)
     state = MemoryState()
-    swap, chunk, ckpt_dtype = options.block_swap, options.motion_encoder_chunk, options.checkpoint_dtype
-    offload, checkpointing = options.checkpoint_offload, options.activation_checkpointing
-
     if options.base_dtype == "fp8":
         state.fp8_layers = quantize_frozen_linears(dit)
         if not state.fp8_layers:
             raise ValueError("model.base_dtype=fp8 found no frozen linear layer in the DiT blocks (train.mode=full "
                              "trains them all); use train.mode=lora or adapters_only, or model.base_dtype=bf16.")
     state.lora_layers = lora_in_compute_dtype(dit)
+    chunk = options.motion_encoder_chunk
     if chunk > 0:
         if not hasattr(dit, "motion_encoder"):
             raise ValueError(f"model.motion_encoder_chunk={chunk}: this model has no motion encoder (a "
                              f"{type(dit).__name__}); set model.motion_encoder_chunk=0.")
         state.motion_encoder = chunk_motion_encoder(dit.motion_encoder, chunk)
     blocks = list(dit.blocks)
-    if swap > 0:
-        state.block_swap = BlockSwap(blocks, swapped_indices(len(blocks), swap), device)
+    if options.block_swap > 0:
+        state.block_swap = BlockSwap(blocks, swapped_indices(len(blocks), options.block_swap), device)
         state.block_swap.install()
-    if checkpointing:
+    if options.activation_checkpointing:
         apply_activation_checkpointing(dit)
-    if offload or ckpt_dtype != "fp32":
-        state.checkpoint_store = CheckpointInputStore(device, offload, _STORE_DTYPES[ckpt_dtype])
+    if options.checkpoint_offload or options.checkpoint_dtype != "fp32":
+        store_dtype = _STORE_DTYPES[options.checkpoint_dtype]
+        state.checkpoint_store = CheckpointInputStore(device, options.checkpoint_offload, store_dtype)
         for module in block_modules(dit):
             wrap_checkpointed(module, state.checkpoint_store)
     if state.block_swap is not None:

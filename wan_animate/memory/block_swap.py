@@ -26,12 +26,8 @@ from wan_animate.memory.pinned import PinnedBuffer, pin_together
 
 def frozen_slots(block: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """(module, attribute name, parameter) of every frozen parameter of ``block``."""
-    slots = []
-    for module in block.modules():
-        for name, param in module._parameters.items():
-            if param is not None and not param.requires_grad:
-                slots.append((module, name, param))
-    return slots
+    return [(module, name, param) for module in block.modules() for name, param in module._parameters.items()
+            if param is not None and not param.requires_grad]
 
 
 class BlockSwap:
@@ -112,8 +108,7 @@ class BlockSwap:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             tensors = self._copy(index)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+            event = self.stream.record_event()
         self._ready[index] = (tensors, event)
 
     def _take(self, index: int) -> list[torch.Tensor]:

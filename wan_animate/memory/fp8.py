@@ -59,7 +59,7 @@ class FP8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.weight.requires_grad or (linear.bias is not None and linear.bias.requires_grad):
+        if not _frozen(linear):
             raise ValueError("FP8Linear stores frozen weights only; this linear layer is trainable.")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = linear.weight.dtype
@@ -113,16 +113,14 @@ def _load_plain_state_dict(module: FP8Linear, state_dict, prefix, *args) -> None
         state_dict[prefix + "weight_scale"] = scale
 
 
+def _frozen(linear: nn.Linear) -> bool:
+    return not any(p.requires_grad for p in linear.parameters(recurse=False))
+
+
 def fp8_target_names(model: nn.Module, prefixes: tuple[str, ...] = ("blocks.", "face_adapter.")) -> list[str]:
     """Names of the frozen ``nn.Linear`` layers under ``prefixes`` (peft base layers included)."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name.startswith(prefixes) or ".lora_" in name:
-            continue
-        if module.weight.requires_grad or (module.bias is not None and module.bias.requires_grad):
-            continue
-        names.append(name)
-    return names
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+            and name.startswith(prefixes) and ".lora_" not in name and _frozen(module)]
 
 
 def quantize_frozen_linears(model: nn.Module) -> list[str]:

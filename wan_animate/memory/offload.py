@@ -51,15 +51,10 @@ class CheckpointInputStore:
     def hooks(self, shapes: set[torch.Size]) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(lambda t: self.pack(t, shapes), self.unpack)
 
-    def _target_dtype(self, t: torch.Tensor) -> torch.dtype:
-        if self.store_dtype is not None and t.dtype == torch.float32:
-            return self.store_dtype
-        return t.dtype
-
     def pack(self, t: torch.Tensor, shapes: set[torch.Size]):
         if not t.is_floating_point() or t.shape not in shapes:
             return t
-        dtype = self._target_dtype(t)
+        dtype = self.store_dtype if self.store_dtype is not None and t.dtype == torch.float32 else t.dtype
         if not self.offload and dtype == t.dtype:
             return t
         self.packed += 1
@@ -73,8 +68,7 @@ class CheckpointInputStore:
                 self.stream.wait_stream(torch.cuda.current_stream(t.device))
                 with torch.cuda.stream(self.stream):
                     host.copy_(t, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
+                    event = self.stream.record_event()
                 t.record_stream(self.stream)  # t's memory is not reused before the copy is done
             else:
                 host.copy_(t)
@@ -106,8 +100,7 @@ class CheckpointInputStore:
             self.stream.wait_event(packed.event)
         with torch.cuda.stream(self.stream):
             dev = packed.stored.to(packed.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+            event = self.stream.record_event()
         return dev, event
 
     def unpack(self, packed):
@@ -126,8 +119,7 @@ class CheckpointInputStore:
 
     def _prefetch_before(self, packed: _Packed) -> None:
         """Backward recomputes blocks in reverse: bring the previously packed input over now."""
-        alive = [r() for r in self._order]
-        alive = [p for p in alive if p is not None]
+        alive = [p for p in (r() for r in self._order) if p is not None]
         if packed not in alive:
             return
         i = alive.index(packed)
@@ -148,7 +140,6 @@ def wrap_checkpointed(module: nn.Module, store: CheckpointInputStore) -> None:
         raise RuntimeError("checkpoint_offload / checkpoint_dtype need activation checkpointing of the blocks "
                            "(model.activation_checkpointing=true).")
     inner = module.forward
-
     positions = getattr(module, "hidden_state_args", (0,))
 
     def forward(x, *args, **kwargs):

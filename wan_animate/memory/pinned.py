@@ -9,7 +9,9 @@ CUDA (CPU runs, the planner's fake tensors) they are plain host memory.
 
 from __future__ import annotations
 
+import math
 import weakref
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -51,10 +53,7 @@ class PinnedBuffer:
 
     def carve(self, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape``/``dtype`` over this buffer's bytes from ``offset`` (ALIGN-aligned)."""
-        numel = 1
-        for s in shape:
-            numel *= int(s)
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
         if offset % ALIGN or offset + nbytes > self.nbytes:
             raise ValueError(f"carve at {offset} of {nbytes} bytes does not fit a {self.nbytes}-byte buffer.")
         return self.data[offset: offset + nbytes].view(dtype).view(tuple(shape))
@@ -63,17 +62,11 @@ class PinnedBuffer:
 def pin_together(tensors: Sequence[torch.Tensor], pin: bool) -> tuple[PinnedBuffer, list[torch.Tensor]]:
     """Copies of ``tensors`` in ONE exact-size host buffer (each ALIGN-aligned); returns the buffer
     and the copies (views of it), in order."""
-    offsets, total = [], 0
-    for t in tensors:
-        offsets.append(total)
-        total += aligned(t.numel() * t.element_size())
-    buf = PinnedBuffer(total, pin)
-    copies = []
-    with torch.no_grad():
-        for t, off in zip(tensors, offsets):
-            host = buf.carve(off, t.shape, t.dtype)
-            host.copy_(t.detach())
-            copies.append(host)
+    sizes = [aligned(t.numel() * t.element_size()) for t in tensors]
+    buf = PinnedBuffer(sum(sizes), pin)
+    with torch.no_grad():  # offset of each copy: the sizes before it
+        copies = [buf.carve(off, t.shape, t.dtype).copy_(t.detach())
+                  for t, off in zip(tensors, accumulate(sizes, initial=0))]
     return buf, copies
 
 

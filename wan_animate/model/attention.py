@@ -52,11 +52,7 @@ def set_attention_backend(name: str) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention without mask. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    if (
-        _backend == "flash"
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-    ):
+    if _backend == "flash" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attn_func(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)  # [B, Lq, H, D]

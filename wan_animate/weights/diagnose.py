@@ -6,6 +6,7 @@ pickle) are raised where the files are read.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,13 +82,9 @@ def _index_pattern(name: str) -> str:
 
 def _extra_prefix(unexpected: list[str], missing: set[str]) -> str:
     """A leading name component that, removed, turns most unexpected keys into missing ones."""
-    counts: dict[str, int] = {}
-    for key in unexpected:
-        head, _, rest = key.partition(".")
-        if rest in missing:
-            counts[head + "."] = counts.get(head + ".", 0) + 1
-    best = max(counts, key=counts.get, default="")
-    return best if best and counts[best] * 2 > len(missing) else ""
+    counts = Counter(key.partition(".")[0] + "." for key in unexpected if key.partition(".")[2] in missing)
+    best, count = max(counts.items(), key=lambda item: item[1], default=("", 0))
+    return best if count * 2 > len(missing) else ""
 
 
 def check_against_model(

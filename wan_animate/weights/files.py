@@ -184,10 +184,8 @@ def load_torch_file(path: str | os.PathLike, what: str = "weights file") -> dict
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as err:  # noqa: BLE001  -- every unpickling failure is reported the same way
         raise WeightsFileError(f"{path}: {_pickle_problem(path, err)}.", cause="unreadable pickle") from None
-    for key in NESTED_KEYS:
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
+    if isinstance(obj, Mapping):  # the first nested mapping, if any
+        obj = next((obj[key] for key in NESTED_KEYS if isinstance(obj.get(key), Mapping)), obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsFileError(f"{path}: not a state dict of tensors (found {type(obj).__name__}); pass a "
                                f"{what} that holds tensors by name.", cause="not a weights file")

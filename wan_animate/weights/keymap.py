@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -49,11 +49,8 @@ def num_motion_res_blocks(config: WanAnimateConfig) -> int:
 
 def blur_kernel_keys(config: WanAnimateConfig) -> list[str]:
     """Official names of the persistent blur-kernel buffers (2 per residual block)."""
-    keys = []
-    for r in range(1, num_motion_res_blocks(config) + 1):
-        keys.append(f"{_ME_APP}.convs.{r}.conv2.0.kernel")
-        keys.append(f"{_ME_APP}.convs.{r}.skip.0.kernel")
-    return keys
+    return [f"{_ME_APP}.convs.{r}.{suffix}" for r in range(1, num_motion_res_blocks(config) + 1)
+            for suffix in _BLUR_SUFFIXES]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,45 +136,29 @@ def _table_key_or_keep(key: str, table: list[tuple[re.Pattern[str], str]], unkno
     return key
 
 
-# Per-key transforms of the motion encoder's biases (the inverse map swaps the two reshapes).
-_Op = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _squeeze_bias(t: torch.Tensor) -> torch.Tensor:
-    # (1, C, 1, 1) -> (C,); reshape of a contiguous tensor is a view, no copy
-    return t.reshape(-1)
-
-
-def _unsqueeze_bias(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(1, -1, 1, 1)
-
-
 # ---- Motion encoder convs: official convs.0 / convs.1..R / convs.R+1 <-> conv_in / res_blocks.0..R-1 / conv_out
+# Every bias among them is a fused leaky-ReLU bias: (1, C, 1, 1) officially, (C,) in diffusers.
 
 _RES_OFFICIAL_TO_DIFFUSERS = {
-    "conv1.0.weight": ("conv1.weight", _keep),
-    "conv1.1.bias": ("conv1.act_fn.bias", _squeeze_bias),
-    "conv2.1.weight": ("conv2.weight", _keep),
-    "conv2.2.bias": ("conv2.act_fn.bias", _squeeze_bias),
-    "skip.1.weight": ("conv_skip.weight", _keep),
+    "conv1.0.weight": "conv1.weight",
+    "conv1.1.bias": "conv1.act_fn.bias",
+    "conv2.1.weight": "conv2.weight",
+    "conv2.2.bias": "conv2.act_fn.bias",
+    "skip.1.weight": "conv_skip.weight",
 }
 _BLUR_SUFFIXES = ("conv2.0.kernel", "skip.0.kernel")
 
 
-def _motion_conv_names(num_res: int) -> dict[str, tuple[str, _Op]]:
-    """Official motion-encoder conv key -> (diffusers key, transform) for ``num_res`` residual blocks."""
+def _motion_conv_names(num_res: int) -> dict[str, str]:
+    """Official motion-encoder conv key -> diffusers key for ``num_res`` residual blocks."""
     names = {
-        f"{_ME_APP}.convs.0.0.weight": ("motion_encoder.conv_in.weight", _keep),
-        f"{_ME_APP}.convs.0.1.bias": ("motion_encoder.conv_in.act_fn.bias", _squeeze_bias),
-        f"{_ME_APP}.convs.{num_res + 1}.weight": ("motion_encoder.conv_out.weight", _keep),
+        f"{_ME_APP}.convs.0.0.weight": "motion_encoder.conv_in.weight",
+        f"{_ME_APP}.convs.0.1.bias": "motion_encoder.conv_in.act_fn.bias",
+        f"{_ME_APP}.convs.{num_res + 1}.weight": "motion_encoder.conv_out.weight",
     }
     for r in range(1, num_res + 1):
-        for official, (diffusers, op) in _RES_OFFICIAL_TO_DIFFUSERS.items():
-            names[f"{_ME_APP}.convs.{r}.{official}"] = (f"motion_encoder.res_blocks.{r - 1}.{diffusers}", op)
+        for official, diffusers in _RES_OFFICIAL_TO_DIFFUSERS.items():
+            names[f"{_ME_APP}.convs.{r}.{official}"] = f"motion_encoder.res_blocks.{r - 1}.{diffusers}"
     return names
 
 
@@ -192,8 +173,6 @@ def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise KeyMapError(f"linear1_kv has an odd first dimension {tuple(t.shape)}; cannot split into k and v.")
     half = t.shape[0] // 2
     # clone so the halves own their storage (safetensors refuses tensors that share memory)
-    if t.device.type == "meta":
-        return t[:half], t[half:]
     return t[:half].clone(), t[half:].clone()
 
 
@@ -230,9 +209,8 @@ def official_to_diffusers(
             continue
         if key in blur:
             continue
-        if key in convs:
-            new_key, op = convs[key]
-            out[new_key] = op(tensor)
+        if key in convs:  # reshape of a contiguous bias is a view, no copy
+            out[convs[key]] = tensor.reshape(-1) if key.endswith(".bias") else tensor
             continue
         out[_table_key_or_keep(key, _OFFICIAL_TO_DIFFUSERS, unknown)] = tensor
     if unknown and strict:
@@ -246,17 +224,15 @@ def diffusers_to_official(
     *,
     strict: bool = True,
     add_blur_kernels: bool = True,
-    blur_kernel_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diffusers names -> official names, re-creating the persistent blur-kernel buffers.
 
-    The kernels get ``blur_kernel_dtype`` or, by default, the dtype of the conv weight they blur
+    The kernels get the dtype of the conv weight they blur
     (an official file stores the whole model in one dtype). ``face_adapter.K.to_k`` and ``to_v``
     must both be present; they are concatenated into ``linear1_kv``.
     """
     num_res = num_motion_res_blocks(config)
-    convs = {d: (o, _unsqueeze_bias if op is _squeeze_bias else _keep)
-             for o, (d, op) in _motion_conv_names(num_res).items()}
+    convs = {d: o for o, d in _motion_conv_names(num_res).items()}
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     kv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -265,9 +241,8 @@ def diffusers_to_official(
         if m:
             kv_parts.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = tensor
             continue
-        hit = convs.get(key)
-        if hit is not None:
-            out[hit[0]] = hit[1](tensor)
+        if key in convs:
+            out[convs[key]] = tensor.reshape(1, -1, 1, 1) if key.endswith(".bias") else tensor
             continue
         out[_table_key_or_keep(key, _DIFFUSERS_TO_OFFICIAL, unknown)] = tensor
     for (block, param), parts in kv_parts.items():
@@ -289,7 +264,6 @@ def diffusers_to_official(
             sibling = out.get(f"{_ME_APP}.convs.{r}.conv2.1.weight")
             if sibling is None:
                 continue  # the missing weight itself will be reported by the caller's key check
-            dtype = blur_kernel_dtype or sibling.dtype
             for suffix in _BLUR_SUFFIXES:
-                out[f"{_ME_APP}.convs.{r}.{suffix}"] = lia_blur_kernel(dtype, sibling.device)
+                out[f"{_ME_APP}.convs.{r}.{suffix}"] = lia_blur_kernel(sibling.dtype, sibling.device)
     return out

@@ -128,11 +128,9 @@ def write_all(writer: _ShardWriter, tensors) -> list[Path]:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain DiT inside torch.compile / DDP / FSDP-style wrappers (their names carry prefixes)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
+    while isinstance(inner := getattr(model, "_orig_mod", None) or getattr(model, "module", None), nn.Module):
         model = inner
+    return model
 
 
 def save_dit(

@@ -120,11 +120,7 @@ _DIFFUSERS_MARKERS = re.compile(r"(^|\.)(attn1|attn2|condition_embedder|res_bloc
 
 def detect_layout(names: list[str]) -> tuple[str, str]:
     """(prefix, layout) from the stored names; layout "" when neither layout is recognised."""
-    prefix = ""
-    for p in COMMUNITY_PREFIXES:
-        if names and sum(n.startswith(p) for n in names) * 2 > len(names):
-            prefix = p
-            break
+    prefix = next((p for p in COMMUNITY_PREFIXES if names and sum(n.startswith(p) for n in names) * 2 > len(names)), "")
     stripped = [n.removeprefix(prefix) for n in names]
     official = sum(bool(_OFFICIAL_MARKERS.search(n)) for n in stripped)
     diffusers = sum(bool(_DIFFUSERS_MARKERS.search(n)) for n in stripped)
@@ -170,10 +166,8 @@ def virtual_official(src: Source, config: WanAnimateConfig) -> dict[str, torch.T
 
     Names no rule can map are kept as stored, so the key check reports them as unexpected.
     """
-    virtual = {}
-    for shard in src.shards:
-        for name, info in shard.tensors.items():
-            virtual[name.removeprefix(src.prefix)] = torch.empty(info.shape, dtype=info.dtype, device="meta")
+    virtual = {name.removeprefix(src.prefix): torch.empty(info.shape, dtype=info.dtype, device="meta")
+               for shard in src.shards for name, info in shard.tensors.items()}
     if src.layout == "diffusers":
         return diffusers_to_official(virtual, config, strict=False, add_blur_kernels=False)
     return virtual
