@@ -138,12 +138,11 @@ def check_overrides(prefix: str, argv: list[str], schema, groups: Iterable[str] 
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
-        key = arg.split("=", 1)[0]
+        key, value = arg.split("=", 1)
         if key.startswith(("+", "~", "hydra.", "hydra/")) or key == "hydra" or "/" in key or "@" in key:
             continue
         problem = unknown_key(key, schema, groups)
         if problem:
-            value = arg.split("=", 1)[1]
             if problem.endswith("?"):
                 problem = problem[:-1] + f"={value}?"
             fail(prefix, problem)

@@ -211,16 +211,13 @@ _OFFICIAL_KEYS = (
     "face_encoder_hidden_dim", "face_encoder_num_heads", "face_adapter_period", "motion_encoder_batch_size",
 )
 
-# Sizes diffusers stores under the same meaning: our name -> diffusers' name.
-_DIFFUSERS_NAMES = {
-    "patch_size": "patch_size", "text_dim": "text_dim", "freq_dim": "freq_dim", "ffn_dim": "ffn_dim",
-    "num_layers": "num_layers", "cross_attn_norm": "cross_attn_norm", "eps": "eps", "image_dim": "image_dim",
-    "rope_max_seq_len": "rope_max_seq_len", "motion_encoder_channel_sizes": "motion_encoder_channel_sizes",
-    "motion_encoder_size": "motion_encoder_size", "motion_style_dim": "motion_style_dim",
-    "motion_dim": "motion_dim", "motion_encoder_dim": "motion_encoder_dim",
-    "face_encoder_hidden_dim": "face_encoder_hidden_dim", "face_encoder_num_heads": "face_encoder_num_heads",
-    "face_adapter_period": "inject_face_latents_blocks", "motion_encoder_batch_size": "motion_encoder_batch_size",
-}
+# Sizes diffusers stores under the same meaning: our name -> diffusers' name (ours but for one).
+_DIFFUSERS_RENAMED = {"face_adapter_period": "inject_face_latents_blocks"}
+_DIFFUSERS_NAMES = {name: _DIFFUSERS_RENAMED.get(name, name) for name in (
+    "patch_size", "text_dim", "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "eps", "image_dim",
+    "rope_max_seq_len", "motion_encoder_channel_sizes", "motion_encoder_size", "motion_style_dim", "motion_dim",
+    "motion_encoder_dim", "face_encoder_hidden_dim", "face_encoder_num_heads", "face_adapter_period",
+    "motion_encoder_batch_size")}
 
 _TINY_CHANNELS = {"4": 32, "8": 32, "16": 16, "32": 8}
 

@@ -48,17 +48,17 @@ class DecodedVideo:
 def _open(source: str | os.PathLike | bytes | BinaryIO):
     import av
 
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "<bytes>"
     if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if not p.exists():
+        name = source = str(source)
+        if not os.path.exists(source):
             raise VideoDecodeError(f"{name}: file does not exist")
-        if p.stat().st_size == 0:
+        if os.path.getsize(source) == 0:
             raise VideoDecodeError(f"{name}: zero-byte file")
+    else:
+        name = "<bytes>"
+        source = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        container = av.open(source if not isinstance(source, os.PathLike) else str(source))
+        container = av.open(source)
     except Exception as e:  # av raises many error types (InvalidDataError, OSError, ...)
         raise VideoDecodeError(f"{name}: not a decodable video ({type(e).__name__}: {e})") from e
     if not container.streams.video:

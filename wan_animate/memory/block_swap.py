@@ -126,13 +126,8 @@ class BlockSwap:
 
     def _next_index(self, index: int) -> int:
         """Predict the next block call: same direction, or a turn-around at the ends."""
-        if self._prev is not None:
-            if index > self._prev:
-                self._direction = 1
-            elif index < self._prev:
-                self._direction = -1
-            else:
-                self._direction = -self._direction
+        if self._prev is not None:  # the sign of the last step; a repeated index turns around
+            self._direction = (index > self._prev) - (index < self._prev) or -self._direction
         self._prev = index
         nxt = index + self._direction
         return nxt if 0 <= nxt < len(self.blocks) else index
