@@ -26,14 +26,11 @@ def lora_in_compute_dtype(model: nn.Module) -> int:
     """Make every peft LoRA layer of ``model`` compute in its input's dtype. Returns the layer count."""
     from peft.tuners.lora import LoraLayer
 
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    for module in layers:
         module.cast_input_dtype_enabled = False
         for factor in (*module.lora_A.values(), *module.lora_B.values()):
             if isinstance(factor, nn.Linear) and not getattr(factor, "_input_dtype_forward", False):
                 factor.forward = types.MethodType(_linear_in_input_dtype, factor)  # deepcopy rebinds it
                 factor._input_dtype_forward = True
-        count += 1
-    return count
+    return len(layers)
