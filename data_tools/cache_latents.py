@@ -38,6 +38,7 @@ from data_tools.config import CacheLatentsConfig
 from data_tools.shards import add_members
 from wan_animate.animate2.config import REFERENCE_PROMPT
 from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.files import atomic_write_bytes, atomic_write_json
 from wan_animate.options import parse_dtype, resolve_device
 from wan_animate.samples import TEXT_EMBEDS, decode_sample, list_shards, read_shard, shard_keys
 
@@ -126,8 +127,7 @@ class LatentCacher:
                 out[f"{prefix}{n}"] = self._encode(clip[0])
         if "mask" in d:
             lat_h, lat_w = out["target"].shape[-2:]
-            m = F.interpolate(d["mask"].float(), size=(lat_h, lat_w), mode="nearest")  # [1, T, h, w]
-            out["char_mask"] = m
+            out["char_mask"] = F.interpolate(d["mask"].float(), size=(lat_h, lat_w), mode="nearest")  # [1, T, h, w]
         return {k: v.to(self.store_dtype).contiguous() for k, v in out.items()}
 
     def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -146,11 +146,9 @@ class LatentCacher:
 
 
 def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(embeds, str(tmp), metadata={"captions": json.dumps(captions, ensure_ascii=False)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(embeds, metadata={"captions": json.dumps(captions, ensure_ascii=False)}))
 
 
 def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: LatentCacher, embeds: dict,
@@ -243,7 +241,7 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
                 "cpu_threads": threads, "omp_wait_policy_passive": omp_threads_sleep_when_waiting(),
                 "seconds_this_run": round(seconds, 2),
                 "samples_per_s": round(n_done / seconds, 4) if seconds > 0 else None}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False))
+    atomic_write_json(out / "manifest.json", manifest, indent=2)
     return manifest
 
 

@@ -140,17 +140,14 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
     except Exception as e:  # a backend failure on one input must not stop the job
         res.reason = f"pose extraction failed: {type(e).__name__}: {e}"
         return res
+    keypoints_available = pose_src is not None
     if pose_src is None:
         # Ready videos without keypoints: nothing to check presence with; the json says so.
         pose_src = PoseSequence.empty(last, src_h, src_w)
-        person = np.ones(last, bool)
-        face_ok = np.ones(last, bool)
-        boxes_all = np.zeros((last, 4), np.float32)
-        box_source = np.full(last, -1, np.int8)
+        person = face_ok = np.ones(last, bool)
+        boxes_all, box_source = np.zeros((last, 4), np.float32), np.full(last, -1, np.int8)
         hands = np.zeros(last, bool)
-        keypoints_available = False
     else:
-        keypoints_available = True
         person = pose_src.person_detected()
         face_ok = pose_src.face_detected()
         boxes_all, box_source = face_boxes(pose_src, smooth_window=cfg.face_smooth_window, return_source=True)
@@ -183,12 +180,10 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             stats["pose_quality_clips"] += 1
             stats["pose_flagged_clips"] += int(bool(quality["flags"]))
         stats["frames"] += len(idx)
-        stats["person_frames"] += int(person[idx].sum())
-        stats["face_frames"] += int(face_ok[idx].sum())
-        stats["face_box_landmarks"] += int((box_source[idx] == 2).sum())
-        stats["face_box_head"] += int((box_source[idx] == 1).sum())
-        stats["face_box_filled"] += int((box_source[idx] == 0).sum())
-        stats["hand_frames"] += int(hands[idx].sum())
+        for name, frame_flags in (("person_frames", person), ("face_frames", face_ok), ("hand_frames", hands),
+                                  ("face_box_landmarks", box_source == 2), ("face_box_head", box_source == 1),
+                                  ("face_box_filled", box_source == 0)):
+            stats[name] += int(frame_flags[idx].sum())
         ref_idx, ref_policy = (None, "image") if ref_image is not None else _pick_reference(cfg, key, start, end,
                                                                                           len(sel))
         if ref_policy.startswith("first") and cfg.reference_policy == "outside":

@@ -20,12 +20,6 @@ REFERENCE_POLICIES = ("outside", "first", "image")
 DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
 
 
-def _choice(obj: Any, name: str, choices) -> None:
-    value = getattr(obj, name)
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: choose one of {tuple(choices)}")
-
-
 @dataclass
 class PrepareConfig:
     """``python -m data_tools.prepare input=PATH output=DIR [options]``."""
@@ -76,7 +70,8 @@ class PrepareConfig:
                 raise ValueError(f"bucket {list(b)} must be [height, width], both positive multiples of 16")
         for name, choices in (("resize_mode", RESIZE_MODES), ("pose_backend", BACKENDS), ("segmenter", SEGMENTERS),
                               ("reference_policy", REFERENCE_POLICIES)):
-            _choice(self, name, choices)
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {tuple(choices)}")
         if self.segmenter == "sam2" and not self.sam2_path:
             raise ValueError("segmenter=sam2 needs the SAM2 weights: set sam2_path=DIR (a transformers-format "
                              "SAM2 folder, e.g. facebook/sam2.1-hiera-large)")

@@ -72,11 +72,9 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
         raise ValueError(f"no person found in {video}: the pose backend ({pose_backend}) detected no body in any of "
                          f"its {len(pose_src)} frames; use a driving video that shows the moving person.")
     pose = plan.pose(pose_src)
-    retargeted = False
-    if retarget and not replace:
-        ref_pose = ref_plan.pose(backend.extract_image(ref_img))
-        pose = retarget_pose(pose, ref_pose)
-        retargeted = True
+    retargeted = retarget and not replace  # replace mode: the pose stays on the driving person
+    if retargeted:
+        pose = retarget_pose(pose, ref_plan.pose(backend.extract_image(ref_img)))
     frames = plan.apply_all(frames_src)
     face, boxes = crop_faces(frames_src, pose_src, face_size)
     paths = {"src_ref.png": out / "src_ref.png", "src_pose.mp4": out / "src_pose.mp4",

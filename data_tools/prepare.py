@@ -50,12 +50,8 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
             raise PrepareError(f"input={path} holds no videos (searched recursively for {', '.join(VIDEO_EXTENSIONS)})")
         return out
     if p.suffix.lower() in (".txt", ".lst"):
-        out = []
-        for line in p.read_text().splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                q = Path(line)
-                out.append(q if q.is_absolute() else p.parent / q)
+        lines = [line.strip() for line in p.read_text().splitlines()]
+        out = [p.parent / line for line in lines if line and not line.startswith("#")]  # an absolute path stays
         if not out:
             raise PrepareError(f"input={path} is a list file with no paths (one video path per line)")
         return out
@@ -74,10 +70,8 @@ def _make_tools(cfg: PrepareConfig):
     if cfg.replace or cfg.driving == "appearance":  # both need the character mask
         from data_tools.segment import get_segmenter
 
-        if cfg.segmenter == "sam2":
-            segmenter = get_segmenter("sam2", path=cfg.sam2_path, **dict(cfg.segmenter_options))
-        else:
-            segmenter = get_segmenter(cfg.segmenter, threshold=cfg.mask_threshold, **dict(cfg.segmenter_options))
+        own = {"path": cfg.sam2_path} if cfg.segmenter == "sam2" else {"threshold": cfg.mask_threshold}
+        segmenter = get_segmenter(cfg.segmenter, **own, **dict(cfg.segmenter_options))
     return backend, segmenter
 
 
@@ -143,14 +137,12 @@ def build_manifest(out: Path, cfg: PrepareConfig, records: list[dict], seconds: 
     frames = max(totals.get("frames", 0), 1)
     shards = list_shards(out)
     shard_info = [{"name": p.name, "samples": len(shard_keys(p))} for p in shards]
+    shares = {"person_frame_share": "person_frames", "face_frame_share": "face_frames",
+              "face_box_from_landmarks_share": "face_box_landmarks", "face_box_from_head_points_share": "face_box_head",
+              "face_box_filled_share": "face_box_filled", "hand_frame_share": "hand_frames"}
     stats = {
         "frames": totals.get("frames", 0),
-        "person_frame_share": round(totals.get("person_frames", 0) / frames, 4),
-        "face_frame_share": round(totals.get("face_frames", 0) / frames, 4),
-        "face_box_from_landmarks_share": round(totals.get("face_box_landmarks", 0) / frames, 4),
-        "face_box_from_head_points_share": round(totals.get("face_box_head", 0) / frames, 4),
-        "face_box_filled_share": round(totals.get("face_box_filled", 0) / frames, 4),
-        "hand_frame_share": round(totals.get("hand_frames", 0) / frames, 4),
+        **{name: round(totals.get(count, 0) / frames, 4) for name, count in shares.items()},
         "reference_fallbacks": totals.get("reference_fallbacks", 0),
         "pose_quality_mean": (round(totals["pose_quality_sum"] / totals["pose_quality_clips"], 4)
                               if totals.get("pose_quality_clips") else None),
@@ -255,8 +247,8 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
         bar.refresh()
 
     try:
+        backend, segmenter = _make_tools(cfg)  # with workers: bad backend options fail here, before any starts
         if cfg.workers == 0:
-            backend, segmenter = _make_tools(cfg)
             for i, p in enumerate(todo):
                 try:
                     res = process_input(Path(p), cfg, backend, segmenter, done_keys,
@@ -265,8 +257,6 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
                     res = InputResult(input=p, reason=f"internal error: {type(e).__name__}: {e}")
                 consume(i, res)
         else:
-            # Fail fast on bad backend options in the main process, before any worker starts.
-            backend, segmenter = _make_tools(cfg)
             backend.close()
             if segmenter is not None:
                 segmenter.close()

@@ -292,9 +292,7 @@ def get_segmenter(name: str = "mediapipe", **options):
     if name == "mediapipe":
         return CharacterSegmenter(**options)
     if name == "sam2":
-        options = dict(options)
-        path = options.pop("path", None)
-        return Sam2Segmenter(path, **options)
+        return Sam2Segmenter(options.pop("path", None), **options)
     raise ValueError(f"segmenter={name!r}: choose one of {SEGMENTERS}")
 
 

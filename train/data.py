@@ -100,10 +100,6 @@ def _face_choices(face: torch.Tensor, cfg, rng: np.random.Generator) -> torch.Te
     return face
 
 
-def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, index, 0x5EED])
-
-
 def _check_streams(sample: dict, spec: StreamSpec) -> None:
     missing = [s for s in spec.streams if s not in sample]
     if missing:
@@ -123,8 +119,7 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
     start = int(rng.integers(0, total - clip_len + 1))
     sl = slice(start, start + clip_len)
     src_hw = tuple(video.shape[-2:])
-    ex: dict[str, Any] = {"key": sample["key"]}
-    ex["video"] = resize_crop_tensor(video[:, sl], size)
+    ex: dict[str, Any] = {"key": sample["key"], "video": resize_crop_tensor(video[:, sl], size)}
     _check_streams(sample, spec)
     for stream in spec.streams:
         if stream != "face":
@@ -144,8 +139,8 @@ def preprocess_raw(sample: dict, spec: StreamSpec, size: tuple[int, int], rng: n
 def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
     """Decoded cached sample -> one training example (latents as cached; no resizing)."""
     cfg = spec.cfg
-    ex: dict[str, Any] = {"key": sample["key"], "cached": True}
-    ex["latents_target"] = sample["target"]
+    ex: dict[str, Any] = {"key": sample["key"], "cached": True, "latents_target": sample["target"],
+                          "ref_latent": sample["ref"], "clip_fea": sample["clip"]}
     _check_streams(sample, spec)
     for stream in spec.streams:  # latents of the driving streams (the face crops stay pixels)
         if stream != "face":
@@ -153,8 +148,6 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
         for extra in (f"clip_{stream}", f"text_{stream}"):  # its cached CLIP / prompt embeddings, if any
             if extra in sample:
                 ex[extra] = sample[extra]
-    ex["ref_latent"] = sample["ref"]
-    ex["clip_fea"] = sample["clip"]
     replace = "char_mask" in sample and rng.random() < cfg.replace_prob
     ex["mode"] = "replace" if replace else "animate"
     prefix = "cond_replace_r" if replace else "cond_r"
@@ -237,16 +230,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
         from wan_animate.samples import decode_cached_sample, decode_sample
 
-        rng = _sample_rng(self.spec.seed, epoch, index)
+        rng = np.random.default_rng([self.spec.seed, epoch, index, 0x5EED])  # the sample's own random choices
         if self.cached:
             if self._text_embeds is None:
                 self._text_embeds = cached_text_embeds(self.spec.urls)
             ex = preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
         else:
             ex = preprocess_raw(decode_sample(raw), self.spec, size, rng)
-        ex["index"] = index
-        ex["epoch"] = epoch
-        return ex
+        return {**ex, "index": index, "epoch": epoch}
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -294,14 +285,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker} (slot {slot}) got no sample from {len(urls)} shard(s): the data set "
                     f"has fewer samples than ranks x workers ({readers}) or its shards are unreadable; lower "
-                    f"data.num_workers or add data. Faults: {self._faults[:5]}"
-                )
+                    f"data.num_workers or add data. Faults: {self._faults[:5]}")
             if not emitted:  # a whole pass without one batch would loop forever
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker}: a full pass over {len(urls)} shard(s) gave no batch of "
                     f"train.micro_batch_size={spec.micro_batch_size} samples of one bucket; first faults: "
-                    f"{self._faults[:5]}. Fix the data (data_tools.inspect) or lower train.micro_batch_size."
-                )
+                    f"{self._faults[:5]}. Fix the data (data_tools.inspect) or lower train.micro_batch_size.")
             # incomplete buckets are carried into the next epoch's order implicitly (dropped here)
             epoch += 1
 
@@ -373,8 +362,7 @@ class BatchIterator:
             if self.seen >= 8 and self.skipped > self.spec.cfg.max_skipped_fraction * self.seen:
                 raise RuntimeError(
                     f"{self.skipped} of {self.seen} samples failed to decode (> data.max_skipped_fraction="
-                    f"{self.spec.cfg.max_skipped_fraction}); last errors: {self.recent_errors}"
-                )
+                    f"{self.spec.cfg.max_skipped_fraction}); last errors: {self.recent_errors}")
             if item["examples"]:
                 return item["examples"]
 

@@ -36,9 +36,9 @@ def main(cfg: DictConfig) -> None:
         config = to_config(cfg)  # validated before any model loads
         check_paths(config)
     if config.train.dry_run == "memory":  # plan the step on fake tensors instead of training
-        from train.plan.planner import run_dry
+        from train.plan.planner import plan_memory
 
-        run_dry(config)
+        plan_memory(config, suggest=True, quiet=False)  # the table, the verdict and memory_plan.json
         return
     from train.checkpoint.run_dir import check_fresh_start
     from train.checkpoint.run_lock import RunLockedError, acquire, release

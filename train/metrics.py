@@ -181,9 +181,7 @@ def plot_loss_curve(output_dir: str | Path) -> Path | None:
     if k > 1:
         smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
         ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("flow-matching loss")
-    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -223,17 +221,9 @@ class StepReporter:
         mfu = 3.0 * self._flops_per_sample * result.samples / (dt * self.peak * self.acc.num_processes)
         mem = peak_memory_gib(self.acc.device)
         self.last_loss = result.loss
-        record = {
-            "loss/train": result.loss,
-            "perf/step_time_s": dt,
-            "perf/samples_per_s": result.samples / dt,
-            "perf/mfu": mfu,
-            "memory/peak_gib": mem,
-            "data/skipped": data_skipped,
-            "optim/lr": result.lr,
-            "optim/grad_norm": result.grad_norm,
-            "train/nonfinite_skips": total_nonfinite,
-        }
+        record = {"loss/train": result.loss, "perf/step_time_s": dt, "perf/samples_per_s": result.samples / dt,
+                  "perf/mfu": mfu, "memory/peak_gib": mem, "data/skipped": data_skipped, "optim/lr": result.lr,
+                  "optim/grad_norm": result.grad_norm, "train/nonfinite_skips": total_nonfinite}
         if result.step % self.cfg.train.log_every == 0 or result.step == self.cfg.train.max_steps:
             self.logger.log(result.step, record)
         self.bar.update(1)

@@ -58,26 +58,19 @@ class PoseSequence:
         return PoseSequence(self.body[idx], self.left_hand[idx], self.right_hand[idx], self.face[idx], self.height, self.width)
 
     # ---- geometry -------------------------------------------------------------------------
-    def _map_xy(self, fn) -> "PoseSequence":
-        out = []
-        for a in (self.body, self.left_hand, self.right_hand, self.face):
-            a = a.copy()
-            a[..., 0], a[..., 1] = fn(a[..., 0], a[..., 1])
-            out.append(a)
-        return out
-
     def resized(self, height: int, width: int) -> "PoseSequence":
         """The same keypoints expressed in pixels of a frame resized to ``height x width``."""
         if (height, width) == (self.height, self.width):
             return self
-        sx, sy = width / self.width, height / self.height
-        arrays = self._map_xy(lambda x, y: (x * sx, y * sy))
-        return PoseSequence(*arrays, int(height), int(width))
+        return self.transformed(width / self.width, height / self.height, 0.0, 0.0, height, width)
 
     def transformed(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float,
                     height: int, width: int) -> "PoseSequence":
         """Keypoints after ``x' = x * scale_x + offset_x`` (same for y) into a new frame size."""
-        arrays = self._map_xy(lambda x, y: (x * scale_x + offset_x, y * scale_y + offset_y))
+        arrays = [a.copy() for a in (self.body, self.left_hand, self.right_hand, self.face)]
+        for a in arrays:
+            a[..., 0] = a[..., 0] * scale_x + offset_x
+            a[..., 1] = a[..., 1] * scale_y + offset_y
         return PoseSequence(*arrays, int(height), int(width))
 
     def person_detected(self, threshold: float = 0.5, min_points: int = 4) -> np.ndarray:

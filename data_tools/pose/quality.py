@@ -160,10 +160,6 @@ def _limb_outlier_frames(xy: np.ndarray, ok: np.ndarray, rules: PoseQualityRules
     return bad
 
 
-def _frame_list(mask: np.ndarray) -> list[int]:
-    return [int(i) for i in np.flatnonzero(mask)]
-
-
 def pose_quality(seq: PoseSequence, rules: PoseQualityRules | None = None) -> dict:
     """Pose-quality report of one clip, JSON-ready::
 
@@ -184,8 +180,8 @@ def pose_quality(seq: PoseSequence, rules: PoseQualityRules | None = None) -> di
     torso = _torso_length(xy, ok)
     if torso is None or t_len == 0:
         return {"score": 0.0, "frames": t_len, "flags": ["no_person"], "bad_frames": list(range(t_len)),
-                "jump_frames": [], "limb_outlier_frames": [], "low_confidence_frames": _frame_list(low_conf),
-                "torso_px": None, "rules": asdict(rules)}
+                "jump_frames": [], "limb_outlier_frames": [],
+                "low_confidence_frames": np.flatnonzero(low_conf).tolist(), "torso_px": None, "rules": asdict(rules)}
     jumps = _jump_frames(xy, ok, torso, rules)
     glitch = _glitch_frames(xy, ok, jumps, torso, rules) if jumps.any() else np.zeros(t_len, bool)
     limbs = _limb_outlier_frames(xy, ok, rules)
@@ -193,22 +189,17 @@ def pose_quality(seq: PoseSequence, rules: PoseQualityRules | None = None) -> di
     flags = [name for name, m in (("temporal_jumps", glitch), ("limb_length_outliers", limbs),
                                   ("low_confidence", low_conf)) if m.any()]
     return {"score": round(1.0 - float(bad.mean()), 4), "frames": t_len, "flags": flags,
-            "bad_frames": _frame_list(bad), "jump_frames": _frame_list(glitch),
-            "limb_outlier_frames": _frame_list(limbs), "low_confidence_frames": _frame_list(low_conf),
-            "torso_px": round(torso, 2), "rules": asdict(rules)}
+            "bad_frames": np.flatnonzero(bad).tolist(), "jump_frames": np.flatnonzero(glitch).tolist(),
+            "limb_outlier_frames": np.flatnonzero(limbs).tolist(),
+            "low_confidence_frames": np.flatnonzero(low_conf).tolist(), "torso_px": round(torso, 2),
+            "rules": asdict(rules)}
 
 
 def describe_pose_quality(q: dict) -> str:
     """One line for logs and ``inspect``: ``pose 0.82 (temporal_jumps: frames 0-2)``."""
-    def spans(frames: list[int]) -> str:
-        out, start = [], None
-        for i, f in enumerate(frames):
-            if start is None:
-                start = f
-            if i + 1 == len(frames) or frames[i + 1] != f + 1:
-                out.append(str(start) if start == f else f"{start}-{f}")
-                start = None
-        return ", ".join(out)
+    def spans(frames: list[int]) -> str:  # runs of consecutive frames: frame - position is constant in one
+        runs = [[f for _, f in run] for _, run in itertools.groupby(enumerate(frames), lambda p: p[1] - p[0])]
+        return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
     if not q["flags"]:
         return f"pose {q['score']:.2f} (ok)"

@@ -47,11 +47,7 @@ def refusals(saved: dict, cfg: Config) -> list[str]:
     keys = ["optim.name", "train.micro_batch_size"]
     if cfg.train.mode == "lora":
         keys = ["lora.rank", "lora.targets", "lora.train_adapters", *keys]
-    out = []
-    for key in keys:
-        old, new = _get(saved, key), _get(now, key)
-        if old is not KeyError and old != new:
-            out.append(key)
+    out = [key for key in keys if _get(saved, key) is not KeyError and _get(saved, key) != _get(now, key)]
     if cfg.train.mode == "lora" and "lora.rank" not in out:  # alpha: its effect, alpha/rank (null alpha = rank)
         old, new = _lora_scale(saved.get("lora") or {}), _lora_scale(now["lora"])
         if old is not None and abs(old - new) > 1e-12 * max(abs(old), 1.0):

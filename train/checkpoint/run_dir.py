@@ -57,7 +57,7 @@ def _same_model(before: dict[str, Any], current: dict[str, Any]) -> bool:
 
 def _from_checkpoint(path: Path) -> dict[str, Any]:
     """World size and DeepSpeed-or-not from a checkpoint's files (runs older than ``launch``)."""
-    ranks = [p for p in path.glob("rank*.json")]
+    ranks = list(path.glob("rank*.json"))
     out: dict[str, Any] = {"world_size": len(ranks)} if ranks else {}
     if (path / "pytorch_model").is_dir() or any(path.glob("*/mp_rank_*_model_states.pt")):
         out["deepspeed"] = True
@@ -99,10 +99,8 @@ def previous_identity(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | N
             if m.get("path"):
                 ident["model"] = str(Path(m["path"]).resolve())
     latest = checkpointing.latest_complete(out_dir)
-    if latest is not None:
-        found = _from_checkpoint(latest[1])
-        for k, v in found.items():
-            ident.setdefault(k, v)
+    if latest is not None:  # what the checkpoint's files say fills in what config.json does not
+        ident = {**_from_checkpoint(latest[1]), **ident}
     return ident, saved
 
 
@@ -224,10 +222,7 @@ def finished_run(cfg: Config) -> Finished | None:
     latest = checkpointing.latest_complete(out_dir)
     if not path.is_file() or latest is None or latest[0] < cfg.train.max_steps or not cfg.train.resume:
         return None
-    try:
-        summary = json.loads(path.read_text())
-    except ValueError:
-        return None
+    summary = _read_json(path)
     if not isinstance(summary, dict) or summary.get("status") != "finished" or summary.get("step") != latest[0]:
         return None
     missing: list[str] = []

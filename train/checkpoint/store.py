@@ -41,12 +41,8 @@ def list_complete(output_dir: str | Path) -> list[tuple[int, Path]]:
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / COMPLETE).is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    named = ((_STEP_RE.match(p.name), p) for p in root.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in named if m and p.is_dir() and (p / COMPLETE).is_file())
 
 
 def latest_complete(output_dir: str | Path) -> tuple[int, Path] | None:
@@ -241,10 +237,8 @@ def load_checkpoint(acc, path: Path, load_kwargs: dict[str, Any] | None = None) 
     acc.load_state(str(path), **(load_kwargs or {}))
     rng_file = path / f"rng-rank{acc.process_index}.safetensors"
     if not rng_file.is_file():
-        raise RuntimeError(
-            f"{rng_file} missing: the checkpoint was written by a run with fewer ranks; exact resume needs "
-            "the same number of processes."
-        )
+        raise RuntimeError(f"{rng_file} missing: the checkpoint was written by a run with fewer ranks; exact resume "
+                           "needs the same number of processes.")
     train = json.loads((path / "trainer_state.json").read_text())
     scheduler = train.pop("scheduler", None)
     return {

@@ -117,9 +117,7 @@ def damage(folder: str | Path) -> str | None:
     """What is wrong with the checkpoint's files (manifest, or safetensors headers where there is
     no manifest), None when nothing is found. Pickles: ``check_pickles``."""
     folder = Path(folder)
-    if (folder / MANIFEST).is_file():
-        return manifest_problem(folder)
-    return _safetensors_problem(folder)
+    return manifest_problem(folder) if (folder / MANIFEST).is_file() else _safetensors_problem(folder)
 
 
 def _safe_globals() -> list:

@@ -32,12 +32,7 @@ def _folder_config(path: str | None, sub: str) -> dict | None:
 def build_meta_encoders(model_path: str | None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """``({"vae", "text_encoder", "image_encoder"} modules on meta, {name: where the sizes came from})``."""
     from diffusers import AutoencoderKLWan
-    from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        UMT5Config,
-        UMT5EncoderModel,
-    )
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     sources = {}
     vae_cfg = _folder_config(model_path, "vae")

@@ -52,8 +52,7 @@ def parallel_terms(cfg: Config, dit, world: int, engine: str, stage: int) -> tup
     bf16 = cfg.train.precision == "bf16"
     w_bytes = 2 if bf16 else 4
     # DeepSpeed reduces the full gradients into partitions: the measured full gradients are replaced
-    scale["gradients"] = 0.0
-    scale["optimizer_states"] = 0.0
+    scale.update(gradients=0.0, optimizer_states=0.0)
     extra["gradients"] = n_train * w_bytes / world + ds["reduce_bucket_size"] * w_bytes
     notes["gradients"] = (f"computed: 1/{world} partition ({w_bytes} B/param) + one reduce bucket "
                           f"({ds['reduce_bucket_size']:.0e} elements)")

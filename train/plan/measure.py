@@ -31,7 +31,6 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     from train.plan.planner import (
         NullTracker,
         _build,
-        _model_config,
         _step,
         model_folder,
         planned_shape,
@@ -41,7 +40,7 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     cfg = compose(overrides)
     if cfg.data.source != "cached":
         raise ValueError("measure_real_step runs without encoders; use data.source=cached.")
-    mcfg, _ = _model_config(cfg, model_folder(cfg))
+    mcfg, _ = get_family(cfg.model.family).config(preset=cfg.model.preset, folder=model_folder(cfg))
     t0 = time.time()
     # A first, unmeasured run faults in the kernels' code pages and the allocator's arenas, which a
     # GPU run would not count either; the second run on a fresh model is measured.
@@ -54,7 +53,6 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
                 f.write("5")  # reset the peak resident set to the current one
             base = _status_kib("VmRSS")
         built = _build(cfg, mcfg, NullTracker(), use_ds=False, meta=(dit, ({}, {})), init=True)
-        built.update(use_ds=False, init=True)
         del dit
         _step(cfg, built, mcfg, planned_shape(cfg), NullTracker())
         del built

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +44,6 @@ from train.config import Config
 from train.plan.engines import engine_of, parallel_terms
 from train.plan.report import candidate_options, format_plan, plan_result, with_overrides
 from train.plan.sequence import install_planned as install_planned_sequence_parallel
-from train.plan.sequence import plan_fields as sequence_plan_fields
 from train.plan.track import LiveBytes
 from wan_animate.family import DEFAULT_FAMILY, get_family
 
@@ -62,11 +61,6 @@ def model_folder(cfg: Config) -> str | None:
     from train.assets import build_model
 
     return str(build_model(cfg))
-
-
-def _model_config(cfg: Config, folder: str | None):
-    """(model config, where it came from): the folder's config.json, else the family's preset."""
-    return get_family(cfg.model.family).config(preset=cfg.model.preset, folder=folder)
 
 
 def planned_shape(cfg: Config) -> tuple[int, int]:
@@ -213,7 +207,8 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
         enc.sources = sources
         enc.tensors = enc_tensors
         enc.params = {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()}
-    return {"dit": dit, "optimizer": optimizer, "summary": summary, "options": options, "encoders": enc}
+    return {"dit": dit, "optimizer": optimizer, "summary": summary, "options": options, "encoders": enc,
+            "use_ds": use_ds, "init": init, "notes": {}}
 
 
 def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -> None:
@@ -229,7 +224,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     for p in trainable:
         p.register_post_accumulate_grad_hook(lambda p: tracker.track([p.grad], "gradients"))
     bf16 = cfg.train.precision == "bf16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     input_dtype = torch.bfloat16 if built["use_ds"] else torch.float32
     # Steady state (step 2 onwards): the optimizer states exist before the step starts. One step on
     # zero gradients creates them the way the optimizer does (lazily, at its first step).
@@ -240,7 +235,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
         n = sum(p.numel() for p in trainable)
         tracker.extra["optimizer_states"] = n * 2 * (1 + 4 / 256)
         built["notes"]["optimizer_states"] = "computed: torchao AdamW8bit, 2 x (1 B + 4 B / 256) per trainable param"
-        optimizer = _NoStep()
+        optimizer = _NO_STEP
     for p in trainable:
         p.grad = torch.zeros_like(p)
     optimizer.step()
@@ -261,7 +256,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
             tracker.track([p.grad], "gradients")
     tracker.phase = "encode"
     examples = _examples(cfg, mcfg, shape)
-    if built.get("init"):
+    if built["init"]:
         for t in (t for e in examples for t in e.values() if isinstance(t, torch.Tensor)):
             t.uniform_(-1.0, 1.0)
     tracker.track([t for e in examples for t in e.values() if isinstance(t, torch.Tensor)], "inputs")
@@ -283,7 +278,7 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     tracker.phase = "optimizer"
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-    step_grad = built.get("notes", {}).get("ds_step_grad_elements", 0)
+    step_grad = built["notes"].get("ds_step_grad_elements", 0)
     if step_grad:  # DeepSpeed's per-sub-group fp32 gradient copy, alive only during the step
         flat = torch.empty(step_grad, dtype=input_dtype)
         fp32_grad = flat.float()
@@ -307,7 +302,7 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     world = world_size or cfg.train.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     engine, stage = engine_of(cfg, world)
     folder = model_folder(cfg)
-    mcfg, model_source = _model_config(cfg, folder)
+    mcfg, model_source = get_family(cfg.model.family).config(preset=cfg.model.preset, folder=folder)
     shape = planned_shape(cfg)
     t_lat = (cfg.data.clip_len - 1) // 4 + 1 + 1  # + reference slot
     pt, ph, pw = mcfg.patch_size
@@ -324,12 +319,11 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
         install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only
         del meta
-        built["use_ds"] = engine == "deepspeed"
         scale, extra, notes = parallel_terms(cfg, built["dit"], world, engine, stage)
         _rescale(tracker, scale, extra)
         t_build = time.time() - t0
         if engine == "deepspeed":  # DeepSpeed's own optimizer; its states are the computed terms
-            built["optimizer"] = _NoStep()
+            built["optimizer"] = _NO_STEP
         built["notes"] = notes
         with tracker, _planned_kernels(cfg):
             _step(cfg, built, mcfg, shape, tracker)
@@ -338,7 +332,8 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     plan = plan_result(cfg, tracker, world=world, engine=engine, stage=stage, tokens=tokens, shape=shape,
                    model_source=model_source, summary=summary, options=options, enc=enc, notes=notes,
                    seconds={"build": round(t_build, 1), "total": round(time.time() - t0, 1)})
-    plan.update(sequence_plan_fields(cfg, tokens))
+    sp = cfg.train.sequence_parallel
+    plan.update(sequence_parallel=sp, tokens_per_rank=math.ceil(tokens / sp))
     if suggest and not plan["fits_device"]:  # the options tried lower device memory, not host RAM
         plan["options_tried"] = try_options(cfg, world)
     if write:
@@ -392,12 +387,8 @@ def fake_module_conversion():
         torch.utils.swap_tensors = original
 
 
-class _NoStep:
-    def step(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
+# the optimizer whose states are computed terms (DeepSpeed's, torchao's 8-bit AdamW)
+_NO_STEP = SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
 
 
 def _rescale(tracker: LiveBytes, scale: dict, extra: dict) -> None:
@@ -419,8 +410,3 @@ def try_options(cfg: Config, world: int) -> list[dict[str, Any]]:
         plan = plan_memory(with_overrides(cfg, overrides), world_size=world, write=False)
         out.append({"overrides": overrides, "peak_device_gib": plan["peak_device_gib"], "fits": plan["fits"]})
     return out
-
-
-def run_dry(cfg: Config) -> dict[str, Any]:
-    """``train.dry_run=memory``: plan, print the table and the verdict, write memory_plan.json."""
-    return plan_memory(cfg, suggest=True, write=True, quiet=False)

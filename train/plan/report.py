@@ -76,10 +76,7 @@ def candidate_options(cfg: Config) -> list[dict[str, Any]]:
         c.append({"model.block_swap": 20})
         c.append({"model.block_swap": 40})
     if len(c) > 1:
-        merged: dict[str, Any] = {}
-        for o in c:
-            merged.update(o)
-        c.append(merged)
+        c.append({k: v for o in c for k, v in o.items()})  # all of them at once
     return c
 
 

@@ -10,8 +10,6 @@ the trained ones.
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
 from train.config import Config, check_sequence_parallel
@@ -70,9 +68,3 @@ def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
         sp.apply_sequence_parallel(dit, None)
     finally:
         sp.SequenceParallel = trained
-
-
-def plan_fields(cfg: Config, tokens: int) -> dict[str, Any]:
-    """What the plan dict records about sequence parallelism."""
-    n = cfg.train.sequence_parallel
-    return {"sequence_parallel": n, "tokens_per_rank": math.ceil(tokens / n)}

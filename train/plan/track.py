@@ -59,14 +59,8 @@ class LiveBytes(TorchDispatchMode):
         self.ops = 0
 
     # ------------------------------------------------------------------ bookkeeping
-    def _weight(self, e: _Entry) -> float:
-        return e.nbytes * self.scale.get(e.category, 1.0)
-
     def _add(self, e: _Entry, sign: int) -> None:
-        (self.host if e.host else self.device)[e.category] += sign * self._weight(e)
-
-    def _on_free(self, entry: _Entry, _ref) -> None:
-        self._add(entry, -1)
+        (self.host if e.host else self.device)[e.category] += sign * e.nbytes * self.scale.get(e.category, 1.0)
 
     def track(self, tensors: Iterable[Any], category: str | None = None, host: bool | None = None,
               held=None) -> None:
@@ -81,7 +75,7 @@ class LiveBytes(TorchDispatchMode):
                 nbytes = st.nbytes() if held is None else held(st.nbytes())
                 e = _Entry(nbytes, category or PHASE_CATEGORY[self.phase], self.new_on_host if host is None else host)
                 self._entries[st] = e
-                self._refs.append(weakref.ref(st, lambda r, e=e: self._on_free(e, r)))
+                self._refs.append(weakref.ref(st, lambda _, e=e: self._add(e, -1)))  # freed: subtracted
                 self._add(e, +1)
             elif (category and category != e.category) or (host is not None and host != e.host):
                 self._add(e, -1)
@@ -98,11 +92,8 @@ class LiveBytes(TorchDispatchMode):
         e = self._entries.get(t.untyped_storage())
         return bool(e is not None and e.host)
 
-    def device_total(self) -> float:
-        return sum(self.device.values()) + sum(self.extra.values())
-
     def _update_peak(self) -> None:
-        total = self.device_total()
+        total = sum(self.device.values()) + sum(self.extra.values())
         self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
         if total > self.peak:
             self.peak = total
@@ -123,7 +114,8 @@ class LiveBytes(TorchDispatchMode):
             # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here, counted at
             # what CUDA's caching host allocator holds for it.
             out = _aten.clone.default(args[0])
-            self.track([out], category=self._pinned_category(args[0]), host=True, held=caching_host_bytes)
+            category = self.category_of(args[0]) or PHASE_CATEGORY[self.phase]
+            self.track([out], category=category, host=True, held=caching_host_bytes)
             return out
         if kwargs.get("pin_memory") and func in (_aten.empty.memory_format, _aten.empty_strided.default):
             out = func(*args, **{**kwargs, "pin_memory": False})
@@ -136,10 +128,3 @@ class LiveBytes(TorchDispatchMode):
         flat, _ = tree_flatten(out)
         self.track([t for t in flat if isinstance(t, torch.Tensor)])
         return out
-
-    def _pinned_category(self, src: torch.Tensor) -> str:
-        return self.category_of(src) or PHASE_CATEGORY[self.phase]
-
-    # ------------------------------------------------------------------ results
-    def snapshot(self) -> dict[str, float]:
-        return {k: v for k, v in self.device.items() if v}
