@@ -55,23 +55,12 @@ def setup_trainable(dit: nn.Module, cfg: Config, family: ModelFamily | None = No
         if cfg.lora.init_from:
             load_lora_into_peft(dit, cfg.lora.init_from)
     _mark_trainable(dit, cfg, family)
-    trunk, adapters, lora = [], [], []
+    by_group: dict[str, list] = {"trunk": [], "lora": [], "adapters": []}
     for name, p in dit.named_parameters():
-        if not p.requires_grad:
-            continue
-        if is_lora_key(name):
-            lora.append(p)
-        elif is_adapter(name, family):
-            adapters.append(p)
-        else:
-            trunk.append(p)
-    groups = []
-    if trunk:
-        groups.append({"params": trunk, "lr": lr, "name": "trunk"})
-    if lora:
-        groups.append({"params": lora, "lr": lr, "name": "lora"})
-    if adapters:
-        groups.append({"params": adapters, "lr": adapter_lr, "name": "adapters"})
+        if p.requires_grad:
+            by_group["lora" if is_lora_key(name) else "adapters" if is_adapter(name, family) else "trunk"].append(p)
+    groups = [{"params": params, "lr": adapter_lr if name == "adapters" else lr, "name": name}
+              for name, params in by_group.items() if params]
     if not groups:
         raise RuntimeError(f"train.mode={mode} left no trainable parameter.")
     summary = {

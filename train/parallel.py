@@ -29,8 +29,7 @@ def make_accelerator(cfg: Config):
     if t.distributed == "deepspeed" and not use_ds:
         raise ConfigError(
             "train.distributed=deepspeed but the job was not launched with a DeepSpeed accelerate config; "
-            "use `accelerate launch --config_file launch/accelerate/<...zero...>.yaml train/main.py`."
-        )
+            "use `accelerate launch --config_file launch/accelerate/<...zero...>.yaml train/main.py`.")
     if t.distributed in ("ddp", "none") and use_ds:
         raise ConfigError(f"train.distributed={t.distributed} but the accelerate config enables DeepSpeed; "
                           "pick a non-DeepSpeed launch config or set train.distributed=auto.")
@@ -131,8 +130,7 @@ def check_world(acc) -> None:
         raise RuntimeError(
             f"accelerate reports world size {acc.num_processes} but the launcher started {expected} "
             "processes: the ranks did not join one process group (on CPU, DeepSpeed needs DS_ACCELERATOR=cpu "
-            "and the gloo backend)."
-        )
+            "and the gloo backend).")
     if expected > 1:
         t = torch.tensor([acc.process_index], dtype=torch.int64, device=acc.device)
         gathered = acc.gather(t)

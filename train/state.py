@@ -36,8 +36,7 @@ class TrainState:
             raise NonFiniteLossError(
                 f"{self.consecutive_nonfinite} optimizer steps in a row had a NaN/Inf loss or "
                 f"gradient (step {self.step}); stopping. Lower optim.lr, keep optim.grad_clip > 0, check the "
-                "data, or raise train.max_consecutive_nonfinite. The last complete checkpoint is untouched."
-            )
+                "data, or raise train.max_consecutive_nonfinite. The last complete checkpoint is untouched.")
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -56,13 +55,10 @@ class EMA:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         self.decay = decay
-        self.names: list[str] = []
-        self.params: list[torch.nn.Parameter] = []
-        for name, p in named_params:
-            self.names.append(name)
-            self.params.append(p)
-        self.averages: list[torch.Tensor] = []
-        self.reset()
+        named = list(named_params)
+        self.names: list[str] = [n for n, _ in named]
+        self.params: list[torch.nn.Parameter] = [p for _, p in named]
+        self.reset()  # the averages start at the current weights
         self._update = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
@@ -86,8 +82,7 @@ class EMA:
         if missing or unexpected:
             raise RuntimeError(
                 f"EMA state does not match the trainable set (missing {missing[:5]}, unexpected {unexpected[:5]}); "
-                "resume with the same train.mode / lora settings as the checkpoint, or start a new train.output_dir."
-            )
+                "resume with the same train.mode / lora settings as the checkpoint, or start a new train.output_dir.")
         for name, avg in zip(self.names, self.averages):
             avg.copy_(state[name].to(avg.device, torch.float32))
 

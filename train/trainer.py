@@ -28,7 +28,7 @@ from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
 from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
 from wan_animate.batch import fixed_draw
-from wan_animate.family import ModelFamily, get_family
+from wan_animate.family import get_family
 from wan_animate.objective import flow_matching_loss
 
 
@@ -56,14 +56,6 @@ def startup_checks(cfg: Config, acc) -> None:
                           "set optim.ema_decay=0 or use ZeRO-2.")
 
 
-def _load_dit(cfg: Config, model_path: Path, family: ModelFamily):
-    """The DiT on the CPU (bf16 on a bf16 run: the released dtype), moved by accelerate/DeepSpeed
-    once the trainable set is fixed, so no rank holds a full-precision copy on its GPU. The frozen
-    encoders load after the memory options placed the DiT (docs/memory.md, host RAM)."""
-    bf16 = cfg.train.precision == "bf16"
-    return family.load(family.dit_path(model_path), dtype=torch.bfloat16 if bf16 else torch.float32, device="cpu")
-
-
 class Trainer:
     def __init__(self, cfg: Config, acc, model_path: Path, urls: list[str]):
         self.cfg, self.acc, self.urls = cfg, acc, list(urls)
@@ -77,7 +69,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initialisation of LoRA factors on every rank
         self.model_path = Path(model_path)
         self.family = get_family(cfg.model.family)
-        dit = _load_dit(cfg, model_path, self.family)
+        # the DiT on the CPU in the released dtype, moved by accelerate/DeepSpeed once the trainable set is
+        # fixed (no rank holds a full-precision copy on its GPU); the frozen encoders load after the memory
+        # options placed it (docs/memory.md, host RAM)
+        dit = self.family.load(self.family.dit_path(model_path), dtype=torch.bfloat16 if bf16 else torch.float32,
+                               device="cpu")
         # trainable set, fp32 masters, memory options: the order the memory planner builds too
         self.groups, self.summary, self.memory = prepare_model(dit, cfg, self.family, deepspeed=self.use_deepspeed,
                                                                device=self.device)
