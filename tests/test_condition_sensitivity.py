@@ -67,6 +67,33 @@ def test_swap_moves_exactly_the_named_condition():
         swap_condition(a, b, "background")
 
 
+def test_animate2_swaps_its_driving_video_and_reference():
+    """Wan-Animate-2's conditions (its family's ``conditions``): the driving stream (latents + CLIP of
+    its first frame) and the reference; the loss runs the family's own forward."""
+    from wan_animate.animate2.family import ANIMATE2
+
+    g = torch.Generator().manual_seed(0)
+    a, b = ({"latents": torch.randn(1, 16, 3, 4, 4, generator=g), "y": torch.randn(1, 20, 3, 4, 4, generator=g),
+             "context": torch.randn(1, 5, 8, generator=g), "clip_fea": torch.randn(1, 7, 8, generator=g),
+             "driving": torch.randn(1, 16, 2, 4, 4, generator=g), "context_ref": torch.randn(1, 5, 8, generator=g),
+             "clip_ref": torch.randn(1, 7, 8, generator=g)} for _ in range(2))
+    moved = swap_condition(a, b, "driving", ANIMATE2)
+    assert moved["driving"] is b["driving"] and moved["clip_ref"] is b["clip_ref"]
+    assert all(moved[k] is a[k] for k in ("latents", "y", "context", "clip_fea", "context_ref"))
+    ref = swap_condition(a, b, "ref", ANIMATE2)
+    assert ref["clip_fea"] is b["clip_fea"] and torch.equal(ref["y"][:, :, 0], b["y"][:, :, 0])
+    assert ref["driving"] is a["driving"] and torch.equal(ref["latents"][:, :, 1:], a["latents"][:, :, 1:])
+    with pytest.raises(ValueError, match="choose one of"):
+        swap_condition(a, b, "pose", ANIMATE2)
+
+    def reads_driving(x, t, context, clip_fea, y, driving, context_ref, clip_ref):  # Animate2DiT's signature
+        return torch.zeros_like(x) + torch.tanh(driving.sum())
+
+    out = condition_sensitivity(reads_driving, [a, b], timesteps=(500,), family=ANIMATE2)
+    assert out["sensitivity_driving"] != 0.0 and out["sensitivity_ref"] == 0.0
+    assert "sensitivity_pose" not in out
+
+
 def test_partners_pair_samples_of_one_shape():
     batches = _batches(3) + _batches(1, h=8)
     assert swap_partners(batches) == [1, 2, 0, None]
