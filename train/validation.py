@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import Config
+from wan_animate.family import get_family
 from wan_animate.video_io import VideoDecodeError, tensor_to_frames
 
 
@@ -93,7 +94,6 @@ def validation_inputs(cfg: Config, pipe, urls: list[str], streams: tuple[str, ..
 
 
 def _render(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int) -> Path | None:
-    from wan_animate.family import get_family
     from wan_animate.video_io import write_video
 
     streams = tuple(get_family(cfg.model.family).streams)
@@ -130,13 +130,14 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
     from webdataset.tariterators import tarfile_samples
 
     from train.data import StreamSpec, cached_text_embeds, preprocess_cached, preprocess_raw
-    from wan_animate.batch import build_dit_inputs
     from wan_animate.geometry import nearest_bucket
     from wan_animate.samples import decode_cached_sample, decode_sample
 
     recipe = dataclasses.replace(cfg.data, temporal_ref_prob=0.0, text_dropout=0.0, face_dropout=0.0,
                                  face_aug_prob=0.0, replace_prob=0.0)
-    spec = StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed, face_size=face_size)
+    family = get_family(cfg.model.family)
+    spec = StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed, face_size=face_size,
+                      streams=tuple(family.streams))
     text = cached_text_embeds(urls) if cached else None
     batches = []
     for i, raw in enumerate(tarfile_samples([{"url": u} for u in urls])):
@@ -150,7 +151,7 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
             h, w = s["video"].shape[-2:]
             size = nearest_bucket(h, w, [tuple(b) for b in cfg.data.buckets]) if cfg.data.buckets else (h, w)
             ex = preprocess_raw(s, spec, size, rng)
-        batches.append(build_dit_inputs([ex], pipe, device, dtype, cfg.data.clip_len))
+        batches.append(family.build_inputs([ex], pipe, device, dtype, cfg.data.clip_len))
     return batches
 
 
@@ -160,12 +161,9 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
     clips at ``GAP_TIMESTEPS``: a model that follows its conditions shows positive gaps."""
     from wan_animate.heldout import condition_sensitivity
 
-    out = None
+    out, family = None, get_family(cfg.model.family)
     if acc.is_main_process:
-        if cfg.model.family != "animate":
-            print(f"[train] condition gaps skipped: they swap Wan-Animate-14B's pose / face / reference streams; "
-                  f"model.family={cfg.model.family} is not measured yet.", flush=True)
-        elif stage == 3 or cfg.train.sequence_parallel > 1:
+        if stage == 3 or cfg.train.sequence_parallel > 1:
             print("[train] condition gaps skipped (ZeRO-3 / sequence parallelism: the DiT is partitioned); run "
                   "eval with metrics.names=[sensitivity] on the export instead.", flush=True)
         else:
@@ -177,14 +175,14 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
                 else:
                     cached, where = cfg.data.source == "cached", "training clips"
                 batches = gap_batches(cfg, pipe, urls, cached, acc.device, dtype,
-                                      cfg.data.face_size or raw_dit.config.motion_encoder_size)
+                                      cfg.data.face_size or getattr(raw_dit.config, "motion_encoder_size", 0))
                 out = {"clips": where, **condition_sensitivity(raw_dit, batches, timesteps=GAP_TIMESTEPS,
-                                                               seed=cfg.train.seed)}
+                                                               seed=cfg.train.seed, family=family)}
             except (*_DATA_FAULTS, FileNotFoundError) as e:
                 print(f"[train] condition gaps skipped: {type(e).__name__}: {str(e)[:300]}", flush=True)
             if out is not None:
                 print(f"[train] condition gaps on {out['sensitivity_samples']} {out['clips']} (loss with another "
                       f"clip's condition minus own {out['sensitivity_own_loss']:.4f}; > 0: the model follows it): "
-                      + ", ".join(f"{c} {out[f'sensitivity_{c}']:+.4f}" for c in ("pose", "face", "ref")), flush=True)
+                      + ", ".join(f"{c} {out[f'sensitivity_{c}']:+.4f}" for c in family.conditions), flush=True)
     acc.wait_for_everyone()
     return out

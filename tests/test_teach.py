@@ -1,0 +1,264 @@
+"""Training teaches the conditions: after a short in-process run (``Trainer.train_step``, the step
+real runs take) the held-out loss with each clip's own pose video and reference image is clearly
+lower than with another clip's (``wan_animate.heldout.condition_sensitivity``), for each training
+mode on cached shards and for ``full`` on raw shards; the untrained model shows no such gap. The
+same for Wan-Animate-2's reference (its driving video is not learned in 200 steps yet).
+
+Set-up (docs/training.md, "Does the model follow its conditions?"): the ``make-tiny`` model, whose
+pooling VAE keeps 4x4-pixel quarters of every 8x8 cell in its latents; 24 synthetic 64x64 clips of
+9 frames for training, 8 held-out clips of another seed, micro-batches of 4, lr 1e-3.
+
+Margins are relative to the own held-out loss (it falls 3-4x while training, and a swapped
+condition moves the loss in proportion): untrained, every gap is within +-``UNTRAINED_BAND`` of it
+(measured: at most 0.4%); trained, every gap the mode trains must exceed ``TRAINED_MARGIN``, five
+times the largest untrained gap, at step counts where the measured gaps are at least twice it.
+The face crops are not learned in this set-up (``test_face_crops_are_learned``, an expected
+failure; docs/training.md says what was tried)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+SIZE, FRAMES, TRAIN_CLIPS, HELD_CLIPS = 64, 9, 24, 8
+UNTRAINED_BAND = 0.01  # |gap| / own loss of the untrained model
+TRAINED_MARGIN = 0.02  # gap / own loss after training
+TIMESTEPS = (300.0, 600.0, 900.0)
+LR = 1e-3
+# (mode, source) -> (steps, conditions asserted). The fine-tuning modes (adapters_only, lora + its
+# adapters) start, as real fine-tunes do, from a trained trunk: the ``full`` run's, with the adapters
+# as the tiny model writes them (from the random trunk, 200 steps measured a pose gap of 0.6% for
+# adapters_only, even at adapter lr 1e-2, and 1.2% for lora); they must raise each gap by the margin.
+CASES = {
+    ("full", "cached"): (200, ("pose", "ref")),
+    ("adapters_only", "cached"): (200, ("pose",)),
+    ("lora", "cached"): (200, ("pose", "ref")),
+    ("full", "raw"): (120, ("pose", "ref")),  # raw shards: the encoders run every step (~10x a cached step)
+}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's ops are too small for intra-op threads (2 threads are ~5x slower on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, one_thread):
+    from data_tools.cache_latents import cache_latents
+    from data_tools.config import CacheLatentsConfig
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("teach")
+    model = make_tiny_model_folder(root / "model", layout="diffusers")
+    out = {"model": Path(model), "root": root}
+    for name, clips, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
+        raw = make_synthetic_dataset(root / name, num_clips=clips, clip_len=FRAMES, height=SIZE, width=SIZE,
+                                     seed=seed, shard_size=8, face_size=32)
+        cached = root / f"{name}_cached"
+        cache_latents(CacheLatentsConfig(input=str(raw), output=str(cached), model=str(model), device="cpu",
+                                         dtype="fp32", refert_nums=[0]), progress=False)
+        out[name], out[f"{name}_cached"] = Path(raw), cached
+    return out
+
+
+def make_trainer(assets, out_dir, mode="full", source="cached", model=None):
+    from train.config import compose
+    from train.data import resolve_urls
+    from train.parallel import make_accelerator
+    from train.trainer import Trainer
+
+    urls = str(assets["train_cached" if source == "cached" else "train"])
+    cfg = compose(["data=cached" if source == "cached" else "data=shards", f"data.urls=[{urls}]",
+                   f"data.clip_len={FRAMES}", f"data.buckets=[[{SIZE},{SIZE}]]", "data.num_workers=0",
+                   "train.micro_batch_size=4", f"train.mode={mode}", "train.seed=0", f"optim.lr={LR}",
+                   f"train.output_dir={out_dir}", f"model.path={model or assets['model']}"])
+    return Trainer(cfg, make_accelerator(cfg), Path(model or assets["model"]), resolve_urls([urls]))
+
+
+def pretrained_folder(assets, trunk: dict, dst: Path) -> Path:
+    """The tiny model folder with the DiT's trunk replaced by ``trunk`` (its adapters as written)."""
+    import shutil
+
+    from train.modes import is_adapter
+    from wan_animate.family import ANIMATE
+
+    if not dst.exists():
+        shutil.copytree(assets["model"], dst)
+        dit = ANIMATE.load(dst / "transformer", dtype=torch.float32, device="cpu")
+        missing = dit.load_state_dict(trunk, strict=False).missing_keys
+        assert missing and all(is_adapter(k) for k in missing)
+        shutil.rmtree(dst / "transformer")
+        ANIMATE.save(dit, dst / "transformer", layout="diffusers")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def held_batches(assets):
+    """The held-out clips as one-sample batches (cached encodings, the training recipe's random
+    choices off), the same for every case."""
+    from train.config import compose
+    from train.data import resolve_urls
+    from train.validation import gap_batches
+
+    cfg = compose(["data=cached", f"data.urls=[{assets['held_cached']}]", f"data.clip_len={FRAMES}",
+                   f"model.path={assets['model']}"])
+    return gap_batches(cfg, None, resolve_urls([str(assets["held_cached"])]), True, torch.device("cpu"),
+                       torch.float32, 32, limit=HELD_CLIPS)
+
+
+def relative_gaps(dit, batches) -> dict[str, float]:
+    from wan_animate.heldout import condition_sensitivity
+
+    out = condition_sensitivity(dit, batches, timesteps=TIMESTEPS, seed=0)
+    own = out["sensitivity_own_loss"]
+    return {c: out[f"sensitivity_{c}"] / own for c in ("pose", "face", "ref")} | {"own": own}
+
+
+@pytest.fixture(scope="module")
+def trained(assets, held_batches):
+    """(mode, source) -> relative gaps after its run; each run once per module."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.modes import is_adapter
+
+    done: dict = {}
+
+    def get(mode, source=None):
+        if source is None:  # ("start", mode, source): the gaps an adapters_only run starts from
+            get(*mode[1:])
+            return done[mode]
+        if (mode, source) not in done:
+            steps = CASES[(mode, source)][0]
+            model = None
+            if mode != "full":  # a fine-tune of the full run's trunk, with fresh adapters
+                model = pretrained_folder(assets, get("full", source)["trunk"], assets["root"] / f"pretrained-{source}")
+            trainer = make_trainer(assets, assets["root"] / f"run-{mode}-{source}", mode, source, model)
+            if model is not None:
+                done[("start", mode, source)] = relative_gaps(trainer.raw_dit, held_batches)
+            started = time.time()
+            for _ in range(steps):
+                trainer.train_step(trainer.next_micro_batches())
+            seconds = time.time() - started
+            done[(mode, source)] = relative_gaps(trainer.raw_dit, held_batches)
+            print(f"\n{mode} {source}: {steps} steps in {seconds:.0f} s:",
+                  {k: round(v, 4) for k, v in done[(mode, source)].items()},
+                  "from", done.get(("start", mode, source), "the untrained model"))
+            if mode == "full":
+                done[(mode, source)]["trunk"] = {k: v.clone() for k, v in trainer.raw_dit.state_dict().items()
+                                                 if not is_adapter(k)}
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        return done[(mode, source)]
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _fresh(fresh_accelerate_state):
+    yield
+
+
+def test_untrained_model_shows_no_gap(assets, held_batches, tmp_path):
+    gaps = relative_gaps(make_trainer(assets, tmp_path).raw_dit, held_batches)
+    print("\nuntrained:", {k: round(v, 4) for k, v in gaps.items()})
+    assert all(abs(gaps[c]) < UNTRAINED_BAND for c in ("pose", "face", "ref")), gaps
+
+
+@pytest.mark.parametrize("mode,source", list(CASES))
+def test_training_teaches_pose_and_reference(trained, mode, source):
+    gaps = trained(mode, source)
+    start = trained(("start", mode, source)) if mode != "full" else {}
+    for c in CASES[(mode, source)][1]:
+        assert gaps[c] - start.get(c, 0.0) > TRAINED_MARGIN, (mode, source, c, gaps, start)
+
+
+@pytest.mark.xfail(strict=True, reason="the tiny set-up does not learn the face crops yet (docs/training.md)")
+def test_face_crops_are_learned(trained):
+    assert trained("full", "cached")["face"] > TRAINED_MARGIN
+
+
+# ---------------------------------------------------------------------------- Wan-Animate-2
+
+A2_STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def animate2_assets(tmp_path_factory, one_thread):
+    """A tiny Animate-2 model and synthetic triplets (the same animation by a second character as
+    the driving video), cached with its encoders."""
+    from data_tools.cache_latents import cache_latents
+    from data_tools.config import CacheLatentsConfig
+    from data_tools.synthetic_data import make_synthetic_dataset
+    from wan_animate.testing import make_tiny_model_folder
+
+    root = tmp_path_factory.mktemp("teach2")
+    model = make_tiny_model_folder(root / "model", layout="diffusers", family="animate2")
+    out = {"model": Path(model), "root": root}
+    for name, clips, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
+        raw = make_synthetic_dataset(root / name, num_clips=clips, clip_len=FRAMES, height=SIZE, width=SIZE,
+                                     seed=seed, shard_size=8, face_size=32, driving=True)
+        cache_latents(CacheLatentsConfig(input=str(raw), output=str(root / f"{name}_cached"), model=str(model),
+                                         device="cpu", dtype="fp32", refert_nums=[0]), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def animate2_gaps(animate2_assets):
+    """Relative gaps of the untrained and of the trained (full, cached, ``A2_STEPS``) Animate-2 model."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.config import compose
+    from train.data import resolve_urls
+    from train.parallel import make_accelerator
+    from train.trainer import Trainer
+    from train.validation import gap_batches
+    from wan_animate.animate2.family import ANIMATE2
+    from wan_animate.heldout import condition_sensitivity
+
+    a = animate2_assets
+    common = ["model=animate2_tiny", f"model.path={a['model']}", "data=cached", f"data.clip_len={FRAMES}",
+              f"data.buckets=[[{SIZE},{SIZE}]]", "data.num_workers=0", "data.replace_prob=0"]
+    held_cfg = compose([*common, f"data.urls=[{a['root'] / 'held_cached'}]"])
+    held = gap_batches(held_cfg, None, resolve_urls([str(a["root"] / "held_cached")]), True, torch.device("cpu"),
+                       torch.float32, 32, limit=HELD_CLIPS)
+    urls = str(a["root"] / "train_cached")
+    cfg = compose([*common, f"data.urls=[{urls}]", "train.micro_batch_size=4", "train.seed=0", f"optim.lr={LR}",
+                   f"train.output_dir={a['root'] / 'run'}"])
+    trainer = Trainer(cfg, make_accelerator(cfg), a["model"], resolve_urls([urls]))
+
+    def gaps():
+        out = condition_sensitivity(trainer.raw_dit, held, timesteps=TIMESTEPS, seed=0, family=ANIMATE2)
+        own = out["sensitivity_own_loss"]
+        return {c: out[f"sensitivity_{c}"] / own for c in ANIMATE2.conditions} | {"own": own}
+
+    before = gaps()
+    started = time.time()
+    for _ in range(A2_STEPS):
+        trainer.train_step(trainer.next_micro_batches())
+    after = gaps()
+    print(f"\nanimate2 cached: untrained {before}; {A2_STEPS} steps in {time.time() - started:.0f} s: {after}")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return before, after
+
+
+def test_animate2_training_teaches_the_reference(animate2_gaps):
+    before, after = animate2_gaps
+    assert all(abs(before[c]) < UNTRAINED_BAND for c in ("driving", "ref")), before
+    assert after["ref"] > TRAINED_MARGIN, after
+
+
+@pytest.mark.xfail(strict=True, reason="200 steps do not teach the tiny Animate-2 its driving video yet "
+                                       "(docs/training.md)")
+def test_animate2_training_teaches_the_driving_video(animate2_gaps):
+    assert animate2_gaps[1]["driving"] > TRAINED_MARGIN
