@@ -45,6 +45,8 @@ REAL_A2 = "needs the real Wan-Animate-2 weights (A2_DIR / wan_animate_2_bf16.saf
 MULTI_GPU = "a multi-GPU launch file (8 processes); on a machine without them it is refused in one line (tests/test_cli_errors.py)"
 RAW_VIDEOS = "needs a folder of real videos of people (VIDEOS); tests/test_data_prepare.py runs prepare on the sample clip"
 NETWORK = "creates a fresh virtual environment and installs from PyPI (network, minutes); CI runs it (.ci/run)"
+SENSITIVITY_EXAMPLE = ("the measured sensitivity sweep (200 training steps + 3 cells: minutes on 2 cores); "
+                       "tests/test_teach.py trains the same set-up, tests/test_eval_sweep.py sweeps the metric")
 TINY = ("--model", "{tmp}/tiny")
 
 COMMANDS: dict[str, Run | str] = {
@@ -134,6 +136,21 @@ COMMANDS: dict[str, Run | str] = {
     "checkpoint=null,runs/ft/checkpoints/step-1000,runs/ft/checkpoints/step-2000 metrics.names=[heldout,sensitivity] "
     "metrics.heldout_timesteps=[300,600,900] max_samples=8":
         REAL_MODEL + " and a fine-tuned run (tests/test_eval_sweep.py sweeps the metric on the tiny model)",
+    # docs/eval.md: the measured sensitivity sweep on tiny checkpoints (each step reads the one before)
+    "python -m wan_animate.checkpoint make-tiny runs/tiny --layout diffusers": SENSITIVITY_EXAMPLE,
+    "python -m data_tools.synthetic output=data/train num_clips=24 clip_len=9 seed=0 shard_size=8 face_size=32":
+        SENSITIVITY_EXAMPLE,
+    "python -m data_tools.synthetic output=data/held num_clips=8 clip_len=9 seed=1 shard_size=8 face_size=32":
+        SENSITIVITY_EXAMPLE,
+    'python -m data_tools.cache_latents input=data/train output=data/train_cached model=runs/tiny device=cpu '
+    'dtype=fp32 "refert_nums=[0]"': SENSITIVITY_EXAMPLE,
+    'python -m train.main model.path=runs/tiny data=cached "data.urls=[data/train_cached]" data.clip_len=9 '
+    "train.micro_batch_size=4 optim.lr=1e-3 train.max_steps=200 train.checkpoint_every=100 "
+    "train.output_dir=runs/ft": SENSITIVITY_EXAMPLE,
+    "python eval/main.py -m model_dir=runs/tiny eval_set=data/held out_dir=runs/sensitivity preset=cpu "
+    "checkpoint=null,runs/ft/checkpoints/step-100,runs/ft/checkpoints/step-200 "
+    '"metrics.names=[heldout,sensitivity]" "metrics.heldout_timesteps=[300,600,900]" max_samples=8':
+        SENSITIVITY_EXAMPLE,
     "python -m eval.report runs/sweep": "reads the sweep the command before it writes (tests/test_eval_report.py)",
     "python eval/main.py model_dir=Wan2.2-Animate-14B eval_set=data/val_shards out_dir=runs/eval-base": REAL_MODEL,
     "python eval/main.py -m model_dir=Wan2.2-Animate-14B eval_set=data/val_shards out_dir=runs/sweep "
