@@ -187,10 +187,8 @@ class Sam2Segmenter:
                 points = body[t, sel, :2].astype(np.float32)
             if self.prompt in ("box", "both"):
                 all_pts = np.concatenate([a[t] for a in (pose.body, pose.left_hand, pose.right_hand, pose.face)])
-                keep = all_pts[:, 2] >= self.min_score
-                xy = all_pts[keep, :2]
-                x0, y0 = xy.min(0)
-                x1, y1 = xy.max(0)
+                xy = all_pts[all_pts[:, 2] >= self.min_score, :2]
+                (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
                 mx, my = self.box_margin * (x1 - x0), self.box_margin * (y1 - y0)
                 box = np.array([max(x0 - mx, 0), max(y0 - my, 0), min(x1 + mx, width - 1), min(y1 + my, height - 1)],
                                np.float32)

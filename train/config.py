@@ -311,10 +311,9 @@ class Config:
             _fail(f"lora.init_from is set but train.mode={t.mode}; set train.mode=lora or drop lora.init_from.")
         if t.mode == "adapters_only" and self.optim.adapter_lr == 0:
             _fail("train.mode=adapters_only with optim.adapter_lr=0 trains nothing; raise optim.adapter_lr.")
-        if d.source == "synthetic" and d.buckets:
-            for b in d.buckets:
-                if b[0] > d.synthetic_height * 4 or b[1] > d.synthetic_width * 4:
-                    _fail(f"data.buckets {b} is far larger than the synthetic clips; drop data.buckets.")
+        for b in d.buckets if d.source == "synthetic" else []:
+            if b[0] > d.synthetic_height * 4 or b[1] > d.synthetic_width * 4:
+                _fail(f"data.buckets {b} is far larger than the synthetic clips; drop data.buckets.")
         m = self.model
         frozen_base = t.mode in ("lora", "adapters_only")
         if (m.base_dtype == "fp8" or m.block_swap) and not frozen_base:
@@ -328,11 +327,9 @@ class Config:
             check_sequence_parallel(t.sequence_parallel, heads)
         if self.model.path is None and self.model.preset == "14b" and not planning:
             # A 14B random model is never what a quick start wants; guard against half-edited presets.
-            _fail(
-                "model.preset=14b without model.path would build a random 14B model; set model.path to the "
-                "Wan2.2-Animate-14B folder (or model=tiny for the quick start; train.dry_run=memory plans the "
-                "14B run from the preset alone)."
-            )
+            _fail("model.preset=14b without model.path would build a random 14B model; set model.path to the "
+                  "Wan2.2-Animate-14B folder (or model=tiny for the quick start; train.dry_run=memory plans the "
+                  "14B run from the preset alone).")
 
     @property
     def cache_dir(self) -> str:
@@ -382,8 +379,7 @@ def register_configs() -> None:
     """Register the schema so ``conf/train/config.yaml`` composes against it (``- base_config`` default)."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_config", node=Config)
 
 
 def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:

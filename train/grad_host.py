@@ -10,6 +10,8 @@ device peak is that of ``grad_accum=1``. One process only (DDP / DeepSpeed own t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from wan_animate.memory.pinned import PinnedBuffer, aligned
@@ -19,15 +21,13 @@ class HostGradAccumulation:
     def __init__(self, params: list[torch.nn.Parameter], device: torch.device):
         self.params = list(params)
         pin = torch.device(device).type == "cuda" and torch.cuda.is_available()
-        offsets, total = [], 0
-        for p in self.params:
-            offsets.append(total)
-            total += aligned(p.numel() * 4)
-        self.buffer = PinnedBuffer(total, pin)  # one exact-size buffer, a slot per parameter
+        offsets = [0, *itertools.accumulate(aligned(p.numel() * 4) for p in self.params)]  # [-1]: the total
+        self.buffer = PinnedBuffer(offsets[-1], pin)  # one exact-size buffer, a slot per parameter
         self.host = {id(p): self.buffer.carve(o, p.shape, torch.float32) for p, o in zip(self.params, offsets)}
-        self.nbytes = total
+        self.nbytes = offsets[-1]
         self.index, self.count = 0, 1
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._hook)
 
     def micro_batch(self, index: int, count: int) -> None:
         """Call before the backward of micro-batch ``index`` (0-based) of ``count``."""
@@ -44,7 +44,3 @@ class HostGradAccumulation:
         if self.index < self.count - 1:
             host.copy_(grad.detach().float().view_as(host), non_blocking=True)
             p.grad = None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()

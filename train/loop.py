@@ -181,10 +181,8 @@ def _run(cfg: Config, preempt: Preemption) -> dict[str, Any]:
     result["status"] = status = _finish(trainer, status, result, preempt)
     if main:
         curve = plot_loss_curve(out_dir)
-        result["loss_curve"] = str(curve) if curve else None
-        result["metrics"] = str(out_dir / "metrics.jsonl")
-        result["seconds"] = round(time.time() - t_start, 1)
-        result["mfu_basis"] = reporter.peak_source
+        result.update(loss_curve=str(curve) if curve else None, metrics=str(out_dir / "metrics.jsonl"),
+                      seconds=round(time.time() - t_start, 1), mfu_basis=reporter.peak_source)
         run_dir.write_summary(out_dir, result)  # strict JSON: a NaN loss is null
         print(f"[train] {status} at step {trainer.state.step}; loss {reporter.last_loss:.4f}; outputs in {out_dir}",
               flush=True)

@@ -96,11 +96,9 @@ class MetricsLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self._wandb = wandb.init(
-                project=project, dir=str(Path(output_dir)), config=config,
-                mode="online" if wandb_on else "offline", resume="allow",
-                id=_run_id(output_dir), reinit="finish_previous",
-            )
+            self._wandb = wandb.init(project=project, dir=str(Path(output_dir)), config=config, resume="allow",
+                                     mode="online" if wandb_on else "offline", id=_run_id(output_dir),
+                                     reinit="finish_previous")
         except Exception as e:  # wandb must never stop training; say so once
             print(f"[train] wandb disabled: {e}")
             self._wandb = None

@@ -58,6 +58,10 @@ def _onnx_session(path: str | Path, device: str):
     return ort.InferenceSession(str(path), providers=providers)
 
 
+def _input_hw(session, default: tuple[int, int]) -> tuple[int, int]:
+    return tuple(int(s) if isinstance(s, int) else d for s, d in zip(session.get_inputs()[0].shape[2:4], default))
+
+
 def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy NMS on xyxy boxes (OpenCV's ``cv2.dnn.NMSBoxes``); returns kept indices, best first.
     A box is dropped when its IoU with a kept, higher-scoring box is above ``iou``."""
@@ -200,13 +204,10 @@ class VitPoseBackend(PoseBackend):
         self.detector = _onnx_session(detector_path, device) if detector_path else None
         self.pose = _onnx_session(pose_path, device)
         self.det_conf, self.det_iou, self.box_rescale, self.batch_size = det_conf, det_iou, box_rescale, batch_size
-        shape = self.pose.get_inputs()[0].shape
-        self.pose_input_hw = (int(shape[2]) if isinstance(shape[2], int) else 256,
-                              int(shape[3]) if isinstance(shape[3], int) else 192)
+        # (H, W) of each model's image input; the official size where an axis is dynamic
+        self.pose_input_hw = _input_hw(self.pose, (256, 192))
         if self.detector is not None:
-            dshape = self.detector.get_inputs()[0].shape
-            self.det_input_hw = (int(dshape[2]) if isinstance(dshape[2], int) else 640,
-                                 int(dshape[3]) if isinstance(dshape[3], int) else 640)
+            self.det_input_hw = _input_hw(self.detector, (640, 640))
         self.last_detected = np.zeros(0, bool)
 
     def detect(self, frame: np.ndarray) -> np.ndarray | None:
@@ -255,8 +256,7 @@ def load_keypoints(path: str | Path) -> PoseSequence:
     if path.suffix == ".npz":
         return PoseSequence.load_npz(path)
     if path.suffix == ".json":
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(path.read_text())
         return PoseSequence.from_dict(data.get("keypoints", data))
     raise PoseBackendError(f"{path}: precomputed keypoints must be .npz or .json")
 

@@ -13,9 +13,7 @@ from data_tools.pose.format import NUM_BODY, NUM_FACE, NUM_HAND, PoseSequence
 from data_tools.pose.quiet import import_mediapipe, native_stderr_filtered
 
 # Mediapipe pose (33 points) -> our 20 OpenPose points. A tuple means the mean of the points.
-MP_BODY_TO_OPENPOSE = (
-    0, (11, 12), 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7, 31, 32,
-)
+MP_BODY_TO_OPENPOSE = (0, (11, 12), 12, 14, 16, 11, 13, 15, 24, 26, 28, 23, 25, 27, 5, 2, 8, 7, 31, 32)
 # Face mesh (468) -> the 68 iBUG / dlib landmarks: jaw 17, brows 5 + 5, nose bridge 4,
 # nose base 5, eyes 6 + 6, outer lips 12, inner lips 8.
 MP_FACE_TO_68 = (

@@ -31,9 +31,7 @@ OPENPOSE_COLORS = (
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
     (200, 200, 0), (100, 100, 0),  # l_toe, r_toe
 )
-HAND_EDGES = tuple(
-    (0 if j == 0 else 4 * f + j, 4 * f + j + 1) for f in range(5) for j in range(4)
-)
+HAND_EDGES = tuple((0 if j == 0 else 4 * f + j, 4 * f + j + 1) for f in range(5) for j in range(4))
 LIMB_BRIGHTNESS = 0.6
 
 

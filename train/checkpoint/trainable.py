@@ -98,8 +98,7 @@ def check_base(checkpoint: Path, current: dict[str, Any]) -> None:
         f"{checkpoint} holds only the trained weights of a run on a base model with fingerprint "
         f"{str(saved.get('sha256'))[:12]}; model.path={current['path']} has fingerprint {current['sha256'][:12]}"
         f"{moved}: the frozen weights differ, so resuming would put these LoRA/adapter weights on another model. "
-        "Set model.path to the original base, or start a new train.output_dir."
-    )
+        "Set model.path to the original base, or start a new train.output_dir.")
 
 
 # ---------------------------------------------------------------------------------------------- accelerate hooks
@@ -125,12 +124,8 @@ class TrainableOnlyCheckpoints:
         deepspeed = acc.state.deepspeed_plugin is not None
         self.save_kwargs = {"exclude_frozen_parameters": True} if deepspeed else {}
         self.load_kwargs = {"load_module_strict": False} if deepspeed else {}
-        self._handles = [acc.register_save_state_pre_hook(self._on_save),
-                         acc.register_load_state_pre_hook(self._on_load)]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        acc.register_save_state_pre_hook(self._on_save)
+        acc.register_load_state_pre_hook(self._on_load)
 
     def _on_save(self, models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models[: len(weights)]):

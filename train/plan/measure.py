@@ -28,13 +28,7 @@ def measure_real_step(overrides: list[str]) -> dict[str, float]:
     import torch
 
     from train.config import compose
-    from train.plan.planner import (
-        NullTracker,
-        _build,
-        _step,
-        model_folder,
-        planned_shape,
-    )
+    from train.plan.planner import NullTracker, _build, _step, model_folder, planned_shape
     from wan_animate.family import get_family
 
     cfg = compose(overrides)
