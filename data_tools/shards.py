@@ -113,14 +113,11 @@ class ShardWriter:
         self._keys: list[str] = []
         self.shards_written: list[Path] = []
 
-    def _open(self) -> None:
-        self._tmp = self.output_dir / (SHARD_PATTERN.format(self.index) + ".tmp")
-        self._tar = tarfile.open(self._tmp, "w")
-        self._keys = []
-
     def write(self, sample: dict[str, bytes]) -> None:
-        if self._tar is None:
-            self._open()
+        if self._tar is None:  # a new shard
+            self._tmp = self.output_dir / (SHARD_PATTERN.format(self.index) + ".tmp")
+            self._tar = tarfile.open(self._tmp, "w")
+            self._keys = []
         key = sample["__key__"]
         add_members(self._tar, key, {k: v for k, v in sample.items() if not k.startswith("__")}, self.mtime)
         self._keys.append(key)

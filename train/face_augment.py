@@ -26,13 +26,11 @@ class FaceAugmentParams:
 def draw_face_augment(rng: np.random.Generator, *, scale: float, color: float, noise: float) -> FaceAugmentParams:
     """Parameters uniform in ``1 +- scale``, ``+- color`` (brightness) / ``1 +- color`` (contrast,
     saturation) and noise std in ``[0, noise]``."""
-    return FaceAugmentParams(
-        scale=float(rng.uniform(1 - scale, 1 + scale)),
-        brightness=float(rng.uniform(-color, color)),
-        contrast=float(rng.uniform(1 - color, 1 + color)),
-        saturation=float(rng.uniform(1 - color, 1 + color)),
-        noise_std=float(rng.uniform(0, noise)),
-    )
+    return FaceAugmentParams(scale=float(rng.uniform(1 - scale, 1 + scale)),
+                             brightness=float(rng.uniform(-color, color)),
+                             contrast=float(rng.uniform(1 - color, 1 + color)),
+                             saturation=float(rng.uniform(1 - color, 1 + color)),
+                             noise_std=float(rng.uniform(0, noise)))
 
 
 def augment_face(face: torch.Tensor, p: FaceAugmentParams, noise_seed: int) -> torch.Tensor:

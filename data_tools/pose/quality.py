@@ -102,11 +102,6 @@ def _jump_frames(xy: np.ndarray, ok: np.ndarray, torso: float, rules: PoseQualit
     return jumps
 
 
-def _moved_points(xy: np.ndarray, ok: np.ndarray, a: int, b: int, limit: np.ndarray) -> int:
-    both = ok[a] & ok[b]
-    return int(np.sum(both & (np.linalg.norm(xy[a] - xy[b], axis=-1) > limit)))
-
-
 def _typical_speed(xy: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Median displacement per frame of each point over the clip (0 where never seen twice)."""
     disp = np.where(ok[1:] & ok[:-1], np.linalg.norm(np.diff(xy, axis=0), axis=-1), np.nan)
@@ -131,7 +126,8 @@ def _glitch_frames(xy: np.ndarray, ok: np.ndarray, jumps: np.ndarray, torso: flo
             # Across a gap the pose may have moved on at its usual speed.
             gap = pieces[k][0] - (pieces[m][1] - 1)
             limit = rules.jump_torso * torso + speed * gap
-            if _moved_points(xy, ok, pieces[m][1] - 1, pieces[k][0], limit) < rules.jump_points:
+            a, b = pieces[m][1] - 1, pieces[k][0]  # the earlier piece's last frame, this piece's first
+            if np.sum(ok[a] & ok[b] & (np.linalg.norm(xy[a] - xy[b], axis=-1) > limit)) < rules.jump_points:
                 track[k] = track[m]
                 break
     frames = {t: sum(b - a for (a, b), tr in zip(pieces, track) if tr == t) for t in set(track)}
