@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # _eval_weights: the tiny LPIPS / I3D files
 
 
 def main() -> None:
@@ -41,8 +42,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     from data_tools.synthetic_data import make_synthetic_dataset
     from eval.config import EvalConfig, MetricsConfig
-    from wan_animate.testing import save_tiny_i3d
-    from wan_animate.testing import save_tiny_lpips_files
+    from _eval_weights import save_tiny_i3d
+    from _eval_weights import save_tiny_lpips_files
     from eval.runner import run_cell
     from wan_animate.testing import make_tiny_model_folder
 

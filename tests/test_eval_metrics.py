@@ -17,8 +17,8 @@ from eval.metrics import (
     identity_similarity, load_i3d, motion_metrics, psnr, ssim, temporal_error,
 )
 from wan_animate.heldout import heldout_loss
-from wan_animate.testing import save_tiny_i3d
-from wan_animate.testing import save_tiny_lpips_files
+from _eval_weights import save_tiny_i3d
+from _eval_weights import save_tiny_lpips_files
 
 
 def make_video(t=6, h=32, w=40, seed=0) -> np.ndarray:

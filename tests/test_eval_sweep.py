@@ -50,8 +50,8 @@ def make_blob_backend(**unused):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from data_tools.synthetic_data import make_synthetic_dataset
-    from wan_animate.testing import save_tiny_i3d
-    from wan_animate.testing import save_tiny_lpips_files
+    from _eval_weights import save_tiny_i3d
+    from _eval_weights import save_tiny_lpips_files
     from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("eval_assets")
