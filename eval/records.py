@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from eval.config import EvalConfig
-from wan_animate.files import atomic_write_json, atomic_write_text, dumps_strict
+from wan_animate.files import atomic_write_json, atomic_write_text, dumps_strict, strict_json
 from wan_animate.options import to_dataclass
 
 METRICS_FILE = "metrics.json"
@@ -31,15 +31,7 @@ INFINITIES = {"inf": math.inf, "-inf": -math.inf}
 def json_safe(x):
     """A copy of ``x`` that strict JSON holds: NaN -> null, +-inf -> "inf" / "-inf" (read back
     by ``loads_record``), numpy scalars -> Python numbers, keys -> str."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)) and getattr(x, "ndim", 1) == 0:
-        x = x.item()  # numpy / torch scalars
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
+    return strict_json(x, inf_as_text=True)
 
 
 def _numbers(x):
@@ -50,17 +42,14 @@ def _numbers(x):
     return INFINITIES.get(x, x) if isinstance(x, str) else x
 
 
-def decode_record(rec: dict) -> dict:
-    """``"inf"`` / ``"-inf"`` in the numeric sections of a parsed record -> float infinities."""
+def loads_record(text: str) -> dict:
+    """One record (``metrics.json`` or a ``results.jsonl`` line) with the ``"inf"`` / ``"-inf"`` of
+    its numeric sections restored to float infinities."""
+    rec = json.loads(text)
     for key in NUMERIC_SECTIONS:
         if isinstance(rec.get(key), dict):
             rec[key] = _numbers(rec[key])
     return rec
-
-
-def loads_record(text: str) -> dict:
-    """One record (``metrics.json`` or a ``results.jsonl`` line) with its infinities restored."""
-    return decode_record(json.loads(text))
 
 
 def read_record(path: str | Path) -> dict:

@@ -37,23 +37,24 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def strict_json(obj: Any) -> Any:
-    """A copy of ``obj`` that strict JSON can hold: NaN/Inf -> None, tuples -> lists, keys -> str,
-    numpy / torch scalars -> Python numbers (anything else with ``.item()`` or ``.tolist()``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
+def strict_json(obj: Any, inf_as_text: bool = False) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: NaN/Inf -> None (``inf_as_text``: +-Inf -> "inf" /
+    "-inf"), tuples -> lists, keys -> str, numpy / torch scalars -> Python numbers (anything else
+    with ``.item()`` or ``.tolist()``)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return ("inf" if obj > 0 else "-inf") if inf_as_text and math.isinf(obj) else None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     if isinstance(obj, dict):
-        return {str(k): strict_json(v) for k, v in obj.items()}
+        return {str(k): strict_json(v, inf_as_text) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [strict_json(v) for v in obj]
+        return [strict_json(v, inf_as_text) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if hasattr(obj, "tolist"):  # numpy arrays / scalars, torch tensors
-        return strict_json(obj.tolist())
+        return strict_json(obj.tolist(), inf_as_text)
     if hasattr(obj, "item"):
-        return strict_json(obj.item())
+        return strict_json(obj.item(), inf_as_text)
     return obj  # let json.dumps name the type it cannot encode
 
 
