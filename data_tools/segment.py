@@ -99,16 +99,11 @@ class Sam2Segmenter:
             raise ValueError(f"sam2 keyframes ({keyframes}) and chunk_len ({chunk_len}) must be >= 1")
         if not 0.0 < min_score <= 1.0:
             raise ValueError(f"sam2 min_score={min_score} must be in (0, 1]")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bf16" if str(device).startswith("cuda") else "fp32"
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"sam2 dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
+        from wan_animate.options import parse_dtype, resolve_device
+
         self.path = Path(path) if path is not None else None
-        self.device = torch.device(device)
-        self.dtype = dtypes[dtype]
+        self.device = resolve_device(device, "sam2 device")
+        self.dtype = parse_dtype(dtype, self.device, "sam2 dtype")  # auto: bf16 on CUDA, fp32 elsewhere
         self.prompt, self.keyframes, self.chunk_len = prompt, keyframes, chunk_len
         self.min_score, self.box_margin, self.dilate = min_score, box_margin, dilate
         self.progress = progress  # tqdm bars over the propagation (long videos)
