@@ -27,20 +27,25 @@ if not _TORCH_PRELOADED:
 
 import hashlib
 import json
+import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save as save_safetensors
+from tqdm import tqdm
 
 from data_tools.config import CacheLatentsConfig
 from data_tools.shards import add_members
 from wan_animate.animate2.config import REFERENCE_PROMPT
+from wan_animate.conditioning import temporal_reference_video
 from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.family import family_of
 from wan_animate.files import atomic_write_bytes, atomic_write_json
 from wan_animate.options import parse_dtype, resolve_device
-from wan_animate.samples import TEXT_EMBEDS, decode_sample, list_shards, read_shard, shard_keys
+from wan_animate.samples import TEXT_EMBEDS, decode_sample, list_shards, load_text_embeds, read_shard, shard_keys
 
 
 def text_key(caption: str) -> str:
@@ -59,8 +64,6 @@ def load_encoders(model_dir, *, device: str, compute_dtype: torch.dtype):
     """(vae, text_encoder, image_encoder) of a model folder (any model family: ``family_of`` reads
     the tensor names) via its pipeline's ``from_pretrained`` with a config-only DiT, so the DiT
     weights are never read."""
-    from wan_animate.family import family_of
-
     model_dir = Path(model_dir)
     family = family_of(model_dir)
     cfg, _ = family.config(folder=model_dir)
@@ -89,8 +92,6 @@ def cpu_threads(requested: int) -> int:
 class LatentCacher:
     def __init__(self, vae, text_encoder, image_encoder, *, device: str, store_dtype: torch.dtype,
                  refert_nums=(0, 1, 5)):
-        from wan_animate.conditioning import temporal_reference_video
-
         self._temporal_reference_video = temporal_reference_video
         self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
         self.device = device
@@ -146,18 +147,12 @@ class LatentCacher:
 
 
 def _save_text_embeds(path: Path, embeds: dict[str, torch.Tensor], captions: dict[str, str]) -> None:
-    from safetensors.torch import save
-
-    atomic_write_bytes(path, save(embeds, metadata={"captions": json.dumps(captions, ensure_ascii=False)}))
+    atomic_write_bytes(path, save_safetensors(embeds, metadata={"captions": json.dumps(captions, ensure_ascii=False)}))
 
 
 def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: LatentCacher, embeds: dict,
                  captions: dict, skipped: list, on_sample) -> int:
     """Encode every sample of one raw shard into ``tmp``; returns the number written."""
-    import tarfile
-
-    from safetensors.torch import save as save_safetensors
-
     n = 0
     with tarfile.open(tmp, "w") as tar:
         for raw in read_shard(shard):
@@ -189,10 +184,6 @@ def cache_latents(cfg: CacheLatentsConfig, *, progress: bool = True, encoders=No
     """Run (or resume) latent caching; returns the manifest (also written to manifest.json).
     ``encoders=(vae, text, image)`` skips loading them from ``cfg.model`` (tests). The progress
     bar counts samples (not shards) and shows samples/s."""
-    from tqdm import tqdm
-
-    from wan_animate.samples import load_text_embeds
-
     src, out = Path(cfg.input), Path(cfg.output)
     shards = list_shards(src)
     if not shards:

@@ -17,11 +17,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.appearance import change_appearance, draw_appearance
 from data_tools.config import PrepareConfig
 from data_tools.pose.face import crop_boxes, face_boxes
 from data_tools.pose.format import PoseSequence
 from data_tools.pose.quality import describe_pose_quality, pose_quality
 from data_tools.pose.render import render_pose
+from data_tools.segment import background
 from data_tools.shards import encode_sample, safe_key
 from wan_animate.geometry import ResizePlan, choose_bucket
 from wan_animate.video_io import VideoDecodeError, decode_video, probe_video, read_video, resample_indices
@@ -225,8 +227,6 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         if segmenter is not None:
             masks = segmenter.masks(target, pose=pose_t)
             if cfg.replace:
-                from data_tools.segment import background
-
                 bg, mask = background(target, masks), masks
                 stats["mask_coverage_sum"] += float(masks.mean()) * len(idx)
             if cfg.driving == "appearance":
@@ -241,8 +241,6 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
 def _appearance_driving(cfg: PrepareConfig, key: str, target: np.ndarray, masks: np.ndarray, meta: dict) -> np.ndarray:
     """``driving=appearance``: the clip with the character recoloured and textured over a new
     background (``data_tools.appearance``), every choice seeded by ``(seed, key)``; recorded in the json."""
-    from data_tools.appearance import change_appearance, draw_appearance
-
     seed = int(hashlib.sha1(f"{cfg.seed}:{key}:driving".encode()).hexdigest()[:8], 16)
     params = draw_appearance(np.random.default_rng(seed))
     meta["driving"] = {"method": "appearance", "seed": seed, "params": params.to_dict(),

@@ -8,13 +8,16 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import hydra
 from hydra.core.config_store import ConfigStore
 
 from data_tools.pose.backends import BACKENDS
 from data_tools.segment import SEGMENTERS
+from wan_animate.cli import check_overrides, expected_errors, fail, take_debug_flag
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.geometry import RESIZE_MODES
 from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype_name, check_frames_4n1, to_dataclass
+from wan_animate.quiet import quiet_third_party
 
 REFERENCE_POLICIES = ("outside", "first", "image")
 DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
@@ -181,11 +184,6 @@ def run_hydra(app: str, cls, fn) -> None:
     """Run ``fn(config)`` as a Hydra app: the dataclass defaults, an optional ``preset=NAME``, then
     ``key=value`` overrides; validation errors print one line and exit 2. Each app has its own config
     root ``conf/<app>/`` (its presets only), so ``model=MODEL_DIR`` is never taken for a config group."""
-    import hydra
-
-    from wan_animate.cli import check_overrides, expected_errors, fail, take_debug_flag
-    from wan_animate.quiet import quiet_third_party
-
     register_configs()
     debug = take_debug_flag(sys.argv)
     check_overrides("error: ", sys.argv[1:], cls, ["preset"])

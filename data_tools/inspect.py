@@ -26,6 +26,7 @@ from data_tools.pose.quality import describe_pose_quality, pose_quality
 from wan_animate.samples import (TEXT_EMBEDS, SampleDecodeError, decode_cached_sample, decode_sample, list_shards,
                                  load_text_embeds, read_shard, shard_kind)
 from wan_animate.video_io import tensor_to_frames
+from wan_animate.cli import run_tool
 
 
 @dataclass
@@ -279,8 +280,6 @@ def _check_manifest(directory: Path, rep: InspectReport, max_samples: int | None
 
 
 def main(argv=None) -> int:
-    from wan_animate.cli import run_tool
-
     return run_tool(_main, argv)
 
 

@@ -19,14 +19,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import cv2
+from tqdm import tqdm
 
 from data_tools.clips import InputResult, estimate_clips, process_input
 from data_tools.config import PrepareConfig
+from data_tools.pose import get_pose_backend
+from data_tools.segment import get_segmenter
 from data_tools.shards import ShardWriter
-from wan_animate.samples import list_shards, shard_index, shard_keys
 from data_tools.workers import WorkerDied, run_in_workers
 from wan_animate.cli import UsageError
 from wan_animate.files import atomic_write_json, dumps_strict
+from wan_animate.samples import list_shards, shard_index, shard_keys
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 STATE_FILE = "prepare_state.jsonl"
@@ -63,13 +66,9 @@ _WORKER: dict = {}
 
 
 def _make_tools(cfg: PrepareConfig):
-    from data_tools.pose import get_pose_backend
-
     backend = get_pose_backend(cfg.pose_backend, **dict(cfg.pose_options))
     segmenter = None
     if cfg.replace or cfg.driving == "appearance":  # both need the character mask
-        from data_tools.segment import get_segmenter
-
         own = {"path": cfg.sam2_path} if cfg.segmenter == "sam2" else {"threshold": cfg.mask_threshold}
         segmenter = get_segmenter(cfg.segmenter, **own, **dict(cfg.segmenter_options))
     return backend, segmenter
@@ -191,8 +190,6 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
     With ``workers`` > 0 each input runs in a spawned worker; a worker that dies (out-of-memory
     killer) fails only the input it was processing. ``_worker_fn`` replaces the worker function
     (tests wrap it to kill a worker)."""
-    from tqdm import tqdm
-
     inputs = [str(p) for p in list_inputs(cfg.input)]
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

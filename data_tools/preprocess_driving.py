@@ -20,6 +20,7 @@ import sys
 from data_tools.driving import preprocess_driving
 from data_tools.pose.backends import BACKENDS
 from data_tools.segment import SEGMENTERS
+from wan_animate.cli import run_tool
 
 
 def _option(text: str):
@@ -33,8 +34,6 @@ def _option(text: str):
 
 
 def main(argv=None) -> int:
-    from wan_animate.cli import run_tool
-
     return run_tool(_main, argv)
 
 

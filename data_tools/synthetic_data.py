@@ -22,6 +22,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from data_tools.config import SyntheticConfig
 from data_tools.pose.face import crop_faces
@@ -279,8 +280,6 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
     keys = []
     iterator = range(num_clips)
     if progress:
-        from tqdm import tqdm
-
         iterator = tqdm(iterator, desc="synthetic", unit="clip")
     with ShardWriter(out, shard_size=shard_size, mtime=0) as writer:
         for i in iterator:

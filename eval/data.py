@@ -15,6 +15,7 @@ Bad samples are skipped, counted and reported by key, never dropped silently.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.pose.format import PoseSequence
-from wan_animate.video_io import VideoDecodeError, read_video, tensor_to_frames
+from wan_animate.geometry import ResizePlan
+from wan_animate.pipeline import load_image
+from wan_animate.samples import SampleDecodeError, decode_sample, list_shards, read_shard, shard_kind
+from wan_animate.video_io import VideoDecodeError, read_video, tensor_to_frames, write_video
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -97,8 +101,6 @@ def _cut(sample: EvalSample, max_frames: int) -> EvalSample:
 
 
 def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -> list[EvalSample]:
-    from wan_animate.samples import SampleDecodeError, decode_sample, list_shards, read_shard, shard_kind
-
     shards = [path] if path.is_file() else list_shards(path)
     if not shards:
         raise EvalSetError(f"{path}: no shard-*.tar files")
@@ -143,8 +145,6 @@ def load_preprocessed(folder: Path, key: str) -> EvalSample:
     for need in ("src_pose.mp4", "src_face.mp4"):
         if not (folder / need).exists():
             raise EvalSetError(f"{folder}: has src_ref.png but no {need}")
-    from wan_animate.pipeline import load_image
-
     s = EvalSample(key=key, ref=load_image(folder / "src_ref.png"),
                    pose=_read(folder / "src_pose.mp4"), face=_read(folder / "src_face.mp4"))
     if (folder / "src_bg.mp4").exists() and (folder / "src_mask.mp4").exists():
@@ -154,8 +154,6 @@ def load_preprocessed(folder: Path, key: str) -> EvalSample:
         if s.driving.shape[:3] == s.pose.shape[:3]:  # frame for frame at the output size
             s.raw_driving = s.driving
     if (folder / "src_meta.json").exists():
-        import json
-
         s.meta = json.loads((folder / "src_meta.json").read_text())
         if s.meta.get("keypoints"):
             s.stored_keypoints = PoseSequence.from_dict(s.meta["keypoints"])
@@ -177,11 +175,7 @@ def load_pair(folder: Path, preprocess_args: dict, cache_dir: Path | None) -> Ev
         )
     out = (cache_dir or folder / "_preprocessed") / folder.name
     if not (out / "driving.mp4").exists():
-        import json
-
         from data_tools.driving import preprocess_driving
-        from wan_animate.geometry import ResizePlan
-        from wan_animate.video_io import write_video
 
         preprocess_driving(videos[0], images[0], out, **preprocess_args)
         meta = json.loads((out / "src_meta.json").read_text())

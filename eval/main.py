@@ -26,9 +26,11 @@ from wan_animate.quiet import quiet_third_party
 
 quiet_third_party()  # an entry point: before the libraries whose start-up lines it drops are imported
 
-from eval.config import CONF_ROOT, register_configs  # noqa: E402
-from eval.runner import run_cell  # noqa: E402
-from wan_animate.options import HYDRA_VERSION_BASE
+from eval.config import CONF_ROOT, EvalConfig, register_configs  # noqa: E402
+from eval.report import build_report  # noqa: E402
+from eval.runner import SKIPPED_THIS_PROCESS, run_cell  # noqa: E402
+from wan_animate.cli import check_overrides, take_debug_flag  # noqa: E402
+from wan_animate.options import HYDRA_VERSION_BASE  # noqa: E402
 
 # `python eval/main.py` puts eval/ first on sys.path; the project is installed (`pip install -e .`),
 # so `eval` still resolves to this package, and no module here shares a name with a dependency.
@@ -101,9 +103,6 @@ def main(cfg: DictConfig) -> dict:
 def report_interrupted(sweep_dir: str, cell: str) -> None:
     """Ctrl-C: the report of the cells that finished, instead of a traceback (the interrupted cell
     wrote no metrics.json, so a rerun computes it and skips the finished ones)."""
-    from eval.report import build_report
-    from eval.runner import SKIPPED_THIS_PROCESS
-
     note = f"interrupted (Ctrl-C) during cell {cell}: it and the cells after it did not run"
     summary = build_report(sweep_dir, skipped=set(SKIPPED_THIS_PROCESS), note=note)
     print(f"\n[eval] {note}. Report of the {summary['cells']} finished cells ({summary['ok']} ok, "
@@ -114,8 +113,6 @@ def report_interrupted(sweep_dir: str, cell: str) -> None:
 def cli() -> None:
     """``--debug`` / ``HYDRA_FULL_ERROR=1`` keep tracebacks; a key that is not in the schema is refused
     with the closest one before Hydra composes anything; third-party start-up noise is dropped."""
-    from eval.config import EvalConfig
-    from wan_animate.cli import check_overrides, take_debug_flag
     take_debug_flag(sys.argv)
     check_overrides("error: ", sys.argv[1:], EvalConfig, ["preset"])
     main()

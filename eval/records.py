@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from omegaconf.errors import MissingMandatoryValue
 from pathlib import Path
 
 from eval.config import EvalConfig
@@ -68,8 +69,6 @@ def write_results(path: str | Path, lines: list[dict]) -> Path:
 
 def to_eval_config(cfg) -> EvalConfig:
     """DictConfig (from Hydra) or EvalConfig -> validated EvalConfig (``wan_animate.options.to_dataclass``)."""
-    from omegaconf.errors import MissingMandatoryValue
-
     try:
         return to_dataclass(cfg, EvalConfig)
     except MissingMandatoryValue as e:

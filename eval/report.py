@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
 from eval.config import METRICS
 from eval.records import METRICS_FILE, RESULTS_FILE, loads_record, write_results
@@ -400,8 +401,6 @@ class ReportCallback(Callback):
 
     @staticmethod
     def _report(sweep_dir, config) -> None:
-        from omegaconf import OmegaConf
-
         wandb_cfg = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else None
         from eval.runner import SKIPPED_THIS_PROCESS
 

@@ -8,15 +8,21 @@ share a model (or eval set, ...) load it once; a cell with another key drops the
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
 
+from data_tools.pose.backends import get_pose_backend
 from eval.config import EvalConfig
 from eval.data import EvalSample, EvalSet, load_eval_set
+from eval.metrics.fvd import load_i3d
+from eval.metrics.lpips import LPIPS
+from wan_animate.family import family_of
 from wan_animate.options import parse_dtype, resolve_device
+from wan_animate.weights.source import CONFIG_METADATA_KEY, open_source
 
 _CACHE: dict = {}
 
@@ -53,8 +59,6 @@ def resolve_dtype_device(cfg: EvalConfig) -> tuple[torch.dtype, torch.device]:
 
 def model_family(model_dir: str):
     """The ``wan_animate.family.ModelFamily`` of ``model_dir`` (its DiT's tensor names, headers only)."""
-    from wan_animate.family import family_of
-
     if not os.path.exists(model_dir):
         raise FileNotFoundError(f"model_dir={model_dir!r} does not exist")
     return family_of(model_dir)
@@ -62,8 +66,6 @@ def model_family(model_dir: str):
 
 def load_pipeline(cfg: EvalConfig):
     """The family's pipeline of ``model_dir``; ``checkpoint`` replaces its DiT, ``lora_path`` is merged."""
-    from wan_animate.weights.source import CONFIG_METADATA_KEY, open_source
-
     dtype, device = resolve_dtype_device(cfg)
     for what, p in (("model_dir", cfg.model_dir), ("checkpoint", cfg.checkpoint), ("lora_path", cfg.lora_path)):
         if p is not None and not os.path.exists(p):
@@ -121,12 +123,8 @@ def get_eval_set(cfg: EvalConfig) -> EvalSet:
 def make_pose_backend(name: str, args: dict):
     """A data_tools backend name, or ``package.module:factory`` for a custom backend."""
     if ":" in name:
-        import importlib
-
         module, attr = name.split(":", 1)
         return getattr(importlib.import_module(module), attr)(**args)
-    from data_tools.pose.backends import get_pose_backend
-
     return get_pose_backend(name, **args)
 
 
@@ -137,16 +135,12 @@ def get_pose_backend_cached(cfg: EvalConfig):
 
 
 def get_lpips(cfg: EvalConfig, device):
-    from eval.metrics.lpips import LPIPS
-
     m = cfg.metrics
     return _cached("lpips", (m.lpips_backbone, m.lpips_linear, m.lpips_net, str(device)),
                    lambda: LPIPS.from_files(m.lpips_backbone, m.lpips_linear, net=m.lpips_net).to(device))
 
 
 def get_i3d(cfg: EvalConfig, device):
-    from eval.metrics.fvd import load_i3d
-
     return _cached("i3d", (cfg.metrics.fvd_detector, str(device)), lambda: load_i3d(cfg.metrics.fvd_detector, device))
 
 

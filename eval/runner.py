@@ -17,13 +17,18 @@ import time
 import traceback
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from eval.config import LOSS_METRICS, OFFICIAL_CLIP_LEN, EvalConfig
 from eval.data import EvalSample, EvalSet
+from eval.metrics.fvd import fvd
 from eval.records import METRICS_FILE, loads_record, result_config, to_eval_config, write_record
 from eval.resources import get_eval_set, get_i3d, get_pipeline, model_family, resolve_dtype_device
 from eval.scoring import Timer, aggregate, loss_metric, planned_metrics, sample_metrics
+from wan_animate.video_io import write_video
 
 log = logging.getLogger("eval")
 
@@ -70,8 +75,6 @@ def generate(pipe, family, cfg: EvalConfig, sample: EvalSample) -> np.ndarray:
 def side_by_side(sample: EvalSample, generated: np.ndarray, height: int = 160, *, raw_driving: bool = False) -> np.ndarray:
     """reference | driving | generated at the middle frame, each panel ``height`` pixels tall
     (``raw_driving``: the Animate-2 input, ``sample.raw_driving``, in the middle)."""
-    import cv2
-
     t = len(generated) // 2
     source = sample.raw_driving if raw_driving else sample.driving
     driving = source[min(t, len(source) - 1)] if source is not None else sample.pose[t]
@@ -121,10 +124,6 @@ def run_cell(cfg, cell_dir: str | os.PathLike, overrides: list[str] | None = Non
 
 
 def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
-    from tqdm.auto import tqdm
-
-    from wan_animate.video_io import write_video
-
     timer = Timer()
     with timer("load_eval_set"):
         eval_set = get_eval_set(cfg)
@@ -152,8 +151,6 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
         if cfg.save_videos:
             with timer("write_video"):
                 write_video(cell_dir / "videos" / f"{sample.key}.mp4", video, cfg.fps)
-        from PIL import Image
-
         raw = "driving" in family.streams
         Image.fromarray(side_by_side(sample, video, raw_driving=raw)).save(cell_dir / "frames" / f"{sample.key}.png")
         per_sample[sample.key] = sample_metrics(cfg, todo, pipe, sample, video, timer, device)
@@ -165,8 +162,6 @@ def _run(cfg: EvalConfig, cell_dir: Path) -> dict:
             with timer(name):
                 metrics.update(loss_metric(name, cfg, pipe, family, eval_set))
     if "fvd" in todo:
-        from eval.metrics.fvd import fvd
-
         with timer("fvd"):
             metrics["fvd"], metrics["fvd_clips"] = fvd(get_i3d(cfg, device), videos,
                                                        [s.target for s in eval_set.samples],

@@ -12,9 +12,13 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from eval.config import NEEDS_GROUND_TRUTH, EvalConfig
+from eval.config import EvalConfig, METRICS, NEEDS_GROUND_TRUTH
 from eval.data import EvalSample, EvalSet
+from eval.metrics import expression_metrics, flicker, identity_similarity, motion_metrics, psnr, ssim, temporal_error
 from eval.resources import driving_keypoints, get_lpips, get_pose_backend_cached, store
+from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.heldout import condition_sensitivity, heldout_loss
+from wan_animate.pipeline import resize_face_video
 from wan_animate.video_io import frames_to_tensor
 
 
@@ -35,8 +39,6 @@ class Timer:
 
 def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[str], dict[str, str]]:
     """Metrics to compute and, for every other metric, why it is not computed (``family``: the model's)."""
-    from eval.config import METRICS
-
     todo, not_computed = [], {}
     for name in METRICS:
         if name not in cfg.metrics.names:
@@ -63,9 +65,6 @@ def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[st
 
 def sample_metrics(cfg: EvalConfig, todo: list[str], pipe, sample: EvalSample, video: np.ndarray,
                    timer: Timer, device) -> dict:
-    from eval.metrics import (expression_metrics, flicker, identity_similarity, motion_metrics, psnr, ssim,
-                              temporal_error)
-
     m = cfg.metrics
     out: dict = {}
     gt = sample.target
@@ -128,8 +127,6 @@ def loss_metric(name: str, cfg: EvalConfig, pipe, family, eval_set: EvalSet) -> 
     """``heldout`` (``wan_animate.heldout.heldout_loss``) or ``sensitivity`` (``condition_sensitivity``:
     the held-out loss with each sample's conditions swapped for the next sample's, minus its own) of
     the cell's DiT, shared by the cells with the same ``_loss_key``."""
-    from wan_animate.heldout import condition_sensitivity, heldout_loss
-
     m = cfg.metrics
     results = store(name)
     key = (*_loss_key(cfg), tuple(m.sensitivity_conditions) if name == "sensitivity" else ())
@@ -145,9 +142,6 @@ def loss_batches(pipe, family, eval_set: EvalSet, clip_len: int):
     """One batch of the family's model inputs per sample (``family.build_inputs`` with the
     pipeline's frozen encoders): its first clip (``clip_len`` frames, or the longest 4n+1 prefix of a
     shorter sample), its driving streams at the family's sizes, no temporal-reference frames, animate mode."""
-    from wan_animate.config import DEFAULT_PROMPT
-    from wan_animate.pipeline import resize_face_video
-
     dtype = next(pipe.dit.parameters()).dtype
     sizes = family.stream_sizes(pipe.config)
     for s in eval_set.samples:

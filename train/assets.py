@@ -7,14 +7,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from data_tools.synthetic_data import make_synthetic_dataset
 from train.config import Config
 from train.data import resolve_urls
+from wan_animate.family import get_family
 from wan_animate.files import atomic_dir
+from wan_animate.testing import make_tiny_model_folder
 
 
 def synthetic_face_size(cfg: Config) -> int:
-    from wan_animate.family import get_family
-
     m, d = cfg.model, cfg.data
     family = get_family(m.family)
     face = family.stream_sizes(family.config(preset=m.preset)[0]).get("face")
@@ -23,8 +24,6 @@ def synthetic_face_size(cfg: Config) -> int:
 
 def synthetic_driving(cfg: Config) -> bool:
     """Whether the family reads a driving video: the synthetic set then renders it (schema v2)."""
-    from wan_animate.family import get_family
-
     return "driving" in get_family(cfg.model.family).streams
 
 
@@ -45,8 +44,6 @@ def asset_paths(cfg: Config) -> tuple[Path, Path | None]:
 
 def build_model(cfg: Config) -> Path:
     """The quick-start random model folder of ``model.preset`` (written once; one process)."""
-    from wan_animate.testing import make_tiny_model_folder
-
     m = cfg.model
     return atomic_dir(asset_paths(cfg)[0], lambda p: make_tiny_model_folder(
         p, layout="diffusers", seed=m.init_seed, config_preset=m.preset, family=m.family))
@@ -59,8 +56,6 @@ def build_assets(cfg: Config) -> None:
     if not cfg.model.path:
         build_model(cfg)
     if data_dir is not None:
-        from data_tools.synthetic_data import make_synthetic_dataset
-
         atomic_dir(data_dir, lambda p: make_synthetic_dataset(
             p, num_clips=d.synthetic_clips, clip_len=d.synthetic_frames, height=d.synthetic_height,
             width=d.synthetic_width, seed=cfg.train.seed, shard_size=max(1, d.synthetic_clips // 2),

@@ -5,16 +5,24 @@ combinations in ``check_launch``."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra import compose as hydra_compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.family import get_family
 from wan_animate.memory import MemoryOptions
 from wan_animate.objective import LossConfig
-from wan_animate.config import DEFAULT_PROMPT
+from wan_animate.options import HYDRA_VERSION_BASE, to_dataclass
+from wan_animate.parallel import check_sequence_parallel_size
 
 MODES = ("full", "adapters_only", "lora", "self_attn")
 PRECISIONS = ("fp32", "bf16")
@@ -69,8 +77,6 @@ class ModelConfig(MemoryOptions):
     encoders_device: str = "device"
 
     def __post_init__(self) -> None:
-        from wan_animate.family import get_family
-
         try:
             super().__post_init__()
             presets = get_family(self.family).presets
@@ -321,8 +327,6 @@ class Config:
                   f"train.mode={t.mode} trains them all. Use train.mode=lora or adapters_only, or drop them.")
         check_launch(self, t.distributed)
         if t.sequence_parallel > 1 and self.model.path is None:  # a model folder's heads are checked on load
-            from wan_animate.family import get_family
-
             heads = get_family(self.model.family).config(preset=self.model.preset)[0].num_heads
             check_sequence_parallel(t.sequence_parallel, heads)
         if self.model.path is None and self.model.preset == "14b" and not planning:
@@ -359,8 +363,6 @@ def check_sequence_parallel(n: int, num_heads: int | None = None, world: int | N
     """``train.sequence_parallel=N``: N divides the world (ranks form groups of N sharing one sample)
     and the model's attention heads (Ulysses gives each rank whole heads). The one home of the rule
     (config, launch, planner)."""
-    from wan_animate.parallel import check_sequence_parallel_size
-
     if world is not None and world % n:
         _fail(f"train.sequence_parallel={n} must divide {world_name} ({world}): ranks form groups of N that share "
               f"one sample. Valid values here: {[d for d in range(1, world + 1) if world % d == 0]}, or launch a "
@@ -377,17 +379,11 @@ def check_sequence_parallel(n: int, num_heads: int | None = None, world: int | N
 
 def register_configs() -> None:
     """Register the schema so ``conf/train/config.yaml`` composes against it (``- base_config`` default)."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
 def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:
     """Composed Hydra config -> validated dataclasses; raises ``ConfigError`` with the fix."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from wan_animate.options import to_dataclass
-
     if not isinstance(cfg, Config):
         _check_finite(OmegaConf.to_container(OmegaConf.create(cfg), resolve=True))
     try:
@@ -400,8 +396,6 @@ def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:
 
 def _check_finite(values: Any, key: str = "") -> None:
     """No NaN / Inf anywhere (``x < 0`` checks let NaN through; Inf overflows later)."""
-    import math
-
     if isinstance(values, dict):
         for k, v in values.items():
             _check_finite(v, f"{key}.{k}" if key else str(k))
@@ -443,12 +437,6 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def compose(overrides: list[str] | None = None, config_dir: str | None = None) -> Config:
     """Compose ``conf/train/config.yaml`` with overrides outside of ``@hydra.main`` (tests, notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from wan_animate.options import HYDRA_VERSION_BASE
-
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base=HYDRA_VERSION_BASE):

@@ -33,12 +33,16 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
 
 from train.config import DataConfig
 from train.face_augment import augment_face, draw_face_augment
 
+
 REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://")  # data.urls streamed as given, never globbed
 from wan_animate.geometry import crop_box_map, nearest_bucket, resize_crop_tensor
+from wan_animate.samples import TEXT_EMBEDS, decode_cached_sample, decode_meta, decode_sample, load_text_embeds
 
 # ---------------------------------------------------------------------------- face regions
 
@@ -202,8 +206,6 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # -- raw member iteration
     def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
-
         return tarfile_samples(({"url": u} for u in urls), handler=self._shard_fault)
 
     def _shard_fault(self, exn: Exception) -> bool:
@@ -214,8 +216,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         return True
 
     def _bucket_of(self, raw: dict) -> tuple[int, int]:
-        from wan_animate.samples import decode_meta
-
         meta = decode_meta(raw)  # SampleDecodeError when missing, invalid, not an object or mistyped
         if self.cached:
             lat = meta.get("latent_shape")
@@ -228,8 +228,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.spec.default_size or (h, w)
 
     def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
-        from wan_animate.samples import decode_cached_sample, decode_sample
-
         rng = np.random.default_rng([self.spec.seed, epoch, index, 0x5EED])  # the sample's own random choices
         if self.cached:
             if self._text_embeds is None:
@@ -378,8 +376,6 @@ class BatchIterator:
 def resolve_urls(urls: list[str]) -> list[str]:
     """Directories -> their ``*.tar`` shards; globs expanded; brace patterns expanded; ``pipe:``,
     ``http(s)://`` and other URLs kept as given. Raises when nothing is found."""
-    from webdataset.shardlists import expand_urls
-
     out: list[str] = []
     for url in urls:
         if url.startswith(REMOTE):
@@ -409,8 +405,6 @@ def resolve_urls(urls: list[str]) -> list[str]:
 def cached_text_embeds(urls: list[str]) -> dict[str, torch.Tensor]:
     """The prompt embeddings of a cached data set: ``text_embeds.safetensors`` next to its shards
     (or one folder up)."""
-    from wan_animate.samples import TEXT_EMBEDS, load_text_embeds
-
     for url in urls:
         if url.startswith("pipe:"):
             continue

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from wan_animate.model import is_fp32_by_design
+
 
 class Fp32ByDesign:
     def __init__(self, dit: torch.nn.Module):
-        from wan_animate.model import is_fp32_by_design
-
         self.saved = {n: p.detach().to("cpu", torch.float32, copy=True) for n, p in dit.named_parameters()
                       if is_fp32_by_design(n) and p.is_floating_point()}
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from train.config import Config
+from train.parallel import frozen_loading
+from wan_animate.family import get_family
 
 
 def placement(cfg: Config, device: torch.device) -> tuple[torch.device, bool]:
@@ -23,9 +25,6 @@ def placement(cfg: Config, device: torch.device) -> tuple[torch.device, bool]:
 def load_frozen_encoders(cfg: Config, acc, model_path: Path, dit: torch.nn.Module):
     """The family's pipeline over ``dit`` (the live training model, whose train/eval mode is kept)
     with the folder's frozen encoders placed by ``placement``."""
-    from train.parallel import frozen_loading
-    from wan_animate.family import get_family
-
     device, offload = placement(cfg, acc.device)
     # umT5 / CLIP in bf16 on a bf16 run, also on the host (umT5 is released in bf16: fp32 would
     # double its ~11 GiB); the VAE in fp32

@@ -7,6 +7,7 @@ Only rank 0 writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from wan_animate.config import WanAnimateConfig
 from wan_animate.files import atomic_write_bytes, dumps_strict
@@ -141,8 +143,6 @@ def truncate_metrics(path: Path, resume_step: int) -> int:
 
 
 def _run_id(output_dir: str | Path) -> str:
-    import hashlib
-
     return hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
 
 
@@ -198,8 +198,6 @@ class StepReporter:
 
     def __init__(self, cfg, acc, dit_config: WanAnimateConfig, output_dir: Path, start_step: int,
                  config_dict: dict[str, Any]):
-        from tqdm.auto import tqdm
-
         self.cfg, self.acc, self.dit_config = cfg, acc, dit_config
         main = acc.is_main_process
         self.logger = MetricsLogger(output_dir, enabled=main, wandb_on=cfg.train.wandb,

@@ -18,6 +18,7 @@ from torch import nn
 from train.config import Config, OptimConfig
 from wan_animate.family import DEFAULT_FAMILY, ModelFamily, get_family
 from wan_animate.lora import add_lora, is_lora_key, load_lora_into_peft
+from wan_animate.memory import apply_memory_options
 
 
 def is_adapter(name: str, family: ModelFamily | None = None) -> bool:
@@ -78,8 +79,6 @@ def prepare_model(dit: nn.Module, cfg: Config, family: ModelFamily, *, deepspeed
     matmuls in bf16; not under DeepSpeed, whose optimizer keeps its own), the memory options of
     ``cfg.model``. Returns (param groups, summary, memory state)."""
     from diffusers.training_utils import cast_training_params
-
-    from wan_animate.memory import apply_memory_options
 
     dit.train()
     groups, summary = setup_trainable(dit, cfg, family)

@@ -6,11 +6,16 @@ process, so ``backend="gloo"`` (with ``DS_ACCELERATOR=cpu``) is passed and ``che
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from train.config import Config, ConfigError
 
@@ -21,9 +26,6 @@ def launched_with_deepspeed() -> bool:
 
 def make_accelerator(cfg: Config):
     """The ``Accelerator`` for this run (mixed precision, grad accumulation, backend)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
     t = cfg.train
     use_ds = launched_with_deepspeed()
     if t.distributed == "deepspeed" and not use_ds:
@@ -166,11 +168,6 @@ def frozen_loading() -> Iterator[None]:
 
 def write_rank_report(out_dir: Path, acc, raw_dit, keys: list[str], step: int) -> None:
     """Per-rank evidence for distributed tests: group size, weight digest, sample keys trained on."""
-    import hashlib
-    import json
-
-    import torch.distributed as dist
-
     h = hashlib.sha256()
     for name, p in sorted(raw_dit.state_dict().items()):
         h.update(name.encode())

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import Config, ConfigError
+from train.data import REMOTE
+from wan_animate.family import family_of, get_family
+from wan_animate.geometry import nearest_bucket
+from wan_animate.samples import shard_keys
 
 _COUNT_LIMIT = 64  # count samples by listing at most this many local shards (headers only)
 
@@ -29,8 +33,6 @@ class DataFacts:
 
 def _first_shard_metas(url: str, limit: int = 256) -> list[dict]:
     """The ``json`` of the first shard's samples (up to ``limit``); [] when it cannot be read here."""
-    from train.data import REMOTE
-
     if url.startswith(REMOTE) or not Path(url).is_file():
         return []
     metas = []
@@ -65,8 +67,6 @@ def _count_samples(urls: list[str]) -> int | None:
             return n
     if len(urls) > _COUNT_LIMIT or not all(Path(u).is_file() for u in urls):
         return None
-    from wan_animate.samples import shard_keys
-
     try:
         return sum(len(shard_keys(u)) for u in urls)
     except (OSError, tarfile.TarError):
@@ -117,8 +117,6 @@ def training_sizes(cfg: Config, facts: DataFacts) -> list[tuple[int, int]]:
     if facts.kind == "cached":
         return list(facts.sizes)
     if d.buckets:  # the stream buckets every raw sample, synthetic ones too (train.data.ShardStream)
-        from wan_animate.geometry import nearest_bucket
-
         stored = facts.sizes or ([(d.synthetic_height, d.synthetic_width)] if d.source == "synthetic" else [])
         return sorted({nearest_bucket(h, w, d.buckets) for h, w in stored}) or [tuple(b) for b in d.buckets]
     if d.source == "synthetic":
@@ -131,8 +129,6 @@ def upscale_warnings(cfg: Config, facts: DataFacts) -> list[str]:
     d = cfg.data
     if facts.kind != "raw" or not d.buckets or d.source == "synthetic":
         return []
-    from wan_animate.geometry import nearest_bucket
-
     out = []
     for h, w in facts.sizes:
         bh, bw = nearest_bucket(h, w, d.buckets)
@@ -150,8 +146,6 @@ def model_facts(model_path: Path, family: str | None = None) -> tuple[object | N
     """(model config, layout) of the model folder from its config / headers only (no weights read),
     through its family (``model.family``; None: recognised from the tensor names); (None, None) when
     they cannot be read here (loading reports a bad folder properly later)."""
-    from wan_animate.family import family_of, get_family
-
     try:
         fam = get_family(family) if family else family_of(model_path)
         config = fam.config(folder=fam.dit_path(model_path))[0]

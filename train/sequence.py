@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from train.config import Config, ConfigError, check_sequence_parallel
+from wan_animate.parallel import check_same_sample, sequence_parallel_mesh
 
 STATE_KEY = "sequence_parallel"  # in trainer_state.json (the "train" part of Trainer.state_dict)
 
@@ -36,8 +37,6 @@ def sequence_layout(cfg: Config, acc) -> SequenceLayout:
     n = cfg.train.sequence_parallel
     if n == 1:
         return SequenceLayout(1, acc.process_index, acc.num_processes)
-    from wan_animate.parallel import sequence_parallel_mesh
-
     check_sequence_parallel(n, world=acc.num_processes)  # the heads: once the model is loaded (apply_to_dit)
     mesh = sequence_parallel_mesh(n, acc.device.type)
     return SequenceLayout(n, mesh["data"].get_local_rank(), mesh["data"].size(), mesh["sequence"].get_group())
@@ -57,8 +56,6 @@ def check_first_batch(layout: SequenceLayout, batch: dict[str, Any], generator: 
     generator state (so it will draw the same noise). Raises naming the input that differs."""
     if not layout.enabled or layout.checked:
         return
-    from wan_animate.parallel import check_same_sample
-
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     inputs["noise_generator_state"] = generator.get_state()
     check_same_sample(inputs, layout.group)

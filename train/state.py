@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,8 +53,6 @@ class EMA:
     trainable parameters; the averages live on the parameters' device in fp32."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float):
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-
         self.decay = decay
         named = list(named_params)
         self.names: list[str] = [n for n, _ in named]

@@ -20,13 +20,14 @@ import torch
 from train import sequence
 from train.checkpoint import resume_settings
 from train.checkpoint import store as checkpointing
+from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
 from train.config import Config, ConfigError, check_launch
 from train.data import BatchIterator, StreamSpec
-from train.modes import make_optimizer, make_scheduler, prepare_model
 from train.frozen_encoders import load_frozen_encoders
+from train.grad_host import HostGradAccumulation
+from train.modes import make_optimizer, make_scheduler, prepare_model
 from train.parallel import all_ranks_true, zero_stage
 from train.state import EMA, NonFiniteLossError, TrainState, rank_generator
-from train.checkpoint.trainable import TrainableOnlyCheckpoints, fingerprint_base, is_trainable_only
 from wan_animate.batch import fixed_draw
 from wan_animate.family import get_family
 from wan_animate.objective import flow_matching_loss
@@ -90,8 +91,6 @@ class Trainer:
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
         self.host_grads = None
         if cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1:  # one process (check_launch)
-            from train.grad_host import HostGradAccumulation
-
             self.host_grads = HostGradAccumulation([p for _, p in self.trainable], self.device)
         self.state = TrainState()
         self.ema = EMA(self.trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None

@@ -9,14 +9,21 @@ face crops are stored as pixels), so cached runs validate too.
 
 from __future__ import annotations
 
+import dataclasses
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from webdataset.tariterators import tarfile_samples
 
 from train.config import Config
+from train.data import StreamSpec, cached_text_embeds, preprocess_cached, preprocess_raw, resolve_urls
 from wan_animate.family import get_family
-from wan_animate.video_io import VideoDecodeError, tensor_to_frames
+from wan_animate.geometry import nearest_bucket
+from wan_animate.heldout import condition_sensitivity
+from wan_animate.samples import decode_cached_sample, decode_sample
+from wan_animate.video_io import VideoDecodeError, tensor_to_frames, write_video
 
 
 # what a sample that does not load raises: SampleDecodeError (a ValueError), VideoDecodeError, a bad
@@ -47,16 +54,12 @@ def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage:
 
 
 def _first_raw(url: str) -> dict:
-    from webdataset.tariterators import tarfile_samples
-
     return next(iter(tarfile_samples([{"url": url}])))
 
 
 def raw_inputs(url: str, clip_len: int, streams: tuple[str, ...] = ("pose", "face")) -> dict:
     """First sample of raw shards -> uint8 frames ``ref``, ``truth``, one per driving stream
     (``pose``, ``face``, ...) + ``caption``, ``fps``."""
-    from wan_animate.samples import decode_sample
-
     s = decode_sample(_first_raw(url))
     n = clip_len
     return {"ref": tensor_to_frames(s["ref"]), "truth": tensor_to_frames(s["video"][:, :n]),
@@ -66,11 +69,6 @@ def raw_inputs(url: str, clip_len: int, streams: tuple[str, ...] = ("pose", "fac
 
 def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "face")) -> dict:
     """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
-    import torch
-
-    from train.data import cached_text_embeds
-    from wan_animate.samples import decode_cached_sample
-
     text = cached_text_embeds(urls)
     s = decode_cached_sample(_first_raw(urls[0]), text)
     latent = [k for k in streams if k != "face"]  # the face crops are stored as pixels
@@ -85,8 +83,6 @@ def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "fac
 
 def validation_inputs(cfg: Config, pipe, urls: list[str], streams: tuple[str, ...] = ("pose", "face")) -> dict:
     if cfg.train.validation_urls:
-        from train.data import resolve_urls
-
         return raw_inputs(resolve_urls(list(cfg.train.validation_urls))[0], cfg.data.clip_len, streams)
     if cfg.data.source == "cached":
         return cached_inputs(urls, pipe.vae, streams)
@@ -94,8 +90,6 @@ def validation_inputs(cfg: Config, pipe, urls: list[str], streams: tuple[str, ..
 
 
 def _render(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int) -> Path | None:
-    from wan_animate.video_io import write_video
-
     streams = tuple(get_family(cfg.model.family).streams)
     x = validation_inputs(cfg, pipe, urls, streams)
     was_training = raw_dit.training
@@ -125,14 +119,6 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
     """The first ``limit`` samples of ``urls`` (raw or ``cached`` shards) as one-sample DiT batches
     with the training recipe's random choices off (no dropout, no temporal-reference frames,
     animate mode; the clip window drawn from a seeded generator)."""
-    import dataclasses
-
-    from webdataset.tariterators import tarfile_samples
-
-    from train.data import StreamSpec, cached_text_embeds, preprocess_cached, preprocess_raw
-    from wan_animate.geometry import nearest_bucket
-    from wan_animate.samples import decode_cached_sample, decode_sample
-
     recipe = dataclasses.replace(cfg.data, temporal_ref_prob=0.0, text_dropout=0.0, face_dropout=0.0,
                                  face_aug_prob=0.0, replace_prob=0.0)
     family = get_family(cfg.model.family)
@@ -159,8 +145,6 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
     """Collective. Rank 0: held-out loss with each clip's pose / face crops / reference swapped for
     the next clip's, minus its own (``wan_animate.heldout.condition_sensitivity``), on ``GAP_SAMPLES``
     clips at ``GAP_TIMESTEPS``: a model that follows its conditions shows positive gaps."""
-    from wan_animate.heldout import condition_sensitivity
-
     out, family = None, get_family(cfg.model.family)
     if acc.is_main_process:
         if stage == 3 or cfg.train.sequence_parallel > 1:
@@ -169,8 +153,6 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
         else:
             try:
                 if cfg.train.validation_urls:
-                    from train.data import resolve_urls
-
                     urls, cached, where = resolve_urls(list(cfg.train.validation_urls)), False, "validation clips"
                 else:
                     cached, where = cfg.data.source == "cached", "training clips"

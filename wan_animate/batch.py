@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from wan_animate import conditioning
+from wan_animate.objective import sample_timesteps
 
 
 @torch.no_grad()
@@ -84,8 +85,6 @@ def _finish(examples: list[dict], device: torch.device, dtype: torch.dtype, **te
 
 def fixed_draw(batch: dict, loss_cfg, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One timestep + noise per sample from its key (``train.fixed_noise_per_sample``)."""
-    from wan_animate.objective import sample_timesteps
-
     ts, noises = [], []
     shape = batch["latents"].shape[1:]
     for key in batch["keys"]:

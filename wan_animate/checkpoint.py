@@ -18,16 +18,16 @@ import sys
 from wan_animate.animate2.config import PRESETS as ANIMATE2_PRESETS
 from wan_animate.animate2.config import Animate2Config
 from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
+from wan_animate.cli import run_tool
 from wan_animate.config import PRESETS, WanAnimateConfig
 from wan_animate.options import DTYPE_NAMES, parse_dtype
+from wan_animate.testing import make_tiny_model_folder
 from wan_animate.weights.save import convert_checkpoint
 from wan_animate.weights.source import inspect_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     """One line and exit status 2 for a bad checkpoint / argument; ``--debug`` for the traceback."""
-    from wan_animate.cli import run_tool
-
     return run_tool(_main, argv, extra=(ValueError,))
 
 
@@ -74,8 +74,6 @@ def _main(argv: list[str]) -> int:
             print(f"{key}: {value}")
         print("config:", json.dumps(config.to_dict()))
     else:
-        from wan_animate.testing import make_tiny_model_folder
-
         make_tiny_model_folder(args.dst, layout=args.layout, seed=args.seed, family=args.family)
         print(f"wrote a tiny {args.family} {args.layout} model folder to {args.dst}")
     return 0

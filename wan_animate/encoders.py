@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import json
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -198,8 +199,6 @@ class ImageEncoder(_FrozenEncoder):
     @classmethod
     def from_pretrained(cls, model_path: str | Path, processor_path: str | Path | None = None,
                         **kw) -> "ImageEncoder":
-        import json
-
         from transformers import CLIPVisionModel
 
         model = CLIPVisionModel.from_pretrained(str(model_path), dtype=torch.float32)

@@ -29,8 +29,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from wan_animate.family import ANIMATE
+from wan_animate.objective import LossConfig, flow_matching_loss
 
 DEFAULT_TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
 CONDITIONS = tuple(ANIMATE.conditions)
@@ -44,8 +46,6 @@ def _check_timesteps(timesteps) -> list[float]:
 
 
 def _plain_loss_cfg():
-    from wan_animate.objective import LossConfig
-
     # Held-out numbers must not depend on the training weighting knobs: plain MSE per timestep.
     return LossConfig(weighting="none", face_weight=1.0)
 
@@ -54,8 +54,6 @@ def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: lis
                        loss_cfg, family=ANIMATE) -> dict[float, torch.Tensor]:
     """Loss [B] of ``batch`` at each timestep; noise from ``seed + index`` (the same for every call
     with the same index and latent shape)."""
-    from wan_animate.objective import flow_matching_loss
-
     x0 = batch["latents"]
     b = x0.shape[0]
     gen = torch.Generator(device=x0.device).manual_seed(int(seed) + index)
@@ -103,8 +101,6 @@ def heldout_loss(
     with _EvalMode(dit):
         it = batches
         if progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(batches, desc="held-out loss", unit="batch")
         for i, batch in enumerate(it):
             for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, family).items():
@@ -185,8 +181,6 @@ def condition_sensitivity(
     with _EvalMode(dit):
         it = range(len(batches))
         if progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(it, desc="condition sensitivity", unit="sample")
         for i in it:
             j = partner[i]

@@ -19,15 +19,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
+from wan_animate import official_encoders as oe
 from wan_animate.conditioning import encode_condition, num_latent_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.geometry import letterbox
+from wan_animate.lora import apply_lora
+from wan_animate.official_encoders import CLIP_FILE, T5_FILE, VAE_FILE
 from wan_animate.options import check_frames_4n1, check_solver
 from wan_animate.sampling import sample
-from wan_animate.video_io import frames_to_tensor, tensor_to_frames
+from wan_animate.video_io import VideoDecodeError, frames_to_tensor, read_video, tensor_to_frames
 from wan_animate.weights.files import load_torch_file
+from wan_animate.weights.load import load_dit
 
 SIZE_MULTIPLE = 16
 
@@ -158,8 +164,6 @@ def check_inputs(pose_video: Any, face_video: Any, bg_video: Any = None, mask_vi
 
 def load_image(path_or_array: Any) -> np.ndarray:
     if isinstance(path_or_array, (str, Path)):
-        from PIL import Image
-
         p = Path(path_or_array)
         if not p.exists():
             raise InputError(f"{p}: reference image does not exist.")
@@ -179,8 +183,6 @@ def load_image(path_or_array: Any) -> np.ndarray:
 
 def read_video_file(path: str | Path, what: str) -> tuple[np.ndarray, float]:
     """(frames, fps) of an input video file; :class:`InputError` when missing, undecodable or empty."""
-    from wan_animate.video_io import VideoDecodeError, read_video
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist.")
@@ -245,8 +247,6 @@ class AnimatePipeline:
     # ------------------------------------------------------------------ loading
     @staticmethod
     def detect_layout(path: str | Path) -> str:
-        from wan_animate.official_encoders import CLIP_FILE, T5_FILE, VAE_FILE
-
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: model folder does not exist.")
@@ -276,8 +276,6 @@ class AnimatePipeline:
         VAE in ``vae_dtype``; ``offload`` parks the encoders on the CPU between uses."""
         from transformers import AutoTokenizer
 
-        from wan_animate import official_encoders as oe
-
         path = Path(path)
         layout = cls.detect_layout(path)
         enc_kw = dict(dtype=encoder_dtype or dtype, device=device, offload=offload)
@@ -304,14 +302,10 @@ class AnimatePipeline:
     @staticmethod
     def load_dit(path: Path, *, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
         """The DiT of a model folder's weights (``transformer/`` or the official folder)."""
-        from wan_animate.weights.load import load_dit
-
         return load_dit(path, dtype=dtype, device=device)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> list[str]:
         """Merge a LoRA file (community layout, see ``wan_animate.lora``) into the DiT with ``scale``."""
-        from wan_animate.lora import apply_lora
-
         return apply_lora(self.dit, path, scale=scale)
 
     # ------------------------------------------------------------------ command-line inputs
@@ -380,8 +374,6 @@ class AnimatePipeline:
         clip_fea) returns ``segment(start, prev)``: the denoiser of the segment from padded frame
         ``start`` (``prev``: the previous segment's last ``refert_num`` decoded frames, None first).
         Noise from one CPU generator seeded with ``seed``; the reference slot is never decoded."""
-        from tqdm.auto import tqdm
-
         real_len, height, width = driving.shape[:3]
         dev, dtype, cfg_on = self.device, dit_compute_dtype(self.dit), guide_scale != 1.0
         ref_pixels = to_tensor_video(letterbox(load_image(ref_image), height, width)[None])[:, :, 0].to(dev)

@@ -31,6 +31,8 @@ from wan_animate.official_encoders import (
     t5_to_official,
     vae_to_official,
 )
+from wan_animate.model import WanAnimateDiT
+from wan_animate.weights.save import save_dit
 
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -195,9 +197,6 @@ def _save_dit(dst: Path, cfg, layout: str) -> None:
         _randomize_zero_init(model)
         save_animate2(model, dst, layout=layout)
         return
-    from wan_animate.model import WanAnimateDiT
-    from wan_animate.weights.save import save_dit
-
     model = WanAnimateDiT(cfg)
     _randomize_zero_init(model)
     save_dit(model, dst, layout=layout)

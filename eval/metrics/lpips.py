@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
+from wan_animate.weights.files import WeightsFileError, load_torch_file
 
 # Indices of the torchvision ``features`` Sequential that end each LPIPS tap (exclusive).
 # vgg16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3. alexnet: relu1 .. relu5.
@@ -45,8 +46,6 @@ class LPIPSError(ValueError):
 def _load_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     if not path or not os.path.isfile(path):
         raise LPIPSError(f"LPIPS {what} weights file {str(path)!r} does not exist; pass an existing path")
-    from wan_animate.weights.files import WeightsFileError, load_torch_file
-
     try:
         return load_torch_file(path, what=f"LPIPS {what} weights file")
     except WeightsFileError as err:

@@ -11,16 +11,23 @@ NCCL barrier's timeout is shorter than writing a 14B model to a slow disk).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import itertools
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
-from train.config import Config
 from train.checkpoint.trainable import is_trainable_only
+from train.config import Config
 from train.modes import is_adapter
+from train.parallel import zero_stage
+from wan_animate.family import get_family
+from wan_animate.lora import ADAPTER_NAME, is_lora_key, save_lora
+from wan_animate.model import is_fp32_by_design
+from wan_animate.weights.files import save_safetensors
 
 _DESCRIBE = {  # name under export/ (or export/ema/) -> what it is
     "official": "DiT in the Wan-AI/Wan2.2-Animate-14B layout (wan_animate.load_dit)",
@@ -49,8 +56,6 @@ def readme_text(out: Path, written: dict[str, str]) -> str:
 
 def released_dtype(name: str, t: torch.Tensor) -> torch.dtype:
     """The dtype a tensor of the released DiT has (``name``: official or peft-wrapped)."""
-    from wan_animate.model import is_fp32_by_design
-
     if not t.is_floating_point():
         return t.dtype
     return torch.float32 if is_fp32_by_design(name.replace(".base_layer.", ".")) else torch.bfloat16
@@ -78,8 +83,6 @@ def export(cfg: Config, acc, model, raw_dit, ema: dict[str, torch.Tensor] | None
 
 def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
            small: bool, whole: bool) -> dict[str, str]:
-    from wan_animate.family import get_family
-
     save_dit = get_family(cfg.model.family).save  # the family's layouts (Animate-2: save_animate2)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"train_mode": cfg.train.mode, "experiment": str(cfg.experiment_name)}
@@ -107,10 +110,6 @@ def _write(cfg: Config, raw_dit, out: Path, state: dict[str, torch.Tensor], ema:
 def _write_small(cfg: Config, out: Path, state: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, str]:
     """``lora.safetensors`` (+ the family's other LoRA layouts), ``adapters.safetensors`` and
     ``self_attn.safetensors`` from the trained tensors (peft names)."""
-    from wan_animate.family import get_family
-    from wan_animate.lora import is_lora_key, save_lora
-    from wan_animate.weights.files import save_safetensors
-
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
     if cfg.train.mode == "lora" and any(is_lora_key(k) for k in state):
@@ -148,9 +147,6 @@ def gather_state(acc, model, keep: set[str]) -> dict[str, torch.Tensor]:
     """Collective: the prepared ``model``'s state dict on rank 0's host ({} on the others), gathered
     module by module; each tensor is cast to ``released_dtype`` as it arrives, except the LoRA
     factors and the names in ``keep`` (kept in the dtype they train in)."""
-    from train.parallel import zero_stage
-    from wan_animate.lora import is_lora_key
-
     raw = acc.unwrap_model(model)
     zero3 = zero_stage(acc) == 3
     out: dict[str, torch.Tensor] = {}
@@ -173,16 +169,12 @@ def gather_state(acc, model, keep: set[str]) -> dict[str, torch.Tensor]:
 
 def gather_trained(acc, model) -> dict[str, torch.Tensor]:
     """Collective: name -> host copy of every trainable parameter (small; on every rank)."""
-    from train.parallel import zero_stage
-
     named = [(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
     with _gathered([p for _, p in named], zero_stage(acc) == 3):
         return {n: p.detach().cpu().clone() for n, p in named}
 
 
 def _gathered(params: list[torch.nn.Parameter], zero3: bool):
-    import contextlib
-
     if not zero3 or not params:
         return contextlib.nullcontext()
     import deepspeed
@@ -197,8 +189,6 @@ def _lora_scalings(raw_dit: torch.nn.Module) -> dict[str, float]:
     """Module name -> alpha / rank of every peft LoRA layer (what a merge multiplies B @ A by)."""
     from peft.tuners.lora import LoraLayer
 
-    from wan_animate.lora import ADAPTER_NAME
-
     return {name: float(m.scaling[ADAPTER_NAME]) for name, m in raw_dit.named_modules()
             if isinstance(m, LoraLayer) and ADAPTER_NAME in m.scaling}
 
@@ -207,8 +197,6 @@ def _lora_scalings(raw_dit: torch.nn.Module) -> dict[str, float]:
 def released_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """Plain official-named DiT state in the released dtype from a (peft-wrapped) one: ``W + scaling
     * B @ A`` for every LoRA layer in ``scalings``; a tensor already in its dtype is not copied."""
-    from wan_animate.lora import ADAPTER_NAME, is_lora_key
-
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if is_lora_key(key):
@@ -229,8 +217,6 @@ def released_state(state: Mapping[str, torch.Tensor], scalings: Mapping[str, flo
 def on_rank0(acc, write: Callable[[], dict[str, str]], timeout_s: float) -> dict[str, str]:
     """Rank 0 runs ``write``; the others wait until it is done (up to ``timeout_s``) on the process
     group's store, not in a collective, and raise if it failed. Returns ``write``'s result ({} off rank 0)."""
-    import torch.distributed as dist
-
     if acc.num_processes == 1 or not dist.is_initialized():
         return write()
     store = dist.distributed_c10d._get_default_store()

@@ -10,6 +10,7 @@ a run is refused (two runs would mix); ``train.overwrite=true`` moves the old ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from train.checkpoint import store as checkpointing
+from train.checkpoint.run_lock import LOCK_NAME
 from train.config import Config, ConfigError, config_to_dict
+from train.preflight import model_facts
 from wan_animate.files import atomic_write_json
 
 IDENTITY_KEYS = ("world_size", "deepspeed", "zero_stage", "sequence_parallel", "mode", "model")
@@ -27,10 +30,6 @@ IDENTITY_KEYS = ("world_size", "deepspeed", "zero_stage", "sequence_parallel", "
 def _model_config_digest(path: Path) -> str | None:
     """SHA-1 of the folder's DiT config (headers / config.json only): the same model at another path
     (a moved copy) matches; None when it cannot be read here."""
-    import hashlib
-
-    from train.preflight import model_facts
-
     config, _ = model_facts(path)
     if config is None:
         return None
@@ -136,8 +135,6 @@ def run_files(out_dir: Path) -> list[str]:
 def check_fresh_start(cfg: Config, main: bool) -> Path | None:
     """``train.overwrite=true``: move a run in ``train.output_dir`` aside (rank 0) and return where;
     ``train.resume=false`` on a folder that holds a run: ``ConfigError`` naming both ways out."""
-    from train.checkpoint.run_lock import LOCK_NAME
-
     out_dir = Path(cfg.train.output_dir)
     found = run_files(out_dir)
     if not found:

@@ -22,8 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
 from train.checkpoint.verify import (DamagedCheckpointError, check_pickles, damage, make_group_readable,
                                      write_manifest)
+from wan_animate.memory.fp8 import stored_state_dict
 
 COMPLETE = "COMPLETE"
 
@@ -54,9 +59,6 @@ def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any
                     save_kwargs: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it with its own ``state`` (``Trainer.state_dict()``). Returns
     the final folder."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     root = checkpoints_dir(output_dir)
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
@@ -78,8 +80,6 @@ def _write(acc, root: Path, tmp: Path, final: Path, step: int, state: dict[str, 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    from wan_animate.memory.fp8 import stored_state_dict
-
     # fp8 layers exist only with a frozen base (trainable-only checkpoints, whose save hook keeps
     # the trainables): their state dict stays as stored instead of dequantizing the frozen model
     with stored_state_dict():
@@ -210,8 +210,6 @@ def _choose_resume(output_dir: str | Path) -> Path | None:
 def resume_point(acc, output_dir: str | Path) -> Path | None:
     """Collective: rank 0 checks the candidates (manifest, pickles) and every rank gets its answer
     (the path, or the error that stops all ranks)."""
-    from accelerate.utils import broadcast_object_list
-
     answer: list[Any] = [None]
     if acc.is_main_process:
         try:
@@ -230,8 +228,6 @@ def load_checkpoint(acc, path: Path, load_kwargs: dict[str, Any] | None = None) 
     """Collective. Restores accelerate's state (model, optimizer, RNG) and returns this rank's
     ``Trainer.state_dict()`` from the files (``scheduler`` is None in checkpoints written before the
     scheduler state was saved)."""
-    from safetensors.torch import load_file
-
     if not (path / COMPLETE).is_file():
         raise RuntimeError(f"{path} has no {COMPLETE} mark; refusing to load a half-written checkpoint.")
     acc.load_state(str(path), **(load_kwargs or {}))

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
+from wan_animate.files import atomic_write_json
+from wan_animate.weights.source import open_source
 
 TRAINABLE_ONLY_MODES = ("lora", "adapters_only", "self_attn")
 BASE_FILE = "base_model.json"
@@ -66,8 +70,6 @@ def _hash_other(h, path: Path) -> None:
 def fingerprint_base(model_path: str | Path) -> dict[str, Any]:
     """``{"path", "sha256", "files", "method"}`` of the DiT weights under ``model_path`` (a model
     folder of either layout, a DiT folder or one weight file)."""
-    from wan_animate.weights.source import open_source
-
     src = open_source(model_path)
     h = hashlib.sha256()
     if src.folder_config is not None:
@@ -132,8 +134,6 @@ class TrainableOnlyCheckpoints:
             keep = _trainable_names(model)
             weights[i] = {k: v for k, v in weights[i].items() if k in keep}
         if self.acc.is_main_process:
-            from wan_animate.files import atomic_write_json
-
             atomic_write_json(Path(output_dir) / BASE_FILE, {**self.base, "train_mode": self.mode})
 
     def _on_load(self, models: list, input_dir: str) -> None:
@@ -142,8 +142,6 @@ class TrainableOnlyCheckpoints:
         check_base(Path(input_dir), self.base)
         if not models:
             return
-        from safetensors.torch import load_file
-
         model = models.pop(0)
         path = Path(input_dir) / MODEL_FILE
         state = load_file(str(path))

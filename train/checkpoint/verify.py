@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import pickle
 import re
 from pathlib import Path
 from typing import Iterator
+
+import torch
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
+from safetensors import safe_open
 
 MANIFEST = "MANIFEST.json"
 _FULL_HASH_LIMIT = 64 << 20
@@ -100,8 +105,6 @@ def manifest_problem(folder: str | Path) -> str | None:
 
 def _safetensors_problem(folder: Path) -> str | None:
     """The first ``*.safetensors`` whose header does not parse or does not cover the file."""
-    from safetensors import safe_open
-
     for path in _files(folder):
         if path.suffix != ".safetensors":
             continue
@@ -121,10 +124,6 @@ def damage(folder: str | Path) -> str | None:
 
 
 def _safe_globals() -> list:
-    import importlib
-
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
-
     found = list(TORCH_SAFE_GLOBALS)
     for module, name in _DEEPSPEED_GLOBALS:
         with contextlib.suppress(ImportError, AttributeError):  # DeepSpeed absent or renamed: its files fail safe
@@ -144,8 +143,6 @@ def check_pickles(folder: str | Path) -> int:
     """Read every pickle under ``folder`` with the tensor-only unpickler; returns how many.
     Raises ``UnsafeCheckpointError`` (one line: file, what it pickles, the fix) for a pickle of
     anything but tensors and ``DamagedCheckpointError`` for one that is truncated or does not parse."""
-    import torch
-
     folder = Path(folder)
     allowed = _safe_globals()
     count = 0

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
+
 UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
             "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
             "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "is_encoder_decoder": False,
@@ -68,8 +70,6 @@ class _StubTokenizer:
 def wrap_encoders(modules: dict[str, torch.nn.Module], *, text_len: int, encoder_dtype: torch.dtype,
                   vae_dtype: torch.dtype, offload: bool):
     """The pipeline's encoder wrappers around materialised (fake) modules, as the trainer sets them up."""
-    from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
-
     dtypes = {"vae": vae_dtype, "text_encoder": encoder_dtype, "image_encoder": encoder_dtype}
     for name, m in modules.items():
         # Module.to() swaps fake parameters, which fails once the fake mode has seen them; cast

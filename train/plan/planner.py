@@ -39,13 +39,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from train.assets import build_model
 from train.config import Config
+from train.modes import make_optimizer, prepare_model
+from train.plan.animate2 import planned_incontext
+from train.plan.encoders import build_meta_encoders, wrap_encoders
 from train.plan.engines import engine_of, parallel_terms
 from train.plan.report import candidate_options, format_plan, plan_result, with_overrides
 from train.plan.sequence import install_planned as install_planned_sequence_parallel
 from train.plan.track import LiveBytes
 from wan_animate.family import DEFAULT_FAMILY, get_family
+from wan_animate.memory.pinned import aligned
+from wan_animate.objective import flow_matching_loss
 
 DEFAULT_BUCKET = (480, 832)  # H, W planned when the data config names no bucket
 
@@ -58,8 +65,6 @@ def model_folder(cfg: Config) -> str | None:
     other than 14b the quick-start tiny folder training would write (written here if missing)."""
     if cfg.model.path or cfg.model.preset == "14b" or cfg.model.family != DEFAULT_FAMILY:
         return cfg.model.path
-    from train.assets import build_model
-
     return str(build_model(cfg))
 
 
@@ -163,9 +168,6 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode."""
-    from train.modes import make_optimizer, prepare_model
-    from train.plan.encoders import wrap_encoders
-
     family = get_family(cfg.model.family)
     bf16 = cfg.train.precision == "bf16"
     dit, (modules, sources) = meta
@@ -215,8 +217,6 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     """One optimizer step in its steady state: optimizer states present, the gradients kept over
     the accumulation present (grad_accum > 1), one micro-batch (batch building, forward, loss,
     backward), clipping, step, zero_grad."""
-    from wan_animate.objective import flow_matching_loss
-
     family = get_family(cfg.model.family)
 
     dit, optimizer = built["dit"], built["optimizer"]
@@ -244,8 +244,6 @@ def _step(cfg: Config, built: dict[str, Any], mcfg, shape, tracker: LiveBytes) -
     if cfg.train.grad_accum > 1 and cfg.train.grad_accum_on_host:
         # train/grad_host.py: the running sum waits in pinned host memory (fp32, exact-size); the
         # device holds gradients only in the last backward, as at grad_accum=1 (planned below)
-        from wan_animate.memory.pinned import aligned
-
         tracker.host["gradients"] += sum(aligned(p.numel() * 4) for p in trainable)
         tracker._update_peak()
     elif cfg.train.grad_accum > 1:
@@ -296,8 +294,6 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
                 write: bool = True, quiet: bool = True) -> dict[str, Any]:
     """Plan one rank of ``cfg``'s training step; see the module docstring. Returns the plan dict
     (also written to ``<train.output_dir>/memory_plan.json`` when ``write``)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     t0 = time.time()
     world = world_size or cfg.train.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     engine, stage = engine_of(cfg, world)
@@ -311,8 +307,6 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     if "driving" in get_family(cfg.model.family).streams:  # Animate-2: + the driving stream (no reference slot)
         tokens += (t_lat - 1) // pt * hw
     tracker = LiveBytes()
-    from train.plan.encoders import build_meta_encoders
-
     with torch.device("meta"):
         meta = (get_family(cfg.model.family).build(mcfg), build_meta_encoders(folder))
     with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
@@ -349,8 +343,6 @@ def _planned_kernels(cfg: Config):
     """Animate-2: the in-context attention planned as its GPU kernel allocates (``train.plan.animate2``)."""
     if get_family(cfg.model.family).name != "animate2":
         return contextlib.nullcontext()
-    from train.plan.animate2 import planned_incontext
-
     return planned_incontext()
 
 
@@ -370,8 +362,6 @@ def fake_module_conversion():
     ``Module._apply`` always swaps fake parameters with ``torch.utils.swap_tensors``, which refuses
     tensors with a weak reference, and fake-mode parameters carry one. Within this context a fake
     parameter gets the converted data by ``.data =`` instead (what ``_apply`` does for real ones)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     original = torch.utils.swap_tensors
 
     def swap(t1, t2):

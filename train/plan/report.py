@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from train.config import Config
+from wan_animate.family import get_family
 
 GIB = 1024**3
 
@@ -58,8 +60,6 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
 
 def candidate_options(cfg: Config) -> list[dict[str, Any]]:
     """Overrides ({"model.key": value}) worth trying for this config."""
-    from wan_animate.family import get_family
-
     frozen_base = cfg.train.mode in ("lora", "adapters_only")
     c: list[dict[str, Any]] = []
     if not cfg.model.activation_checkpointing:
@@ -81,8 +81,6 @@ def candidate_options(cfg: Config) -> list[dict[str, Any]]:
 
 
 def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    import dataclasses
-
     sections: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
         sec, name = key.split(".", 1)

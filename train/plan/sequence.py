@@ -10,10 +10,12 @@ the trained ones.
 from __future__ import annotations
 
 import math
+
 import torch
 
 from train.config import Config, check_sequence_parallel
 from wan_animate.model.attention import attention
+from wan_animate.parallel import sequence as sp
 from wan_animate.parallel.sequence import SequenceParallel
 
 
@@ -53,8 +55,6 @@ def install_planned(dit: torch.nn.Module, cfg: Config, world: int) -> None:
     n = cfg.train.sequence_parallel
     if n == 1:
         return
-    from wan_animate.parallel import sequence as sp
-
     # the trainer's rules for N, on the planned world size
     check_sequence_parallel(n, dit.config.num_heads, world, "the planned world size (train.plan_world_size)")
     if getattr(dit, "family", None) == "animate2":  # its own plan (train.plan.animate2)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from wan_animate.weights.diagnose import CheckpointError
 
@@ -78,8 +79,6 @@ def read_header(path: str | os.PathLike) -> Shard:
         sd = load_torch_file(path)
         return Shard(path, {k: TensorInfo(v.dtype, tuple(v.shape), v.numel() * v.element_size())
                             for k, v in sd.items()})
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -106,8 +105,6 @@ def iter_tensors(shard: Shard, device: torch.device) -> Iterator[tuple[str, torc
         for name, tensor in load_torch_file(shard.path).items():
             yield name, tensor.to(device)
         return
-    from safetensors import safe_open
-
     try:
         with safe_open(str(shard.path), framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118

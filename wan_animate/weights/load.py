@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from wan_animate.config import WanAnimateConfig
 from wan_animate.weights import source
@@ -81,8 +82,6 @@ def expected_official(config: WanAnimateConfig) -> dict[str, torch.Tensor]:
 
 
 def progress_bar(enabled: bool, total: int, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
 
 

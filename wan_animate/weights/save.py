@@ -13,10 +13,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from torch import nn
 
 from wan_animate.config import WanAnimateConfig
@@ -45,8 +47,6 @@ def parse_size(size: int | str) -> int:
 def _config_json(config: WanAnimateConfig, layout: str) -> dict[str, Any]:
     if layout == "official":
         return config.to_official_config()
-    from importlib.metadata import version
-
     return {**config.to_diffusers_config(), "_diffusers_version": version("diffusers")}
 
 
@@ -55,8 +55,6 @@ class _ShardWriter:
 
     def __init__(self, dst: Path, plan: Mapping[str, torch.Tensor], max_bytes: int, metadata: dict[str, Any],
                  config_json: dict[str, Any]):
-        from huggingface_hub import split_torch_state_dict_into_shards
-
         self.dst, self.metadata, self.config_json = dst, metadata, config_json
         self.single_file = dst.suffix == ".safetensors"
         # planned on meta tensors: tensors sharing a storage (views, memory-mapped files) would
