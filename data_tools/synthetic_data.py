@@ -278,11 +278,8 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
         stale.unlink()
     started = time.time()
     keys = []
-    iterator = range(num_clips)
-    if progress:
-        iterator = tqdm(iterator, desc="synthetic", unit="clip")
     with ShardWriter(out, shard_size=shard_size, mtime=0) as writer:
-        for i in iterator:
+        for i in tqdm(range(num_clips), desc="synthetic", unit="clip", disable=not progress):
             frames, pose, ref, masks, ch = synthesize_clip(seed, i, clip_len, height, width)
             face, boxes = crop_faces(frames, pose, face_size, smooth_window=1)
             key = f"synthetic_s{seed}_{i:06d}"

@@ -27,8 +27,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from wan_animate.options import DTYPE_CHOICES, SOLVERS
+from wan_animate.cli import run_tool
+from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+from wan_animate.family import family_of, get_family
+from wan_animate.geometry import area_bucket
+from wan_animate.lora import LoraError, RELIGHT_FILE, apply_relighting_lora, read_lora
+from wan_animate.options import DTYPE_CHOICES, SOLVERS, parse_dtype, resolve_device
+from wan_animate.pipeline import InputError, NonFiniteOutputError, check_sampling, num_segments
+from wan_animate.video_io import VideoDecodeError, probe_video, write_video
+from wan_animate.weights.files import WeightsFileError
 
 
 class CliError(Exception):
@@ -116,16 +125,12 @@ def _need_file(path: str | Path, what: str) -> Path:
 
 def _model_family(model: str) -> str:
     """The ``model.family`` of the model folder, from its DiT's tensor names (headers only)."""
-    from wan_animate.family import family_of
-
     return family_of(model).name
 
 
 def _apply_family(args, family) -> None:
     """Refuse the flags of another family's inputs; fill the sampling flags left unset with the
     family's defaults (the family's own extra ``generate`` settings go to ``args.family_settings``)."""
-    from wan_animate.pipeline import InputError
-
     pipe = family.pipeline_class
     given = [_flag(d) for video, dests in FLAGS.items() if video not in pipe.input_videos
              for d in dests if getattr(args, d)]
@@ -148,8 +153,6 @@ def _apply_family(args, family) -> None:
 
 def _check_sampling_args(args) -> None:
     """The sampling flags, checked before any preprocessing or model work."""
-    from wan_animate.pipeline import InputError, check_sampling
-
     try:
         check_sampling(steps=args.steps, shift=args.shift, guide_scale=args.guide_scale, solver=args.solver,
                        clip_len=args.clip_len, refert_num=args.refert_num)
@@ -171,9 +174,6 @@ def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=Non
     """What generating ``num_frames`` frames at ``height`` x ``width`` will cost: segments x steps
     (x2 with guidance) DiT calls of ``tokens`` each, and a rough time from a FLOP count of the DiT
     (linear layers + self-attention) at ``ASSUMED_FLOPS``."""
-    from wan_animate.options import resolve_device
-    from wan_animate.pipeline import num_segments
-
     segments = num_segments(num_frames, args.clip_len, args.refert_num)
     calls = segments * args.steps * (2 if args.guide_scale > 1 else 1)
     latent_frames = (args.clip_len - 1) // 4 + 1 + 1  # + the reference latent
@@ -206,8 +206,6 @@ def _dit_config(family, model: str):
 def _frames_bar(desc: str, total: int, enabled: bool):
     """A bar of pose-estimated frames; yields ``preprocess_driving``'s ``progress(done, total)`` hook
     (None when disabled); ``total`` starts as the header's estimate and becomes exact."""
-    from tqdm.auto import tqdm
-
     with tqdm(desc=desc, total=total, unit="frame", disable=not enabled) as bar:
         def progress(done: int, frames: int) -> None:
             bar.total = frames
@@ -218,9 +216,6 @@ def _frames_bar(desc: str, total: int, enabled: bool):
 
 def _run_preprocess(args, family, out: Path) -> Path:
     """``--driving``: raw video -> official src_* files in ``out`` via data_tools.driving."""
-    from wan_animate.geometry import area_bucket
-    from wan_animate.video_io import VideoDecodeError, probe_video
-
     try:
         from data_tools.driving import preprocess_driving
     except ImportError as e:
@@ -255,9 +250,6 @@ def gather_inputs(args, family, work_dir: str | None = None) -> dict:
     """Read and check every input through the family's pipeline; returns generate() kwargs plus
     the output fps. ``--driving`` writes its preprocessed streams to ``--work-dir`` (kept) or
     ``work_dir`` (the caller's temporary folder)."""
-    from wan_animate.lora import RELIGHT_FILE
-    from wan_animate.pipeline import InputError
-
     pipe = family.pipeline_class
     streams = " ".join(_flag(FLAGS[s][0]) for s in family.streams)
     own = [getattr(args, FLAGS[v][0]) for v in pipe.input_videos]
@@ -300,9 +292,6 @@ def gather_inputs(args, family, work_dir: str | None = None) -> dict:
 
 def _check_loras(files: list[str], scales, *, n_scaled: int) -> None:
     """Read and check every LoRA file now, so a bad one fails before any model weight is loaded."""
-    from wan_animate.lora import LoraError, read_lora
-    from wan_animate.weights.files import WeightsFileError
-
     for lora in files:
         try:
             read_lora(_need_file(lora, "LoRA file"))
@@ -317,8 +306,6 @@ def _check_loras(files: list[str], scales, *, n_scaled: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``--debug`` / ``HYDRA_FULL_ERROR=1``: tracebacks for expected errors too (wan_animate.cli)."""
-    from wan_animate.cli import run_tool
-
     return run_tool(lambda a: _main_in_work_dir(build_parser().parse_args(a)), argv, extra=(CliError,))
 
 
@@ -331,11 +318,6 @@ def _main_in_work_dir(args) -> int:
 
 
 def _main(args, work_dir: str | None) -> int:
-    from wan_animate.family import get_family
-    from wan_animate.options import parse_dtype, resolve_device
-    from wan_animate.pipeline import NonFiniteOutputError
-    from wan_animate.video_io import write_video
-
     try:
         if not str(args.out).lower().endswith(".mp4"):
             raise CliError(f"--out {args.out} must end in .mp4.")
@@ -366,16 +348,12 @@ def _main(args, work_dir: str | None) -> int:
         merged = pipe.load_lora(lora, scale=scale)
         print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
     if args.relight:
-        from wan_animate.lora import apply_relighting_lora
-
         adapted = apply_relighting_lora(pipe.dit, args.relight)
         print(f"relighting LoRA {args.relight}: adapter on {len(adapted)} layers", file=sys.stderr)
     if args.sequence_parallel > 1:
         import torch.distributed as dist
 
         family.apply_sequence_parallel(pipe.dit, dist.group.WORLD)
-    from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
-
     try:
         frames = pipe.generate(
             **inputs, prompt=args.prompt if args.prompt is not None else DEFAULT_PROMPT,

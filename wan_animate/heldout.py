@@ -99,10 +99,7 @@ def heldout_loss(
     sums = {t: 0.0 for t in timesteps}
     count = 0
     with _EvalMode(dit):
-        it = batches
-        if progress:
-            it = tqdm(batches, desc="held-out loss", unit="batch")
-        for i, batch in enumerate(it):
+        for i, batch in enumerate(tqdm(batches, desc="held-out loss", unit="batch", disable=not progress)):
             for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, family).items():
                 sums[t] += float(losses.sum())
             count += batch["latents"].shape[0]
@@ -179,10 +176,7 @@ def condition_sensitivity(
     swapped = {c: {t: 0.0 for t in timesteps} for c in conditions}
     count = 0
     with _EvalMode(dit):
-        it = range(len(batches))
-        if progress:
-            it = tqdm(it, desc="condition sensitivity", unit="sample")
-        for i in it:
+        for i in tqdm(range(len(batches)), desc="condition sensitivity", unit="sample", disable=not progress):
             j = partner[i]
             if j is None:
                 continue

@@ -27,6 +27,8 @@ import torch
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import safe_open
 
+from wan_animate.weights.files import group_readable_mode
+
 MANIFEST = "MANIFEST.json"
 _FULL_HASH_LIMIT = 64 << 20
 _SAMPLE = 1 << 20
@@ -175,9 +177,7 @@ def check_pickles(folder: str | Path) -> int:
 
 def make_group_readable(folder: str | Path) -> None:
     """Add group (and, as the umask allows, other) read permission to every file under ``folder``."""
-    umask = os.umask(0)
-    os.umask(umask)
+    readable = group_readable_mode() & 0o044  # the group / other read bits the umask allows
     for path in _files(Path(folder)):
         with contextlib.suppress(OSError):
-            mode = path.stat().st_mode & 0o777
-            os.chmod(path, mode | (0o044 & ~umask))
+            os.chmod(path, path.stat().st_mode & 0o777 | readable)
