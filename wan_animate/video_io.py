@@ -17,7 +17,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-import av
 import numpy as np
 
 
@@ -47,6 +46,8 @@ class DecodedVideo:
 
 
 def _open(source: str | os.PathLike | bytes | BinaryIO):
+    import av
+
     if isinstance(source, (str, os.PathLike)):
         name = source = str(source)
         if not os.path.exists(source):
@@ -185,6 +186,8 @@ def write_video(
 ) -> None:
     """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4 (H, W even). ``deterministic=True``
     encodes on one thread: multi-threaded x264 output varies from run to run."""
+    import av
+
     frames = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
