@@ -101,8 +101,6 @@ class ShardWriter:
 
     def __init__(self, output_dir: str | os.PathLike, *, shard_size: int = 64, start_index: int = 0,
                  on_shard_done=None, mtime: float | None = None):
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.shard_size = shard_size

@@ -102,8 +102,6 @@ def add_lora(
     returns their names. Only the factors stay trainable; callers re-enable what else they train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if rank < 1:
-        raise LoraError(f"LoRA rank must be >= 1, got {rank}.")
     names = resolve_lora_targets(model, targets)
     config = LoraConfig(
         r=int(rank),

@@ -117,12 +117,10 @@ def sample(
     unconditional call is skipped entirely when ``guide_scale == 1``. ``progress(1)`` is called
     once per step.
     """
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1.")
     if guide_scale < 1.0:
         raise ValueError(f"guide_scale={guide_scale} must be >= 1 (1 disables guidance).")
     scheduler = make_scheduler(solver, shift=shift)
-    set_schedule(scheduler, steps, device=noise.device)
+    set_schedule(scheduler, steps, device=noise.device)  # refuses steps < 1
     latents = noise.float()
     for t in scheduler.timesteps:
         t_batch = t.expand(latents.shape[0]).to(latents.device)
