@@ -208,11 +208,9 @@ def load_eval_set(path: str | os.PathLike, *, kind: str = "auto", max_samples: i
     skipped: list[dict] = []
     if kind == "shards":
         samples = load_shard_samples(path, max_samples, max_frames, skipped)
-    elif kind == "pairs":
+    else:  # "pairs" (eval.config checks eval_set_kind)
         samples = load_pairs(path, max_samples, max_frames, skipped, preprocess_args or {},
                              Path(cache_dir) if cache_dir else None)
-    else:
-        raise EvalSetError(f"eval_set_kind {kind!r}; choose shards or pairs")
     if not samples:
         detail = "; ".join(f"{s['key']}: {s['reason']}" for s in skipped[:3])
         raise EvalSetError(f"eval_set {str(path)!r}: no usable samples ({len(skipped)} skipped{': ' + detail if detail else ''})")
