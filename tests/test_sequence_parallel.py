@@ -362,7 +362,7 @@ def test_split_keeps_only_this_ranks_rows_alive():
     """Each rank's shard of the residual stream is its own tensor of local size (a view would keep
     the whole padded sequence alive through every block); padding rows are zeros / the identity
     rotation, and gradients flow back to the full stream."""
-    from wan_animate.parallel.sequence import SequenceParallel
+    from wan_animate.parallel import SequenceParallel
 
     h = torch.randn(1, 10, 8, requires_grad=True)
     cos, sin = torch.randn(10, 4), torch.randn(10, 4)

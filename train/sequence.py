@@ -3,7 +3,7 @@
 Consecutive ranks form P/N groups of N that train ONE sample together, so the data stream, the
 noise generator and the per-sample seeds are keyed by the *data-parallel* rank (``mesh["data"]``).
 The loss needs no change: every rank computes it from the gathered head output and the usual
-gradient averaging over P ranks is the mean over the P/N samples (``wan_animate.parallel.sequence``).
+gradient averaging over P ranks is the mean over the P/N samples (``wan_animate.parallel``).
 """
 
 from __future__ import annotations

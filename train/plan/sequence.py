@@ -14,9 +14,9 @@ import math
 import torch
 
 from train.config import Config, check_sequence_parallel
+from wan_animate import parallel as sp
 from wan_animate.model.attention import attention
-from wan_animate.parallel import sequence as sp
-from wan_animate.parallel.sequence import SequenceParallel
+from wan_animate.parallel import SequenceParallel
 
 
 class PlannedShard(SequenceParallel):

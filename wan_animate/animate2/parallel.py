@@ -21,7 +21,7 @@ carries only those through every block:
 
 Gradients: every rank of a group computes the same full output, so each backpropagates the same
 loss; the all-gather's backward sums the group, so the group's mean gradient is exact (as for
-Wan-Animate-14B: ``wan_animate.parallel.sequence``), and data-parallel / ZeRO averaging needs no
+Wan-Animate-14B: ``wan_animate.parallel``), and data-parallel / ZeRO averaging needs no
 scaling. The all-to-alls are exact in both directions.
 """
 
