@@ -4,5 +4,3 @@ from data_tools.pose.backends import get_pose_backend
 from data_tools.pose.face import crop_faces, face_boxes
 from data_tools.pose.format import PoseSequence
 from data_tools.pose.render import render_pose
-
-__all__ = ["PoseSequence", "crop_faces", "face_boxes", "get_pose_backend", "render_pose"]

@@ -7,6 +7,3 @@ from eval.metrics.image import psnr, ssim, ssim_per_frame
 from eval.metrics.keypoints import expression_metrics, motion_metrics
 from eval.metrics.lpips import LPIPS, LPIPSError
 from eval.metrics.temporal import flicker, temporal_error
-
-__all__ = ["FVDError", "LPIPS", "LPIPSError", "expression_metrics", "flicker", "frechet_distance", "fvd", "i3d_features",
-           "identity_similarity", "load_i3d", "motion_metrics", "psnr", "ssim", "ssim_per_frame", "temporal_error"]

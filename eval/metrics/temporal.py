@@ -27,5 +27,3 @@ def temporal_error(generated, target) -> float:
     if a.shape[0] < 2:
         raise ValueError("temporal_error needs at least 2 frames")
     return float(((a[1:] - a[:-1]) - (b[1:] - b[:-1])).abs().mean())
-
-__all__ = ["flicker", "temporal_error"]

@@ -26,15 +26,6 @@ from wan_animate.memory.motion import chunk_motion_encoder
 from wan_animate.memory.offload import CheckpointInputStore, wrap_checkpointed
 from wan_animate.model import apply_activation_checkpointing, block_modules
 
-__all__ = [  # what other packages import from here
-    "apply_memory_options",
-    "MemoryOptions",
-    "FP8Linear",
-    "quantize_frozen_linears",
-    "lora_in_compute_dtype",
-    "chunk_motion_encoder",
-]
-
 BASE_DTYPES = ("bf16", "fp8")  # bf16: the frozen weights keep the dtype they were loaded in
 CHECKPOINT_DTYPES = ("fp32", "bf16")
 _STORE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}

@@ -13,17 +13,6 @@ from torch.utils.checkpoint import checkpoint
 from wan_animate.model.attention import set_attention_backend
 from wan_animate.model.dit import WanAnimateDiT
 
-__all__ = [
-    "WanAnimateDiT",
-    "ADAPTER_PREFIXES",
-    "FP32_PATTERNS",
-    "is_fp32_by_design",
-    "set_precision",
-    "apply_activation_checkpointing",
-    "compile_blocks",
-    "set_attention_backend",
-]
-
 # Top-level modules of the pose and face conditioning (everything else is the Wan I2V trunk).
 ADAPTER_PREFIXES = ("pose_patch_embedding", "motion_encoder", "face_encoder", "face_adapter")
 
