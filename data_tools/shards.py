@@ -14,12 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.files import dumps_strict
 from wan_animate.samples import DRIVING_FIELD, SHARD_PATTERN, sample_schema_version
 from wan_animate.video_io import encode_video_bytes
-
-DEFAULT_CAPTION = DEFAULT_PROMPT
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -28,9 +28,8 @@ from data_tools.config import SyntheticConfig
 from data_tools.pose.face import crop_faces
 from data_tools.pose.format import NUM_FACE, PoseSequence
 from data_tools.pose.render import render_pose
-from data_tools.shards import DEFAULT_CAPTION, ShardWriter, encode_sample
-
-CAPTION = DEFAULT_CAPTION
+from data_tools.shards import ShardWriter, encode_sample
+from wan_animate.config import DEFAULT_PROMPT
 
 
 @dataclass
@@ -299,7 +298,7 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 bg[masks] = 0
                 mask = masks
             writer.write(encode_sample(key, target=frames, pose=render_pose(pose, height, width), face=face,
-                                       ref=ref, meta=meta, caption=CAPTION, fps=fps, bg=bg, mask=mask,
+                                       ref=ref, meta=meta, caption=DEFAULT_PROMPT, fps=fps, bg=bg, mask=mask,
                                        driving=render_animation(driving_character(ch, seed, i), clip_len, height,
                                                                 width) if driving else None,
                                        crf=0))  # lossless: decoded frames are exact and reproducible
