@@ -102,3 +102,14 @@ def tiny_model(tmp_path_factory):
         return make_tiny_model_folder(tmp_path_factory.mktemp("m") / "tiny", layout="diffusers")
     finally:
         torch.set_num_threads(n)
+
+
+def model_config_folder(root: Path, name: str, config) -> str:
+    """A model folder holding only the ``config.json`` of ``config`` (a ``WanAnimateConfig``): what the
+    memory planner reads (test_memory_plan, test_memory_plan_measured)."""
+    import json
+
+    folder = root / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config.to_official_config()))
+    return str(folder)

@@ -146,7 +146,6 @@ def test_tiny_vae_latents_keep_where_a_limb_is():
     assert decoded[0, :, 0, 16:24, 8:16].mean() > decoded[0, :, 0, 40:48, 40:48].mean() + 0.05
 
 
-@pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
 def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
     """The quick start's end-of-run gaps: the first clips of the training data (or of
     train.validation_urls) through the training recipe with its random choices off."""
@@ -158,14 +157,17 @@ def test_end_of_run_condition_gaps(tmp_path, fresh_accelerate_state):
     from train.validation import condition_gaps
 
     (model,), data = make_tiny_assets(tmp_path, num_clips=3)
+    # the clips' own size as the one bucket (data=shards' 720p-class buckets would upscale the 32x32
+    # clips to 624x624 before the VAE: ~10 min of encoding on 2 cores for the same checks)
+    bucket = ["data.buckets=[[32,32]]"]
     held = make_tiny_assets(tmp_path / "held", num_clips=2)[1]
-    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0",
+    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0", *bucket,
                    f"train.output_dir={tmp_path / 'run'}", f"model.path={model}"])
     trainer = Trainer(cfg, make_accelerator(cfg), Path(model), resolve_urls([str(data)]))
     gaps = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.batch_dtype, 0)
     assert gaps["clips"] == "training clips" and gaps["sensitivity_samples"] == 3
     assert {f"sensitivity_{c}@t{t}" for c in CONDITIONS for t in (300, 600, 900)} <= set(gaps)
-    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0",
+    cfg = compose(["data=shards", f"data.urls=[{data}]", "data.clip_len=9", "data.num_workers=0", *bucket,
                    f"train.output_dir={tmp_path / 'run'}", f"model.path={model}", f"train.validation_urls=[{held}]"])
     again = condition_gaps(cfg, trainer.acc, trainer.pipe, trainer.raw_dit, trainer.urls, trainer.batch_dtype, 0)
     assert again["clips"] == "validation clips" and again["sensitivity_samples"] == 2

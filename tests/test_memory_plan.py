@@ -1,10 +1,7 @@
-"""The memory planner (train/plan/planner.py) against independent measurements and known sizes.
-
-Honesty: the planner's peak (fake tensors, live-storage accounting) is compared with the peak
-resident-set growth of the same step on real CPU tensors in a fresh process
-(``train.plan.measure``: /proc VmHWM after clear_refs, glibc returning every freed block
->= 64 KiB), which shares no counting code with the planner.
-"""
+"""The memory planner (train/plan/planner.py) on the shipped presets against known sizes: frozen
+weights counted from the model itself, checkpointed inputs, the 24 GB presets' budgets, ZeRO-3
+sharding, planning with nothing downloaded. Its peak against a real run's is checked in
+tests/test_memory_plan_measured.py."""
 
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import model_config_folder
 from train.config import ConfigError, compose
 from train.plan.planner import plan_memory, with_overrides
 from train.plan.report import GIB
@@ -24,66 +22,10 @@ from wan_animate.config import WanAnimateConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _model_folder(tmp_path: Path, name: str, config: WanAnimateConfig) -> str:
-    folder = tmp_path / name
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config.to_official_config()))
-    return str(folder)
-
-
-def _measure(overrides: list[str]) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-m", "train.plan.measure", *overrides], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=1800, check=False)  # minutes on a loaded 2-core box
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _agree(overrides: list[str]) -> tuple[float, float]:
-    plan = plan_memory(compose(overrides), write=False)
-    real = _measure(overrides)
-    return plan["peak_device_gib"], real["peak_rss_delta_gib"]
-
-
-@pytest.mark.slow
-def test_planner_peak_matches_real_run_at_full_width(tmp_path):
-    """2 DiT blocks at the real width (dim 5120, ffn 13824, 40 heads) + a face block, LoRA r64,
-    frozen weights + trainables + Adam + activations of one step; within 10% of the real run."""
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("14b", num_layers=2, face_adapter_period=2,
-                                                                  text_len=32))
-    overrides = ["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]", "data.clip_len=5", "data.refert_nums=[1]",
-                 "data.buckets=[[64,64]]", "train.precision=fp32", "train.grad_accum=1", "lora.train_adapters=false",
-                 # the plain path (the preset's 8-bit AdamW states are computed, not run, by the planner)
-                 "optim.name=adamw", "model.checkpoint_dtype=fp32", "model.motion_encoder_chunk=0",
-                 f"train.output_dir={tmp_path / 'out'}"]
-    planned, measured = _agree(overrides)
-    assert planned > 3.0  # weights of two full-width blocks in fp32 at least
-    assert abs(planned - measured) <= 0.10 * measured, (planned, measured)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_planner_peak_matches_real_run_when_activations_dominate(tmp_path, checkpointing):
-    """A narrow model over many tokens (bf16 autocast, full fine-tuning): the peak is mostly
-    activations (with and without activation checkpointing); within 10% of the real run."""
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset(
-        "tiny", dim=256, ffn_dim=1024, num_heads=4, num_layers=2, face_adapter_period=2, text_len=16))
-    overrides = ["experiment=quickstart", f"model.path={folder}", "data.source=cached", "data.urls=[unused]",
-                 # 17 frames (1,536 tokens); with checkpointing only the block inputs stay, so 2x the tokens
-                 # (33 frames) keep the activations above half the peak (17 leave weights + AdamW half of it)
-                 f"data.clip_len={33 if checkpointing else 17}", "data.buckets=[[256,256]]", "train.precision=fp32",
-                 f"model.activation_checkpointing={str(checkpointing).lower()}", f"train.output_dir={tmp_path / 'o'}"]
-    plan = plan_memory(compose(overrides), write=False)
-    act = sum(v for k, v in plan["by_category"].items() if k in ("activations", "temporaries"))
-    assert act > 0.5 * plan["peak_device_gib"]  # the case this test is for
-    measured = _measure(overrides)["peak_rss_delta_gib"]
-    assert abs(plan["peak_device_gib"] - measured) <= 0.10 * measured, (plan["peak_device_gib"], measured)
-
-
 @pytest.mark.slow
 def test_checkpointing_lowers_the_planned_activations(tmp_path):
     """Negative control for the accounting: the same step without checkpointing keeps more."""
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", num_layers=4, face_adapter_period=2))
+    folder = model_config_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", num_layers=4, face_adapter_period=2))
     base = ["experiment=quickstart", f"model.path={folder}", "data.source=cached", "data.urls=[unused]",
             "data.buckets=[[128,128]]", f"train.output_dir={tmp_path / 'o'}"]
     off = plan_memory(compose(base + ["model.activation_checkpointing=false"]), write=False)
@@ -103,7 +45,7 @@ def test_14b_lora_frozen_weights_and_checkpointed_inputs(tmp_path):
     from wan_animate.model import WanAnimateDiT, set_precision
 
     mcfg = WanAnimateConfig.preset("14b")
-    folder = _model_folder(tmp_path, "m14", mcfg)
+    folder = model_config_folder(tmp_path, "m14", mcfg)
     cfg = compose(["experiment=animate14b_lora", f"model.path={folder}", "data.urls=[unused]",
                    "data.buckets=[[480,832]]", f"train.output_dir={tmp_path / 'out'}"])
     assert not (cfg.model.block_swap or cfg.model.checkpoint_offload) and cfg.model.base_dtype == "bf16"
@@ -138,35 +80,45 @@ def test_dry_run_config_needs_no_model_folder_and_no_data():
     assert cfg.model.path is None and cfg.data.urls == [] and cfg.model.preset == "14b"
 
 
+SMALL = ["data.buckets=[[64,64]]", "data.clip_len=5", "data.refert_nums=[1]"]
+
+
+@pytest.fixture(scope="module")
+def planned_from_preset(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The documented command (README, docs/memory.md) with no model or data, at a small bucket: its
+    process and output folder (one 14B plan, shared by the two tests below)."""
+    out = tmp_path_factory.mktemp("dry-run")
+    proc = subprocess.run([sys.executable, "-m", "train.main", "experiment=animate14b_lora", "train.dry_run=memory",
+                           *SMALL, f"train.output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
+    return proc, out
+
+
 @pytest.mark.slow
-def test_plan_needs_nothing_downloaded(tmp_path):
+def test_dry_run_command_plans_the_preset_alone(planned_from_preset):
+    """The documented command with no model or data: exit 0, verdict printed, memory_plan.json written."""
+    out, folder = planned_from_preset
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[plan] verdict:" in out.stdout
+    plan = json.loads((folder / "memory_plan.json").read_text())
+    assert plan["sources"]["model"] == "preset '14b'" and plan["fits"]
+
+
+@pytest.mark.slow
+def test_plan_needs_nothing_downloaded(tmp_path, planned_from_preset):
     """train.dry_run=memory plans the 14B LoRA preset with no model.path and no data.urls, and a model
     folder holding only its config.json plans the same step: same parameters, same bytes per category."""
-    small = ["data.buckets=[[64,64]]", "data.clip_len=5", "data.refert_nums=[1]", f"train.output_dir={tmp_path / 'o'}"]
-    cfg = compose(["experiment=animate14b_lora", "train.dry_run=memory", *small])
-    from_preset = plan_memory(cfg, write=False)
+    proc, out = planned_from_preset
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_preset = json.loads((out / "memory_plan.json").read_text())
     assert from_preset["sources"]["model"] == "preset '14b'"
     assert from_preset["sources"]["text_encoder"] == "umT5-XXL encoder (published sizes)"
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("14b"))
+    folder = model_config_folder(tmp_path, "m", WanAnimateConfig.preset("14b"))
     from_folder = plan_memory(compose(["experiment=animate14b_lora", "train.dry_run=memory", f"model.path={folder}",
-                                       *small]), write=False)
+                                       *SMALL, f"train.output_dir={tmp_path / 'o'}"]), write=False)
     assert from_folder["sources"]["model"] == f"{folder}/config.json"
     for key in ("total_params", "trainable_params", "by_category", "peak_device_gib", "tokens_per_sample"):
         assert from_folder[key] == from_preset[key], key
-
-
-@pytest.mark.slow
-def test_dry_run_command_plans_the_preset_alone(tmp_path):
-    """The documented command (README, docs/memory.md) with no model or data: exit 0, verdict printed,
-    memory_plan.json written."""
-    out = subprocess.run([sys.executable, "-m", "train.main", "experiment=animate14b_lora", "train.dry_run=memory",
-                          "data.buckets=[[64,64]]", "data.clip_len=5", "data.refert_nums=[1]",
-                          f"train.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[plan] verdict:" in out.stdout
-    plan = json.loads((tmp_path / "memory_plan.json").read_text())
-    assert plan["sources"]["model"] == "preset '14b'" and plan["fits"]
 
 
 @pytest.mark.slow
@@ -176,7 +128,7 @@ def test_24gb_presets_fit_a_64gb_workstation(tmp_path, preset):
     (exactly the swapped blocks' weights + the 48 bf16 checkpointed block inputs: no power-of-two
     rounding) and <= 48 GiB of host RAM including loading."""
     mcfg = WanAnimateConfig.preset("14b")
-    folder = _model_folder(tmp_path, "m14", mcfg)
+    folder = model_config_folder(tmp_path, "m14", mcfg)
     cfg = compose([f"experiment={preset}", f"model.path={folder}", "data.urls=[unused]",
                    "data.buckets=[[480,832]]", f"train.output_dir={tmp_path / 'out'}"])
     plan = plan_memory(cfg, write=True)
@@ -188,7 +140,7 @@ def test_24gb_presets_fit_a_64gb_workstation(tmp_path, preset):
 @pytest.mark.slow
 def test_zero3_plan_divides_sharded_state(tmp_path):
     """One rank of 8 under ZeRO-3 holds far less than one rank of 1; config keys are validated."""
-    folder = _model_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=1024, ffn_dim=4096, num_heads=8,
+    folder = model_config_folder(tmp_path, "m", WanAnimateConfig.preset("tiny", dim=1024, ffn_dim=4096, num_heads=8,
                                                                   num_layers=8))
     cfg = compose(["experiment=quickstart", f"model.path={folder}", "data.source=cached", "data.urls=[unused]",
                    "train.distributed=deepspeed", "train.precision=bf16", f"train.output_dir={tmp_path / 'o'}"])
