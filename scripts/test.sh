@@ -4,6 +4,7 @@ set -euo pipefail
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev,pose]"
-# Two workers, one test file each at a time (module fixtures stay in one process): the whole suite,
-# slow tests included (15.5 min of pytest on a quiet 2-core machine, measured).
-python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests "$@"
+# Two workers, one test file each at a time (module fixtures stay in one process), files handed out
+# in collection order (tests/conftest.py puts the longest first): the whole suite, slow tests included
+# (see README.md for its measured time).
+python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
