@@ -6,7 +6,8 @@ drawn from the seed) that swings its arms and legs, turns its head, blinks and o
 Keypoints are exact (computed from the animation, not detected), the pose video goes through
 the same renderer and the face crops through the same cropper as real data. The target frames
 are a deterministic function of the reference (appearance), the pose (limbs, head position and
-turn) and the face crops (eyes, mouth), so a small model can learn the task.
+turn) and the face crops (eyes, mouth, and a light that follows the mouth), so a small model can
+learn the task.
 
     from data_tools.synthetic_data import make_synthetic_dataset
     make_synthetic_dataset("DIR", num_clips=8, clip_len=17, height=64, width=64, seed=0)
@@ -93,6 +94,19 @@ def animation_state(ch: Character, t: int, clip_len: int) -> FrameState:
         eye_open=0.0 if t % ch.blink_period == ch.blink_period - 1 else 1.0,
         mouth_open=0.5 + 0.5 * math.sin(2 * math.pi * ch.mouth_freq * u), shift=ch.drift * math.sin(math.pi * u),
     )
+
+
+# The expression lights the scene: this RGB shift is added to every pixel of a frame in proportion
+# to the mouth opening (0 at rest). The eyes and mouth are 1-3 pixels at 64x64, too few to leave a
+# measurable trace in the latents (docs/training.md); the light, which the face crops show too, makes
+# the expression a frame-wide part of the target that only the face crops carry.
+EXPRESSION_LIGHT = (127, 63, -63)
+
+
+def light(frame: np.ndarray, st: FrameState) -> np.ndarray:
+    """``frame`` uint8 [H, W, 3] lit by ``EXPRESSION_LIGHT`` x the mouth opening of ``st``."""
+    shift = np.round(st.mouth_open * np.array(EXPRESSION_LIGHT)).astype(np.int16)
+    return np.clip(frame.astype(np.int16) + shift, 0, 255).astype(np.uint8)
 
 
 REST = FrameState(arm_l=0.25, arm_r=0.25, fore_l=0.1, fore_r=0.1, leg_l=0.05, leg_r=-0.05, yaw=0.0,
@@ -220,9 +234,10 @@ def synthesize_clip(seed: int, index: int, clip_len: int, height: int, width: in
     ch = random_character(rng)
     frames, masks, bodies, lhands, rhands, faces = [], [], [], [], [], []
     for t in range(clip_len):
-        body, lh, rh, face, geo = character_keypoints(ch, animation_state(ch, t, clip_len), height, width)
+        st = animation_state(ch, t, clip_len)
+        body, lh, rh, face, geo = character_keypoints(ch, st, height, width)
         frame, mask = draw_character(ch, body, geo, height, width)
-        frames.append(frame)
+        frames.append(light(frame, st))
         masks.append(mask)
         bodies.append(body)
         lhands.append(lh)
@@ -250,8 +265,9 @@ def render_animation(ch: Character, clip_len: int, height: int, width: int) -> n
     """Frames uint8 [T, H, W, 3] of ``ch`` performing its animation."""
     frames = []
     for t in range(clip_len):
-        body, _, _, _, geo = character_keypoints(ch, animation_state(ch, t, clip_len), height, width)
-        frames.append(draw_character(ch, body, geo, height, width)[0])
+        st = animation_state(ch, t, clip_len)
+        body, _, _, _, geo = character_keypoints(ch, st, height, width)
+        frames.append(light(draw_character(ch, body, geo, height, width)[0], st))
     return np.stack(frames)
 
 

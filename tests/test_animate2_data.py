@@ -73,7 +73,7 @@ def test_synthetic_driving_is_the_same_animation_by_another_character(tmp_path):
         want = render_animation(other, 9, 32, 48)
         # the stored stream is exactly that rendering through the set's lossless encode
         torch.testing.assert_close(d["driving"], frames_to_tensor(read_video(encode_video_bytes(want, 30.0, crf=0))[0]))
-        assert np.abs(want.astype(float) - frames).mean() > 20  # not the target
+        assert np.abs(want.astype(float) - frames).mean() > 10  # not the target (both lit by the same light)
         assert d["meta"]["schema_version"] == 2 and d["meta"]["synthetic"]["driving_character"]["arm_freq"] == ch.arm_freq
     # the target clips are unchanged by the option
     plain = make_synthetic_dataset(tmp_path / "plain", num_clips=1, clip_len=9, height=32, width=48, face_size=32)

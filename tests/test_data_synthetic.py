@@ -14,9 +14,11 @@ from data_tools.inspect import inspect_dir
 from wan_animate.samples import list_shards, read_shard
 from data_tools.synthetic_data import (
     REST,
+    EXPRESSION_LIGHT,
     animation_state,
     character_keypoints,
     draw_character,
+    light,
     make_synthetic_dataset,
     random_character,
     synthesize_clip,
@@ -75,10 +77,17 @@ def test_target_is_a_function_of_reference_pose_and_face():
     for t in (0, 5, 16):
         body, _, _, _, geo = character_keypoints(ch, animation_state(ch, t, 17), 64, 64)
         np.testing.assert_allclose(body, pose.body[t])
-        again, _ = draw_character(ch, body, geo, 64, 64)
-        np.testing.assert_array_equal(again, frames[t])
-    # the reference shows the same character (same colours) in its rest pose
-    assert set(map(tuple, ref.reshape(-1, 3))) & set(map(tuple, frames[0].reshape(-1, 3))) >= {ch.background}
+        unlit, _ = draw_character(ch, body, geo, 64, 64)
+        np.testing.assert_array_equal(light(unlit, animation_state(ch, t, 17)), frames[t])
+    # the reference shows the same character (same colours) in its rest pose, unlit (mouth closed)
+    assert set(map(tuple, ref.reshape(-1, 3))) & set(map(tuple, unlit.reshape(-1, 3))) >= {ch.background}
+    assert REST.mouth_open == 0 and np.array_equal(light(ref, REST), ref)
+    # the light follows the mouth: every pixel moves by EXPRESSION_LIGHT x the opening (clipped to 0..255)
+    mouth = [animation_state(ch, t, 17).mouth_open for t in range(17)]
+    lo, hi = int(np.argmin(mouth)), int(np.argmax(mouth))
+    assert mouth[hi] - mouth[lo] > 0.5
+    red = frames[..., 0].astype(float).mean(axis=(1, 2))
+    assert red[hi] - red[lo] > 0.3 * EXPRESSION_LIGHT[0] * (mouth[hi] - mouth[lo])
     # eyes blink: the eye landmarks close on blink frames
     blink = [t for t in range(17) if animation_state(ch, t, 17).eye_open == 0]
     open_ = [t for t in range(17) if animation_state(ch, t, 17).eye_open == 1]

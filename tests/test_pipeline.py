@@ -382,6 +382,28 @@ def test_condition_matches_diffusers_pipeline(pipe, peer, mode, refert, start):
     torch.testing.assert_close(ours[:, 4:], theirs[:, 4:], rtol=1e-4, atol=1e-4)
 
 
+def test_micro_batch_conditions_in_one_encode_equal_the_per_sample_path(pipe):
+    """``encode_conditions`` (the batch builders' one VAE call) against ``encode_condition`` per
+    sample, on a batch mixing first segments, carried frames and replace mode."""
+    from wan_animate.conditioning import encode_condition, encode_conditions
+
+    g = torch.Generator().manual_seed(1)
+    hh = ww = SIZE
+    ref = torch.rand(3, 3, hh, ww, generator=g) * 2 - 1
+    samples = [dict(mode="animate"), dict(mode="animate", prev_frames=torch.rand(1, 3, 1, hh, ww, generator=g) * 2 - 1),
+               dict(mode="replace", prev_frames=torch.rand(1, 3, 5, hh, ww, generator=g) * 2 - 1,
+                    bg_video=torch.rand(1, 3, CLIP, hh, ww, generator=g) * 2 - 1,
+                    character_mask=(torch.rand(1, 1, CLIP, hh, ww, generator=g) > 0.5).float())]
+    with torch.no_grad():
+        ref_latent = pipe.vae.encode(ref.unsqueeze(2))
+        plain = torch.cat([encode_condition(pipe.vae, ref[i: i + 1], clip_len=CLIP, ref_latent=ref_latent[i: i + 1], **s)
+                           for i, s in enumerate(samples)])
+        batched = encode_conditions(pipe.vae, ref_latent, samples, clip_len=CLIP, height=hh, width=ww)
+    assert batched.shape == (3, 20, 4, hh // 8, ww // 8)
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(batched[0], batched[1]) and not torch.equal(batched[1], batched[2])
+
+
 # refert 5 uses clip_len 13: with clip_len - refert_num < refert_num diffusers 0.42 counts one segment
 # too many (target // step instead of (target - refert) // step) and trips its own assert.
 @pytest.mark.parametrize("mode,n,clip,refert,guide", [("animate", 12, 9, 1, 1.0), ("animate", 7, 9, 1, 2.0),

@@ -1,19 +1,23 @@
 """Training teaches the conditions: after a short in-process run (``Trainer.train_step``, the step
-real runs take) the held-out loss with each clip's own pose video and reference image is clearly
-lower than with another clip's (``wan_animate.heldout.condition_sensitivity``), for each training
-mode on cached shards and for ``full`` on raw shards; the untrained model shows no such gap. The
-same for Wan-Animate-2's reference (its driving video is not learned in 200 steps yet).
+real runs take) the held-out loss with each clip's own pose video, face crops and reference image
+is clearly lower than with another clip's (``wan_animate.heldout.condition_sensitivity``), for
+each training mode on cached shards and for ``lora`` (+ adapters) on raw shards; the untrained
+model shows no such gap. The same for Wan-Animate-2's driving video and reference.
 
 Set-up (docs/training.md, "Does the model follow its conditions?"): the ``make-tiny`` model, whose
 pooling VAE keeps 4x4-pixel quarters of every 8x8 cell in its latents; 24 synthetic 64x64 clips of
-9 frames for training, 8 held-out clips of another seed, micro-batches of 4, lr 1e-3.
+9 frames for training (the expression shows in the face crops and as a light on the whole frame,
+``data_tools.synthetic_data.EXPRESSION_LIGHT``), 8 held-out clips of another seed, micro-batches
+of 4, lr 1e-3.
 
 Margins are relative to the own held-out loss (it falls 3-4x while training, and a swapped
 condition moves the loss in proportion): untrained, every gap is within +-``UNTRAINED_BAND`` of it
 (measured: at most 0.4%); trained, every gap the mode trains must exceed ``TRAINED_MARGIN``, five
-times the largest untrained gap, at step counts where the measured gaps are at least twice it.
-The face crops are not learned in this set-up (``test_face_crops_are_learned``, an expected
-failure; docs/training.md says what was tried)."""
+times the largest untrained gap, at step counts where the measured gaps are at least 1.5x it.
+
+Raw shards run one mode: the batch builder does not know the mode and the mode does not know the
+source, so ``lora`` on raw shards (the encoders run every step, ~4x a cached step) with the three
+modes on cached shards covers both axes."""
 
 from __future__ import annotations
 
@@ -31,14 +35,15 @@ TRAINED_MARGIN = 0.02  # gap / own loss after training
 TIMESTEPS = (300.0, 600.0, 900.0)
 LR = 1e-3
 # (mode, source) -> (steps, conditions asserted). The fine-tuning modes (adapters_only, lora + its
-# adapters) start, as real fine-tunes do, from a trained trunk: the ``full`` run's, with the adapters
-# as the tiny model writes them (from the random trunk, 200 steps measured a pose gap of 0.6% for
-# adapters_only, even at adapter lr 1e-2, and 1.2% for lora); they must raise each gap by the margin.
+# adapters) start, as real fine-tunes do, from a trained trunk: the cached ``full`` run's, with the
+# adapters as the tiny model writes them (from the random trunk, 200 steps measured a pose gap of
+# 0.6% for adapters_only, even at adapter lr 1e-2, and 1.2% for lora); they must raise each gap by
+# the margin. adapters_only does not train what reads the reference (the trunk).
 CASES = {
-    ("full", "cached"): (200, ("pose", "ref")),
-    ("adapters_only", "cached"): (200, ("pose",)),
-    ("lora", "cached"): (200, ("pose", "ref")),
-    ("full", "raw"): (120, ("pose", "ref")),  # raw shards: the encoders run every step (~10x a cached step)
+    ("full", "cached"): (200, ("pose", "face", "ref")),
+    ("adapters_only", "cached"): (120, ("pose", "face")),
+    ("lora", "cached"): (120, ("pose", "face", "ref")),
+    ("lora", "raw"): (120, ("pose", "face", "ref")),
 }
 
 
@@ -141,7 +146,7 @@ def trained(assets, held_batches):
             steps = CASES[(mode, source)][0]
             model = None
             if mode != "full":  # a fine-tune of the full run's trunk, with fresh adapters
-                model = pretrained_folder(assets, get("full", source)["trunk"], assets["root"] / f"pretrained-{source}")
+                model = pretrained_folder(assets, get("full", "cached")["trunk"], assets["root"] / "pretrained")
             trainer = make_trainer(assets, assets["root"] / f"run-{mode}-{source}", mode, source, model)
             if model is not None:
                 done[("start", mode, source)] = relative_gaps(trainer.raw_dit, held_batches)
@@ -175,16 +180,11 @@ def test_untrained_model_shows_no_gap(assets, held_batches, tmp_path):
 
 
 @pytest.mark.parametrize("mode,source", list(CASES))
-def test_training_teaches_pose_and_reference(trained, mode, source):
+def test_training_teaches_every_condition(trained, mode, source):
     gaps = trained(mode, source)
     start = trained(("start", mode, source)) if mode != "full" else {}
     for c in CASES[(mode, source)][1]:
         assert gaps[c] - start.get(c, 0.0) > TRAINED_MARGIN, (mode, source, c, gaps, start)
-
-
-@pytest.mark.xfail(strict=True, reason="the tiny set-up does not learn the face crops yet (docs/training.md)")
-def test_face_crops_are_learned(trained):
-    assert trained("full", "cached")["face"] > TRAINED_MARGIN
 
 
 # ---------------------------------------------------------------------------- Wan-Animate-2
@@ -258,7 +258,8 @@ def test_animate2_training_teaches_the_reference(animate2_gaps):
     assert after["ref"] > TRAINED_MARGIN, after
 
 
-@pytest.mark.xfail(strict=True, reason="200 steps do not teach the tiny Animate-2 its driving video yet "
-                                       "(docs/training.md)")
 def test_animate2_training_teaches_the_driving_video(animate2_gaps):
+    """The driving video shows the expression's light (the same animation, ``EXPRESSION_LIGHT``
+    included): this proves the stream reaches the model aligned per clip and per frame; motion
+    transfer from a raw driving video is not shown at this size (docs/training.md)."""
     assert animate2_gaps[1]["driving"] > TRAINED_MARGIN

@@ -36,17 +36,11 @@ def build_dit_inputs(examples: list[dict], encoders: Any, device: torch.device, 
     target_latents = vae.encode(video)  # [B, 16, T, h, w]
     ref_latent = vae.encode(ref.unsqueeze(2))  # [B, 16, 1, h, w]
     pose_latents = vae.encode(pose)
-    ys = []
-    for i, e in enumerate(examples):
-        n = e["num_given"]
-        ys.append(conditioning.encode_condition(
-            vae, ref[i: i + 1], clip_len=clip_len, mode=e["mode"],
-            prev_frames=video[i: i + 1, :, :n] if n else None,
-            bg_video=e["bg"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
-            character_mask=e["mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
-            ref_latent=ref_latent[i: i + 1],
-        ))
-    y = torch.cat(ys)
+    y = conditioning.encode_conditions(vae, ref_latent, [
+        dict(mode=e["mode"], prev_frames=video[i: i + 1, :, :e["num_given"]] if e["num_given"] else None,
+             bg_video=e["bg"].unsqueeze(0).to(device) if e["mode"] == "replace" else None,
+             character_mask=e["mask"].unsqueeze(0).to(device) if e["mode"] == "replace" else None)
+        for i, e in enumerate(examples)], clip_len=clip_len, height=ref.shape[-2], width=ref.shape[-1])
     context = encoders.text_encoder.encode([e["caption"] for e in examples]).to(device)
     clip_fea = encoders.image_encoder.encode(ref).to(device)
     latents = torch.cat([ref_latent, target_latents], dim=2)  # [B, 16, T+1, h, w]

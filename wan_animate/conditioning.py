@@ -222,3 +222,21 @@ def encode_condition(
     temporal_latent = vae.encode(video)
     return build_condition(ref_latent, temporal_latent.to(ref_latent.dtype), num_given=n, mode=mode,
                            character_mask=character_mask)
+
+
+def encode_conditions(vae, ref_latent: torch.Tensor, samples: list[dict], *, clip_len: int, height: int,
+                      width: int) -> torch.Tensor:
+    """``y [B, 20, T+1, h, w]`` for a micro-batch whose samples differ in mode or carried frames
+    (training): every sample's temporal reference clip encoded in ONE ``vae`` call, then
+    :func:`build_condition` per sample; equal to :func:`encode_condition` per sample.
+
+    ``ref_latent [B, 16, 1, h, w]`` of ``height x width`` pixels; ``samples[i]`` holds ``mode`` and optionally ``prev_frames``,
+    ``bg_video``, ``character_mask`` (each with a batch of one), as :func:`encode_condition` takes them.
+    """
+    clips = [temporal_reference_video(clip_len, height, width, mode=s["mode"], prev_frames=s.get("prev_frames"),
+                                      bg_video=s.get("bg_video"), device=ref_latent.device, dtype=torch.float32)
+             for s in samples]
+    latents = vae.encode(torch.cat([video for video, _ in clips])).to(ref_latent.dtype)  # [B, 16, T, h, w]
+    return torch.cat([build_condition(ref_latent[i: i + 1], latents[i: i + 1], num_given=n, mode=s["mode"],
+                                      character_mask=s.get("character_mask"))
+                      for i, ((_, n), s) in enumerate(zip(clips, samples))])

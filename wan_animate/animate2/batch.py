@@ -59,16 +59,13 @@ def build_inputs(examples: list[dict], encoders: Any, device: torch.device, dtyp
     target = vae.encode(video)  # [B, 16, T, h, w]
     ref_latent = vae.encode(ref.unsqueeze(2))  # [B, 16, 1, h, w]
     driving_latents = vae.encode(driving)  # [B, 16, T, h, w]
-    ys = []
-    for i, e in enumerate(examples):
-        n = e["num_given"]
-        ys.append(conditioning.encode_condition(vae, ref[i: i + 1], clip_len=clip_len, mode="animate",
-                                                prev_frames=video[i: i + 1, :, :n] if n else None,
-                                                ref_latent=ref_latent[i: i + 1]))
+    y = conditioning.encode_conditions(vae, ref_latent, [
+        dict(mode="animate", prev_frames=video[i: i + 1, :, :e["num_given"]] if e["num_given"] else None)
+        for i, e in enumerate(examples)], clip_len=clip_len, height=ref.shape[-2], width=ref.shape[-1])
     b = len(examples)
     batch = {
         "latents": torch.cat([ref_latent, target], dim=2).to(dtype),  # slot 0: the reference image
-        "y": torch.cat(ys).to(dtype),
+        "y": y.to(dtype),
         "context": encoders.text_encoder.encode([e["caption"] for e in examples]).to(device, dtype),
         "clip_fea": encoders.image_encoder.encode(ref).to(device, dtype),
         "driving": driving_latents.to(dtype),
