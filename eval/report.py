@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -176,6 +177,14 @@ def _as_number(v: str):
         return None
 
 
+def _plot_order(v: str) -> tuple:
+    """x order: the base model (``null``) first, then numbers, then names in natural order
+    (``step-200`` before ``step-1000``)."""
+    n = _as_number(v)
+    rank = 0 if v in ("", "null", "None") else 1 if n is not None else 2
+    return rank, n or 0.0, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", v)]
+
+
 def distinct_labels(values) -> dict[str, str]:
     """Each value's shortest distinguishing name: for paths the shortest suffix of path components
     that no other value ends with (``/runs/a/export/lora.safetensors`` and ``/runs/b/export/...``
@@ -218,8 +227,7 @@ def plot_figure(records: list[dict], param: str, swept: list[str], cols: list[st
     metrics = [c for c in cols if any(_finite((r.get("metrics") or {}).get(c)) for r in ok)]
     if not ok or not metrics:
         return None
-    values = sorted({r["params"].get(param, "") for r in ok},
-                    key=lambda v: (_as_number(v) is None, _as_number(v) or 0.0, v))
+    values = sorted({r["params"].get(param, "") for r in ok}, key=_plot_order)
     numeric = all(_as_number(v) is not None for v in values)
     xpos = {v: (_as_number(v) if numeric else i) for i, v in enumerate(values)}
     xlabels = distinct_labels(values)

@@ -138,6 +138,20 @@ def test_plot_labels_are_distinct_and_y_ticks_plain(tmp_path):
     plt.close(fig)
 
 
+def test_plot_puts_the_base_model_first_and_steps_in_natural_order(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from eval.report import collect, plot_figure, swept_keys
+
+    for i, ckpt in enumerate(("runs/ft/step-1000", "null", "runs/ft/step-200")):
+        _cell(tmp_path, f"c{i}", [f"checkpoint={ckpt}", "seed=0"], float(i))
+    records = collect(tmp_path)
+    fig = plot_figure(records, "checkpoint", swept_keys(records), ["psnr"])
+    fig.canvas.draw()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["null", "step-200", "step-1000"]
+    plt.close(fig)
+
+
 # Runs `python eval/main.py -m ...` in a fresh interpreter whose cells are a stand-in (no model):
 # the second cell raises KeyboardInterrupt from inside the cell, as Ctrl-C does. A fresh
 # interpreter keeps Hydra's logging set-up away from pytest's captured streams.

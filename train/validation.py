@@ -157,7 +157,7 @@ def condition_gaps(cfg: Config, acc, pipe, raw_dit, urls: list[str], dtype, stag
                 else:
                     cached, where = cfg.data.source == "cached", "training clips"
                 batches = gap_batches(cfg, pipe, urls, cached, acc.device, dtype,
-                                      cfg.data.face_size or getattr(raw_dit.config, "motion_encoder_size", 0))
+                                      cfg.data.face_size or family.stream_sizes(raw_dit.config).get("face") or 0)
                 out = {"clips": where, **condition_sensitivity(raw_dit, batches, timesteps=GAP_TIMESTEPS,
                                                                seed=cfg.train.seed, family=family)}
             except (*_DATA_FAULTS, FileNotFoundError) as e:
