@@ -145,6 +145,12 @@ class ToyFamily:
     def export_lora(self, lora_file):
         return {}
 
+    def convert(self, src, dst, to, *, dtype=None, max_shard_size="5GB", config=None):
+        raise NotImplementedError("the toy family has one layout")
+
+    def inspect(self, path):
+        return {"family": self.name, "layout": "toy", "config": self.config(folder=path)[0]}
+
     def apply_sequence_parallel(self, model, group):
         raise NotImplementedError("the toy family has no sequence parallelism")
 

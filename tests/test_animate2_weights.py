@@ -13,12 +13,12 @@ from wan_animate import checkpoint as ckpt
 from wan_animate.animate2 import Animate2Config, Animate2DiT
 from wan_animate.animate2.keymap import official_to_diffusers
 from wan_animate.animate2.weights import (
-    checkpoint_family,
     convert_animate2,
     inspect_animate2,
     load_animate2,
     save_animate2,
 )
+from wan_animate.family import family_of
 from wan_animate.weights.diagnose import CheckpointError
 
 
@@ -39,7 +39,7 @@ def test_official_single_file_with_community_prefix_loads(tiny, tmp_path):
     # the official release is one file without config; community copies prefix the names
     path = tmp_path / "wan_animate_2.safetensors"
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in tiny.state_dict().items()}, str(path))
-    assert checkpoint_family(path) == "animate2"
+    assert family_of(path).name == "animate2"
     info = inspect_animate2(path)
     assert (info["layout"], info["prefix"]) == ("official", "model.diffusion_model.")
     loaded = load_animate2(path, dtype=None, config=Animate2Config.preset("tiny"))
@@ -98,7 +98,7 @@ def test_clear_errors(tiny, tmp_path):
     from wan_animate.weights.save import save_dit
 
     save_dit(WanAnimateDiT(WanAnimateConfig.preset("tiny")), tmp_path / "v1")
-    assert checkpoint_family(tmp_path / "v1") == "animate"
+    assert family_of(tmp_path / "v1").name == "animate"
     with pytest.raises(CheckpointError, match="load_dit"):
         load_animate2(tmp_path / "v1")
     # the CLI prints one line and exits 2 (the project's status for expected errors)
@@ -109,7 +109,7 @@ def test_clear_errors(tiny, tmp_path):
 def test_make_tiny_animate2_folders(tmp_path, capsys):
     for layout in ("diffusers", "official"):
         assert ckpt.main(["make-tiny", str(tmp_path / layout), "--layout", layout, "--family", "animate2"]) == 0
-        assert checkpoint_family(tmp_path / layout) == "animate2"
+        assert family_of(tmp_path / layout).name == "animate2"
         model = load_animate2(tmp_path / layout, dtype=None)
         assert model.config == Animate2Config.preset("tiny")
     index = json.loads((tmp_path / "diffusers" / "model_index.json").read_text())

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from wan_animate import checkpoint as ckpt
 from wan_animate.weights.diagnose import CheckpointError
 from wan_animate.weights.keymap import KeyMapError, diffusers_to_official, official_to_diffusers
+from wan_animate.weights.source import inspect_checkpoint
 from wan_animate.weights.load import load_dit
 from wan_animate.weights.save import save_dit
 from wan_animate.config import WanAnimateConfig
@@ -195,9 +196,9 @@ def test_load_dit_dtype_and_layout_detection(saved, tmp_path):
     assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
     assert dtypes["blocks.0.modulation"] == torch.float32
     assert not loaded.training
-    info = ckpt.inspect_checkpoint(root / "community.safetensors")
+    info = inspect_checkpoint(root / "community.safetensors")
     assert (info["layout"], info["prefix"]) == ("official", "diffusion_model.")
-    assert ckpt.inspect_checkpoint(root / "diffusers")["layout"] == "diffusers"
+    assert inspect_checkpoint(root / "diffusers")["layout"] == "diffusers"
 
 
 def test_sharded_folders_have_index_and_configs(saved):
@@ -394,7 +395,7 @@ def test_cli_convert_round_trip_is_bit_identical(tmp_path):
     back = _run_cli("convert", str(tmp_path / "diffusers"), str(tmp_path / "back"), "--to", "official")
     assert back.returncode == 0, back.stderr
     _assert_same_tensors(_files_state_dict(tmp_path / "back"), _files_state_dict(tmp_path / "official"))
-    assert ckpt.inspect_checkpoint(tmp_path / "diffusers")["layout"] == "diffusers"
+    assert inspect_checkpoint(tmp_path / "diffusers")["layout"] == "diffusers"
     _assert_same_tensors(load_dit(tmp_path / "diffusers", dtype=None).state_dict(), model.state_dict())
 
 
@@ -559,7 +560,7 @@ def test_release_shaped_14b_folders_pass_the_header_checks(tmp_path):
     _write_header_only_checkpoint(tmp_path / "diffusers", {k: tuple(v.shape) for k, v in diffusers.items()})
     (tmp_path / "diffusers" / "config.json").write_text(json.dumps(config.to_diffusers_config()))
     for layout, count in (("official", 1441), ("diffusers", 1443)):
-        info = ckpt.inspect_checkpoint(tmp_path / layout)
+        info = inspect_checkpoint(tmp_path / layout)
         assert (info["layout"], info["config"], info["num_tensors"]) == (layout, config, count)
         assert info["num_shards"] == 7
         src = source.open_source(tmp_path / layout)

@@ -16,14 +16,11 @@ import json
 import sys
 
 from wan_animate.animate2.config import PRESETS as ANIMATE2_PRESETS
-from wan_animate.animate2.config import Animate2Config
-from wan_animate.animate2.weights import checkpoint_family, convert_animate2, inspect_animate2
 from wan_animate.cli import run_tool
-from wan_animate.config import PRESETS, WanAnimateConfig
+from wan_animate.config import PRESETS
+from wan_animate.family import ANIMATE, family_of
 from wan_animate.options import DTYPE_NAMES, parse_dtype
 from wan_animate.testing import make_tiny_model_folder
-from wan_animate.weights.save import convert_checkpoint
-from wan_animate.weights.source import inspect_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,21 +51,13 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "convert":
-        dtype = None if args.dtype == "keep" else parse_dtype(args.dtype)
-        if checkpoint_family(args.src) == "animate2":
-            config = Animate2Config.preset(args.preset) if args.preset else None
-            files = convert_animate2(args.src, args.dst, args.to, dtype=dtype,
-                                     max_shard_size=args.max_shard_size, config=config)
-        else:
-            config = WanAnimateConfig.preset(args.preset) if args.preset else None
-            files = convert_checkpoint(args.src, args.dst, args.to, dtype=dtype,
-                                       max_shard_size=args.max_shard_size, config=config)
+        family = family_of(args.src, default=ANIMATE)  # unknown names: its loader's diagnosis
+        config = family.config(args.preset)[0] if args.preset else None
+        files = family.convert(args.src, args.dst, args.to, dtype=None if args.dtype == "keep" else parse_dtype(args.dtype),
+                               max_shard_size=args.max_shard_size, config=config)
         print(f"wrote {len(files)} file(s) to {args.dst} ({args.to} layout)")
     elif args.command == "inspect":
-        if checkpoint_family(args.path) == "animate2":
-            found = inspect_animate2(args.path)
-        else:
-            found = {"family": "animate", **inspect_checkpoint(args.path)}
+        found = family_of(args.path, default=ANIMATE).inspect(args.path)
         config = found.pop("config")
         for key, value in found.items():
             print(f"{key}: {value}")

@@ -71,6 +71,9 @@ class ModelFamily(Protocol):
              config: Any = None) -> nn.Module: ...
     def save(self, model: nn.Module | dict, path: str | Path, *, layout: str, metadata: dict | None = None,
              config: Any = None) -> list[Path]: ...
+    def convert(self, src: str | Path, dst: str | Path, to: str, *, dtype: torch.dtype | None = None,
+                max_shard_size: int | str = "5GB", config: Any = None) -> list[Path]: ...
+    def inspect(self, path: str | Path) -> dict[str, Any]: ...
     def export_lora(self, lora_file: Path) -> dict[str, str]: ...
     def apply_sequence_parallel(self, model: nn.Module, group) -> Any: ...
     def set_precision(self, model: nn.Module, dtype: torch.dtype) -> nn.Module: ...
@@ -90,15 +93,15 @@ def _obj(spec: str) -> Any:
 class FamilyBase:
     """The members that only name the family's objects (``"module:attribute"``, imported on first
     use, so that ``wan_animate.family`` stays light): its config class (``preset(name)``) and
-    ``config.json`` reader, model class, pipeline, weights load / save, sequence parallelism, batch
-    building and forward."""
+    ``config.json`` reader, model class, pipeline, weights load / save / convert / inspect, sequence
+    parallelism, batch building and forward."""
 
     name: str
     streams: dict[str, int | None]
     lora_targets: tuple[str, ...] | None = None
     adapter_prefixes: tuple[str, ...] = ()
     _presets = _config_class = _read_config = _model = _pipeline = _load = _save = ""
-    _sequence_parallel = _build_inputs = _predict = ""
+    _convert = _inspect = _sequence_parallel = _build_inputs = _predict = ""
 
     @property
     def presets(self) -> tuple[str, ...]:
@@ -129,6 +132,14 @@ class FamilyBase:
 
     def save(self, model, path, *, layout, metadata=None, config=None):
         return _obj(self._save)(model, path, layout=layout, metadata=metadata, config=config)
+
+    def convert(self, src, dst, to, *, dtype=None, max_shard_size="5GB", config=None) -> list[Path]:
+        """Stream a checkpoint into the ``official`` or ``diffusers`` layout, shard by shard."""
+        return _obj(self._convert)(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, config=config)
+
+    def inspect(self, path) -> dict[str, Any]:
+        """Family, layout, config and size of a checkpoint, from its headers only."""
+        return {"family": self.name, **_obj(self._inspect)(path)}
 
     def export_lora(self, lora_file: Path) -> dict[str, str]:
         return {}
@@ -163,6 +174,7 @@ class WanAnimateFamily(FamilyBase):
     _read_config, _model = "wan_animate.weights.source:_config_from_dict", "wan_animate.model:WanAnimateDiT"
     _pipeline = "wan_animate.pipeline:AnimatePipeline"
     _load, _save = "wan_animate.weights.load:load_dit", "wan_animate.weights.save:save_dit"
+    _convert, _inspect = "wan_animate.weights.save:convert_checkpoint", "wan_animate.weights.source:inspect_checkpoint"
     _sequence_parallel = "wan_animate.parallel:apply_sequence_parallel"
     _build_inputs, _predict = "wan_animate.batch:build_dit_inputs", "wan_animate.objective:predict_wan_animate"
 
@@ -221,10 +233,11 @@ def tensor_names(path: str | Path) -> list[str]:
     return [name for shard in open_source(path).shards for name in shard.tensors]
 
 
-def family_of(model_or_path: nn.Module | str | Path) -> ModelFamily:
+def family_of(model_or_path: nn.Module | str | Path, default: ModelFamily | None = None) -> ModelFamily:
     """The family whose tensor names a model or a checkpoint path carries (headers only). A full
     model folder that no family's layout check accepts raises the default family's reason
-    (``FileNotFoundError`` naming what the folder lacks)."""
+    (``FileNotFoundError`` naming what the folder lacks); names that no family recognises go to
+    ``default`` when one is given (whose loader then says what is wrong), else raise."""
     families = [get_family(name) for name in _KNOWN]
     if isinstance(model_or_path, nn.Module):
         names, what = [n for n, _ in model_or_path.named_parameters()], type(model_or_path).__name__
@@ -242,6 +255,8 @@ def family_of(model_or_path: nn.Module | str | Path) -> ModelFamily:
                 raise reasons[0]
         names = tensor_names(path)
     found = [f for f in families if f.owns(names)]
+    if not found and default is not None:
+        return default
     if len(found) != 1:
         raise ValueError(f"{what}: {'no' if not found else 'more than one'} model family recognises its tensor "
                          f"names (known: {list(_KNOWN)}); is it a Wan-Animate checkpoint?")

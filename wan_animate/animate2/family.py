@@ -36,6 +36,7 @@ class Animate2Family(FamilyBase):
     _read_config, _model = _A2 + "weights:config_from_dict", _A2 + "model:Animate2DiT"
     _pipeline = _A2 + "pipeline:Animate2Pipeline"
     _load, _save = _A2 + "weights:load_animate2", _A2 + "weights:save_animate2"
+    _convert, _inspect = _A2 + "weights:convert_animate2", _A2 + "weights:inspect_animate2"
     _sequence_parallel = _A2 + "parallel:apply_sequence_parallel"
     _build_inputs, _predict = _A2 + "batch:build_inputs", _A2 + "batch:predict"
 

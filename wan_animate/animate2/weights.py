@@ -33,7 +33,7 @@ from wan_animate.weights.files import iter_tensors
 from wan_animate.weights.load import empty_model, fill_model, progress_bar
 from wan_animate.weights.save import _unwrap, open_writer, write_all
 
-__all__ = ["checkpoint_family", "convert_animate2", "inspect_animate2", "load_animate2", "save_animate2",
+__all__ = ["convert_animate2", "inspect_animate2", "load_animate2", "save_animate2",
            "config_from_dict"]
 
 MODEL_NAME = "Wan-Animate-2 DiT"
@@ -42,15 +42,6 @@ MODEL_NAME = "Wan-Animate-2 DiT"
 # ------------------------------------------------------------------------------------------------
 # What a path holds
 # ------------------------------------------------------------------------------------------------
-
-
-def checkpoint_family(path: str | os.PathLike) -> str:
-    """"animate2" or "animate" (Animate v1) from the tensor names of a file or folder (headers only).
-    A full model folder is read through its denoiser (``transformer/`` or the folder's weights)."""
-    src = source.open_source(path)
-    names = [n for s in src.shards for n in s.tensors]
-    prefix = source.detect_layout(names)[0]
-    return detect_family(names, prefix)[0]
 
 
 def config_from_dict(cfg: Mapping[str, Any]) -> Animate2Config:
