@@ -25,12 +25,22 @@ if _workers > 1:
 # order to whichever worker is free; starting the long ones first keeps one from running alone at the
 # end. Only the order changes: every other file follows in pytest's order.
 LONGEST_FILES = (
-    "test_teach.py", "test_docs_commands.py", "test_memory_plan.py", "test_memory_plan_measured.py",
+    "test_teach.py", "test_docs_commands.py", "test_teach_animate2.py", "test_memory_plan.py", "test_memory_plan_measured.py",
     "test_train_resume.py", "test_train_state.py", "test_train_reliability.py", "test_train_sequence_parallel.py",
     "test_animate2_sequence_parallel.py", "test_train_launch.py", "test_train_distributed.py",
     "test_data_prepare.py", "test_eval_cells.py", "test_cli_errors.py", "test_gpu_check.py",
     "test_sequence_parallel.py",
 )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose tiny-model ops are too small for more (the tiny VAE is
+    up to ~100x slower with 2 threads on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,15 +11,6 @@ from wan_animate.samples import list_shards, read_shard
 from data_tools.synthetic_data import make_synthetic_dataset
 
 
-@pytest.fixture
-def one_thread():
-    # The tiny VAE is ~100x slower with 2 intra-op threads on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _raw_set(tmp_path):
     src = make_synthetic_dataset(tmp_path / "syn", num_clips=3, clip_len=9, height=32, width=32, face_size=32,
                                  shard_size=2, replace=True)

@@ -2,7 +2,7 @@
 real runs take) the held-out loss with each clip's own pose video, face crops and reference image
 is clearly lower than with another clip's (``wan_animate.heldout.condition_sensitivity``), for
 each training mode on cached shards and for ``lora`` (+ adapters) on raw shards; the untrained
-model shows no such gap. The same for Wan-Animate-2's driving video and reference.
+model shows no such gap. Wan-Animate-2's driving video and reference: ``test_teach_animate2.py``.
 
 Set-up (docs/training.md, "Does the model follow its conditions?"): the ``make-tiny`` model, whose
 pooling VAE keeps 4x4-pixel quarters of every 8x8 cell in its latents; 24 synthetic 64x64 clips of
@@ -45,15 +45,6 @@ CASES = {
     ("lora", "cached"): (120, ("pose", "face", "ref")),
     ("lora", "raw"): (120, ("pose", "face", "ref")),
 }
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads (2 threads are ~5x slower on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -185,81 +176,3 @@ def test_training_teaches_every_condition(trained, mode, source):
     start = trained(("start", mode, source)) if mode != "full" else {}
     for c in CASES[(mode, source)][1]:
         assert gaps[c] - start.get(c, 0.0) > TRAINED_MARGIN, (mode, source, c, gaps, start)
-
-
-# ---------------------------------------------------------------------------- Wan-Animate-2
-
-A2_STEPS = 200
-
-
-@pytest.fixture(scope="module")
-def animate2_assets(tmp_path_factory, one_thread):
-    """A tiny Animate-2 model and synthetic triplets (the same animation by a second character as
-    the driving video), cached with its encoders."""
-    from data_tools.cache_latents import cache_latents
-    from data_tools.config import CacheLatentsConfig
-    from data_tools.synthetic_data import make_synthetic_dataset
-    from wan_animate.testing import make_tiny_model_folder
-
-    root = tmp_path_factory.mktemp("teach2")
-    model = make_tiny_model_folder(root / "model", layout="diffusers", family="animate2")
-    out = {"model": Path(model), "root": root}
-    for name, clips, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
-        raw = make_synthetic_dataset(root / name, num_clips=clips, clip_len=FRAMES, height=SIZE, width=SIZE,
-                                     seed=seed, shard_size=8, face_size=32, driving=True)
-        cache_latents(CacheLatentsConfig(input=str(raw), output=str(root / f"{name}_cached"), model=str(model),
-                                         device="cpu", dtype="fp32", refert_nums=[0]), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def animate2_gaps(animate2_assets):
-    """Relative gaps of the untrained and of the trained (full, cached, ``A2_STEPS``) Animate-2 model."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from train.config import compose
-    from train.data import resolve_urls
-    from train.parallel import make_accelerator
-    from train.trainer import Trainer
-    from train.validation import gap_batches
-    from wan_animate.animate2.family import ANIMATE2
-    from wan_animate.heldout import condition_sensitivity
-
-    a = animate2_assets
-    common = ["model=animate2_tiny", f"model.path={a['model']}", "data=cached", f"data.clip_len={FRAMES}",
-              f"data.buckets=[[{SIZE},{SIZE}]]", "data.num_workers=0", "data.replace_prob=0"]
-    held_cfg = compose([*common, f"data.urls=[{a['root'] / 'held_cached'}]"])
-    held = gap_batches(held_cfg, None, resolve_urls([str(a["root"] / "held_cached")]), True, torch.device("cpu"),
-                       torch.float32, 32, limit=HELD_CLIPS)
-    urls = str(a["root"] / "train_cached")
-    cfg = compose([*common, f"data.urls=[{urls}]", "train.micro_batch_size=4", "train.seed=0", f"optim.lr={LR}",
-                   f"train.output_dir={a['root'] / 'run'}"])
-    trainer = Trainer(cfg, make_accelerator(cfg), a["model"], resolve_urls([urls]))
-
-    def gaps():
-        out = condition_sensitivity(trainer.raw_dit, held, timesteps=TIMESTEPS, seed=0, family=ANIMATE2)
-        own = out["sensitivity_own_loss"]
-        return {c: out[f"sensitivity_{c}"] / own for c in ANIMATE2.conditions} | {"own": own}
-
-    before = gaps()
-    started = time.time()
-    for _ in range(A2_STEPS):
-        trainer.train_step(trainer.next_micro_batches())
-    after = gaps()
-    print(f"\nanimate2 cached: untrained {before}; {A2_STEPS} steps in {time.time() - started:.0f} s: {after}")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    return before, after
-
-
-def test_animate2_training_teaches_the_reference(animate2_gaps):
-    before, after = animate2_gaps
-    assert all(abs(before[c]) < UNTRAINED_BAND for c in ("driving", "ref")), before
-    assert after["ref"] > TRAINED_MARGIN, after
-
-
-def test_animate2_training_teaches_the_driving_video(animate2_gaps):
-    """The driving video shows the expression's light (the same animation, ``EXPRESSION_LIGHT``
-    included): this proves the stream reaches the model aligned per clip and per frame; motion
-    transfer from a raw driving video is not shown at this size (docs/training.md)."""
-    assert animate2_gaps[1]["driving"] > TRAINED_MARGIN
