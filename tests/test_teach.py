@@ -16,7 +16,8 @@ condition moves the loss in proportion): untrained, every gap is within +-``UNTR
 times the largest untrained gap, at step counts where the measured gaps are at least 1.5x it.
 
 Raw shards run one mode: the batch builder does not know the mode and the mode does not know the
-source, so ``lora`` on raw shards (the encoders run every step, ~4x a cached step) with the three
+source (cached shards give the same DiT inputs as raw encoding:
+``test_train_modes.py::test_cached_shards_give_the_same_inputs_as_raw_encoding``), so ``lora`` on raw shards (the encoders run every step, ~4x a cached step) with the three
 modes on cached shards covers both axes."""
 
 from __future__ import annotations
