@@ -230,8 +230,10 @@ def encode_conditions(vae, ref_latent: torch.Tensor, samples: list[dict], *, cli
     (training): every sample's temporal reference clip encoded in ONE ``vae`` call, then
     :func:`build_condition` per sample; equal to :func:`encode_condition` per sample.
 
-    ``ref_latent [B, 16, 1, h, w]`` of ``height x width`` pixels; ``samples[i]`` holds ``mode`` and optionally ``prev_frames``,
-    ``bg_video``, ``character_mask`` (each with a batch of one), as :func:`encode_condition` takes them.
+    ``ref_latent [B, 16, 1, h, w]`` of ``height x width`` pixels; ``samples[i]`` holds ``mode`` and
+    optionally ``prev_frames``, ``bg_video``, ``character_mask`` (each with a batch of one), as
+    :func:`encode_condition` takes them. One call holds the B clips' activations at once, as the
+    target clips' encode already does.
     """
     clips = [temporal_reference_video(clip_len, height, width, mode=s["mode"], prev_frames=s.get("prev_frames"),
                                       bg_video=s.get("bg_video"), device=ref_latent.device, dtype=torch.float32)
