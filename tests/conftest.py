@@ -44,6 +44,10 @@ def one_thread():
 
 
 def pytest_collection_modifyitems(config, items):
+    stale = [name for name in LONGEST_FILES if not (Path(__file__).parent / name).is_file()]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FILES names files that do not exist: {stale}; "
+                                "rename or remove them there")
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
