@@ -182,10 +182,9 @@ def write_video(
     fps: float,
     *,
     crf: int = 18,
-    deterministic: bool = False,
 ) -> None:
-    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4 (H, W even). ``deterministic=True``
-    encodes on one thread: multi-threaded x264 output varies from run to run."""
+    """Write uint8 RGB frames ``[T, H, W, 3]`` as H.264 mp4 (H, W even). The bytes may differ from
+    run to run (x264's threads); the decoded frames of a lossless encode (``crf=0``) do not."""
     import av
 
     frames = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
@@ -208,9 +207,6 @@ def write_video(
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
-        if deterministic:
-            stream.thread_count = 1
-            stream.options = {**stream.options, "threads": "1"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 container.mux(packet)
@@ -220,9 +216,9 @@ def write_video(
         container.close()
 
 
-def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 18, deterministic: bool = False) -> bytes:
+def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 18) -> bytes:
     buf = io.BytesIO()
-    write_video(buf, frames, fps, crf=crf, deterministic=deterministic)
+    write_video(buf, frames, fps, crf=crf)
     return buf.getvalue()
 
 
