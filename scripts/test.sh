@@ -6,5 +6,5 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[dev,pose]"
 # Two workers, one test file each at a time (module fixtures stay in one process), files handed out
 # in collection order (tests/conftest.py puts the longest first): the whole suite, slow tests included
-# (12.5 min of pytest on a shared 2-core machine, measured; README.md).
+# (13 min of pytest on 2 cores, measured; README.md).
 python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
