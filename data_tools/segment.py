@@ -210,11 +210,11 @@ class Sam2Segmenter:
         from transformers import Sam2VideoInferenceSession
 
         n, h, w = frames.shape[:3]
-        session = Sam2VideoInferenceSession(
+        video_state = Sam2VideoInferenceSession(
             video=self._pixels(frames), video_height=h, video_width=w, inference_device=self.device,
             inference_state_device=self.device, video_storage_device="cpu", dtype=self.dtype)
         obj_id = 1
-        obj_idx = session.obj_id_to_idx(obj_id)
+        obj_idx = video_state.obj_id_to_idx(obj_id)
         scale = torch.tensor([self.image_size / w, self.image_size / h])
         logits: dict[int, torch.Tensor] = {}
         for p in prompts:
@@ -225,20 +225,20 @@ class Sam2Segmenter:
             if p["points"] is not None:
                 coords.append(torch.from_numpy(p["points"]))
                 labels += [1] * len(p["points"])
-            session.add_point_inputs(obj_idx, p["frame"], {
+            video_state.add_point_inputs(obj_idx, p["frame"], {
                 "point_coords": (torch.cat(coords) * scale).view(1, 1, -1, 2).float(),  # [1, 1, N, 2] model px
                 "point_labels": torch.tensor(labels, dtype=torch.int32).view(1, 1, -1),
             })
-            session.obj_with_new_inputs = [obj_id]
+            video_state.obj_with_new_inputs = [obj_id]
             # run each prompted frame now: it becomes a conditioning frame that every other frame's
             # memory attends to (prompts added without this step would be ignored by propagation)
-            logits[p["frame"]] = self.model(inference_session=session, frame_idx=p["frame"]).pred_masks
+            logits[p["frame"]] = self.model(inference_session=video_state, frame_idx=p["frame"]).pred_masks
         first = min(p["frame"] for p in prompts)
         bar = self.progress
-        for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first, show_progress_bar=bar):
+        for out in self.model.propagate_in_video_iterator(video_state, start_frame_idx=first, show_progress_bar=bar):
             logits[out.frame_idx] = out.pred_masks
         if first > 0:
-            for out in self.model.propagate_in_video_iterator(session, start_frame_idx=first, reverse=True,
+            for out in self.model.propagate_in_video_iterator(video_state, start_frame_idx=first, reverse=True,
                                                               show_progress_bar=bar):
                 logits[out.frame_idx] = out.pred_masks
         masks = np.zeros((n, h, w), bool)

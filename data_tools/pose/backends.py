@@ -41,7 +41,7 @@ def wholebody_to_pose(kps: np.ndarray, height: int, width: int) -> PoseSequence:
                         height, width)
 
 
-def _onnx_session(path: str | Path, device: str):
+def _onnx_model(path: str | Path, device: str):
     import onnxruntime as ort
 
     path = Path(path)
@@ -58,8 +58,9 @@ def _onnx_session(path: str | Path, device: str):
     return ort.InferenceSession(str(path), providers=providers)
 
 
-def _input_hw(session, default: tuple[int, int]) -> tuple[int, int]:
-    return tuple(int(s) if isinstance(s, int) else d for s, d in zip(session.get_inputs()[0].shape[2:4], default))
+def _input_hw(onnx_model, default: tuple[int, int]) -> tuple[int, int]:
+    """The model input's (H, W); ``default`` where the ONNX file leaves a side dynamic."""
+    return tuple(int(s) if isinstance(s, int) else d for s, d in zip(onnx_model.get_inputs()[0].shape[2:4], default))
 
 
 def nms_boxes(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -201,8 +202,8 @@ class VitPoseBackend(PoseBackend):
                                    "vitpose_h_wholebody.onnx, a folder holding end2end.onnx, or a .onnx file)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.detector = _onnx_session(detector_path, device) if detector_path else None
-        self.pose = _onnx_session(pose_path, device)
+        self.detector = _onnx_model(detector_path, device) if detector_path else None
+        self.pose = _onnx_model(pose_path, device)
         self.det_conf, self.det_iou, self.box_rescale, self.batch_size = det_conf, det_iou, box_rescale, batch_size
         # (H, W) of each model's image input; the official size where an axis is dynamic
         self.pose_input_hw = _input_hw(self.pose, (256, 192))
