@@ -52,23 +52,16 @@ def text_key(caption: str) -> str:
     return "text_" + hashlib.sha1(caption.encode("utf-8")).hexdigest()[:16]
 
 
-class _ConfigOnlyDiT(torch.nn.Module):
-    """Stands in for the DiT when only the encoders are needed (no 14B weights are loaded)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-
-
 def load_encoders(model_dir, *, device: str, compute_dtype: torch.dtype):
     """(vae, text_encoder, image_encoder) of a model folder (any model family: ``family_of`` reads
     the tensor names) via its pipeline's ``from_pretrained`` with a config-only DiT, so the DiT
     weights are never read."""
     model_dir = Path(model_dir)
     family = family_of(model_dir)
-    cfg, _ = family.config(folder=model_dir)
+    config_only = torch.nn.Module()  # stands in for the DiT: only its config is read, no weights loaded
+    config_only.config, _ = family.config(folder=model_dir)
     pipe = family.pipeline_class.from_pretrained(model_dir, dtype=compute_dtype, device=device,
-                                                 dit=_ConfigOnlyDiT(cfg), vae_dtype=compute_dtype)
+                                                 dit=config_only, vae_dtype=compute_dtype)
     return pipe.vae, pipe.text_encoder, pipe.image_encoder
 
 
@@ -92,7 +85,6 @@ def cpu_threads(requested: int) -> int:
 class LatentCacher:
     def __init__(self, vae, text_encoder, image_encoder, *, device: str, store_dtype: torch.dtype,
                  refert_nums=(0, 1, 5)):
-        self._temporal_reference_video = temporal_reference_video
         self.vae, self.text_encoder, self.image_encoder = vae, text_encoder, image_encoder
         self.device = device
         self.store_dtype = store_dtype
@@ -121,7 +113,7 @@ class LatentCacher:
                         self._zeros_latent[shape] = self._encode(torch.zeros(3, t_pix, h, w))
                     out[f"{prefix}{n}"] = self._zeros_latent[shape].clone()
                     continue
-                clip, _ = self._temporal_reference_video(
+                clip, _ = temporal_reference_video(
                     t_pix, h, w, mode="replace" if bg is not None else "animate",
                     prev_frames=video[None, :, :n] if n > 0 else None,
                     bg_video=bg[None] if bg is not None else None)
@@ -131,17 +123,11 @@ class LatentCacher:
             out["char_mask"] = F.interpolate(d["mask"].float(), size=(lat_h, lat_w), mode="nearest")  # [1, T, h, w]
         return {k: v.to(self.store_dtype).contiguous() for k, v in out.items()}
 
-    def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if not captions:
-            return {}
-        emb = self.text_encoder.encode(captions).float().cpu()
-        return {text_key(c): emb[i].to(self.store_dtype).contiguous() for i, c in enumerate(captions)}
-
     def embed_once(self, text: str, embeds: dict, captions: dict) -> str:
         """``text``'s key, encoding it into ``embeds`` / ``captions`` unless it is already there."""
         key = text_key(text)
         if key not in embeds:
-            embeds.update(self.encode_texts([text]))
+            embeds[key] = self.text_encoder.encode([text])[0].float().cpu().to(self.store_dtype).contiguous()
             captions[key] = text
         return key
 

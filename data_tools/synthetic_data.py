@@ -232,20 +232,17 @@ def synthesize_clip(seed: int, index: int, clip_len: int, height: int, width: in
     """One clip: (frames [T,H,W,3], PoseSequence, reference [H,W,3], masks [T,H,W] bool, background)."""
     rng = np.random.default_rng([seed, index])
     ch = random_character(rng)
-    frames, masks, bodies, lhands, rhands, faces = [], [], [], [], [], []
+    frames, masks, keypoints = [], [], []  # keypoints: (body, left hand, right hand, face) per frame
     for t in range(clip_len):
         st = animation_state(ch, t, clip_len)
-        body, lh, rh, face, geo = character_keypoints(ch, st, height, width)
-        frame, mask = draw_character(ch, body, geo, height, width)
+        *points, geo = character_keypoints(ch, st, height, width)
+        frame, mask = draw_character(ch, points[0], geo, height, width)
         frames.append(light(frame, st))
         masks.append(mask)
-        bodies.append(body)
-        lhands.append(lh)
-        rhands.append(rh)
-        faces.append(face)
+        keypoints.append(points)
     body, _, _, _, geo = character_keypoints(ch, REST, height, width)
     ref, _ = draw_character(ch, body, geo, height, width)
-    pose = PoseSequence(np.stack(bodies), np.stack(lhands), np.stack(rhands), np.stack(faces), height, width)
+    pose = PoseSequence(*(np.stack(stream) for stream in zip(*keypoints)), height, width)
     return np.stack(frames), pose, ref, np.stack(masks), ch
 
 
@@ -306,8 +303,9 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 "person_detected": [True] * clip_len, "face_detected": [True] * clip_len,
                 "synthetic": {"character": asdict(ch)},
             }
-            if driving:
-                meta["synthetic"]["driving_character"] = asdict(driving_character(ch, seed, i))
+            driver = driving_character(ch, seed, i) if driving else None
+            if driver is not None:
+                meta["synthetic"]["driving_character"] = asdict(driver)
             bg = mask = None
             if replace:
                 bg = frames * (~masks[..., None])
@@ -315,8 +313,7 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
                 mask = masks
             writer.write(encode_sample(key, target=frames, pose=render_pose(pose, height, width), face=face,
                                        ref=ref, meta=meta, caption=DEFAULT_PROMPT, fps=fps, bg=bg, mask=mask,
-                                       driving=render_animation(driving_character(ch, seed, i), clip_len, height,
-                                                                width) if driving else None,
+                                       driving=render_animation(driver, clip_len, height, width) if driver else None,
                                        crf=0))  # lossless: decoded frames are exact and reproducible
             keys.append(key)
     manifest = {

@@ -135,14 +135,8 @@ def resize_crop_tensor(x, size: tuple[int, int], mode: str = "bilinear"):
     th, tw = size
     if (h, w) == (th, tw):
         return x
-    scale = max(th / h, tw / w)
+    scale, top, left = crop_box_map(h, w, size)
     nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-    lead = x.shape[:-2]
-    flat = x.reshape(-1, 1, h, w).float()
-    if mode == "nearest":
-        flat = F.interpolate(flat, size=(nh, nw), mode="nearest")
-    else:
-        flat = F.interpolate(flat, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - th) // 2, (nw - tw) // 2
-    flat = flat[..., top: top + th, left: left + tw]
-    return flat.reshape(*lead, th, tw)
+    smooth = {} if mode == "nearest" else dict(align_corners=False, antialias=True)
+    flat = F.interpolate(x.reshape(-1, 1, h, w).float(), size=(nh, nw), mode=mode, **smooth)
+    return flat[..., top: top + th, left: left + tw].reshape(*x.shape[:-2], th, tw)

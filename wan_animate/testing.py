@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
+from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
 from wan_animate.encoders import CLIP_MEAN, CLIP_STD
 from wan_animate.official_encoders import (
     CLIP_FILE,
@@ -31,8 +31,7 @@ from wan_animate.official_encoders import (
     t5_to_official,
     vae_to_official,
 )
-from wan_animate.model import WanAnimateDiT
-from wan_animate.weights.save import save_dit
+from wan_animate.family import get_family
 
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
@@ -187,19 +186,11 @@ def _pooling_vae(vae) -> None:
     eye_center(dec.conv_out, [(c, c) for c in range(3)], 2 * _VAE_CONST / (width ** 0.5 * _VAE_GAMMA))
 
 
-def _save_dit(dst: Path, cfg, layout: str) -> None:
-    """Random tiny DiT of the config's family, written in the requested layout."""
-    if getattr(cfg, "family", "") == "animate2":
-        from wan_animate.animate2.model import Animate2DiT
-        from wan_animate.animate2.weights import save_animate2
-
-        model = Animate2DiT(cfg)
-        _randomize_zero_init(model)
-        save_animate2(model, dst, layout=layout)
-        return
-    model = WanAnimateDiT(cfg)
+def _save_dit(dst: Path, family, cfg, layout: str) -> None:
+    """Random tiny DiT of ``family``, written in the requested layout."""
+    model = family.build(cfg)
     _randomize_zero_init(model)
-    save_dit(model, dst, layout=layout)
+    family.save(model, dst, layout=layout)
 
 
 @torch.no_grad()
@@ -235,12 +226,8 @@ def make_tiny_model_folder(
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder.")
     dst.mkdir(parents=True, exist_ok=True)
-    if family == "animate2":
-        from wan_animate.animate2.config import Animate2Config
-
-        cfg = Animate2Config.preset(config_preset)
-    else:
-        cfg = WanAnimateConfig.preset(config_preset)
+    model_family = get_family(family)
+    cfg, _ = model_family.config(config_preset)
 
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -250,20 +237,20 @@ def make_tiny_model_folder(
         image_encoder = build_tiny_image_encoder(cfg.image_dim, num_layers=1 if family == "animate2" else 2)
         vae = build_tiny_vae()
         if layout == "diffusers":
-            _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae)
+            _write_diffusers(dst, model_family, cfg, tokenizer, text_encoder, image_encoder, vae)
         else:
-            _write_official(dst, cfg, tokenizer, text_encoder, image_encoder, vae)
+            _write_official(dst, model_family, cfg, tokenizer, text_encoder, image_encoder, vae)
     finally:
         torch.random.set_rng_state(rng_state)
     return dst
 
 
-def _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
+def _write_diffusers(dst, family, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
     import diffusers
     from diffusers import UniPCMultistepScheduler
     from transformers import CLIPImageProcessor
 
-    _save_dit(dst / "transformer", cfg, "diffusers")
+    _save_dit(dst / "transformer", family, cfg, "diffusers")
     vae.save_pretrained(dst / "vae")
     text_encoder.save_pretrained(dst / "text_encoder")
     tokenizer.save_pretrained(dst / "tokenizer")
@@ -276,7 +263,7 @@ def _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> N
     UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0, num_train_timesteps=1000,
     ).save_pretrained(dst / "scheduler")
-    animate2 = getattr(cfg, "family", "") == "animate2"
+    animate2 = family.name == "animate2"
     (dst / "model_index.json").write_text(json.dumps({
         "_class_name": "WanAnimate2ModularPipeline" if animate2 else "WanAnimatePipeline",
         "_diffusers_version": diffusers.__version__,
@@ -290,8 +277,8 @@ def _write_diffusers(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> N
     }, indent=2, ensure_ascii=False))
 
 
-def _write_official(dst, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
-    _save_dit(dst, cfg, "official")
+def _write_official(dst, family, cfg, tokenizer, text_encoder, image_encoder, vae) -> None:
+    _save_dit(dst, family, cfg, "official")
     torch.save(vae_to_official(vae), dst / VAE_FILE)
     # fp32 despite the file name so both layouts of one seed hold bit-identical weights
     torch.save(t5_to_official(text_encoder), dst / T5_FILE)
