@@ -79,8 +79,7 @@ def retarget_pose(driving: PoseSequence, reference: PoseSequence, *, threshold: 
     ratios, scale, full_body = limb_ratios(drv0, ref_body, threshold)
     ref_anchor = _anchor(ref_body, full_body, threshold)
     drv_anchor0 = _anchor(drv0, full_body, threshold)
-    body = driving.body.copy()
-    lh, rh, face = driving.left_hand.copy(), driving.right_hand.copy(), driving.face.copy()
+    body, lh, rh, face = (a.copy() for a in driving.streams())
     for t in range(len(driving)):
         src = driving.body[t]
         new = src.copy()
@@ -95,9 +94,7 @@ def retarget_pose(driving: PoseSequence, reference: PoseSequence, *, threshold: 
             shift = anchor_now - new[1, :2]
         new[:, :2] += shift
         body[t] = new
-        for hand, wrist, elbow in ((lh, 7, 6), (rh, 4, 3)):
-            r = ratios[(elbow, wrist)]
-            hand[t, :, :2] = new[wrist, :2] + (hand[t, :, :2] - src[wrist, :2]) * r
-        r_head = ratios[(1, 0)]
-        face[t, :, :2] = new[0, :2] + (face[t, :, :2] - src[0, :2]) * r_head
+        # hands follow their wrist (scaled like the forearm), the face its nose (like the neck-nose limb)
+        for points, anchor, limb in ((lh, 7, (6, 7)), (rh, 4, (3, 4)), (face, 0, (1, 0))):
+            points[t, :, :2] = new[anchor, :2] + (points[t, :, :2] - src[anchor, :2]) * ratios[limb]
     return PoseSequence(body, lh, rh, face, driving.height, driving.width)

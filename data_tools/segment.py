@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_tools.pose.backends import IMAGENET_MEAN, IMAGENET_STD
+
 SEGMENTERS = ("mediapipe", "sam2")
 SAM2_PROMPTS = ("points", "box", "both")
 
@@ -61,12 +63,10 @@ class CharacterSegmenter:
 # preprocessing clicks on. They sit inside the body outline, so each one is a safe "this is the
 # character" click; elbows/wrists are left out because they often lie on the outline.
 SAM2_PROMPT_JOINTS = (0, 1, 2, 5, 8, 11, 10, 13)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _sam2_folder_error(path: Path, why: str) -> ValueError:
-    return ValueError(
+def _sam2_folder_error(path: Path, why: str, error: type[Exception] = ValueError) -> Exception:
+    return error(
         f"sam2_path={str(path)!r} is not a SAM2 model folder: {why}. Expected a folder in the transformers "
         f"format (config.json with model_type 'sam2_video' + model.safetensors), e.g. a download of "
         f"facebook/sam2.1-hiera-large")
@@ -122,10 +122,7 @@ class Sam2Segmenter:
             raise ValueError("the sam2 segmenter needs the SAM2 weights folder: set sam2_path=DIR "
                              "(transformers format, e.g. a download of facebook/sam2.1-hiera-large)")
         if not path.is_dir():
-            raise FileNotFoundError(
-                f"sam2_path={str(path)!r} does not exist or is not a folder. Expected a SAM2 folder in the "
-                f"transformers format (config.json with model_type 'sam2_video' + model.safetensors), e.g. a "
-                f"download of facebook/sam2.1-hiera-large")
+            raise _sam2_folder_error(path, "it does not exist or is not a folder", FileNotFoundError)
         config_file = path / "config.json"
         if not config_file.is_file():
             raise _sam2_folder_error(path, "no config.json")
@@ -147,7 +144,7 @@ class Sam2Segmenter:
                                            f"(e.g. {missing[:3]}); the video model needs all of them")
         return model.to(self.device).eval()
 
-    def _normalisation(self) -> tuple[tuple, tuple]:
+    def _normalisation(self) -> tuple:  # (mean, std) per RGB channel
         for name in ("video_preprocessor_config.json", "preprocessor_config.json", "processor_config.json"):
             f = self.path / name
             if f.is_file():
@@ -155,7 +152,7 @@ class Sam2Segmenter:
                 d = d.get("video_processor", d.get("image_processor", d)) if "image_mean" not in d else d
                 if "image_mean" in d and "image_std" in d:
                     return tuple(d["image_mean"]), tuple(d["image_std"])
-        return _IMAGENET_MEAN, _IMAGENET_STD
+        return IMAGENET_MEAN, IMAGENET_STD
 
     # ---- prompts ------------------------------------------------------------------------------
     def prompts(self, pose, height: int, width: int) -> list[dict]:
@@ -181,7 +178,7 @@ class Sam2Segmenter:
                 sel = [j for j in joints if usable[t, j]]
                 points = body[t, sel, :2].astype(np.float32)
             if self.prompt in ("box", "both"):
-                all_pts = np.concatenate([a[t] for a in (pose.body, pose.left_hand, pose.right_hand, pose.face)])
+                all_pts = np.concatenate([a[t] for a in pose.streams()])
                 xy = all_pts[all_pts[:, 2] >= self.min_score, :2]
                 (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
                 mx, my = self.box_margin * (x1 - x0), self.box_margin * (y1 - y0)

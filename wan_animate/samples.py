@@ -108,17 +108,9 @@ def _field(raw: dict, name: str, key: str):
     raise SampleDecodeError(f"sample {key!r}: missing field {name!r} (has {sorted(k for k in raw if not k.startswith('__'))})")
 
 
-def _to_bytes(value) -> bytes:
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if hasattr(value, "read"):
-        return value.read()
-    raise TypeError(f"expected bytes, got {type(value).__name__}")
-
-
 def _video(raw: dict, name: str, key: str) -> np.ndarray:
     try:
-        frames, _ = read_video(_to_bytes(_field(raw, name, key)))
+        frames, _ = read_video(_field(raw, name, key))
     except VideoDecodeError as e:
         raise SampleDecodeError(f"sample {key!r}: stream {name!r} does not decode ({e})") from e
     return frames
@@ -129,7 +121,7 @@ def _image(raw: dict, name: str, key: str) -> np.ndarray:
 
     data = _field(raw, name, key)
     try:
-        return np.array(Image.open(io.BytesIO(_to_bytes(data))).convert("RGB"))
+        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
     except Exception as e:
         raise SampleDecodeError(f"sample {key!r}: {name!r} is not a readable image ({e})") from e
 
@@ -138,7 +130,7 @@ def decode_meta(raw: dict) -> dict:
     """The sample's ``json`` as a dict; missing, invalid, non-object or mistyped -> SampleDecodeError."""
     key = sample_key(raw)
     try:
-        meta = json.loads(_to_bytes(_field(raw, "json", key)).decode("utf-8"))
+        meta = json.loads(_field(raw, "json", key).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SampleDecodeError(f"sample {key!r}: json field is not valid JSON ({e})") from e
     if not isinstance(meta, dict):
@@ -198,7 +190,7 @@ def decode_sample(raw: dict) -> dict:
         "face": frames_to_tensor(face),
         "ref": frames_to_tensor(ref[None])[:, 0],
         "meta": meta,
-        "caption": _to_bytes(raw["txt"]).decode("utf-8") if "txt" in raw else meta.get("caption", ""),
+        "caption": raw["txt"].decode("utf-8") if "txt" in raw else meta.get("caption", ""),
     }
     if DRIVING_FIELD in raw:
         driving = _video(raw, DRIVING_FIELD, key)
@@ -246,7 +238,7 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
     meta = decode_meta(raw)
     data = _field(raw, "latents.safetensors", key)
     try:
-        tensors = load_safetensors(_to_bytes(data))
+        tensors = load_safetensors(data)
     except Exception as e:
         raise SampleDecodeError(f"sample {key!r}: latents.safetensors does not load ({e})") from e
     face = _video(raw, "face.mp4", key)

@@ -15,6 +15,7 @@ import numpy as np
 NUM_BODY = 20
 NUM_HAND = 21
 NUM_FACE = 68
+STREAMS = {"body": NUM_BODY, "left_hand": NUM_HAND, "right_hand": NUM_HAND, "face": NUM_FACE}  # name -> points
 
 # OpenPose body order used by Wan-Animate's renderer (18 COCO-style points + 2 toes).
 BODY_NAMES = (
@@ -36,26 +37,29 @@ class PoseSequence:
     width: int
 
     def __post_init__(self) -> None:
-        for name, n in (("body", NUM_BODY), ("left_hand", NUM_HAND), ("right_hand", NUM_HAND), ("face", NUM_FACE)):
+        for name, n in STREAMS.items():
             a = np.asarray(getattr(self, name), dtype=np.float32)
             if a.ndim != 3 or a.shape[1:] != (n, 3):
                 raise ValueError(f"PoseSequence.{name} must be [T, {n}, 3], got {a.shape}")
             setattr(self, name, a)
-        lengths = {len(self.body), len(self.left_hand), len(self.right_hand), len(self.face)}
+        lengths = {len(a) for a in self.streams()}
         if len(lengths) != 1:
             raise ValueError(f"PoseSequence streams have different frame counts: {sorted(lengths)}")
 
     def __len__(self) -> int:
         return len(self.body)
 
+    def streams(self) -> list[np.ndarray]:
+        """body, left hand, right hand, face (the constructor's order)."""
+        return [getattr(self, name) for name in STREAMS]
+
     @classmethod
     def empty(cls, num_frames: int, height: int, width: int) -> "PoseSequence":
-        z = lambda n: np.zeros((num_frames, n, 3), np.float32)  # noqa: E731
-        return cls(z(NUM_BODY), z(NUM_HAND), z(NUM_HAND), z(NUM_FACE), height, width)
+        return cls(*(np.zeros((num_frames, n, 3), np.float32) for n in STREAMS.values()), height, width)
 
     def select(self, indices) -> "PoseSequence":
         idx = np.asarray(indices)
-        return PoseSequence(self.body[idx], self.left_hand[idx], self.right_hand[idx], self.face[idx], self.height, self.width)
+        return PoseSequence(*(a[idx] for a in self.streams()), self.height, self.width)
 
     # ---- geometry -------------------------------------------------------------------------
     def resized(self, height: int, width: int) -> "PoseSequence":
@@ -67,7 +71,7 @@ class PoseSequence:
     def transformed(self, scale_x: float, scale_y: float, offset_x: float, offset_y: float,
                     height: int, width: int) -> "PoseSequence":
         """Keypoints after ``x' = x * scale_x + offset_x`` (same for y) into a new frame size."""
-        arrays = [a.copy() for a in (self.body, self.left_hand, self.right_hand, self.face)]
+        arrays = [a.copy() for a in self.streams()]
         for a in arrays:
             a[..., 0] = a[..., 0] * scale_x + offset_x
             a[..., 1] = a[..., 1] * scale_y + offset_y
@@ -83,21 +87,19 @@ class PoseSequence:
 
     def to_dict(self) -> dict:
         """JSON-friendly form (rounded to 0.01 px / 0.001 score) stored in shard metadata."""
-        r = lambda a: np.round(a, 3).tolist()  # noqa: E731
-        return {"height": self.height, "width": self.width, "body": r(self.body),
-                "left_hand": r(self.left_hand), "right_hand": r(self.right_hand), "face": r(self.face)}
+        return {"height": self.height, "width": self.width,
+                **{name: np.round(getattr(self, name), 3).tolist() for name in STREAMS}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PoseSequence":
-        return cls(np.asarray(d["body"]), np.asarray(d["left_hand"]), np.asarray(d["right_hand"]),
-                   np.asarray(d["face"]), int(d["height"]), int(d["width"]))
+        return cls(*(np.asarray(d[name]) for name in STREAMS), int(d["height"]), int(d["width"]))
 
     def save_npz(self, path) -> None:
-        np.savez_compressed(path, body=self.body, left_hand=self.left_hand, right_hand=self.right_hand,
-                            face=self.face, size=np.array([self.height, self.width]))
+        np.savez_compressed(path, **{name: getattr(self, name) for name in STREAMS},
+                            size=np.array([self.height, self.width]))
 
     @classmethod
     def load_npz(cls, path) -> "PoseSequence":
         with np.load(path, allow_pickle=False) as z:
             h, w = (int(v) for v in z["size"])
-            return cls(z["body"], z["left_hand"], z["right_hand"], z["face"], h, w)
+            return cls(*(z[name] for name in STREAMS), h, w)

@@ -83,10 +83,7 @@ class MediapipeBackend(PoseBackend):
         t_len, h, w = frames.shape[:3]
         scale = min(1.0, self.max_side / max(h, w))
         small = (max(int(round(w * scale)), 1), max(int(round(h * scale)), 1))
-        body = np.zeros((t_len, NUM_BODY, 3), np.float32)
-        lhand = np.zeros((t_len, NUM_HAND, 3), np.float32)
-        rhand = np.zeros((t_len, NUM_HAND, 3), np.float32)
-        face = np.zeros((t_len, NUM_FACE, 3), np.float32)
+        pose = PoseSequence.empty(t_len, h, w)
         static = self.static_image_mode if static is None else static
         with native_stderr_filtered(), self._holistic(static) as tracker:
             for t, frame in enumerate(frames):
@@ -94,17 +91,17 @@ class MediapipeBackend(PoseBackend):
                 res = tracker.process(np.ascontiguousarray(img))
                 pose33 = _landmarks_array(res.pose_landmarks, 33, w, h, use_visibility=True)
                 for j, src in enumerate(MP_BODY_TO_OPENPOSE):
-                    body[t, j] = pose33[list(src)].mean(0) if isinstance(src, tuple) else pose33[src]
+                    pose.body[t, j] = pose33[list(src)].mean(0) if isinstance(src, tuple) else pose33[src]
                 if res.pose_landmarks is not None:
                     # The neck is the shoulders' midpoint; its score is the weaker shoulder's.
-                    body[t, 1, 2] = min(pose33[11, 2], pose33[12, 2])
+                    pose.body[t, 1, 2] = min(pose33[11, 2], pose33[12, 2])
                 mesh = _landmarks_array(res.face_landmarks, 468, w, h, use_visibility=False)
-                face[t] = mesh[list(MP_FACE_TO_68)]
-                lhand[t] = _landmarks_array(res.left_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
-                rhand[t] = _landmarks_array(res.right_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
+                pose.face[t] = mesh[list(MP_FACE_TO_68)]
+                pose.left_hand[t] = _landmarks_array(res.left_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
+                pose.right_hand[t] = _landmarks_array(res.right_hand_landmarks, NUM_HAND, w, h, use_visibility=False)
                 if progress is not None:
                     progress(1)
-        return PoseSequence(body, lhand, rhand, face, h, w)
+        return pose
 
     def extract_image(self, image) -> PoseSequence:
         return self.extract(np.asarray(image)[None], static=True)
