@@ -135,10 +135,8 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
             if ready_pose.shape[1:3] != (src_h, src_w):
                 raise ValueError(f"ready pose video is {ready_pose.shape[2]}x{ready_pose.shape[1]}, the video is "
                                  f"{src_w}x{src_h}")
-        if getattr(backend, "has_keypoints", True):
-            pose_src = backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
-        else:
-            pose_src = None
+        pose_src = (backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
+                    if getattr(backend, "has_keypoints", True) else None)
     except Exception as e:  # a backend failure on one input must not stop the job
         res.reason = f"pose extraction failed: {type(e).__name__}: {e}"
         return res

@@ -150,10 +150,7 @@ def check_overrides(prefix: str, argv: list[str], schema, groups: Iterable[str] 
 
 def config_groups(conf_dir: str) -> list[str]:
     """Names of the config groups (sub-folders) of a Hydra config folder."""
-    try:
-        return sorted(e.name for e in os.scandir(conf_dir) if e.is_dir())
-    except FileNotFoundError:
-        return []
+    return sorted(e.name for e in os.scandir(conf_dir) if e.is_dir()) if os.path.isdir(conf_dir) else []
 
 
 def run_tool(fn, argv: list[str] | None = None, extra: Iterable[type[BaseException]] = (),

@@ -28,8 +28,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():  # only when the write or the rename failed
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)  # left only when the write or the rename failed
     return path
 
 

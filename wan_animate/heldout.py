@@ -26,6 +26,7 @@ Used by eval's ``heldout`` / ``sensitivity`` metrics and by training's end-of-ru
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -66,18 +67,16 @@ def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: lis
     return out
 
 
-class _EvalMode:
-    def __init__(self, dit):
-        self.dit = dit
-
-    def __enter__(self):
-        self.was_training = getattr(self.dit, "training", False)
-        if hasattr(self.dit, "eval"):
-            self.dit.eval()
-
-    def __exit__(self, *exc):
-        if self.was_training and hasattr(self.dit, "train"):
-            self.dit.train()
+@contextlib.contextmanager
+def _eval_mode(dit):
+    was_training = getattr(dit, "training", False)
+    if hasattr(dit, "eval"):
+        dit.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(dit, "train"):
+            dit.train()
 
 
 @torch.no_grad()
@@ -98,7 +97,7 @@ def heldout_loss(
     timesteps = _check_timesteps(timesteps)
     sums = {t: 0.0 for t in timesteps}
     count = 0
-    with _EvalMode(dit):
+    with _eval_mode(dit):
         for i, batch in enumerate(tqdm(batches, desc="held-out loss", unit="batch", disable=not progress)):
             for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, family).items():
                 sums[t] += float(losses.sum())
@@ -175,7 +174,7 @@ def condition_sensitivity(
     own = {t: 0.0 for t in timesteps}
     swapped = {c: {t: 0.0 for t in timesteps} for c in conditions}
     count = 0
-    with _EvalMode(dit):
+    with _eval_mode(dit):
         for i in tqdm(range(len(batches)), desc="condition sensitivity", unit="sample", disable=not progress):
             j = partner[i]
             if j is None:

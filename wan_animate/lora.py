@@ -50,15 +50,10 @@ class LoraError(ValueError):
 def default_lora_targets(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
     """Full names of every ``nn.Linear`` inside ``blocks.N`` minus the excluded fragments."""
     exclude = tuple(exclude)
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not _BLOCK_RE.match(name):
-            continue
-        if ".base_layer" in name or ".lora_" in name:
-            continue  # already wrapped by peft
-        if any(fragment in name for fragment in exclude):
-            continue
-        names.append(name)
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and _BLOCK_RE.match(name)
+             and ".base_layer" not in name and ".lora_" not in name  # not already wrapped by peft
+             and not any(fragment in name for fragment in exclude)]
     if not names:
         raise LoraError("The model has no linear layer under blocks.N to put LoRA on.")
     return names

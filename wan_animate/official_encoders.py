@@ -29,15 +29,6 @@ class OfficialEncoderError(RuntimeError):
     """An official encoder file does not have the expected keys or shapes."""
 
 
-def _load_assigned(build, state: dict[str, torch.Tensor], what: str):
-    """Build the module with its parameters on the meta device (no random init of billions of
-    weights) and assign the converted tensors strictly; fails if anything stays unmaterialised."""
-    try:
-        return assign_state(empty_model(build), state, what)
-    except CheckpointError as err:
-        raise OfficialEncoderError(str(err)) from err
-
-
 def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, torch.Tensor], what: str):
     """Pick ``sd[name_of(k)]`` for every library key ``k``; fail naming missing and unused keys."""
     sources = {k: name_of(k) for k in target_keys}
@@ -48,6 +39,19 @@ def _strict_gather(target_keys, name_of: Callable[[str], str], sd: dict[str, tor
             f"{what}: {len(missing)} keys missing {missing[:5]}, {len(unused)} unexpected {unused[:5]}."
         )
     return {k: sd[src] for k, src in sources.items()}
+
+
+def _load_assigned(build, name_of: Callable[[str], str], sd: dict[str, torch.Tensor], what: str):
+    """Build the module with its parameters on the meta device (no random init of billions of
+    weights), gather its tensors from ``sd`` (``_strict_gather``) and assign them in fp32; fails if
+    anything stays unmaterialised."""
+    model = empty_model(build)
+    picked = _strict_gather(model.state_dict(), name_of, sd, what)
+    fp32 = {id(v): v.float() for v in picked.values()}  # one copy per official tensor (umT5's embedding has two names)
+    try:
+        return assign_state(model, {k: fp32[id(v)] for k, v in picked.items()}, what)
+    except CheckpointError as err:
+        raise OfficialEncoderError(str(err)) from err
 
 
 # ---- VAE: official WanVAE (encoder/decoder with flat "downsamples"/"upsamples" lists)
@@ -116,15 +120,12 @@ def vae_config_from_official(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
             "num_res_blocks": num_res_blocks, "attn_scales": [], "temperal_downsample": temporal}
 
 
-def vae_from_official(sd: dict[str, torch.Tensor], **config_overrides):
+def vae_from_official(sd: dict[str, torch.Tensor]):
     from diffusers import AutoencoderKLWan
 
     cfg = vae_config_from_official(sd)
-    cfg.update(config_overrides)
-    with torch.device("meta"):
-        names = list(AutoencoderKLWan(**cfg).state_dict().keys())
-    new = _strict_gather(names, lambda k: vae_key_to_official(k, cfg["num_res_blocks"]), sd, "Wan2.1 VAE")
-    return _load_assigned(lambda: AutoencoderKLWan(**cfg), {k: v.float() for k, v in new.items()}, "Wan2.1 VAE")
+    return _load_assigned(lambda: AutoencoderKLWan(**cfg), lambda k: vae_key_to_official(k, cfg["num_res_blocks"]),
+                          sd, "Wan2.1 VAE")
 
 
 def vae_to_official(vae) -> dict[str, torch.Tensor]:
@@ -182,13 +183,8 @@ def t5_from_official(sd: dict[str, torch.Tensor]):
     from transformers import UMT5EncoderModel
 
     config = t5_config_from_official(sd)
-    with torch.device("meta"):
-        names = list(UMT5EncoderModel(config).state_dict().keys())
-    new = _strict_gather(names, t5_key_to_official, sd, "umT5 encoder")
-    # shared.weight and encoder.embed_tokens.weight are the same official tensor: one copy, tied below
-    new = {k: v.float() for k, v in new.items()}
-    new["encoder.embed_tokens.weight"] = new["shared.weight"]
-    model = _load_assigned(lambda: UMT5EncoderModel(config), new, "umT5 encoder")
+    # shared.weight and encoder.embed_tokens.weight are the same official tensor: one copy, tied here
+    model = _load_assigned(lambda: UMT5EncoderModel(config), t5_key_to_official, sd, "umT5 encoder")
     model.encoder.embed_tokens = model.shared
     return model
 

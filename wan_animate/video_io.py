@@ -187,7 +187,7 @@ def write_video(
     run to run (x264's threads); the decoded frames of a lossless encode (``crf=0``) do not."""
     import av
 
-    frames = np.asarray(frames) if not isinstance(frames, np.ndarray) else frames
+    frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
     if frames.dtype != np.uint8:
