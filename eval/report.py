@@ -25,8 +25,6 @@ from omegaconf import OmegaConf
 from eval.config import METRICS
 from eval.records import METRICS_FILE, RESULTS_FILE, loads_record, write_results
 
-log = logging.getLogger("eval.report")
-
 # Headline metrics first, in this order; True = higher is better.
 HEADLINE = {
     "psnr": True, "ssim": True, "lpips": False, "fvd": False,
@@ -47,11 +45,6 @@ PLOTTED = ("psnr", "ssim", "lpips", "fvd", "body_pck@0.1", "hands_pck@0.1", "bod
 # ---------------------------------------------------------------------------- collect
 
 
-def parse_override(item: str) -> tuple[str, str]:
-    key, _, value = item.partition("=")
-    return key.lstrip("+~"), value
-
-
 def collect(sweep_dir: Path, skipped: set[str] = frozenset()) -> list[dict]:
     records = []
     for path in sorted(Path(sweep_dir).rglob(METRICS_FILE)):
@@ -64,7 +57,8 @@ def collect(sweep_dir: Path, skipped: set[str] = frozenset()) -> list[dict]:
         rec["cell"] = str(path.parent.relative_to(sweep_dir)) if path.parent != Path(sweep_dir) else "."
         rec["_dir"] = path.parent
         rec["skipped"] = str(path.parent.resolve()) in skipped
-        rec["params"] = dict(parse_override(o) for o in rec.get("overrides", []))
+        overrides = (o.partition("=") for o in rec.get("overrides", []))
+        rec["params"] = {key.lstrip("+~"): value for key, _, value in overrides}
         records.append(rec)
     return records
 
@@ -96,12 +90,8 @@ def not_computed(records: list[dict]) -> dict[str, str]:
 def fmt(v) -> str:
     if v is None:
         return "n/a"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.4g}"
+    if isinstance(v, float):  # inf prints as "inf" / "-inf"
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
     return str(v)
 
 
@@ -386,12 +376,9 @@ def log_wandb(sweep_dir: Path, records: list[dict], swept: list[str], cols: list
     """One wandb table row per cell: cell, status, swept values, metrics as numbers (None = n/a)."""
     import wandb
 
-    def num(v):
-        return float(v) if _finite(v) else None
-
     columns = ["cell", "status", *swept, *cols]
     data = [[r["cell"], r.get("status"), *[r["params"].get(k) for k in swept],
-             *[num((r.get("metrics") or {}).get(c)) for c in cols]] for r in records]
+             *[float(v) if _finite(v := (r.get("metrics") or {}).get(c)) else None for c in cols]] for r in records]
     run = wandb.init(project=wandb_cfg.get("project", "wan-animate-eval"), mode=wandb_cfg.get("mode", "offline"),
                      dir=str(sweep_dir), name=f"eval-{sweep_dir.name}", job_type="eval", reinit=True)
     run.log({"eval/results": wandb.Table(columns=columns, data=data)})

@@ -103,7 +103,6 @@ class MetricsLogger:
                                      reinit="finish_previous")
         except Exception as e:  # wandb must never stop training; say so once
             print(f"[train] wandb disabled: {e}")
-            self._wandb = None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -90,8 +90,6 @@ def prepare_model(dit: nn.Module, cfg: Config, family: ModelFamily, *, deepspeed
 
 def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
     """``adamw`` (torch) or ``adamw8bit`` (torchao's ``AdamW8bit``: block-wise 8-bit moments)."""
-    for g in groups:
-        g["initial_lr"] = g.get("lr", optim.lr)
     kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.name == "adamw8bit":
         from torchao.optim import AdamW8bit  # a dependency (pyproject)

@@ -67,13 +67,10 @@ def _fill_deepspeed_config(acc, cfg: Config) -> None:
     ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * acc.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.optim.grad_clip
-    bf16 = t.precision == "bf16"
-    ds.setdefault("bf16", {})
-    if ds["bf16"].get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = bf16
-    ds.setdefault("fp16", {"enabled": False})
-    if ds["fp16"].get("enabled") == "auto":
-        ds["fp16"]["enabled"] = False
+    for key, enabled in (("bf16", t.precision == "bf16"), ("fp16", False)):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = enabled
     # A non-finite gradient must skip the update, never reach the weights. DeepSpeed skips it when
     # its global gradient norm is not finite (ZeRO-1/2/3, fp32) or its overflow check fires (bf16
     # ZeRO-2: bf16.check_grad_overflow); switching either off would let NaN/Inf into the weights.
@@ -109,10 +106,8 @@ def check_launch_devices(env: dict[str, str], cuda_devices: int) -> None:
     processes than CUDA devices, or a GPU launch file (more than 2 processes) on a machine without
     CUDA. ``DS_ACCELERATOR=cpu`` (or accelerate's ``--cpu``) as set by the user asks for CPU ranks."""
     local = int(env.get("LOCAL_WORLD_SIZE", "1"))
-    if local <= 1:
-        return
     cpu_asked = env.get("DS_ACCELERATOR") == "cpu" or env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
-    if cpu_asked:
+    if local <= 1 or cpu_asked:
         return
     if cuda_devices == 0 and local > CPU_PROCESSES_WITHOUT_OPT_IN:
         raise ConfigError(

@@ -20,13 +20,9 @@ _PR_SET_PDEATHSIG = 1
 _LAUNCHER_ENV = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
 
 
-def launched() -> bool:
-    return any(k in os.environ for k in _LAUNCHER_ENV)
-
-
 def stop_with_launcher() -> bool:
     """Linux + launched: SIGTERM to this process when the launcher dies. Returns whether it is set."""
-    if not sys.platform.startswith("linux") or not launched():
+    if not sys.platform.startswith("linux") or not any(k in os.environ for k in _LAUNCHER_ENV):
         return False
     parent = os.getppid()
     try:

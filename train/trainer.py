@@ -136,15 +136,14 @@ class Trainer:
                 streams=tuple(sizes), face_size=cfg.data.face_size or sizes.get("face") or 0,
                 default_size=(cfg.data.synthetic_height, cfg.data.synthetic_width)
                 if cfg.data.source == "synthetic" else None)
-            self._data = BatchIterator(spec, start_batch=int(self._data_state["position"]),
-                                       skipped=int(self._data_state.get("skipped", 0)),
-                                       seen=int(self._data_state.get("seen", 0)))
+            saved = self._data_state
+            self._data = BatchIterator(spec, start_batch=saved["position"], skipped=saved["skipped"], seen=saved["seen"])
         return self._data
 
     def data_report(self) -> dict[str, Any]:
         """Collective: samples skipped as unreadable over all ranks (a sequence-parallel group reads
         the same ones: counted once) and this rank's first reasons, for ``summary.json``."""
-        mine = self._data.skipped if self._data is not None else int(self._data_state.get("skipped", 0))
+        mine = self._data.skipped if self._data is not None else self._data_state["skipped"]
         total = float(mine)
         if self.acc.num_processes > 1:
             total = self.acc.reduce(torch.tensor([total], device=self.device), "sum").item() / self.sp.size
@@ -240,7 +239,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state besides accelerate's (model, optimizer, RNG): what checkpoints add."""
         return {
-            "train": {**self.state.state_dict(), **sequence.record(self.sp)},
+            "train": {**self.state.state_dict(), sequence.STATE_KEY: self.sp.size},  # the layout a resume needs
             "scheduler": self.scheduler.state_dict(),
             "data": self._data.state_dict() if self._data is not None else dict(self._data_state),
             "rng": self.generator.get_state(),

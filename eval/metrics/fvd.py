@@ -54,8 +54,7 @@ def preprocess(frames: np.ndarray, resolution: int = 224) -> torch.Tensor:
 def split_clips(frames: np.ndarray, clip_frames: int) -> list[np.ndarray]:
     if clip_frames <= 0 or len(frames) < clip_frames:
         return [frames]
-    n = len(frames) // clip_frames
-    return [frames[i * clip_frames : (i + 1) * clip_frames] for i in range(n)]
+    return [frames[i : i + clip_frames] for i in range(0, len(frames) - clip_frames + 1, clip_frames)]
 
 
 @torch.no_grad()
@@ -63,10 +62,9 @@ def i3d_features(detector, videos: list[np.ndarray], *, clip_frames: int = 16, b
                  resolution: int = 224, device="cpu") -> np.ndarray:
     """Features ``[N_clips, D]`` of a list of uint8 videos."""
     clips = [c for v in videos for c in split_clips(np.asarray(v), clip_frames)]
-    lengths = {len(c) for c in clips}
     feats = []
     # Clips of different lengths cannot share a batch; group by length.
-    for length in sorted(lengths):
+    for length in sorted({len(c) for c in clips}):
         group = [c for c in clips if len(c) == length]
         for i in range(0, len(group), batch_size):
             x = torch.stack([preprocess(c, resolution) for c in group[i : i + batch_size]]).to(device)

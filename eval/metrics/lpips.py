@@ -52,10 +52,6 @@ def _load_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tens
         raise LPIPSError(str(err)) from None
 
 
-def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
 class LPIPS(nn.Module):
     def __init__(self, net: str, features: nn.Sequential, lins: nn.ModuleList):
         super().__init__()
@@ -72,8 +68,8 @@ class LPIPS(nn.Module):
         if net not in TAP_ENDS:
             raise LPIPSError(f"LPIPS net {net!r} is not supported; choose 'vgg' or 'alex'")
         backbone = _load_state_dict(backbone_path, "backbone")
-        if any(k.startswith("features.") for k in backbone):
-            backbone = _strip_prefix(backbone, "features.")
+        if any(k.startswith("features.") for k in backbone):  # a whole torchvision model: its feature net
+            backbone = {k.removeprefix("features."): v for k, v in backbone.items() if k.startswith("features.")}
         layout = LAYOUT[net]
         layers: list[nn.Module] = []
         for i, kind in enumerate(layout):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from train.checkpoint.verify import file_digest
 from wan_animate.files import atomic_write_json
 from wan_animate.weights.source import open_source
 
@@ -58,15 +59,6 @@ def _hash_safetensors(h, path: Path) -> None:
             h.update(f.read(min(SAMPLE_BYTES, end - begin)))
 
 
-def _hash_other(h, path: Path) -> None:
-    """A pickle weight file: its first and last MiB (its size is hashed by the caller)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-
-
 def fingerprint_base(model_path: str | Path) -> dict[str, Any]:
     """``{"path", "sha256", "files", "method"}`` of the DiT weights under ``model_path`` (a model
     folder of either layout, a DiT folder or one weight file)."""
@@ -80,8 +72,8 @@ def fingerprint_base(model_path: str | Path) -> dict[str, Any]:
         h.update(str(path.stat().st_size).encode())
         if path.suffix == ".safetensors":
             _hash_safetensors(h, path)
-        else:
-            _hash_other(h, path)
+        else:  # a pickle weight file: the checkpoint manifest's sampled digest
+            h.update(file_digest(path).encode())
     return {"path": str(Path(model_path).resolve()), "sha256": h.hexdigest(), "files": len(files), "method": METHOD}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,11 +30,11 @@ PHASE_CATEGORY = {"setup": "activations", "encode": "encoder_activations", "forw
 _aten = torch.ops.aten
 
 
+@dataclass(slots=True)
 class _Entry:
-    __slots__ = ("category", "host", "nbytes")
-
-    def __init__(self, nbytes: int, category: str, host: bool):
-        self.nbytes, self.category, self.host = nbytes, category, host
+    nbytes: int
+    category: str
+    host: bool
 
 
 class LiveBytes(TorchDispatchMode):
@@ -84,14 +85,6 @@ class LiveBytes(TorchDispatchMode):
                 self._add(e, +1)
         self._update_peak()
 
-    def category_of(self, t: torch.Tensor) -> str | None:
-        e = self._entries.get(t.untyped_storage())
-        return None if e is None else e.category
-
-    def is_host(self, t: torch.Tensor) -> bool:
-        e = self._entries.get(t.untyped_storage())
-        return bool(e is not None and e.host)
-
     def _update_peak(self) -> None:
         total = sum(self.device.values()) + sum(self.extra.values())
         self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
@@ -114,7 +107,8 @@ class LiveBytes(TorchDispatchMode):
             # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here, counted at
             # what CUDA's caching host allocator holds for it.
             out = _aten.clone.default(args[0])
-            category = self.category_of(args[0]) or PHASE_CATEGORY[self.phase]
+            source = self._entries.get(args[0].untyped_storage())
+            category = source.category if source is not None else PHASE_CATEGORY[self.phase]
             self.track([out], category=category, host=True, held=caching_host_bytes)
             return out
         if kwargs.get("pin_memory") and func in (_aten.empty.memory_format, _aten.empty_strided.default):
@@ -122,7 +116,8 @@ class LiveBytes(TorchDispatchMode):
             self.track([out], category=PHASE_CATEGORY[self.phase], host=True, held=caching_host_bytes)
             return out
         if func is _aten.is_pinned.default:
-            return self.is_host(args[0])
+            entry = self._entries.get(args[0].untyped_storage())
+            return bool(entry is not None and entry.host)
         out = func(*args, **kwargs)
         self.ops += 1
         flat, _ = tree_flatten(out)
