@@ -215,7 +215,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._faults.append(f"shard {url}: {type(exn).__name__}: {first or 'unreadable'} (empty or truncated tar?)")
         return True
 
-    def _bucket_of(self, raw: dict) -> tuple[int, int]:
+    def bucket_of(self, raw: dict) -> tuple[int, int]:
         meta = decode_meta(raw)  # SampleDecodeError when missing, invalid, not an object or mistyped
         if self.cached:
             lat = meta.get("latent_shape")
@@ -227,15 +227,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             return nearest_bucket(h, w, self.buckets)
         return self.spec.default_size or (h, w)
 
+    def example(self, raw: dict, size: tuple[int, int], rng: np.random.Generator) -> dict:
+        """One shard sample -> a training example at bucket ``size`` (cached: at its stored size)."""
+        if not self.cached:
+            return preprocess_raw(decode_sample(raw), self.spec, size, rng)
+        if self._text_embeds is None:
+            self._text_embeds = cached_text_embeds(self.spec.urls)
+        return preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
+
     def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
         rng = np.random.default_rng([self.spec.seed, epoch, index, 0x5EED])  # the sample's own random choices
-        if self.cached:
-            if self._text_embeds is None:
-                self._text_embeds = cached_text_embeds(self.spec.urls)
-            ex = preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
-        else:
-            ex = preprocess_raw(decode_sample(raw), self.spec, size, rng)
-        return {**ex, "index": index, "epoch": epoch}
+        return {**self.example(raw, size, rng), "index": index, "epoch": epoch}
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
@@ -264,7 +266,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             for index, raw in _shuffled(samples, spec.cfg.shuffle_buffer, shuffle_rng):
                 seen_any = True
                 try:
-                    size = self._bucket_of(raw)
+                    size = self.bucket_of(raw)
                 except Exception as e:  # unreadable json: skip before bucketing, count with the next batch
                     self._faults.append(f"{raw.get('__key__', '?')}: {e}")
                     continue

@@ -18,9 +18,8 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from train.config import Config
-from train.data import StreamSpec, cached_text_embeds, preprocess_cached, preprocess_raw, resolve_urls
+from train.data import ShardStream, StreamSpec, cached_text_embeds, resolve_urls
 from wan_animate.family import get_family
-from wan_animate.geometry import nearest_bucket
 from wan_animate.heldout import condition_sensitivity
 from wan_animate.samples import decode_cached_sample, decode_sample
 from wan_animate.video_io import VideoDecodeError, tensor_to_frames, write_video
@@ -119,24 +118,16 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
     """The first ``limit`` samples of ``urls`` (raw or ``cached`` shards) as one-sample DiT batches
     with the training recipe's random choices off (no dropout, no temporal-reference frames,
     animate mode; the clip window drawn from a seeded generator)."""
-    recipe = dataclasses.replace(cfg.data, temporal_ref_prob=0.0, text_dropout=0.0, face_dropout=0.0,
-                                 face_aug_prob=0.0, replace_prob=0.0)
+    recipe = dataclasses.replace(cfg.data, source="cached" if cached else "shards", temporal_ref_prob=0.0,
+                                 text_dropout=0.0, face_dropout=0.0, face_aug_prob=0.0, replace_prob=0.0)
     family = get_family(cfg.model.family)
-    spec = StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed, face_size=face_size,
-                      streams=tuple(family.streams))
-    text = cached_text_embeds(urls) if cached else None
+    stream = ShardStream(StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed,
+                                    face_size=face_size, streams=tuple(family.streams)))
     batches = []
     for i, raw in enumerate(tarfile_samples([{"url": u} for u in urls])):
         if len(batches) == limit:
             break
-        rng = np.random.default_rng([cfg.train.seed, i, 0x6A95])
-        if cached:
-            ex = preprocess_cached(decode_cached_sample(raw, text), spec, rng)
-        else:
-            s = decode_sample(raw)
-            h, w = s["video"].shape[-2:]
-            size = nearest_bucket(h, w, [tuple(b) for b in cfg.data.buckets]) if cfg.data.buckets else (h, w)
-            ex = preprocess_raw(s, spec, size, rng)
+        ex = stream.example(raw, stream.bucket_of(raw), np.random.default_rng([cfg.train.seed, i, 0x6A95]))
         batches.append(family.build_inputs([ex], pipe, device, dtype, cfg.data.clip_len))
     return batches
 

@@ -175,16 +175,13 @@ def write_config(cfg: Config, current: dict[str, Any], model_record: dict[str, A
     """``config.json`` of a new run; a resume keeps the original and records changed keys next to it."""
     out_dir = Path(cfg.train.output_dir)
     record = {**config_to_dict(cfg), "model": model_record, "launch": current}
-    path = out_dir / "config.json"
+    path, latest = out_dir / "config.json", checkpointing.latest_complete(out_dir)
     if path.is_file():
         old = _read_json(path)
-        if isinstance(old, dict) and (checkpointing.latest_complete(out_dir) is not None
-                                      or (out_dir / "summary.json").is_file()):
+        if isinstance(old, dict) and (latest is not None or (out_dir / "summary.json").is_file()):
             changed = _changed_keys(old, json.loads(json.dumps(record, default=str)))
             if changed:
-                latest = checkpointing.latest_complete(out_dir)
-                step = latest[0] if latest else 0
-                other = out_dir / f"config.resume-step-{step}.json"
+                other = out_dir / f"config.resume-step-{latest[0] if latest else 0}.json"
                 atomic_write_json(other, record, indent=1)
                 print(f"[train] resuming with changed settings ({', '.join(changed[:8])}"
                       f"{', ...' if len(changed) > 8 else ''}); config.json keeps the original, this launch's "

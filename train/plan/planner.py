@@ -50,6 +50,7 @@ from train.plan.engines import engine_of, parallel_terms
 from train.plan.report import candidate_options, format_plan, plan_result, with_overrides
 from train.plan.sequence import install_planned as install_planned_sequence_parallel
 from train.plan.track import LiveBytes
+from train.preflight import latent_geometry
 from wan_animate.family import DEFAULT_FAMILY, get_family
 from wan_animate.memory.pinned import aligned
 from wan_animate.objective import flow_matching_loss
@@ -297,18 +298,16 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     t0 = time.time()
     world = world_size or cfg.train.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     engine, stage = engine_of(cfg, world)
-    folder = model_folder(cfg)
-    mcfg, model_source = get_family(cfg.model.family).config(preset=cfg.model.preset, folder=folder)
+    family, folder = get_family(cfg.model.family), model_folder(cfg)
+    mcfg, model_source = family.config(preset=cfg.model.preset, folder=folder)
     shape = planned_shape(cfg)
-    t_lat = (cfg.data.clip_len - 1) // 4 + 1 + 1  # + reference slot
-    pt, ph, pw = mcfg.patch_size
-    hw = (shape[0] // 8 // ph) * (shape[1] // 8 // pw)
-    tokens = (t_lat // pt) * hw
-    if "driving" in get_family(cfg.model.family).streams:  # Animate-2: + the driving stream (no reference slot)
-        tokens += (t_lat - 1) // pt * hw
+    (_, t_lat, h, w), tokens = latent_geometry(cfg.data.clip_len, shape, mcfg)  # t_lat: + the reference slot
+    if "driving" in family.streams:  # Animate-2: + the driving stream (no reference slot)
+        pt, ph, pw = mcfg.patch_size
+        tokens += (t_lat - 1) // pt * (h // ph) * (w // pw)
     tracker = LiveBytes()
     with torch.device("meta"):
-        meta = (get_family(cfg.model.family).build(mcfg), build_meta_encoders(folder))
+        meta = (family.build(mcfg), build_meta_encoders(folder))
     with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
         install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only

@@ -23,6 +23,8 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
     # held while the next batch encodes (the planned step is a first one: the pool fills later).
     pool = tracker.host.get("activations", 0.0)
     step_host = max(tracker.host_peak, tracker.host_peak_by_phase.get("encode", 0.0) + pool) / GIB
+    host_ram = max(step_host, load_copy)
+    fits_host = None if cfg.train.plan_host_gib is None else host_ram <= cfg.train.plan_host_gib
     return {
         "peak_device_gib": round(peak, 3),
         "by_category": by_cat,
@@ -30,7 +32,7 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
         "peak_by_phase_gib": {k: round(v / GIB, 3) for k, v in tracker.peak_by_phase.items()},
         "host_pinned_gib": round(tracker.host_pinned_peak / GIB, 3),
         "host_encoders_gib": round(host_encoders, 3),
-        "host_ram_gib": round(max(step_host, load_copy), 3),
+        "host_ram_gib": round(host_ram, 3),
         "host_ram_by_phase_gib": {"load": round(load_copy, 3), "step": round(step_host, 3)},
         "host_ram_note": "the larger of loading (computed: the DiT read on the CPU in its load dtype, "
                          f"{load_copy:.1f} GiB, before any other model or buffer is on the host) and the step "
@@ -51,9 +53,7 @@ def plan_result(cfg: Config, tracker, **kw) -> dict[str, Any]:
         "sources": {"model": kw["model_source"], **(enc.sources if enc else {}),
                     "measured": "live storages of a full step on FakeTensorMode (LiveBytes)", **kw["notes"]},
         "budget_gib": budget, "host_budget_gib": cfg.train.plan_host_gib,
-        "fits_device": peak <= budget,
-        "fits_host": None if cfg.train.plan_host_gib is None else max(step_host, load_copy) <= cfg.train.plan_host_gib,
-        "fits": peak <= budget and (cfg.train.plan_host_gib is None or max(step_host, load_copy) <= cfg.train.plan_host_gib),
+        "fits_device": peak <= budget, "fits_host": fits_host, "fits": peak <= budget and fits_host is not False,
         "seconds": kw["seconds"], "ops": tracker.ops,
     }
 

@@ -40,9 +40,9 @@ class _Entry:
 class LiveBytes(TorchDispatchMode):
     """Running live bytes per category on the device (and on the pinned host), with the peak."""
 
-    def __init__(self, scale: dict[str, float] | None = None):
+    def __init__(self):
         super().__init__()
-        self.scale = dict(scale or {})
+        self.scale: dict[str, float] = {}  # set by a parallel model (``train.plan.engines``)
         self.phase = "setup"
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: list = []
