@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from data_tools.pose.backends import BACKENDS
 from data_tools.segment import SEGMENTERS
-from wan_animate.cli import check_overrides, expected_errors, fail, take_debug_flag
+from wan_animate.cli import check_overrides, expected_errors, take_debug_flag
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.geometry import RESIZE_MODES
 from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype_name, check_frames_4n1, to_dataclass
@@ -191,12 +191,8 @@ def run_hydra(app: str, cls, fn) -> None:
 
     @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(CONF_ROOT / app), config_name=app)
     def _main(cfg) -> None:
-        try:
+        with expected_errors("error: ", (ValueError, TypeError), debug=debug):  # the config's validation
             config = to_dataclass(cfg, cls)
-        except (ValueError, TypeError) as e:
-            if debug:
-                raise
-            fail("error: ", str(e))
         with expected_errors("error: ", debug=debug):
             fn(config)
 

@@ -83,11 +83,14 @@ def run_in_workers(fn: Callable, tasks: Iterable[Any], workers: int, *, initiali
     pending = iter(range(len(tasks)))
     done: dict[int, Any] = {}
     next_out = 0
-    try:
+
+    def hand_out() -> None:  # the next tasks to idle workers
         for w in pool:
-            idx = next(pending, None)
-            if idx is not None:
+            if w.current is None and (idx := next(pending, None)) is not None:
                 w.give(idx, tasks[idx])
+
+    try:
+        hand_out()
         last_check = time.monotonic()
         while next_out < len(tasks):
             try:
@@ -105,11 +108,7 @@ def run_in_workers(fn: Callable, tasks: Iterable[Any], workers: int, *, initiali
                     if w.current is not None and not w.proc.is_alive():
                         done[w.current] = WorkerDied(w.proc.exitcode)
                         pool[wid] = _Worker(ctx, wid, fn, initializer, initargs, results)
-            for w in pool:  # hand out the next tasks to idle workers
-                if w.current is None:
-                    idx = next(pending, None)
-                    if idx is not None:
-                        w.give(idx, tasks[idx])
+            hand_out()
             while next_out in done:
                 yield next_out, done.pop(next_out)
                 next_out += 1

@@ -226,13 +226,6 @@ def get_family(name: str) -> ModelFamily:
                      "(or package.module:ATTRIBUTE of your own ModelFamily).")
 
 
-def tensor_names(path: str | Path) -> list[str]:
-    """Tensor names of a checkpoint (file, denoiser folder or full model folder), headers only."""
-    from wan_animate.weights.source import open_source
-
-    return [name for shard in open_source(path).shards for name in shard.tensors]
-
-
 def family_of(model_or_path: nn.Module | str | Path, default: ModelFamily | None = None) -> ModelFamily:
     """The family whose tensor names a model or a checkpoint path carries (headers only). A full
     model folder that no family's layout check accepts raises the default family's reason
@@ -253,7 +246,9 @@ def family_of(model_or_path: nn.Module | str | Path, default: ModelFamily | None
                     reasons.append(e)
             else:
                 raise reasons[0]
-        names = tensor_names(path)
+        from wan_animate.weights.source import open_source
+
+        names = [name for shard in open_source(path).shards for name in shard.tensors]  # headers only
     found = [f for f in families if f.owns(names)]
     if not found and default is not None:
         return default

@@ -131,34 +131,27 @@ def _pooling_vae(vae) -> None:
         for o, i in pairs:
             conv.weight[o, i, t, ch, cw] = gain
 
-    def time_average(conv, channels):  # strided causal time conv: taps 1, 2 = the two new frames
-        for c in channels:
-            conv.weight[c, c, 1:, 0, 0] = 0.5
+    i4, i16 = torch.arange(4), torch.arange(16)  # channel indices (diagonals: channel c -> c)
 
     # ---- encoder: RGB + constant (4 ch) -> 2x2 average -> 4 copies -> 2x2 average -> quarters
     eye_center(enc.conv_in, [(c, c) for c in range(3)])
     enc.conv_in.bias[3] = _VAE_CONST
     blocks = enc.down_blocks
-    for c in range(4):  # downsample2d: ZeroPad(0,1,0,1) + 3x3 stride 2 -> taps (0..1, 0..1) = 2x2 mean
-        blocks[1].resample[1].weight[c, c, :2, :2] = 0.25
-    for k in range(4):  # residual 8 -> 16: its 1x1 shortcut copies (R, G, B, const) four times
-        for c in range(4):
-            blocks[2].conv_shortcut.weight[4 * k + c, c, 0, 0, 0] = 1.0
-    for c in range(16):
-        blocks[3].resample[1].weight[c, c, :2, :2] = 0.25
-    time_average(blocks[3].time_conv, range(16))
-    for k in range(4):  # space-to-depth: copy k keeps quarter (k // 2, k % 2) of its 2x2 neighbourhood
-        for c in range(3):
-            blocks[5].resample[1].weight[4 * k + c, 4 * k + c, k // 2, k % 2] = 1.0
+    # downsample2d: ZeroPad(0,1,0,1) + 3x3 stride 2 -> taps (0..1, 0..1) = 2x2 mean
+    blocks[1].resample[1].weight[i4, i4, :2, :2] = 0.25
+    blocks[2].conv_shortcut.weight[i16, i16 % 4, 0, 0, 0] = 1.0  # residual 8 -> 16: (R, G, B, const) x 4
+    blocks[3].resample[1].weight[i16, i16, :2, :2] = 0.25
+    blocks[3].time_conv.weight[i16, i16, 1:, 0, 0] = 0.5  # strided causal time conv: taps 1, 2 = the 2 new frames
+    # space-to-depth: copy k keeps quarter (k // 2, k % 2) of its 2x2 neighbourhood (RGB channels 4 k + c)
+    k, c = i4.repeat_interleave(3), torch.arange(3).repeat(4)
+    blocks[5].resample[1].weight[4 * k + c, 4 * k + c, k // 2, k % 2] = 1.0
     blocks[5].resample[1].weight[3, 3, 0, 0] = 1.0  # one constant channel
-    time_average(blocks[5].time_conv, range(16))
+    blocks[5].time_conv.weight[i16, i16, 1:, 0, 0] = 0.5
     enc.norm_out.gamma.fill_(_VAE_GAMMA)
     # norm_out: y = 4 g x / |x| with |x| ~ _VAE_CONST; SiLU(y) ~ y / 2 -> x ~ SiLU(y) * 2 C / (4 g)
     gain = 2 * _VAE_CONST / (4 * _VAE_GAMMA)
-    for k in range(4):
-        for c in range(3):
-            z = 3 * k + c
-            eye_center(enc.conv_out, [(z, 4 * k + c)], float(std[z] * _VAE_SCALE * gain))
+    z = torch.arange(12)  # latent channel 3 k + c <- feature channel 4 k + c (quarter k, colour c)
+    enc.conv_out.weight[z, 4 * (z // 3) + z % 3, -1, 1, 1] = std[z] * _VAE_SCALE * gain  # eye_center's tap
     eye_center(enc.conv_out, [(12, 3)], float(std[12] * _VAE_SCALE * gain / _VAE_CONST))
     enc.conv_out.bias[12] = -float(std[12] * _VAE_SCALE * gain / _VAE_CONST) * torch.nn.functional.silu(
         torch.tensor(4 * _VAE_GAMMA)).item()
@@ -179,8 +172,7 @@ def _pooling_vae(vae) -> None:
             if sampler.mode == "upsample3d":  # each latent frame -> two equal frames
                 half = sampler.time_conv.weight.shape[1]
                 eye_center(sampler.time_conv, [(c, c) for c in range(4)] + [(half + c, c) for c in range(4)])
-            for c in range(4):
-                sampler.resample[1].weight[c, c] = smooth2d
+            sampler.resample[1].weight[i4, i4] = smooth2d
     dec.norm_out.gamma.fill_(_VAE_GAMMA)
     width = dec.norm_out.gamma.shape[0]
     eye_center(dec.conv_out, [(c, c) for c in range(3)], 2 * _VAE_CONST / (width ** 0.5 * _VAE_GAMMA))

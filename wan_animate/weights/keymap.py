@@ -188,14 +188,9 @@ def _raise_unknown(unknown: list[str], direction: str) -> None:
     )
 
 
-def official_to_diffusers(
-    state_dict: Mapping[str, torch.Tensor], config: WanAnimateConfig, *, strict: bool = True
-) -> dict[str, torch.Tensor]:
-    """Official names -> diffusers ``WanAnimateTransformer3DModel`` names.
-
-    Blur kernels are dropped (diffusers re-creates them). With ``strict=False`` keys without a
-    diffusers name are passed through unchanged (so a later key-set check reports them).
-    """
+def official_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: WanAnimateConfig) -> dict[str, torch.Tensor]:
+    """Official names -> diffusers ``WanAnimateTransformer3DModel`` names (blur kernels dropped:
+    diffusers re-creates them)."""
     convs = _motion_conv_names(num_motion_res_blocks(config))
     blur = set(blur_kernel_keys(config))
     out: dict[str, torch.Tensor] = {}
@@ -213,7 +208,7 @@ def official_to_diffusers(
             out[convs[key]] = tensor.reshape(-1) if key.endswith(".bias") else tensor
             continue
         out[_table_key_or_keep(key, _OFFICIAL_TO_DIFFUSERS, unknown)] = tensor
-    if unknown and strict:
+    if unknown:
         _raise_unknown(unknown, "diffusers")
     return out
 
