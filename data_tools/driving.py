@@ -77,16 +77,15 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
         pose = retarget_pose(pose, ref_plan.pose(backend.extract_image(ref_img)))
     frames = plan.apply_all(frames_src)
     face, boxes = crop_faces(frames_src, pose_src, face_size)
-    paths = {"src_ref.png": out / "src_ref.png", "src_pose.mp4": out / "src_pose.mp4",
-             "src_face.mp4": out / "src_face.mp4"}
+    names = ("src_ref.png", "src_pose.mp4", "src_face.mp4", *(("src_bg.mp4", "src_mask.mp4") if replace else ()),
+             "src_meta.json")
+    paths = {name: out / name for name in names}
     cv2.imwrite(str(paths["src_ref.png"]), ref_out[..., ::-1])
     write_video(paths["src_pose.mp4"], render_pose(pose, h, w), out_fps)
     write_video(paths["src_face.mp4"], face, out_fps)
     if replace:
         masks = seg.masks(frames, pose=pose)  # replace mode: pose is the driving person's, in frame pixels
         seg.close()
-        paths["src_bg.mp4"] = out / "src_bg.mp4"
-        paths["src_mask.mp4"] = out / "src_mask.mp4"
         write_video(paths["src_bg.mp4"], background(frames, masks), out_fps)
         write_video(paths["src_mask.mp4"], np.repeat((masks * 255).astype(np.uint8)[..., None], 3, -1), out_fps)
     meta = {"video": str(video), "ref": str(ref), "fps": out_fps, "height": h, "width": w,
@@ -94,7 +93,6 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
             "replace": replace, "pose_backend": pose_backend, "keypoints": pose.to_dict(),
             "segmenter": segmenter if replace else None,
             "face_boxes_source": np.round(boxes, 2).tolist()}
-    paths["src_meta.json"] = out / "src_meta.json"
     atomic_write_json(paths["src_meta.json"], meta, indent=None)
     return paths
 

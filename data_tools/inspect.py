@@ -132,13 +132,9 @@ def contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:
     """reference | frames | pose | face [| driving] for one decoded raw sample, uint8 [height, W, 3]."""
     t = d["video"].shape[1]
     picks = np.linspace(0, t - 1, num_frames).round().astype(int)
-    video, pose, face = (tensor_to_frames(d[k]) for k in ("video", "pose", "face"))
+    streams = ("video", "pose", "face", "driving") if "driving" in d else ("video", "pose", "face")
     ref = tensor_to_frames(d["ref"][:, None])[0]
-    groups = [[ref], [video[i] for i in picks], [pose[i] for i in picks], [face[i] for i in picks]]
-    if "driving" in d:
-        driving = tensor_to_frames(d["driving"])
-        groups.append([driving[i] for i in picks])
-    return _strip(groups, height)
+    return _strip([[ref], *(list(tensor_to_frames(d[k])[picks]) for k in streams)], height)
 
 
 def _latent_image(lat) -> np.ndarray:

@@ -231,12 +231,9 @@ class Sam2Segmenter:
             # memory attends to (prompts added without this step would be ignored by propagation)
             logits[p["frame"]] = self.model(inference_session=video_state, frame_idx=p["frame"]).pred_masks
         first = min(p["frame"] for p in prompts)
-        bar = self.progress
-        for out in self.model.propagate_in_video_iterator(video_state, start_frame_idx=first, show_progress_bar=bar):
-            logits[out.frame_idx] = out.pred_masks
-        if first > 0:
-            for out in self.model.propagate_in_video_iterator(video_state, start_frame_idx=first, reverse=True,
-                                                              show_progress_bar=bar):
+        for reverse in (False, True) if first > 0 else (False,):  # forward from the first keyframe, then back
+            for out in self.model.propagate_in_video_iterator(video_state, start_frame_idx=first, reverse=reverse,
+                                                              show_progress_bar=self.progress):
                 logits[out.frame_idx] = out.pred_masks
         masks = np.zeros((n, h, w), bool)
         for t, lo in logits.items():  # lo: [objects=1, 1, h', w'] logits

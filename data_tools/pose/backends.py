@@ -34,10 +34,8 @@ WHOLEBODY_RIGHT_HAND = slice(112, 133)
 def wholebody_to_pose(kps: np.ndarray, height: int, width: int) -> PoseSequence:
     """COCO-WholeBody keypoints float [T, 133, 3] (pixels, score) -> PoseSequence."""
     kps = np.asarray(kps, np.float32)
-    a = kps[:, [p[0] for p in WHOLEBODY_BODY_PAIRS]]
-    b = kps[:, [p[1] for p in WHOLEBODY_BODY_PAIRS]]
-    body = (a + b) / 2
-    return PoseSequence(body, kps[:, WHOLEBODY_LEFT_HAND], kps[:, WHOLEBODY_RIGHT_HAND], kps[:, WHOLEBODY_FACE],
+    a, b = (kps[:, list(points)] for points in zip(*WHOLEBODY_BODY_PAIRS))
+    return PoseSequence((a + b) / 2, kps[:, WHOLEBODY_LEFT_HAND], kps[:, WHOLEBODY_RIGHT_HAND], kps[:, WHOLEBODY_FACE],
                         height, width)
 
 

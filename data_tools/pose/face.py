@@ -98,15 +98,12 @@ def face_boxes(pose: PoseSequence, *, threshold: float = 0.5, smooth_window: int
     centre = (raw[:, :2] + raw[:, 2:]) / 2
     size = raw[:, 2:] - raw[:, :2]
     centre, size = _smooth(centre, smooth_window), _smooth(size, smooth_window)
-    boxes = np.concatenate([centre - size / 2, centre + size / 2], 1)
-    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, pose.width)
-    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, pose.height)
+    frame = np.array([pose.width, pose.height])
+    lo, hi = np.clip(centre - size / 2, 0, frame), np.clip(centre + size / 2, 0, frame)
     # Keep at least 2 px so a crop always exists.
-    boxes[:, 2] = np.maximum(boxes[:, 2], np.minimum(boxes[:, 0] + 2, pose.width))
-    boxes[:, 3] = np.maximum(boxes[:, 3], np.minimum(boxes[:, 1] + 2, pose.height))
-    boxes[:, 0] = np.minimum(boxes[:, 0], boxes[:, 2] - 2)
-    boxes[:, 1] = np.minimum(boxes[:, 1], boxes[:, 3] - 2)
-    boxes = boxes.astype(np.float32)
+    hi = np.maximum(hi, np.minimum(lo + 2, frame))
+    lo = np.minimum(lo, hi - 2)
+    boxes = np.concatenate([lo, hi], 1).astype(np.float32)
     return (boxes, source) if return_source else boxes
 
 
