@@ -90,6 +90,11 @@ def _obj(spec: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _call(attr: str):
+    """A method that calls the object the family's ``attr`` names, with the method's arguments."""
+    return lambda self, *args, **kwargs: _obj(getattr(self, attr))(*args, **kwargs)
+
+
 class FamilyBase:
     """The members that only name the family's objects (``"module:attribute"``, imported on first
     use, so that ``wan_animate.family`` stays light): its config class (``preset(name)``) and
@@ -102,6 +107,12 @@ class FamilyBase:
     adapter_prefixes: tuple[str, ...] = ()
     _presets = _config_class = _read_config = _model = _pipeline = _load = _save = ""
     _convert = _inspect = _sequence_parallel = _build_inputs = _predict = ""
+    _set_precision = "wan_animate.model:set_precision"
+
+    # the members that only call the object they name (arguments and meaning: ``ModelFamily``)
+    build, load, save, convert = _call("_model"), _call("_load"), _call("_save"), _call("_convert")
+    apply_sequence_parallel, set_precision = _call("_sequence_parallel"), _call("_set_precision")
+    build_inputs, predict = _call("_build_inputs"), _call("_predict")
 
     @property
     def presets(self) -> tuple[str, ...]:
@@ -120,22 +131,9 @@ class FamilyBase:
             raise ValueError(f"{folder}: no config.json (or transformer/config.json) and no preset given.")
         return _obj(self._config_class).preset(preset), f"preset {preset!r}"
 
-    def build(self, config) -> nn.Module:
-        return _obj(self._model)(config)
-
     def dit_path(self, model_folder: str | Path) -> Path:
         folder = Path(model_folder)
         return folder / "transformer" if self.pipeline_class.detect_layout(folder) == "diffusers" else folder
-
-    def load(self, path, *, dtype, device, config=None) -> nn.Module:
-        return _obj(self._load)(path, dtype=dtype, device=device, config=config)
-
-    def save(self, model, path, *, layout, metadata=None, config=None):
-        return _obj(self._save)(model, path, layout=layout, metadata=metadata, config=config)
-
-    def convert(self, src, dst, to, *, dtype=None, max_shard_size="5GB", config=None) -> list[Path]:
-        """Stream a checkpoint into the ``official`` or ``diffusers`` layout, shard by shard."""
-        return _obj(self._convert)(src, dst, to, dtype=dtype, max_shard_size=max_shard_size, config=config)
 
     def inspect(self, path) -> dict[str, Any]:
         """Family, layout, config and size of a checkpoint, from its headers only."""
@@ -144,22 +142,8 @@ class FamilyBase:
     def export_lora(self, lora_file: Path) -> dict[str, str]:
         return {}
 
-    def apply_sequence_parallel(self, model, group):
-        return _obj(self._sequence_parallel)(model, group)
-
-    def set_precision(self, model, dtype):
-        from wan_animate.model import set_precision
-
-        return set_precision(model, dtype)
-
     def stream_sizes(self, config) -> dict[str, int | None]:
         return dict(self.streams)
-
-    def build_inputs(self, examples, encoders, device, dtype, clip_len):
-        return _obj(self._build_inputs)(examples, encoders, device, dtype, clip_len)
-
-    def predict(self, model, noisy, timesteps, batch):
-        return _obj(self._predict)(model, noisy, timesteps, batch)
 
 
 class WanAnimateFamily(FamilyBase):
