@@ -43,15 +43,14 @@ def official_sigmas(solver: str, steps: int) -> np.ndarray:
 
 
 def make_scheduler(solver: str = "unipc", *, shift: float = 5.0):
-    """A fresh diffusers scheduler for ``solver`` with the flow-matching ``shift``."""
+    """A fresh diffusers scheduler for ``solver`` with the flow-matching ``shift`` (> 0: the caller's
+    sampling settings are checked where they are read, ``wan_animate.pipeline.check_sampling``)."""
     from diffusers import (
         DPMSolverMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
         UniPCMultistepScheduler,
     )
 
-    if shift <= 0:
-        raise ValueError(f"shift={shift} must be > 0 (official default 5.0).")
     flow = dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
                 use_flow_sigmas=True, flow_shift=shift, solver_order=2)
     if solver == "unipc":
@@ -81,8 +80,6 @@ def set_schedule(scheduler, steps: int, device=None) -> None:
     given the grid in the two fields its ``set_timesteps`` derives: ``sigmas`` (float32, final 0)
     and ``timesteps`` (``1000 * sigma`` truncated to int64) - the official scheduler's derivation.
     """
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1.")
     solver = _solver_of(scheduler)
     grid = official_sigmas(solver, steps)
     if "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
@@ -120,7 +117,7 @@ def sample(
     if guide_scale < 1.0:
         raise ValueError(f"guide_scale={guide_scale} must be >= 1 (1 disables guidance).")
     scheduler = make_scheduler(solver, shift=shift)
-    set_schedule(scheduler, steps, device=noise.device)  # refuses steps < 1
+    set_schedule(scheduler, steps, device=noise.device)
     latents = noise.float()
     for t in scheduler.timesteps:
         t_batch = t.expand(latents.shape[0]).to(latents.device)
