@@ -155,15 +155,11 @@ def character_keypoints(ch: Character, st: FrameState, height: int, width: int):
                ank_l, eye_r, eye_l, ear_r, ear_l, toe_l, toe_r]
     body = np.array([[x, y, 1.0] for x, y in body_xy], np.float32)
 
-    def hand(wrist, elbow):
-        dx, dy = wrist[0] - elbow[0], wrist[1] - elbow[1]
-        base = math.atan2(dy, dx)
-        pts = [wrist]
-        for f in range(5):
-            a = base + (f - 2) * 0.35
-            for j in range(1, 5):
-                d = 0.012 * H * j
-                pts.append((wrist[0] + d * math.cos(a), wrist[1] + d * math.sin(a)))
+    def hand(wrist, elbow):  # five straight fingers of 4 joints fanned around the forearm's direction
+        base = math.atan2(wrist[1] - elbow[1], wrist[0] - elbow[0])
+        fingers = [base + (f - 2) * 0.35 for f in range(5)]
+        pts = [wrist] + [(wrist[0] + 0.012 * H * j * math.cos(a), wrist[1] + 0.012 * H * j * math.sin(a))
+                         for a in fingers for j in range(1, 5)]
         return np.array([[x, y, 1.0] for x, y in pts], np.float32)
 
     eye_rx, eye_ry = 0.2 * r, max(0.12 * r * st.eye_open, 0.02 * r)

@@ -59,11 +59,10 @@ class _ShardWriter:
         self.single_file = dst.suffix == ".safetensors"
         # planned on meta tensors: tensors sharing a storage (views, memory-mapped files) would
         # otherwise be grouped and sized by their whole storage
-        split = split_torch_state_dict_into_shards(
+        self.split = split_torch_state_dict_into_shards(
             {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in plan.items()}, filename_pattern=WEIGHTS_NAME + "{suffix}.safetensors",
             max_shard_size=max(2**62, max_bytes) if self.single_file else max_bytes)
-        self.split = split
-        self.waiting = {f: set(names) for f, names in split.filename_to_tensors.items()}
+        self.waiting = {f: set(names) for f, names in self.split.filename_to_tensors.items()}
         self.buffers: dict[str, dict[str, torch.Tensor]] = {f: {} for f in self.waiting}
         self.written: dict[str, Path] = {}  # final name -> temporary file
         (dst.parent if self.single_file else dst).mkdir(parents=True, exist_ok=True)
