@@ -227,9 +227,7 @@ def resume_point(acc, output_dir: str | Path) -> Path | None:
 def load_checkpoint(acc, path: Path, load_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collective. Restores accelerate's state (model, optimizer, RNG) and returns this rank's
     ``Trainer.state_dict()`` from the files (``scheduler`` is None in checkpoints written before the
-    scheduler state was saved)."""
-    if not (path / COMPLETE).is_file():
-        raise RuntimeError(f"{path} has no {COMPLETE} mark; refusing to load a half-written checkpoint.")
+    scheduler state was saved). ``path``: a complete checkpoint (``resume_point``)."""
     acc.load_state(str(path), **(load_kwargs or {}))
     rng_file = path / f"rng-rank{acc.process_index}.safetensors"
     if not rng_file.is_file():

@@ -83,14 +83,10 @@ def write_manifest(folder: str | Path) -> Path:
 
 
 def manifest_problem(folder: str | Path) -> str | None:
-    """None when every file the manifest lists is there with its size and hash; else what is wrong.
-    A folder without a manifest (written before manifests existed) is accepted."""
+    """None when every file the manifest lists is there with its size and hash; else what is wrong."""
     folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
     try:
-        files = json.loads(path.read_text())["files"]
+        files = json.loads((folder / MANIFEST).read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} does not parse ({e})"
     for rel, want in files.items():
@@ -120,7 +116,7 @@ def _safetensors_problem(folder: Path) -> str | None:
 
 def damage(folder: str | Path) -> str | None:
     """What is wrong with the checkpoint's files (manifest, or safetensors headers where there is
-    no manifest), None when nothing is found. Pickles: ``check_pickles``."""
+    no manifest: written before manifests existed), None when nothing is found. Pickles: ``check_pickles``."""
     folder = Path(folder)
     return manifest_problem(folder) if (folder / MANIFEST).is_file() else _safetensors_problem(folder)
 

@@ -22,6 +22,9 @@ UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "n
             "use_cache": False, "tie_word_embeddings": False}
 CLIP_VIT_H14 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
                 "image_size": 224, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-5}
+PUBLISHED = {"vae": "Wan2.1 VAE (diffusers AutoencoderKLWan defaults)",  # where sizes come from without a folder
+             "text_encoder": "umT5-XXL encoder (published sizes)",
+             "image_encoder": "CLIP ViT-H/14 vision tower (published sizes)"}
 
 
 def _folder_config(path: str | None, sub: str) -> dict | None:
@@ -36,24 +39,15 @@ def build_meta_encoders(model_path: str | None) -> tuple[dict[str, torch.nn.Modu
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    sources = {}
-    vae_cfg = _folder_config(model_path, "vae")
-    t5_cfg = _folder_config(model_path, "text_encoder")
-    clip_cfg = _folder_config(model_path, "image_encoder")
+    found = {name: _folder_config(model_path, name) for name in PUBLISHED}
+    sources = {name: f"{model_path}/{name}/config.json" if c else PUBLISHED[name] for name, c in found.items()}
+    vae_keys = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
+    clip_cfg = {k: v for k, v in (found["image_encoder"] or CLIP_VIT_H14).items()
+            if k not in ("architectures", "model_type", "transformers_version")}
     with torch.device("meta"):
-        if vae_cfg:
-            keys = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
-            vae = AutoencoderKLWan(**{k: v for k, v in vae_cfg.items() if k in keys})
-            sources["vae"] = f"{model_path}/vae/config.json"
-        else:
-            vae = AutoencoderKLWan()
-            sources["vae"] = "Wan2.1 VAE (diffusers AutoencoderKLWan defaults)"
-        t5 = UMT5EncoderModel(UMT5Config(**(t5_cfg or UMT5_XXL)))
-        sources["text_encoder"] = f"{model_path}/text_encoder/config.json" if t5_cfg else "umT5-XXL encoder (published sizes)"
-        clip = CLIPVisionModel(CLIPVisionConfig(**{k: v for k, v in (clip_cfg or CLIP_VIT_H14).items()
-                                                 if k not in ("architectures", "model_type", "transformers_version")}))
-        sources["image_encoder"] = (f"{model_path}/image_encoder/config.json" if clip_cfg
-                                    else "CLIP ViT-H/14 vision tower (published sizes)")
+        vae = AutoencoderKLWan(**{k: v for k, v in (found["vae"] or {}).items() if k in vae_keys})
+        t5 = UMT5EncoderModel(UMT5Config(**(found["text_encoder"] or UMT5_XXL)))
+        clip = CLIPVisionModel(CLIPVisionConfig(**clip_cfg))
     return {"vae": vae, "text_encoder": t5, "image_encoder": clip}, sources
 
 

@@ -153,16 +153,11 @@ def _examples(cfg: Config, mcfg, shape: tuple[int, int]) -> list[dict[str, Any]]
 def _to_empty_keeping_ties(module: torch.nn.Module) -> None:
     """``to_empty`` that keeps shared parameters shared (umT5's token embedding is one tensor under
     two names; under the fake mode ``to_empty`` would give each name its own copy)."""
-    slots: dict[int, list] = {}
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                slots.setdefault(id(p), []).append((m, name))
+    from accelerate.utils import find_tied_parameters, retie_parameters
+
+    tied = find_tied_parameters(module)
     module.to_empty(device="cpu")
-    for same in slots.values():
-        first = same[0][0]._parameters[same[0][1]]
-        for m, name in same[1:]:
-            m._parameters[name] = first
+    retie_parameters(module, tied)
 
 
 def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = False) -> dict[str, Any]:
