@@ -53,16 +53,12 @@ def _group_metrics(gen: np.ndarray, drv: np.ndarray, norm: np.ndarray, threshold
     found = ref & (gen[..., 2] >= threshold)
     dist = np.linalg.norm(gen[..., :2] - drv[..., :2], axis=-1) / np.where(np.isfinite(norm), norm, 1.0)[:, None]
     n_ref = int(ref.sum())
-    out = {"points": n_ref}
-    if n_ref == 0:
-        out.update({"error": float("nan"), "detected": float("nan"),
-                    **{f"pck@{a:g}": float("nan") for a in pck_thresholds}})
-        return out
-    out["error"] = float(dist[found].mean()) if found.any() else float("nan")
-    out["detected"] = float(found.sum() / n_ref)
-    for a in pck_thresholds:
-        out[f"pck@{a:g}"] = float((found & (dist <= a)).sum() / n_ref)
-    return out
+
+    def share(mask: np.ndarray) -> float:  # of the judged driving points; NaN when none is judged
+        return float(mask.sum() / n_ref) if n_ref else float("nan")
+
+    return {"points": n_ref, "error": float(dist[found].mean()) if found.any() else float("nan"),
+            "detected": share(found), **{f"pck@{a:g}": share(found & (dist <= a)) for a in pck_thresholds}}
 
 
 def motion_metrics(generated: PoseSequence, driving: PoseSequence, *, threshold: float = 0.5,
@@ -77,8 +73,7 @@ def motion_metrics(generated: PoseSequence, driving: PoseSequence, *, threshold:
                   np.concatenate([driving.left_hand, driving.right_hand], 1)),
     }
     for name, (g, d) in groups.items():
-        for k, v in _group_metrics(g, d, norm, threshold, pck_thresholds).items():
-            out[f"{name}_{k}"] = v
+        out.update({f"{name}_{k}": v for k, v in _group_metrics(g, d, norm, threshold, pck_thresholds).items()})
     return out
 
 

@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from wan_animate.weights.files import WeightsFileError, load_torch_file
 
 # Indices of the torchvision ``features`` Sequential that end each LPIPS tap (exclusive).
@@ -119,7 +120,7 @@ class LPIPS(nn.Module):
         fa, fb = self._taps((a - self.shift) / self.scale), self._taps((b - self.shift) / self.scale)
         total = 0.0
         for lin, x, y in zip(self.lins, fa, fb):
-            diff = (_unit(x) - _unit(y)) ** 2
+            diff = (F.normalize(x, dim=1, eps=1e-10) - F.normalize(y, dim=1, eps=1e-10)) ** 2  # unit over channels
             total = total + lin(diff).mean(dim=(2, 3))  # [N, 1]
         return total[:, 0]
 
@@ -145,10 +146,6 @@ class LPIPS(nn.Module):
             b = torch.from_numpy(t[i : i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
             out.append(self(a, b).cpu())
         return float(torch.cat(out).mean())
-
-
-def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    return x / (torch.sqrt((x * x).sum(dim=1, keepdim=True)) + eps)
 
 
 def _tap_channels(features: nn.Sequential, end: int) -> int:

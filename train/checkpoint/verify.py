@@ -58,16 +58,14 @@ def _files(folder: Path) -> Iterator[Path]:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size <= _FULL_HASH_LIMIT:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            for offset in (0, size // 2, size - _SAMPLE):
-                f.seek(offset)
-                h.update(f.read(_SAMPLE))
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        for offset in (0, size // 2, size - _SAMPLE):
+            f.seek(offset)
+            h.update(f.read(_SAMPLE))
     return h.hexdigest()
 
 
