@@ -181,9 +181,10 @@ class EvalConfig:
             raise ValueError("fps must be > 0")
 
 
-# Values that do not change a cell's results stay out of its folder name.
-UNNAMED_KEYS = ["out_dir", "model_dir", "eval_set", "skip_finished", "save_videos", "device", "name",
-                "wandb.enabled", "wandb.mode", "wandb.project"]
+# Config fields that do not change a cell's numbers (a rerun with other values still skips it); they
+# stay out of its folder name, with the model and the eval set (wandb.* / metrics.*: eval.main.cell_name).
+NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device", "name")
+UNNAMED_KEYS = ["model_dir", "eval_set", *NON_RESULT_FIELDS]
 CONF_ROOT = Path(__file__).resolve().parent.parent / "conf" / "eval"  # eval's own config root: presets only
 
 

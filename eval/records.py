@@ -16,14 +16,12 @@ import math
 from omegaconf.errors import MissingMandatoryValue
 from pathlib import Path
 
-from eval.config import EvalConfig
+from eval.config import NON_RESULT_FIELDS, EvalConfig
 from wan_animate.files import atomic_write_json, atomic_write_text, dumps_strict, strict_json
 from wan_animate.options import to_dataclass
 
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.jsonl"
-# Config fields that do not change a cell's numbers (a rerun with other values still skips it).
-NON_RESULT_FIELDS = ("out_dir", "skip_finished", "wandb", "save_videos", "device", "name")
 # Record sections whose leaves are numbers: "inf" / "-inf" there are decoded back to floats.
 NUMERIC_SECTIONS = ("metrics", "per_sample")
 INFINITIES = {"inf": math.inf, "-inf": -math.inf}

@@ -204,10 +204,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._faults: list[str] = []  # found since the last emitted batch (shard or json faults)
         self.buckets = [tuple(b) for b in spec.cfg.buckets]
 
-    # -- raw member iteration
-    def _raw_samples(self, urls: list[str]) -> Iterator[dict]:
-        return tarfile_samples(({"url": u} for u in urls), handler=self._shard_fault)
-
     def _shard_fault(self, exn: Exception) -> bool:
         """webdataset's handler for a shard that does not open or read to its end: note it, go on."""
         url = next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
@@ -258,8 +254,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             if shard_split:
                 urls = urls[reader::readers]
             shuffle_rng = np.random.default_rng([spec.seed, epoch, reader, 0xB0F])
+            raws = tarfile_samples(({"url": u} for u in urls), handler=self._shard_fault)
             # index per sample for its seeds: (reader, position) when readers split the shards
-            samples = (((reader, i) if shard_split else i, raw) for i, raw in enumerate(self._raw_samples(urls))
+            samples = (((reader, i) if shard_split else i, raw) for i, raw in enumerate(raws)
                        if shard_split or i % readers == reader)
             pending: dict[tuple[int, int], list[tuple[int, dict]]] = {}
             seen_any = emitted = False
