@@ -179,8 +179,7 @@ def load_pair(folder: Path, preprocess_args: dict, cache_dir: Path | None) -> Ev
 
         preprocess_driving(videos[0], images[0], out, **preprocess_args)
         meta = json.loads((out / "src_meta.json").read_text())
-        frames, fps = read_video(videos[0])
-        frames = frames[np.asarray(meta["frame_indices"])]
+        frames = _read(videos[0])[np.asarray(meta["frame_indices"])]
         plan = ResizePlan(frames.shape[1], frames.shape[2], meta["height"], meta["width"], "crop")
         write_video(out / "driving.mp4", plan.apply_all(frames), meta["fps"])
     return load_preprocessed(out, folder.name)

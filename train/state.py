@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable
 
 import torch
@@ -43,9 +43,8 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self.total_nonfinite = int(state.get("total_nonfinite", 0))
-        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
+        for f in fields(self):
+            setattr(self, f.name, int(state[f.name]))
 
 
 class EMA:
