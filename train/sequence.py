@@ -62,6 +62,11 @@ def check_first_batch(layout: SequenceLayout, batch: dict[str, Any], generator: 
     layout.checked = True
 
 
+def record(layout: SequenceLayout) -> dict[str, int]:
+    """What a checkpoint records about the layout (merged into its ``trainer_state.json``)."""
+    return {STATE_KEY: layout.size}
+
+
 def check_resume(layout: SequenceLayout, saved_train_state: dict[str, Any], where: str = "the checkpoint") -> None:
     """Refuse a resume with another N: the per-rank data positions and noise generators are those of
     the saved layout (checkpoints without the record were written with N = 1)."""

@@ -239,7 +239,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state besides accelerate's (model, optimizer, RNG): what checkpoints add."""
         return {
-            "train": {**self.state.state_dict(), sequence.STATE_KEY: self.sp.size},  # the layout a resume needs
+            "train": {**self.state.state_dict(), **sequence.record(self.sp)},
             "scheduler": self.scheduler.state_dict(),
             "data": self._data.state_dict() if self._data is not None else dict(self._data_state),
             "rng": self.generator.get_state(),
