@@ -63,15 +63,11 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
                 scale = 1.0 if precision == "bf16" else 0.5  # tf32
                 return tf * 1e12 * scale, f"{name} datasheet"
         return 100e12, f"{name} (unknown, assumed 100 TFLOP/s)"
+    from torch.utils.benchmark import Timer
+
     n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
-        a @ b
-    dt = time.perf_counter() - t0
-    return 2 * n ** 3 * reps / dt, "measured fp32 matmul"
+    timer = Timer("a @ b", globals={"a": torch.randn(n, n), "b": torch.randn(n, n)}, num_threads=torch.get_num_threads())
+    return 2 * n ** 3 / timer.timeit(10).mean, "measured fp32 matmul"
 
 
 def peak_memory_gib(device: torch.device) -> float:

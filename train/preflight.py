@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.config import Config, ConfigError
-from train.data import REMOTE
 from wan_animate.family import family_of, get_family
 from wan_animate.geometry import nearest_bucket
 from wan_animate.samples import shard_keys
@@ -33,7 +32,7 @@ class DataFacts:
 
 def _first_shard_metas(url: str, limit: int = 256) -> list[dict]:
     """The ``json`` of the first shard's samples (up to ``limit``); [] when it cannot be read here."""
-    if url.startswith(REMOTE) or not Path(url).is_file():
+    if not Path(url).is_file():  # remote or piped shards: not read here
         return []
     metas = []
     try:

@@ -56,17 +56,16 @@ def _first_raw(url: str) -> dict:
     return next(iter(tarfile_samples([{"url": url}])))
 
 
-def raw_inputs(url: str, clip_len: int, streams: tuple[str, ...] = ("pose", "face")) -> dict:
+def raw_inputs(url: str, clip_len: int, streams: tuple[str, ...]) -> dict:
     """First sample of raw shards -> uint8 frames ``ref``, ``truth``, one per driving stream
     (``pose``, ``face``, ...) + ``caption``, ``fps``."""
     s = decode_sample(_first_raw(url))
-    n = clip_len
-    return {"ref": tensor_to_frames(s["ref"]), "truth": tensor_to_frames(s["video"][:, :n]),
-            **{k: tensor_to_frames(s[k][:, :n]) for k in streams},
+    return {"ref": tensor_to_frames(s["ref"]), "truth": tensor_to_frames(s["video"][:, :clip_len]),
+            **{k: tensor_to_frames(s[k][:, :clip_len]) for k in streams},
             "caption": s.get("caption"), "fps": float(s["meta"].get("fps", 30.0))}
 
 
-def cached_inputs(urls: list[str], vae, streams: tuple[str, ...] = ("pose", "face")) -> dict:
+def cached_inputs(urls: list[str], vae, streams: tuple[str, ...]) -> dict:
     """First sample of cached shards -> the same frames, its latents decoded with the frozen VAE."""
     text = cached_text_embeds(urls)
     s = decode_cached_sample(_first_raw(urls[0]), text)
