@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from wan_animate.video_io import frames_to_tensor
 from wan_animate.weights.files import WeightsFileError, load_torch_file
 
 # Indices of the torchvision ``features`` Sequential that end each LPIPS tap (exclusive).
@@ -142,8 +143,7 @@ class LPIPS(nn.Module):
         dev = self.shift.device
         out = []
         for i in range(0, len(g), batch_size):
-            a = torch.from_numpy(g[i : i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
-            b = torch.from_numpy(t[i : i + batch_size]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            a, b = (frames_to_tensor(v[i : i + batch_size]).transpose(0, 1).to(dev) for v in (g, t))  # [N, 3, H, W]
             out.append(self(a, b).cpu())
         return float(torch.cat(out).mean())
 

@@ -10,7 +10,7 @@ inputs, encoder weights). Host storages are summed apart, pinned ones at what th
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -90,9 +90,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
         if total > self.peak:
             self.peak = total
-            # a computed term adds to the measured bytes of its category (never hides them)
-            self.peak_by_category = {k: self.device.get(k, 0.0) + self.extra.get(k, 0.0)
-                                     for k in {*self.device, *self.extra} if self.device.get(k, 0.0) + self.extra.get(k, 0.0)}
+            # a computed term adds to the measured bytes of its category (never hides them); empty ones dropped
+            self.peak_by_category = dict(Counter(self.device) + Counter(self.extra))
             self.peak_phase = self.phase
         host = sum(self.host.values())
         self.host_peak = max(self.host_peak, host)
