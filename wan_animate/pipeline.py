@@ -51,9 +51,7 @@ class NonFiniteOutputError(RuntimeError):
 
 def padded_length(num_frames: int, clip_len: int, refert_num: int) -> int:
     """Smallest ``n * (clip_len - refert_num) + refert_num >= num_frames``."""
-    step = clip_len - refert_num
-    rest = (num_frames - refert_num) % step
-    return num_frames + (0 if rest == 0 else step - rest)
+    return num_frames + (refert_num - num_frames) % (clip_len - refert_num)
 
 
 def num_segments(num_frames: int, clip_len: int, refert_num: int) -> int:
@@ -62,11 +60,7 @@ def num_segments(num_frames: int, clip_len: int, refert_num: int) -> int:
 
 def mirror_indices(num_frames: int, target: int) -> np.ndarray:
     """Indices walking forward and back over ``num_frames``: 5 -> 10 gives 0 1 2 3 4 3 2 1 0 1."""
-    if num_frames == 1:
-        return np.zeros(target, dtype=np.int64)
-    period = 2 * (num_frames - 1)
-    k = np.arange(target) % period
-    return np.where(k < num_frames, k, period - k).astype(np.int64)
+    return np.pad(np.arange(num_frames, dtype=np.int64), (0, target - num_frames), mode="reflect")
 
 
 # ---------------------------------------------------------------------------- input checks

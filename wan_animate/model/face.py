@@ -50,11 +50,8 @@ class FaceEncoder(nn.Module):
 
     @staticmethod
     def num_latent_frames(num_pixel_frames: int) -> int:
-        """Frames left after the two stride-2 causal convs (77 -> 39 -> 20)."""
-        n = num_pixel_frames
-        for _ in range(2):
-            n = (n - 1) // 2 + 1
-        return n
+        """Frames left after the two stride-2 causal convs (77 -> 39 -> 20): (n - 1) // 2 + 1, twice."""
+        return (num_pixel_frames - 1) // 4 + 1
 
     def forward(self, motion: torch.Tensor) -> torch.Tensor:
         """motion [B, F, motion_encoder_dim] -> face tokens [B, T, num_heads + 1, dim]."""
