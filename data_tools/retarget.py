@@ -69,8 +69,7 @@ def _anchor(body: np.ndarray, full_body: bool, threshold: float) -> np.ndarray:
 def retarget_pose(driving: PoseSequence, reference: PoseSequence, *, threshold: float = 0.5) -> PoseSequence:
     """Driving keypoints re-proportioned to the reference's limbs. Both must be in the same frame
     size (the output canvas); ``reference`` is one frame."""
-    if (driving.height, driving.width) != (reference.height, reference.width):
-        reference = reference.resized(driving.height, driving.width)
+    reference = reference.resized(driving.height, driving.width)
     ref_body = reference.body[0]
     drv0 = driving.body[0]
     if not (_ok(drv0[1], threshold) and _ok(ref_body[1], threshold)):

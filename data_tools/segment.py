@@ -249,8 +249,7 @@ class Sam2Segmenter:
         n, h, w = frames.shape[:3]
         if len(pose) != n:
             raise ValueError(f"sam2 segmenter: pose has {len(pose)} frames, the video {n}")
-        if (pose.height, pose.width) != (h, w):
-            pose = pose.resized(h, w)
+        pose = pose.resized(h, w)  # keypoints in pixels of the frames
         out = np.zeros((n, h, w), bool)
         skipped = 0
         with torch.inference_mode():

@@ -36,6 +36,8 @@ from wan_animate.family import ANIMATE
 from wan_animate.objective import LossConfig, flow_matching_loss
 
 DEFAULT_TIMESTEPS = (100.0, 300.0, 500.0, 700.0, 900.0)
+# Held-out numbers must not depend on the training weighting knobs: plain MSE per timestep.
+PLAIN_LOSS = LossConfig(weighting="none", face_weight=1.0)
 CONDITIONS = tuple(ANIMATE.conditions)
 
 
@@ -44,11 +46,6 @@ def _check_timesteps(timesteps) -> list[float]:
     if not timesteps or any(not 0.0 <= t <= 1000.0 for t in timesteps):
         raise ValueError(f"held-out timesteps must be a non-empty list in [0, 1000], got {timesteps}")
     return timesteps
-
-
-def _plain_loss_cfg():
-    # Held-out numbers must not depend on the training weighting knobs: plain MSE per timestep.
-    return LossConfig(weighting="none", face_weight=1.0)
 
 
 def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
@@ -93,7 +90,7 @@ def heldout_loss(
     """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
     ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
     "heldout_samples": int}``."""
-    loss_cfg = loss_cfg or _plain_loss_cfg()
+    loss_cfg = loss_cfg or PLAIN_LOSS
     timesteps = _check_timesteps(timesteps)
     sums = {t: 0.0 for t in timesteps}
     count = 0
@@ -166,7 +163,7 @@ def condition_sensitivity(
     Returns ``{"sensitivity_<c>": mean gap over timesteps, "sensitivity_<c>@t<t>": gap at t,
     "sensitivity_own_loss": own loss (the same samples), "sensitivity_<c>_ratio": swapped / own,
     "sensitivity_samples": n, "sensitivity_unpaired": samples with no partner of their shapes}``."""
-    loss_cfg = loss_cfg or _plain_loss_cfg()
+    loss_cfg = loss_cfg or PLAIN_LOSS
     timesteps = _check_timesteps(timesteps)
     conditions = tuple(family.conditions) if conditions is None else conditions  # swap_condition checks each
     batches = list(batches)

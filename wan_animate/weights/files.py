@@ -18,7 +18,6 @@ from safetensors import safe_open
 
 from wan_animate.weights.diagnose import CheckpointError
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Keys under which training checkpoints nest their weights (one level down).
 NESTED_KEYS = ("state_dict", "model", "module", "ema")
 _REDOWNLOAD = "the file is probably a truncated or interrupted download; download it again"
@@ -49,10 +48,6 @@ class Shard:
     path: Path
     tensors: dict[str, TensorInfo]  # names as stored in the file
     metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def is_pickle(self) -> bool:
-        return self.path.suffix in PICKLE_SUFFIXES
 
 
 # ---- safetensors
@@ -101,7 +96,7 @@ def read_header(path: str | os.PathLike) -> Shard:
 def iter_tensors(shard: Shard, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one file, one at a time (names as stored). On the CPU, safetensors tensors
     stay memory-mapped (copy-on-write) until written or moved."""
-    if shard.is_pickle:
+    if shard.path.suffix != ".safetensors":  # a pickle, as read_header read it
         for name, tensor in load_torch_file(shard.path).items():
             yield name, tensor.to(device)
         return
