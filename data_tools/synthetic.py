@@ -5,16 +5,15 @@ the command that writes the synthetic set (the generator: ``data_tools.synthetic
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from data_tools.config import SyntheticConfig
 from data_tools.synthetic_data import make_synthetic_dataset
 
 
 def _main(cfg: SyntheticConfig) -> None:
-    out = make_synthetic_dataset(cfg.output, num_clips=cfg.num_clips, clip_len=cfg.clip_len, height=cfg.height,
-                                 width=cfg.width, seed=cfg.seed, shard_size=cfg.shard_size,
-                                 face_size=cfg.face_size, fps=cfg.fps, replace=cfg.replace, progress=True,
-                                 driving=cfg.driving)
+    options = {k: v for k, v in asdict(cfg).items() if k != "output"}  # every other field is an option of the generator
+    out = make_synthetic_dataset(cfg.output, progress=True, **options)
     m = json.loads((out / "manifest.json").read_text())
     print(f"wrote {m['counts']['samples']} samples in {m['counts']['shards']} shards to {out} ({m['seconds']} s)")
 

@@ -130,10 +130,8 @@ def probe_video(source: str | os.PathLike | bytes, *, rotation: bool = True) -> 
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0.0) or 30.0
         num, h, w = int(stream.frames or 0), stream.codec_context.height, stream.codec_context.width
-        turned = 0
-        for frame in container.decode(stream) if rotation else ():  # the tag is side data of frames
-            turned = _quarter_turns(getattr(frame, "rotation", 0)) * 90
-            break
+        frames = container.decode(stream) if rotation else ()  # the tag is side data of frames: the first one's
+        turned = next((_quarter_turns(getattr(frame, "rotation", 0)) * 90 for frame in frames), 0)
     except Exception as e:
         raise VideoDecodeError(f"{name}: cannot read the header ({type(e).__name__}: {e})") from e
     finally:

@@ -30,12 +30,6 @@ def chunk_motion_encoder(encoder: nn.Module, chunk: int) -> str:
         encoder.magnitudes = magnitudes
         encoder._chunk_policy = "checkpointed"
     else:
-        inner_forward = encoder.forward
-
-        def forward(faces: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return inner_forward(faces)
-
-        encoder.forward = forward
+        encoder.forward = torch.no_grad()(encoder.forward)
         encoder._chunk_policy = "no_grad"
     return encoder._chunk_policy
