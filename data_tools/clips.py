@@ -31,11 +31,6 @@ from wan_animate.video_io import VideoDecodeError, decode_video, probe_video, re
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def input_id(path: Path) -> str:
-    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:8]
-    return f"{safe_key(Path(path).stem)[:48]}-{digest}"
-
-
 def _load_image(path) -> np.ndarray:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
@@ -90,7 +85,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
     if not path.is_file():
         res.reason = "file not found"
         return res
-    vid = input_id(path)
+    vid = f"{safe_key(path.stem)[:48]}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"  # input id
     try:
         # upright (rotation tag applied) and with timestamps: variable-rate video is sampled by time
         decoded = decode_video(path, max_frames=_frames_needed(path, cfg), threads=cfg.workers <= 1)

@@ -84,9 +84,8 @@ def _worker_run(args, progress=None) -> InputResult:
     path, done_keys = args
     try:
         if "backend" not in _WORKER:  # created lazily so that a failure is reported, not retried
-            cfg = PrepareConfig(**_WORKER["cfg"])
-            _WORKER["cfg"] = cfg
-            _WORKER["backend"], _WORKER["segmenter"] = _make_tools(cfg)
+            _WORKER["cfg"] = PrepareConfig(**_WORKER["cfg"])
+            _WORKER["backend"], _WORKER["segmenter"] = _make_tools(_WORKER["cfg"])
         return process_input(path, _WORKER["cfg"], _WORKER["backend"], _WORKER["segmenter"], done_keys, progress)
     except Exception as e:  # never lose the whole job to one input
         return InputResult(input=str(path), reason=f"internal error: {type(e).__name__}: {e}")
@@ -94,9 +93,7 @@ def _worker_run(args, progress=None) -> InputResult:
 
 # ---------------------------------------------------------------------------- resumable job
 def _config_fingerprint(cfg: PrepareConfig) -> str:
-    d = asdict(cfg)
-    for k in ("output", "workers", "input"):
-        d.pop(k)
+    d = {k: v for k, v in asdict(cfg).items() if k not in ("output", "workers", "input")}  # where, not what
     if d.get("driving") == "none":  # outputs made before the option existed stay resumable
         d.pop("driving")
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

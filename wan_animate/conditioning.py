@@ -142,10 +142,8 @@ def temporal_reference_video(
             flat = F.interpolate(flat.float(), size=(height, width), mode="bicubic", align_corners=False)
             given = flat.reshape(b, n, c, height, width).transpose(1, 2).to(dtype)
     n = given.shape[2]
-    if mode == "replace":
-        rest = bg_video[:, :, n:].to(device=device, dtype=dtype)
-    else:
-        rest = torch.zeros(batch_size, 3, clip_len - n, height, width, device=device, dtype=dtype)
+    rest = (bg_video[:, :, n:].to(device=device, dtype=dtype) if mode == "replace"
+            else torch.zeros(batch_size, 3, clip_len - n, height, width, device=device, dtype=dtype))
     return torch.cat([given, rest], dim=2), n
 
 

@@ -193,7 +193,5 @@ def condition_sensitivity(
         out[f"sensitivity_{c}"] = sum(gaps.values()) / len(gaps)
         out[f"sensitivity_{c}_ratio"] = (own_mean + out[f"sensitivity_{c}"]) / own_mean if own_mean > 0 else float("nan")
         out.update({f"sensitivity_{c}@t{t:g}": g for t, g in gaps.items()})
-    out["sensitivity_own_loss"] = own_mean
-    out["sensitivity_samples"] = count
-    out["sensitivity_unpaired"] = len(batches) - count
-    return out
+    return {**out, "sensitivity_own_loss": own_mean, "sensitivity_samples": count,
+            "sensitivity_unpaired": len(batches) - count}

@@ -68,11 +68,7 @@ def resolve_lora_targets(model: nn.Module, targets: Iterable[str] | None) -> lis
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen: list[str] = []
     for pattern in targets:
-        if pattern in linears:
-            hits = [pattern]
-        else:
-            rx = re.compile(pattern)
-            hits = sorted(n for n in linears if rx.fullmatch(n))
+        hits = [pattern] if pattern in linears else sorted(n for n in linears if re.fullmatch(pattern, n))
         if not hits:
             raise LoraError(
                 f"LoRA target {pattern!r} matches no linear layer of the DiT; use an official module "

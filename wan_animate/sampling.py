@@ -92,11 +92,6 @@ def set_schedule(scheduler, steps: int, device=None) -> None:
     scheduler.timesteps = torch.from_numpy(shifted * NUM_TRAIN_TIMESTEPS).to(device=device, dtype=torch.int64)
 
 
-def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, guide_scale: float) -> torch.Tensor:
-    """Classifier-free guidance: ``uncond + s * (cond - uncond)``."""
-    return uncond + guide_scale * (cond - uncond)
-
-
 def sample(
     denoise: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor],
     noise: torch.Tensor,
@@ -122,8 +117,9 @@ def sample(
     for t in scheduler.timesteps:
         t_batch = t.expand(latents.shape[0]).to(latents.device)
         velocity = denoise(latents, t_batch, False).float()
-        if guide_scale != 1.0:
-            velocity = cfg_combine(velocity, denoise(latents, t_batch, True).float(), guide_scale)
+        if guide_scale != 1.0:  # classifier-free guidance: uncond + s * (cond - uncond)
+            uncond = denoise(latents, t_batch, True).float()
+            velocity = uncond + guide_scale * (velocity - uncond)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0].float()
         if progress is not None:
             progress(1)

@@ -44,12 +44,6 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def _config_json(config: WanAnimateConfig, layout: str) -> dict[str, Any]:
-    if layout == "official":
-        return config.to_official_config()
-    return {**config.to_diffusers_config(), "_diffusers_version": version("diffusers")}
-
-
 class _ShardWriter:
     """Writes the planned shards (+ index) as their tensors arrive; renames them at ``finish``."""
 
@@ -108,7 +102,8 @@ def open_writer(path: Path, plan: Mapping[str, torch.Tensor], config: WanAnimate
                  extra_meta: Mapping[str, str]) -> _ShardWriter:
     if layout not in ("official", "diffusers"):
         raise ValueError(f"layout={layout!r}: choose 'official' or 'diffusers'.")
-    cfg = _config_json(config, layout)
+    cfg = (config.to_official_config() if layout == "official"
+           else {**config.to_diffusers_config(), "_diffusers_version": version("diffusers")})
     meta = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(cfg), **extra_meta, **(metadata or {})}
     return _ShardWriter(path, plan, parse_size(max_shard_size), meta, cfg)
 
