@@ -50,9 +50,7 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
         limit = int(np.ceil(max_frames * (1.0 if fps == -1 else probe_fps / fps))) + 2
     decoded = decode_video(video, max_frames=limit, threads=True)  # upright, with timestamps (VFR)
     frames_src, src_fps = decoded.frames, decoded.fps
-    sel = resample_indices(len(frames_src), src_fps, fps, decoded.times)
-    if max_frames is not None:
-        sel = sel[:max_frames]
+    sel = resample_indices(len(frames_src), src_fps, fps, decoded.times)[:max_frames]  # None: all
     frames_src = frames_src[sel]
     out_fps = src_fps if fps == -1 else fps
     src_h, src_w = frames_src.shape[1:3]

@@ -224,18 +224,20 @@ def draw_character(ch: Character, body, geo, height: int, width: int) -> tuple[n
     return frame, sel
 
 
-def synthesize_clip(seed: int, index: int, clip_len: int, height: int, width: int):
-    """One clip: (frames [T,H,W,3], PoseSequence, reference [H,W,3], masks [T,H,W] bool, background)."""
-    rng = np.random.default_rng([seed, index])
-    ch = random_character(rng)
-    frames, masks, keypoints = [], [], []  # keypoints: (body, left hand, right hand, face) per frame
+def _animate(ch: Character, clip_len: int, height: int, width: int):
+    """Per frame of ``ch``'s animation: (lit frame, character mask, [body, left hand, right hand, face])."""
     for t in range(clip_len):
         st = animation_state(ch, t, clip_len)
         *points, geo = character_keypoints(ch, st, height, width)
         frame, mask = draw_character(ch, points[0], geo, height, width)
-        frames.append(light(frame, st))
-        masks.append(mask)
-        keypoints.append(points)
+        yield light(frame, st), mask, points
+
+
+def synthesize_clip(seed: int, index: int, clip_len: int, height: int, width: int):
+    """One clip: (frames [T,H,W,3], PoseSequence, reference [H,W,3], masks [T,H,W] bool, background)."""
+    rng = np.random.default_rng([seed, index])
+    ch = random_character(rng)
+    frames, masks, keypoints = zip(*_animate(ch, clip_len, height, width))
     body, _, _, _, geo = character_keypoints(ch, REST, height, width)
     ref, _ = draw_character(ch, body, geo, height, width)
     pose = PoseSequence(*(np.stack(stream) for stream in zip(*keypoints)), height, width)
@@ -256,12 +258,7 @@ def driving_character(ch: Character, seed: int, index: int) -> Character:
 
 def render_animation(ch: Character, clip_len: int, height: int, width: int) -> np.ndarray:
     """Frames uint8 [T, H, W, 3] of ``ch`` performing its animation."""
-    frames = []
-    for t in range(clip_len):
-        st = animation_state(ch, t, clip_len)
-        body, _, _, _, geo = character_keypoints(ch, st, height, width)
-        frames.append(light(draw_character(ch, body, geo, height, width)[0], st))
-    return np.stack(frames)
+    return np.stack([frame for frame, _, _ in _animate(ch, clip_len, height, width)])
 
 
 def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17, height: int = 64,
