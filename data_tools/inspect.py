@@ -211,7 +211,6 @@ def inspect_dir(directory, *, sheet: str | None = None, rows: int = 12, frames: 
         rep.errors.append(f"{directory}: no shard-*.tar files")
     for tmp in directory.glob("*.tar.tmp"):
         rep.errors.append(f"{tmp.name}: a partial shard is left over (rerun prepare to resume, which removes it)")
-    embeds = None
     if shards:
         try:
             rep.kind = "cached" if shard_kind(shards[0]) == "cached" else "raw"

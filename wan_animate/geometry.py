@@ -83,8 +83,7 @@ class ResizePlan:
 
         shrink = self.interpolation == "auto" and self.scale < 1
         img = cv2.resize(frame, (self.rw, self.rh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        if img.ndim < frame.ndim:  # cv2 drops a trailing channel axis of size 1
-            img = img[..., None]
+        img = img.reshape(self.rh, self.rw, *frame.shape[2:])  # cv2 drops a trailing channel axis of size 1
         out = np.zeros((self.h, self.w) + frame.shape[2:], frame.dtype)
         sx, sy = max(-self.offset_x, 0), max(-self.offset_y, 0)
         dx, dy = max(self.offset_x, 0), max(self.offset_y, 0)

@@ -248,8 +248,7 @@ def apply_sequence_parallel(dit: WanAnimateDiT, group: dist.ProcessGroup) -> Seq
     for block in dit.blocks:
         block.self_attn.attention_fn = plan.attention
     for face_block in dit.face_adapter.fuser_blocks:
-        inner = face_block.forward
-        face_block.forward = lambda x, face_tokens, _inner=inner: plan.face_update(_inner, x, face_tokens)
+        face_block.forward = lambda x, face_tokens, _inner=face_block.forward: plan.face_update(_inner, x, face_tokens)
     encoder = dit.motion_encoder
     encoder.forward = lambda faces, _inner=encoder.forward: plan.encode_motion(_inner, faces)
     return plan

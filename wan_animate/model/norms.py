@@ -27,9 +27,7 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         grad = grad.float()
         x_hat = x.float() * rstd
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         g_hat = grad * weight.float()
         grad_x = rstd * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
         return grad_x.to(x.dtype), grad_weight, None
