@@ -203,8 +203,7 @@ class ImageEncoder(_FrozenEncoder):
 
         model = CLIPVisionModel.from_pretrained(str(model_path), dtype=torch.float32)
         extra = {}
-        cfg_file = Path(processor_path) / "preprocessor_config.json" if processor_path else None
-        if cfg_file is not None and cfg_file.exists():
+        if processor_path and (cfg_file := Path(processor_path) / "preprocessor_config.json").exists():
             cfg = json.loads(cfg_file.read_text())
             extra = {"mean": cfg.get("image_mean", CLIP_MEAN), "std": cfg.get("image_std", CLIP_STD)}
             size = cfg.get("crop_size") or cfg.get("size")

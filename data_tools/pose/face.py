@@ -90,10 +90,8 @@ def face_boxes(pose: PoseSequence, *, threshold: float = 0.5, smooth_window: int
         side = min(h, w) / 3
         raw = np.tile([w / 2 - side / 2, h * 0.05, w / 2 + side / 2, h * 0.05 + side], (t_len, 1))
         known = np.ones(t_len, bool)
-    raw = raw.copy()
-    idx = np.flatnonzero(known)
-    for c in range(4):  # fill missing frames by interpolating / holding the nearest boxes
-        raw[:, c] = np.interp(np.arange(t_len), idx, raw[idx, c])
+    idx = np.flatnonzero(known)  # missing frames: interpolated between / held from the nearest boxes
+    raw = np.stack([np.interp(np.arange(t_len), idx, raw[idx, c]) for c in range(4)], 1)
     # Smooth centre and size (not corners) so the crop neither jitters nor breathes.
     centre = (raw[:, :2] + raw[:, 2:]) / 2
     size = raw[:, 2:] - raw[:, :2]
