@@ -209,9 +209,8 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True, _worker_fn=None) -> di
             _append_state(state_path, pending.pop(0)[0])
 
     def on_shard_done(_path, keys) -> None:
-        ks = set(keys)
         for _, remaining in pending:
-            remaining -= ks
+            remaining.difference_update(keys)
         flush_pending()
 
     started = time.time()

@@ -181,12 +181,9 @@ def read_video_file(path: str | Path, what: str) -> tuple[np.ndarray, float]:
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist.")
     try:
-        frames, fps = read_video(path)
+        return read_video(path)  # a video without frames is a VideoDecodeError
     except VideoDecodeError as e:
         raise InputError(f"{what}: {e}") from None
-    if len(frames) == 0:
-        raise InputError(f"{what}: {path} has no frames.")
-    return frames, fps
 
 
 def to_tensor_video(frames: np.ndarray) -> torch.Tensor:

@@ -221,9 +221,8 @@ def make_tiny_model_folder(
     model_family = get_family(family)
     cfg, _ = model_family.config(config_preset)
 
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=()):  # the caller's CPU generator is left as it was
+        torch.manual_seed(seed)
         tokenizer = build_tiny_tokenizer()
         text_encoder = build_tiny_text_encoder(cfg.text_dim, len(tokenizer))
         image_encoder = build_tiny_image_encoder(cfg.image_dim, num_layers=1 if family == "animate2" else 2)
@@ -232,8 +231,6 @@ def make_tiny_model_folder(
             _write_diffusers(dst, model_family, cfg, tokenizer, text_encoder, image_encoder, vae)
         else:
             _write_official(dst, model_family, cfg, tokenizer, text_encoder, image_encoder, vae)
-    finally:
-        torch.random.set_rng_state(rng_state)
     return dst
 
 
