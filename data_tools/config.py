@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from data_tools.pose.backends import BACKENDS
 from data_tools.segment import SEGMENTERS
-from wan_animate.cli import check_overrides, expected_errors, take_debug_flag
+from wan_animate.cli import check_overrides, expected_errors, skip_collection_at_exit, take_debug_flag
 from wan_animate.config import DEFAULT_PROMPT
 from wan_animate.geometry import RESIZE_MODES
 from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype_name, check_frames_4n1, to_dataclass
@@ -185,6 +185,7 @@ def run_hydra(app: str, cls, fn) -> None:
     ``key=value`` overrides; validation errors print one line and exit 2. Each app has its own config
     root ``conf/<app>/`` (its presets only), so ``model=MODEL_DIR`` is never taken for a config group."""
     register_configs()
+    skip_collection_at_exit()
     debug = take_debug_flag(sys.argv)
     check_overrides("error: ", sys.argv[1:], cls, ["preset"])
     quiet_third_party()

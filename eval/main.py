@@ -29,7 +29,7 @@ quiet_third_party()  # an entry point: before the libraries whose start-up lines
 from eval.config import CONF_ROOT, EvalConfig, register_configs  # noqa: E402
 from eval.report import build_report  # noqa: E402
 from eval.runner import SKIPPED_THIS_PROCESS, run_cell  # noqa: E402
-from wan_animate.cli import check_overrides, take_debug_flag  # noqa: E402
+from wan_animate.cli import check_overrides, skip_collection_at_exit, take_debug_flag  # noqa: E402
 from wan_animate.options import HYDRA_VERSION_BASE  # noqa: E402
 
 # `python eval/main.py` puts eval/ first on sys.path; the project is installed (`pip install -e .`),
@@ -113,6 +113,7 @@ def report_interrupted(sweep_dir: str, cell: str) -> None:
 def cli() -> None:
     """``--debug`` / ``HYDRA_FULL_ERROR=1`` keep tracebacks; a key that is not in the schema is refused
     with the closest one before Hydra composes anything; third-party start-up noise is dropped."""
+    skip_collection_at_exit()
     take_debug_flag(sys.argv)
     check_overrides("error: ", sys.argv[1:], EvalConfig, ["preset"])
     main()

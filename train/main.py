@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import CONF_DIR, Config, ConfigError, check_paths, register_configs, to_config
-from wan_animate.cli import check_overrides, config_groups, expected_errors, fail, one_line, take_debug_flag
+from wan_animate.cli import (check_overrides, config_groups, expected_errors, fail, one_line, skip_collection_at_exit,
+                             take_debug_flag)
 from wan_animate.options import HYDRA_VERSION_BASE
 
 register_configs()
@@ -69,9 +70,9 @@ def main(cfg: DictConfig) -> None:
 def _teardown() -> None:
     """Release what a crashed run would leave behind (the normal path already closed these)."""
     import torch.distributed as dist
-    import wandb
 
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # imported by the metrics logger (rank 0) only
+    if wandb is not None and wandb.run is not None:
         wandb.finish(exit_code=1)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -80,6 +81,7 @@ def _teardown() -> None:
 def cli() -> None:
     """``--debug`` / ``HYDRA_FULL_ERROR=1`` keep tracebacks; a key that is not in the schema is refused
     with the closest one before Hydra composes anything."""
+    skip_collection_at_exit()
     take_debug_flag(sys.argv)
     check_overrides(PREFIX, sys.argv[1:], Config, config_groups(CONF_DIR))
     main()

@@ -78,12 +78,12 @@ def prepare_model(dit: nn.Module, cfg: Config, family: ModelFamily, *, deepspeed
     training mode, the trainable set, fp32 master copies of the trainables (autocast still runs the
     matmuls in bf16; not under DeepSpeed, whose optimizer keeps its own), the memory options of
     ``cfg.model``. Returns (param groups, summary, memory state)."""
-    from diffusers.training_utils import cast_training_params
-
     dit.train()
     groups, summary = setup_trainable(dit, cfg, family)
-    if not deepspeed:
-        cast_training_params(dit, dtype=torch.float32)
+    if not deepspeed:  # (diffusers' cast_training_params, whose module imports every diffusers model: ~5 s)
+        for p in dit.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     memory = apply_memory_options(dit, cfg.model, device=device)
     return groups, summary, memory
 

