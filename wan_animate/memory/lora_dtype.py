@@ -10,7 +10,6 @@ autocast computes anyway.
 
 from __future__ import annotations
 
-import sys
 import types
 
 import torch
@@ -25,10 +24,9 @@ def _linear_in_input_dtype(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def lora_in_compute_dtype(model: nn.Module) -> int:
     """Make every peft LoRA layer of ``model`` compute in its input's dtype. Returns the layer count."""
-    peft_lora = sys.modules.get("peft.tuners.lora")
-    if peft_lora is None:  # no LoRA was added: skip importing peft (~1.7 s) for nothing
-        return 0
-    layers = [module for module in model.modules() if isinstance(module, peft_lora.LoraLayer)]
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     for module in layers:
         module.cast_input_dtype_enabled = False
         for factor in (*module.lora_A.values(), *module.lora_B.values()):
