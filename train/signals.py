@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the run lock (fcntl) already makes the trainer POSIX-only
 _PR_SET_PDEATHSIG = 1
 _LAUNCHER_ENV = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")  # set by accelerate launch / torchrun
 
