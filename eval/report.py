@@ -376,9 +376,12 @@ def log_wandb(sweep_dir: Path, records: list[dict], swept: list[str], cols: list
     """One wandb table row per cell: cell, status, swept values, metrics as numbers (None = n/a)."""
     import wandb
 
+    def num(v):
+        return float(v) if _finite(v) else None
+
     columns = ["cell", "status", *swept, *cols]
     data = [[r["cell"], r.get("status"), *[r["params"].get(k) for k in swept],
-             *[float(v) if _finite(v := (r.get("metrics") or {}).get(c)) else None for c in cols]] for r in records]
+             *[num((r.get("metrics") or {}).get(c)) for c in cols]] for r in records]
     run = wandb.init(project=wandb_cfg.get("project", "wan-animate-eval"), mode=wandb_cfg.get("mode", "offline"),
                      dir=str(sweep_dir), name=f"eval-{sweep_dir.name}", job_type="eval", reinit=True)
     run.log({"eval/results": wandb.Table(columns=columns, data=data)})

@@ -43,7 +43,7 @@ def build_meta_encoders(model_path: str | None) -> tuple[dict[str, torch.nn.Modu
     sources = {name: f"{model_path}/{name}/config.json" if c else PUBLISHED[name] for name, c in found.items()}
     vae_keys = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
     clip_cfg = {k: v for k, v in (found["image_encoder"] or CLIP_VIT_H14).items()
-            if k not in ("architectures", "model_type", "transformers_version")}
+                if k not in ("architectures", "model_type", "transformers_version")}
     with torch.device("meta"):
         vae = AutoencoderKLWan(**{k: v for k, v in (found["vae"] or {}).items() if k in vae_keys})
         t5 = UMT5EncoderModel(UMT5Config(**(found["text_encoder"] or UMT5_XXL)))
