@@ -222,12 +222,8 @@ class Trainer:
             gn = self.model.get_global_grad_norm() if hasattr(self.model, "get_global_grad_norm") else None
             grad_norm = float(gn) if gn is not None else float("nan")
             return grad_norm, skipped or (gn is not None and not math.isfinite(grad_norm))
-        params = [p for _, p in self.trainable]
-        if self.cfg.optim.grad_clip > 0:
-            gn = self.acc.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        else:
-            gn = torch.norm(torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None]))
-        grad_norm = float(gn)
+        # optim.grad_clip=0 disables clipping: an infinite bound only measures the norm
+        grad_norm = float(self.acc.clip_grad_norm_([p for _, p in self.trainable], self.cfg.optim.grad_clip or math.inf))
         skipped = all_ranks_true(self.acc, not math.isfinite(grad_norm))
         if not skipped:
             self.optimizer.step()
