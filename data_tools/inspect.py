@@ -122,10 +122,8 @@ def _fit(img: np.ndarray, height: int) -> np.ndarray:
 
 def _strip(groups: list[list[np.ndarray]], height: int) -> np.ndarray:
     gap = np.full((height, 6, 3), 255, np.uint8)
-    parts = []
-    for group in groups:
-        parts += [_fit(img, height) for img in group] + [gap]
-    return np.concatenate(parts[:-1], 1)
+    parts = [part for group in groups for part in (*(_fit(img, height) for img in group), gap)]
+    return np.concatenate(parts[:-1], 1)  # a gap between groups
 
 
 def contact_row(d: dict, num_frames: int = 4, height: int = 128) -> np.ndarray:

@@ -91,10 +91,8 @@ def render_frame(body, left_hand, right_hand, height: int, width: int, *, thresh
     canvas = np.zeros((height, width, 3), np.uint8)
     sw = stick_width(height, width)
     _draw_body(canvas, np.asarray(body), threshold, sw)
-    if draw_hands:
-        hand_sw = hand_stick_width(height, width)
-        _draw_hand(canvas, np.asarray(left_hand), threshold, hand_sw)
-        _draw_hand(canvas, np.asarray(right_hand), threshold, hand_sw)
+    for hand in (left_hand, right_hand) if draw_hands else ():
+        _draw_hand(canvas, np.asarray(hand), threshold, hand_stick_width(height, width))
     return canvas
 
 

@@ -87,8 +87,7 @@ class PinnedPool:
             best = min(fits, key=lambda b: b.nbytes)
             self._idle.remove(best)
             return best
-        for small in self._idle:
-            self.held_bytes -= small.nbytes
+        self.held_bytes -= sum(small.nbytes for small in self._idle)
         self._idle.clear()
         self.allocations += 1
         self.held_bytes += nbytes

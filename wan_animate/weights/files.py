@@ -97,8 +97,7 @@ def iter_tensors(shard: Shard, device: torch.device) -> Iterator[tuple[str, torc
     """The tensors of one file, one at a time (names as stored). On the CPU, safetensors tensors
     stay memory-mapped (copy-on-write) until written or moved."""
     if shard.path.suffix != ".safetensors":  # a pickle, as read_header read it
-        for name, tensor in load_torch_file(shard.path).items():
-            yield name, tensor.to(device)
+        yield from ((name, tensor.to(device)) for name, tensor in load_torch_file(shard.path).items())
         return
     try:
         with safe_open(str(shard.path), framework="pt", device=str(device)) as f:
