@@ -89,16 +89,13 @@ def decode_detections(output: np.ndarray, frame_hw: tuple[int, int], input_hw: t
         boxes, scores, classes = out[:, :4].copy(), out[:, 4], out[:, 5]
     elif out.shape[0] == 84:
         out = out.T
-        class_scores = out[:, 4:]
-        classes = class_scores.argmax(-1)
-        scores = class_scores.max(-1)
-        cx, cy, bw, bh = out[:, 0], out[:, 1], out[:, 2], out[:, 3]
+        classes, scores = out[:, 4:].argmax(-1), out[:, 4:].max(-1)
+        cx, cy, bw, bh = out[:, :4].T
         boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
     else:
         raise ValueError(f"unexpected detector output shape {output.shape}: want [N, 6] or [84, N]")
     sy, sx = frame_hw[0] / input_hw[0], frame_hw[1] / input_hw[1]
-    boxes[:, [0, 2]] *= sx
-    boxes[:, [1, 3]] *= sy
+    boxes *= np.array([sx, sy, sx, sy], np.float32)
     ok = (scores >= conf) & (np.round(classes) == person_class)
     boxes, scores = boxes[ok], scores[ok]
     if len(boxes) == 0:
@@ -176,8 +173,7 @@ def decode_heatmaps(heatmaps: np.ndarray, centres: np.ndarray, crop_whs: np.ndar
             if det != 0:
                 preds[i, j, 0] -= (dyy * dx - dxy * dy) / det
                 preds[i, j, 1] -= (dxx * dy - dxy * dx) / det
-    preds[..., 0] = preds[..., 0] * (crop_whs[:, None, 0] / w) + centres[:, None, 0] - crop_whs[:, None, 0] / 2
-    preds[..., 1] = preds[..., 1] * (crop_whs[:, None, 1] / h) + centres[:, None, 1] - crop_whs[:, None, 1] / 2
+    preds = preds * (crop_whs[:, None] / (w, h)) + centres[:, None] - crop_whs[:, None] / 2  # heatmap -> frame px
     preds = np.where(scores[..., None] > 0, preds, -1.0)
     return np.concatenate([preds, scores[..., None]], -1).astype(np.float32)
 
@@ -219,7 +215,7 @@ class VitPoseBackend(PoseBackend):
     def extract(self, frames, *, source=None, frame_indices=None, progress=None) -> PoseSequence:
         frames = check_frames(frames)
         t_len, h, w = frames.shape[:3]
-        centres, whs, inputs = [], [], []
+        crops = []  # (centre, crop size) per frame
         detected = np.zeros(t_len, bool)
         for t, frame in enumerate(frames):
             box = self.detect(frame) if self.detector is not None else None
@@ -228,16 +224,15 @@ class VitPoseBackend(PoseBackend):
                 box = np.array([0, 0, w, h, 0], np.float32)  # the official full-frame fallback
             else:
                 detected[t] = True
-            c, wh = person_crop_params(box, self.pose_input_hw, self.box_rescale)
-            centres.append(c)
-            whs.append(wh)
-            inputs.append(crop_person(frame, c, wh, self.pose_input_hw))
+            crops.append(person_crop_params(box, self.pose_input_hw, self.box_rescale))
+        centres, whs = (np.stack(a) for a in zip(*crops))
+        inputs = [crop_person(frame, c, wh, self.pose_input_hw) for frame, c, wh in zip(frames, centres, whs)]
         name = self.pose.get_inputs()[0].name
         kps = []
         for s in range(0, t_len, self.batch_size):
-            heat = self.pose.run(None, {name: np.stack(inputs[s:s + self.batch_size])})[0]
-            kps.append(decode_heatmaps(heat, np.stack(centres[s:s + self.batch_size]),
-                                       np.stack(whs[s:s + self.batch_size])))
+            batch = slice(s, s + self.batch_size)
+            heat = self.pose.run(None, {name: np.stack(inputs[batch])})[0]
+            kps.append(decode_heatmaps(heat, centres[batch], whs[batch]))
             if progress is not None:
                 progress(len(heat))
         kps = np.concatenate(kps)
