@@ -61,7 +61,6 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
         raise FileNotFoundError(f"reference image {ref} cannot be read")
     ref_img = ref_img[..., ::-1].copy()
     ref_plan = ResizePlan(ref_img.shape[0], ref_img.shape[1], h, w, "letterbox")
-    ref_out = ref_plan.apply(ref_img)
 
     backend = get_pose_backend(pose_backend, **(pose_options or {}))
     pose_src = backend.extract(frames_src, source=str(video), frame_indices=sel,
@@ -78,7 +77,7 @@ def preprocess_driving(video, ref, out, *, retarget: bool = False, replace: bool
     names = ("src_ref.png", "src_pose.mp4", "src_face.mp4", *(("src_bg.mp4", "src_mask.mp4") if replace else ()),
              "src_meta.json")
     paths = {name: out / name for name in names}
-    cv2.imwrite(str(paths["src_ref.png"]), ref_out[..., ::-1])
+    cv2.imwrite(str(paths["src_ref.png"]), ref_plan.apply(ref_img)[..., ::-1])
     write_video(paths["src_pose.mp4"], render_pose(pose, h, w), out_fps)
     write_video(paths["src_face.mp4"], face, out_fps)
     if replace:

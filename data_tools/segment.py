@@ -110,9 +110,7 @@ class Sam2Segmenter:
         self.model = self._load()
         size = self.model.config.image_size
         self.image_size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        mean, std = self._normalisation()
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean, self._std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in self._normalisation())
         self.frames_without_prompt = 0  # frames of chunks where no keyframe had a person (mask left empty)
 
     # ---- loading ------------------------------------------------------------------------------

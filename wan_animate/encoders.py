@@ -193,8 +193,7 @@ class ImageEncoder(_FrozenEncoder):
         super().__init__(model, dtype=dtype, device=device, offload=offload)
         self.image_size = int(image_size or model.config.image_size)
         self.dim = int(model.config.hidden_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (mean, std))
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, processor_path: str | Path | None = None,

@@ -115,10 +115,9 @@ def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: 
     out = dict(own)
     out.update({k: other[k] for k in family.conditions[condition]})
     if condition == "ref":  # the reference slot of the condition and of the (noised, unscored) latents
-        y, latents = own["y"].clone(), own["latents"].clone()
-        y[:, :, 0] = other["y"][:, :, 0]
-        latents[:, :, 0] = other["latents"][:, :, 0]
-        out["y"], out["latents"] = y, latents
+        for key in ("y", "latents"):
+            out[key] = own[key].clone()
+            out[key][:, :, 0] = other[key][:, :, 0]
     return out
 
 

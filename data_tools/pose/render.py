@@ -91,8 +91,9 @@ def render_frame(body, left_hand, right_hand, height: int, width: int, *, thresh
     canvas = np.zeros((height, width, 3), np.uint8)
     sw = stick_width(height, width)
     _draw_body(canvas, np.asarray(body), threshold, sw)
-    for hand in (left_hand, right_hand) if draw_hands else ():
-        _draw_hand(canvas, np.asarray(hand), threshold, hand_stick_width(height, width))
+    if draw_hands:
+        for hand in (left_hand, right_hand):
+            _draw_hand(canvas, np.asarray(hand), threshold, hand_stick_width(height, width))
     return canvas
 
 
