@@ -167,10 +167,8 @@ class SequenceParallel:
         start = self.layout.start
         # Padding rows: zero tokens and the identity rotation; keys there are dropped in attention.
         # New tensors of the local size: a view would keep the full (padded) residual alive.
-        h = _rows(h, 1, start, local, total, 0.0)
-        rope_cos = _rows(rope_cos, 0, start, local, total, 1.0)
-        rope_sin = _rows(rope_sin, 0, start, local, total, 0.0)
-        return h, rope_cos, rope_sin
+        return (_rows(h, 1, start, local, total, 0.0), _rows(rope_cos, 0, start, local, total, 1.0),
+                _rows(rope_sin, 0, start, local, total, 0.0))
 
     def gather(self, out: torch.Tensor) -> torch.Tensor:
         """Per-token head output [B, local, C] -> [B, L, C] on every rank (autograd-aware)."""

@@ -134,12 +134,8 @@ def _glitch_frames(xy: np.ndarray, ok: np.ndarray, jumps: np.ndarray, torso: flo
     best = max(frames, key=frames.get)
     bad = np.zeros(t_len, bool)
     for (a, b), tr in zip(pieces, track):
-        if tr == best:
-            continue
-        if frames[tr] <= rules.max_glitch_frames:
-            bad[a:b] = True
-        else:
-            bad[a] = True
+        if tr != best:  # a short other track is a glitch; a longer one (a cut) loses only its first frame
+            bad[a:b if frames[tr] <= rules.max_glitch_frames else a + 1] = True
     return bad
 
 
