@@ -35,9 +35,7 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Sequence[int]]) ->
 
 def choose_bucket(src_h: int, src_w: int, target_area: int, buckets=()) -> tuple[int, int]:
     """``nearest_bucket`` among ``buckets``, or the area rule when there are none."""
-    if not buckets:
-        return area_bucket(src_h, src_w, target_area)
-    return nearest_bucket(src_h, src_w, buckets)
+    return nearest_bucket(src_h, src_w, buckets) if buckets else area_bucket(src_h, src_w, target_area)
 
 
 # ---- numpy / OpenCV frames
@@ -101,18 +99,15 @@ class ResizePlan:
         return p.transformed(self.scale, self.scale, self.offset_x, self.offset_y, self.h, self.w)
 
     def boxes(self, boxes: np.ndarray) -> np.ndarray:
-        out = np.asarray(boxes, np.float64) * self.scale
-        out[:, [0, 2]] += self.offset_x
-        out[:, [1, 3]] += self.offset_y
-        return out.astype(np.float32)
+        offset = [self.offset_x, self.offset_y] * 2  # x0, y0, x1, y1
+        return (np.asarray(boxes, np.float64) * self.scale + offset).astype(np.float32)
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """Fit ``image`` inside ``height x width`` keeping its aspect, centred on black (official
     reference preprocessing: free side floored, bilinear)."""
-    plan = ResizePlan(image.shape[0], image.shape[1], height, width, "letterbox",
-                      rounding="floor", interpolation="linear")
-    return plan.apply(image)
+    return ResizePlan(image.shape[0], image.shape[1], height, width, "letterbox", rounding="floor",
+                      interpolation="linear").apply(image)
 
 
 # ---- torch tensors

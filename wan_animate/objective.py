@@ -59,9 +59,7 @@ class LossConfig:
 
 def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan/SD3 time shift: ``k s / (1 + (k - 1) s)``; maps [0,1] onto [0,1], k > 1 favours noise.
-    Training draws and the sampler's float64 grids (numpy arrays) both go through it."""
-    if shift == 1.0:
-        return s
+    Training draws and the sampler's float64 grids (numpy arrays) both go through it (k = 1: s, exactly)."""
     return shift * s / (1.0 + (shift - 1.0) * s)
 
 

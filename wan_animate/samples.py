@@ -263,12 +263,10 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
     text_key = meta.get("text_key")
     if text_key not in text_embeds:
         raise SampleDecodeError(f"sample {key!r}: text_key {text_key!r} not in {TEXT_EMBEDS}")
-    out = dict(tensors)
-    out.update(key=key, face=frames_to_tensor(face), text=text_embeds[text_key], meta=meta,
+    out = dict(tensors, key=key, face=frames_to_tensor(face), text=text_embeds[text_key], meta=meta,
                caption=meta.get("caption", ""))
     if "driving" in tensors:
         out["text_driving"] = text_embeds[meta["driving_text_key"]]
-    empty_key = meta.get("empty_text_key")
-    if empty_key in text_embeds:
+    if (empty_key := meta.get("empty_text_key")) in text_embeds:
         out["text_empty"] = text_embeds[empty_key]
     return out
