@@ -152,9 +152,8 @@ def _cache_shard(shard: Path, tmp: Path, cfg: CacheLatentsConfig, cacher: Latent
             # "" is reserved for condition dropout.
             cap_key = cacher.embed_once(d["caption"] or DEFAULT_PROMPT, embeds, captions)
             tensors = cacher.encode_sample(d)
-            extra = {}
-            if "driving" in d:  # the driving pass's fixed prompt, deduplicated like the captions
-                extra["driving_text_key"] = cacher.embed_once(REFERENCE_PROMPT, embeds, captions)
+            # the driving pass's fixed prompt, deduplicated like the captions
+            extra = {"driving_text_key": cacher.embed_once(REFERENCE_PROMPT, embeds, captions)} if "driving" in d else {}
             meta = dict(d["meta"], **extra, text_key=cap_key, empty_text_key=text_key(""),
                         latent_shape=list(tensors["target"].shape), latent_dtype=cfg.dtype,
                         cached_from=str(shard), model=str(cfg.model))

@@ -29,6 +29,7 @@ from data_tools.config import SyntheticConfig
 from data_tools.pose.face import crop_faces
 from data_tools.pose.format import NUM_FACE, PoseSequence
 from data_tools.pose.render import render_pose
+from data_tools.segment import background
 from data_tools.shards import ShardWriter, encode_sample
 from wan_animate.config import DEFAULT_PROMPT
 
@@ -299,11 +300,7 @@ def make_synthetic_dataset(output_dir, *, num_clips: int = 8, clip_len: int = 17
             driver = driving_character(ch, seed, i) if driving else None
             if driver is not None:
                 meta["synthetic"]["driving_character"] = asdict(driver)
-            bg = mask = None
-            if replace:
-                bg = frames * (~masks[..., None])
-                bg[masks] = 0
-                mask = masks
+            bg, mask = (background(frames, masks), masks) if replace else (None, None)
             writer.write(encode_sample(key, target=frames, pose=render_pose(pose, height, width), face=face,
                                        ref=ref, meta=meta, caption=DEFAULT_PROMPT, fps=fps, bg=bg, mask=mask,
                                        driving=render_animation(driver, clip_len, height, width) if driver else None,
