@@ -149,9 +149,8 @@ def preprocess_cached(sample: dict, spec: StreamSpec, rng: np.random.Generator) 
     for stream in spec.streams:  # latents of the driving streams (the face crops stay pixels)
         if stream != "face":
             ex[f"{stream}_latents"] = sample[stream]
-        for extra in (f"clip_{stream}", f"text_{stream}"):  # its cached CLIP / prompt embeddings, if any
-            if extra in sample:
-                ex[extra] = sample[extra]
+        # its cached CLIP / prompt embeddings, if any
+        ex.update({k: sample[k] for k in (f"clip_{stream}", f"text_{stream}") if k in sample})
     replace = "char_mask" in sample and rng.random() < cfg.replace_prob
     ex["mode"] = "replace" if replace else "animate"
     prefix = "cond_replace_r" if replace else "cond_r"
