@@ -81,34 +81,29 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
                   progress=None) -> InputResult:
     """One video -> encoded samples. ``progress(1)`` is called once per clip (written or not)."""
     path = Path(path)
-    res = InputResult(input=str(path))
-    if not path.is_file():
-        res.reason = "file not found"
-        return res
+    if not path.is_file():  # every problem before the first clip skips the whole input, with its reason
+        return InputResult(str(path), reason="file not found")
     vid = f"{safe_key(path.stem)[:48]}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"  # input id
     try:
         # upright (rotation tag applied) and with timestamps: variable-rate video is sampled by time
         decoded = decode_video(path, max_frames=_frames_needed(path, cfg), threads=cfg.workers <= 1)
     except VideoDecodeError as e:
-        res.reason = f"undecodable video: {e}"
-        return res
+        return InputResult(str(path), reason=f"undecodable video: {e}")
     frames_src, src_fps = decoded.frames, decoded.fps
     n_src, src_h, src_w = frames_src.shape[:3]
     sel = resample_indices(n_src, src_fps, cfg.fps, decoded.times)
     starts = _clip_starts(len(sel), cfg.clip_len, cfg.stride, cfg.max_clips_per_video)
     out_fps = src_fps if cfg.fps == -1 else cfg.fps
     if not starts:
-        res.reason = (f"too short: {len(sel)} frames at {out_fps:g} fps ({n_src} source frames at {src_fps:g} fps) "
-                      f"< clip_len {cfg.clip_len}")
-        return res
+        return InputResult(str(path), reason=f"too short: {len(sel)} frames at {out_fps:g} fps ({n_src} source "
+                                             f"frames at {src_fps:g} fps) < clip_len {cfg.clip_len}")
     ref_image = None
     if cfg.reference_policy == "image":
         sidecars = (path.with_suffix(ext) for ext in IMAGE_EXTENSIONS)  # <video stem>.png / .jpg / ...
         ref_path = Path(cfg.reference_image) if cfg.reference_image else next((q for q in sidecars if q.is_file()), None)
         if ref_path is None or not ref_path.is_file():
-            res.reason = (f"reference_policy=image but no reference image: set reference_image= or put "
-                          f"{path.stem}.png/.jpg next to the video")
-            return res
+            return InputResult(str(path), reason=f"reference_policy=image but no reference image: set "
+                                                 f"reference_image= or put {path.stem}.png/.jpg next to the video")
         ref_image = _load_image(ref_path)
     caption_file = path.with_suffix(".txt")
     caption = caption_file.read_text().strip() if caption_file.is_file() else cfg.caption
@@ -133,8 +128,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         pose_src = (backend.extract(frames_src[used[:last]], source=str(path), frame_indices=used[:last])
                     if getattr(backend, "has_keypoints", True) else None)
     except Exception as e:  # a backend failure on one input must not stop the job
-        res.reason = f"pose extraction failed: {type(e).__name__}: {e}"
-        return res
+        return InputResult(str(path), reason=f"pose extraction failed: {type(e).__name__}: {e}")
     keypoints_available = pose_src is not None
     if pose_src is None:
         # Ready videos without keypoints: nothing to check presence with; the json says so.
@@ -151,6 +145,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
     stats = dict(frames=0, person_frames=0, face_frames=0, face_box_landmarks=0, face_box_head=0,
                  face_box_filled=0, hand_frames=0, mask_coverage_sum=0.0, reference_fallbacks=0,
                  pose_quality_sum=0.0, pose_quality_clips=0, pose_flagged_clips=0, bucket=f"{h}x{w}")
+    res = InputResult(str(path), stats=stats)  # filled clip by clip below
     for c, start in enumerate(starts):
         end = start + cfg.clip_len
         key = f"{vid}_c{c:04d}"
@@ -227,7 +222,6 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
         res.samples.append(encode_sample(key, target=target, pose=pose_video, face=face,
                                          ref=ref, meta=meta, caption=caption, fps=out_fps, bg=bg, mask=mask,
                                          driving=driving, crf=cfg.crf))
-    res.stats = stats
     return res
 
 
