@@ -28,12 +28,9 @@ assert len(MP_BODY_TO_OPENPOSE) == NUM_BODY and len(MP_FACE_TO_68) == NUM_FACE
 
 
 def _landmarks_array(landmarks, n: int, width: int, height: int, use_visibility: bool) -> np.ndarray:
-    out = np.zeros((n, 3), np.float32)
-    if landmarks is None:
-        return out
-    for i, lm in enumerate(landmarks.landmark[:n]):
-        score = float(lm.visibility) if use_visibility else 1.0
-        out[i] = (lm.x * width, lm.y * height, score)
+    out = np.zeros((n, 3), np.float32)  # undetected: all zero
+    for i, lm in enumerate(landmarks.landmark[:n] if landmarks is not None else ()):
+        out[i] = (lm.x * width, lm.y * height, float(lm.visibility) if use_visibility else 1.0)
     return out
 
 
