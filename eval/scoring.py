@@ -103,15 +103,14 @@ def sample_metrics(cfg: EvalConfig, todo: list[str], pipe, sample: EvalSample, v
 
 def aggregate(per_sample: dict[str, dict]) -> dict:
     """Mean of each metric over samples, ignoring NaN (undefined for that sample); counts kept."""
-    names = sorted({k for d in per_sample.values() for k in d})
     out = {}
-    for k in names:
-        vals = [d[k] for d in per_sample.values() if k in d and d[k] is not None]
-        if k.endswith("_points") or k.endswith("_frames") or k.endswith("_without_person"):
+    for k in sorted({k for d in per_sample.values() for k in d}):
+        vals = [d[k] for d in per_sample.values() if d.get(k) is not None]
+        if k.endswith(("_points", "_frames", "_without_person")):
             out[k] = int(sum(vals))
-            continue
-        finite_or_inf = [float(v) for v in vals if not math.isnan(float(v))]
-        out[k] = float(np.mean(finite_or_inf)) if finite_or_inf else float("nan")
+        else:
+            finite_or_inf = [float(v) for v in vals if not math.isnan(float(v))]
+            out[k] = float(np.mean(finite_or_inf)) if finite_or_inf else float("nan")
     return out
 
 
