@@ -157,9 +157,8 @@ class Sam2Segmenter:
         """The clicks/boxes of one chunk: [{frame, points [N, 2] (x, y px), box [4] or None}], one
         per keyframe; [] when no frame of ``pose`` has a person."""
         body = pose.body
-        conf = body[..., 2] >= self.min_score
         inside = (body[..., 0] >= 0) & (body[..., 0] < width) & (body[..., 1] >= 0) & (body[..., 1] < height)
-        usable = conf & inside  # [T, 20]
+        usable = (body[..., 2] >= self.min_score) & inside  # confident and in the frame, [T, 20]
         joints = list(SAM2_PROMPT_JOINTS)
         # a keyframe needs a person and, for click prompts, at least one click joint in the frame
         ok = usable.sum(-1) >= 4

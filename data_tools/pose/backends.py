@@ -47,12 +47,11 @@ def _onnx_model(path: str | Path, device: str):
         path = path / "end2end.onnx"
     if not path.is_file():
         raise PoseBackendError(f"ONNX model not found: {path}; set the vitpose backend's detector_path / pose_path")
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise PoseBackendError("device=cuda asked for, but onnxruntime has no CUDAExecutionProvider; "
-                                   "install onnxruntime-gpu or use device=cpu")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda = device.startswith("cuda")
+    if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise PoseBackendError("device=cuda asked for, but onnxruntime has no CUDAExecutionProvider; "
+                               "install onnxruntime-gpu or use device=cpu")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), providers=providers)
 
 
