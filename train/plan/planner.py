@@ -313,7 +313,8 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
         if engine == "deepspeed":  # DeepSpeed's own optimizer; its states are the computed terms
             built["optimizer"] = _NO_STEP
         built["notes"] = notes
-        with tracker, _planned_kernels(cfg):
+        # Animate-2: the in-context attention planned as its GPU kernel allocates (``train.plan.animate2``)
+        with tracker, planned_incontext() if family.name == "animate2" else contextlib.nullcontext():
             _step(cfg, built, mcfg, shape, tracker)
         summary, options, enc = built["summary"], built["options"], built["encoders"]
         del built
@@ -331,13 +332,6 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     if not quiet:
         print(format_plan(plan), flush=True)
     return plan
-
-
-def _planned_kernels(cfg: Config):
-    """Animate-2: the in-context attention planned as its GPU kernel allocates (``train.plan.animate2``)."""
-    if get_family(cfg.model.family).name != "animate2":
-        return contextlib.nullcontext()
-    return planned_incontext()
 
 
 class NullTracker(contextlib.nullcontext):
