@@ -46,8 +46,7 @@ def limb_ratios(drv_body: np.ndarray, ref_body: np.ndarray, threshold: float = 0
         scale = h_ref / h_drv
     else:
         r = [_len(ref_body, a, b) / _len(drv_body, a, b) for a, b in UPPER_BODY_LIMBS
-             if _ok(drv_body[a], threshold) and _ok(drv_body[b], threshold) and _ok(ref_body[a], threshold)
-             and _ok(ref_body[b], threshold) and _len(drv_body, a, b) > 1]
+             if all(_ok(x[j], threshold) for x in (drv_body, ref_body) for j in (a, b)) and _len(drv_body, a, b) > 1]
         scale = float(np.median(r)) if r else 1.0
     ratios = {}
     for a, b in LIMB_TREE:
@@ -86,12 +85,7 @@ def retarget_pose(driving: PoseSequence, reference: PoseSequence, *, threshold: 
         for a, b in LIMB_TREE:
             new[b, :2] = new[a, :2] + (src[b, :2] - src[a, :2]) * ratios[(a, b)]
         anchor_now = ref_anchor + (_anchor(src, full_body, threshold) - drv_anchor0) * scale
-        if full_body and any(_ok(src[j], threshold) for j in (10, 13)):
-            feet = [new[j, :2] for j in (10, 13) if _ok(src[j], threshold)]
-            shift = anchor_now - np.mean(feet, 0)
-        else:
-            shift = anchor_now - new[1, :2]
-        new[:, :2] += shift
+        new[:, :2] += anchor_now - _anchor(new, full_body, threshold)  # new keeps src's scores
         body[t] = new
         # hands follow their wrist (scaled like the forearm), the face its nose (like the neck-nose limb)
         for points, anchor, limb in ((lh, 7, (6, 7)), (rh, 4, (3, 4)), (face, 0, (1, 0))):

@@ -218,11 +218,8 @@ def draw_character(ch: Character, body, geo, height: int, width: int) -> tuple[n
     mx, my = geo["mouth"]
     maxes = (max(int(round(geo["mouth_axes"][0])), 1), max(int(round(geo["mouth_axes"][1])), 1))
     cv2.ellipse(layer, (int(round(mx)), int(round(my))), maxes, 0, 0, 360, (120, 20, 30), -1)
-    frame = np.empty((H, W, 3), np.uint8)
-    frame[:] = ch.background
-    sel = mask > 0
-    frame[sel] = layer[sel]
-    return frame, sel
+    sel = mask > 0  # the character over its background
+    return np.where(sel[..., None], layer, np.asarray(ch.background, np.uint8)), sel
 
 
 def _animate(ch: Character, clip_len: int, height: int, width: int):
