@@ -111,8 +111,7 @@ class ShardWriter:
     def write(self, sample: dict[str, bytes]) -> None:
         if self._tar is None:  # a new shard
             self._tmp = self.output_dir / (SHARD_PATTERN.format(self.index) + ".tmp")
-            self._tar = tarfile.open(self._tmp, "w")
-            self._keys = []
+            self._tar = tarfile.open(self._tmp, "w")  # self._keys is [] whenever no shard is open
         key = sample["__key__"]
         add_members(self._tar, key, {k: v for k, v in sample.items() if not k.startswith("__")}, self.mtime)
         self._keys.append(key)
