@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from train.config import Config, LoraSettings, OptimConfig, TrainSettings  # noqa: E402
 from wan_animate.objective import LossConfig, flow_matching_loss  # noqa: E402
 from train.modes import make_optimizer, setup_trainable  # noqa: E402
-from train.metrics import dit_forward_flops, peak_flops, peak_memory_gib  # noqa: E402
+from train.metrics import peak_flops, peak_memory_gib  # noqa: E402
+from wan_animate.config import dit_forward_flops  # noqa: E402
 from wan_animate.config import WanAnimateConfig  # noqa: E402
 from wan_animate.model import WanAnimateDiT, apply_activation_checkpointing, set_precision  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wan_animate.cli import run_tool
-from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT
+from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, dit_forward_flops
 from wan_animate.family import family_of, get_family
 from wan_animate.geometry import area_bucket
 from wan_animate.lora import LoraError, RELIGHT_FILE, apply_relighting_lora, read_lora
@@ -172,8 +172,8 @@ ASSUMED_FLOPS = {"cuda": 3e14, "cpu": 1e11}
 
 def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=None) -> str:
     """What generating ``num_frames`` frames at ``height`` x ``width`` will cost: segments x steps
-    (x2 with guidance) DiT calls of ``tokens`` each, and a rough time from a FLOP count of the DiT
-    (linear layers + self-attention) at ``ASSUMED_FLOPS``."""
+    (x2 with guidance) DiT calls of ``tokens`` each, and a rough time from the DiT's FLOP count
+    (``wan_animate.config.dit_forward_flops``) at ``ASSUMED_FLOPS``."""
     segments = num_segments(num_frames, args.clip_len, args.refert_num)
     calls = segments * args.steps * (2 if args.guide_scale > 1 else 1)
     latent_frames = (args.clip_len - 1) // 4 + 1 + 1  # + the reference latent
@@ -182,8 +182,7 @@ def estimate_cost(args, num_frames: int, height: int, width: int, dit_config=Non
             f"{args.steps} steps{' x 2 (guidance)' if args.guide_scale > 1 else ''} = {calls} DiT calls of "
             f"{tokens:,} tokens")
     if dit_config is not None:
-        d, layers, ffn = dit_config.dim, dit_config.num_layers, dit_config.ffn_dim
-        flops = calls * layers * (2 * tokens * (6 * d * d + 2 * d * ffn) + 4 * tokens * tokens * d)
+        flops = calls * dit_forward_flops(dit_config, (latent_frames, height // 8, width // 8))
         device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"  # _main checked --device
         seconds = flops / ASSUMED_FLOPS[device]
         duration = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \

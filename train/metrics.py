@@ -18,32 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from wan_animate.config import WanAnimateConfig
+from wan_animate.config import WanAnimateConfig, dit_forward_flops
 from wan_animate.files import atomic_write_bytes, dumps_strict
 
 # ---------------------------------------------------------------------------- FLOPs
-
-
-def dit_forward_flops(cfg: WanAnimateConfig, latent_shape: tuple[int, int, int], text_len: int | None = None) -> float:
-    """Forward FLOPs (2 per multiply-add) of the DiT trunk for one sample with latent
-    ``(T+1, h, w)``: per block linear (12 d^2 + 4 d f) L, self-attention 4 L^2 d, cross-attention
-    4 L d (L_text + L_img) plus its k/v projections (facts section 4). Animate-2 counts both streams."""
-    t, h, w = latent_shape
-    pt, ph, pw = cfg.patch_size
-    hw = (h // ph) * (w // pw)
-    tokens = (t // pt) * hw
-    d, f = cfg.dim, cfg.ffn_dim
-    ctx = (text_len or cfg.text_len) + getattr(cfg, "num_image_tokens", 257)  # 257: CLIP ViT-H/14 tokens
-
-    def stream(n: int, keys: int) -> float:  # one token stream of n tokens, each attending to ``keys`` keys
-        return (12 * d * d + 4 * d * f) * n + 4 * n * keys * d + 4 * n * d * ctx + 2 * 2 * ctx * d * d
-
-    if getattr(cfg, "family", "") == "animate2":
-        # Animate-2's joint pass: the driving stream (T - 1 frames, plain self-attention) and the
-        # generation stream (its own tokens + the aligned driving frame's hw keys)
-        drv = tokens - hw
-        return float(cfg.num_layers * (stream(drv, drv) + stream(tokens, tokens + hw)))
-    return float(cfg.num_layers * stream(tokens, tokens))
 
 
 _PEAK_TFLOPS = {  # dense bf16 tensor-core peaks
