@@ -9,7 +9,6 @@ summary dict (also written to ``<output_dir>/summary.json``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from train.validation import condition_gaps, validate
 
 def _start(cfg: Config):
     """Accelerator, checks and assets: everything before a model loads."""
-    for name in ("accelerate", "deepspeed", "DeepSpeed", "compilers"):  # keep the progress bar readable
-        logging.getLogger(name).setLevel(logging.WARNING)
     acc = make_accelerator(cfg)
     check_world(acc)
     startup_checks(cfg, acc)

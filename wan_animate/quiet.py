@@ -3,7 +3,8 @@ dropped by name (a logging filter on the exact message, or the library's own swi
 warning still shows: transformers' torchvision note (the PIL image processor is the one we want) and
 per-file loading bars (the training bar is the one progress bar); DeepSpeed's "Setting accelerator
 to CPU" probe (``DS_ACCELERATOR=cpu`` named up front without CUDA); torchao's import-time lines and
-diffusers' torchao note (torchao is only used for ``optim.name=adamw8bit``).
+diffusers' torchao note (torchao is only used for ``optim.name=adamw8bit``). accelerate's and
+DeepSpeed's INFO lines are raised to WARNING (they would break the training progress bar).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def quiet_third_party() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for name in ("accelerate", "deepspeed", "DeepSpeed", "compilers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name, texts in _DROP.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
