@@ -45,14 +45,13 @@ def encode_sample(key: str, *, target: np.ndarray, pose: np.ndarray, face: np.nd
     t, h, w, _ = target.shape
     if h % 16 or w % 16:
         raise ValueError(f"{key}: target size {h}x{w} must be multiples of 16")
-    if pose.shape != target.shape:
-        raise ValueError(f"{key}: pose video {pose.shape} differs from target {target.shape}")
+    for name, video in (("pose", pose), ("driving", driving)):
+        if video is not None and video.shape != target.shape:
+            raise ValueError(f"{key}: {name} video {video.shape} differs from target {target.shape}")
     if len(face) != t or face.shape[1] != face.shape[2]:
         raise ValueError(f"{key}: face crops {face.shape} must be [T={t}, S, S, 3]")
     if ref.shape != (h, w, 3):
         raise ValueError(f"{key}: reference {ref.shape} must be {(h, w, 3)}")
-    if driving is not None and driving.shape != target.shape:
-        raise ValueError(f"{key}: driving video {driving.shape} differs from target {target.shape}")
     if (bg is None) != (mask is None):
         raise ValueError(f"{key}: replace mode needs both bg and mask")
     meta = dict(meta)

@@ -55,16 +55,19 @@ def pack_pixel_mask(pixel_mask: torch.Tensor) -> torch.Tensor:
     return frames.reshape(b, t, MASK_CHANNELS, h, w).transpose(1, 2).contiguous()
 
 
+def resize_frames(video: torch.Tensor, size: tuple[int, int], **interpolate) -> torch.Tensor:
+    """``F.interpolate(**interpolate)`` of every frame of ``video [B, C, T, H, W]`` to ``size`` (h, w)."""
+    b, c, t = video.shape[:3]
+    flat = F.interpolate(video.transpose(1, 2).reshape(b * t, c, *video.shape[-2:]), size=tuple(size), **interpolate)
+    return flat.reshape(b, t, c, *size).transpose(1, 2)
+
+
 def environment_mask(character_mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """Replace mode: ``character_mask [B, 1, F, H, W]`` (1 on the character, pixel resolution,
     values in [0, 1]) -> ``[B, 1, F, h, w]`` that is 1 on the environment, nearest-downsampled."""
     if character_mask.ndim != 5 or character_mask.shape[1] != 1:
         raise ValueError(f"character_mask must be [B, 1, F, H, W], got {tuple(character_mask.shape)}.")
-    b, _, f, hh, ww = character_mask.shape
-    env = 1.0 - character_mask.float()
-    env = env.transpose(1, 2).reshape(b * f, 1, hh, ww)
-    env = F.interpolate(env, size=tuple(latent_hw), mode="nearest")
-    return env.reshape(b, f, 1, *latent_hw).transpose(1, 2).contiguous()
+    return resize_frames(1.0 - character_mask.float(), latent_hw, mode="nearest").contiguous()
 
 
 def temporal_mask(
@@ -137,10 +140,7 @@ def temporal_reference_video(
         given = prev_frames.to(device=device, dtype=dtype)
         batch_size = given.shape[0]
         if tuple(given.shape[-2:]) != (height, width):
-            b, c, n = given.shape[:3]
-            flat = given.transpose(1, 2).reshape(b * n, c, *given.shape[-2:])
-            flat = F.interpolate(flat.float(), size=(height, width), mode="bicubic", align_corners=False)
-            given = flat.reshape(b, n, c, height, width).transpose(1, 2).to(dtype)
+            given = resize_frames(given.float(), (height, width), mode="bicubic", align_corners=False).to(dtype)
     n = given.shape[2]
     rest = (bg_video[:, :, n:].to(device=device, dtype=dtype) if mode == "replace"
             else torch.zeros(batch_size, 3, clip_len - n, height, width, device=device, dtype=dtype))

@@ -18,12 +18,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from wan_animate import official_encoders as oe
-from wan_animate.conditioning import encode_condition, num_latent_frames
+from wan_animate.conditioning import encode_condition, num_latent_frames, resize_frames
 from wan_animate.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, WanAnimateConfig
 from wan_animate.encoders import ImageEncoder, TextEncoder, WanVAE
 from wan_animate.geometry import letterbox
@@ -192,12 +191,9 @@ def to_tensor_video(frames: np.ndarray) -> torch.Tensor:
 
 
 def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
-    b, c, t, h, w = video.shape
-    if (h, w) == (size, size):
+    if tuple(video.shape[-2:]) == (size, size):
         return video
-    flat = video.transpose(1, 2).reshape(b * t, c, h, w)
-    flat = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return flat.reshape(b, t, c, size, size).transpose(1, 2)
+    return resize_frames(video, (size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def dit_compute_dtype(dit: nn.Module) -> torch.dtype:

@@ -168,12 +168,16 @@ def decode_sample(raw: dict) -> dict:
                                                             if version == 2 else "has no driving.mp4 stream, but "
                                                             "the sample carries one") + "; remake the sample")
     video = _video(raw, "mp4", key)
-    pose = _video(raw, "pose.mp4", key)
-    face = _video(raw, "face.mp4", key)
-    ref = _image(raw, "ref.png", key)
+    replace = "bg.mp4" in raw or "mask.mp4" in raw
+    optional = {DRIVING_FIELD: DRIVING_FIELD in raw, "bg.mp4": replace, "mask.mp4": replace}
+    # the streams that cover the target clip frame for frame (driving: version 2; bg and mask: replace mode)
+    streams = {name: _video(raw, name, key) for name in ("pose.mp4", *optional) if optional.get(name, True)}
+    face, ref = _video(raw, "face.mp4", key), _image(raw, "ref.png", key)
     t, h, w = video.shape[:3]
-    if pose.shape != video.shape:
-        raise SampleDecodeError(f"sample {key!r}: pose.mp4 is {pose.shape[:3]} but mp4 is {video.shape[:3]} (T, H, W)")
+    for name, other in streams.items():
+        if other.shape != video.shape:
+            raise SampleDecodeError(f"sample {key!r}: {name} is {other.shape[:3]} but mp4 is {video.shape[:3]} "
+                                    f"(T, H, W): every stream must cover the target clip frame for frame")
     if len(face) != t:
         raise SampleDecodeError(f"sample {key!r}: face.mp4 has {len(face)} frames but mp4 has {t}")
     if ref.shape[:2] != (h, w):
@@ -186,26 +190,17 @@ def decode_sample(raw: dict) -> dict:
     out = {
         "key": key,
         "video": frames_to_tensor(video),
-        "pose": frames_to_tensor(pose),
+        "pose": frames_to_tensor(streams["pose.mp4"]),
         "face": frames_to_tensor(face),
         "ref": frames_to_tensor(ref[None])[:, 0],
         "meta": meta,
         "caption": raw["txt"].decode("utf-8") if "txt" in raw else meta.get("caption", ""),
     }
-    if DRIVING_FIELD in raw:
-        driving = _video(raw, DRIVING_FIELD, key)
-        if driving.shape != video.shape:
-            raise SampleDecodeError(f"sample {key!r}: driving.mp4 is {driving.shape[:3]} but mp4 is {video.shape[:3]} "
-                                    f"(T, H, W): the driving video must cover the target clip frame for frame")
-        out["driving"] = frames_to_tensor(driving)
-    if "bg.mp4" in raw or "mask.mp4" in raw:
-        bg = _video(raw, "bg.mp4", key)
-        mask = _video(raw, "mask.mp4", key)
-        if bg.shape != video.shape or mask.shape != video.shape:
-            raise SampleDecodeError(f"sample {key!r}: bg.mp4 {bg.shape[:3]} / mask.mp4 {mask.shape[:3]} "
-                                    f"differ from mp4 {video.shape[:3]}")
-        out["bg"] = frames_to_tensor(bg)
-        out["mask"] = torch.from_numpy(mask[..., 0] > 127).float()[None]
+    if DRIVING_FIELD in streams:
+        out["driving"] = frames_to_tensor(streams[DRIVING_FIELD])
+    if replace:
+        out["bg"] = frames_to_tensor(streams["bg.mp4"])
+        out["mask"] = torch.from_numpy(streams["mask.mp4"][..., 0] > 127).float()[None]
     return out
 
 
@@ -245,15 +240,13 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
     for name in ("target", "pose", "ref", "clip"):
         if name not in tensors:
             raise SampleDecodeError(f"sample {key!r}: latents.safetensors lacks {name!r}")
-    if tensors["pose"].shape != tensors["target"].shape:
-        raise SampleDecodeError(f"sample {key!r}: pose latents {tuple(tensors['pose'].shape)} differ from target "
-                                f"{tuple(tensors['target'].shape)}")
+    for name in ("pose", "driving"):  # driving: a version-2 sample, the driving stream of the Animate-2 family
+        if name in tensors and tensors[name].shape != tensors["target"].shape:
+            raise SampleDecodeError(f"sample {key!r}: {name} latents {tuple(tensors[name].shape)} differ from target "
+                                    f"{tuple(tensors['target'].shape)}")
     if meta.get("num_frames") is not None and len(face) != meta["num_frames"]:
         raise SampleDecodeError(f"sample {key!r}: face.mp4 has {len(face)} frames, json says {meta['num_frames']}")
-    if "driving" in tensors:  # a version-2 sample: the driving stream of the Animate-2 family
-        if tensors["driving"].shape != tensors["target"].shape:
-            raise SampleDecodeError(f"sample {key!r}: driving latents {tuple(tensors['driving'].shape)} differ from "
-                                    f"target {tuple(tensors['target'].shape)}")
+    if "driving" in tensors:
         if "clip_driving" not in tensors:
             raise SampleDecodeError(f"sample {key!r}: latents.safetensors has driving latents but no 'clip_driving' "
                                     f"(CLIP of driving frame 0); re-run cache_latents")
