@@ -11,15 +11,8 @@ per timestep, on the *same* noise. A model that follows its pose video loses acc
 given another clip's pose: a positive gap. A gap near 0 means the model ignores that condition.
 
 Conditions: the model family's ``conditions`` (``wan_animate.family``), each the batch keys
-swapped whole; Wan-Animate-14B's (``CONDITIONS``):
-
-* ``pose``: ``pose_latents`` (the pose video's latents),
-* ``face``: ``face_pixel_values`` (the face crops the motion encoder reads),
-* ``ref``: the reference image everywhere it enters: ``clip_fea`` (CLIP of the reference) and, for
-  every family, the reference slot of ``y`` and of the latents (slot 0, noised with the target but
-  never scored).
-
-Wan-Animate-2's: ``driving`` (the driving video's latents and CLIP of its first frame) and ``ref``.
+swapped whole; ``ref`` swaps the reference everywhere it enters, also slot 0 of ``y`` and of the
+latents (noised with the target but never scored).
 
 Used by eval's ``heldout`` / ``sensitivity`` metrics and by training's end-of-run report.
 """
