@@ -79,10 +79,8 @@ def metric_columns(records: list[dict]) -> list[str]:
 
 
 def not_computed(records: list[dict]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for r in records:
-        for k, v in (r.get("not_computed") or {}).items():
-            out.setdefault(k, v)
+    # the first cell's reason wins (later cells overwritten by earlier ones)
+    out = {k: v for r in reversed(records) for k, v in (r.get("not_computed") or {}).items()}
     computed = {k for r in records for k in (r.get("metrics") or {})}
     return {k: v for k, v in out.items() if k not in computed and k in METRICS}
 
@@ -96,9 +94,7 @@ def fmt(v) -> str:
 
 
 def arrow(metric: str) -> str:
-    if metric not in HEADLINE:
-        return ""
-    return " ↑" if HEADLINE[metric] else " ↓"
+    return {True: " ↑", False: " ↓"}.get(HEADLINE.get(metric), "")
 
 
 # ---------------------------------------------------------------------------- tables

@@ -60,11 +60,9 @@ def generate(pipe, family, cfg: EvalConfig, sample: EvalSample) -> np.ndarray:
         inputs.update(bg_video=sample.bg, mask_video=sample.mask)
     kwargs = dict(steps=cfg.steps, shift=cfg.shift, guide_scale=cfg.guide_scale, seed=cfg.seed,
                   solver=cfg.solver, clip_len=cfg.clip_len, refert_num=cfg.refert_num, progress=False)
-    prompt = cfg.prompt if cfg.prompt is not None else (sample.caption or None)
-    if prompt is not None:
-        kwargs["prompt"] = prompt
-    if cfg.negative_prompt is not None:
-        kwargs["negative_prompt"] = cfg.negative_prompt
+    prompts = {"prompt": cfg.prompt if cfg.prompt is not None else (sample.caption or None),
+               "negative_prompt": cfg.negative_prompt}
+    kwargs.update({k: v for k, v in prompts.items() if v is not None})  # None: the pipeline's default
     video = np.asarray(pipe.generate(sample.ref, **inputs, **kwargs))
     if video.shape[0] != sample.num_frames or video.shape[1:3] != sample.pose.shape[1:3]:
         raise RuntimeError(f"sample {sample.key!r}: the pipeline returned {video.shape} for a "

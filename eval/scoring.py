@@ -68,24 +68,19 @@ def sample_metrics(cfg: EvalConfig, todo: list[str], pipe, sample: EvalSample, v
     m = cfg.metrics
     out: dict = {}
     gt = sample.target
-    if "psnr" in todo:
-        with timer("psnr"):
-            out["psnr"] = psnr(video, gt)
-    if "ssim" in todo:
-        with timer("ssim"):
-            out["ssim"] = ssim(video, gt)
-    if "lpips" in todo:
-        with timer("lpips"):
-            out["lpips"] = get_lpips(cfg, device).video_distance(video, gt)
+    single = {"psnr": lambda: psnr(video, gt), "ssim": lambda: ssim(video, gt),
+              "lpips": lambda: get_lpips(cfg, device).video_distance(video, gt),
+              "identity": lambda: identity_similarity(pipe.image_encoder, sample.ref, video,
+                                                      max_frames=m.identity_max_frames)}
+    for name in (n for n in single if n in todo):
+        with timer(name):
+            out[name] = single[name]()
     if "flicker" in todo:
         with timer("flicker"):
             out["flicker"] = flicker(video)
             if gt is not None:
                 out["flicker_gt"] = flicker(gt)
                 out["temporal_error"] = temporal_error(video, gt)
-    if "identity" in todo:
-        with timer("identity"):
-            out["identity"] = identity_similarity(pipe.image_encoder, sample.ref, video, max_frames=m.identity_max_frames)
     if "motion" in todo or "expression" in todo:
         backend = get_pose_backend_cached(cfg)
         with timer("keypoints"):

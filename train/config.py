@@ -394,17 +394,16 @@ def to_config(cfg: DictConfig | dict[str, Any] | Config) -> Config:
         _fail(str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e))
 
 
+def _all_finite(v: Any) -> bool:
+    return all(map(_all_finite, v)) if isinstance(v, list) else not isinstance(v, float) or math.isfinite(v)
+
+
 def _check_finite(values: Any, key: str = "") -> None:
-    """No NaN / Inf anywhere (``x < 0`` checks let NaN through; Inf overflows later)."""
+    """No NaN / Inf anywhere (``x < 0`` checks let NaN through; Inf overflows later); a list is named whole."""
     if isinstance(values, dict):
         for k, v in values.items():
             _check_finite(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(values, list):
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            _fail(f"{key}={values} must be finite (no NaN or Inf).")
-        for v in values:
-            _check_finite(v, key)
-    elif isinstance(values, float) and not math.isfinite(values):
+    elif not _all_finite(values):
         _fail(f"{key}={values} must be finite (no NaN or Inf).")
 
 

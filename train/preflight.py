@@ -15,6 +15,8 @@ from wan_animate.geometry import nearest_bucket
 from wan_animate.samples import shard_keys
 
 _COUNT_LIMIT = 64  # count samples by listing at most this many local shards (headers only)
+# said before the model loads and at each validation the run would have made (train.validation.validate)
+ZERO3_VALIDATION = "validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate on the export"
 
 
 @dataclass
@@ -219,7 +221,6 @@ def announce(cfg: Config, acc, model_path: Path, urls: list[str], stage: int) ->
         if not cfg.train.validation:
             print("[train] validation off (train.validation=false)", flush=True)
         elif stage == 3:
-            print("[train] validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate on the "
-                  "export", flush=True)
+            print(f"[train] {ZERO3_VALIDATION}", flush=True)
         print(f"[train] loading {model_path} ...", flush=True)
     return dit_config, layout

@@ -19,6 +19,7 @@ from webdataset.tariterators import tarfile_samples
 
 from train.config import Config
 from train.data import ShardStream, StreamSpec, cached_text_embeds, resolve_urls
+from train.preflight import ZERO3_VALIDATION
 from wan_animate.family import get_family
 from wan_animate.heldout import condition_sensitivity
 from wan_animate.samples import decode_cached_sample, decode_sample
@@ -38,8 +39,7 @@ def validate(cfg: Config, acc, pipe, raw_dit, urls: list[str], step: int, stage:
     out = None
     if stage == 3:
         if acc.is_main_process:
-            print("[train] validation skipped under ZeRO-3 (parameters are partitioned); run eval.generate "
-                  "on the export instead.", flush=True)
+            print(f"[train] {ZERO3_VALIDATION} instead.", flush=True)
         return None
     if acc.process_index < cfg.train.sequence_parallel:
         try:

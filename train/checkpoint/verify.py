@@ -101,9 +101,7 @@ def manifest_problem(folder: str | Path) -> str | None:
 
 def _safetensors_problem(folder: Path) -> str | None:
     """The first ``*.safetensors`` whose header does not parse or does not cover the file."""
-    for path in _files(folder):
-        if path.suffix != ".safetensors":
-            continue
+    for path in sorted(folder.rglob("*.safetensors")):
         try:
             with safe_open(str(path), "pt"):
                 pass
