@@ -381,15 +381,11 @@ def resolve_urls(urls: list[str]) -> list[str]:
             continue
         for item in expand_urls(url):
             p = Path(item)
-            if p.is_dir():
-                found = sorted(str(x) for x in p.glob("*.tar"))
+            if p.is_dir() or any(c in item for c in "*?["):  # a folder's shards, a pattern's files
+                found = sorted(glob.glob(glob.escape(str(p)) + "/*.tar" if p.is_dir() else item))
                 if not found:
-                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards.")
-                out.extend(found)
-            elif any(c in item for c in "*?["):
-                found = sorted(glob.glob(item))
-                if not found:
-                    raise FileNotFoundError(f"data.urls: pattern {item} matches no file.")
+                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards." if p.is_dir()
+                                            else f"data.urls: pattern {item} matches no file.")
                 out.extend(found)
             elif p.is_file():
                 out.append(str(p))
