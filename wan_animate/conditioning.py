@@ -108,16 +108,9 @@ def temporal_reference_video(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, int]:
-    """The pixel clip that gets VAE-encoded into the target slots' condition latent.
-
-    Returns ``(video [B, 3, clip_len, H, W] in [-1, 1], num_given)``.
-
-    * ``prev_frames [B, 3, n, H', W']`` (``n`` = refert_num, 1 or 5): frames carried over from the
-      previous segment (or ground truth in training); ``None`` on a first segment. They are
-      resized bicubically to ``H x W`` when their size differs.
-    * animate: the remaining frames are zeros; replace: they are ``bg_video [B, 3, clip_len, H, W]``
-      (on a first segment the whole clip is the background).
-    """
+    """The temporal reference clip (module docstring) ``(video [B, 3, clip_len, H, W] in [-1, 1],
+    num_given)`` from ``prev_frames [B, 3, n, H', W']`` (``None`` on a first segment; resized
+    bicubically to ``H x W``) and, in replace mode, ``bg_video [B, 3, clip_len, H, W]``."""
     _check_mode(mode)
     check_frames_4n1(clip_len)
     if mode == "replace":

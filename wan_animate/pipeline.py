@@ -176,11 +176,8 @@ def load_image(path_or_array: Any) -> np.ndarray:
 
 def read_video_file(path: str | Path, what: str) -> tuple[np.ndarray, float]:
     """(frames, fps) of an input video file; :class:`InputError` when missing, undecodable or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} {path} does not exist.")
     try:
-        return read_video(path)  # a video without frames is a VideoDecodeError
+        return read_video(path)  # a missing file or a video without frames is a VideoDecodeError
     except VideoDecodeError as e:
         raise InputError(f"{what}: {e}") from None
 

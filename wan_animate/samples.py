@@ -215,16 +215,11 @@ def load_text_embeds(path) -> tuple[dict, dict[str, str]]:
 
 
 def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
-    """One cached sample (``latents.safetensors``, ``face.mp4``, ``json``) -> tensors.
-
-    Returns every tensor of ``latents.safetensors`` under its own name (``target``, ``pose``,
-    ``ref``, ``cond_r0`` / ``cond_r1`` / ``cond_r5``, ``clip``, and in replace mode
-    ``cond_replace_r*`` and ``char_mask``; from version-2 samples also ``driving`` [16, t, h, w] and
-    ``clip_driving`` [257, image_dim], the CLIP embedding of driving frame 0), ``face`` float
-    [3, T, S, S] in [-1, 1], ``text`` [L, D] (the caption's embedding), ``text_empty`` (the ""
-    embedding, for condition dropout, when the file has it), ``text_driving`` (the driving pass's
-    prompt embedding, version 2), ``meta``, ``caption``, ``key``.
-    """
+    """One cached sample (``latents.safetensors``, ``face.mp4``, ``json``) -> every tensor of
+    ``latents.safetensors`` under its own name (docs/data.md), ``face`` float [3, T, S, S] in
+    [-1, 1], ``text`` [L, D] (the caption's embedding), ``text_empty`` (the "" embedding, for
+    condition dropout, when the file has it), ``text_driving`` (the driving pass's prompt
+    embedding, version 2), ``meta``, ``caption``, ``key``."""
     from safetensors.torch import load as load_safetensors
 
     key = sample_key(raw)

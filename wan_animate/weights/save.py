@@ -183,8 +183,6 @@ def convert_checkpoint(
 ) -> list[Path]:
     """Stream a checkpoint into the other (or the same) layout, shard by shard, never building the
     model's weights: peak memory is about one input shard plus one output shard."""
-    if to not in ("official", "diffusers"):
-        raise ValueError(f"to={to!r}: choose 'official' or 'diffusers'.")
     src = source.open_source(src_path)
     config, config_source = source.identify(src, config)
     ckpt = source.virtual_official(src, config)
