@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -185,11 +186,7 @@ class VitPoseBackend(PoseBackend):
     name = "vitpose"
 
     def __init__(self, *, detector_path: str | None = None, pose_path: str | None = None, device: str = "cpu",
-                 batch_size: int = 16, det_conf: float = 0.05, det_iou: float = 0.5, box_rescale: float = 1.25,
-                 **unused):
-        if unused:
-            raise TypeError(f"unknown vitpose backend options {sorted(unused)}; valid: detector_path, pose_path, "
-                            "device, batch_size, det_conf, det_iou, box_rescale")
+                 batch_size: int = 16, det_conf: float = 0.05, det_iou: float = 0.5, box_rescale: float = 1.25):
         if pose_path is None:
             raise PoseBackendError("the vitpose backend needs pose_path (process_checkpoint/pose2d/"
                                    "vitpose_h_wholebody.onnx, a folder holding end2end.onnx, or a .onnx file)")
@@ -266,9 +263,7 @@ class PrecomputedBackend(PoseBackend):
 
     name = "precomputed"
 
-    def __init__(self, *, path: str | None = None, videos: str | None = None, **unused):
-        if unused:
-            raise TypeError(f"unknown precomputed backend options {sorted(unused)}; valid: path, videos")
+    def __init__(self, *, path: str | None = None, videos: str | None = None):
         if path is None and videos is None:
             raise PoseBackendError("the precomputed backend needs path= (keypoint file or folder) and/or "
                                    "videos= (folder of <stem>.pose.mp4 + <stem>.face.mp4)")
@@ -330,4 +325,7 @@ def get_pose_backend(name: str, **options) -> PoseBackend:
     """Create a pose backend by name: "mediapipe", "vitpose" or "precomputed"."""
     if name not in BACKENDS:
         raise ValueError(f"unknown pose backend {name!r}; choose one of {sorted(BACKENDS)}")
+    valid = list(inspect.signature(BACKENDS[name]).parameters)
+    if unknown := sorted(set(options) - set(valid)):
+        raise TypeError(f"unknown {name} backend options {unknown}; valid: {', '.join(valid)}")
     return BACKENDS[name](**options)

@@ -49,10 +49,7 @@ class MediapipeBackend(PoseBackend):
     name = "mediapipe"
 
     def __init__(self, *, model_complexity: int = 1, max_side: int = 640, min_detection_confidence: float = 0.5,
-                 min_tracking_confidence: float = 0.5, static_image_mode: bool = True, **unused):
-        if unused:
-            raise TypeError(f"unknown mediapipe backend options {sorted(unused)}; valid: model_complexity, "
-                            "max_side, min_detection_confidence, min_tracking_confidence, static_image_mode")
+                 min_tracking_confidence: float = 0.5, static_image_mode: bool = True):
         mediapipe = import_mediapipe()
         if model_complexity not in (0, 1, 2):
             raise ValueError(f"model_complexity must be 0, 1 or 2, got {model_complexity}")
