@@ -117,15 +117,11 @@ def _frozen(linear: nn.Linear) -> bool:
     return not any(p.requires_grad for p in linear.parameters(recurse=False))
 
 
-def fp8_target_names(model: nn.Module, prefixes: tuple[str, ...] = ("blocks.", "face_adapter.")) -> list[str]:
-    """Names of the frozen ``nn.Linear`` layers under ``prefixes`` (peft base layers included)."""
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
-            and name.startswith(prefixes) and ".lora_" not in name and _frozen(module)]
-
-
-def quantize_frozen_linears(model: nn.Module) -> list[str]:
-    """Replace every frozen linear of the DiT blocks and face blocks by an ``FP8Linear``, in place."""
-    names = fp8_target_names(model)
+def quantize_frozen_linears(model: nn.Module, prefixes: tuple[str, ...] = ("blocks.", "face_adapter.")) -> list[str]:
+    """Replace every frozen ``nn.Linear`` under ``prefixes`` (the DiT blocks and face blocks; peft
+    base layers included) by an ``FP8Linear``, in place; returns their names."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and name.startswith(prefixes) and ".lora_" not in name and _frozen(module)]
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
