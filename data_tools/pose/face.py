@@ -77,14 +77,11 @@ def face_boxes(pose: PoseSequence, *, threshold: float = 0.5, smooth_window: int
     # Landmark boxes are far more reliable than head-point boxes, so frames without landmarks are
     # interpolated from landmark frames; head points are used only when no frame has landmarks.
     source = np.zeros(t_len, np.int8)
-    has_lm = ~np.isnan(from_landmarks[:, 0])
-    has_head = ~np.isnan(from_head[:, 0])
-    if has_lm.any():
-        raw, known = from_landmarks, has_lm
-        source[has_lm] = 2
-    elif has_head.any():
-        raw, known = from_head, has_head
-        source[has_head] = 1
+    for raw, level in ((from_landmarks, 2), (from_head, 1)):
+        known = ~np.isnan(raw[:, 0])
+        if known.any():
+            source[known] = level
+            break
     else:
         h, w = pose.height, pose.width
         side = min(h, w) / 3

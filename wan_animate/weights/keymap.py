@@ -168,14 +168,6 @@ _RE_KV_OFFICIAL = re.compile(r"^face_adapter\.fuser_blocks\.(\d+)\.linear1_kv\.(
 KV_DIFFUSERS_RE = re.compile(r"^face_adapter\.(\d+)\.to_(k|v)\.(weight|bias)$")
 
 
-def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if t.shape[0] % 2:
-        raise KeyMapError(f"linear1_kv has an odd first dimension {tuple(t.shape)}; cannot split into k and v.")
-    half = t.shape[0] // 2
-    # clone so the halves own their storage (safetensors refuses tensors that share memory)
-    return t[:half].clone(), t[half:].clone()
-
-
 # ---- Public maps
 
 
@@ -198,7 +190,10 @@ def official_to_diffusers(state_dict: Mapping[str, torch.Tensor], config: WanAni
     for key, tensor in state_dict.items():
         m = _RE_KV_OFFICIAL.match(key)
         if m:
-            k, v = _split_rows(tensor)
+            if tensor.shape[0] % 2:
+                raise KeyMapError(f"{key} has an odd first dimension {tuple(tensor.shape)}; cannot split into k and v.")
+            # clones: the halves own their storage (safetensors refuses tensors that share memory)
+            k, v = (half.clone() for half in tensor.chunk(2))
             out[f"face_adapter.{m.group(1)}.to_k.{m.group(2)}"] = k
             out[f"face_adapter.{m.group(1)}.to_v.{m.group(2)}"] = v
             continue
