@@ -90,12 +90,8 @@ class BlockSwap:
     # ---- copies
     def _copy(self, index: int) -> list[torch.Tensor]:
         self.copies += 1
-        out = []
-        for _, _, param in self.slots[index]:
-            dev = torch.empty(param.shape, dtype=param.dtype, device=self.device)
-            dev.copy_(param.data, non_blocking=self.stream is not None)
-            out.append(dev)
-        return out
+        return [param.data.to(self.device, non_blocking=self.stream is not None, copy=True)
+                for _, _, param in self.slots[index]]
 
     def _prefetch(self, index: int) -> None:
         if index in self._ready:
