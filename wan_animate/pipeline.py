@@ -193,11 +193,6 @@ def resize_face_video(video: torch.Tensor, size: int) -> torch.Tensor:
     return resize_frames(video, (size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def dit_compute_dtype(dit: nn.Module) -> torch.dtype:
-    pe = getattr(dit, "patch_embedding", None)
-    return pe.weight.dtype if pe is not None and hasattr(pe, "weight") else next(dit.parameters()).dtype
-
-
 # ---------------------------------------------------------------------------- pipeline
 
 # denoise(latents, t [B], uncond) -> velocity, for one segment's conditioning
@@ -359,7 +354,9 @@ class AnimatePipeline:
         ``start`` (``prev``: the previous segment's last ``refert_num`` decoded frames, None first).
         Noise from one CPU generator seeded with ``seed``; the reference slot is never decoded."""
         real_len, height, width = driving.shape[:3]
-        dev, dtype, cfg_on = self.device, dit_compute_dtype(self.dit), guide_scale != 1.0
+        pe = getattr(self.dit, "patch_embedding", None)  # its weight has the compute dtype (fp32 tables aside)
+        dtype = pe.weight.dtype if pe is not None and hasattr(pe, "weight") else next(self.dit.parameters()).dtype
+        dev, cfg_on = self.device, guide_scale != 1.0
         ref_pixels = to_tensor_video(letterbox(load_image(ref_image), height, width)[None])[:, :, 0].to(dev)
         c = SimpleNamespace(
             device=dev, dtype=dtype, cfg_on=cfg_on, ref_pixels=ref_pixels,  # [1, 3, H, W]

@@ -82,18 +82,15 @@ def _torso_length(xy: np.ndarray, ok: np.ndarray) -> float | None:
     return None
 
 
-def _displacements(xy: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """[T-1, N]: how far each point moved from the previous frame (NaN unless seen in both)."""
-    return np.where(ok[1:] & ok[:-1], np.linalg.norm(np.diff(xy, axis=0), axis=-1), np.nan)
-
-
 def _jump_frames(xy: np.ndarray, ok: np.ndarray, torso: float, rules: PoseQualityRules) -> np.ndarray:
     """bool [T]: frame t (t >= 1) is a jump from frame t - 1."""
     t_len = len(xy)
     jumps = np.zeros(t_len, bool)
     if t_len < 2:
         return jumps
-    disp, valid = _displacements(xy, ok), ok[1:] & ok[:-1]
+    disp = np.linalg.norm(np.diff(xy, axis=0), axis=-1)  # [T-1, N]
+    valid = ok[1:] & ok[:-1]
+    disp = np.where(valid, disp, np.nan)
     for i in range(len(disp)):
         near = [j for j in (i - 2, i - 1, i + 1, i + 2) if 0 <= j < len(disp)]
         with warnings.catch_warnings():  # an all-missing neighbourhood is expected: NaN, no warning
@@ -107,9 +104,10 @@ def _jump_frames(xy: np.ndarray, ok: np.ndarray, torso: float, rules: PoseQualit
 
 def _typical_speed(xy: np.ndarray, ok: np.ndarray) -> np.ndarray:
     """Median displacement per frame of each point over the clip (0 where never seen twice)."""
+    disp = np.where(ok[1:] & ok[:-1], np.linalg.norm(np.diff(xy, axis=0), axis=-1), np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nan_to_num(np.nanmedian(_displacements(xy, ok), axis=0))
+        return np.nan_to_num(np.nanmedian(disp, axis=0))
 
 
 def _glitch_frames(xy: np.ndarray, ok: np.ndarray, jumps: np.ndarray, torso: float,
