@@ -124,12 +124,10 @@ def load_shard_samples(path: Path, limit: int, max_frames: int, skipped: list) -
                 key=d["key"], ref=tensor_to_frames(d["ref"][:, None])[0], pose=tensor_to_frames(d["pose"]),
                 face=tensor_to_frames(d["face"]), target=video, driving=video, caption=d.get("caption", ""),
                 stored_keypoints=PoseSequence.from_dict(kp) if kp else None, meta=d["meta"],
+                raw_driving=tensor_to_frames(d["driving"]) if "driving" in d else None,  # schema version 2
+                bg=tensor_to_frames(d["bg"]) if "bg" in d else None,
+                mask=np.repeat((d["mask"][0].numpy() > 0.5)[..., None] * np.uint8(255), 3, -1) if "bg" in d else None,
             )
-            if "driving" in d:  # schema version 2
-                s.raw_driving = tensor_to_frames(d["driving"])
-            if "bg" in d:
-                s.bg = tensor_to_frames(d["bg"])
-                s.mask = np.repeat((d["mask"][0].numpy() > 0.5)[..., None] * np.uint8(255), 3, axis=-1)
             out.append(_cut(s, max_frames))
     return out
 

@@ -342,8 +342,7 @@ def _main(args, work_dir: str | None) -> int:
     fps = inputs.pop("fps")
     pipe = family.pipeline_class.from_pretrained(args.model, dtype=dtype, device=device, offload=args.offload,
                                                  vae_tiling=args.vae_tiling)
-    for i, lora in enumerate(args.lora):
-        scale = args.lora_scale[i] if args.lora_scale else 1.0
+    for lora, scale in zip(args.lora, args.lora_scale or [1.0] * len(args.lora)):
         merged = pipe.load_lora(lora, scale=scale)
         print(f"LoRA {lora}: merged into {len(merged)} layers at scale {scale}", file=sys.stderr)
     if args.relight:

@@ -40,6 +40,7 @@ class Timer:
 def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[str], dict[str, str]]:
     """Metrics to compute and, for every other metric, why it is not computed (``family``: the model's)."""
     todo, not_computed = [], {}
+    extract = cfg.metrics.driving_keypoints == "extract"  # else "stored" (eval.config checks it)
     for name in METRICS:
         if name not in cfg.metrics.names:
             not_computed[name] = "not requested (add it to metrics.names)"
@@ -51,13 +52,11 @@ def planned_metrics(cfg: EvalConfig, eval_set: EvalSet, family) -> tuple[list[st
             not_computed[name] = "needs ground truth; the eval set is cross-identity"
         elif name == "sensitivity" and len(eval_set.samples) < 2:
             not_computed[name] = "needs at least two samples (each borrows the next one's conditions)"
-        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "extract"
-              and any(s.driving is None for s in eval_set.samples)):
+        elif name in ("motion", "expression") and any(
+                (s.driving if extract else s.stored_keypoints) is None for s in eval_set.samples):
             not_computed[name] = ("needs the driving RGB video (driving.mp4 in each pair folder) or "
-                                  "metrics.driving_keypoints=stored")
-        elif (name in ("motion", "expression") and cfg.metrics.driving_keypoints == "stored"
-              and any(s.stored_keypoints is None for s in eval_set.samples)):
-            not_computed[name] = "metrics.driving_keypoints=stored but some samples store no keypoints"
+                                  "metrics.driving_keypoints=stored" if extract else
+                                  "metrics.driving_keypoints=stored but some samples store no keypoints")
         else:
             todo.append(name)
     return todo, not_computed

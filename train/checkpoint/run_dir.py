@@ -48,10 +48,8 @@ def launch_identity(cfg: Config, world_size: int, deepspeed: bool, zero_stage: i
 def _same_model(before: dict[str, Any], current: dict[str, Any]) -> bool:
     """Same path, or two folders with the same DiT config (a moved copy: the trainable-only state's
     base fingerprint, ``train.checkpoint.trainable``, checks the weights themselves on resume)."""
-    if before.get("model") == current["model"]:
-        return True
-    a, b = before.get("model_config"), current.get("model_config")
-    return a is not None and a == b
+    config = before.get("model_config")
+    return before.get("model") == current["model"] or (config is not None and config == current.get("model_config"))
 
 
 def _from_checkpoint(path: Path) -> dict[str, Any]:
@@ -106,9 +104,8 @@ def previous_identity(out_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | N
 def check_output_dir(cfg: Config, current: dict[str, Any]) -> None:
     """Refuse (``ConfigError``) a launch that differs from the run already in ``train.output_dir``."""
     out_dir = Path(cfg.train.output_dir)
-    has_run = checkpointing.latest_complete(out_dir) is not None or (out_dir / "summary.json").is_file()
-    if not has_run:
-        return
+    if checkpointing.latest_complete(out_dir) is None and not (out_dir / "summary.json").is_file():
+        return  # no run here yet
     before, _ = previous_identity(out_dir)
     differ = [k for k in IDENTITY_KEYS if k in before and before[k] != current[k]
               and not (k == "zero_stage" and not before.get("deepspeed") and not current["deepspeed"])

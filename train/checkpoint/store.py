@@ -51,8 +51,7 @@ def list_complete(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_complete(output_dir: str | Path) -> tuple[int, Path] | None:
-    found = list_complete(output_dir)
-    return found[-1] if found else None
+    return (list_complete(output_dir) or [None])[-1]
 
 
 def save_checkpoint(acc, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
@@ -178,10 +177,8 @@ def _move_aside(path: Path) -> Path:
 
 
 def _choose_resume(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint whose files match their manifest (or, without one, whose
-    files parse) and whose pickles are tensor-only. Damaged newer ones are moved aside with a
-    warning; when none is usable nothing is touched and ``NoUsableCheckpointError`` names them.
-    Raises ``UnsafeCheckpointError`` for a pickle that would run code."""
+    """The newest resumable complete checkpoint (``_problem``); the damaged newer ones moved aside
+    with a warning, or, when none is usable, nothing touched and ``NoUsableCheckpointError``."""
     complete = list_complete(output_dir)
     rejected: list[tuple[Path, str]] = []
     chosen = None

@@ -137,8 +137,7 @@ class TrainableOnlyCheckpoints:
         model = models.pop(0)
         path = Path(input_dir) / MODEL_FILE
         state = load_file(str(path))
-        wanted = _trainable_names(model)
-        lacking = sorted(wanted - set(state))
+        lacking = sorted(_trainable_names(model) - set(state))
         if lacking:
             raise RuntimeError(
                 f"{path} lacks {len(lacking)} trainable tensor(s) ({lacking[:3]}, ...): it was written with another "

@@ -21,7 +21,6 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
@@ -51,10 +50,8 @@ class DamagedCheckpointError(RuntimeError):
     """A checkpoint file that is truncated or does not parse: that checkpoint cannot be resumed."""
 
 
-def _files(folder: Path) -> Iterator[Path]:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            yield path
+def _files(folder: Path) -> list[Path]:
+    return [path for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST]
 
 
 def file_digest(path: Path) -> str:
