@@ -86,11 +86,9 @@ def not_computed(records: list[dict]) -> dict[str, str]:
 
 
 def fmt(v) -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    if isinstance(v, float):  # inf prints as "inf" / "-inf"
-        return "n/a" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)  # inf prints as "inf" / "-inf"
 
 
 def arrow(metric: str) -> str:
@@ -131,8 +129,7 @@ def html_table(header, rows, best: dict[int, bool] | None = None) -> str:
     """``best``: column index -> higher-is-better; the best value of such columns is bold."""
     best_val = {}
     for j, higher in (best or {}).items():
-        vals = [_as_number(r[j]) for r in rows]
-        vals = [v for v in vals if v is not None and math.isfinite(v)]
+        vals = [v for r in rows if (v := _as_number(r[j])) is not None and math.isfinite(v)]
         if len(vals) > 1 and max(vals) != min(vals):
             best_val[j] = max(vals) if higher else min(vals)
     h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
@@ -247,9 +244,7 @@ def plot_figure(records: list[dict], param: str, swept: list[str], cols: list[st
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if len(labels) > 1:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
-        fig.tight_layout(rect=(0, 0.08, 1, 1))
-    else:
-        fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08 if len(labels) > 1 else 0, 1, 1))  # room for the legend below
     return fig
 
 

@@ -136,10 +136,9 @@ def upscale_warnings(cfg: Config, facts: DataFacts) -> list[str]:
         scale = max(bh / h, bw / w)
         if scale <= 1.0 + 1e-6:
             continue
-        keep = [[16 * (h // 16), 16 * (w // 16)]]
         out.append(f"data.buckets upscales the data: {h}x{w} clips are enlarged {scale:.2f}x to the {bh}x{bw} "
                    f"bucket ({bh * bw / (h * w):.1f}x the pixels and tokens per frame, no added detail); "
-                   f"to train at the data's size set data.buckets={json.dumps(keep).replace(' ', '')}")
+                   f"to train at the data's size set data.buckets=[[{16 * (h // 16)},{16 * (w // 16)}]]")
     return out
 
 

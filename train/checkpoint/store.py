@@ -133,9 +133,8 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
     for step, path in complete:
         if (step, path) in good[:-keep_last] or (not _finite(path) and step < newest_good):
             shutil.rmtree(path, ignore_errors=True)
-    root = checkpoints_dir(output_dir)
     newest = complete[-1][0] if complete else -1
-    for p in root.iterdir():
+    for p in checkpoints_dir(output_dir).iterdir():
         m = _STEP_RE.match(p.name)
         # incomplete folders older than the newest complete one are leftovers of killed runs
         if m and not (p / COMPLETE).is_file() and int(m.group(1)) <= newest:

@@ -165,29 +165,28 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
     seen cannot be swapped by ``to_empty``); call inside the mode."""
     family = get_family(cfg.model.family)
-    bf16 = cfg.train.precision == "bf16"
+    # the trainer's dtypes: the DiT and umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     dit, (modules, sources) = meta
     dit.to_empty(device="cpu")
     if init:  # a real-tensor run: touch every weight (untouched pages would not count) with sane values
         with torch.no_grad():
             for t in [*dit.parameters(), *dit.buffers()]:
                 t.normal_(0.0, 0.02)
-    family.set_precision(dit, torch.bfloat16 if bf16 else torch.float32)  # what loading the weights does
-    # the trainer's dtypes: umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
-    enc_dtype = torch.bfloat16 if bf16 else torch.float32
+    family.set_precision(dit, dtype)  # what loading the weights does
     # cached shards: the encoders only serve validation, parked on the host (the trainer's offload):
     # counted from their sizes, never run, so not materialised either
     offload = cfg.data.source == "cached"
     enc = SimpleNamespace() if modules else None
     if modules and offload:
         tracker.host["frozen_encoders"] += sum(
-            p.numel() * (4 if name == "vae" else enc_dtype.itemsize) for name, m in modules.items() for p in m.parameters())
+            p.numel() * (4 if name == "vae" else dtype.itemsize) for name, m in modules.items() for p in m.parameters())
         modules_on_device = {}
     else:
         for m in modules.values():
             _to_empty_keeping_ties(m)
         if modules:
-            enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=enc_dtype, vae_dtype=torch.float32,
+            enc = wrap_encoders(modules, text_len=mcfg.text_len, encoder_dtype=dtype, vae_dtype=torch.float32,
                                 offload=False)
         modules_on_device = modules
     with tracker:
