@@ -54,7 +54,7 @@ def collect(sweep_dir: Path, skipped: set[str] = frozenset()) -> list[dict]:
             rec = loads_record(path.read_text())
         except json.JSONDecodeError as e:
             rec = {"status": "failed", "error": f"unreadable metrics.json ({e})", "overrides": []}
-        rec["cell"] = str(path.parent.relative_to(sweep_dir)) if path.parent != Path(sweep_dir) else "."
+        rec["cell"] = str(path.parent.relative_to(sweep_dir))  # "." for a single run's own folder
         rec["_dir"] = path.parent
         rec["skipped"] = str(path.parent.resolve()) in skipped
         overrides = (o.partition("=") for o in rec.get("overrides", []))

@@ -176,10 +176,7 @@ def _face_and_noise(ex: dict, sample: dict, spec: StreamSpec, rng: np.random.Gen
                     src_hw: tuple[int, int], size: tuple[int, int]) -> dict:
     """The face crop (resized, augmented, dropped), the face region map and the noise seed."""
     if "face" in spec.streams:
-        face = sample["face"][:, frames]
-        side = (spec.face_size, spec.face_size)
-        if tuple(face.shape[-2:]) != side:
-            face = resize_crop_tensor(face, side)
+        face = resize_crop_tensor(sample["face"][:, frames], (spec.face_size, spec.face_size))  # no-op at that size
         ex["face"] = _face_choices(face, spec.cfg, rng)
     region = face_region_map(sample["meta"].get("face_boxes"), frames.start, frames.stop - frames.start, src_hw, size)
     if region is not None:

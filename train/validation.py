@@ -10,6 +10,7 @@ face crops are stored as pixels), so cached runs validate too.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tarfile
 from pathlib import Path
 
@@ -123,9 +124,7 @@ def gap_batches(cfg: Config, pipe, urls: list[str], cached: bool, device, dtype,
     stream = ShardStream(StreamSpec(urls=urls, cfg=recipe, micro_batch_size=1, seed=cfg.train.seed,
                                     face_size=face_size, streams=tuple(family.streams)))
     batches = []
-    for i, raw in enumerate(tarfile_samples([{"url": u} for u in urls])):
-        if len(batches) == limit:
-            break
+    for i, raw in enumerate(itertools.islice(tarfile_samples([{"url": u} for u in urls]), limit)):
         ex = stream.example(raw, stream.bucket_of(raw), np.random.default_rng([cfg.train.seed, i, 0x6A95]))
         batches.append(family.build_inputs([ex], pipe, device, dtype, cfg.data.clip_len))
     return batches
