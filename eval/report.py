@@ -79,8 +79,7 @@ def metric_columns(records: list[dict]) -> list[str]:
 
 
 def not_computed(records: list[dict]) -> dict[str, str]:
-    # the first cell's reason wins (later cells overwritten by earlier ones)
-    out = {k: v for r in reversed(records) for k, v in (r.get("not_computed") or {}).items()}
+    out = {k: v for r in reversed(records) for k, v in (r.get("not_computed") or {}).items()}  # the first cell's wins
     computed = {k for r in records for k in (r.get("metrics") or {})}
     return {k: v for k, v in out.items() if k not in computed and k in METRICS}
 

@@ -109,12 +109,9 @@ def run_cell(cfg, cell_dir: str | os.PathLike, overrides: list[str] | None = Non
                 return prev
             if prev.get("status") == "ok":
                 log.warning("cell %s holds results of a different config; recomputing", cell_dir.name)
-        record.update(_run(ecfg, cell_dir))
-        record["status"] = "ok"
+        record.update(_run(ecfg, cell_dir), status="ok")
     except Exception as e:  # a cell failure must not stop the sweep
-        record["status"] = "failed"
-        record["error"] = f"{type(e).__name__}: {e}"
-        record["traceback"] = traceback.format_exc()
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         log.error("cell %s failed: %s", cell_dir.name, record["error"])
     record["seconds_total"] = time.perf_counter() - started
     write_record(path, record)

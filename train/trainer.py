@@ -89,8 +89,8 @@ class Trainer:
         self.trainable_ckpt = (TrainableOnlyCheckpoints(acc, fingerprint_base(model_path), cfg.train.mode)
                                if is_trainable_only(cfg.train.mode) else None)
         self.trainable = [(n, p) for n, p in self.raw_dit.named_parameters() if p.requires_grad]
-        self.host_grads = (HostGradAccumulation([p for _, p in self.trainable], self.device)  # one process (check_launch)
-                           if cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1 else None)
+        on_host = cfg.train.grad_accum_on_host and cfg.train.grad_accum > 1  # one process (check_launch)
+        self.host_grads = HostGradAccumulation([p for _, p in self.trainable], self.device) if on_host else None
         self.state = TrainState()
         self.ema = EMA(self.trainable, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.generator = rank_generator(cfg.train.seed, self.sp.data_rank)  # a group draws the same noise

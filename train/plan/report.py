@@ -73,8 +73,7 @@ def candidate_options(cfg: Config) -> list[dict[str, Any]]:
     if cfg.optim.name == "adamw":
         c.append({"optim.name": "adamw8bit"})
     if frozen_base:
-        c.append({"model.block_swap": 20})
-        c.append({"model.block_swap": 40})
+        c += [{"model.block_swap": n} for n in (20, 40)]
     if len(c) > 1:
         c.append({k: v for o in c for k, v in o.items()})  # all of them at once
     return c
