@@ -193,3 +193,14 @@ def test_planner_materialises_encoders_with_their_shared_weights_shared():
         _to_empty_keeping_ties(m)
     assert m.shared.weight is m.encoder.embed_tokens.weight
     assert sum(p.numel() for p in m.parameters()) == before
+
+
+def test_a_preset_narrower_than_the_published_text_encoder_is_refused_in_one_line(tmp_path):
+    """Animate-2's tiny preset on raw shards without a model folder: its DiT reads 32-wide text,
+    the published umT5 gives 4096; refused by name with both fixes (it was a traceback in the step)."""
+    proc = subprocess.run([sys.executable, "-m", "train.main", "model=animate2_tiny", "train.dry_run=memory",
+                           f"train.output_dir={tmp_path / 'plan'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "32-wide text" in proc.stderr and "model.path" in proc.stderr and "data=cached" in proc.stderr

@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> None:
     if config.train.dry_run == "memory":  # plan the step on fake tensors instead of training
         from train.plan.planner import plan_memory
 
-        plan_memory(config, suggest=True, quiet=False)  # the table, the verdict and memory_plan.json
+        with expected_errors(PREFIX, (ConfigError,)):
+            plan_memory(config, suggest=True, quiet=False)  # the table, the verdict and memory_plan.json
         return
     from train.checkpoint.run_dir import check_fresh_start
     from train.checkpoint.run_lock import RunLockedError, acquire, release

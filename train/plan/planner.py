@@ -42,7 +42,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from train.assets import build_model
-from train.config import Config
+from train.config import Config, ConfigError
 from train.modes import make_optimizer, prepare_model
 from train.plan.animate2 import planned_incontext
 from train.plan.encoders import build_meta_encoders, wrap_encoders
@@ -302,6 +302,11 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     tracker = LiveBytes()
     with torch.device("meta"):
         meta = (family.build(mcfg), build_meta_encoders(folder))
+    text_width = meta[1][0]["text_encoder"].config.d_model
+    if cfg.data.source != "cached" and text_width != mcfg.text_dim:  # the encoders run in the planned step
+        raise ConfigError(f"model.preset={cfg.model.preset}: the DiT reads {mcfg.text_dim}-wide text embeddings, but "
+                          f"umT5 sized from {meta[1][1]['text_encoder']} is {text_width} wide; set model.path to a "
+                          "model folder (its text_encoder/config.json is read) or plan cached shards (data=cached).")
     with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
         install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only
