@@ -378,10 +378,11 @@ def resolve_urls(urls: list[str]) -> list[str]:
             continue
         for item in expand_urls(url):
             p = Path(item)
-            if p.is_dir() or any(c in item for c in "*?["):  # a folder's shards, a pattern's files
-                found = sorted(glob.glob(glob.escape(str(p)) + "/*.tar" if p.is_dir() else item))
+            folder = p.is_dir()
+            if folder or any(c in item for c in "*?["):  # a folder's shards, a pattern's files
+                found = sorted(glob.glob(glob.escape(str(p)) + "/*.tar" if folder else item))
                 if not found:
-                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards." if p.is_dir()
+                    raise FileNotFoundError(f"data.urls: folder {p} has no *.tar shards." if folder
                                             else f"data.urls: pattern {item} matches no file.")
                 out.extend(found)
             elif p.is_file():

@@ -169,9 +169,9 @@ def decode_sample(raw: dict) -> dict:
                                                             "the sample carries one") + "; remake the sample")
     video = _video(raw, "mp4", key)
     replace = "bg.mp4" in raw or "mask.mp4" in raw
-    optional = {DRIVING_FIELD: DRIVING_FIELD in raw, "bg.mp4": replace, "mask.mp4": replace}
     # the streams that cover the target clip frame for frame (driving: version 2; bg and mask: replace mode)
-    streams = {name: _video(raw, name, key) for name in ("pose.mp4", *optional) if optional.get(name, True)}
+    names = ["pose.mp4"] + [DRIVING_FIELD] * (DRIVING_FIELD in raw) + ["bg.mp4", "mask.mp4"] * replace
+    streams = {name: _video(raw, name, key) for name in names}
     face, ref = _video(raw, "face.mp4", key), _image(raw, "ref.png", key)
     t, h, w = video.shape[:3]
     for name, other in streams.items():
