@@ -379,8 +379,10 @@ from train.deepspeed_precision import Fp32ByDesign
 from wan_animate.config import WanAnimateConfig
 from wan_animate.lora import add_lora
 from wan_animate.model import WanAnimateDiT, is_fp32_by_design
+from wan_animate.parallel import skip_deepspeed_shm_op
 
 restore = sys.argv[2] == "restore"
+skip_deepspeed_shm_op()
 deepspeed.init_distributed(dist_backend="gloo")
 torch.manual_seed(0)
 cfg = WanAnimateConfig.preset("tiny")

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from train.config import Config, ConfigError
+from wan_animate.parallel import skip_deepspeed_shm_op
 
 
 def launched_with_deepspeed() -> bool:
@@ -46,6 +47,8 @@ def make_accelerator(cfg: Config):
     if not use_ds and cfg.train.mode != "full":
         # frozen trunk parameters never receive gradients
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    if use_ds:
+        skip_deepspeed_shm_op()
     acc = Accelerator(
         mixed_precision="bf16" if t.precision == "bf16" else "no",
         gradient_accumulation_steps=t.grad_accum,

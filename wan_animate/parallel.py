@@ -100,6 +100,16 @@ def check_same_sample(inputs: dict[str, torch.Tensor], group: dist.ProcessGroup)
             )
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Call before DeepSpeed's communication starts. On a CPU accelerator DeepSpeed compiles a
+    shared-memory all-reduce op at the first launch on a machine (C++, about 20 s, and it needs a
+    compiler); only its inference all-reduce uses it. Training and sequence parallelism reduce through
+    the torch.distributed group (gloo on CPU), so the op is marked unavailable and never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def _collective_device(group: dist.ProcessGroup, tensors) -> torch.device:
     """Where ``group``'s collectives take their tensors: the host for gloo, else (NCCL) the device
     of the inputs that are not on the host (the current CUDA device when all are)."""
@@ -148,6 +158,7 @@ class SequenceParallel:
         from deepspeed.sequence.layer import DistributedAttention  # slow import; only when used
 
         if not deepspeed.comm.is_initialized():  # its collectives run on our torch process group
+            skip_deepspeed_shm_op()
             deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         self.group = group
         self.size = dist.get_world_size(group)
