@@ -8,7 +8,7 @@ a new or edited command fails ``test_every_doc_command_is_classified`` until it 
 
 A ``Run`` executes the command as written, in a scratch folder, with only the changes it lists:
 placeholder paths mapped to CPU-sized stand-ins made by the test (a tiny random model, synthetic
-shards, small input videos) and a step count cut to a few steps.
+shards, small input videos) and step counts (training, validation) cut to a few steps.
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ COMMANDS: dict[str, Run | str] = {
     "train.checkpoint_every=50 train.validate_every=100 train.validation_steps=4":
         Run(subs=(("launch/", f"{ROOT}/launch/"), ("train/main.py", f"{ROOT}/train/main.py"),
                   ("/tmp/tiny", "{tmp}/tiny"), ("/data/my_character", "{tmp}/synthetic-144x256"),
-                  ("outputs/my_character_cpu", "{tmp}/char"), ("train.max_steps=200", "train.max_steps=1")),
+                  ("outputs/my_character_cpu", "{tmp}/char"), ("train.max_steps=200", "train.max_steps=1"),
+                  ("train.validation_steps=4", "train.validation_steps=1")),
             needs=("tiny", "synthetic-144x256"), expect_out=("char/export/lora.safetensors",)),
     # eval
     "python eval/main.py model_dir=MODEL eval_set=VAL_SHARDS out_dir=runs/eval-base": REAL_MODEL,
