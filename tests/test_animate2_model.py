@@ -282,6 +282,8 @@ def test_config_round_trips_and_validation():
         assert Animate2Config.from_official_config(cfg.to_official_config()) == cfg
         assert Animate2Config.from_dict(cfg.to_dict()) == cfg
         assert Animate2Config.from_diffusers_config(cfg.to_diffusers_config()) == cfg
+    narrow = Animate2Config.preset("tiny_narrow")  # 32-wide CLIP tokens: the official layout only
+    assert Animate2Config.from_official_config(narrow.to_official_config()) == narrow
     # a diffusers config.json written elsewhere: block 9 skipped when the model has it, no log_scale
     plain = {k: v for k, v in Animate2Config.preset("tiny").to_diffusers_config().items() if not k.startswith("_")}
     assert Animate2Config.from_diffusers_config(plain).uncond_skip_blocks == ()

@@ -28,14 +28,16 @@ A2_STEPS = 200
 @pytest.fixture(scope="module")
 def animate2_assets(tmp_path_factory, one_thread):
     """A tiny Animate-2 model and synthetic triplets (the same animation by a second character as
-    the driving video), cached with its encoders."""
+    the driving video), cached with its encoders. The model is ``tiny_narrow`` (``tiny`` with
+    32-wide CLIP tokens, as Animate v1's tiny; official layout): at the 1280 width that diffusers'
+    class fixes, the image embedding is most of a training step."""
     from data_tools.cache_latents import cache_latents
     from data_tools.config import CacheLatentsConfig
     from data_tools.synthetic_data import make_synthetic_dataset
     from wan_animate.testing import make_tiny_model_folder
 
     root = tmp_path_factory.mktemp("teach2")
-    model = make_tiny_model_folder(root / "model", layout="diffusers", family="animate2")
+    model = make_tiny_model_folder(root / "model", layout="official", family="animate2", config_preset="tiny_narrow")
     out = {"model": Path(model), "root": root}
     for name, clips, seed in (("train", TRAIN_CLIPS, 0), ("held", HELD_CLIPS, 1)):
         raw = make_synthetic_dataset(root / name, num_clips=clips, clip_len=FRAMES, height=SIZE, width=SIZE,

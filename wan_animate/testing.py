@@ -208,8 +208,9 @@ def make_tiny_model_folder(
 ) -> Path:
     """Write a complete tiny random model folder of ``family`` (Animate v1 or Animate-2); returns its path.
 
-    Animate-2 folders hold the same encoders; their CLIP width is 1280 (the DiT's fixed image width
-    in diffusers' class), with one layer to stay small."""
+    Animate-2 folders hold the same encoders; their CLIP is one layer, as wide as the preset's
+    ``image_dim`` (``tiny``: 1280, the width diffusers' class fixes; ``tiny_narrow``: 32, official
+    layout only)."""
     if layout not in ("diffusers", "official"):
         raise ValueError(f"layout={layout!r} must be 'diffusers' or 'official'.")
     if family not in ("animate", "animate2"):

@@ -145,3 +145,7 @@ PRESETS: dict[str, Animate2Config] = {
     "tiny": Animate2Config(dim=64, ffn_dim=128, num_heads=2, num_layers=3, freq_dim=32, text_dim=32,
                            text_len=16, uncond_skip_blocks=(1,)),
 }
+# "tiny" with CLIP tokens as narrow as Animate v1's tiny: at image_dim 1280 the image embedding
+# (Linear(1280, 1280) on 257 tokens per image) is most of a tiny training step on a CPU. Official
+# layout only (its config.json holds image_dim; diffusers' class fixes 1280).
+PRESETS["tiny_narrow"] = dataclasses.replace(PRESETS["tiny"], image_dim=32)
