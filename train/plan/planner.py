@@ -160,6 +160,24 @@ def _to_empty_keeping_ties(module: torch.nn.Module) -> None:
     retie_parameters(module, tied)
 
 
+def fill_sane(tensors: list[torch.Tensor], std: float = 0.02) -> None:
+    """Write finite, weight-like values (std ``std``) into every element of ``tensors``: one block of
+    normal samples tiled over each tensor, a copy per tensor instead of a random draw per element
+    (the planner's real-tensor check only needs every page touched and the step's numbers sane). The
+    block's prime length keeps a weight's rows from repeating it in step."""
+    block = torch.empty(_FILL_BLOCK).normal_(0.0, std, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in tensors:
+            flat, n = t.view(-1), t.numel()
+            rows = n // _FILL_BLOCK
+            if rows:
+                flat[: rows * _FILL_BLOCK].view(rows, _FILL_BLOCK).copy_(block.expand(rows, _FILL_BLOCK))
+            flat[rows * _FILL_BLOCK:].copy_(block[: n - rows * _FILL_BLOCK])
+
+
+_FILL_BLOCK = 1_000_003  # elements (prime), 4 MB: cache-resident while it is copied
+
+
 def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = False) -> dict[str, Any]:
     """DiT + trainable set + options + optimizer + encoders, as fake tensors; categories marked.
     ``meta`` = (DiT, encoders) built on meta *outside* ``FakeTensorMode`` (a module the fake mode has
@@ -170,9 +188,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     dit, (modules, sources) = meta
     dit.to_empty(device="cpu")
     if init:  # a real-tensor run: touch every weight (untouched pages would not count) with sane values
-        with torch.no_grad():
-            for t in [*dit.parameters(), *dit.buffers()]:
-                t.normal_(0.0, 0.02)
+        fill_sane([*dit.parameters(), *dit.buffers()])
     family.set_precision(dit, dtype)  # what loading the weights does
     # cached shards: the encoders only serve validation, parked on the host (the trainer's offload):
     # counted from their sizes, never run, so not materialised either

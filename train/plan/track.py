@@ -58,10 +58,16 @@ class LiveBytes(TorchDispatchMode):
         self.host_peak_by_phase: dict[str, float] = defaultdict(float)
         self.new_on_host = False  # storages created from now on live on the host (host encoders)
         self.ops = 0
+        # Between two observations the peaks can only rise where bytes were added (frees only lower
+        # them), so an op that adds nothing in the phase already observed is not observed again.
+        self._grown = True
+        self._observed_phase: str | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def _add(self, e: _Entry, sign: int) -> None:
         (self.host if e.host else self.device)[e.category] += sign * e.nbytes * self.scale.get(e.category, 1.0)
+        if sign > 0:
+            self._grown = True
 
     def track(self, tensors: Iterable[Any], category: str | None = None, host: bool | None = None,
               held=None) -> None:
@@ -83,9 +89,15 @@ class LiveBytes(TorchDispatchMode):
                 e.category = category or e.category
                 e.host = e.host if host is None else host
                 self._add(e, +1)
-        self._update_peak()
+        self._observe()
+
+    def _observe(self) -> None:
+        """``_update_peak`` where it can change a peak: after bytes were added, or in a new phase."""
+        if self._grown or self.phase != self._observed_phase:
+            self._update_peak()
 
     def _update_peak(self) -> None:
+        self._grown, self._observed_phase = False, self.phase
         total = sum(self.device.values()) + sum(self.extra.values())
         self.peak_by_phase[self.phase] = max(self.peak_by_phase[self.phase], total)
         if total > self.peak:
@@ -119,6 +131,11 @@ class LiveBytes(TorchDispatchMode):
             return bool(entry is not None and entry.host)
         out = func(*args, **kwargs)
         self.ops += 1
-        flat, _ = tree_flatten(out)
-        self.track([t for t in flat if isinstance(t, torch.Tensor)])
+        if isinstance(out, torch.Tensor):
+            self.track((out,))
+        elif isinstance(out, (tuple, list)):
+            flat, _ = tree_flatten(out)
+            self.track(flat)
+        else:  # a device, a size, a scalar (the autograd engine asks every gradient's device): no storage
+            self._observe()
         return out
