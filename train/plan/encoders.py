@@ -34,13 +34,26 @@ def _folder_config(path: str | None, sub: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def _configs(model_path: str | None) -> tuple[dict[str, dict | None], dict[str, str]]:
+    """({name: the folder's config or None}, {name: where the sizes come from})."""
+    found = {name: _folder_config(model_path, name) for name in PUBLISHED}
+    return found, {name: f"{model_path}/{name}/config.json" if c else PUBLISHED[name] for name, c in found.items()}
+
+
+def text_width(model_path: str | None) -> tuple[int, str]:
+    """(width of umT5's embeddings, where its sizes come from), read without building any encoder."""
+    from transformers import UMT5Config
+
+    found, sources = _configs(model_path)
+    return UMT5Config(**(found["text_encoder"] or UMT5_XXL)).d_model, sources["text_encoder"]
+
+
 def build_meta_encoders(model_path: str | None) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
     """``({"vae", "text_encoder", "image_encoder"} modules on meta, {name: where the sizes came from})``."""
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-    found = {name: _folder_config(model_path, name) for name in PUBLISHED}
-    sources = {name: f"{model_path}/{name}/config.json" if c else PUBLISHED[name] for name, c in found.items()}
+    found, sources = _configs(model_path)
     vae_keys = set(inspect.signature(AutoencoderKLWan.__init__).parameters)
     clip_cfg = {k: v for k, v in (found["image_encoder"] or CLIP_VIT_H14).items()
                 if k not in ("architectures", "model_type", "transformers_version")}

@@ -45,7 +45,7 @@ from train.assets import build_model
 from train.config import Config, ConfigError
 from train.modes import make_optimizer, prepare_model
 from train.plan.animate2 import planned_incontext
-from train.plan.encoders import build_meta_encoders, wrap_encoders
+from train.plan.encoders import build_meta_encoders, text_width, wrap_encoders
 from train.plan.engines import engine_of, parallel_terms
 from train.plan.report import candidate_options, format_plan, plan_result, with_overrides
 from train.plan.sequence import install_planned as install_planned_sequence_parallel
@@ -315,14 +315,14 @@ def plan_memory(cfg: Config, *, world_size: int | None = None, suggest: bool = F
     if "driving" in family.streams:  # Animate-2: + the driving stream (no reference slot)
         pt, ph, pw = mcfg.patch_size
         tokens += (t_lat - 1) // pt * (h // ph) * (w // pw)
+    width, width_source = text_width(folder)  # checked before anything is built
+    if cfg.data.source != "cached" and width != mcfg.text_dim:  # the encoders run in the planned step
+        raise ConfigError(f"model.preset={cfg.model.preset}: the DiT reads {mcfg.text_dim}-wide text embeddings, but "
+                          f"umT5 sized from {width_source} is {width} wide; set model.path to a "
+                          "model folder (its text_encoder/config.json is read) or plan cached shards (data=cached).")
     tracker = LiveBytes()
     with torch.device("meta"):
         meta = (family.build(mcfg), build_meta_encoders(folder))
-    text_width = meta[1][0]["text_encoder"].config.d_model
-    if cfg.data.source != "cached" and text_width != mcfg.text_dim:  # the encoders run in the planned step
-        raise ConfigError(f"model.preset={cfg.model.preset}: the DiT reads {mcfg.text_dim}-wide text embeddings, but "
-                          f"umT5 sized from {meta[1][1]['text_encoder']} is {text_width} wide; set model.path to a "
-                          "model folder (its text_encoder/config.json is read) or plan cached shards (data=cached).")
     with FakeTensorMode(allow_non_fake_inputs=True), fake_module_conversion():
         built = _build(cfg, mcfg, tracker, use_ds=engine == "deepspeed", meta=meta)
         install_planned_sequence_parallel(built["dit"], cfg, world)  # train.sequence_parallel > 1 only

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -28,6 +29,7 @@ PHASE_CATEGORY = {"setup": "activations", "encode": "encoder_activations", "forw
                   "backward": "temporaries", "optimizer": "optimizer_states"}
 
 _aten = torch.ops.aten
+_prim_device = torch.ops.prim.device.default
 
 
 @dataclass(slots=True)
@@ -113,6 +115,13 @@ class LiveBytes(TorchDispatchMode):
 
     # ------------------------------------------------------------------ dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _prim_device:  # asked of every gradient by the autograd engine: served as the fake mode does
+            self.ops += 1
+            self._observe()
+            t = args[0]
+            if isinstance(t, FakeTensor) and not t.fake_mode.in_kernel_invocation:
+                return t.fake_device
+            return func(*args)
         kwargs = kwargs or {}
         if func is _aten._pin_memory.default:
             # Fake tensors cannot pin: a host copy stands in, marked pinned (host) here, counted at
