@@ -159,11 +159,9 @@ def _free_port() -> int:
 
 # ~40 s on 2 cores, most of it importing DeepSpeed and building its CPU comm op in two processes.
 @pytest.fixture(scope="module")
-def two_rank_results(tmp_path_factory):
-    from wan_animate.testing import make_tiny_model_folder
-
+def two_rank_results(tmp_path_factory, tiny_model):
     result_dir = tmp_path_factory.mktemp("sp")
-    model_dir = make_tiny_model_folder(result_dir / "model", layout="diffusers", seed=0)
+    model_dir = tiny_model  # diffusers layout, seed 0
     mp.spawn(_worker, args=(2, _free_port(), str(result_dir), str(model_dir)), nprocs=2, join=True)
     return [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -280,34 +278,32 @@ def test_frame_parts(layout, parts):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cli_inputs(tmp_path):
+def _cli_inputs(tmp_path, model):
     import numpy as np
     from PIL import Image
 
-    from wan_animate.testing import make_tiny_model_folder
     from wan_animate.video_io import write_video
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
     write_video(tmp_path / "pose.mp4", rng.integers(0, 256, (6, 48, 48, 3), dtype=np.uint8), 24.0)
     write_video(tmp_path / "face.mp4", rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8), 24.0)
-    model = make_tiny_model_folder(tmp_path / "model", layout="diffusers", seed=0)
     return [str(a) for a in ("--model", model, "--ref", tmp_path / "ref.png", "--pose", tmp_path / "pose.mp4",
                              "--face", tmp_path / "face.mp4", "--steps", 2, "--clip-len", 5, "--guide-scale", 2,
                              "--device", "cpu", "--no-progress")]
 
 
-def test_cli_needs_torchrun_processes(tmp_path, monkeypatch, capsys):
+def test_cli_needs_torchrun_processes(tmp_path, tiny_model, monkeypatch, capsys):
     from eval.generate import main
 
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main([*_cli_inputs(tmp_path), "--out", str(tmp_path / "x.mp4"), "--sequence-parallel", "2"]) == 2
+    assert main([*_cli_inputs(tmp_path, tiny_model), "--out", str(tmp_path / "x.mp4"), "--sequence-parallel", "2"]) == 2
     assert "torchrun --nproc_per_node 2" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
 
 
 @pytest.mark.slow
-def test_cli_two_processes_write_the_one_process_video(tmp_path):
+def test_cli_two_processes_write_the_one_process_video(tmp_path, tiny_model):
     """torchrun --nproc_per_node 2 -m eval.generate ... --sequence-parallel 2 == 1 process (27 tokens
     per call: padded; guidance on; 2 segments)."""
     import os
@@ -317,7 +313,7 @@ def test_cli_two_processes_write_the_one_process_video(tmp_path):
     from eval.generate import main
     from wan_animate.video_io import read_video
 
-    args = _cli_inputs(tmp_path)
+    args = _cli_inputs(tmp_path, tiny_model)
     assert main([*args, "--out", str(tmp_path / "one.mp4")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(

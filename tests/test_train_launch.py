@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import quick_start_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.validation=false", "train.export=false"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, quick_start_model):
+    return quick_start_cache(tmp_path_factory.mktemp("cache"), quick_start_model)
 
 
 # ---------------------------------------------------------------------------- 7. refused config

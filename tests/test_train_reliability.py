@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import quick_start_cache
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +22,8 @@ QUIET = ["train.progress=false", "train.validation=false", "train.export=false"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, quick_start_model):
+    return quick_start_cache(tmp_path_factory.mktemp("cache"), quick_start_model)
 
 
 @pytest.fixture(autouse=True)
@@ -375,7 +376,8 @@ def test_deepspeed_json_cannot_switch_off_the_nonfinite_check():
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
 
 
-def _ds_phase(out: Path, cache: Path, precision: str, phase: str) -> dict:
+def _ds_phases(cache: Path, precision: str, **outs: Path) -> dict[str, dict]:
+    """Run the helper's phases (``phase=output folder``) in one process, in order; their records by phase."""
     import socket
     import subprocess
     import sys
@@ -384,18 +386,22 @@ def _ds_phase(out: Path, cache: Path, precision: str, phase: str) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, str(ROOT / "tests/_ds_nonfinite.py"), str(out), str(cache), precision, phase,
-                        str(port)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(ROOT / "tests/_ds_nonfinite.py"), str(cache), precision, str(port),
+                        *(f"{phase}={out}" for phase, out in outs.items())],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
-    line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    records = [json.loads(l[len("RESULT "):]) for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    assert [r["phase"] for r in records] == list(outs), p.stdout[-3000:]
+    return {r["phase"]: r for r in records}
 
 
 @pytest.mark.slow  # DeepSpeed ZeRO-2 on CPU, 3 processes in turn (~1 min each on 2 cores)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_deepspeed_skips_nonfinite_gradients_and_resumes_exactly(tmp_path, cache, precision):
     out = tmp_path / "ds"
-    straight = _ds_phase(out, cache, precision, "straight")
+    # bf16: the negative control runs after the straight run, in the same helper process
+    runs = _ds_phases(cache, precision, straight=out, **({"unchecked": tmp_path / "unchecked"} if precision == "bf16" else {}))
+    straight = runs["straight"]
     assert straight["skipped"] == [False, True, False, False, False]  # step 2's gradient is inf/NaN
     assert straight["changed"] == [True, False, True, True, True]  # ... and its update never happened
     assert all(straight["finite_weights"]) and straight["total_nonfinite"] == 1
@@ -403,9 +409,9 @@ def test_deepspeed_skips_nonfinite_gradients_and_resumes_exactly(tmp_path, cache
     if precision == "bf16":
         assert "torch.bfloat16" in straight["weight_dtypes"]  # DeepSpeed's bf16 engine trained bf16 weights
         # negative control: with DeepSpeed's check off (refused by the trainer) step 2 reaches the weights
-        unchecked = _ds_phase(tmp_path / "unchecked", cache, precision, "unchecked")
+        unchecked = runs["unchecked"]
         assert unchecked["changed"][1] and not all(unchecked["finite_weights"])
         return
-    resumed = _ds_phase(out, cache, precision, "resume")  # passes the pickle check on a real DeepSpeed checkpoint
+    resumed = _ds_phases(cache, precision, resume=out)["resume"]  # a fresh process; passes the pickle check on a real DeepSpeed checkpoint
     assert resumed["resumed_from"] == str(out / "checkpoints" / "step-3")
     assert resumed["loss"] == straight["loss"][3:]  # bit-exact after a skipped step

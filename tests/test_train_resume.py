@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import quick_start_cache
 import torch
 from safetensors.torch import load_file
 
@@ -54,8 +55,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, quick_start_model):
+    return quick_start_cache(tmp_path_factory.mktemp("cache"), quick_start_model)
 
 
 @pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)
