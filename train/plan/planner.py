@@ -374,7 +374,7 @@ def fake_module_conversion():
 
     def swap(t1, t2):
         if isinstance(t1, FakeTensor):
-            t1.data = t2.data
+            t1.data = t2  # the converted tensor itself (``t2.data`` would be one more detach)
             return
         original(t1, t2)
 
