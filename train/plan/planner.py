@@ -150,13 +150,20 @@ def _examples(cfg: Config, mcfg, shape: tuple[int, int]) -> list[dict[str, Any]]
     return out
 
 
+def _to_empty(module: torch.nn.Module) -> None:
+    """``module.to_empty(device="cpu")``, each tensor allocated from its size and strides (what
+    ``to_empty``'s ``empty_like`` gives): under the fake mode a meta input takes the slow path, a
+    plain allocation the dispatch cache."""
+    module._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu"))
+
+
 def _to_empty_keeping_ties(module: torch.nn.Module) -> None:
     """``to_empty`` that keeps shared parameters shared (umT5's token embedding is one tensor under
     two names; under the fake mode ``to_empty`` would give each name its own copy)."""
     from accelerate.utils import find_tied_parameters, retie_parameters
 
     tied = find_tied_parameters(module)
-    module.to_empty(device="cpu")
+    _to_empty(module)
     retie_parameters(module, tied)
 
 
@@ -186,7 +193,7 @@ def _build(cfg: Config, mcfg, tracker, use_ds: bool, meta: tuple, init: bool = F
     # the trainer's dtypes: the DiT and umT5/CLIP in bf16 on a bf16 run, the VAE in fp32
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     dit, (modules, sources) = meta
-    dit.to_empty(device="cpu")
+    _to_empty(dit)
     if init:  # a real-tensor run: touch every weight (untouched pages would not count) with sane values
         fill_sane([*dit.parameters(), *dit.buffers()])
     family.set_precision(dit, dtype)  # what loading the weights does
