@@ -297,8 +297,9 @@ def test_fill_sane_writes_every_element_with_finite_weight_like_values():
 
     from train.plan.planner import _FILL_BLOCK, fill_sane
 
-    tensors = [torch.full((2 * _FILL_BLOCK + 17,), float("nan")), torch.full((5, 7), float("nan"), dtype=torch.bfloat16),
-               torch.full((3,), float("nan"))]
+    nan = float("nan")
+    tensors = [torch.full((2 * _FILL_BLOCK + 17,), nan), torch.full((5, 7), nan, dtype=torch.bfloat16),
+               torch.full((3,), nan)]
     fill_sane(tensors)
     for t in tensors:
         assert torch.isfinite(t).all()
