@@ -14,8 +14,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import quick_start_cache
 import torch
+from conftest import quick_start_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["train.progress=false", "train.validation=false", "train.export=false"]
@@ -395,7 +395,7 @@ def _ds_phases(cache: Path, precision: str, **outs: Path) -> dict[str, dict]:
     return {r["phase"]: r for r in records}
 
 
-@pytest.mark.slow  # DeepSpeed ZeRO-2 on CPU, 3 processes in turn (~1 min each on 2 cores)
+@pytest.mark.slow  # DeepSpeed ZeRO-2 on CPU: fp32 two helper processes (straight, resume), bf16 one
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_deepspeed_skips_nonfinite_gradients_and_resumes_exactly(tmp_path, cache, precision):
     out = tmp_path / "ds"

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import quick_start_cache
 import torch
+from conftest import quick_start_cache
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
