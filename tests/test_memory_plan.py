@@ -90,7 +90,7 @@ def planned_from_preset(tmp_path_factory) -> tuple[subprocess.CompletedProcess, 
     out = tmp_path_factory.mktemp("dry-run")
     proc = subprocess.run([sys.executable, "-m", "train.main", "experiment=animate14b_lora", "train.dry_run=memory",
                            *SMALL, f"train.output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"}, check=False)
+                          check=False)
     return proc, out
 
 

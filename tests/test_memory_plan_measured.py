@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _measure(overrides: list[str]) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
+    # threads as the worker's (tests/conftest.py: one per core in all); more would wait on each other
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-m", "train.plan.measure", *overrides], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1800, check=False)  # minutes on a loaded 2-core box
     assert out.returncode == 0, out.stderr[-3000:]
