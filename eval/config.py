@@ -201,13 +201,13 @@ def register_configs() -> None:
     node.metrics.pose_backend_args._set_flag("struct", False)
     cs = ConfigStore.instance()
     cs.store(name="eval_schema", node=node)
-    cell_dir = "${eval_cell_name:${hydra.job.override_dirname}}"
+    cell_dir = "${eval_cell_name:${hydra.overrides.task}}"
     cs.store(name="eval", node={
         "defaults": ["eval_schema", "_self_", {"preset": None}],
         "hydra": {
             "run": {"dir": "${out_dir}/" + cell_dir},
             "sweep": {"dir": "${out_dir}", "subdir": cell_dir},
-            "job": {"chdir": False, "config": {"override_dirname": {"exclude_keys": UNNAMED_KEYS}}},
+            "job": {"chdir": False},
             "callbacks": {"eval_report": {"_target_": "eval.report.ReportCallback"}},
         },
     })

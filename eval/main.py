@@ -26,7 +26,7 @@ from wan_animate.quiet import quiet_third_party
 
 quiet_third_party()  # an entry point: before the libraries whose start-up lines it drops are imported
 
-from eval.config import CONF_ROOT, EvalConfig, register_configs  # noqa: E402
+from eval.config import CONF_ROOT, UNNAMED_KEYS, EvalConfig, register_configs  # noqa: E402
 from eval.report import build_report  # noqa: E402
 from eval.runner import SKIPPED_THIS_PROCESS, run_cell  # noqa: E402
 from wan_animate.cli import check_overrides, skip_collection_at_exit, take_debug_flag  # noqa: E402
@@ -38,37 +38,17 @@ from wan_animate.options import HYDRA_VERSION_BASE  # noqa: E402
 _SAFE = re.compile(r"[^A-Za-z0-9._=,+@-]")
 
 
-def split_overrides(override_dirname: str) -> list[str]:
-    """Split Hydra's ``k=v,k2=[a,b]`` on the commas outside brackets / quotes."""
-    items, depth, quote, cur = [], 0, None, ""
-    for ch in override_dirname:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-            continue
-        cur += ch
-    return [x for x in items + [cur] if x]
-
-
-# Keys that never name a cell: metric settings (a change recomputes the cell in place, see
-# eval.runner.run_cell) and logging.
+# Keys that never name a cell: eval.config.UNNAMED_KEYS, metric settings (a change recomputes the
+# cell in place, see eval.runner.run_cell) and logging.
 _UNNAMED_PREFIXES = ("metrics.", "wandb.", "hydra.")
 
 
-def cell_name(override_dirname: str) -> str:
-    """A short, filesystem-safe, deterministic folder name for a cell's overrides."""
+def cell_name(overrides: list[str]) -> str:
+    """A short, filesystem-safe, deterministic folder name for a cell's command-line overrides."""
     parts = []
-    for item in split_overrides(override_dirname):
+    for item in sorted(overrides):
         key, eq, value = item.partition("=")
-        if key.lstrip("+~").startswith(_UNNAMED_PREFIXES):
+        if key.lstrip("+~") in UNNAMED_KEYS or key.lstrip("+~").startswith(_UNNAMED_PREFIXES):
             continue
         if "/" in value or "\\" in value:  # a path: keep its tail, disambiguate with a hash
             tail = "_".join(p for p in re.split(r"[\\/]", value.rstrip("/\\"))[-2:] if p)
