@@ -20,6 +20,7 @@ Used by eval's ``heldout`` / ``sensitivity`` metrics and by training's end-of-ru
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -41,19 +42,19 @@ def _check_timesteps(timesteps) -> list[float]:
     return timesteps
 
 
-def _per_sample_losses(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
-                       loss_cfg, family=ANIMATE) -> dict[float, torch.Tensor]:
-    """Loss [B] of ``batch`` at each timestep; noise from ``seed + index`` (the same for every call
-    with the same index and latent shape)."""
+def _loss_sums(dit, batch: Mapping[str, Any], index: int, timesteps: list[float], seed: int,
+               loss_cfg, family=ANIMATE) -> Counter:
+    """Summed loss over the samples of ``batch`` at each timestep; noise from ``seed + index`` (the
+    same for every call with the same index and latent shape); ``loss_cfg`` None: ``PLAIN_LOSS``."""
     x0 = batch["latents"]
     b = x0.shape[0]
     gen = torch.Generator(device=x0.device).manual_seed(int(seed) + index)
-    out = {}
+    out = Counter()
     for t in timesteps:
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=torch.float32)
         ts = torch.full((b,), t, device=x0.device, dtype=torch.float32)
-        out[t] = flow_matching_loss(dit, batch, loss_cfg, timesteps=ts, noise=noise,
-                                    predict=family.predict).per_sample.float().cpu()
+        out[t] = float(flow_matching_loss(dit, batch, loss_cfg or PLAIN_LOSS, timesteps=ts, noise=noise,
+                                          predict=family.predict).per_sample.float().sum())
     return out
 
 
@@ -83,14 +84,12 @@ def heldout_loss(
     """Mean loss per timestep and overall. ``batches`` are conditioned DiT batches (see
     ``wan_animate.objective.flow_matching_loss``). Returns ``{"heldout_loss": float, "heldout_loss@t<t>": ...,
     "heldout_samples": int}``."""
-    loss_cfg = loss_cfg or PLAIN_LOSS
     timesteps = _check_timesteps(timesteps)
-    sums = {t: 0.0 for t in timesteps}
+    sums = Counter()
     count = 0
     with _eval_mode(dit):
         for i, batch in enumerate(tqdm(batches, desc="held-out loss", unit="batch", disable=not progress)):
-            for t, losses in _per_sample_losses(dit, batch, i, timesteps, seed, loss_cfg, family).items():
-                sums[t] += float(losses.sum())
+            sums.update(_loss_sums(dit, batch, i, timesteps, seed, loss_cfg, family))
             count += batch["latents"].shape[0]
     if count == 0:
         raise ValueError("held-out loss got no batches; check the held-out set")
@@ -155,25 +154,21 @@ def condition_sensitivity(
     Returns ``{"sensitivity_<c>": mean gap over timesteps, "sensitivity_<c>@t<t>": gap at t,
     "sensitivity_own_loss": own loss (the same samples), "sensitivity_<c>_ratio": swapped / own,
     "sensitivity_samples": n, "sensitivity_unpaired": samples with no partner of their shapes}``."""
-    loss_cfg = loss_cfg or PLAIN_LOSS
     timesteps = _check_timesteps(timesteps)
     conditions = tuple(family.conditions) if conditions is None else conditions  # swap_condition checks each
     batches = list(batches)
     partner = swap_partners(batches, family)
-    own = {t: 0.0 for t in timesteps}
-    swapped = {c: {t: 0.0 for t in timesteps} for c in conditions}
+    own, swapped = Counter(), {c: Counter() for c in conditions}
     count = 0
     with _eval_mode(dit):
         for i in tqdm(range(len(batches)), desc="condition sensitivity", unit="sample", disable=not progress):
             j = partner[i]
             if j is None:
                 continue
-            for t, loss in _per_sample_losses(dit, batches[i], i, timesteps, seed, loss_cfg, family).items():
-                own[t] += float(loss.sum())
+            own.update(_loss_sums(dit, batches[i], i, timesteps, seed, loss_cfg, family))
             for c in conditions:
                 moved = swap_condition(batches[i], batches[j], c, family)
-                for t, loss in _per_sample_losses(dit, moved, i, timesteps, seed, loss_cfg, family).items():
-                    swapped[c][t] += float(loss.sum())
+                swapped[c].update(_loss_sums(dit, moved, i, timesteps, seed, loss_cfg, family))
             count += 1
     if count == 0:
         raise ValueError(f"condition sensitivity needs at least two samples of the same shape; got "
