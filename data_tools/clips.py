@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_tools.appearance import change_appearance, draw_appearance
+from data_tools.animate2.appearance import change_appearance, draw_appearance
 from data_tools.config import PrepareConfig
 from data_tools.pose.face import crop_boxes, face_boxes
 from data_tools.pose.format import PoseSequence
@@ -227,7 +227,7 @@ def process_input(path: Path, cfg: PrepareConfig, backend, segmenter=None, done_
 
 def _appearance_driving(cfg: PrepareConfig, key: str, target: np.ndarray, masks: np.ndarray, meta: dict) -> np.ndarray:
     """``driving=appearance``: the clip with the character recoloured and textured over a new
-    background (``data_tools.appearance``), every choice seeded by ``(seed, key)``; recorded in the json."""
+    background (``data_tools.animate2.appearance``), every choice seeded by ``(seed, key)``; recorded in the json."""
     seed = int(hashlib.sha1(f"{cfg.seed}:{key}:driving".encode()).hexdigest()[:8], 16)
     params = draw_appearance(np.random.default_rng(seed))
     meta["driving"] = {"method": "appearance", "seed": seed, "params": params.to_dict(),

@@ -20,7 +20,7 @@ from wan_animate.options import HYDRA_QUIET, HYDRA_VERSION_BASE, canonical_dtype
 from wan_animate.quiet import quiet_third_party
 
 REFERENCE_POLICIES = ("outside", "first", "image")
-DRIVING_METHODS = ("none", "appearance")  # data_tools.appearance
+DRIVING_METHODS = ("none", "appearance")  # data_tools.animate2.appearance
 
 
 @dataclass
@@ -44,7 +44,7 @@ class PrepareConfig:
     reference_image: Optional[str] = None  # for policy "image": one image for all, else <video stem>.{png,jpg}
     replace: bool = False  # also write bg.mp4 + mask.mp4 (replace mode)
     # driving.mp4 (schema v2, the Animate-2 family): none | appearance (the clip recoloured, textured and on a
-    # new background through the character mask; data_tools.appearance, docs/data.md)
+    # new background through the character mask; data_tools.animate2.appearance, docs/data.md)
     driving: str = "none"
     mask_threshold: float = 0.5
     segmenter: str = "mediapipe"  # replace-mode masks: mediapipe | sam2

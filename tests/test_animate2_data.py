@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.appearance import change_appearance, draw_appearance
+from data_tools.animate2.appearance import change_appearance, draw_appearance
 from data_tools.inspect import check_driving, inspect_dir
 from data_tools.shards import ShardWriter, encode_sample
 from data_tools.synthetic_data import (animation_state, driving_character, make_synthetic_dataset, render_animation,
