@@ -227,10 +227,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._text_embeds = cached_text_embeds(self.spec.urls)
         return preprocess_cached(decode_cached_sample(raw, self._text_embeds), self.spec, rng)
 
-    def _decode(self, raw: dict, epoch: int, index: int, size: tuple[int, int]) -> dict:
-        rng = np.random.default_rng([self.spec.seed, epoch, index, 0x5EED])  # the sample's own random choices
-        return {**self.example(raw, size, rng), "index": index, "epoch": epoch}
-
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
         info = torch.utils.data.get_worker_info()
@@ -294,8 +290,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         examples, skipped, errors = [], len(faults), list(faults)
         for index, raw in group:
             idx = index if isinstance(index, int) else hash(index) & 0x7FFFFFFF
+            rng = np.random.default_rng([self.spec.seed, epoch, idx, 0x5EED])  # the sample's own random choices
             try:
-                examples.append(self._decode(raw, epoch, idx, size))
+                examples.append({**self.example(raw, size, rng), "index": idx, "epoch": epoch})
             except Exception as e:  # bad sample: drop, count, report
                 skipped += 1
                 errors.append(f"{raw.get('__key__', '?')}: {e}")

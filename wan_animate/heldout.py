@@ -113,20 +113,16 @@ def swap_condition(own: Mapping[str, Any], other: Mapping[str, Any], condition: 
     return out
 
 
-def _signature(batch: Mapping[str, Any], family=ANIMATE) -> tuple:
-    keys = ("latents", "y", *(k for keys in family.conditions.values() for k in keys))
-    return tuple(tuple(batch[k].shape) for k in keys)
-
-
 def swap_partners(batches: Sequence[Mapping[str, Any]], family=ANIMATE) -> list[int | None]:
     """For each one-sample batch, the index of the batch it borrows conditions from: the next batch
     of the same shapes, cyclically (``None`` when no other batch has its shapes)."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}  # the shapes of the swapped tensors -> batches
+    keys = ("latents", "y", *(k for names in family.conditions.values() for k in names))
     for i, b in enumerate(batches):
         if b["latents"].shape[0] != 1:
             raise ValueError(f"condition sensitivity needs one-sample batches; batch {i} holds "
                              f"{b['latents'].shape[0]}.")
-        groups.setdefault(_signature(b, family), []).append(i)
+        groups.setdefault(tuple(tuple(b[k].shape) for k in keys), []).append(i)
     partner: list[int | None] = [None] * len(batches)
     for members in groups.values():
         if len(members) > 1:

@@ -50,15 +50,12 @@ def resolve_device(name: Any = "auto", key: str = "device"):
     """``torch.device`` for ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda[:N]"``, ..."""
     import torch
 
-    if isinstance(name, torch.device):
-        dev = name
-    elif str(name).strip().lower() == "auto":
+    if str(name).strip().lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(str(name).strip())
-        except RuntimeError as e:
-            raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    try:
+        dev = torch.device(name if isinstance(name, torch.device) else str(name).strip())
+    except RuntimeError as e:
+        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key}={name} but CUDA is not available here; use {key}=cpu or {key}=auto")
     return dev
