@@ -223,10 +223,8 @@ def decode_cached_sample(raw: dict, text_embeds: dict) -> dict:
     from safetensors.torch import load as load_safetensors
 
     key = sample_key(raw)
-    if sample_kind(raw) == "raw":
-        _field(raw, "latents.safetensors", key)  # raises the "these are raw shards" message
+    data = _field(raw, "latents.safetensors", key)  # a raw sample: the "these are raw shards" message
     meta = decode_meta(raw)
-    data = _field(raw, "latents.safetensors", key)
     try:
         tensors = load_safetensors(data)
     except Exception as e:
