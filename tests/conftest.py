@@ -20,16 +20,18 @@ if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(min(torch.get_num_threads(), _threads))
 
-# The longest test files, longest first (measured on 2 cores). scripts/test.sh runs the suite with
+# The longest test files, longest first (measured on 2 cores), files that start several processes
+# alternating with files that run in one. scripts/test.sh runs the suite with
 # ``--dist loadfile --no-loadscope-reorder``: each file on one worker, files handed out in collection
 # order to whichever worker is free; starting the long ones first keeps one from running alone at the
-# end. Only the order changes: every other file follows in pytest's order.
+# end, and the alternation keeps the two workers from launching multi-rank jobs at the same time. Only
+# the order changes: every other file follows in pytest's order.
 LONGEST_FILES = (
-    "test_teach.py", "test_docs_commands.py", "test_teach_animate2.py", "test_memory_plan.py", "test_memory_plan_measured.py",
-    "test_train_resume.py", "test_train_state.py", "test_train_reliability.py", "test_train_sequence_parallel.py",
-    "test_animate2_sequence_parallel.py", "test_train_launch.py", "test_train_distributed.py",
-    "test_data_prepare.py", "test_eval_cells.py", "test_cli_errors.py", "test_gpu_check.py",
-    "test_sequence_parallel.py",
+    "test_teach.py", "test_train_sequence_parallel.py", "test_memory_plan.py", "test_train_reliability.py",
+    "test_docs_commands.py", "test_train_distributed.py", "test_memory_plan_measured.py", "test_train_state.py",
+    "test_data_prepare.py", "test_train_launch.py", "test_teach_animate2.py", "test_animate2_sequence_parallel.py",
+    "test_animate2_model.py", "test_train_resume.py", "test_eval_sweep.py", "test_sequence_parallel.py",
+    "test_gpu_check.py", "test_train_faults.py", "test_cli_errors.py", "test_eval_cells.py",
 )
 
 
