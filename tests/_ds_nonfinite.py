@@ -60,7 +60,9 @@ def run_phase(phase: str, out: str) -> dict:
         from accelerate import Accelerator
 
         from train.parallel import _fill_deepspeed_config
+        from wan_animate.parallel import skip_deepspeed_shm_op
 
+        skip_deepspeed_shm_op()  # as make_accelerator does
         acc = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=cfg.train.grad_accum)
         _fill_deepspeed_config(acc, cfg)
         if phase == "unchecked":  # negative control: what the trainer refuses (DeepSpeed's check off)
