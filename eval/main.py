@@ -48,7 +48,8 @@ def cell_name(overrides: list[str]) -> str:
     parts = []
     for item in sorted(overrides):
         key, eq, value = item.partition("=")
-        if key.lstrip("+~") in UNNAMED_KEYS or key.lstrip("+~").startswith(_UNNAMED_PREFIXES):
+        name = key.lstrip("+~")
+        if name in UNNAMED_KEYS or name.startswith(_UNNAMED_PREFIXES):
             continue
         if "/" in value or "\\" in value:  # a path: keep its tail, disambiguate with a hash
             tail = "_".join(p for p in re.split(r"[\\/]", value.rstrip("/\\"))[-2:] if p)

@@ -138,17 +138,12 @@ def tiny_model(tmp_path_factory):
         torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="session")
-def quick_start_model(tiny_model) -> Path:
-    """The session's ``tiny_model`` folder: the same call the trainer's quick start makes for
-    ``model-tiny-seed0`` (``train.assets.build_model``: diffusers layout, seed 0, preset tiny)."""
-    return Path(tiny_model)
-
-
 def quick_start_cache(cache: Path, model: Path) -> Path:
-    """A ``train.cache_dir`` whose quick-start model is a finished copy of ``model`` (``quick_start_model``),
-    so the runs started with it skip building that folder (~4 s of CPU each); the synthetic data is
-    still written by the first run, as the quick start does."""
+    """A ``train.cache_dir`` whose quick-start model is a finished copy of ``model``, the session's
+    ``tiny_model`` (the same call the trainer's quick start makes for ``model-tiny-seed0``:
+    ``train.assets.build_model``, diffusers layout, seed 0, preset tiny), so the runs started with it
+    skip building that folder (~4 s of CPU each); the synthetic data is still written by the first
+    run, as the quick start does."""
     import shutil
 
     from train.assets import asset_paths

@@ -52,8 +52,8 @@ def reports(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_process_zero2_overfits_in_one_group(tmp_path, quick_start_model):
-    cache = quick_start_cache(tmp_path / "cache", quick_start_model)
+def test_two_process_zero2_overfits_in_one_group(tmp_path, tiny_model):
+    cache = quick_start_cache(tmp_path / "cache", tiny_model)
     run = tmp_path / "run"
     launch(run, cache, "train.max_steps=36", "optim.lr=3e-3")
     summary = json.loads((run / "summary.json").read_text())

@@ -18,8 +18,8 @@ QUIET = ["train.progress=false", "train.validation=false", "train.export=false"]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, quick_start_model):
-    return quick_start_cache(tmp_path_factory.mktemp("cache"), quick_start_model)
+def cache(tmp_path_factory, tiny_model):
+    return quick_start_cache(tmp_path_factory.mktemp("cache"), tiny_model)
 
 
 # ---------------------------------------------------------------------------- 7. refused config

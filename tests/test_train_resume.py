@@ -55,8 +55,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, quick_start_model):
-    return quick_start_cache(tmp_path_factory.mktemp("cache"), quick_start_model)
+def cache(tmp_path_factory, tiny_model):
+    return quick_start_cache(tmp_path_factory.mktemp("cache"), tiny_model)
 
 
 @pytest.mark.slow  # whole suite only: a training run or a sweep (> 20 s on 2 cores)

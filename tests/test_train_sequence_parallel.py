@@ -67,9 +67,9 @@ def reports(out: Path, n: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_ranks_one_group_equal_one_process(tmp_path, quick_start_model):
+def test_two_ranks_one_group_equal_one_process(tmp_path, tiny_model):
     """~2.5 min on 2 shared cores (1-process run ~40 s, the 2-process run ~100 s, mostly startup)."""
-    cache = quick_start_cache(tmp_path / "cache", quick_start_model)
+    cache = quick_start_cache(tmp_path / "cache", tiny_model)
     one, sp = tmp_path / "one", tmp_path / "sp2"
     run(command(one, cache, *FAST, f"train.max_steps={STEPS}", "train.validation=false"))
     p = run(command(sp, cache, *FAST, f"train.max_steps={STEPS}", "train.sequence_parallel=2", "train.validation=true",
@@ -124,12 +124,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_four_ranks_two_groups_zero2_resume_exactly_after_sigkill(tmp_path, quick_start_model):
+def test_four_ranks_two_groups_zero2_resume_exactly_after_sigkill(tmp_path, tiny_model):
     """~5 min on 2 shared cores (two launches of 4 DeepSpeed processes; each step ~2 s, startup ~2 min).
 
     Checkpoint at step 3; the first launch is killed once step 5 is logged, the rerun resumes
     from step 3 and recomputes steps 4 and 5: they must equal the killed run's, bit for bit."""
-    cache, out = quick_start_cache(tmp_path / "cache", quick_start_model), tmp_path / "run"
+    cache, out = quick_start_cache(tmp_path / "cache", tiny_model), tmp_path / "run"
     args = command(out, cache, "train.progress=false", "train.export=false", "train.validation=false",
                    "train.rank_report=true", "train.max_steps=6", "train.checkpoint_every=3",
                    "train.sequence_parallel=2", "train.debug_step_delay_s=3", launch="cpu_2proc_zero2.yaml",

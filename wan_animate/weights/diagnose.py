@@ -158,10 +158,13 @@ def check_against_model(
 
     lines = [f"Cannot load {where} as a {model_name} ({layout or 'unrecognised'} layout, "
              f"config from {config_source}):"]
-    shown = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched]
-    lines += [f"  {what} ({len(items)}{of}): {listing(items)}" for what, items, of in (
-        ("missing keys", missing, f" of {len(expected)}"), ("unexpected keys", unexpected, f" of {len(ckpt)}"),
-        ("shape mismatches", shown, "")) if items]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)} of {len(expected)}): {listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)} of {len(ckpt)}): {listing(unexpected)}")
+    if mismatched:
+        shown = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in mismatched]
+        lines.append(f"  shape mismatches ({len(mismatched)}): {listing(shown)}")
     lines.append(f"Likely cause: {cause}.")
     raise CheckpointError("\n".join(lines), cause=cause, missing=missing, unexpected=unexpected,
                           mismatched=mismatched)
